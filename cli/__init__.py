@@ -1,0 +1,1 @@
+"""The superdiff command-line interface (installed as the ``superdiff_cli`` package)."""

@@ -1,0 +1,42 @@
+"""How the CLI turns failures into exit codes: 2 for bad input, 1 for runtime failures."""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from typing import Any, Callable
+
+import click
+
+
+class BadInput(click.UsageError):
+    """A user's mistake: exit code 2, a message naming the problem and the fix, no traceback."""
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map library ``ValueError``s to exit 2 and other exceptions to exit 1 with a one-line cause.
+
+    ``--debug`` on the group shows the traceback instead.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().obj and ctx.find_root().obj.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except ValueError as exc:
+            if debug:
+                traceback.print_exc()
+            raise BadInput(str(exc)) from exc
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if debug:
+                traceback.print_exc()
+            click.echo(f"Error: {type(exc).__name__}: {exc}".splitlines()[0], err=True)
+            ctx.exit(1)
+
+    return wrapper

@@ -1,0 +1,215 @@
+"""Superposition weights κ: OR (mixture), AND (equal densities) and the baselines.
+
+A combiner sees only numbers: the tracked log-densities ``log q_i`` of the current samples and,
+for AND, the linear dependence of this step's log-density increments on κ,
+
+    Δ log q_i(κ) = Σ_j A_ij κ_j + b_i + c(κ)          (Eq. 77; c is common to every model),
+
+which the sampler derives from the same estimator it uses to track the densities. It returns
+per-sample weights κ (B, M). It knows nothing of networks, prompts or processes, so combiners can
+be reused for separately trained models, prompts of one network, or exact mixtures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CombineInputs",
+    "Combiner",
+    "Or",
+    "And",
+    "Average",
+    "Sum",
+    "Fixed",
+    "or_weights",
+    "and_weights",
+    "make_combiner",
+    "MODES",
+]
+
+MODES = ("and", "or", "average", "sum")
+
+
+@dataclass(frozen=True)
+class CombineInputs:
+    """What a combiner may look at during one step.
+
+    ``log_q``: (B, M) tracked log-densities at the pre-step point.
+    ``increment_matrix`` (B, M, M) and ``increment_offset`` (B, M): the linear system above, in
+    nats for this step; None when the sampler was told the combiner does not need it.
+    ``step_fraction``: this step's share of the whole trajectory (1/N for N equal steps).
+    """
+
+    log_q: Tensor
+    increment_matrix: Tensor | None = None
+    increment_offset: Tensor | None = None
+    step_fraction: float = 1.0
+
+
+class Combiner(Protocol):
+    #: True if the combiner needs ``increment_matrix``/``increment_offset``.
+    needs_system: bool
+    #: True if the weights always sum to 1 (a mixture of models, not a product).
+    affine: bool
+
+    def __call__(self, inputs: CombineInputs) -> Tensor: ...
+
+
+def _log_weights_tensor(log_weights: Sequence[float] | Tensor | None, m: int, like: Tensor) -> Tensor:
+    if log_weights is None:
+        return torch.zeros(m, dtype=like.dtype, device=like.device)
+    lw = torch.as_tensor(log_weights, dtype=like.dtype, device=like.device)
+    if lw.shape != (m,):
+        raise ValueError(f"log_weights must have one entry per model ({m}), got shape {tuple(lw.shape)}")
+    return lw
+
+
+def or_weights(log_q: Tensor, temperature: float = 1.0, log_weights: Tensor | None = None) -> Tensor:
+    """OR (Algorithm 1): ``κ = softmax(T · log q + ℓ)`` over models, per sample.
+
+    T = 1 and ℓ = log ω samples the mixture ``Σ ω_i q_i`` (Prop. 4). Non-finite log-densities are
+    clamped, so an overflowing or −inf entry never produces NaN.
+    """
+    logits = temperature * log_q
+    if log_weights is not None:
+        logits = logits + log_weights
+    finfo = torch.finfo(logits.dtype)
+    logits = torch.nan_to_num(logits, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
+    return torch.softmax(logits, dim=-1)
+
+
+def and_weights(
+    increment_matrix: Tensor,
+    increment_offset: Tensor,
+    target_offsets: Tensor | None = None,
+    rtol: float = 1e-10,
+) -> Tensor:
+    """AND (Prop. 6, Eq. 78): κ with ``Σκ = 1`` making ``Δ log q_i − target_offsets_i`` equal for all i.
+
+    Solves ``[A −1; 1ᵀ 0] [κ; λ] = [target − b; 1]`` per sample in float64. Singular systems
+    (for example two identical models) get the minimum-norm solution, which splits the weight
+    evenly between indistinguishable models; singular values below ``rtol`` times the largest
+    are treated as zero. κ is not constrained to [0, 1].
+    """
+    a = torch.nan_to_num(increment_matrix.to(torch.float64))
+    b = torch.nan_to_num(increment_offset.to(torch.float64))
+    batch, m, _ = a.shape
+    rhs_top = -b if target_offsets is None else target_offsets.to(torch.float64) - b
+    # Each sample's equations may be rescaled freely (λ absorbs it): bring A to unit size.
+    scale = a.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)
+    system = torch.zeros(batch, m + 1, m + 1, dtype=torch.float64, device=a.device)
+    system[:, :m, :m] = a / scale[:, None, None]
+    system[:, :m, m] = -1.0
+    system[:, m, :m] = 1.0
+    rhs = torch.ones(batch, m + 1, 1, dtype=torch.float64, device=a.device)
+    rhs[:, :m, 0] = rhs_top / scale[:, None]
+    solution = torch.linalg.pinv(system, rtol=rtol) @ rhs
+    kappa = solution[:, :m, 0]
+    uniform = torch.full_like(kappa, 1.0 / m)
+    return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, uniform)
+
+
+@dataclass(frozen=True)
+class Or:
+    """Logical OR: sample the mixture of the models, with temperature T and log-weights ℓ."""
+
+    temperature: float = 1.0
+    log_weights: tuple[float, ...] | None = None
+    needs_system: bool = False
+    affine: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def __call__(self, inputs: CombineInputs) -> Tensor:
+        lw = None if self.log_weights is None else _log_weights_tensor(self.log_weights, inputs.log_q.shape[-1], inputs.log_q)
+        return or_weights(inputs.log_q, self.temperature, lw)
+
+
+@dataclass(frozen=True)
+class And:
+    """Logical AND: keep every model's log-density equal along the trajectory (Prop. 6).
+
+    With ``log_weights`` ℓ, the final samples satisfy ``log q_i − ℓ_i`` equal for all i (Eq. 18):
+    a larger ℓ_i makes the samples more likely under model i. The offset is spread evenly over the
+    steps.
+    """
+
+    log_weights: tuple[float, ...] | None = None
+    rtol: float = 1e-10
+    needs_system: bool = True
+    affine: bool = True
+
+    def __call__(self, inputs: CombineInputs) -> Tensor:
+        if inputs.increment_matrix is None or inputs.increment_offset is None:
+            raise ValueError("And needs the sampler's increment system; use a sampler from superdiff.sampling")
+        m = inputs.log_q.shape[-1]
+        target = None
+        if self.log_weights is not None:
+            target = _log_weights_tensor(self.log_weights, m, inputs.increment_offset.to(torch.float64))
+            target = (target * inputs.step_fraction).expand(inputs.log_q.shape[0], m)
+        return and_weights(inputs.increment_matrix, inputs.increment_offset, target, self.rtol).to(inputs.log_q.dtype)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Fixed weights for every sample and step (κ need not sum to 1)."""
+
+    weights: tuple[float, ...]
+    needs_system: bool = False
+
+    @property
+    def affine(self) -> bool:
+        return abs(sum(self.weights) - 1.0) < 1e-12
+
+    def __call__(self, inputs: CombineInputs) -> Tensor:
+        m = inputs.log_q.shape[-1]
+        w = _log_weights_tensor(self.weights, m, inputs.log_q)
+        return w.expand(inputs.log_q.shape[0], m)
+
+
+def Average(num_models: int) -> Fixed:  # noqa: N802 - a constructor, named like the paper's baseline
+    """The paper's "average of scores" baseline (Liu et al. 2022): κ = 1/M."""
+    return Fixed(tuple([1.0 / num_models] * num_models))
+
+
+def Sum(num_models: int) -> Fixed:  # noqa: N802
+    """Sum of scores (product of experts, Composable Diffusion): κ = 1 for every model."""
+    return Fixed(tuple([1.0] * num_models))
+
+
+def make_combiner(
+    mode: str,
+    num_models: int,
+    temperature: float = 1.0,
+    log_weights: Sequence[float] | None = None,
+) -> Combiner:
+    """Build the combiner for a mode name ("and", "or", "average", "sum"), validating arguments."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if num_models < 1:
+        raise ValueError(f"need at least one model, got {num_models}")
+    if mode in ("and", "or") and num_models < 2:
+        raise ValueError(f"mode={mode!r} combines at least 2 models or prompts, got {num_models}")
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lw: tuple[float, ...] | None = None
+    if log_weights is not None:
+        lw = tuple(float(v) for v in log_weights)
+        if len(lw) != num_models:
+            raise ValueError(f"log_weights must have one entry per model ({num_models}), got {len(lw)}")
+        if not all(torch.isfinite(torch.tensor(lw))):
+            raise ValueError(f"log_weights must be finite, got {lw}")
+        if mode in ("average", "sum"):
+            raise ValueError(f"log_weights apply to mode 'or' and 'and', not {mode!r}")
+    if mode == "or":
+        return Or(temperature, lw)
+    if mode == "and":
+        return And(lw)
+    return Average(num_models) if mode == "average" else Sum(num_models)

@@ -1,0 +1,418 @@
+"""Superposed samplers: the reverse SDE with Itô densities, and the probability-flow ODE with Prop. 5.
+
+Both follow Algorithm 1: at every step each model's denoised prediction is computed in one call,
+a combiner turns the tracked log-densities (and, for AND, the linear system of the increments)
+into weights κ, the mixed prediction drives the step, and every model's log-density is updated.
+
+Under classifier-free guidance (``guidance_scale=w``) the denoiser's last output is the
+unconditional prediction ``x̂₀ᵘ``; the drift uses ``x̂₀ᵘ + w(Σκⱼ x̂₀ʲ − x̂₀ᵘ)`` while the densities
+tracked are those of the unguided conditional models (paper-notes §3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .combine import CombineInputs, Combiner
+from .density import (
+    TransitionCoefficients,
+    divergence_exact,
+    divergence_hutchinson,
+    ito_increment_system,
+    ito_log_density_increment,
+    ode_increment_system,
+    ode_log_density_rate,
+    transition_coefficients,
+)
+from .models import Denoiser
+
+__all__ = ["SamplerOutput", "StepInfo", "sample_sde", "sample_ode", "mix_denoised", "prior_sample", "randn"]
+
+
+@dataclass
+class SamplerOutput:
+    """Result of a superposed sampler.
+
+    ``samples`` (B, *shape); ``log_densities`` (B, M) at the last density-tracked time;
+    ``log_density_trace`` (steps+1, B, M); ``kappa_trace`` (steps, B, M); ``times`` (steps+1,).
+    Log-densities are float64 and relative to ``log_q_init`` (zeros unless given).
+    """
+
+    samples: Tensor
+    log_densities: Tensor
+    log_density_trace: Tensor
+    kappa_trace: Tensor
+    times: Tensor
+
+
+@dataclass
+class StepInfo:
+    """Passed to ``callback`` after every step."""
+
+    step: int
+    t: float
+    x: Tensor
+    denoised: Tensor
+    kappa: Tensor
+    log_q: Tensor
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise drawn in float32 on the generator's device, then cast and moved.
+
+    CPU generators work for CUDA tensors, and a seed gives the same noise in every precision.
+    """
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def prior_sample(
+    denoiser: Denoiser,
+    batch_size: int,
+    sample_shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Draw the starting point ``N(0, σ_max² I)`` of the reverse process."""
+    std = denoiser.process.prior_std()
+    return std * randn((batch_size, *sample_shape), generator, torch.device(device), dtype)
+
+
+def mix_denoised(
+    denoised: Tensor,
+    kappa: Tensor,
+    x: Tensor,
+    alpha: float,
+    guidance_scale: float | None = None,
+    unconditional: Tensor | None = None,
+) -> Tensor:
+    """The x̂₀ of the score mixture ``Σ κᵢ ∇log qᵢ`` (optionally guided).
+
+    ``denoised`` (M, B, *shape), ``kappa`` (B, M). Without guidance, weights that do not sum to one
+    (a product of experts) add ``(1 − Σκ) x/α``, the x̂₀ of a zero score.
+    """
+    view = (kappa.shape[0], kappa.shape[1]) + (1,) * (denoised.dim() - 2)
+    k = kappa.to(denoised.dtype)
+    weighted = (k.transpose(0, 1).reshape(view[1], view[0], *view[2:]) * denoised).sum(0)
+    total = k.sum(-1).reshape(view[0], *view[2:])
+    if guidance_scale is not None:
+        assert unconditional is not None
+        return unconditional + guidance_scale * (weighted - total * unconditional)
+    residual = 1.0 - total
+    if bool((residual.abs() > 1e-6).any()):
+        return weighted + residual * x / alpha
+    return weighted
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation shared by both samplers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    num_models: int
+    guided: bool
+    alphas: list[float]
+    sigmas: list[float]
+
+
+def _validate(
+    denoiser: Denoiser,
+    x: Tensor,
+    times: Tensor,
+    combiner: Combiner,
+    guidance_scale: float | None,
+    log_q_init: Tensor | None,
+    allow_final_zero: bool,
+) -> _Plan:
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor of shape (batch, *sample_shape), got {getattr(x, 'shape', type(x))}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf; pass a finite starting point (e.g. from prior_sample)")
+    times = torch.as_tensor(times, dtype=torch.float64)
+    if times.dim() != 1 or times.numel() < 2:
+        raise ValueError(f"times must be a 1-D grid of at least 2 points (steps >= 1), got shape {tuple(times.shape)}")
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError("times contains NaN or inf")
+    p = denoiser.process
+    alphas = [float(v) for v in p.alpha(times)]
+    sigmas = [float(v) for v in p.sigma(times)]
+    for i in range(len(alphas) - 1):
+        if not (sigmas[i] > 0):
+            raise ValueError(f"σ must be > 0 before the last time; times[{i}]={float(times[i])} has σ={sigmas[i]}")
+        noisier = sigmas[i] * alphas[i + 1] > sigmas[i + 1] * alphas[i]  # σ/α strictly decreasing
+        if not noisier:
+            raise ValueError(
+                f"times must run from noise to data (σ/α strictly decreasing); step {i} goes from t={float(times[i])} "
+                f"to t={float(times[i + 1])}"
+            )
+        if not (alphas[i + 1] > 0):
+            raise ValueError(f"α must be > 0 after the first time; times[{i + 1}] has α={alphas[i + 1]}")
+    if sigmas[-1] == 0 and not allow_final_zero:
+        raise ValueError("the last time must have σ > 0 for this sampler (densities are undefined at σ = 0)")
+    guided = guidance_scale is not None
+    if guided and not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    m = denoiser.num_outputs - (1 if guided else 0)
+    if m < 1:
+        raise ValueError(
+            f"the denoiser returns {denoiser.num_outputs} output(s); with guidance the last one is unconditional, "
+            "so at least 2 are needed"
+        )
+    if log_q_init is not None and tuple(log_q_init.shape) != (x.shape[0], m):
+        raise ValueError(f"log_q_init must have shape (batch, models) = {(x.shape[0], m)}, got {tuple(log_q_init.shape)}")
+    if not getattr(combiner, "affine", True) and not guided and alphas[0] == 0:
+        raise ValueError(
+            "a combiner whose weights do not sum to 1 (e.g. 'sum') has no denoised form where α = 0; "
+            "start below t = 1 or use guidance"
+        )
+    return _Plan(m, guided, alphas, sigmas)
+
+
+def _split(out: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
+    if plan.guided:
+        return out[: plan.num_models], out[plan.num_models]
+    return out, None
+
+
+def _system_base(denoised: Tensor, unconditional: Tensor | None, guidance_scale: float | None) -> tuple[Tensor, float]:
+    if unconditional is not None and guidance_scale is not None:
+        return unconditional, guidance_scale
+    return denoised.mean(0), 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reverse SDE
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_sde(
+    denoiser: Denoiser,
+    x: Tensor,
+    times: Tensor,
+    combiner: Combiner,
+    *,
+    guidance_scale: float | None = None,
+    log_q_init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    variance: str = "forward",
+    final_denoise: bool = False,
+    progress: bool = False,
+) -> SamplerOutput:
+    """Superposed reverse-SDE sampling with Itô log-densities (Algorithm 1, Theorem 1).
+
+    Each step from s to t draws the Gaussian increment first, builds κ (for AND from the system
+    that uses this very increment), then moves to ``y = c_x x + c_0 x̂₀ᵐⁱˣ + w``; the same
+    ``w`` enters every model's density update. A last time with σ = 0 is a deterministic step onto
+    the mixed x̂₀ (AND keeps the previous step's weights); densities stay at their last value.
+
+    ``x`` (B, *shape): the starting noise; ``times`` (steps+1,) from noise to data.
+    ``final_denoise=True`` makes the last step land on σ = 0 whatever ``times[-1]`` says (as
+    diffusers' Euler schedulers do), so N steps cost N network calls.
+    ``variance``: the reverse kernel's variance, ``"forward"`` (default, S²: the most accurate
+    densities on exact mixtures), ``"euler"`` (Thm. 2) or ``"posterior"``; see
+    :func:`superdiff.density.transition_coefficients`.
+    """
+    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=True)
+    times = torch.as_tensor(times, dtype=torch.float64)
+    steps = times.numel() - 1
+    batch = x.shape[0]
+    log_q = (
+        torch.zeros(batch, plan.num_models, dtype=torch.float64, device=x.device)
+        if log_q_init is None
+        else log_q_init.to(device=x.device, dtype=torch.float64)
+    )
+    final_zero = final_denoise or plan.sigmas[-1] == 0
+    tracked_steps = max(steps - (1 if final_zero else 0), 1)
+    coefs: list[TransitionCoefficients] = [
+        transition_coefficients(
+            plan.alphas[i],
+            plan.sigmas[i],
+            plan.alphas[i + 1],
+            0.0 if (final_zero and i == steps - 1) else plan.sigmas[i + 1],
+            variance,
+        )
+        for i in range(steps)
+    ]
+    log_q_trace = [log_q]
+    kappa_trace: list[Tensor] = []
+    kappa = torch.full((batch, plan.num_models), 1.0 / plan.num_models, dtype=x.dtype, device=x.device)
+    for i in tqdm(range(steps), disable=not progress, desc="superdiff"):
+        c = coefs[i]
+        denoised, unconditional = _split(denoiser(x, times[i]), plan)
+        if c.final:
+            if not combiner.needs_system:  # OR and fixed weights need only the current densities
+                kappa = combiner(CombineInputs(log_q, None, None, 0.0)).to(x.dtype)
+            x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional)
+            x = x0_mix
+        else:
+            noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
+            system = (None, None)
+            if combiner.needs_system:
+                base, scale = _system_base(denoised, unconditional, guidance_scale)
+                system = ito_increment_system(denoised, base, scale, noise, c)
+            kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps)).to(x.dtype)
+            x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional)
+            log_q = log_q + ito_log_density_increment(denoised, x0_mix, x, noise, c)
+            x = c.c_x * x + c.c_0 * x0_mix + noise
+        log_q_trace.append(log_q)
+        kappa_trace.append(kappa)
+        if callback is not None:
+            callback(StepInfo(i, float(times[i + 1]), x, x0_mix, kappa, log_q))
+    return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probability-flow ODE
+# ---------------------------------------------------------------------------------------------
+
+OdeMethod = Literal["euler", "heun", "dopri5"]
+
+
+@dataclass
+class _OdeRates:
+    velocity: Tensor
+    log_q_rate: Tensor
+    kappa: Tensor
+    denoised_mix: Tensor
+
+
+def _ode_rates(
+    denoiser: Denoiser,
+    x: Tensor,
+    log_q: Tensor,
+    t: float,
+    combiner: Combiner,
+    plan: _Plan,
+    guidance_scale: float | None,
+    divergence: str,
+    probe: Tensor | None,
+    span: float,
+) -> _OdeRates:
+    """Velocity dx/dt and d log qᵢ/dt (forward time) of the superposed probability-flow ODE at (x, t)."""
+    p = denoiser.process
+    alpha, sigma = float(p.alpha(t)), float(p.sigma(t))
+    d_alpha, d_sigma = float(p.d_alpha(t)), float(p.d_sigma(t))
+    t_tensor = torch.tensor(t, dtype=torch.float64)
+
+    def conditional(z: Tensor) -> Tensor:
+        return denoiser(z, t_tensor)
+
+    with torch.enable_grad():
+        if divergence == "exact":
+            out, div = divergence_exact(conditional, x)
+        else:
+            assert probe is not None
+            out, div = divergence_hutchinson(conditional, x, probe)
+    out, div = out.detach(), div.detach()
+    denoised, unconditional = _split(out, plan)
+    div = div[: plan.num_models]
+    system = (None, None)
+    if combiner.needs_system:
+        base, scale = _system_base(denoised, unconditional, guidance_scale)
+        a_mat, b_vec = ode_increment_system(denoised, base, scale, div, x, alpha, sigma, d_alpha, d_sigma)
+        system = (-a_mat, -b_vec)  # per unit of reverse time τ = −t, the direction we integrate
+    kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / span)).to(x.dtype)
+    x0_mix = mix_denoised(denoised, kappa, x, alpha, guidance_scale, unconditional)
+    velocity = d_alpha * x0_mix + d_sigma * (x - alpha * x0_mix) / sigma
+    rate = ode_log_density_rate(denoised, x0_mix, div, x, alpha, sigma, d_alpha, d_sigma)
+    return _OdeRates(velocity, rate, kappa, x0_mix)
+
+
+def _rademacher(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return randn(tuple(x.shape), generator, x.device, x.dtype).sign()
+
+
+def sample_ode(
+    denoiser: Denoiser,
+    x: Tensor,
+    times: Tensor,
+    combiner: Combiner,
+    *,
+    method: OdeMethod = "euler",
+    divergence: Literal["exact", "hutchinson"] = "hutchinson",
+    guidance_scale: float | None = None,
+    log_q_init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool = False,
+) -> SamplerOutput:
+    """Superposed probability-flow ODE with log-densities from Prop. 5 (Eq. 14 for OR).
+
+    ``divergence="exact"`` costs one JVP per dimension (small d only); ``"hutchinson"`` one JVP
+    per evaluation with a Rademacher probe (fresh per step for Euler/Heun, fixed for the
+    adaptive ``"dopri5"``, which integrates the augmented state ``(x, log q)`` with torchdiffeq
+    and reports values at ``times``).
+    """
+    if method not in ("euler", "heun", "dopri5"):
+        raise ValueError(f"method must be 'euler', 'heun' or 'dopri5', got {method!r}")
+    if divergence not in ("exact", "hutchinson"):
+        raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
+    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=False)
+    times = torch.as_tensor(times, dtype=torch.float64)
+    steps = times.numel() - 1
+    span = float(times[0] - times[-1])
+    batch = x.shape[0]
+    log_q = (
+        torch.zeros(batch, plan.num_models, dtype=torch.float64, device=x.device)
+        if log_q_init is None
+        else log_q_init.to(device=x.device, dtype=torch.float64)
+    )
+
+    def rates(z: Tensor, lq: Tensor, t: float, probe: Tensor | None) -> _OdeRates:
+        if probe is None and divergence == "hutchinson":
+            probe = _rademacher(z, generator)
+        return _ode_rates(denoiser, z, lq, t, combiner, plan, guidance_scale, divergence, probe, span)
+
+    if method == "dopri5":
+        return _sample_odeint(rates, x, log_q, times, generator, divergence, rtol, atol)
+
+    log_q_trace, kappa_trace = [log_q], []
+    for i in tqdm(range(steps), disable=not progress, desc="superdiff-ode"):
+        s, t = float(times[i]), float(times[i + 1])
+        h = t - s
+        k1 = rates(x, log_q, s, None)
+        if method == "euler":
+            x_next = x + h * k1.velocity
+            log_q_next = log_q + h * k1.log_q_rate
+        else:
+            x_pred, lq_pred = x + h * k1.velocity, log_q + h * k1.log_q_rate
+            k2 = rates(x_pred, lq_pred, t, None)
+            x_next = x + 0.5 * h * (k1.velocity + k2.velocity)
+            log_q_next = log_q + 0.5 * h * (k1.log_q_rate + k2.log_q_rate)
+        x, log_q = x_next, log_q_next
+        log_q_trace.append(log_q)
+        kappa_trace.append(k1.kappa)
+        if callback is not None:
+            callback(StepInfo(i, t, x, k1.denoised_mix, k1.kappa, log_q))
+    return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
+
+
+def _sample_odeint(rates, x: Tensor, log_q: Tensor, times: Tensor, generator, divergence: str, rtol: float, atol: float) -> SamplerOutput:
+    from torchdiffeq import odeint
+
+    probe = _rademacher(x, generator) if divergence == "hutchinson" else None
+
+    t_lo, t_hi = float(times.min()), float(times.max())
+
+    def func(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        # dopri5 may probe past the last time, where a process can be undefined (σ² < 0).
+        r = rates(state[0], state[1], min(max(float(t), t_lo), t_hi), probe)
+        return r.velocity, r.log_q_rate.to(state[1].dtype)
+
+    t_grid = times.to(x.device)
+    xs, lqs = odeint(func, (x, log_q), t_grid, rtol=rtol, atol=atol, method="dopri5")
+    kappas = torch.stack([rates(xs[i], lqs[i], float(times[i]), probe).kappa for i in range(times.numel() - 1)])
+    return SamplerOutput(xs[-1], lqs[-1], lqs, kappas, times)

@@ -1,0 +1,78 @@
+"""Combiners: OR is a softmax that never NaNs; AND solves Eq. 78 exactly, and degrades gracefully."""
+
+import math
+
+import pytest
+import torch
+
+from superdiff.combine import And, CombineInputs, Or, and_weights, make_combiner, or_weights
+
+
+def test_or_weights_are_the_tempered_biased_softmax_and_survive_overflow():
+    log_q = torch.tensor([[0.0, math.log(3.0)], [1e308, 1e308], [float("-inf"), 0.0], [float("nan"), 1.0]], dtype=torch.float64)
+    k = or_weights(log_q)
+    torch.testing.assert_close(k[0], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    torch.testing.assert_close(k[1], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(k[2], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(k[3], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert bool(torch.isfinite(or_weights(torch.full((2, 3), float("-inf")))).all())
+    biased = or_weights(torch.zeros(1, 2), 1.0, torch.tensor([math.log(0.8), math.log(0.2)]))
+    torch.testing.assert_close(biased, torch.tensor([[0.8, 0.2]]))
+    sharp = or_weights(torch.tensor([[0.0, 0.1]]), temperature=100.0)
+    assert float(sharp[0, 1]) > 0.9999
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_and_weights_equalise_the_increments(m):
+    g = torch.Generator().manual_seed(m)
+    e = torch.randn(7, m, 10, generator=g, dtype=torch.float64)
+    a = e @ e.transpose(1, 2) + torch.randn(7, m, m, generator=g, dtype=torch.float64) * 0.1
+    b = torch.randn(7, m, generator=g, dtype=torch.float64) * 5
+    target = torch.randn(7, m, generator=g, dtype=torch.float64)
+    kappa = and_weights(a, b, target)
+    increments = (a @ kappa[..., None])[..., 0] + b - target
+    torch.testing.assert_close(kappa.sum(-1), torch.ones(7, dtype=torch.float64))
+    spread = increments.max(-1).values - increments.min(-1).values
+    assert float(spread.max()) < 1e-9
+
+
+def test_and_with_identical_models_splits_evenly_and_never_nans():
+    e = torch.randn(4, 1, 6, dtype=torch.float64).expand(4, 3, 6)
+    a = e @ e.transpose(1, 2)
+    b = torch.randn(4, 1, dtype=torch.float64).expand(4, 3)
+    kappa = and_weights(a, b)
+    torch.testing.assert_close(kappa, torch.full((4, 3), 1 / 3, dtype=torch.float64))
+    # two identical, one different: the identical pair shares its weight equally
+    e2 = torch.randn(4, 3, 6, dtype=torch.float64)
+    e2[:, 1] = e2[:, 0]
+    a2 = e2 @ e2.transpose(1, 2)
+    b2 = torch.randn(4, 3, dtype=torch.float64)
+    b2[:, 1] = b2[:, 0]
+    k2 = and_weights(a2, b2)
+    torch.testing.assert_close(k2[:, 0], k2[:, 1])
+    # all-zero and non-finite systems fall back to finite weights
+    assert bool(torch.isfinite(and_weights(torch.zeros(2, 2, 2), torch.zeros(2, 2))).all())
+    assert bool(torch.isfinite(and_weights(torch.full((2, 2, 2), float("nan")), torch.zeros(2, 2))).all())
+
+
+def test_and_combiner_spreads_offsets_over_steps():
+    a = torch.tensor([[[2.0, 0.5], [0.5, 1.0]]], dtype=torch.float64)
+    b = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    kappa = And(log_weights=(1.0, 0.0))(CombineInputs(torch.zeros(1, 2), a, b, step_fraction=0.25))
+    inc = (a @ kappa.double()[..., None])[..., 0] + b
+    assert abs(float(inc[0, 0] - inc[0, 1]) - 0.25) < 1e-9
+
+
+def test_make_combiner_validates():
+    with pytest.raises(ValueError, match="mode"):
+        make_combiner("xor", 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        make_combiner("and", 1)
+    with pytest.raises(ValueError, match="temperature"):
+        make_combiner("or", 2, temperature=0.0)
+    with pytest.raises(ValueError, match="log_weights"):
+        make_combiner("or", 3, log_weights=[0.0, 1.0])
+    with pytest.raises(ValueError, match="temperature"):
+        Or(temperature=-1.0)
+    assert make_combiner("sum", 3).weights == (1.0, 1.0, 1.0)
+    assert make_combiner("average", 4).affine and not make_combiner("sum", 2).affine
