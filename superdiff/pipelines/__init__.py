@@ -1,0 +1,1 @@
+"""diffusers pipelines built on the superdiff core."""

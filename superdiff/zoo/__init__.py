@@ -1,0 +1,1 @@
+"""Embedded default models: data, evaluators, training and shipped weights."""
