@@ -35,6 +35,7 @@ __all__ = [
     "ode_increment_system",
     "divergence_exact",
     "divergence_hutchinson",
+    "divergence_hutchinson_vjp",
 ]
 
 
@@ -287,4 +288,20 @@ def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tens
     batch = x.shape[0]
     value, jvp = torch.func.jvp(fn, (x,), (probe.to(x.dtype),))
     estimate = (jvp.reshape(jvp.shape[0], batch, -1).to(torch.float64) * probe.reshape(1, batch, -1).to(torch.float64)).sum(-1)
+    return value, estimate
+
+
+def divergence_hutchinson_vjp(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tensor) -> tuple[Tensor, Tensor]:
+    """The same estimate as :func:`divergence_hutchinson` through reverse mode: ``(εᵀ Jᵢ) ε``.
+
+    One forward pass, then one vector–Jacobian product per output (vectorised with vmap). On CPU
+    convolutions a VJP is several times cheaper than a JVP. Returns (value, (M, B) float64).
+    """
+    value, vjp_fn = torch.func.vjp(fn, x)
+    m = value.shape[0]
+    eye = torch.eye(m, dtype=value.dtype, device=value.device).reshape(m, m, *([1] * (value.dim() - 1)))
+    cotangents = eye * probe.to(value.dtype)[None, None]  # (M, M, B, *shape): output i gets the probe
+    (rows,) = torch.func.vmap(vjp_fn)(cotangents)  # (M, B, *shape): εᵀ Jᵢ
+    batch = x.shape[0]
+    estimate = (rows.reshape(m, batch, -1).to(torch.float64) * probe.reshape(1, batch, -1).to(torch.float64)).sum(-1)
     return value, estimate

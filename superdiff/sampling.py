@@ -24,6 +24,7 @@ from .density import (
     TransitionCoefficients,
     divergence_exact,
     divergence_hutchinson,
+    divergence_hutchinson_vjp,
     ito_increment_system,
     ito_log_density_increment,
     ode_increment_system,
@@ -92,11 +93,12 @@ def mix_denoised(
     alpha: float,
     guidance_scale: float | None = None,
     unconditional: Tensor | None = None,
+    affine: bool = True,
 ) -> Tensor:
     """The x̂₀ of the score mixture ``Σ κᵢ ∇log qᵢ`` (optionally guided).
 
-    ``denoised`` (M, B, *shape), ``kappa`` (B, M). Without guidance, weights that do not sum to one
-    (a product of experts) add ``(1 − Σκ) x/α``, the x̂₀ of a zero score.
+    ``denoised`` (M, B, *shape), ``kappa`` (B, M). Without guidance, weights that need not sum to
+    one (``affine=False``, a product of experts) add ``(1 − Σκ) x/α``, the x̂₀ of a zero score.
     """
     view = (kappa.shape[0], kappa.shape[1]) + (1,) * (denoised.dim() - 2)
     k = kappa.to(denoised.dtype)
@@ -105,9 +107,8 @@ def mix_denoised(
     if guidance_scale is not None:
         assert unconditional is not None
         return unconditional + guidance_scale * (weighted - total * unconditional)
-    residual = 1.0 - total
-    if bool((residual.abs() > 1e-6).any()):
-        return weighted + residual * x / alpha
+    if not affine:
+        return weighted + (1.0 - total) * x / alpha
     return weighted
 
 
@@ -132,6 +133,7 @@ def _validate(
     guidance_scale: float | None,
     log_q_init: Tensor | None,
     allow_final_zero: bool,
+    final_denoise: bool = False,
 ) -> _Plan:
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor of shape (batch, *sample_shape), got {getattr(x, 'shape', type(x))}")
@@ -149,7 +151,9 @@ def _validate(
         if not (sigmas[i] > 0):
             raise ValueError(f"σ must be > 0 before the last time; times[{i}]={float(times[i])} has σ={sigmas[i]}")
         noisier = sigmas[i] * alphas[i + 1] > sigmas[i + 1] * alphas[i]  # σ/α strictly decreasing
-        if not noisier:
+        # With final_denoise the last step lands on σ = 0 whatever times[-1] says (e.g. a DDPM/DDIM
+        # grid ending at timestep 0, the table's least noisy entry).
+        if not noisier and not (final_denoise and i == len(alphas) - 2):
             raise ValueError(
                 f"times must run from noise to data (σ/α strictly decreasing); step {i} goes from t={float(times[i])} "
                 f"to t={float(times[i + 1])}"
@@ -223,7 +227,7 @@ def sample_sde(
     densities on exact mixtures), ``"euler"`` (Thm. 2) or ``"posterior"``; see
     :func:`superdiff.density.transition_coefficients`.
     """
-    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=True)
+    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=True, final_denoise=final_denoise)
     times = torch.as_tensor(times, dtype=torch.float64)
     steps = times.numel() - 1
     batch = x.shape[0]
@@ -253,7 +257,7 @@ def sample_sde(
         if c.final:
             if not combiner.needs_system:  # OR and fixed weights need only the current densities
                 kappa = combiner(CombineInputs(log_q, None, None, 0.0)).to(x.dtype)
-            x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional)
+            x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional, combiner.affine)
             x = x0_mix
         else:
             noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
@@ -262,7 +266,7 @@ def sample_sde(
                 base, scale = _system_base(denoised, unconditional, guidance_scale)
                 system = ito_increment_system(denoised, base, scale, noise, c)
             kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps)).to(x.dtype)
-            x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional)
+            x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional, combiner.affine)
             log_q = log_q + ito_log_density_increment(denoised, x0_mix, x, noise, c)
             x = c.c_x * x + c.c_0 * x0_mix + noise
         log_q_trace.append(log_q)
@@ -313,7 +317,8 @@ def _ode_rates(
             out, div = divergence_exact(conditional, x)
         else:
             assert probe is not None
-            out, div = divergence_hutchinson(conditional, x, probe)
+            estimate = divergence_hutchinson if divergence == "hutchinson" else divergence_hutchinson_vjp
+            out, div = estimate(conditional, x, probe)
     out, div = out.detach(), div.detach()
     denoised, unconditional = _split(out, plan)
     div = div[: plan.num_models]
@@ -323,7 +328,7 @@ def _ode_rates(
         a_mat, b_vec = ode_increment_system(denoised, base, scale, div, x, alpha, sigma, d_alpha, d_sigma)
         system = (-a_mat, -b_vec)  # per unit of reverse time τ = −t, the direction we integrate
     kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / span)).to(x.dtype)
-    x0_mix = mix_denoised(denoised, kappa, x, alpha, guidance_scale, unconditional)
+    x0_mix = mix_denoised(denoised, kappa, x, alpha, guidance_scale, unconditional, combiner.affine)
     velocity = d_alpha * x0_mix + d_sigma * (x - alpha * x0_mix) / sigma
     rate = ode_log_density_rate(denoised, x0_mix, div, x, alpha, sigma, d_alpha, d_sigma)
     return _OdeRates(velocity, rate, kappa, x0_mix)
@@ -340,7 +345,7 @@ def sample_ode(
     combiner: Combiner,
     *,
     method: OdeMethod = "euler",
-    divergence: Literal["exact", "hutchinson"] = "hutchinson",
+    divergence: Literal["exact", "hutchinson", "hutchinson_vjp"] = "hutchinson",
     guidance_scale: float | None = None,
     log_q_init: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -352,14 +357,15 @@ def sample_ode(
     """Superposed probability-flow ODE with log-densities from Prop. 5 (Eq. 14 for OR).
 
     ``divergence="exact"`` costs one JVP per dimension (small d only); ``"hutchinson"`` one JVP
-    per evaluation with a Rademacher probe (fresh per step for Euler/Heun, fixed for the
+    per evaluation with a Rademacher probe (``"hutchinson_vjp"``: the same estimate by reverse
+    mode, cheaper for convolutions on CPU; fresh probes per step for Euler/Heun, fixed for the
     adaptive ``"dopri5"``, which integrates the augmented state ``(x, log q)`` with torchdiffeq
     and reports values at ``times``).
     """
     if method not in ("euler", "heun", "dopri5"):
         raise ValueError(f"method must be 'euler', 'heun' or 'dopri5', got {method!r}")
-    if divergence not in ("exact", "hutchinson"):
-        raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
+    if divergence not in ("exact", "hutchinson", "hutchinson_vjp"):
+        raise ValueError(f"divergence must be 'exact', 'hutchinson' or 'hutchinson_vjp', got {divergence!r}")
     plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=False)
     times = torch.as_tensor(times, dtype=torch.float64)
     steps = times.numel() - 1
@@ -372,7 +378,7 @@ def sample_ode(
     )
 
     def rates(z: Tensor, lq: Tensor, t: float, probe: Tensor | None) -> _OdeRates:
-        if probe is None and divergence == "hutchinson":
+        if probe is None and divergence != "exact":
             probe = _rademacher(z, generator)
         return _ode_rates(denoiser, z, lq, t, combiner, plan, guidance_scale, divergence, probe, span)
 
@@ -403,7 +409,7 @@ def sample_ode(
 def _sample_odeint(rates, x: Tensor, log_q: Tensor, times: Tensor, generator, divergence: str, rtol: float, atol: float) -> SamplerOutput:
     from torchdiffeq import odeint
 
-    probe = _rademacher(x, generator) if divergence == "hutchinson" else None
+    probe = _rademacher(x, generator) if divergence != "exact" else None
 
     t_lo, t_hi = float(times.min()), float(times.max())
 

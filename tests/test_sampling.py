@@ -197,3 +197,16 @@ def test_bad_input_is_rejected_before_sampling():
     with pytest.raises(ValueError, match="method"):
         sample_ode(counting, x, times, Or(), method="rk4")
     assert not calls
+
+
+def test_hutchinson_by_jvp_and_by_vjp_agree_for_the_same_probe():
+    from superdiff.density import divergence_hutchinson, divergence_hutchinson_vjp
+
+    models = MixtureDenoiser((UP, DOWN, SIDE), VPLinear())
+    x = torch.randn(5, 2, dtype=torch.float64)
+    probe = torch.randn(5, 2, dtype=torch.float64).sign()
+    fn = lambda z: models(z, 0.4)  # noqa: E731
+    v1, d1 = divergence_hutchinson(fn, x, probe)
+    v2, d2 = divergence_hutchinson_vjp(fn, x, probe)
+    torch.testing.assert_close(v1, v2)
+    torch.testing.assert_close(d1, d2)

@@ -1,0 +1,100 @@
+"""Shared helpers for the benchmarks: a machine description, SD-shaped random UNets, timing, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from superdiff import DiscreteSigma, NetworkDenoiser
+
+
+def machine() -> str:
+    """What the numbers were measured on."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes, finishes in under a minute on 2 CPU cores")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=None)
+    return p
+
+
+def unet_config(size: str) -> dict:
+    """A UNet2DConditionModel config: "tiny" (~1M params, CPU tests) or "sd" (SD-1.x-shaped, ~860M)."""
+    if size == "tiny":
+        return dict(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        )
+    if size == "small":  # ~100M+, SD layout with narrower channels
+        return dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(192, 384, 576, 576),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+        )
+    return dict(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x
+
+
+def sd_denoiser(size: str, num_prompts: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random SD-shaped UNet wrapped as a denoiser over M prompts + the unconditional, in one call."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    cfg = unet_config(size)
+    unet = UNet2DConditionModel(**cfg).to(device=device, dtype=dtype).eval()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    process = DiscreteSigma.from_scheduler(scheduler)
+    embeds = torch.randn(num_prompts + 1, 8, cfg["cross_attention_dim"], generator=torch.Generator().manual_seed(seed))
+    embeds = embeds.to(device=device, dtype=dtype)
+
+    def network(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        sigma = process.sigma(process.time_of_timestep(t[:1].double().cpu())).to(device=x.device, dtype=x.dtype)
+        return unet(x / (sigma**2 + 1).sqrt(), t, encoder_hidden_states=cond).sample
+
+    denoiser = NetworkDenoiser(network, process, "epsilon", conditions=embeds, time_input=process.timestep, dtype=dtype)
+    latent = (cfg["in_channels"] if "in_channels" in cfg else 4, cfg["sample_size"], cfg["sample_size"])
+    return denoiser, unet, latent, sum(p.numel() for p in unet.parameters())
+
+
+def median_time(fn: Callable[[], object], repeats: int, device: str, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def emit(result: dict, as_json: bool) -> None:
+    """Print a readable summary, and the JSON object as the last line with ``--json``."""
+    for key, value in result.items():
+        if not as_json:
+            print(f"{key}: {value}")
+    if as_json:
+        print(json.dumps(result))

@@ -1,0 +1,55 @@
+"""SuperDiff's own cost: AND / OR sampling against the same sampler with fixed κ (same network calls).
+
+Both runs call the same batched denoiser the same number of times; the difference is the
+combiner (softmax, or the per-sample AND solve) and its linear system. Goal: ratio ≤ 1.05.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common import emit, machine, median_time, parser, sd_denoiser
+from superdiff import And, Fixed, Or, prior_sample, sample_sde
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    size = "tiny" if (args.quick or args.device == "cpu") else "small"
+    dtype = torch.float32 if args.device == "cpu" else torch.float16
+    steps = 20 if args.quick else 50
+    batch = 2 if args.quick else 4
+    repeats = args.repeats or (3 if args.quick else 5)
+    denoiser, _, latent, params = sd_denoiser(size, 2, args.device, dtype)
+    times = denoiser.process.time_grid(steps)
+
+    def run(combiner):
+        def go():
+            x = prior_sample(denoiser, batch, latent, torch.Generator().manual_seed(0), args.device)
+            sample_sde(denoiser, x, times, combiner, guidance_scale=7.5, generator=torch.Generator().manual_seed(1), final_denoise=True)
+        return go
+
+    with torch.inference_mode():
+        fixed = median_time(run(Fixed((0.5, 0.5))), repeats, args.device)
+        t_and = median_time(run(And()), repeats, args.device)
+        t_or = median_time(run(Or()), repeats, args.device)
+    emit(
+        {
+            "benchmark": "overhead",
+            "machine": machine(),
+            "unet_parameters": params,
+            "latent": list(latent),
+            "steps": steps,
+            "batch": batch,
+            "dtype": str(dtype),
+            "seconds_fixed": round(fixed, 4),
+            "seconds_and": round(t_and, 4),
+            "seconds_or": round(t_or, 4),
+            "ratio": round(t_and / fixed, 4),
+            "ratio_or": round(t_or / fixed, 4),
+        },
+        args.json,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Cost per step as the number of prompts grows (M = 2, 4, 8), and the combiner's share of it.
+
+Time per step should grow with the network's batch (M + 1 evaluations per image), while the
+SuperDiff work (κ by AND, density updates, mixing, noise) stays under 2% of a step. That share is
+measured by re-running the identical sampler with the network replaced by a cached output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common import emit, machine, median_time, parser, sd_denoiser
+from superdiff import And, prior_sample, sample_sde
+
+
+class CachedDenoiser:
+    """Returns a fixed prediction: times everything in a step except the network."""
+
+    def __init__(self, denoiser, output):
+        self.process, self.num_outputs, self.output = denoiser.process, denoiser.num_outputs, output
+
+    def __call__(self, x, t):
+        return self.output
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    size = "tiny" if (args.quick or args.device == "cpu") else "small"
+    dtype = torch.float32 if args.device == "cpu" else torch.float16
+    steps = 10 if args.quick else 30
+    batch = 1 if args.quick else 2
+    repeats = args.repeats or 3
+    per_step, fractions = {}, {}
+    for m in (2, 4, 8):
+        denoiser, _, latent, params = sd_denoiser(size, m, args.device, dtype)
+        times = denoiser.process.time_grid(steps)
+
+        def run(d):
+            def go():
+                x = prior_sample(d, batch, latent, torch.Generator().manual_seed(0), args.device)
+                sample_sde(d, x, times, And(), guidance_scale=7.5, generator=torch.Generator().manual_seed(1))
+            return go
+
+        with torch.inference_mode():
+            full = median_time(run(denoiser), repeats, args.device)
+            x0 = prior_sample(denoiser, batch, latent, torch.Generator().manual_seed(0), args.device)
+            cached = CachedDenoiser(denoiser, denoiser(x0, times[0]))
+            combine_only = median_time(run(cached), repeats, args.device)
+        per_step[str(m)] = round(full / steps, 5)
+        fractions[str(m)] = round(combine_only / full, 4)
+    emit(
+        {
+            "benchmark": "scaling",
+            "machine": machine(),
+            "unet_parameters": params,
+            "latent": list(latent),
+            "steps": steps,
+            "batch": batch,
+            "time_per_step": per_step,
+            "combiner_fraction_by_m": fractions,
+            "combiner_fraction": max(fractions.values()),
+        },
+        args.json,
+    )
+
+
+if __name__ == "__main__":
+    main()
