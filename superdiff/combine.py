@@ -102,6 +102,8 @@ def and_weights(
     rhs_top = -b if target_offsets is None else target_offsets.to(torch.float64) - b
     # Each sample's equations may be rescaled freely (λ absorbs it): bring A to unit size.
     scale = a.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)
+    if m == 2:
+        return _and_weights_two(a / scale[:, None, None], rhs_top / scale[:, None], rtol)
     system = torch.zeros(batch, m + 1, m + 1, dtype=torch.float64, device=a.device)
     system[:, :m, :m] = a / scale[:, None, None]
     system[:, :m, m] = -1.0
@@ -112,6 +114,21 @@ def and_weights(
     kappa = solution[:, :m, 0]
     uniform = torch.full_like(kappa, 1.0 / m)
     return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, uniform)
+
+
+def _and_weights_two(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
+    """The closed form for M = 2 (the paper's κ): eliminate κ₂ = 1 − κ₁ and λ.
+
+    Row i reads ``Aᵢ₁κ₁ + Aᵢ₂(1 − κ₁) − λ = rhsᵢ``; subtracting the rows gives one linear equation
+    in κ₁. A vanishing slope (indistinguishable models) gives κ = (½, ½), as the minimum-norm
+    solution of the general case does. No host synchronisation, no matrix factorisation.
+    """
+    slope = (a[:, 0, 0] - a[:, 1, 0]) - (a[:, 0, 1] - a[:, 1, 1])
+    value = (rhs[:, 0] - rhs[:, 1]) - (a[:, 0, 1] - a[:, 1, 1])
+    singular = slope.abs() <= rtol
+    k1 = torch.where(singular, torch.full_like(slope, 0.5), value / torch.where(singular, torch.ones_like(slope), slope))
+    k1 = torch.where(torch.isfinite(k1), k1, torch.full_like(k1, 0.5))
+    return torch.stack([k1, 1.0 - k1], dim=-1)
 
 
 @dataclass(frozen=True)
