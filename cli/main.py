@@ -4,7 +4,30 @@ from __future__ import annotations
 
 import click
 
+import os
+import warnings
+
+from .generate import generate
 from .toy import toy
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers loading chatter and deprecation notices off the user's terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from diffusers.utils import logging as dlog
+
+        from transformers.utils import logging as tlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,12 +39,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Examples:
+      superdiff generate --and red --and circle --out out/
       superdiff toy --out superdiff-toy
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    quiet_libraries()
 
 
+cli.add_command(generate)
 cli.add_command(toy)
 
 

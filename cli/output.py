@@ -35,3 +35,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_generation(out_dir: Path, result: "object", settings: dict, plot: bool = False, prefix: str = "image") -> list[Path]:
+    """Write each image as PNG (settings in its text metadata) with a JSON sidecar, plus grid.png
+    (and traces.png with ``plot``). Every file is written atomically. Returns the files written."""
+    import io
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from superdiff.plotting import LineSeries, image_grid, line_panels
+
+    images = list(result.images)
+    files: list[Path] = []
+    for i, image in enumerate(images):
+        meta = {
+            **settings,
+            "index": i,
+            "log_densities": result.log_densities[i].tolist(),
+            "kappa_trace": result.kappa_trace[:, i].tolist(),
+            "log_density_trace": result.log_density_trace[:, i].tolist(),
+        }
+        info = PngInfo()
+        info.add_text("superdiff", json.dumps(settings | {"index": i}))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", pnginfo=info)
+        png = out_dir / f"{prefix}_{i:03d}.png"
+        atomic_write_bytes(png, buf.getvalue())
+        sidecar = out_dir / f"{prefix}_{i:03d}.json"
+        atomic_write_text(sidecar, json.dumps(meta) + "\n")
+        files += [png, sidecar]
+    grid = image_grid([(settings.get("mode", ""), images)], cell=max(64, images[0].width) if images else 64, label_width=60)
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    atomic_write_bytes(out_dir / "grid.png", buf.getvalue())
+    files.append(out_dir / "grid.png")
+    if plot:
+        names = settings.get("prompts", [])
+        kappa = [LineSeries(str(n), result.kappa_trace[..., j].float()) for j, n in enumerate(names)]
+        logq = [LineSeries(str(n), result.log_density_trace[..., j].float()) for j, n in enumerate(names)]
+        fig = line_panels([("kappa per step", kappa), ("tracked log q per step", logq)])
+        buf = io.BytesIO()
+        fig.save(buf, format="PNG")
+        atomic_write_bytes(out_dir / "traces.png", buf.getvalue())
+        files.append(out_dir / "traces.png")
+    return files

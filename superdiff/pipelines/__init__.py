@@ -1,1 +1,15 @@
-"""diffusers pipelines built on the superdiff core."""
+"""diffusers pipelines built on the superdiff core: compose prompts of one text-to-image model
+(Stable Diffusion 1.x/2.x, SDXL, SD3-style flow transformers) or separately trained unconditional
+UNets, with OR / AND / average / sum, in diffusers' conventions."""
+
+from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
+from .output import SuperDiffPipelineOutput
+from .stable_diffusion import SuperDiffPipeline
+
+__all__ = [
+    "DiffusersDenoiser",
+    "Schedule",
+    "schedule_from_scheduler",
+    "SuperDiffPipelineOutput",
+    "SuperDiffPipeline",
+]

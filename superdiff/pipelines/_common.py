@@ -1,0 +1,176 @@
+"""Plumbing shared by the superdiff pipelines: input checks, the sampling call and postprocessing."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+
+from ..combine import MODES, make_combiner
+from ..sampling import SamplerOutput, StepInfo, randn, sample_sde
+from .denoisers import Schedule
+from .output import SuperDiffPipelineOutput
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _fail(argument: str, given: Any, works: str) -> None:
+    raise ValueError(f"{argument}={given!r} is not valid: {works}")
+
+
+def check_prompts(prompts: Any, mode: str, argument: str = "prompts") -> int:
+    """Validate the list of prompts for ``mode``; returns M."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        _fail(argument, prompts, 'pass a list of prompt strings, e.g. ["a flamingo", "a candy cane"]')
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            _fail(f"{argument}[{i}]", p, "every prompt must be a non-empty string")
+    return len(prompts)
+
+
+def check_common(
+    *,
+    num_models: int,
+    what: str,
+    mode: Any,
+    guidance_scale: Any,
+    num_inference_steps: Any,
+    temperature: Any,
+    log_weights: Any,
+    num_images_per_prompt: Any,
+    output_type: Any,
+    generator: Any,
+    callback_on_step_end: Any,
+    height: Any = None,
+    width: Any = None,
+    multiple: int = 1,
+    negative_prompt: Any = None,
+) -> None:
+    """The checks every pipeline shares; ``what`` names the composed things ("prompts", "unets")."""
+    if mode not in MODES:
+        _fail("mode", mode, f"use one of {MODES}")
+    if mode in ("and", "or") and num_models < 2:
+        _fail(what, f"{num_models} item(s)", f"mode={mode!r} composes at least 2 {what}; pass 2 or more, or use mode='average'")
+    if num_models < 1:
+        _fail(what, "[]", f"pass at least one of the {what} to compose")
+    if guidance_scale is not None and (
+        not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale) or guidance_scale < 0
+    ):
+        _fail("guidance_scale", guidance_scale, "use a finite number >= 0 (e.g. 7.5; 1.0 means no extra guidance)")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
+        _fail("num_inference_steps", num_inference_steps, "use a positive integer, e.g. 50")
+    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
+        _fail("temperature", temperature, "use a finite number > 0 (1.0 samples the exact mixture for mode='or')")
+    if log_weights is not None:
+        if mode not in ("and", "or"):
+            _fail("log_weights", log_weights, f"log_weights apply to mode 'or' (bias) and 'and' (offsets), not {mode!r}; pass None")
+        try:
+            values = [float(v) for v in log_weights]
+        except (TypeError, ValueError):
+            values = None
+        if values is None or len(values) != num_models:
+            _fail("log_weights", log_weights, f"pass {num_models} numbers, one per entry of {what}")
+        if not all(math.isfinite(v) for v in values):
+            _fail("log_weights", log_weights, "all entries must be finite")
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, numbers.Integral) or num_images_per_prompt < 1:
+        _fail("num_images_per_prompt", num_images_per_prompt, "use a positive integer")
+    if output_type not in OUTPUT_TYPES:
+        _fail("output_type", output_type, f"use one of {OUTPUT_TYPES}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        _fail("generator", generator, "pass one torch.Generator (it drives the whole batch) or None")
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        _fail("callback_on_step_end", callback_on_step_end, "pass a callable (pipe, step, timestep, callback_kwargs) or None")
+    if negative_prompt is not None and (not isinstance(negative_prompt, str)):
+        _fail("negative_prompt", negative_prompt, "pass one string (shared by all prompts) or None")
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % multiple:
+            below = max(multiple, (int(value) // multiple) * multiple) if isinstance(value, numbers.Real) else multiple
+            _fail(name, value, f"must be a positive multiple of {multiple} (the VAE and network downsampling); e.g. {below}")
+
+
+class SuperDiffMixin:
+    """Sampling and postprocessing for a :class:`~diffusers.DiffusionPipeline` subclass."""
+
+    def _superdiff_sample(
+        self: DiffusionPipeline,
+        denoiser: Any,
+        schedule: Schedule,
+        shape: tuple[int, ...],
+        *,
+        mode: str,
+        num_models: int,
+        temperature: float,
+        log_weights: Sequence[float] | None,
+        guidance_scale: float | None,
+        generator: torch.Generator | None,
+        callback_on_step_end: Callable | None,
+        progress: bool,
+        device: torch.device,
+        network_dtype: torch.dtype = torch.float32,
+    ) -> SamplerOutput:
+        """Draw the starting noise ``init_noise_sigma · z`` and run the reverse SDE on the schedule.
+
+        The state is float32 (float64 when the network is float64, as in exactness tests) whatever
+        the network's half precision; one ``generator`` drives the start and every step's noise.
+        """
+        dtype = torch.float64 if network_dtype == torch.float64 else torch.float32
+        combiner = make_combiner(mode, num_models, temperature, None if log_weights is None else list(log_weights))
+        x = schedule.init_noise_sigma * randn(shape, generator, device, dtype)
+        times = schedule.times
+        callback = None
+        if callback_on_step_end is not None:
+
+            def callback(info: StepInfo) -> None:
+                timestep = schedule.timestep(times[info.step])
+                kwargs = {"latents": info.x, "denoised": info.denoised, "kappa": info.kappa, "log_densities": info.log_q}
+                callback_on_step_end(self, info.step, timestep, kwargs)
+
+        disable = getattr(self, "_progress_bar_config", {}).get("disable", False)
+        return sample_sde(
+            denoiser,
+            x,
+            times,
+            combiner,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            callback=callback,
+            final_denoise=True,
+            progress=progress and not disable,
+        )
+
+    def _superdiff_output(
+        self, images: Any, result: SamplerOutput, schedule: Schedule, return_dict: bool
+    ) -> SuperDiffPipelineOutput | tuple:
+        timesteps = schedule.timestep(schedule.times[:-1])
+        out = SuperDiffPipelineOutput(
+            images=images,
+            log_densities=result.log_densities,
+            log_density_trace=result.log_density_trace,
+            kappa_trace=result.kappa_trace,
+            timesteps=timesteps,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+def decode(vae: Any, latents: torch.Tensor, image_processor: Any, output_type: str, shift: float = 0.0) -> Any:
+    """Latents → images: ``vae.decode(latents / scaling_factor + shift)`` (``vae=None``: the latents
+    are pixels in [−1, 1]), then diffusers' image postprocessing."""
+    if output_type == "latent":
+        return latents
+    if vae is not None:
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+        if upcast:
+            vae.to(torch.float32)
+        z = latents / vae.config.scaling_factor + shift
+        images = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+        if upcast:
+            vae.to(dtype)
+    else:
+        images = latents.float()
+    return image_processor.postprocess(images.detach().cpu(), output_type=output_type)

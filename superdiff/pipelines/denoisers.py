@@ -1,0 +1,159 @@
+"""diffusers networks as superdiff denoisers, and diffusers schedulers as time grids.
+
+:class:`DiffusersDenoiser` adapts a UNet/transformer to the denoiser protocol of
+:mod:`superdiff.models`: one forward pass on the batch repeated for every condition (M prompts
+plus the unconditional/negative one), with the network's inputs scaled and its ε / v / x₀ /
+velocity output converted to the denoised x̂₀ at the boundary (:func:`superdiff.processes.to_denoised`).
+
+:func:`schedule_from_scheduler` reads a diffusers scheduler's ``set_timesteps`` grid and maps it
+onto a core process: σ-form schedulers (Euler & co, ``init_noise_sigma > 1``) onto
+:class:`~superdiff.processes.DiscreteSigma`, VP schedulers (DDPM, DDIM, DPM-Solver, ...) onto
+:class:`~superdiff.processes.DiscreteVP`, flow-matching schedulers onto
+:class:`~superdiff.processes.RectifiedFlow`. Only the grid and the process come from the
+scheduler; the steps themselves are superdiff's reverse SDE (:func:`superdiff.sampling.sample_sde`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..processes import DiscreteSigma, DiscreteVP, Process, RectifiedFlow, to_denoised
+
+__all__ = ["DiffusersDenoiser", "Schedule", "schedule_from_scheduler", "process_of_scheduler", "prediction_of_scheduler"]
+
+
+def _expand(value: Any, batch: int, dtype: torch.dtype, device: torch.device) -> Any:
+    """Repeat each condition ``batch`` times along dim 0 (k-major, like ``x.repeat``), casting floats."""
+    if isinstance(value, dict):
+        return {k: _expand(v, batch, dtype, device) for k, v in value.items()}
+    if isinstance(value, Tensor):
+        value = value.to(device)
+        if value.is_floating_point():
+            value = value.to(dtype)
+        return value.repeat_interleave(batch, dim=0)
+    return value
+
+
+@dataclass
+class DiffusersDenoiser:
+    """A diffusers network (``UNet2DConditionModel``, ``UNet2DModel``, ``SD3Transformer2DModel``, ...)
+    as a denoiser with ``num_outputs`` conditions evaluated in ONE forward pass.
+
+    ``conditions``: keyword arguments of the network whose tensors have a leading dim of
+    ``num_outputs`` (nested dicts such as SDXL's ``added_cond_kwargs`` too); each is repeated
+    over the batch. For a state x (B, *shape) the network sees ``x_in`` (num_outputs·B, *shape),
+    condition k on rows ``k·B … k·B+B−1``, and the timestep ``timestep(t)`` for every row.
+
+    ``scale_input``: the network was trained on variance-preserving inputs while the process is in
+    σ-form (Stable Diffusion with Euler): it sees ``x / sqrt(α² + σ²)`` and its output is read in
+    that VP frame (α_VP = α c, σ_VP = σ c). Inputs are cast to the network's dtype, outputs back to
+    the state's dtype (float32 state, fp16/bf16 networks on CUDA).
+    """
+
+    network: Callable[..., Any]
+    process: Process
+    prediction: str
+    timestep: Callable[[Tensor], Tensor]
+    conditions: dict[str, Any] = field(default_factory=dict)
+    num_outputs: int = 1
+    scale_input: bool = False
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale_input and self.prediction == "flow":
+            raise ValueError("scale_input applies to VP-trained networks, not to flow (velocity) networks")
+
+    def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
+        p = self.process
+        k, batch = self.num_outputs, x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float64)
+        alpha, sigma = float(p.alpha(t)), float(p.sigma(t))
+        c_in = 1.0 / math.sqrt(alpha * alpha + sigma * sigma) if self.scale_input else 1.0
+        dtype = self.dtype or getattr(self.network, "dtype", x.dtype)
+        x_scaled = x * c_in
+        x_in = x_scaled.to(dtype).repeat(k, *([1] * (x.dim() - 1)))
+        timestep = self.timestep(t).to(device=x.device, dtype=torch.float32).expand(k * batch)
+        kwargs = {name: _expand(v, batch, dtype, x.device) for name, v in self.conditions.items()}
+        out = self.network(x_in, timestep=timestep, return_dict=False, **kwargs)[0]
+        if out.shape[1] == 2 * x.shape[1]:  # a learned variance in the second half of the channels
+            out = out[:, : x.shape[1]]
+        out = out.to(x.dtype).reshape(k, *x.shape)
+        return to_denoised(
+            out, self.prediction, x_scaled[None], alpha * c_in, sigma * c_in, float(p.d_alpha(t)), float(p.d_sigma(t))
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedulers → processes and time grids
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_flow(scheduler: Any) -> bool:
+    return "FlowMatch" in type(scheduler).__name__ or not hasattr(scheduler, "alphas_cumprod")
+
+
+def _is_sigma_form(scheduler: Any) -> bool:
+    """σ-form schedulers (Euler, Heun, LMS, KDPM2, ...) scale inputs: their ``init_noise_sigma`` exceeds 1."""
+    return float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 + 1e-6
+
+
+def process_of_scheduler(scheduler: Any) -> Process:
+    """The core process a diffusers scheduler's network was trained under (see the module docstring)."""
+    if _is_flow(scheduler):
+        return RectifiedFlow()
+    return DiscreteSigma.from_scheduler(scheduler) if _is_sigma_form(scheduler) else DiscreteVP.from_scheduler(scheduler)
+
+
+def prediction_of_scheduler(scheduler: Any) -> str:
+    """The network's output type in :data:`superdiff.processes.PREDICTIONS` terms."""
+    if _is_flow(scheduler):
+        return "flow"
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unsupported scheduler prediction_type {prediction!r}; use 'epsilon', 'v_prediction' or 'sample'")
+    return prediction
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A sampling plan from a scheduler: the process, ``times`` (steps+1,) float64 from noise to data
+    (the network is called at ``times[:-1]``; the last step lands on σ = 0), the network timestep
+    of a process time, whether inputs are VP-scaled, and the prior std (``init_noise_sigma``)."""
+
+    process: Process
+    times: Tensor
+    timestep: Callable[[Tensor], Tensor]
+    scale_input: bool
+    init_noise_sigma: float
+    prediction: str
+
+
+def schedule_from_scheduler(scheduler: Any, num_inference_steps: int, **set_timesteps_kwargs: Any) -> Schedule:
+    """Call ``scheduler.set_timesteps`` and map its grid onto the scheduler's core process.
+
+    * σ-form and VP schedulers: network timestep k ↦ ``t = k/(N_train − 1)`` (the tables of
+      :class:`DiscreteSigma`/:class:`DiscreteVP`), so fractional timesteps (``linspace`` spacing,
+      Karras σ) map exactly; a final time ``t = 0`` closes the grid and the sampler's
+      ``final_denoise`` lands the last step on σ = 0, as diffusers' Euler/DDPM/DDIM steps do.
+    * flow matching: ``t = σ`` (after any shift), network timestep ``σ · N_train``; the grid
+      starts at σ = 1 (α = 0), where the core's kernels stay finite.
+    """
+    scheduler.set_timesteps(num_inference_steps, device="cpu", **set_timesteps_kwargs)
+    init = float(scheduler.init_noise_sigma)
+    prediction = prediction_of_scheduler(scheduler)
+    if _is_flow(scheduler):
+        sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).flatten()
+        if float(sigmas[-1]) != 0.0:
+            sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        n_train = float(scheduler.config.num_train_timesteps)
+        return Schedule(RectifiedFlow(), sigmas, lambda t: t * n_train, False, init, prediction)
+    process = process_of_scheduler(scheduler)
+    n = int(torch.as_tensor(scheduler.alphas_cumprod).numel())
+    timesteps = torch.as_tensor(scheduler.timesteps, dtype=torch.float64).flatten()
+    times = torch.cat([timesteps / (n - 1), timesteps.new_zeros(1)])
+    return Schedule(process, times, process.timestep, isinstance(process, DiscreteSigma), init, prediction)

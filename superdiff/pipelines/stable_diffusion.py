@@ -1,0 +1,204 @@
+"""Compose prompts on Stable Diffusion 1.x / 2.x (latent space) or a pixel-space SD-shaped model.
+
+``SuperDiffPipeline`` samples with superdiff's reverse SDE (Algorithm 1) on the time grid of the
+pipeline's diffusers scheduler. Per step it makes ONE network call on the batch (M+1)·B: the M
+prompts and the unconditional (or negative) prompt. Classifier-free guidance is applied to the
+κ-mixture, ``x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − x̂₀ᵘ)``, while the densities tracked (and the κ of OR/AND) are
+those of the unguided prompt-conditional models (paper-notes §3).
+
+**Sign of OR's density update.** The OR weights use the Itô estimator of Theorem 1 (in its
+discrete, transition-kernel form, :mod:`superdiff.density`), whose quadratic term is
+``−(g²/2)‖∇log q‖² dt`` — the same sign the authors' AND branch uses. The authors' released SD
+OR branch (``clip_eval.py``) flips it to ``+``; that makes each prompt's log-density grow where
+its score is large rather than where its density is, so κ no longer follows the mixture's
+posterior over prompts (Prop. 4 needs the true ``qᵢ``). We follow the theorem, one estimator for
+every mode, so OR and AND read the same tracked densities (paper-notes §7.1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ._common import SuperDiffMixin, check_common, check_prompts, decode
+from .denoisers import DiffusersDenoiser, schedule_from_scheduler
+from .output import SuperDiffPipelineOutput
+
+__all__ = ["SuperDiffPipeline"]
+
+
+class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
+    """Superposition of M prompts on Stable Diffusion (ε or v prediction; Euler-type σ-form or
+    DDPM/DDIM-type VP schedulers). ``vae=None`` runs in pixel space (``vae_scale_factor`` 1).
+
+    Load like any diffusers pipeline: ``SuperDiffPipeline.from_pretrained(path, torch_dtype=...)``
+    (a local folder works offline; a folder of ``unet/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/`` [, ``vae/``] without ``model_index.json`` too), or
+    ``SuperDiffPipeline.from_pipe(stable_diffusion_pipe)`` to share an already loaded pipeline's modules.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL | None,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # -------------------------------------------------------------------------------------------
+    # Loading
+    # -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "SuperDiffPipeline":
+        """diffusers' ``from_pretrained``; a local folder without ``model_index.json`` is loaded
+        from its component subfolders (``vae/`` optional)."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+            return cls._from_subfolders(path, torch_dtype=kwargs.get("torch_dtype"))
+        return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def _from_subfolders(cls, path: str, torch_dtype: torch.dtype | None = None) -> "SuperDiffPipeline":
+        import diffusers
+
+        missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if not os.path.isdir(os.path.join(path, n))]
+        if missing:
+            raise ValueError(
+                f"pretrained_model_name_or_path={path!r} has no model_index.json and lacks the subfolders {missing}; "
+                "pass a diffusers pipeline folder (save_pretrained) or one with unet/, text_encoder/, tokenizer/, scheduler/"
+            )
+        dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+            scheduler_cls = getattr(diffusers, json.load(f)["_class_name"])
+        vae_dir = os.path.join(path, "vae")
+        return cls(
+            vae=AutoencoderKL.from_pretrained(vae_dir, **dtype) if os.path.isdir(vae_dir) else None,
+            text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), **dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+            unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **dtype),
+            scheduler=scheduler_cls.from_pretrained(os.path.join(path, "scheduler")),
+        )
+
+    # -------------------------------------------------------------------------------------------
+    # Inputs
+    # -------------------------------------------------------------------------------------------
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor × UNet downsampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def check_inputs(
+        self,
+        prompts: Any,
+        mode: Any,
+        guidance_scale: Any,
+        num_inference_steps: Any,
+        temperature: Any,
+        log_weights: Any,
+        negative_prompt: Any,
+        num_images_per_prompt: Any,
+        height: Any,
+        width: Any,
+        output_type: Any,
+        generator: Any,
+        callback_on_step_end: Any,
+    ) -> None:
+        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
+        m = check_prompts(prompts, mode)
+        check_common(
+            num_models=m, what="prompts", mode=mode, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, temperature=temperature, log_weights=log_weights,
+            num_images_per_prompt=num_images_per_prompt, output_type=output_type, generator=generator,
+            callback_on_step_end=callback_on_step_end, height=height, width=width,
+            multiple=self.size_multiple, negative_prompt=negative_prompt,
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str | None = None) -> torch.Tensor:
+        """Text embeddings (M+1, L, D) of the M prompts and the negative/unconditional one (``""``),
+        in one text-encoder call."""
+        texts = list(prompts) + [negative_prompt or ""]
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        device = self._execution_device
+        mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].to(self.unet.dtype)
+
+    # -------------------------------------------------------------------------------------------
+    # Sampling
+    # -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str] | None = None,
+        mode: str = "and",
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        temperature: float = 1.0,
+        log_weights: Sequence[float] | None = None,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable | None = None,
+        progress: bool = True,
+        return_dict: bool = True,
+    ) -> SuperDiffPipelineOutput | tuple:
+        """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode``.
+
+        ``mode``: ``"and"`` (equal densities, Prop. 6; ``log_weights`` ℓ offsets them, Eq. 18),
+        ``"or"`` (the mixture, κ = softmax(T·log q + ℓ)), ``"average"`` (κ = 1/M, Liu et al.) or
+        ``"sum"`` (κ = 1, Composable Diffusion). ``temperature`` T applies to OR.
+        ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` is called after every step
+        with ``latents``, ``denoised``, ``kappa`` and ``log_densities``; its return value is ignored.
+        Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
+        """
+        self.check_inputs(
+            prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
+            num_images_per_prompt, height, width, output_type, generator, callback_on_step_end,
+        )
+        m = len(prompts)
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        device = self._execution_device
+        schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
+        embeddings = self.encode_prompts(prompts, negative_prompt)
+        denoiser = DiffusersDenoiser(
+            self.unet,
+            schedule.process,
+            schedule.prediction,
+            schedule.timestep,
+            conditions={"encoder_hidden_states": embeddings},
+            num_outputs=m + 1,
+            scale_input=schedule.scale_input,
+        )
+        shape = (num_images_per_prompt, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        result = self._superdiff_sample(
+            denoiser, schedule, shape, mode=mode, num_models=m, temperature=temperature, log_weights=log_weights,
+            guidance_scale=float(guidance_scale), generator=generator, callback_on_step_end=callback_on_step_end,
+            progress=progress, device=device, network_dtype=self.unet.dtype,
+        )
+        images = decode(self.vae, result.samples, self.image_processor, output_type)
+        self.maybe_free_model_hooks()
+        return self._superdiff_output(images, result, schedule, return_dict)

@@ -1,0 +1,287 @@
+"""Tiny, seeded, offline diffusers components for tests and demos (no hub, no downloads).
+
+Every builder constructs its module from a config with a fixed seed, so two calls give identical
+weights. The CLIP tokenizer is written from a local vocabulary (:func:`write_clip_tokenizer`):
+two special tokens, the 256 byte characters and their ``</w>`` forms, and BPE merges for a small
+list of words. Reused by the pipeline tests and the CLI tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "WORDS",
+    "write_clip_tokenizer",
+    "tiny_clip_tokenizer",
+    "tiny_clip_text_model",
+    "tiny_unet_condition",
+    "tiny_vae",
+    "tiny_unet2d",
+    "tiny_sd_components",
+    "tiny_sdxl_components",
+    "tiny_sd3_components",
+    "tiny_unconditional_components",
+]
+
+#: Words that get whole-word tokens in the tiny vocabulary (others fall back to characters).
+WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "on", "and", "photo", "picture", "red", "blue", "green", "yellow", "white",
+    "black", "circle", "square", "triangle", "cross", "cat", "dog", "flamingo", "candy", "cane",
+    "background", "small", "large", "left", "right", "top", "bottom",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str] = WORDS, model_max_length: int = 16) -> str:
+    """Write ``vocab.json``, ``merges.txt`` and a tokenizer config for :class:`~transformers.CLIPTokenizer`.
+
+    Ids: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1 (also the pad token), then the byte
+    characters, their ``</w>`` forms and one token per merge. Returns the directory.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    chars = list(_bytes_to_unicode().values())
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for nxt in symbols[1:]:
+            merge = f"{current} {nxt}"
+            if merge not in merges:
+                merges.append(merge)
+            current = current + nxt
+            vocab.setdefault(current, len(vocab))
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"}, f)
+    return directory
+
+
+def tiny_clip_tokenizer(directory: str | os.PathLike | None = None, model_max_length: int = 16):
+    """A :class:`~transformers.CLIPTokenizer` over the tiny vocabulary (written to a temp dir by default)."""
+    from transformers import CLIPTokenizer
+
+    directory = write_clip_tokenizer(directory or tempfile.mkdtemp(prefix="superdiff-tok-"), model_max_length=model_max_length)
+    return CLIPTokenizer.from_pretrained(directory, model_max_length=model_max_length)
+
+
+def tiny_clip_text_model(tokenizer, hidden_size: int = 32, projection_dim: int | None = None, seed: int = 0, num_layers: int = 2):
+    """A seeded CLIP text encoder sized for ``tokenizer``; with ``projection_dim`` a
+    :class:`~transformers.CLIPTextModelWithProjection` (pooled ``text_embeds``, as SDXL/SD3 use)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection_dim or hidden_size,
+        layer_norm_eps=1e-5,
+    )
+    torch.manual_seed(seed)
+    model = CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+    return model.eval()
+
+
+def tiny_unet_condition(
+    cross_attention_dim: int = 32,
+    in_channels: int = 4,
+    sample_size: int = 8,
+    seed: int = 0,
+    **overrides,
+):
+    """A seeded :class:`~diffusers.UNet2DConditionModel` with two levels (downsampling ×2)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval()
+
+
+def tiny_vae(latent_channels: int = 4, seed: int = 0, **overrides):
+    """A seeded two-level :class:`~diffusers.AutoencoderKL` (``vae_scale_factor`` 2)."""
+    from diffusers import AutoencoderKL
+
+    config = dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return AutoencoderKL(**config).eval()
+
+
+def tiny_unet2d(seed: int = 0, sample_size: int = 8, channels: int = 3, **overrides):
+    """A seeded unconditional :class:`~diffusers.UNet2DModel` (two levels)."""
+    from diffusers import UNet2DModel
+
+    config = dict(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return UNet2DModel(**config).eval()
+
+
+def _euler(prediction_type: str = "epsilon", **kw):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        prediction_type=prediction_type, **kw,
+    )
+
+
+def _scheduler(name: str, prediction_type: str):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if name == "euler":
+        return _euler(prediction_type)
+    if name == "ddim":
+        return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             prediction_type=prediction_type, set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    if name == "ddpm":
+        return DDPMScheduler(beta_schedule="linear", prediction_type=prediction_type, clip_sample=False)
+    raise ValueError(f"scheduler must be 'euler', 'ddim' or 'ddpm', got {name!r}")
+
+
+def tiny_sd_components(
+    prediction_type: str = "epsilon",
+    scheduler: str = "euler",
+    vae: bool = True,
+    seed: int = 0,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Components for :class:`~superdiff.pipelines.SuperDiffPipeline` (or diffusers'
+    ``StableDiffusionPipeline`` with ``safety_checker=None``): 8×8 latents with a VAE (16×16 images),
+    or an RGB pixel-space UNet (``vae=False`` → ``vae=None``, 8×8 images)."""
+    tokenizer = tiny_clip_tokenizer(tokenizer_dir)
+    return dict(
+        vae=tiny_vae(seed=seed) if vae else None,
+        text_encoder=tiny_clip_text_model(tokenizer, seed=seed),
+        tokenizer=tokenizer,
+        unet=tiny_unet_condition(in_channels=4 if vae else 3, seed=seed),
+        scheduler=_scheduler(scheduler, prediction_type),
+    )
+
+
+def tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict:
+    """SDXL-shaped components: two CLIP encoders (the second with projection), a UNet with
+    ``text_time`` added conditioning, a tiny VAE and an Euler scheduler."""
+    tokenizer = tiny_clip_tokenizer(tokenizer_dir)
+    unet = tiny_unet_condition(
+        cross_attention_dim=64,
+        seed=seed,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        use_linear_projection=True,
+    )
+    return dict(
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_clip_text_model(tokenizer, hidden_size=32, seed=seed),
+        text_encoder_2=tiny_clip_text_model(tokenizer, hidden_size=32, projection_dim=32, seed=seed + 1),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_euler(),
+    )
+
+
+def tiny_sd3_components(seed: int = 0, vae: bool = True, tokenizer_dir: str | os.PathLike | None = None) -> dict:
+    """SD3-shaped components: two CLIP encoders with projection (no T5: its branch is zeros, as in
+    diffusers when ``text_encoder_3=None``), an :class:`~diffusers.SD3Transformer2DModel`, a VAE
+    with a shift factor and a :class:`~diffusers.FlowMatchEulerDiscreteScheduler`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    tokenizer = tiny_clip_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+    ).eval()
+    return dict(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(seed=seed, shift_factor=0.0609, scaling_factor=1.5035) if vae else None,
+        text_encoder=tiny_clip_text_model(tokenizer, hidden_size=16, projection_dim=32, seed=seed),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_text_model(tokenizer, hidden_size=16, projection_dim=32, seed=seed + 1),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def tiny_unconditional_components(num_models: int = 2, seed: int = 0, scheduler: str = "ddpm") -> dict:
+    """``num_models`` separately seeded :class:`~diffusers.UNet2DModel` (3×8×8) and a DDPM/DDIM scheduler."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    sched = DDPMScheduler(clip_sample=False) if scheduler == "ddpm" else DDIMScheduler(clip_sample=False)
+    return dict(unets=[tiny_unet2d(seed=seed + i) for i in range(num_models)], scheduler=sched)
