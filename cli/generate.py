@@ -109,7 +109,7 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     if items:  # everything about the prompts is checked before a model is loaded
         check_items(items, mode, what)
     ensure_writable_dir(out_dir, "--out")
-    loaded = load_model(model, torch_dtype, dev, allow_pickle)
+    loaded = load_model(model, torch_dtype, dev, allow_pickle, items)
     if not items:
         items = list(loaded.default_items)
         check_items(items, mode, what)
@@ -120,13 +120,14 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
 
     generator = torch.Generator("cpu").manual_seed(seed)
     call = dict(mode=mode, num_inference_steps=steps, temperature=temperature, log_weights=lw,
-                num_images_per_prompt=num_images, generator=generator, output_type="pil", progress=not quiet)
+                generator=generator, output_type="pil", progress=not quiet)
     if loaded.items == "prompts":
-        call.update(prompts=items, guidance_scale=scale, negative_prompt=negative_prompt, height=height, width=width)
+        call.update(prompts=items, guidance_scale=scale, negative_prompt=negative_prompt, height=height, width=width,
+                    num_images_per_prompt=num_images)
     else:
         if negative_prompt or height or width:
             raise BadInput("--negative-prompt, --height and --width do not apply to embedded-digits")
-        call.update(models=items)
+        call.update(batch_size=num_images)
     result = loaded.pipeline(**call)
     settings = generation_settings(model=model, prompts=items, mode=mode, steps=steps, guidance=scale,
                                    temperature=temperature, log_weights=lw, seed=seed, dtype=str(torch_dtype).replace("torch.", ""),

@@ -7,7 +7,9 @@ import click
 import os
 import warnings
 
+from .demo import demo
 from .generate import generate
+from .sweep import sweep
 from .toy import toy
 
 
@@ -39,6 +41,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Examples:
+      superdiff demo
       superdiff generate --and red --and circle --out out/
       superdiff toy --out superdiff-toy
     """
@@ -47,7 +50,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     quiet_libraries()
 
 
+cli.add_command(demo)
 cli.add_command(generate)
+cli.add_command(sweep)
 cli.add_command(toy)
 
 

@@ -42,7 +42,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False, items: list[str] | None = None) -> LoadedModel:
     """Load ``spec``: an embedded model name, a local diffusers folder, or a hub id (cached only
     when offline). Only safetensors weights are read unless ``allow_pickle``."""
     if spec == "embedded-shapes":
@@ -54,7 +54,11 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
     if spec == "embedded-digits":
         from superdiff.zoo.registry import load_digit_pipeline
 
-        return LoadedModel(spec, load_digit_pipeline(torch_dtype=dtype).to(device), "models", ("a", "b"), 0.0)
+        names = list(items or ("a", "b"))
+        unknown = [n for n in names if n not in ("a", "b", "all")]
+        if unknown:
+            raise BadInput(f"embedded-digits composes the models a (digits 0-4), b (5-9) and all; got {unknown}")
+        return LoadedModel(spec, load_digit_pipeline(names, torch_dtype=dtype).to(device), "models", ("a", "b"), 0.0)
     path = Path(spec).expanduser()
     looks_local = path.exists() or spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
     if looks_local and not path.is_dir():

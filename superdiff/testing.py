@@ -66,12 +66,19 @@ def write_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str] = WO
         vocab.setdefault(c + "</w>", len(vocab))
     merges: list[str] = []
     for word in words:
+        # Apply the merges so far, lowest rank first, as BPE will; then join what is left, left to
+        # right, so that every word ends as one token whatever merges earlier words introduced.
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        rank = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
+        while len(symbols) > 1:
+            pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+            best, i = min(pairs)
+            if best == len(rank):
+                break
+            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
         current = symbols[0]
         for nxt in symbols[1:]:
-            merge = f"{current} {nxt}"
-            if merge not in merges:
-                merges.append(merge)
+            merges.append(f"{current} {nxt}")
             current = current + nxt
             vocab.setdefault(current, len(vocab))
     with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:

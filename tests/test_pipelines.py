@@ -27,6 +27,16 @@ STEPS = 4
 PROMPTS = ["a red circle", "a blue square"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
+    spinning threads made these tests 50-100x slower under load. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------------
 # The independent reference loop
 # ------------------------------------------------------------------------------------------------
@@ -59,8 +69,9 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
     for i in range(steps):
         (alpha_s, sigma_s), (alpha_t, sigma_t) = grid[i], grid[i + 1]
         x0 = torch.stack([denoise(x, i, k).reshape(batch, -1).double() for k in range(m)])  # (M, B, d)
-        x0_u = denoise(x, i, m).reshape(batch, -1).double()
         xf = x.reshape(batch, -1).double()
+        # guided: x̂₀ᵐⁱˣ = x̂₀ᵘ + w(Σκx̂₀ʲ − Σκ x̂₀ᵘ); unguided: Σκx̂₀ʲ + (1 − Σκ) x/α (a zero score's x̂₀)
+        base, scale = (denoise(x, i, m).reshape(batch, -1).double(), w) if w is not None else (torch.zeros_like(xf), 1.0)
         final = sigma_t == 0.0
         a = alpha_s / alpha_t
         s2 = sigma_s**2 - (a * sigma_t) ** 2
@@ -75,8 +86,8 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
         elif mode == "sum":
             kappa = torch.ones(batch, m, dtype=torch.float64)
         elif mode == "and" and not final:
-            # y(κ) = y0 + c_0 w Σⱼ κⱼ (x̂₀ʲ − x̂₀ᵘ);  Δᵢ − Δⱼ = (⟨y, μᵢ − μⱼ⟩ − ‖μᵢ‖²/2 + ‖μⱼ‖²/2)/V
-            y0 = c_x * xf + c_0 * x0_u + wf
+            # y(κ) = y0 + c_0 scale Σⱼ κⱼ (x̂₀ʲ − base);  Δᵢ − Δⱼ = (⟨y, μᵢ − μⱼ⟩ − ‖μᵢ‖²/2 + ‖μⱼ‖²/2)/V
+            y0 = c_x * xf + c_0 * base + wf
             mu = c_x * xf[None] + c_0 * x0  # (M, B, d)
             kappa = torch.empty(batch, m, dtype=torch.float64)
             for b in range(batch):
@@ -84,13 +95,17 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
                 rhs = torch.zeros(m + 1, dtype=torch.float64)
                 for r in range(m):
                     for j in range(m):
-                        lhs[r, j] = c_0 * w * torch.dot(x0[j, b] - x0_u[b], mu[r, b]) / var
+                        lhs[r, j] = c_0 * scale * torch.dot(x0[j, b] - base[b], mu[r, b]) / var
                     lhs[r, m] = -1.0
                     rhs[r] = -(torch.dot(y0[b], mu[r, b]) - 0.5 * torch.dot(mu[r, b], mu[r, b])) / var
                 lhs[m, :m] = 1.0
                 rhs[m] = 1.0
                 kappa[b] = torch.linalg.solve(lhs, rhs)[:m]
-        x0_mix = x0_u + w * ((kappa.T[:, :, None] * x0).sum(0) - kappa.sum(-1)[:, None] * x0_u)
+        total = kappa.sum(-1)[:, None]
+        if w is not None:
+            x0_mix = base + w * ((kappa.T[:, :, None] * x0).sum(0) - total * base)
+        else:
+            x0_mix = (kappa.T[:, :, None] * x0).sum(0) + (1 - total) * xf / alpha_s
         if final:
             x = x0_mix.to(x.dtype).reshape(x.shape)
         else:
@@ -251,3 +266,357 @@ def test_sd_one_batched_network_call_per_step(sd_pipe):
     finally:
         handle.remove()
     assert sizes == [(3 + 1) * 2] * 5
+
+
+BAD_SD_INPUTS = [
+    (dict(prompts=["a red circle"]), "prompts"),
+    (dict(prompts="a red circle"), "prompts"),
+    (dict(prompts=["a red circle", ""]), "prompts[1]"),
+    (dict(mode="xor"), "mode"),
+    (dict(height=17), "height"),
+    (dict(width=10), "width"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(log_weights=[0.0, 1.0, 2.0]), "log_weights"),
+    (dict(mode="average", log_weights=[0.0, 1.0]), "log_weights"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=-2.0, mode="or"), "temperature"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(output_type="jpeg"), "output_type"),
+    (dict(negative_prompt=["x"]), "negative_prompt"),
+]
+
+
+@pytest.mark.parametrize("kwargs, argument", BAD_SD_INPUTS)
+def test_sd_bad_inputs_raise_before_any_network_call(sd_pipe, kwargs, argument):
+    unet_calls, text_calls = count_calls(sd_pipe.unet), count_calls(sd_pipe.text_encoder)
+    call = dict(prompts=PROMPTS, num_inference_steps=2, progress=False) | kwargs
+    with pytest.raises(ValueError, match=f"^{argument.replace('[', '.').replace(']', '.')}="):
+        sd_pipe(**call)
+    assert unet_calls == [] and text_calls == []
+    for hooks in (sd_pipe.unet._forward_pre_hooks, sd_pipe.text_encoder._forward_pre_hooks):
+        hooks.clear()
+
+
+def test_sd_save_load_round_trip_and_from_pipe(sd_pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    kw = dict(mode="or", num_inference_steps=3, generator=None, output_type="np", progress=False)
+    before = sd_pipe(PROMPTS, **(kw | {"generator": seeded(5)}))
+    sd_pipe.save_pretrained(tmp_path / "pipe")
+    loaded = SuperDiffPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    after = loaded(PROMPTS, **(kw | {"generator": seeded(5)}))
+    np.testing.assert_array_equal(before.images, after.images)
+    assert torch.equal(before.log_density_trace, after.log_density_trace)
+    # a diffusers StableDiffusionPipeline folder loads too, and from_pipe shares its modules
+    sd = StableDiffusionPipeline(**{k: getattr(sd_pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.save_pretrained(tmp_path / "sd")
+    from_sd = SuperDiffPipeline.from_pretrained(tmp_path / "sd", local_files_only=True, torch_dtype=torch.float32)
+    np.testing.assert_array_equal(before.images, from_sd(PROMPTS, **(kw | {"generator": seeded(5)})).images)
+    shared = SuperDiffPipeline.from_pipe(sd)
+    assert shared.unet is sd.unet and shared.text_encoder is sd.text_encoder and shared.vae is sd.vae
+    np.testing.assert_array_equal(before.images, shared(PROMPTS, **(kw | {"generator": seeded(5)})).images)
+
+
+def test_sd_text_encoding_matches_diffusers(sd_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline(**{k: getattr(sd_pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ours = sd_pipe.encode_prompts(PROMPTS, "a cat")
+    cond, neg = sd.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=["a cat"] * 2)
+    torch.testing.assert_close(ours[:2], cond, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[2], neg[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixel space (vae=None): the embedded shapes model's layout
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pixel_pipe(tmp_path_factory):
+    return SuperDiffPipeline(**tiny_sd_components(vae=False, tokenizer_dir=tmp_path_factory.mktemp("tok")))
+
+
+def test_pixel_space_shapes_traces_and_round_trip(pixel_pipe, tmp_path):
+    assert pixel_pipe.vae is None and pixel_pipe.vae_scale_factor == 1
+    out = pixel_pipe(PROMPTS, mode="and", num_inference_steps=3, num_images_per_prompt=2, generator=seeded(0), output_type="np", progress=False)
+    assert out.images.shape == (2, 8, 8, 3) and np.isfinite(out.images).all()
+    assert 0.0 <= out.images.min() and out.images.max() <= 1.0
+    with pytest.raises(ValueError, match="^height=.*multiple of 2"):  # UNet downsampling ×2, no VAE
+        pixel_pipe(PROMPTS, height=9, progress=False)
+    pipe64 = SuperDiffPipeline(**pixel_pipe.components).to(torch.float64)
+    out, states = run_with_states(pipe64, PROMPTS, mode="and", num_inference_steps=STEPS, guidance_scale=4.0, generator=seeded(2),
+                                  output_type="latent", progress=False)
+    assert_traces_match(out, *sd_reference(pipe64, PROMPTS, "and", 4.0, 1, 2, states=states), out.images, rtol=1e-8)
+    pixel_pipe.to(torch.float32)
+    kw = dict(mode="or", num_inference_steps=3, output_type="pt", progress=False)
+    before = pixel_pipe(PROMPTS, generator=seeded(4), **kw)
+    pixel_pipe.save_pretrained(tmp_path / "with_index")
+    loaded = SuperDiffPipeline.from_pretrained(tmp_path / "with_index", local_files_only=True)
+    assert loaded.vae is None
+    assert torch.equal(before.images, loaded(PROMPTS, generator=seeded(4), **kw).images)
+    # component subfolders without model_index.json
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        getattr(pixel_pipe, name).save_pretrained(tmp_path / "bare" / name)
+    bare = SuperDiffPipeline.from_pretrained(tmp_path / "bare")
+    assert torch.equal(before.images, bare(PROMPTS, generator=seeded(4), **kw).images)
+
+
+# ------------------------------------------------------------------------------------------------
+# Separately trained unconditional UNet2DModels (DDPM schedule, VP process)
+# ------------------------------------------------------------------------------------------------
+
+
+def vp_grid(sched, steps):
+    """(α, σ) = (sqrt(ᾱ_k), sqrt(1 − ᾱ_k)) at the scheduler's timesteps, then the clean end (1, 0)."""
+    sched.set_timesteps(steps)
+    abar = sched.alphas_cumprod.double()
+    timesteps = [int(t) for t in sched.timesteps]
+    return timesteps, [(math.sqrt(abar[t]), math.sqrt(1 - abar[t])) for t in timesteps] + [(1.0, 0.0)]
+
+
+@pytest.mark.parametrize("mode", ["or", "and", "sum"])
+def test_unconditional_traces_match_independent_loop(mode):
+    from superdiff.pipelines import SuperDiffUnconditionalPipeline
+    from superdiff.testing import tiny_unconditional_components
+
+    comps = tiny_unconditional_components(num_models=2)
+    pipe = SuperDiffUnconditionalPipeline(**comps).to(torch.float64)
+    out, states = run_with_states(pipe, batch_size=2, mode=mode, num_inference_steps=STEPS, generator=seeded(1), output_type="latent",
+                                  progress=False)
+    timesteps, grid = vp_grid(pipe.scheduler, STEPS)
+
+    def x0(x, i, k):  # ε-prediction: x̂₀ = (x − σ ε)/α
+        alpha, sigma = grid[i]
+        return (x - sigma * pipe.unets[k](x, timesteps[i]).sample) / alpha
+
+    g = seeded(1)
+    start = torch.randn(2, 3, 8, 8, generator=g).double()  # init_noise_sigma = 1
+    with torch.no_grad():
+        ref = reference_loop(PerConditionDenoiser(x0, 2), grid, start, g, mode, None, states=states)
+    assert_traces_match(out, *ref, out.images, rtol=1e-8)
+    if mode == "and":
+        assert float((out.log_density_trace[..., 0] - out.log_density_trace[..., 1]).abs().max()) < 1e-8
+
+
+def test_unconditional_shapes_determinism_round_trip_and_from_pipe(tmp_path):
+    from diffusers import DDPMPipeline
+
+    from superdiff.pipelines import SuperDiffUnconditionalPipeline
+    from superdiff.testing import tiny_unconditional_components
+
+    pipe = SuperDiffUnconditionalPipeline(**tiny_unconditional_components(num_models=3))
+    kw = dict(batch_size=2, mode="or", num_inference_steps=3, output_type="np", progress=False)
+    a, b = pipe(generator=seeded(0), **kw), pipe(generator=seeded(0), **kw)
+    assert a.images.shape == (2, 8, 8, 3) and a.kappa_trace.shape == (3, 2, 3) and a.log_density_trace.shape == (4, 2, 3)
+    np.testing.assert_array_equal(a.images, b.images)
+    torch.testing.assert_close(a.kappa_trace.double(), torch.softmax(a.log_density_trace[:-1], -1), rtol=1e-5, atol=1e-6)
+    pipe.save_pretrained(tmp_path / "stack")
+    loaded = SuperDiffUnconditionalPipeline.from_pretrained(tmp_path / "stack", local_files_only=True)
+    np.testing.assert_array_equal(a.images, loaded(generator=seeded(0), **kw).images)
+    ddpms = [DDPMPipeline(unet=u, scheduler=pipe.scheduler) for u in pipe.unets]
+    for i, d in enumerate(ddpms):
+        d.save_pretrained(tmp_path / f"ddpm{i}")
+    from_folders = SuperDiffUnconditionalPipeline.from_pretrained([tmp_path / f"ddpm{i}" for i in range(3)], local_files_only=True)
+    np.testing.assert_array_equal(a.images, from_folders(generator=seeded(0), **kw).images)
+    shared = SuperDiffUnconditionalPipeline.from_pipe(ddpms)
+    assert all(s is d.unet for s, d in zip(shared.unets, ddpms))
+
+
+def test_unconditional_bad_inputs_and_incompatible_models():
+    from diffusers import DDPMScheduler
+
+    from superdiff.pipelines import SuperDiffUnconditionalPipeline
+    from superdiff.testing import tiny_unconditional_components, tiny_unet2d
+
+    comps = tiny_unconditional_components(num_models=2)
+    pipe = SuperDiffUnconditionalPipeline(**comps)
+    calls = [count_calls(u) for u in pipe.unets]
+    for kwargs, argument in [
+        (dict(mode="nand"), "mode"),
+        (dict(log_weights=[1.0]), "log_weights"),
+        (dict(num_inference_steps=-3), "num_inference_steps"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(generator=123), "generator"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{argument}="):
+            pipe(progress=False, **kwargs)
+    one = SuperDiffUnconditionalPipeline(comps["unets"][:1], comps["scheduler"])
+    with pytest.raises(ValueError, match="^unets=.*at least 2"):
+        one(mode="and", progress=False)
+    assert all(c == [] for c in calls)
+    with pytest.raises(ValueError, match=r"unets\[1\] samples .* \(3, 16\) but unets\[0\] samples \(3, 8\)"):
+        SuperDiffUnconditionalPipeline([tiny_unet2d(), tiny_unet2d(sample_size=16)], comps["scheduler"])
+    with pytest.raises(ValueError, match="different noise process"):
+        SuperDiffUnconditionalPipeline.check_schedulers([DDPMScheduler(), DDPMScheduler(beta_schedule="squaredcos_cap_v2")])
+
+
+# ------------------------------------------------------------------------------------------------
+# v-prediction, with VP (DDIM, DDPM) and σ-form (Euler) grids
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "euler"])
+def test_sd_v_prediction_traces_match_independent_loop(scheduler, tmp_path):
+    pipe = SuperDiffPipeline(**tiny_sd_components("v_prediction", scheduler, tokenizer_dir=tmp_path)).to(torch.float64)
+    out, states = run_with_states(pipe, PROMPTS, mode="and", num_inference_steps=STEPS, guidance_scale=6.0, num_images_per_prompt=2,
+                                  generator=seeded(9), output_type="latent", progress=False)
+    ref = sd_reference(pipe, PROMPTS, "and", 6.0, 2, 9, vp=scheduler != "euler", states=states)
+    assert_traces_match(out, *ref, out.images, rtol=1e-8)
+    if scheduler == "ddpm":  # the "leading" grid ends at timestep 0; the last step lands on the clean image
+        assert int(out.timesteps[-1]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# SDXL (two encoders, pooled embeddings, time ids)
+# ------------------------------------------------------------------------------------------------
+
+
+def sdxl_pipes(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from superdiff.pipelines import SuperDiffXLPipeline
+    from superdiff.testing import tiny_sdxl_components
+
+    ours = SuperDiffXLPipeline(**tiny_sdxl_components(tokenizer_dir=tmp_path)).to(torch.float64)
+    return ours, StableDiffusionXLPipeline(**{k: v for k, v in ours.components.items() if k != "force_zeros_for_empty_prompt"})
+
+
+@pytest.mark.parametrize("mode", ["and", "or"])
+def test_sdxl_traces_match_independent_loop(mode, tmp_path):
+    ours, diffusers_xl = sdxl_pipes(tmp_path)
+    out, states = run_with_states(ours, PROMPTS, mode=mode, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2,
+                                  generator=seeded(4), output_type="latent", progress=False)
+    assert out.images.shape == (2, 4, 8, 8)
+    sched = ours.scheduler
+    sched.set_timesteps(STEPS)
+    abar = sched.alphas_cumprod.double()
+    timesteps = [int(t) for t in sched.timesteps]
+    grid = [(1.0, math.sqrt((1 - abar[t]) / abar[t])) for t in timesteps] + [(1.0, 0.0)]
+    with torch.no_grad():  # diffusers' own SDXL text encoding, one prompt at a time; zeros for the unconditional
+        conds = [diffusers_xl.encode_prompt(p, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True) for p in PROMPTS]
+        embeds = [c[0] for c in conds] + [conds[0][1]]
+        pooled = [c[2] for c in conds] + [conds[0][3]]
+        assert float(embeds[-1].abs().max()) == 0.0
+        time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]], dtype=torch.float64)
+
+        def x0(x, i, k):
+            sigma = grid[i][1]
+            b = x.shape[0]
+            eps = ours.unet(x / math.sqrt(sigma**2 + 1), torch.tensor(float(timesteps[i])), encoder_hidden_states=embeds[k].expand(b, -1, -1),
+                            added_cond_kwargs={"text_embeds": pooled[k].expand(b, -1), "time_ids": time_ids.expand(b, -1)}).sample
+            return x - sigma * eps
+
+        g = seeded(4)
+        start = float(sched.init_noise_sigma) * torch.randn(2, 4, 8, 8, generator=g).double()
+        ref = reference_loop(PerConditionDenoiser(x0, 2), grid, start, g, mode, 5.0, states=states)
+    assert_traces_match(out, *ref, out.images, rtol=1e-8)
+
+
+def test_sdxl_images_determinism_round_trip_and_from_pipe(tmp_path):
+    from superdiff.pipelines import SuperDiffXLPipeline
+
+    ours, diffusers_xl = sdxl_pipes(tmp_path / "tok")
+    ours.to(torch.float32)
+    kw = dict(mode="and", num_inference_steps=3, output_type="np", progress=False)
+    a = ours(PROMPTS, generator=seeded(0), **kw)
+    assert a.images.shape == (1, 16, 16, 3) and np.isfinite(a.images).all()
+    np.testing.assert_array_equal(a.images, ours(PROMPTS, generator=seeded(0), **kw).images)
+    neg = ours(PROMPTS, generator=seeded(0), negative_prompt="a cat", **kw)
+    assert not np.array_equal(a.images, neg.images)
+    ours.save_pretrained(tmp_path / "xl")
+    loaded = SuperDiffXLPipeline.from_pretrained(tmp_path / "xl", local_files_only=True)
+    np.testing.assert_array_equal(a.images, loaded(PROMPTS, generator=seeded(0), **kw).images)
+    shared = SuperDiffXLPipeline.from_pipe(diffusers_xl)
+    assert shared.unet is diffusers_xl.unet and shared.text_encoder_2 is diffusers_xl.text_encoder_2
+    np.testing.assert_array_equal(a.images, shared(PROMPTS, generator=seeded(0), **kw).images)
+    calls = count_calls(ours.unet)
+    with pytest.raises(ValueError, match="^height="):
+        ours(PROMPTS, height=18, progress=False)
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------------------------
+# SD3-style flow matching (velocity prediction, starts at σ = 1 where α = 0)
+# ------------------------------------------------------------------------------------------------
+
+
+def sd3_pipes(tmp_path, vae=True):
+    from diffusers import StableDiffusion3Pipeline
+
+    from superdiff.pipelines import SuperDiffFlowPipeline
+    from superdiff.testing import tiny_sd3_components
+
+    comps = tiny_sd3_components(vae=vae, tokenizer_dir=tmp_path)
+    ours = SuperDiffFlowPipeline(**comps)
+    return ours, StableDiffusion3Pipeline(**comps)
+
+
+@pytest.mark.parametrize("mode", ["and", "or"])
+def test_flow_traces_match_independent_loop(mode, tmp_path):
+    ours, sd3 = sd3_pipes(tmp_path)
+    ours.to(torch.float64)
+    out, states = run_with_states(ours, PROMPTS, mode=mode, num_inference_steps=STEPS, guidance_scale=4.0, num_images_per_prompt=2,
+                                  generator=seeded(6), output_type="latent", progress=False, max_sequence_length=8)
+    sched = ours.scheduler
+    sched.set_timesteps(STEPS)
+    sigmas = [float(s) for s in sched.sigmas.double()]
+    assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
+    grid = [(1.0 - s, s) for s in sigmas]  # x_t = (1 − t) x₀ + t ε, t = σ
+    with torch.no_grad():  # diffusers' own SD3 text encoding, one prompt at a time (negative: "")
+        conds = [sd3.encode_prompt(p, None, None, device="cpu", do_classifier_free_guidance=True, max_sequence_length=8) for p in PROMPTS]
+        embeds = [c[0].double() for c in conds] + [conds[0][1].double()]
+        pooled = [c[2].double() for c in conds] + [conds[0][3].double()]
+
+        def x0(x, i, k):  # velocity u = ε − x₀  ⇒  x̂₀ = x − t u
+            b = x.shape[0]
+            u = ours.transformer(x, timestep=torch.full((b,), sigmas[i] * 1000.0), encoder_hidden_states=embeds[k].expand(b, -1, -1),
+                                 pooled_projections=pooled[k].expand(b, -1)).sample
+            return x - sigmas[i] * u
+
+        g = seeded(6)
+        start = torch.randn(2, 4, 8, 8, generator=g).double()
+        ref = reference_loop(PerConditionDenoiser(x0, 2), grid, start, g, mode, 4.0, states=states)
+    assert_traces_match(out, *ref, out.images, rtol=1e-8)
+
+
+def test_flow_finite_from_sigma_one_determinism_round_trip_and_from_pipe(tmp_path):
+    from superdiff.pipelines import SuperDiffFlowPipeline
+
+    ours, sd3 = sd3_pipes(tmp_path / "tok")
+    kw = dict(num_inference_steps=5, num_images_per_prompt=2, output_type="np", progress=False, max_sequence_length=8)
+    for mode in ("and", "or", "average", "sum"):
+        out = ours(PROMPTS, mode=mode, generator=seeded(0), **kw)
+        assert float(out.timesteps[0]) == 1000.0  # σ = 1, α = 0
+        assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
+        assert torch.isfinite(out.log_density_trace).all() and torch.isfinite(out.kappa_trace).all()
+    again = ours(PROMPTS, mode="sum", generator=seeded(0), **kw)
+    np.testing.assert_array_equal(out.images, again.images)
+    ours.save_pretrained(tmp_path / "flow")
+    loaded = SuperDiffFlowPipeline.from_pretrained(tmp_path / "flow", local_files_only=True)
+    np.testing.assert_array_equal(out.images, loaded(PROMPTS, mode="sum", generator=seeded(0), **kw).images)
+    shared = SuperDiffFlowPipeline.from_pipe(sd3)
+    assert shared.transformer is sd3.transformer
+    pixel, _ = sd3_pipes(tmp_path / "tok2", vae=False)
+    assert pixel(PROMPTS, generator=seeded(0), output_type="latent", **{k: v for k, v in kw.items() if k != "output_type"}).images.shape == (2, 4, 8, 8)
+    calls = count_calls(ours.transformer)
+    for bad, argument in [(dict(height=15), "height"), (dict(prompts=["a cat"]), "prompts"), (dict(guidance_scale=-0.5), "guidance_scale")]:
+        with pytest.raises(ValueError, match=f"^{argument}="):
+            ours(**(dict(prompts=PROMPTS, progress=False) | bad))
+    assert calls == []
+
+
+def test_half_precision_network_keeps_float32_state(tmp_path):
+    """bf16 networks (CPU here; fp16/bf16 on CUDA): inputs cast down, outputs back to a float32 state."""
+    pipe = SuperDiffPipeline(**tiny_sd_components(tokenizer_dir=tmp_path)).to(torch.bfloat16)
+    seen = []
+    out = pipe(PROMPTS, mode="and", num_inference_steps=3, generator=seeded(0), output_type="latent", progress=False,
+               callback_on_step_end=lambda p, i, t, kw: seen.append((i, kw["latents"].dtype, kw["kappa"].shape)))
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+    assert out.log_density_trace.dtype == torch.float64 and torch.isfinite(out.log_density_trace).all()
+    assert seen == [(i, torch.float32, (1, 2)) for i in range(3)]
+    assert np.isfinite(pipe(PROMPTS, mode="or", num_inference_steps=2, output_type="np", progress=False).images).all()

@@ -3,13 +3,19 @@
 UNets, with OR / AND / average / sum, in diffusers' conventions."""
 
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
+from .flow import SuperDiffFlowPipeline
 from .output import SuperDiffPipelineOutput
 from .stable_diffusion import SuperDiffPipeline
+from .sdxl import SuperDiffXLPipeline
+from .unconditional import SuperDiffUnconditionalPipeline
 
 __all__ = [
+    "SuperDiffFlowPipeline",
     "DiffusersDenoiser",
     "Schedule",
     "schedule_from_scheduler",
     "SuperDiffPipelineOutput",
     "SuperDiffPipeline",
+    "SuperDiffUnconditionalPipeline",
+    "SuperDiffXLPipeline",
 ]

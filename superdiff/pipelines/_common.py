@@ -167,7 +167,14 @@ def decode(vae: Any, latents: torch.Tensor, image_processor: Any, output_type: s
         upcast = dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
         if upcast:
             vae.to(torch.float32)
-        z = latents / vae.config.scaling_factor + shift
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is not None and std is not None:  # per-channel latent statistics (some SDXL-type VAEs)
+            view = (1, -1) + (1,) * (latents.dim() - 2)
+            mean = torch.tensor(mean, device=latents.device).view(view)
+            std = torch.tensor(std, device=latents.device).view(view)
+            z = latents * std / vae.config.scaling_factor + mean
+        else:
+            z = latents / vae.config.scaling_factor + shift
         images = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
         if upcast:
             vae.to(dtype)

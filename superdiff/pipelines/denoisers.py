@@ -144,7 +144,7 @@ def schedule_from_scheduler(scheduler: Any, num_inference_steps: int, **set_time
       starts at σ = 1 (α = 0), where the core's kernels stay finite.
     """
     scheduler.set_timesteps(num_inference_steps, device="cpu", **set_timesteps_kwargs)
-    init = float(scheduler.init_noise_sigma)
+    init = float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow matching: x₁ = ε, std 1
     prediction = prediction_of_scheduler(scheduler)
     if _is_flow(scheduler):
         sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).flatten()

@@ -69,8 +69,9 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         """diffusers' ``from_pretrained``; a local folder without ``model_index.json`` is loaded
         from its component subfolders (``vae/`` optional)."""
         path = os.fspath(pretrained_model_name_or_path)
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-            return cls._from_subfolders(path, torch_dtype=kwargs.get("torch_dtype"))
+        bare = os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json"))
+        if bare and cls is SuperDiffPipeline:
+            return cls._from_subfolders(path, torch_dtype=kwargs.get("torch_dtype", kwargs.get("dtype")))
         return super().from_pretrained(path, **kwargs)
 
     @classmethod
@@ -142,6 +143,10 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].to(self.unet.dtype)
 
+    def _conditions(self, prompts: Sequence[str], negative_prompt: str | None, height: int, width: int) -> dict:
+        """The UNet's keyword conditions, each with a leading dim of M+1 (prompts, then unconditional)."""
+        return {"encoder_hidden_states": self.encode_prompts(prompts, negative_prompt)}
+
     # -------------------------------------------------------------------------------------------
     # Sampling
     # -------------------------------------------------------------------------------------------
@@ -183,13 +188,12 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         device = self._execution_device
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
-        embeddings = self.encode_prompts(prompts, negative_prompt)
         denoiser = DiffusersDenoiser(
             self.unet,
             schedule.process,
             schedule.prediction,
             schedule.timestep,
-            conditions={"encoder_hidden_states": embeddings},
+            conditions=self._conditions(prompts, negative_prompt, height, width),
             num_outputs=m + 1,
             scale_input=schedule.scale_input,
         )

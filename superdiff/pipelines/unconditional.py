@@ -1,0 +1,224 @@
+"""Compose separately trained unconditional diffusers models (the paper's CIFAR-10 experiment).
+
+``SuperDiffUnconditionalPipeline`` takes a list of :class:`~diffusers.UNet2DModel` and one
+DDPM/DDIM-type scheduler (a VP process, :class:`~superdiff.processes.DiscreteVP`; σ-form
+schedulers work too) and samples OR (the mixture of the models), AND (equal densities) or the
+average/sum baselines with superdiff's reverse SDE. Each model is a separate network, so one step
+costs one forward per model; the models must share their sample shape and noise schedule, which
+is checked when the pipeline is built and again before every call.
+
+It follows diffusers' conventions (``from_pretrained``, ``from_pipe``, ``save_pretrained``,
+``.to``, ``generator``, ``output_type``) without being a ``DiffusionPipeline``, whose components
+are a fixed set of named modules rather than a list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.image_processor import VaeImageProcessor
+
+from ..models import stack_denoisers
+from ._common import SuperDiffMixin, _fail, check_common, decode
+from .denoisers import DiffusersDenoiser, process_of_scheduler, schedule_from_scheduler
+from .output import SuperDiffPipelineOutput
+
+__all__ = ["SuperDiffUnconditionalPipeline"]
+
+_INDEX = "superdiff_unconditional.json"
+
+
+def _scheduler_class(path: str):
+    import diffusers
+
+    with open(os.path.join(path, "scheduler_config.json")) as f:
+        return getattr(diffusers, json.load(f)["_class_name"])
+
+
+class SuperDiffUnconditionalPipeline(SuperDiffMixin):
+    """OR / AND / average / sum of separately trained ``UNet2DModel`` s under one scheduler.
+
+    ``prediction_types``: each model's output type (default: the scheduler's ``prediction_type``
+    for all), so an ε-model and a v-model trained on the same schedule compose.
+    """
+
+    def __init__(self, unets: Sequence[UNet2DModel], scheduler: Any, prediction_types: Sequence[str] | None = None) -> None:
+        self.unets = list(unets)
+        self.scheduler = scheduler
+        default = scheduler.config.get("prediction_type", "epsilon")
+        self.prediction_types = list(prediction_types) if prediction_types is not None else [default] * len(self.unets)
+        self._progress_bar_config: dict = {}
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+        self.check_models()
+
+    # -------------------------------------------------------------------------------------------
+    # Composability
+    # -------------------------------------------------------------------------------------------
+
+    def check_models(self) -> None:
+        """Raise ``ValueError`` if the models cannot be composed (shapes, schedules, output types)."""
+        if not isinstance(self.unets, list) or not all(hasattr(u, "config") for u in self.unets):
+            _fail("unets", self.unets, "pass a list of diffusers UNet2DModel")
+        if len(self.prediction_types) != len(self.unets):
+            _fail("prediction_types", self.prediction_types, f"pass one per model ({len(self.unets)})")
+        for i, p in enumerate(self.prediction_types):
+            if p not in ("epsilon", "v_prediction", "sample"):
+                _fail(f"prediction_types[{i}]", p, "use 'epsilon', 'v_prediction' or 'sample'")
+        if not self.unets:
+            return
+        ref = self.unets[0].config
+        for i, unet in enumerate(self.unets[1:], start=1):
+            c = unet.config
+            mine = (c.in_channels, c.sample_size)
+            theirs = (ref.in_channels, ref.sample_size)
+            if mine != theirs:
+                raise ValueError(
+                    f"unets[{i}] samples (channels, size) = {mine} but unets[0] samples {theirs}: models composed by "
+                    "superposition must share one sample space; compose models trained on the same data shape"
+                )
+            if unet.config.out_channels not in (c.in_channels, 2 * c.in_channels):
+                raise ValueError(f"unets[{i}] has out_channels={c.out_channels}; expected {c.in_channels} (or twice that)")
+
+    @staticmethod
+    def check_schedulers(schedulers: Sequence[Any]) -> None:
+        """Models trained under different noise schedules have different processes: refuse them."""
+        first = process_of_scheduler(schedulers[0])
+        for i, s in enumerate(schedulers[1:], start=1):
+            if process_of_scheduler(s) != first:
+                raise ValueError(
+                    f"model {i}'s scheduler ({type(s).__name__}, {s.config.get('beta_schedule')}) defines a different noise "
+                    f"process than model 0's ({type(schedulers[0]).__name__}, {schedulers[0].config.get('beta_schedule')}): "
+                    "superposition needs one process (same alphas_cumprod); compose models trained with the same schedule"
+                )
+
+    # -------------------------------------------------------------------------------------------
+    # Loading, saving, devices
+    # -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, paths: str | os.PathLike | Sequence[str | os.PathLike], scheduler: Any = None, torch_dtype: torch.dtype | None = None, **kwargs: Any
+    ) -> "SuperDiffUnconditionalPipeline":
+        """Load from a folder written by :meth:`save_pretrained`, or from a list of diffusers
+        ``DDPMPipeline``/``DDIMPipeline`` folders (``unet/`` + ``scheduler/``) or bare ``UNet2DModel``
+        folders (then pass ``scheduler``). ``local_files_only`` and other kwargs go to diffusers."""
+        dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        if isinstance(paths, (str, os.PathLike)):
+            root = os.fspath(paths)
+            with open(os.path.join(root, _INDEX)) as f:
+                index = json.load(f)
+            unets = [UNet2DModel.from_pretrained(os.path.join(root, name), **dtype, **kwargs) for name in index["unets"]]
+            sched_dir = os.path.join(root, "scheduler")
+            return cls(unets, _scheduler_class(sched_dir).from_pretrained(sched_dir), index.get("prediction_types"))
+        unets, schedulers = [], []
+        for p in map(os.fspath, paths):
+            if os.path.isdir(os.path.join(p, "unet")):
+                unets.append(UNet2DModel.from_pretrained(p, subfolder="unet", **dtype, **kwargs))
+                sched_dir = os.path.join(p, "scheduler")
+                schedulers.append(_scheduler_class(sched_dir).from_pretrained(sched_dir))
+            else:
+                unets.append(UNet2DModel.from_pretrained(p, **dtype, **kwargs))
+        if scheduler is None and not schedulers:
+            _fail("scheduler", None, "pass a scheduler when loading bare UNet2DModel folders")
+        if schedulers:
+            cls.check_schedulers(schedulers + ([scheduler] if scheduler is not None else []))
+        chosen = scheduler if scheduler is not None else schedulers[0]
+        predictions = [s.config.get("prediction_type", "epsilon") for s in schedulers] if len(schedulers) == len(unets) else None
+        return cls(unets, chosen, predictions)
+
+    @classmethod
+    def from_pipe(cls, pipes: Sequence[Any], **kwargs: Any) -> "SuperDiffUnconditionalPipeline":
+        """Share the UNets of already loaded ``DDPMPipeline``/``DDIMPipeline`` s (no copies)."""
+        schedulers = [p.scheduler for p in pipes]
+        cls.check_schedulers(schedulers)
+        predictions = [s.config.get("prediction_type", "epsilon") for s in schedulers]
+        return cls([p.unet for p in pipes], kwargs.pop("scheduler", schedulers[0]), predictions)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        root = os.fspath(save_directory)
+        os.makedirs(root, exist_ok=True)
+        names = [f"unet_{i}" for i in range(len(self.unets))]
+        for name, unet in zip(names, self.unets):
+            unet.save_pretrained(os.path.join(root, name), **kwargs)
+        self.scheduler.save_pretrained(os.path.join(root, "scheduler"))
+        with open(os.path.join(root, _INDEX), "w") as f:
+            json.dump({"unets": names, "prediction_types": self.prediction_types}, f, indent=2)
+
+    def to(self, *args: Any, **kwargs: Any) -> "SuperDiffUnconditionalPipeline":
+        for unet in self.unets:
+            unet.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unets[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unets[0].dtype
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self._progress_bar_config = kwargs
+
+    # -------------------------------------------------------------------------------------------
+    # Sampling
+    # -------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self, batch_size: Any, mode: Any, num_inference_steps: Any, temperature: Any, log_weights: Any,
+        output_type: Any, generator: Any, callback_on_step_end: Any,
+    ) -> None:
+        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
+        self.check_models()
+        check_common(
+            num_models=len(self.unets), what="unets", mode=mode, guidance_scale=None,
+            num_inference_steps=num_inference_steps, temperature=temperature, log_weights=log_weights,
+            num_images_per_prompt=batch_size, output_type=output_type, generator=generator,
+            callback_on_step_end=callback_on_step_end,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        mode: str = "or",
+        num_inference_steps: int = 50,
+        temperature: float = 1.0,
+        log_weights: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable | None = None,
+        progress: bool = True,
+        return_dict: bool = True,
+    ) -> SuperDiffPipelineOutput | tuple:
+        """Sample ``batch_size`` images from the composition of the models (see
+        :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>` for the
+        modes). Images are read as pixels in [−1, 1]."""
+        try:
+            self.check_inputs(batch_size, mode, num_inference_steps, temperature, log_weights, output_type, generator,
+                              callback_on_step_end)
+        except ValueError as err:
+            if str(err).startswith("num_images_per_prompt="):
+                raise ValueError(str(err).replace("num_images_per_prompt=", "batch_size=", 1)) from None
+            raise
+        schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
+        denoiser = stack_denoisers(
+            [
+                DiffusersDenoiser(unet, schedule.process, prediction, schedule.timestep, scale_input=schedule.scale_input)
+                for unet, prediction in zip(self.unets, self.prediction_types)
+            ]
+        )
+        c = self.unets[0].config
+        size = tuple(c.sample_size) if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
+        shape = (batch_size, c.in_channels, *size)
+        result = self._superdiff_sample(
+            denoiser, schedule, shape, mode=mode, num_models=len(self.unets), temperature=temperature,
+            log_weights=log_weights, guidance_scale=None, generator=generator,
+            callback_on_step_end=callback_on_step_end, progress=progress, device=self.device, network_dtype=self.dtype,
+        )
+        images = decode(None, result.samples, self.image_processor, output_type)
+        return self._superdiff_output(images, result, schedule, return_dict)

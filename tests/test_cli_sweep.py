@@ -1,0 +1,100 @@
+"""`superdiff sweep`: manifest, resume after an interruption, malformed specs, and 2 processes under accelerate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from superdiff_cli.main import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from superdiff.pipelines import SuperDiffPipeline
+    from superdiff.testing import tiny_sd_components
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    SuperDiffPipeline(**tiny_sd_components()).save_pretrained(path)
+    return str(path)
+
+
+def write_spec(tmp_path, model):
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text(
+        json.dumps({"prompts": ["a red circle", "a blue square"], "modes": ["and", "average"]}) + "\n"
+        + json.dumps({"prompts": ["a cat", "a dog"], "modes": ["or"], "seeds": [0, 1]}) + "\n"
+    )
+    return spec
+
+
+def run_sweep(spec, out, model, *extra):
+    return CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(out), "--model", model, "--steps", "3",
+                                    "--num-images", "1", "--quiet", *extra])
+
+
+def manifest(out):
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_sweep_runs_every_item_and_resumes_without_redoing(tiny_model, tmp_path, monkeypatch):
+    spec, out = write_spec(tmp_path, tiny_model), tmp_path / "out"
+    # interrupt the run while its second item is being written
+    import superdiff_cli.sweep as sweep_module
+
+    real_save, calls = sweep_module.save_generation, []
+
+    def flaky_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "save_generation", flaky_save)
+    first = run_sweep(spec, out, tiny_model)
+    assert first.exit_code != 0
+    shard = [json.loads(line) for p in out.glob("manifest*.jsonl") for line in p.read_text().splitlines()]
+    assert len(shard) == 1 and all((out / f).is_file() for f in shard[0]["files"])
+    assert not [p for p in (out / "items").iterdir() if p.name.startswith(".")]  # no half-written item left
+    monkeypatch.setattr(sweep_module, "save_generation", real_save)
+    finished_before = shard[0]["finished_at"], shard[0]["item_id"]
+    second = run_sweep(spec, out, tiny_model)
+    assert second.exit_code == 0, second.output
+    records = manifest(out)
+    assert len(records) == 4 and len({r["item_id"] for r in records}) == 4
+    again = {r["item_id"]: r["finished_at"] for r in records}
+    assert again[finished_before[1]] == finished_before[0]  # not redone
+    assert (out / "metrics.csv").read_text().count("\n") == 5
+    third = run_sweep(spec, out, tiny_model)
+    assert third.exit_code == 0 and manifest(out) == records  # nothing left to do
+
+
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [
+        ("bad.csv", "prompt_1,prompt_2\na,b\nc,d,e\n", "line 3"),
+        ("bad.jsonl", '{"prompts": ["a", "b"]}\n{not json}\n', "line 2"),
+        ("mode.jsonl", '{"prompts": ["a", "b"], "modes": ["xor"]}\n', "line 1"),
+        ("single.csv", "prompt_1\nonly one\n", "line 2"),
+    ],
+)
+def test_malformed_spec_names_the_line(tiny_model, tmp_path, name, text, needle):
+    spec = tmp_path / name
+    spec.write_text(text)
+    r = run_sweep(spec, tmp_path / "out", tiny_model)
+    assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output
+
+
+def test_sweep_is_data_parallel_under_accelerate(tiny_model, tmp_path):
+    spec, out = write_spec(tmp_path, tiny_model), tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "superdiff_cli.main", "sweep", str(spec), "--out", str(out),
+           "--model", tiny_model, "--steps", "3", "--num-images", "1", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = manifest(out)
+    assert len(records) == 4 and {r["rank"] for r in records} == {0, 1}
+    assert not list(out.glob("manifest.rank*.jsonl"))
