@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/superdiff toy --out superdiff-toy
+	HF_HUB_OFFLINE=1 $(VENV)/bin/superdiff demo --out superdiff-demo
 
 toy: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/superdiff toy --out superdiff-toy

@@ -15,7 +15,7 @@ from .output import ensure_writable_dir
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("superdiff-demo"), show_default=True)
 @click.option("--steps", type=int, default=40, show_default=True, help="Sampling steps per method.")
 @click.option("--digits-samples", type=int, default=200, show_default=True, help="Samples per digit method.")
-@click.option("--shapes-samples", type=int, default=48, show_default=True, help="Samples per shapes method and pair.")
+@click.option("--shapes-samples", type=int, default=32, show_default=True, help="Samples per shapes method and pair.")
 @click.option("--guidance", type=float, default=5.0, show_default=True, help="Guidance scale for the shapes model.")
 @click.option("--pair", nargs=2, default=("red", "circle"), show_default=True, help="Colour and shape prompts for AND.")
 @click.option("--seed", type=int, default=0, show_default=True)

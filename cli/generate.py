@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -137,4 +136,4 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
         click.echo(f"wrote {len(files)} files to {out_dir}")
         for i, ld in enumerate(result.log_densities.tolist()):
             click.echo(f"image {i}: log q per {what} = " + ", ".join(f"{v:.2f}" for v in ld)
-                       + f"; final κ = " + ", ".join(f"{v:.2f}" for v in result.kappa_trace[-1, i].tolist()))
+                       + "; final κ = " + ", ".join(f"{v:.2f}" for v in result.kappa_trace[-1, i].tolist()))

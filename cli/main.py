@@ -8,6 +8,7 @@ import os
 import warnings
 
 from .demo import demo
+from .evaluate import evaluate
 from .generate import generate
 from .sweep import sweep
 from .toy import toy
@@ -44,6 +45,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       superdiff demo
       superdiff generate --and red --and circle --out out/
       superdiff toy --out superdiff-toy
+      superdiff eval out/
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -51,6 +53,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 cli.add_command(demo)
+cli.add_command(evaluate)
 cli.add_command(generate)
 cli.add_command(sweep)
 cli.add_command(toy)

@@ -68,7 +68,7 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
         )
     from superdiff.pipelines import SuperDiffPipeline
 
-    kwargs = {"torch_dtype": dtype, "use_safetensors": not allow_pickle}
+    kwargs = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         kwargs["local_files_only"] = True
     try:

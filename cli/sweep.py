@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from .errors import BadInput, handle_errors
+from .errors import handle_errors
 from .models import load_model, resolve_device, resolve_dtype
 from .output import atomic_write_text, ensure_writable_dir, save_generation
 from .spec import SweepItem, load_spec

@@ -73,3 +73,11 @@ def test_generate_unwritable_out(tiny_model, tmp_path):
     blocker.write_text("x")
     r = invoke("generate", "--model", tiny_model, "--and", "a", "--and", "b", "--out", str(blocker / "sub"))
     assert r.exit_code == 2 and "--out" in r.output
+
+
+def test_allow_pickle_still_reads_safetensors_folders(tiny_model, tmp_path):
+    # --allow-pickle widens what is read (pickle as a fallback); it must not require pickle files.
+    r = invoke("generate", "--model", tiny_model, "--and", "a red circle", "--and", "a blue square",
+               "--steps", "2", "--num-images", "1", "--out", str(tmp_path / "p"), "--allow-pickle", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p" / "image_000.png").exists()

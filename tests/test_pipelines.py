@@ -27,16 +27,6 @@ STEPS = 4
 PROMPTS = ["a red circle", "a blue square"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    spinning threads made these tests 50-100x slower under load. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------
 # The independent reference loop
 # ------------------------------------------------------------------------------------------------

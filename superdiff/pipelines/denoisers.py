@@ -67,6 +67,16 @@ class DiffusersDenoiser:
     def __post_init__(self) -> None:
         if self.scale_input and self.prediction == "flow":
             raise ValueError("scale_input applies to VP-trained networks, not to flow (velocity) networks")
+        if self.dtype is None:  # read once: diffusers' ModelMixin.dtype walks every submodule
+            self.dtype = getattr(self.network, "dtype", None)
+        self._expanded: dict[tuple, dict[str, Any]] = {}
+
+    def _conditions_for(self, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """The conditions repeated over a batch, made once per (batch, dtype, device)."""
+        key = (batch, dtype, device)
+        if key not in self._expanded:
+            self._expanded = {key: {name: _expand(v, batch, dtype, device) for name, v in self.conditions.items()}}
+        return self._expanded[key]
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         p = self.process
@@ -74,11 +84,11 @@ class DiffusersDenoiser:
         t = torch.as_tensor(t, dtype=torch.float64)
         alpha, sigma = float(p.alpha(t)), float(p.sigma(t))
         c_in = 1.0 / math.sqrt(alpha * alpha + sigma * sigma) if self.scale_input else 1.0
-        dtype = self.dtype or getattr(self.network, "dtype", x.dtype)
+        dtype = self.dtype or x.dtype
         x_scaled = x * c_in
         x_in = x_scaled.to(dtype).repeat(k, *([1] * (x.dim() - 1)))
-        timestep = self.timestep(t).to(device=x.device, dtype=torch.float32).expand(k * batch)
-        kwargs = {name: _expand(v, batch, dtype, x.device) for name, v in self.conditions.items()}
+        timestep = self.timestep(t).to(dtype=torch.float32).to(device=x.device, non_blocking=True).expand(k * batch)
+        kwargs = self._conditions_for(batch, dtype, x.device)
         out = self.network(x_in, timestep=timestep, return_dict=False, **kwargs)[0]
         if out.shape[1] == 2 * x.shape[1]:  # a learned variance in the second half of the channels
             out = out[:, : x.shape[1]]

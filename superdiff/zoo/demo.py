@@ -18,7 +18,7 @@ __all__ = ["DemoConfig", "run_demo", "format_demo_table"]
 @dataclass(frozen=True)
 class DemoConfig:
     digits_samples: int = 200
-    shapes_samples: int = 48
+    shapes_samples: int = 32
     steps: int = 40
     guidance_scale: float = 5.0
     pair: tuple[str, str] = ("red", "circle")

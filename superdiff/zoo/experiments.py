@@ -47,12 +47,36 @@ def _pixels(output) -> torch.Tensor:
     return images.float() * 2 - 1
 
 
+@dataclass
+class _Chunked:
+    """Outputs of several pipeline calls joined along the batch (traces along their batch axis)."""
+
+    images: torch.Tensor
+    kappa_trace: torch.Tensor
+    log_density_trace: torch.Tensor
+
+
+def _sample_in_chunks(call, num_samples: int, chunk_size: int, seed: int) -> _Chunked:
+    """Call ``call(n, generator)`` for chunks of at most ``chunk_size`` samples, one generator
+    seeded once, so the result depends on ``seed`` and ``chunk_size`` only; bounds peak memory."""
+    generator = torch.Generator().manual_seed(seed)
+    outs = []
+    for start in range(0, num_samples, chunk_size):
+        outs.append(call(min(chunk_size, num_samples - start), generator))
+    return _Chunked(
+        torch.cat([o.images for o in outs]),
+        torch.cat([o.kappa_trace for o in outs], dim=1),
+        torch.cat([o.log_density_trace for o in outs], dim=1),
+    )
+
+
 def digits_or(
     num_samples: int = 200,
     steps: int = 50,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
+    chunk_size: int = 250,
 ) -> list[Sampled]:
     """Table 1 in miniature. Methods: model_a, model_b, joint_model (all digits), average, superdiff (OR)."""
     from .registry import load_digit_classifier, load_digit_pipeline
@@ -72,8 +96,11 @@ def digits_or(
     results = []
     for method, (names, mode) in runs.items():
         pipe = load_digit_pipeline(names).to(device)
-        out = pipe(batch_size=num_samples, mode=mode, num_inference_steps=steps, output_type="pt",
-                   generator=torch.Generator().manual_seed(seed), progress=progress)
+        out = _sample_in_chunks(
+            lambda n, g: pipe(batch_size=n, mode=mode, num_inference_steps=steps, output_type="pt", generator=g,
+                              progress=progress),
+            num_samples, chunk_size, seed,
+        )
         images = _pixels(out)
         with torch.no_grad():
             logits = classifier(images.to(device)).cpu()
@@ -107,6 +134,7 @@ def shapes_and(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
+    chunk_size: int = 125,
 ) -> list[Sampled]:
     """Table 2 in miniature for each (colour, shape) pair. Methods: single:<p>, joint, average,
     sum (Composable Diffusion) and superdiff (AND)."""
@@ -125,9 +153,11 @@ def shapes_and(
             "superdiff": ([colour, shape], "and"),
         }
         for method, (prompts, mode) in runs.items():
-            out = pipe(prompts=prompts, mode=mode, guidance_scale=guidance_scale, num_inference_steps=steps,
-                       num_images_per_prompt=num_samples, output_type="pt",
-                       generator=torch.Generator().manual_seed(seed), progress=progress)
+            out = _sample_in_chunks(
+                lambda n, g: pipe(prompts=prompts, mode=mode, guidance_scale=guidance_scale, num_inference_steps=steps,
+                                  num_images_per_prompt=n, output_type="pt", generator=g, progress=progress),
+                num_samples, chunk_size, seed,
+            )
             images = _pixels(out)
             colours, shapes = read_attributes(images)
             has_colour = [c == colour for c in colours]

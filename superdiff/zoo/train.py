@@ -173,8 +173,8 @@ def train_classifier(out: Path, device: str, epochs: int = 40, seed: int = 0) ->
 
 def train_shapes(out: Path, cfg: TrainConfig, device: str, text_hidden: int = 64) -> None:
     """Train the text encoder and the cross-attention UNet jointly; save ``out/shapes``."""
-    from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(cfg.seed)
     folder = out / "shapes"

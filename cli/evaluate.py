@@ -1,0 +1,336 @@
+"""``superdiff eval DIR``: score the images of a ``generate`` or ``sweep`` output folder.
+
+Images are the PNGs with a JSON sidecar (or, failing that, superdiff PNG metadata) in DIR and in
+DIR/items/*/; grids and trace plots have neither and are ignored. Prompt compositions get the CLIP
+score (with ``--clip``), embedded-shapes images the attribute checker, embedded-digits images the
+digit classifier; the metrics themselves live in :mod:`superdiff.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from .errors import BadInput, handle_errors
+from .models import EMBEDDED, resolve_device
+from .output import atomic_write_text, ensure_writable_dir
+
+EVAL_FILE = "eval.json"
+OFFLINE_VALUES = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generated image and what made it (from its sidecar)."""
+
+    path: Path
+    file: str  # relative to DIR, with forward slashes
+    model: str
+    mode: str
+    prompts: tuple[str, ...]
+    seed: int | None
+
+    @property
+    def group(self) -> tuple[str, str, tuple[str, ...]]:
+        return self.model, self.mode, self.prompts
+
+
+def _metadata(png: Path) -> dict | None:
+    """The sidecar of ``png`` (or its superdiff PNG text) if it describes a generation, else None."""
+    sidecar = png.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{sidecar} is not valid JSON ({exc}); regenerate it, or remove {png.name} and its sidecar") from None
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(png) as im:
+                text = getattr(im, "text", {}).get("superdiff")
+            meta = json.loads(text) if text else None
+        except (OSError, json.JSONDecodeError):
+            return None
+    if not isinstance(meta, dict) or not {"model", "mode", "prompts"} <= meta.keys():
+        return None
+    if not isinstance(meta["prompts"], list) or not all(isinstance(p, str) for p in meta["prompts"]):
+        return None
+    return meta
+
+
+def find_generated(root: Path) -> list[Generated]:
+    """Every generated image in ``root`` (a generate folder) and ``root/items/*/`` (a sweep folder),
+    sorted by path; hidden folders (a sweep's unfinished items) are skipped."""
+    folders = [root]
+    items = root / "items"
+    if items.is_dir():
+        folders += sorted(p for p in items.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = []
+    for folder in folders:
+        for png in sorted(folder.glob("*.png")):
+            meta = _metadata(png)
+            if meta is None:
+                continue
+            seed = meta.get("seed")
+            found.append(Generated(png, png.relative_to(root).as_posix(), str(meta["model"]), str(meta["mode"]),
+                                   tuple(meta["prompts"]), seed if isinstance(seed, int) else None))
+    return found
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in OFFLINE_VALUES for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_clip_spec(spec: str) -> None:
+    path = Path(spec).expanduser()
+    looks_local = path.exists() or spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
+    if looks_local and not path.is_dir():
+        raise BadInput(f"--clip {spec!r}: no such folder. Pass a local CLIP folder (config.json, model.safetensors, the "
+                       f"tokenizer and preprocessor_config.json) or a hub id such as openai/clip-vit-large-patch14")
+
+
+def load_clip(spec: str, device: str, allow_pickle: bool):
+    from superdiff.metrics import CLIPScorer
+
+    path = Path(spec).expanduser()
+    offline = _offline()
+    try:
+        return CLIPScorer.from_pretrained(str(path) if path.is_dir() else spec, device=device,
+                                          use_safetensors=None if allow_pickle else True, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "the hub is offline here, so pass a local CLIP folder" if offline and not path.is_dir() else "pass a local CLIP folder"
+        raise BadInput(
+            f"--clip {spec!r} could not be loaded ({first}); {where} (with config.json, model.safetensors, the tokenizer "
+            f"and preprocessor_config.json) or a cached hub id"
+            + ("" if allow_pickle else "; only safetensors weights are read unless --allow-pickle")
+        ) from exc
+
+
+def _open(path: Path, mode: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert(mode)
+
+
+def score_clip(gens: list[Generated], scorer, batch_size: int, progress: bool) -> dict[Path, dict]:
+    """Per image: CLIP score against each of its prompts, their min and mean (images in batches)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from superdiff.metrics import clip_score
+
+    prompts = sorted({p for g in gens for p in g.prompts})
+    text = torch.cat([scorer.embed_texts(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
+    row = {p: i for i, p in enumerate(prompts)}
+    embeds = []
+    with tqdm(total=len(gens), disable=not progress, desc="CLIP score", unit="img") as bar:
+        for start in range(0, len(gens), batch_size):
+            chunk = gens[start:start + batch_size]
+            embeds.append(scorer.embed_images([_open(g.path, "RGB") for g in chunk]))
+            bar.update(len(chunk))
+    out = {}
+    for g, e in zip(gens, torch.cat(embeds)):
+        scores = clip_score(e[None], text[[row[p] for p in g.prompts]])[0].tolist()
+        out[g.path] = {"scores": scores, "min": min(scores), "mean": sum(scores) / len(scores)}
+    return out
+
+
+def score_shapes(gens: list[Generated], notes: list[str]) -> dict[Path, dict]:
+    """Per embedded-shapes image: the colour and shape read, and which prompt attributes it shows."""
+    from superdiff.metrics import pil_to_pixels, prompt_attributes, read_prompt_attributes
+
+    buckets: dict[tuple, list[tuple[Generated, object]]] = {}
+    unnamed = 0
+    for g in gens:
+        named, _ = prompt_attributes(g.prompts)
+        if not named:
+            unnamed += 1
+            continue
+        image = _open(g.path, "RGB")
+        buckets.setdefault((tuple(named), image.size), []).append((g, image))
+    if unnamed:
+        notes.append(f"attribute metrics skipped for {unnamed} embedded-shapes image(s) whose prompts name no colour "
+                     f"or shape word")
+    out = {}
+    for (named, size), members in buckets.items():
+        if size[0] != size[1]:
+            notes.append(f"attribute metrics skipped for {len(members)} embedded-shapes image(s) of size {size[0]}x{size[1]}; "
+                         f"the checker reads square images")
+            continue
+        read = read_prompt_attributes(pil_to_pixels([im for _, im in members]), named)
+        out.update({g.path: r for (g, _), r in zip(members, read)})
+    return out
+
+
+def score_digits(gens: list[Generated], device: str, notes: list[str]) -> dict[Path, dict]:
+    """Per embedded-digits image: the classifier's digit and its confidence."""
+    from superdiff.metrics import classify_digits, pil_to_pixels
+    from superdiff.zoo.registry import load_digit_classifier
+
+    images = [(g, _open(g.path, "L")) for g in gens]
+    wrong = [g for g, im in images if im.size != (8, 8)]
+    if wrong:
+        notes.append(f"digit metrics skipped for {len(wrong)} embedded-digits image(s) that are not 8x8")
+    images = [(g, im) for g, im in images if im.size == (8, 8)]
+    if not images:
+        return {}
+    labels, confidence = classify_digits(pil_to_pixels([im for _, im in images]), load_digit_classifier(device))
+    return {g.path: {"label": int(lab), "confidence": float(c)} for (g, _), lab, c in zip(images, labels, confidence)}
+
+
+def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
+    """One entry per (model, mode, prompts): n, mean ± std of CLIP min and mean, attribute rates, digit summary."""
+    from superdiff.metrics import attribute_rates, digit_summary, mean_std, prompt_attributes
+
+    groups: dict[tuple, list[dict]] = {}
+    for g in gens:
+        groups.setdefault(g.group, []).append(records[g.path])
+    out = []
+    for (model, mode, prompts), recs in groups.items():
+        entry: dict = {"model": model, "mode": mode, "prompts": list(prompts), "n": len(recs)}
+        clip = [r["clip"] for r in recs if "clip" in r]
+        if clip:
+            entry["clip_min"] = mean_std([c["min"] for c in clip])
+            entry["clip_mean"] = mean_std([c["mean"] for c in clip])
+            entry["clip_n"] = len(clip)
+        attrs = [r["attributes"]["present"] for r in recs if "attributes" in r]
+        if attrs:
+            entry["attributes"] = {"named": prompt_attributes(prompts)[0], **attribute_rates(attrs)}
+        digits = [r["digit"] for r in recs if "digit" in r]
+        if digits:
+            entry["digits"] = digit_summary([d["label"] for d in digits], [d["confidence"] for d in digits])
+        out.append(entry)
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _pm(stat: dict) -> str:
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat["std"] is not None else "")
+
+
+def format_tables(groups: list[dict], clip_model: str | None) -> str:
+    """The printed summary: one table per kind of metric present."""
+    parts = []
+
+    def head(g: dict) -> list[str]:
+        return [g["model"], g["mode"], " | ".join(g["prompts"]), str(g["n"])]
+
+    rows = [head(g) + [_pm(g["clip_min"]), _pm(g["clip_mean"])] for g in groups if "clip_min" in g]
+    if rows:
+        parts.append(f"CLIP score = max(100·cos, 0), {clip_model}; per image min and mean over its prompts, "
+                     f"mean ± std over the group\n" + _table(["model", "mode", "prompts", "n", "min", "mean"], rows))
+    rows = [head(g) + [f"{g['attributes']['both_rate']:.3f}", f"{g['attributes']['neither_rate']:.3f}",
+                       ", ".join(f"{a} {r:.3f}" for a, r in g["attributes"]["rates"].items())]
+            for g in groups if "attributes" in g]
+    if rows:
+        parts.append("Attribute checker (embedded-shapes): fraction of images showing every / none of the named attributes\n"
+                     + _table(["model", "mode", "prompts", "n", "both", "neither", "per attribute"], rows))
+    rows = [head(g) + [f"{g['digits']['class_entropy']:.3f}", f"{g['digits']['confidence']:.3f}",
+                       " ".join(f"{f:.2f}" for f in g["digits"]["class_fractions"])]
+            for g in groups if "digits" in g]
+    if rows:
+        parts.append("Digit classifier (embedded-digits): class entropy (nats, log 10 = 2.303 is uniform), mean confidence, "
+                     "fraction of each digit 0-9\n"
+                     + _table(["model", "mode", "models", "n", "entropy", "confidence", "fractions 0-9"], rows))
+    return "\n\n".join(parts)
+
+
+@click.command("eval")
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--clip", "clip_model", default=None,
+              help="CLIP model for the CLIP score: a local folder or a hub id (e.g. openai/clip-vit-large-patch14).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"Where to write the results [default: DIR/{EVAL_FILE}].")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per CLIP forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--allow-pickle", is_flag=True, help="Also read non-safetensors CLIP weights (only for models you trust).")
+@click.option("--quiet", is_flag=True, help="Print the tables only: no progress bar, no notes.")
+@handle_errors
+def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, batch_size: int, device: str,
+             allow_pickle: bool, quiet: bool) -> None:
+    """Score the images of a `generate` or `sweep` output folder DIR.
+
+    Prompt compositions: CLIP score (max(100·cos, 0) of CLIP image and text embeddings) of each image
+    against each of its prompts, reported per image as min and mean over the prompts (needs --clip).
+    embedded-shapes: the attribute checker (both / neither rate of the named colour and shape).
+    embedded-digits: the digit classifier (class fractions, class entropy, confidence). Groups are
+    (model, mode, prompts); the table shows mean ± std, and DIR/eval.json has every number.
+
+    \b
+    Examples:
+      superdiff eval superdiff-out
+      superdiff eval runs/ --clip openai/clip-vit-large-patch14 --json runs-eval.json
+      superdiff eval superdiff-out --clip ./clip-vit-base-patch32 --quiet
+    """
+    if not directory.exists():
+        raise BadInput(f"DIR {str(directory)!r} does not exist; pass a folder written by superdiff generate or superdiff sweep")
+    if not directory.is_dir():
+        raise BadInput(f"DIR {str(directory)!r} is not a folder; pass the --out folder of superdiff generate or superdiff sweep")
+    if batch_size < 1:
+        raise BadInput(f"--batch-size must be >= 1, got {batch_size}")
+    gens = find_generated(directory)
+    if not gens:
+        raise BadInput(f"DIR {str(directory)!r} holds no generated images (PNGs with a JSON sidecar, here or in items/*/); "
+                       f"pass the --out folder of superdiff generate or superdiff sweep")
+    shapes = [g for g in gens if g.model == "embedded-shapes"]
+    digits = [g for g in gens if g.model == "embedded-digits"]
+    prompted = [g for g in gens if g.model not in EMBEDDED]
+    if clip_model is None and not shapes and not digits:
+        models = ", ".join(sorted({g.model for g in prompted}))
+        raise BadInput(f"the images in {str(directory)!r} come from {models}, which only the CLIP score can evaluate; pass "
+                       f"--clip with a CLIP model (a local folder, or a hub id such as openai/clip-vit-large-patch14)")
+    if clip_model is not None:
+        check_clip_spec(clip_model)
+    json_path = json_path or directory / EVAL_FILE
+    ensure_writable_dir(json_path.parent, "--json")
+    dev = resolve_device(device)
+
+    notes: list[str] = []
+    records: dict[Path, dict] = {g.path: {} for g in gens}
+    if clip_model is None and prompted:
+        notes.append(f"CLIP score skipped for {len(prompted)} image(s) of {', '.join(sorted({g.model for g in prompted}))}: "
+                     f"no --clip given (pass --clip with a local CLIP folder or hub id to score them)")
+    if clip_model is not None and digits:
+        notes.append(f"CLIP score does not apply to the {len(digits)} embedded-digits image(s): they compose models, not prompts")
+    if clip_model is not None and prompted + shapes:
+        scorer = load_clip(clip_model, dev, allow_pickle)
+        for path, rec in score_clip(prompted + shapes, scorer, batch_size, progress=not quiet).items():
+            records[path]["clip"] = rec
+    if shapes:
+        for path, rec in score_shapes(shapes, notes).items():
+            records[path]["attributes"] = rec
+    if digits:
+        for path, rec in score_digits(digits, dev, notes).items():
+            records[path]["digit"] = rec
+
+    groups = summarise(gens, records)
+    report = {
+        "dir": str(directory),
+        "clip_model": clip_model,
+        "clip_score": "max(100 * cos(image, text), 0)",
+        "notes": notes,
+        "groups": groups,
+        "images": [{"file": g.file, "model": g.model, "mode": g.mode, "prompts": list(g.prompts), "seed": g.seed,
+                    **records[g.path]} for g in gens],
+    }
+    atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
+    tables = format_tables(groups, clip_model)
+    if tables:
+        click.echo(tables)
+    if not quiet:
+        for note in notes:
+            click.echo(f"note: {note}")
+        click.echo(f"wrote {json_path} ({len(gens)} image(s), {len(groups)} group(s))")

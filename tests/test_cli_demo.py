@@ -1,0 +1,42 @@
+"""`superdiff demo` on the shipped embedded models: files, the metrics schema, and what the models must show."""
+
+import json
+
+from click.testing import CliRunner
+from PIL import Image
+
+from superdiff_cli.main import cli
+
+AND_METHODS = {"superdiff", "average", "sum", "joint", "single:red", "single:circle", "single:blue", "single:triangle"}
+OR_METHODS = {"superdiff", "average", "model_a", "model_b", "joint_model"}
+
+
+def test_demo_writes_pictures_and_metrics_and_the_models_behave(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--steps", "12", "--digits-samples", "48",
+                                 "--shapes-samples", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    for name in ("or.png", "and.png", "traces.png"):
+        assert Image.open(out / name).size[0] > 100
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    assert {m["method"] for m in metrics["and"]} == AND_METHODS
+    for m in metrics["and"]:
+        assert m["prompts"] in (["red", "circle"], ["blue", "triangle"]) and m["n"] == 4
+        assert 0 <= m["both_rate"] <= 1 and 0 <= m["neither_rate"] <= 1 - m["both_rate"] + 1e-9
+
+    rows = {m["method"]: m for m in metrics["or"]}
+    assert set(rows) == OR_METHODS
+    for m in rows.values():
+        assert len(m["class_fractions"]) == 10 and abs(sum(m["class_fractions"]) - 1) < 1e-3
+        assert m["n"] == 48 and m["frechet"] >= 0
+    # The models trained on disjoint halves stay (mostly) on their own digits; OR reaches both halves.
+    assert sum(rows["model_a"]["class_fractions"][:5]) >= 0.8
+    assert sum(rows["model_b"]["class_fractions"][5:]) >= 0.8
+    superdiff_low = sum(rows["superdiff"]["class_fractions"][:5])
+    assert 0.2 <= superdiff_low <= 0.8
+
+
+def test_demo_rejects_a_pair_that_is_not_colour_and_shape(tmp_path):
+    r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--pair", "circle", "red"])
+    assert r.exit_code == 2 and "--pair" in r.output and "Traceback" not in r.output

@@ -1,0 +1,285 @@
+"""`superdiff eval`: CLIP score against the model's own embeddings, attribute and digit metrics on
+images of known content, real generate / sweep folders, and bad input (exit 2)."""
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from superdiff_cli.main import cli
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel (32×32 images, 8×8 patches), its tokenizer and image processor, saved locally."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from superdiff.testing import write_clip_tokenizer
+
+    path = tmp_path_factory.mktemp("clip")
+    write_clip_tokenizer(path, model_max_length=16)
+    tok = CLIPTokenizer.from_pretrained(path)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(C, H, W) in [-1, 1] → PIL, as the pipelines save images."""
+    arr = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(arr[0].numpy(), "L") if arr.shape[0] == 1 else Image.fromarray(arr.permute(1, 2, 0).numpy())
+
+
+def write_image(folder, index, image, **meta):
+    """An image and its sidecar, named as `superdiff generate` names them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / f"image_{index:03d}.png")
+    (folder / f"image_{index:03d}.json").write_text(json.dumps({"index": index, "seed": 0, **meta}))
+
+
+def prompt_folder(path, count=4):
+    """Images of a non-embedded model composing PROMPTS (solid colours of several sizes, noise), plus a
+    grid and a trace plot (no sidecars). On the tiny CLIP they score both above and below 0."""
+    rng = np.random.default_rng(0)
+    images = [Image.new("RGB", (24, 24), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255)),
+              Image.new("RGB", (24, 24), (0, 255, 0)), Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))]
+    for i, image in enumerate(images[:count]):
+        write_image(path, i, image, model="someone/sd-model", prompts=PROMPTS, mode="and")
+    Image.new("RGB", (64, 32)).save(path / "grid.png")
+    Image.new("RGB", (64, 32)).save(path / "traces.png")
+    return path
+
+
+def report(path):
+    return json.loads(path.read_text())
+
+
+def test_clip_score_is_100_cosine_of_the_model_s_own_embeddings(clip_dir, tmp_path):
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = prompt_folder(tmp_path / "out")
+    r = invoke("eval", folder, "--clip", clip_dir, "--batch-size", 2)
+    assert r.exit_code == 0, r.output
+    out = report(folder / "eval.json")
+    assert [im["file"] for im in out["images"]] == [f"image_{i:03d}.png" for i in range(4)]  # no grid, no traces
+    # independently: CLIPModel's forward gives normalised embeddings; score = max(100 cos, 0)
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    tok, proc = CLIPTokenizer.from_pretrained(clip_dir), CLIPImageProcessor.from_pretrained(clip_dir)
+    images = [Image.open(folder / im["file"]).convert("RGB") for im in out["images"]]
+    with torch.no_grad():
+        fwd = model(**tok(PROMPTS, padding=True, return_tensors="pt"), pixel_values=proc(images=images, return_tensors="pt")["pixel_values"])
+    raw = 100 * fwd.image_embeds @ fwd.text_embeds.T
+    assert (raw > 1).any() and (raw < -1).any()  # both sides of the clamp are checked
+    for im, expected in zip(out["images"], raw.clamp_min(0).tolist()):
+        assert im["clip"]["scores"] == pytest.approx(expected, abs=1e-3)
+        assert im["clip"]["min"] == pytest.approx(min(expected), abs=1e-3)
+        assert im["clip"]["mean"] == pytest.approx(sum(expected) / 2, abs=1e-3)
+        assert im["clip"]["min"] <= im["clip"]["mean"] and "attributes" not in im
+    (group,) = out["groups"]
+    mins, means = [im["clip"]["min"] for im in out["images"]], [im["clip"]["mean"] for im in out["images"]]
+    assert group["n"] == group["clip_n"] == 4 and group["prompts"] == PROMPTS and group["mode"] == "and"
+    assert group["clip_min"]["mean"] == pytest.approx(statistics.mean(mins))
+    assert group["clip_min"]["std"] == pytest.approx(statistics.stdev(mins))
+    assert group["clip_mean"]["mean"] == pytest.approx(statistics.mean(means))
+    assert group["clip_mean"]["std"] == pytest.approx(statistics.stdev(means))
+    assert f"{group['clip_min']['mean']:.2f}" in r.output and "wrote" in r.output
+    # one image per forward pass gives the same scores; --json writes elsewhere; eval.json is not an image
+    elsewhere = tmp_path / "other" / "scores.json"
+    (tmp_path / "other").mkdir()
+    r1 = invoke("eval", folder, "--clip", clip_dir, "--batch-size", 1, "--json", elsewhere, "--quiet")
+    assert r1.exit_code == 0, r1.output
+    single = report(elsewhere)
+    for a, b in zip(out["images"], single["images"]):
+        assert a["clip"]["scores"] == pytest.approx(b["clip"]["scores"], abs=1e-4)
+    assert len(single["images"]) == 4 and "wrote" not in r1.output and "CLIP score:" not in r1.output
+
+
+def test_pickled_clip_weights_need_allow_pickle(clip_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "clip-bin"
+    shutil.copytree(clip_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    folder = prompt_folder(tmp_path / "out", count=1)
+    refused = invoke("eval", folder, "--clip", pickled)
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output and not (folder / "eval.json").exists()
+    allowed = invoke("eval", folder, "--clip", pickled, "--allow-pickle", "--quiet")
+    assert allowed.exit_code == 0, allowed.output
+    assert report(folder / "eval.json")["images"][0]["clip"]["scores"][0] > 0  # the solid red image
+
+
+def shapes_of_known_content():
+    """Clean renders picked by label: 3 red circles, a red square, a blue circle, a green triangle;
+    and a blue triangle, a blue circle, a yellow square."""
+    from superdiff.zoo.shapes import COLOURS, SHAPES, sample_shapes
+
+    batch = sample_shapes(400, seed=5, include_held_out=True)
+    labels = [(list(COLOURS)[c], SHAPES[s]) for c, s in zip(batch.colours.tolist(), batch.shapes.tolist())]
+
+    def pick(wanted):
+        used, out = set(), []
+        for w in wanted:
+            i = next(i for i, lab in enumerate(labels) if lab == w and i not in used)
+            used.add(i)
+            out.append((to_pil(batch.images[i]), w))
+        return out
+
+    first = pick([("red", "circle")] * 3 + [("red", "square"), ("blue", "circle"), ("green", "triangle")])
+    second = pick([("blue", "triangle"), ("blue", "circle"), ("yellow", "square")])
+    return first, second
+
+
+def test_attribute_rates_on_a_sweep_folder_of_known_shapes(tmp_path):
+    first, second = shapes_of_known_content()
+    root = tmp_path / "sweep"
+    for i, (im, _) in enumerate(first):
+        write_image(root / "items" / "0001-and-s0-aaaa", i, im, model="embedded-shapes", prompts=["red", "circle"], mode="and")
+    for i, (im, _) in enumerate(second):
+        write_image(root / "items" / "0002-average-s0-bbbb", i, im, model="embedded-shapes", prompts=["blue triangle"], mode="average")
+    # an unfinished item (hidden temporary folder) is not evaluated
+    write_image(root / "items" / ".0003-and-s0-cccc.tmp", 0, first[0][0], model="embedded-shapes", prompts=["red", "circle"], mode="and")
+    (root / "manifest.jsonl").write_text("")
+    r = invoke("eval", root, "--quiet")
+    assert r.exit_code == 0, r.output
+    out = report(root / "eval.json")
+    assert len(out["images"]) == 9 and all(im["file"].startswith("items/000") for im in out["images"])
+    for im, (_, (colour, shape)) in zip(out["images"], first + second):
+        assert (im["attributes"]["colour"], im["attributes"]["shape"]) == (colour, shape)
+        assert "clip" not in im
+    a, b = out["groups"]
+    assert (a["prompts"], a["n"], b["prompts"], b["n"]) == (["red", "circle"], 6, ["blue triangle"], 3)
+    assert a["attributes"]["both_rate"] == 3 / 6 and a["attributes"]["neither_rate"] == 1 / 6
+    assert a["attributes"]["rates"] == {"red": 4 / 6, "circle": 4 / 6}
+    assert b["attributes"]["named"] == ["blue", "triangle"]
+    assert b["attributes"]["both_rate"] == 1 / 3 and b["attributes"]["neither_rate"] == 1 / 3
+    assert b["attributes"]["rates"] == {"blue": 2 / 3, "triangle": 1 / 3}
+    # --quiet: the table only
+    assert r.output.startswith("Attribute checker") and "0.500" in r.output and "wrote" not in r.output
+
+
+def test_digit_metrics_match_the_classifier_on_real_digits(tmp_path):
+    from superdiff.metrics import pil_to_pixels
+    from superdiff.zoo.digits import load_digits_split
+    from superdiff.zoo.experiments import class_entropy
+    from superdiff.zoo.registry import load_digit_classifier
+
+    split = load_digits_split()
+    idx = [int(torch.nonzero(split.test_labels == d)[k]) for d in range(10) for k in range(2)]
+    for i, j in enumerate(idx):
+        write_image(tmp_path, i, to_pil(split.test_images[j]), model="embedded-digits", prompts=["a", "b"], mode="or")
+    r = invoke("eval", tmp_path)
+    assert r.exit_code == 0, r.output
+    (group,) = report(tmp_path / "eval.json")["groups"]
+    saved = pil_to_pixels([Image.open(tmp_path / f"image_{i:03d}.png") for i in range(len(idx))])
+    assert saved.shape == (20, 1, 8, 8)
+    with torch.no_grad():
+        probs = torch.softmax(load_digit_classifier()(saved), -1)
+    fractions = (torch.bincount(probs.argmax(-1), minlength=10) / 20).tolist()
+    assert group["digits"]["class_fractions"] == pytest.approx(fractions)
+    assert group["digits"]["confidence"] == pytest.approx(float(probs.max(-1).values.mean()), abs=1e-6)
+    assert group["digits"]["class_entropy"] == pytest.approx(class_entropy(fractions))
+    assert sum((probs.argmax(-1) == split.test_labels[idx]).tolist()) >= 18  # real digits: read right
+    assert "Digit classifier" in r.output
+
+
+def test_eval_of_a_real_generate_folder(clip_dir, tmp_path):
+    from superdiff.metrics import pil_to_pixels
+    from superdiff.zoo.shapes import read_attributes
+
+    out = tmp_path / "out"
+    g = invoke("generate", "--model", "embedded-shapes", "--and", "blue", "--and", "triangle", "--steps", 4,
+               "--num-images", 3, "--out", out, "--plot", "--quiet")
+    assert g.exit_code == 0, g.output
+    r = invoke("eval", out, "--clip", clip_dir)
+    assert r.exit_code == 0, r.output
+    res = report(out / "eval.json")
+    assert [im["file"] for im in res["images"]] == [f"image_{i:03d}.png" for i in range(3)]
+    colours, shapes = read_attributes(pil_to_pixels([Image.open(out / im["file"]) for im in res["images"]]))
+    for im, c, s in zip(res["images"], colours, shapes):
+        assert im["prompts"] == ["blue", "triangle"] and im["mode"] == "and" and im["model"] == "embedded-shapes"
+        assert im["attributes"] == {"colour": c, "shape": s, "present": {"blue": c == "blue", "triangle": s == "triangle"}}
+        assert len(im["clip"]["scores"]) == 2 and im["clip"]["min"] <= im["clip"]["mean"]
+    (group,) = res["groups"]
+    both = sum(c == "blue" and s == "triangle" for c, s in zip(colours, shapes)) / 3
+    assert group["n"] == 3 and group["attributes"]["both_rate"] == both
+    assert "CLIP score" in r.output and "Attribute checker" in r.output
+    # without its sidecar an image is still found from the settings in its PNG text
+    (out / "image_002.json").unlink()
+    again = invoke("eval", out, "--quiet")
+    assert again.exit_code == 0, again.output
+    assert [im["attributes"] for im in report(out / "eval.json")["images"]] == [im["attributes"] for im in res["images"]]
+
+
+def test_eval_agrees_with_the_sweep_s_own_both_rate(tmp_path):
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text(json.dumps({"prompts": ["red", "circle"], "modes": ["and", "average"]}) + "\n")
+    out = tmp_path / "sweep"
+    s = invoke("sweep", spec, "--out", out, "--model", "embedded-shapes", "--steps", 2, "--num-images", 2, "--quiet")
+    assert s.exit_code == 0, s.output
+    r = invoke("eval", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    groups = {g["mode"]: g for g in report(out / "eval.json")["groups"]}
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {m["settings"]["mode"] for m in manifest} == set(groups) == {"and", "average"}
+    for m in manifest:
+        group = groups[m["settings"]["mode"]]
+        assert group["n"] == 2 and group["attributes"]["both_rate"] == m["metrics"]["both_rate"]
+
+
+def test_without_clip_prompt_models_are_skipped_with_a_note(tmp_path):
+    first, _ = shapes_of_known_content()
+    folder = prompt_folder(tmp_path / "mixed", count=1)
+    write_image(folder, 1, first[0][0], model="embedded-shapes", prompts=["red", "circle"], mode="and")
+    r = invoke("eval", folder)
+    assert r.exit_code == 0, r.output
+    assert "note: CLIP score skipped for 1 image(s) of someone/sd-model" in r.output and "--clip" in r.output
+    out = report(folder / "eval.json")
+    assert [sorted(k for k in im if k in ("clip", "attributes")) for im in out["images"]] == [[], ["attributes"]]
+    assert out["notes"] and [g["n"] for g in out["groups"]] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "make, extra, needle",
+    [
+        (lambda p: p / "missing", [], "does not exist"),
+        (lambda p: (p / "file.png").write_bytes(b"x") and p / "file.png", [], "not a folder"),
+        (lambda p: p, [], "no generated images"),
+        (lambda p: prompt_folder(p, count=0), [], "no generated images"),  # grid and traces only
+        (lambda p: prompt_folder(p, count=1), [], "--clip"),  # nothing to score without CLIP
+        (lambda p: prompt_folder(p, count=1), ["--clip", "./no-such-clip"], "no such folder"),
+        (lambda p: prompt_folder(p, count=1), ["--clip", "someone/not-a-cached-clip"], "local CLIP folder"),
+        (lambda p: prompt_folder(p, count=1), ["--clip", "x", "--batch-size", "0"], "--batch-size"),
+        (lambda p: prompt_folder(p, count=1) and (p / "image_000.json").write_text("{oops") and p, [], "not valid JSON"),
+    ],
+)
+def test_bad_input_exits_2(tmp_path, monkeypatch, make, extra, needle):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    target = make(folder)
+    r = invoke("eval", target, *extra)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output
+
+
+def test_help_has_an_example():
+    r = invoke("eval", "--help")
+    assert r.exit_code == 0 and "superdiff eval" in r.output and "--clip" in r.output
