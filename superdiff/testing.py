@@ -8,7 +8,6 @@ list of words. Reused by the pipeline tests and the CLI tests.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Sequence
@@ -37,57 +36,13 @@ WORDS: tuple[str, ...] = (
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def write_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str] = WORDS, model_max_length: int = 16) -> str:
-    """Write ``vocab.json``, ``merges.txt`` and a tokenizer config for :class:`~transformers.CLIPTokenizer`.
+    """Write ``vocab.json``, ``merges.txt`` and a tokenizer config for :class:`~transformers.CLIPTokenizer`
+    in which every word of ``words`` is one token (the embedded shapes model's writer,
+    :func:`superdiff.zoo.tokenizer.write_tokenizer`, over this list). Returns the directory."""
+    from .zoo.tokenizer import write_tokenizer
 
-    Ids: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1 (also the pad token), then the byte
-    characters, their ``</w>`` forms and one token per merge. Returns the directory.
-    """
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    chars = list(_bytes_to_unicode().values())
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    for c in chars:
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[str] = []
-    for word in words:
-        # Apply the merges so far, lowest rank first, as BPE will; then join what is left, left to
-        # right, so that every word ends as one token whatever merges earlier words introduced.
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        rank = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
-        while len(symbols) > 1:
-            pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
-            best, i = min(pairs)
-            if best == len(rank):
-                break
-            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-        current = symbols[0]
-        for nxt in symbols[1:]:
-            merges.append(f"{current} {nxt}")
-            current = current + nxt
-            vocab.setdefault(current, len(vocab))
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"}, f)
-    return directory
+    return str(write_tokenizer(directory, words, model_max_length))
 
 
 def tiny_clip_tokenizer(directory: str | os.PathLike | None = None, model_max_length: int = 16):

@@ -248,6 +248,19 @@ def test_sd_shapes_outputs_and_determinism(sd_pipe):
     assert big.shape == (2, 4, 16, 12)
 
 
+def test_sd_channels_last_unet_gives_the_same_traces(sd_pipe64):
+    """A memory-format change of the user's UNet (a common speed setting) must not change results."""
+    kw = dict(mode="and", num_inference_steps=3, num_images_per_prompt=2, progress=False, output_type="latent")
+    a = sd_pipe64(PROMPTS, generator=seeded(3), **kw)
+    sd_pipe64.unet.to(memory_format=torch.channels_last)
+    try:
+        b = sd_pipe64(PROMPTS, generator=seeded(3), **kw)
+    finally:
+        sd_pipe64.unet.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(b.images, a.images, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(b.kappa_trace, a.kappa_trace, rtol=1e-7, atol=1e-7)
+
+
 def test_sd_one_batched_network_call_per_step(sd_pipe):
     sizes = []
     handle = sd_pipe.unet.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
