@@ -29,31 +29,47 @@ from .spec import SweepItem, load_spec
 MANIFEST = "manifest.jsonl"
 
 
+def _launch_key() -> str:
+    """A name shared by the processes of one launch and no other: torchrun's rendezvous id where it
+    has one; on one machine, the launcher's pid (the parent of every worker) and port."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return run_id
+    key = f"{os.environ.get('MASTER_ADDR', '')}-{os.environ.get('MASTER_PORT', '')}"
+    if os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE")) == os.environ.get("WORLD_SIZE"):
+        key += f"-{os.getppid()}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
 def _distributed(out_dir: Path):
-    """(rank, world size, barrier, device). Under ``accelerate launch`` the rank and world size come
-    from accelerate's state, or from the launcher's RANK/WORLD_SIZE where no process group exists
-    (several CPU processes); the barrier is then a marker file per rank in ``out_dir``."""
+    """(rank, world size, barrier, device) of this process.
+
+    Under ``accelerate launch`` (or torchrun) the launcher sets RANK, WORLD_SIZE and LOCAL_RANK.
+    A sweep needs no collective communication, so no process group is created (gloo's rendezvous
+    can hang on machines whose host name does not resolve to a reachable address): each process
+    takes every WORLD_SIZE-th item, uses GPU LOCAL_RANK where there are GPUs, and the barrier before
+    rank 0's merge is a marker file per rank, named for this launch so an earlier run's markers never count.
+    """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        try:
-            from accelerate import PartialState
+    if world <= 1:
+        return 0, 1, (lambda: None), None
+    import torch
 
-            state = PartialState()
-            if state.num_processes > 1:
-                return state.process_index, state.num_processes, state.wait_for_everyone, str(state.device)
-        except ImportError:  # pragma: no cover - the sweep extra installs accelerate
-            pass
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if torch.cuda.is_available() else None
+    key = _launch_key()
 
-        def file_barrier(timeout: float = 3600.0) -> None:
-            (out_dir / f".done.rank{rank}").write_text("done\n")
-            start = time.monotonic()
-            while not all((out_dir / f".done.rank{r}").exists() for r in range(world)):
-                if time.monotonic() - start > timeout:
-                    raise RuntimeError("other sweep processes did not finish; run the sweep again to merge their work")
-                time.sleep(0.2)
+    def file_barrier(timeout: float = 24 * 3600.0) -> None:
+        """Every rank leaves its marker; only rank 0, which merges, waits for all of them."""
+        (out_dir / f".done.{key}.rank{rank}").write_text("done\n")
+        if rank != 0:
+            return
+        start = time.monotonic()
+        while not all((out_dir / f".done.{key}.rank{r}").exists() for r in range(world)):
+            if time.monotonic() - start > timeout:
+                raise RuntimeError("other sweep processes did not finish; run the sweep again to merge their work")
+            time.sleep(0.2)
 
-        return rank, world, file_barrier, None
-    return 0, 1, (lambda: None), None
+    return rank, world, file_barrier, device
 
 
 def read_manifest(out_dir: Path) -> dict[str, dict]:
@@ -146,8 +162,6 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
     items = load_spec(spec, defaults)
     ensure_writable_dir(out_dir, "--out")
     rank, world, barrier, acc_device = _distributed(out_dir)
-    for marker in out_dir.glob(f".done.rank{rank}"):
-        marker.unlink()
     dev = resolve_device(acc_device or device)
     torch_dtype = resolve_dtype(dtype, dev)
     done = read_manifest(out_dir)
@@ -206,7 +220,7 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
     barrier()
     if rank == 0:
         records = merge_and_summarise(out_dir)
-        for marker in out_dir.glob(".done.rank*"):
-            marker.unlink()
+        for marker in out_dir.glob(".done.*"):
+            marker.unlink(missing_ok=True)
         if not quiet:
             click.echo(f"{len(records)} items in {out_dir / MANIFEST}; metrics in {out_dir / 'metrics.csv'}")

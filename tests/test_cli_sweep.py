@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -91,10 +92,17 @@ def test_sweep_is_data_parallel_under_accelerate(tiny_model, tmp_path):
     spec, out = write_spec(tmp_path, tiny_model), tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "superdiff_cli.main", "sweep", str(spec), "--out", str(out),
+           "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "superdiff_cli.main", "sweep", str(spec), "--out", str(out),
            "--model", tiny_model, "--steps", "3", "--num-images", "1", "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env["LOGLEVEL"] = "INFO"  # torchrun's launcher says how far it got, should this ever hang again
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"accelerate launch did not finish in 240 s; its output:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
     records = manifest(out)
     assert len(records) == 4 and {r["rank"] for r in records} == {0, 1}
     assert not list(out.glob("manifest.rank*.jsonl"))
