@@ -13,6 +13,7 @@ from .models import EMBEDDED, load_model, resolve_device, resolve_dtype
 from .output import ensure_writable_dir, save_generation
 
 MODES = ("and", "or", "average", "sum")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def parse_log_weights(text: str | None) -> list[float] | None:
@@ -75,12 +76,14 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("superdiff-out"), show_default=True)
 @click.option("--plot", is_flag=True, help="Also write traces.png (κ and log-densities per step).")
 @click.option("--allow-pickle", is_flag=True, help="Also read non-safetensors weights (only for models you trust).")
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=None,
+              help="torch.compile the network with this mode; the first step pays the compilation.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
 def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple[str, ...], or_: tuple[str, ...],
              negative_prompt: str | None, steps: int, guidance: float | None, temperature: float, log_weights: str | None,
              seed: int, num_images: int, height: int | None, width: int | None, dtype: str, device: str,
-             out_dir: Path, plot: bool, allow_pickle: bool, quiet: bool) -> None:
+             out_dir: Path, plot: bool, allow_pickle: bool, compile_mode: str | None, quiet: bool) -> None:
     """Generate images composing prompts with SuperDiff AND / OR (or the baselines).
 
     Writes one PNG per image (settings in its text metadata), a JSON sidecar per image (prompts,
@@ -117,6 +120,11 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     scale = loaded.default_guidance if guidance is None else guidance
     import torch
 
+    if compile_mode is not None:
+        from superdiff.pipelines import compile_networks
+
+        compile_networks(loaded.pipeline, mode=compile_mode)
+
     generator = torch.Generator("cpu").manual_seed(seed)
     call = dict(mode=mode, num_inference_steps=steps, temperature=temperature, log_weights=lw,
                 generator=generator, output_type="pil", progress=not quiet)
@@ -130,7 +138,8 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     result = loaded.pipeline(**call)
     settings = generation_settings(model=model, prompts=items, mode=mode, steps=steps, guidance=scale,
                                    temperature=temperature, log_weights=lw, seed=seed, dtype=str(torch_dtype).replace("torch.", ""),
-                                   device=dev, negative_prompt=negative_prompt, height=height, width=width)
+                                   device=dev, negative_prompt=negative_prompt, height=height, width=width,
+                                   compile=compile_mode)
     files = save_generation(out_dir, result, settings, plot=plot)
     if not quiet:
         click.echo(f"wrote {len(files)} files to {out_dir}")

@@ -81,3 +81,27 @@ def test_allow_pickle_still_reads_safetensors_folders(tiny_model, tmp_path):
                "--steps", "2", "--num-images", "1", "--out", str(tmp_path / "p"), "--allow-pickle", "--quiet")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "p" / "image_000.png").exists()
+
+
+def test_generate_compile_option_compiles_the_network(tiny_model, tmp_path, monkeypatch):
+    """--compile MODE hands the pipeline's UNet to torch.compile with that mode, and the images are
+    those of the uncompiled run (the "eager" backend stands in for inductor's minutes of codegen)."""
+    import torch
+
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(module, **kwargs):
+        calls.append((type(module).__name__, kwargs))
+        return real_compile(module, backend="eager")
+
+    args = ["--and", "a red circle", "--and", "a blue square", "--steps", "2", "--num-images", "1", "--quiet"]
+    assert invoke("generate", "--model", tiny_model, *args, "--out", str(tmp_path / "plain")).exit_code == 0
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    r = invoke("generate", "--model", tiny_model, *args, "--compile", "max-autotune", "--out", str(tmp_path / "compiled"))
+    assert r.exit_code == 0, r.output
+    assert calls == [("UNet2DConditionModel", {"mode": "max-autotune"})]
+    plain = Image.open(tmp_path / "plain" / "image_000.png")
+    compiled = Image.open(tmp_path / "compiled" / "image_000.png")
+    assert list(plain.getdata()) == list(compiled.getdata())
+    assert json.loads((tmp_path / "compiled" / "image_000.json").read_text())["compile"] == "max-autotune"

@@ -261,6 +261,36 @@ def test_sd_channels_last_unet_gives_the_same_traces(sd_pipe64):
     torch.testing.assert_close(b.kappa_trace, a.kappa_trace, rtol=1e-7, atol=1e-7)
 
 
+def test_compiled_networks_give_the_same_samples(sd_pipe64):
+    """compile_networks swaps in torch.compile'd networks; the samples must not change. The "eager"
+    backend runs dynamo's graph capture without code generation (inductor takes minutes here)."""
+    from superdiff.pipelines import SuperDiffUnconditionalPipeline, compile_networks
+    from superdiff.testing import tiny_unconditional_components
+
+    kw = dict(mode="and", num_inference_steps=2, num_images_per_prompt=2, progress=False, output_type="latent")
+    unet = sd_pipe64.unet
+    a = sd_pipe64(PROMPTS, generator=seeded(5), **kw)
+    try:
+        assert compile_networks(sd_pipe64, backend="eager") is sd_pipe64
+        compiled = sd_pipe64.unet
+        assert compiled is not unet and compiled._orig_mod is unet
+        assert compile_networks(sd_pipe64, backend="eager").unet is compiled  # idempotent
+        b = sd_pipe64(PROMPTS, generator=seeded(5), **kw)
+    finally:
+        sd_pipe64.unet = unet
+    torch.testing.assert_close(b.images, a.images, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.kappa_trace, a.kappa_trace, rtol=1e-10, atol=1e-10)
+
+    stack = SuperDiffUnconditionalPipeline(**tiny_unconditional_components(num_models=2))
+    ukw = dict(batch_size=2, mode="or", num_inference_steps=2, output_type="pt", progress=False)
+    c = stack(generator=seeded(0), **ukw)
+    compile_networks(stack, backend="eager")
+    assert all(hasattr(u, "_orig_mod") for u in stack.unets)
+    torch.testing.assert_close(stack(generator=seeded(0), **ukw).images, c.images)
+    with pytest.raises(ValueError, match="no unet, transformer or unets"):
+        compile_networks(object())
+
+
 def test_sd_one_batched_network_call_per_step(sd_pipe):
     sizes = []
     handle = sd_pipe.unet.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))

@@ -2,6 +2,7 @@
 (Stable Diffusion 1.x/2.x, SDXL, SD3-style flow transformers) or separately trained unconditional
 UNets, with OR / AND / average / sum, in diffusers' conventions."""
 
+from .compile import compile_networks
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .flow import SuperDiffFlowPipeline
 from .output import SuperDiffPipelineOutput
@@ -10,6 +11,7 @@ from .sdxl import SuperDiffXLPipeline
 from .unconditional import SuperDiffUnconditionalPipeline
 
 __all__ = [
+    "compile_networks",
     "SuperDiffFlowPipeline",
     "DiffusersDenoiser",
     "Schedule",
