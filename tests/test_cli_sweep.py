@@ -106,3 +106,29 @@ def test_sweep_is_data_parallel_under_accelerate(tiny_model, tmp_path):
     records = manifest(out)
     assert len(records) == 4 and {r["rank"] for r in records} == {0, 1}
     assert not list(out.glob("manifest.rank*.jsonl"))
+
+
+def test_sweep_barrier_counts_only_this_launchs_markers(tmp_path, monkeypatch):
+    """Rank 0 merges only after every rank of THIS launch left its marker; a marker an interrupted
+    earlier launch left behind must not let it merge early. Other ranks never wait."""
+    from superdiff_cli.sweep import _distributed, _launch_key
+
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29555", TORCHELASTIC_RUN_ID="none").items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / ".done.an-earlier-launch.rank1").write_text("done\n")
+    rank, world, barrier, _ = _distributed(tmp_path)
+    assert (rank, world) == (0, 2)
+    with pytest.raises(RuntimeError, match="run the sweep again"):
+        barrier(timeout=0.5)
+    monkeypatch.setenv("RANK", "1")
+    _, _, barrier_1, _ = _distributed(tmp_path)
+    barrier_1(timeout=0.0)  # rank 1 leaves its marker and returns at once
+    monkeypatch.setenv("RANK", "0")
+    _, _, barrier_0, _ = _distributed(tmp_path)
+    barrier_0(timeout=5.0)
+    key = _launch_key()
+    monkeypatch.setenv("MASTER_PORT", "29556")
+    assert _launch_key() != key  # another launch on this machine
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-7")
+    assert _launch_key() == "run-7"  # torchrun's rendezvous id, shared across machines
