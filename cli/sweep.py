@@ -45,8 +45,8 @@ def _distributed(out_dir: Path):
     """(rank, world size, barrier, device) of this process.
 
     Under ``accelerate launch`` (or torchrun) the launcher sets RANK, WORLD_SIZE and LOCAL_RANK.
-    A sweep needs no collective communication, so no process group is created (gloo's rendezvous
-    can hang on machines whose host name does not resolve to a reachable address): each process
+    A sweep needs no collective communication, so no process group is created (with one, a
+    2-process CPU sweep hung on the project's CI machine, cause not pinned down): each process
     takes every WORLD_SIZE-th item, uses GPU LOCAL_RANK where there are GPUs, and the barrier before
     rank 0's merge is a marker file per rank, named for this launch so an earlier run's markers never count.
     """
