@@ -82,6 +82,9 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--samples", type=int, default=None, help="samples per method and seed (default 500; --quick 16)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds are first-seed, first-seed+1, ...; with --resume-dir, run seeds in parallel processes, "
+                        "then once more over all of them to aggregate")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; --quick 12)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
@@ -89,7 +92,7 @@ def main() -> None:
                    help="keep each seed's rows here and reuse those of an earlier, interrupted run with the same settings")
     args = p.parse_args()
     samples = args.samples or (16 if args.quick else 500)
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
     steps = args.steps or (12 if args.quick else 40)
     pair, held_out = ("red", "circle"), ("blue", "triangle")
 
