@@ -91,6 +91,25 @@ def median_time(fn: Callable[[], object], repeats: int, device: str, warmup: int
     return statistics.median(times)
 
 
+def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each of ``fns``, timed in interleaved rounds (a, b, c, a, b, c, ...), so a
+    slow drift of the machine (another tenant, clock changes) falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def emit(result: dict, as_json: bool) -> None:
     """Print a readable summary, and the JSON object as the last line with ``--json``."""
     for key, value in result.items():

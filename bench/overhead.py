@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from common import emit, machine, median_time, parser, sd_denoiser
+from common import emit, interleaved_median_times, machine, parser, sd_denoiser
 from superdiff import And, Fixed, Or, prior_sample, sample_sde
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     dtype = torch.float32 if args.device == "cpu" else torch.float16
     steps = 20 if args.quick else 50
     batch = 2 if args.quick else 4
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (7 if args.quick else 9)
     denoiser, _, latent, params = sd_denoiser(size, 2, args.device, dtype)
     times = denoiser.process.time_grid(steps)
 
@@ -29,9 +29,9 @@ def main() -> None:
         return go
 
     with torch.inference_mode():
-        fixed = median_time(run(Fixed((0.5, 0.5))), repeats, args.device)
-        t_and = median_time(run(And()), repeats, args.device)
-        t_or = median_time(run(Or()), repeats, args.device)
+        timed = interleaved_median_times({"fixed": run(Fixed((0.5, 0.5))), "and": run(And()), "or": run(Or())},
+                                         repeats, args.device)
+        fixed, t_and, t_or = timed["fixed"], timed["and"], timed["or"]
     emit(
         {
             "benchmark": "overhead",

@@ -19,7 +19,7 @@ __all__ = ["DemoConfig", "run_demo", "format_demo_table"]
 class DemoConfig:
     digits_samples: int = 200
     shapes_samples: int = 32
-    steps: int = 40
+    steps: int = 25
     guidance_scale: float = 5.0
     pair: tuple[str, str] = ("red", "circle")
     held_out_pair: tuple[str, str] = ("blue", "triangle")
