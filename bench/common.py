@@ -75,20 +75,22 @@ def sd_denoiser(size: str, num_prompts: int, device: str, dtype: torch.dtype, se
     return denoiser, unet, latent, sum(p.numel() for p in unet.parameters())
 
 
+def wall_time(fn: Callable[[], object], device: str) -> float:
+    """Seconds one call of ``fn`` takes, waiting for the GPU's queued work on CUDA."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def median_time(fn: Callable[[], object], repeats: int, device: str, warmup: int = 1) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(wall_time(fn, device) for _ in range(repeats))
 
 
 def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
@@ -100,13 +102,7 @@ def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int,
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(wall_time(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
