@@ -121,11 +121,13 @@ def test_sweep_barrier_counts_only_this_launchs_markers(tmp_path, monkeypatch):
     assert (rank, world) == (0, 2)
     with pytest.raises(RuntimeError, match="run the sweep again"):
         barrier(timeout=0.5)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
     monkeypatch.setenv("RANK", "1")
-    _, _, barrier_1, _ = _distributed(tmp_path)
-    barrier_1(timeout=0.0)  # rank 1 leaves its marker and returns at once
+    _, _, barrier_1, _ = _distributed(fresh)
+    barrier_1(timeout=0.0)  # rank 1 leaves its marker and returns at once, before rank 0 has finished
     monkeypatch.setenv("RANK", "0")
-    _, _, barrier_0, _ = _distributed(tmp_path)
+    _, _, barrier_0, _ = _distributed(fresh)
     barrier_0(timeout=5.0)
     key = _launch_key()
     monkeypatch.setenv("MASTER_PORT", "29556")
