@@ -11,12 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import is_compiled_module
 
 __all__ = ["compile_networks"]
-
-
-def _is_compiled(module: Any) -> bool:
-    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def compile_networks(pipe: Any, **compile_kwargs: Any) -> Any:
@@ -33,12 +30,12 @@ def compile_networks(pipe: Any, **compile_kwargs: Any) -> Any:
         network = getattr(pipe, name, None)
         if network is not None:
             found = True
-            if not _is_compiled(network):
+            if not is_compiled_module(network):
                 setattr(pipe, name, torch.compile(network, **compile_kwargs))
     unets = getattr(pipe, "unets", None)
     if isinstance(unets, list):
         found = True
-        pipe.unets = [u if _is_compiled(u) else torch.compile(u, **compile_kwargs) for u in unets]
+        pipe.unets = [u if is_compiled_module(u) else torch.compile(u, **compile_kwargs) for u in unets]
     if not found:
         raise ValueError(f"{type(pipe).__name__} has no unet, transformer or unets to compile; pass a superdiff pipeline")
     return pipe
