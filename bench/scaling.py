@@ -2,14 +2,15 @@
 
 Time per step should grow with the network's batch (M + 1 evaluations per image), while the
 SuperDiff work (κ by AND, density updates, mixing, noise) stays under 2% of a step. That share is
-measured by re-running the identical sampler with the network replaced by a cached output.
+measured by re-running the identical sampler with the network replaced by a cached output, the two
+timed in interleaved rounds so that the machine's drift falls on both alike.
 """
 
 from __future__ import annotations
 
 import torch
 
-from common import emit, machine, median_time, parser, sd_denoiser
+from common import emit, interleaved_median_times, machine, parser, sd_denoiser
 from superdiff import And, prior_sample, sample_sde
 
 
@@ -29,7 +30,7 @@ def main() -> None:
     dtype = torch.float32 if args.device == "cpu" else torch.float16
     steps = 10 if args.quick else 30
     batch = 1 if args.quick else 2
-    repeats = args.repeats or 3
+    repeats = args.repeats or 5
     per_step, fractions = {}, {}
     for m in (2, 4, 8):
         denoiser, _, latent, params = sd_denoiser(size, m, args.device, dtype)
@@ -42,10 +43,10 @@ def main() -> None:
             return go
 
         with torch.inference_mode():
-            full = median_time(run(denoiser), repeats, args.device)
             x0 = prior_sample(denoiser, batch, latent, torch.Generator().manual_seed(0), args.device)
             cached = CachedDenoiser(denoiser, denoiser(x0, times[0]))
-            combine_only = median_time(run(cached), repeats, args.device)
+            timed = interleaved_median_times({"full": run(denoiser), "combine_only": run(cached)}, repeats, args.device)
+            full, combine_only = timed["full"], timed["combine_only"]
         per_step[str(m)] = round(full / steps, 5)
         fractions[str(m)] = round(combine_only / full, 4)
     emit(

@@ -93,41 +93,54 @@ def and_weights(
 
     Solves ``[A −1; 1ᵀ 0] [κ; λ] = [target − b; 1]`` per sample in float64. Singular systems
     (for example two identical models) get the minimum-norm solution, which splits the weight
-    evenly between indistinguishable models; singular values below ``rtol`` times the largest
-    are treated as zero. κ is not constrained to [0, 1].
+    evenly between indistinguishable models; singular values at or below ``rtol`` times the
+    largest are treated as zero. Nothing here waits for the device. κ is not constrained to [0, 1].
     """
-    a = torch.nan_to_num(increment_matrix.to(torch.float64))
-    b = torch.nan_to_num(increment_offset.to(torch.float64))
-    batch, m, _ = a.shape
+    a = increment_matrix.to(torch.float64)
+    b = increment_offset.to(torch.float64)
+    m = a.shape[-1]
     rhs_top = -b if target_offsets is None else target_offsets.to(torch.float64) - b
-    # Each sample's equations may be rescaled freely (λ absorbs it): bring A to unit size.
-    scale = a.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)
+    # Each sample's equations may be rescaled freely (λ absorbs it): singular values, and the
+    # slope for M = 2, are compared with the largest entry of A.
+    scale = a.abs().amax(dim=(-2, -1))
     if m == 2:
-        return _and_weights_two(a / scale[:, None, None], rhs_top / scale[:, None], rtol)
+        return _and_weights_two(a, rhs_top, rtol * scale)
+    a, rhs_top, scale = torch.nan_to_num(a), torch.nan_to_num(rhs_top), torch.nan_to_num(scale)
+    scale = scale.clamp_min(torch.finfo(torch.float64).tiny)
+    batch = a.shape[0]
     system = torch.zeros(batch, m + 1, m + 1, dtype=torch.float64, device=a.device)
     system[:, :m, :m] = a / scale[:, None, None]
     system[:, :m, m] = -1.0
     system[:, m, :m] = 1.0
     rhs = torch.ones(batch, m + 1, 1, dtype=torch.float64, device=a.device)
     rhs[:, :m, 0] = rhs_top / scale[:, None]
-    solution = torch.linalg.pinv(system, rtol=rtol) @ rhs
-    kappa = solution[:, :m, 0]
-    uniform = torch.full_like(kappa, 1.0 / m)
-    return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, uniform)
+    kappa = _min_norm_solve(system, rhs, rtol)[:, :m, 0]
+    return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, 1.0 / m)
 
 
-def _and_weights_two(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
+def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
+    """``pinv(system, rtol=rtol) @ rhs`` from one SVD.
+
+    Unlike ``torch.linalg.pinv``, ``torch.linalg.svd`` does not synchronise a CUDA device with the
+    host (torch's documentation), so the AND step stays asynchronous for any number of models.
+    """
+    u, s, vh = torch.linalg.svd(system)
+    s_inv = torch.where(s > rtol * s[..., :1], s.reciprocal(), 0.0)  # singular values come sorted, largest first
+    return vh.mT @ (s_inv[..., None] * (u.mT @ rhs))
+
+
+def _and_weights_two(a: Tensor, rhs: Tensor, atol: Tensor) -> Tensor:
     """The closed form for M = 2 (the paper's κ): eliminate κ₂ = 1 − κ₁ and λ.
 
     Row i reads ``Aᵢ₁κ₁ + Aᵢ₂(1 − κ₁) − λ = rhsᵢ``; subtracting the rows gives one linear equation
-    in κ₁. A vanishing slope (indistinguishable models) gives κ = (½, ½), as the minimum-norm
-    solution of the general case does. No host synchronisation, no matrix factorisation.
+    in κ₁. A slope at or below ``atol`` (indistinguishable models), or any non-finite input, gives
+    κ = (½, ½), as the minimum-norm solution of the general case does. No host synchronisation,
+    no matrix factorisation.
     """
-    slope = (a[:, 0, 0] - a[:, 1, 0]) - (a[:, 0, 1] - a[:, 1, 1])
-    value = (rhs[:, 0] - rhs[:, 1]) - (a[:, 0, 1] - a[:, 1, 1])
-    singular = slope.abs() <= rtol
-    k1 = torch.where(singular, torch.full_like(slope, 0.5), value / torch.where(singular, torch.ones_like(slope), slope))
-    k1 = torch.where(torch.isfinite(k1), k1, torch.full_like(k1, 0.5))
+    row_gap = a[:, 0] - a[:, 1]  # (B, 2)
+    slope = row_gap[:, 0] - row_gap[:, 1]
+    k1 = ((rhs[:, 0] - rhs[:, 1]) - row_gap[:, 1]) / slope
+    k1 = torch.where((slope.abs() > atol) & torch.isfinite(k1), k1, 0.5)
     return torch.stack([k1, 1.0 - k1], dim=-1)
 
 

@@ -248,6 +248,7 @@ def sample_sde(
         )
         for i in range(steps)
     ]
+    times_host = times.tolist()  # read once: the loop itself never reads a tensor back to the host
     log_q_trace = [log_q]
     kappa_trace: list[Tensor] = []
     kappa = torch.full((batch, plan.num_models), 1.0 / plan.num_models, dtype=x.dtype, device=x.device)
@@ -261,18 +262,21 @@ def sample_sde(
             x = x0_mix
         else:
             noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
+            # One float64 copy of the predictions and the noise serves the system and the update.
+            denoised64 = denoised.reshape(plan.num_models, batch, -1).to(torch.float64)
+            noise64 = noise.reshape(batch, -1).to(torch.float64)
             system = (None, None)
             if combiner.needs_system:
-                base, scale = _system_base(denoised, unconditional, guidance_scale)
-                system = ito_increment_system(denoised, base, scale, noise, c)
+                base, scale = _system_base(denoised64, unconditional, guidance_scale)
+                system = ito_increment_system(denoised64, base, scale, noise64, c)
             kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps)).to(x.dtype)
             x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional, combiner.affine)
-            log_q = log_q + ito_log_density_increment(denoised, x0_mix, x, noise, c)
+            log_q = log_q + ito_log_density_increment(denoised64, x0_mix, x, noise64, c)
             x = c.c_x * x + c.c_0 * x0_mix + noise
         log_q_trace.append(log_q)
         kappa_trace.append(kappa)
         if callback is not None:
-            callback(StepInfo(i, float(times[i + 1]), x, x0_mix, kappa, log_q))
+            callback(StepInfo(i, times_host[i + 1], x, x0_mix, kappa, log_q))
     return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
 
 

@@ -36,12 +36,24 @@ def test_and_weights_equalise_the_increments(m):
     assert float(spread.max()) < 1e-9
 
 
+@pytest.mark.parametrize("m", [2, 3])
+def test_and_weights_do_not_depend_on_the_scale_of_the_system(m):
+    g = torch.Generator().manual_seed(10 + m)
+    e = torch.randn(3, m, 8, generator=g, dtype=torch.float64)
+    a, b = e @ e.transpose(1, 2), torch.randn(3, m, generator=g, dtype=torch.float64)
+    kappa = and_weights(a, b)
+    assert float((kappa - 1 / m).abs().max()) > 1e-3  # a system with a non-trivial answer
+    for factor in (1e-30, 1e30):
+        torch.testing.assert_close(and_weights(a * factor, b * factor), kappa)
+
+
 def test_and_with_identical_models_splits_evenly_and_never_nans():
     e = torch.randn(4, 1, 6, dtype=torch.float64).expand(4, 3, 6)
     a = e @ e.transpose(1, 2)
     b = torch.randn(4, 1, dtype=torch.float64).expand(4, 3)
     kappa = and_weights(a, b)
     torch.testing.assert_close(kappa, torch.full((4, 3), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(and_weights(a[:, :2, :2], b[:, :2]), torch.full((4, 2), 0.5, dtype=torch.float64))
     # two identical, one different: the identical pair shares its weight equally
     e2 = torch.randn(4, 3, 6, dtype=torch.float64)
     e2[:, 1] = e2[:, 0]

@@ -1,9 +1,12 @@
 """Samplers against exact densities of Gaussian mixtures (paper Figure 2 set-up and more)."""
 
 import math
+import traceback
 
 import pytest
 import torch
+from torch.ops import aten
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from superdiff import (
     And,
@@ -152,6 +155,47 @@ def test_seeded_runs_repeat_and_callback_sees_every_step():
     a, _ = run(models, And(), 50, n=64, callback=lambda info: seen.append(info.step))
     b, _ = run(models, And(), 50, n=64)
     assert torch.equal(a.samples, b.samples) and seen == list(range(50))
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every op that copies a tensor's value to the host (on CUDA, a device sync), once armed."""
+
+    READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default}
+
+    def __init__(self):
+        super().__init__()
+        self.armed, self.reads = False, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.armed and func in self.READS:
+            where = [f for f in traceback.extract_stack() if "superdiff" in f.filename and "tests" not in f.filename]
+            self.reads.append(f"{func} at {where[-1].filename}:{where[-1].lineno}" if where else str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "combiner, models, guided", [(And(), 2, True), (And(), 3, False), (Or(), 2, True), (Average(3), 3, False)]
+)
+def test_the_step_loop_never_reads_a_tensor_back_to_the_host(combiner, models, guided):
+    """Validation may read values; after the first network call nothing may wait for the device."""
+    reads = _HostReads()
+    slopes = torch.linspace(-0.5, 0.8, models + guided, dtype=torch.float64)
+
+    class LinearDenoiser:  # depends on x only, so the sampler is all that runs under the mode
+        process, num_outputs = VPLinear(), models + guided
+
+        def __call__(self, x, t):
+            reads.armed = True
+            return torch.stack([s * x + 0.1 * k for k, s in enumerate(slopes)])
+
+    g = torch.Generator().manual_seed(0)
+    x = prior_sample(LinearDenoiser(), 4, (3, 5), generator=g, dtype=torch.float64)
+    times = VPLinear().time_grid(6)
+    with reads:
+        out = sample_sde(LinearDenoiser(), x, times, combiner, guidance_scale=3.0 if guided else None, generator=g,
+                         final_denoise=True, callback=lambda info: None)
+    assert reads.armed and bool(torch.isfinite(out.samples).all())
+    assert reads.reads == []
 
 
 def test_final_denoise_lands_on_the_mixed_prediction():
