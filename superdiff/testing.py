@@ -208,10 +208,28 @@ def tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | os.PathLike | None 
     )
 
 
-def tiny_sd3_components(seed: int = 0, vae: bool = True, tokenizer_dir: str | os.PathLike | None = None) -> dict:
-    """SD3-shaped components: two CLIP encoders with projection (no T5: its branch is zeros, as in
-    diffusers when ``text_encoder_3=None``), an :class:`~diffusers.SD3Transformer2DModel`, a VAE
-    with a shift factor and a :class:`~diffusers.FlowMatchEulerDiscreteScheduler`."""
+def tiny_t5(seed: int = 0, d_model: int = 32, words: Sequence[str] = WORDS):
+    """A :class:`~transformers.T5TokenizerFast` (a unigram vocabulary of ``words`` plus single
+    letters, built in memory: nothing is downloaded) and a seeded one-layer
+    :class:`~transformers.T5EncoderModel` of width ``d_model``."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def tiny_sd3_components(
+    seed: int = 0, vae: bool = True, tokenizer_dir: str | os.PathLike | None = None, t5: bool = False
+) -> dict:
+    """SD3-shaped components: two CLIP encoders with projection, a T5 encoder with ``t5=True``
+    (else none: its branch is zeros, as in diffusers when ``text_encoder_3=None``), an
+    :class:`~diffusers.SD3Transformer2DModel`, a VAE with a shift factor and a
+    :class:`~diffusers.FlowMatchEulerDiscreteScheduler`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     tokenizer = tiny_clip_tokenizer(tokenizer_dir)
@@ -228,6 +246,7 @@ def tiny_sd3_components(seed: int = 0, vae: bool = True, tokenizer_dir: str | os
         joint_attention_dim=32,
         pooled_projection_dim=64,
     ).eval()
+    t5_tokenizer, t5_encoder = tiny_t5(seed + 2, d_model=32) if t5 else (None, None)
     return dict(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -236,8 +255,8 @@ def tiny_sd3_components(seed: int = 0, vae: bool = True, tokenizer_dir: str | os
         tokenizer=tokenizer,
         text_encoder_2=tiny_clip_text_model(tokenizer, hidden_size=16, projection_dim=32, seed=seed + 1),
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=t5_encoder,
+        tokenizer_3=t5_tokenizer,
     )
 
 

@@ -578,20 +578,21 @@ def test_sdxl_images_determinism_round_trip_and_from_pipe(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def sd3_pipes(tmp_path, vae=True):
+def sd3_pipes(tmp_path, vae=True, t5=False):
     from diffusers import StableDiffusion3Pipeline
 
     from superdiff.pipelines import SuperDiffFlowPipeline
     from superdiff.testing import tiny_sd3_components
 
-    comps = tiny_sd3_components(vae=vae, tokenizer_dir=tmp_path)
+    comps = tiny_sd3_components(vae=vae, tokenizer_dir=tmp_path, t5=t5)
     ours = SuperDiffFlowPipeline(**comps)
     return ours, StableDiffusion3Pipeline(**comps)
 
 
-@pytest.mark.parametrize("mode", ["and", "or"])
-def test_flow_traces_match_independent_loop(mode, tmp_path):
-    ours, sd3 = sd3_pipes(tmp_path)
+@pytest.mark.parametrize("mode, t5", [("and", False), ("or", False), ("and", True)])
+def test_flow_traces_match_independent_loop(mode, t5, tmp_path):
+    ours, sd3 = sd3_pipes(tmp_path, t5=t5)
+    assert (ours.text_encoder_3 is not None) == t5
     ours.to(torch.float64)
     out, states = run_with_states(ours, PROMPTS, mode=mode, num_inference_steps=STEPS, guidance_scale=4.0, num_images_per_prompt=2,
                                   generator=seeded(6), output_type="latent", progress=False, max_sequence_length=8)
