@@ -12,6 +12,7 @@ be reused for separately trained models, prompts of one network, or exact mixtur
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -60,10 +61,19 @@ class Combiner(Protocol):
     def __call__(self, inputs: CombineInputs) -> Tensor: ...
 
 
+@functools.lru_cache(maxsize=64)
+def _device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A constant vector on ``device``, copied there once per (values, dtype, device), not every step."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _log_weights_tensor(log_weights: Sequence[float] | Tensor | None, m: int, like: Tensor) -> Tensor:
     if log_weights is None:
-        return torch.zeros(m, dtype=like.dtype, device=like.device)
-    lw = torch.as_tensor(log_weights, dtype=like.dtype, device=like.device)
+        return like.new_zeros(m)
+    if isinstance(log_weights, Tensor):
+        lw = log_weights.to(dtype=like.dtype, device=like.device)
+    else:
+        lw = _device_constant(tuple(float(v) for v in log_weights), like.dtype, like.device)
     if lw.shape != (m,):
         raise ValueError(f"log_weights must have one entry per model ({m}), got shape {tuple(lw.shape)}")
     return lw
@@ -107,13 +117,12 @@ def and_weights(
         return _and_weights_two(a, rhs_top, rtol * scale)
     a, rhs_top, scale = torch.nan_to_num(a), torch.nan_to_num(rhs_top), torch.nan_to_num(scale)
     scale = scale.clamp_min(torch.finfo(torch.float64).tiny)
-    batch = a.shape[0]
-    system = torch.zeros(batch, m + 1, m + 1, dtype=torch.float64, device=a.device)
-    system[:, :m, :m] = a / scale[:, None, None]
-    system[:, :m, m] = -1.0
-    system[:, m, :m] = 1.0
-    rhs = torch.ones(batch, m + 1, 1, dtype=torch.float64, device=a.device)
-    rhs[:, :m, 0] = rhs_top / scale[:, None]
+    ones = a.new_ones(a.shape[0], m, 1)  # made on the device: no host data enters the step
+    system = torch.cat(
+        [torch.cat([a / scale[:, None, None], -ones], dim=-1), torch.cat([ones.mT, a.new_zeros(a.shape[0], 1, 1)], dim=-1)],
+        dim=-2,
+    )
+    rhs = torch.cat([rhs_top / scale[:, None], ones[:, 0]], dim=-1)[..., None]
     kappa = _min_norm_solve(system, rhs, rtol)[:, :m, 0]
     return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, 1.0 / m)
 

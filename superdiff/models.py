@@ -15,7 +15,7 @@ separately trained models. Exact mixtures (:mod:`superdiff.analytic`) follow the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -54,10 +54,20 @@ class NetworkDenoiser:
     conditions: Tensor | None = None
     time_input: Callable[[Tensor], Tensor] = _identity_time
     dtype: torch.dtype | None = None
+    _repeated: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+
+    def _conditions_for(self, batch: int, device: torch.device) -> Tensor:
+        """The conditions on ``device``, repeated over the batch: made once, not every step."""
+        assert self.conditions is not None
+        cached = self._repeated.get((batch, device))
+        if cached is None or cached[0] is not self.conditions:  # new shape, device or conditions
+            cached = (self.conditions, self.conditions.to(device).repeat_interleave(batch, dim=0))
+            self._repeated = {(batch, device): cached}
+        return cached[1]
 
     @property
     def num_outputs(self) -> int:
@@ -69,12 +79,12 @@ class NetworkDenoiser:
         t = torch.as_tensor(t, dtype=torch.float64)
         net_dtype = self.dtype or x.dtype
         x_in = x.to(net_dtype).repeat(m, *([1] * (x.dim() - 1)))
-        t_in = self.time_input(t).to(device=x.device, dtype=torch.float32).expand(m * batch)
+        # Filled on the device from a host float: no host-to-device copy (and no sync) per step.
+        t_in = torch.full((m * batch,), float(self.time_input(t)), dtype=torch.float32, device=x.device)
         if self.conditions is None:
             out = self.network(x_in, t_in)
         else:
-            cond = self.conditions.to(x.device).repeat_interleave(batch, dim=0)
-            out = self.network(x_in, t_in, cond)
+            out = self.network(x_in, t_in, self._conditions_for(batch, x.device))
         out = out.to(x.dtype).reshape(m, *x.shape)
         return to_denoised(
             out,

@@ -68,9 +68,14 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     """Standard normal noise drawn in float32 on the generator's device, then cast and moved.
 
     CPU generators work for CUDA tensors, and a seed gives the same noise in every precision.
+    The copy to a CUDA device goes through pinned memory without blocking, so a sampler that
+    draws noise every step never waits for the device.
     """
     gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device=device, dtype=dtype)
+    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    if noise.device.type == "cpu" and device.type == "cuda":
+        return noise.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return noise.to(device=device, dtype=dtype)
 
 
 def prior_sample(

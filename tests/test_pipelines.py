@@ -19,6 +19,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.ops import aten
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from superdiff.pipelines import SuperDiffPipeline
 from superdiff.testing import tiny_sd_components
@@ -654,3 +656,53 @@ def test_half_precision_network_keeps_float32_state(tmp_path):
     assert out.log_density_trace.dtype == torch.float64 and torch.isfinite(out.log_density_trace).all()
     assert seen == [(i, torch.float32, (1, 2)) for i in range(3)]
     assert np.isfinite(pipe(PROMPTS, mode="or", num_inference_steps=2, output_type="np", progress=False).images).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-step host-to-device traffic (the meta device plays the accelerator)
+# ------------------------------------------------------------------------------------------------
+
+
+class HostToDeviceCopies(TorchDispatchMode):
+    """Records every copy of a tensor from the host to another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._to_copy.default and kwargs.get("device") is not None:
+            if args[0].device.type == "cpu" and torch.device(kwargs["device"]).type != "cpu":
+                self.copies.append(f"{func} {tuple(args[0].shape)}")
+        if func is aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu":
+            self.copies.append(f"{func} {tuple(args[1].shape)}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "network"])
+def test_a_step_copies_nothing_from_the_host_to_the_device(kind):
+    """Conditions move to the device once; timesteps are filled there from a host float."""
+    from diffusers import EulerDiscreteScheduler
+
+    from superdiff import NetworkDenoiser
+    from superdiff.pipelines.denoisers import DiffusersDenoiser, schedule_from_scheduler
+    from superdiff.testing import tiny_unet_condition
+
+    unet = tiny_unet_condition().to("meta")
+    schedule = schedule_from_scheduler(EulerDiscreteScheduler(), 4)
+    embeds = torch.randn(3, 5, 32)  # on the host, as text encoders running on the CPU leave them
+    if kind == "diffusers":
+        denoiser = DiffusersDenoiser(unet, schedule.process, schedule.prediction, schedule.timestep,
+                                     conditions={"encoder_hidden_states": embeds}, num_outputs=3, scale_input=schedule.scale_input)
+    else:
+        denoiser = NetworkDenoiser(lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, schedule.process, "epsilon",
+                                   conditions=embeds, time_input=schedule.process.timestep)
+    x = torch.zeros(2, 4, 8, 8, device="meta")
+    t = schedule.process.time_grid(4)
+    with HostToDeviceCopies() as first:
+        assert denoiser(x, t[0]).shape == (3, 2, 4, 8, 8)
+    with HostToDeviceCopies() as later:
+        denoiser(x, t[1]), denoiser(x, t[2])
+    assert first.copies != []  # the conditions, once: the check sees copies where there are some
+    assert later.copies == []

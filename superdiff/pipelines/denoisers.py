@@ -87,7 +87,8 @@ class DiffusersDenoiser:
         dtype = self.dtype or x.dtype
         x_scaled = x * c_in
         x_in = x_scaled.to(dtype).repeat(k, *([1] * (x.dim() - 1)))
-        timestep = self.timestep(t).to(dtype=torch.float32).to(device=x.device, non_blocking=True).expand(k * batch)
+        # Filled on the device from a host float: no host-to-device copy (and no sync) per step.
+        timestep = torch.full((k * batch,), float(self.timestep(t)), dtype=torch.float32, device=x.device)
         kwargs = self._conditions_for(batch, dtype, x.device)
         out = self.network(x_in, timestep=timestep, return_dict=False, **kwargs)[0]
         if out.shape[1] == 2 * x.shape[1]:  # a learned variance in the second half of the channels
