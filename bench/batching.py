@@ -47,7 +47,7 @@ def reference_loop(denoiser, x, times, guidance_scale, generator):
 def main() -> None:
     args = parser(__doc__).parse_args()
     size = "tiny" if (args.quick or args.device == "cpu") else "small"
-    steps = 20 if args.quick else 50
+    steps = args.steps or (20 if args.quick else 50)
     batch = 1
     repeats = args.repeats or (3 if args.quick else 5)
     # the reference runs in float32, as the authors' code does; ours in the device's preferred dtype

@@ -33,7 +33,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, finishes in under a minute on 2 CPU cores")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (the median is reported)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (each script's default otherwise)")
     return p
 
 

@@ -85,7 +85,6 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds are first-seed, first-seed+1, ...; with --resume-dir, run seeds in parallel processes, "
                         "then once more over all of them to aggregate")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; --quick 12)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     p.add_argument("--resume-dir", type=Path, default=None,

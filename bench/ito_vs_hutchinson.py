@@ -19,7 +19,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     size = "tiny" if (args.quick or args.device == "cpu") else "small"
     dtype = torch.float32
-    steps = 10 if args.quick else 50
+    steps = args.steps or (10 if args.quick else 50)
     batch = 1
     repeats = args.repeats or (3 if args.quick else 3)
     denoiser, unet, latent, params = sd_denoiser(size, 2, args.device, dtype)

@@ -16,7 +16,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     size = "tiny" if (args.quick or args.device == "cpu") else "small"
     dtype = torch.float32 if args.device == "cpu" else torch.float16
-    steps = 20 if args.quick else 50
+    steps = args.steps or (20 if args.quick else 50)
     batch = 2 if args.quick else 4
     repeats = args.repeats or (7 if args.quick else 9)
     denoiser, _, latent, params = sd_denoiser(size, 2, args.device, dtype)

@@ -28,7 +28,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     size = "tiny" if (args.quick or args.device == "cpu") else "small"
     dtype = torch.float32 if args.device == "cpu" else torch.float16
-    steps = 10 if args.quick else 30
+    steps = args.steps or (10 if args.quick else 30)
     batch = 1 if args.quick else 2
     repeats = args.repeats or 5
     per_step, fractions = {}, {}

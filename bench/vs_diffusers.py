@@ -200,7 +200,6 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--size", choices=("tiny", "small", "sd"), default=None,
                    help="UNet config (bench/common.py): default sd (~860M) on CUDA, tiny on CPU")
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default 50; 8 with --quick)")
     p.add_argument("--batch", type=int, default=None, help="images per call (default 1)")
     p.add_argument("--latent", type=int, default=None, help="latent side (default 64 on CUDA, 32 on CPU)")
     p.add_argument("--threads", type=int, default=None,

@@ -61,9 +61,14 @@ class Combiner(Protocol):
     def __call__(self, inputs: CombineInputs) -> Tensor: ...
 
 
-@functools.lru_cache(maxsize=64)
 def _device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A constant vector on ``device``, copied there once per (values, dtype, device), not every step."""
+    return _cached_constant(values, dtype, device, torch.is_inference_mode_enabled())
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device, inference: bool) -> Tensor:
+    # ``inference`` keys the cache only: a tensor made under inference_mode cannot enter autograd.
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -130,8 +135,9 @@ def and_weights(
 def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     """``pinv(system, rtol=rtol) @ rhs`` from one SVD.
 
-    Unlike ``torch.linalg.pinv``, ``torch.linalg.svd`` does not synchronise a CUDA device with the
-    host (torch's documentation), so the AND step stays asynchronous for any number of models.
+    torch documents that ``torch.linalg.pinv`` synchronises a CUDA device with the host and names
+    no such synchronisation for the forward of ``torch.linalg.svd``: solving through the SVD keeps
+    the AND step asynchronous for any number of models (not yet observed on a GPU here).
     """
     u, s, vh = torch.linalg.svd(system)
     s_inv = torch.where(s > rtol * s[..., :1], s.reciprocal(), 0.0)  # singular values come sorted, largest first

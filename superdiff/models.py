@@ -61,12 +61,16 @@ class NetworkDenoiser:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
 
     def _conditions_for(self, batch: int, device: torch.device) -> Tensor:
-        """The conditions on ``device``, repeated over the batch: made once, not every step."""
+        """The conditions on ``device``, repeated over the batch: made once, not every step.
+
+        Copies made under ``torch.inference_mode`` cannot enter autograd, so they are kept apart.
+        """
         assert self.conditions is not None
-        cached = self._repeated.get((batch, device))
-        if cached is None or cached[0] is not self.conditions:  # new shape, device or conditions
+        key = (batch, device, torch.is_inference_mode_enabled())
+        cached = self._repeated.get(key)
+        if cached is None or cached[0] is not self.conditions:  # new shape, device, mode or conditions
             cached = (self.conditions, self.conditions.to(device).repeat_interleave(batch, dim=0))
-            self._repeated = {(batch, device): cached}
+            self._repeated = {key: cached}
         return cached[1]
 
     @property

@@ -64,13 +64,14 @@ class StepInfo:
     log_q: Tensor
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype) -> Tensor:
     """Standard normal noise drawn in float32 on the generator's device, then cast and moved.
 
     CPU generators work for CUDA tensors, and a seed gives the same noise in every precision.
     The copy to a CUDA device goes through pinned memory without blocking, so a sampler that
     draws noise every step never waits for the device.
     """
+    device = torch.device(device)
     gen_device = generator.device if generator is not None else device
     noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
     if noise.device.type == "cpu" and device.type == "cuda":

@@ -706,3 +706,30 @@ def test_a_step_copies_nothing_from_the_host_to_the_device(kind):
         denoiser(x, t[1]), denoiser(x, t[2])
     assert first.copies != []  # the conditions, once: the check sees copies where there are some
     assert later.copies == []
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "network"])
+def test_cached_conditions_made_under_inference_mode_do_not_reach_autograd(kind):
+    """A denoiser first run under inference_mode (SDE sampling) can then be differentiated (ODE divergences)."""
+    from diffusers import EulerDiscreteScheduler
+
+    from superdiff import NetworkDenoiser
+    from superdiff.pipelines.denoisers import DiffusersDenoiser, schedule_from_scheduler
+    from superdiff.testing import tiny_unet_condition
+
+    unet = tiny_unet_condition()
+    schedule = schedule_from_scheduler(EulerDiscreteScheduler(), 4)
+    embeds = torch.randn(2, 5, 32)
+    if kind == "diffusers":
+        denoiser = DiffusersDenoiser(unet, schedule.process, schedule.prediction, schedule.timestep,
+                                     conditions={"encoder_hidden_states": embeds}, num_outputs=2)
+    else:
+        denoiser = NetworkDenoiser(lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, schedule.process, "epsilon",
+                                   conditions=embeds, time_input=schedule.process.timestep)
+    t = schedule.process.time_grid(4)[1]
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        denoiser(x, t)
+    x.requires_grad_(True)
+    denoiser(x, t).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())

@@ -72,8 +72,9 @@ class DiffusersDenoiser:
         self._expanded: dict[tuple, dict[str, Any]] = {}
 
     def _conditions_for(self, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        """The conditions repeated over a batch, made once per (batch, dtype, device)."""
-        key = (batch, dtype, device)
+        """The conditions repeated over a batch, made once per (batch, dtype, device); copies made
+        under ``torch.inference_mode`` are kept apart, as they cannot enter autograd."""
+        key = (batch, dtype, device, torch.is_inference_mode_enabled())
         if key not in self._expanded:
             self._expanded = {key: {name: _expand(v, batch, dtype, device) for name, v in self.conditions.items()}}
         return self._expanded[key]

@@ -1,0 +1,40 @@
+"""The performance benchmarks run and report every key the README's table reads.
+
+One repeat of 3 steps at the tiny size: this guards the scripts against breaking, not their figures
+(those come from ``python bench/run_all.py`` and are quoted in the README with the machine).
+"""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def table_rows():
+    spec = importlib.util.spec_from_file_location("run_all", BENCH / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ROWS
+
+
+KEYS: dict[str, list[str]] = {}
+for script, key, *_ in table_rows():
+    KEYS.setdefault(script, []).append(key)
+
+
+@pytest.mark.parametrize("script", sorted(KEYS))
+def test_benchmark_runs_and_reports_the_table_keys(script):
+    cmd = [sys.executable, str(BENCH / script), "--quick", "--json", "--repeats", "1", "--steps", "3", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["machine"] and result["steps"] == 3
+    for key in KEYS[script]:
+        values = result[key].values() if isinstance(result[key], dict) else [result[key]]
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values), (key, result[key])
