@@ -155,7 +155,7 @@ def _and_weights_two(a: Tensor, rhs: Tensor, atol: Tensor) -> Tensor:
     row_gap = a[:, 0] - a[:, 1]  # (B, 2)
     slope = row_gap[:, 0] - row_gap[:, 1]
     k1 = ((rhs[:, 0] - rhs[:, 1]) - row_gap[:, 1]) / slope
-    k1 = torch.where((slope.abs() > atol) & torch.isfinite(k1), k1, 0.5)
+    k1 = torch.nan_to_num(torch.where(slope.abs() > atol, k1, 0.5), nan=0.5, posinf=0.5, neginf=0.5)
     return torch.stack([k1, 1.0 - k1], dim=-1)
 
 

@@ -109,7 +109,7 @@ def transition_coefficients(
 
 def _bdot(a: Tensor, b: Tensor) -> Tensor:
     """Inner product over the last dim of float64 tensors with broadcasting."""
-    return (a * b).sum(-1)
+    return torch.linalg.vecdot(a, b)
 
 
 def ito_log_density_increment(
