@@ -94,17 +94,30 @@ def median_time(fn: Callable[[], object], repeats: int, device: str, warmup: int
     return statistics.median(wall_time(fn, device) for _ in range(repeats))
 
 
-def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each of ``fns``, timed in interleaved rounds (a, b, c, a, b, c, ...), so a
-    slow drift of the machine (another tenant, clock changes) falls on all of them alike."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each of ``fns``, timed in interleaved rounds (a, b, c, then c, b, a, ...), so a
+    slow drift of the machine (another tenant, clock changes) falls on all of them alike and no
+    function always runs right after the same other one."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(wall_time(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    order = list(fns)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else reversed(order):
+            times[name].append(wall_time(fns[name], device))
+    return times
+
+
+def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each of ``fns`` over :func:`interleaved_times`' rounds."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, device, warmup).items()}
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the per-round ratio: each pair was timed back to back, so the ratio
+    of a pair is not disturbed by what the machine did in other rounds."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
 
 
 def emit(result: dict, as_json: bool) -> None:

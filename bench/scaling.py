@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from common import emit, interleaved_median_times, machine, parser, sd_denoiser
+import statistics
+
+from common import emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
 from superdiff import And, prior_sample, sample_sde
 
 
@@ -51,11 +53,9 @@ def main() -> None:
             cached = CachedDenoiser(denoiser, denoiser(x0, times[0]))
             # The network-free run is ~50x shorter: time it COMBINE_RUNS times over per round, so both
             # timings span comparable stretches of wall time and the machine's jitter weighs alike.
-            timed = interleaved_median_times({"full": run(denoiser), "combine_only": run(cached, COMBINE_RUNS)},
-                                             repeats, args.device)
-            full, combine_only = timed["full"], timed["combine_only"] / COMBINE_RUNS
-        per_step[str(m)] = round(full / steps, 5)
-        fractions[str(m)] = round(combine_only / full, 4)
+            timed = interleaved_times({"full": run(denoiser), "combine_only": run(cached, COMBINE_RUNS)}, repeats, args.device)
+        per_step[str(m)] = round(statistics.median(timed["full"]) / steps, 5)
+        fractions[str(m)] = round(median_ratio(timed["combine_only"], timed["full"]) / COMBINE_RUNS, 4)
     emit(
         {
             "benchmark": "scaling",
