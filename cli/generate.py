@@ -78,12 +78,15 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--allow-pickle", is_flag=True, help="Also read non-safetensors weights (only for models you trust).")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=None,
               help="torch.compile the network with this mode; the first step pays the compilation.")
+@click.option("--channels-last", is_flag=True,
+              help="Store the network in channels-last memory format (faster fp16/bf16 convolutions on CUDA).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
 def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple[str, ...], or_: tuple[str, ...],
              negative_prompt: str | None, steps: int, guidance: float | None, temperature: float, log_weights: str | None,
              seed: int, num_images: int, height: int | None, width: int | None, dtype: str, device: str,
-             out_dir: Path, plot: bool, allow_pickle: bool, compile_mode: str | None, quiet: bool) -> None:
+             out_dir: Path, plot: bool, allow_pickle: bool, compile_mode: str | None, channels_last: bool,
+             quiet: bool) -> None:
     """Generate images composing prompts with SuperDiff AND / OR (or the baselines).
 
     Writes one PNG per image (settings in its text metadata), a JSON sidecar per image (prompts,
@@ -120,6 +123,10 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     scale = loaded.default_guidance if guidance is None else guidance
     import torch
 
+    if channels_last:
+        from superdiff.pipelines import to_channels_last
+
+        to_channels_last(loaded.pipeline)
     if compile_mode is not None:
         from superdiff.pipelines import compile_networks
 
@@ -139,7 +146,7 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     settings = generation_settings(model=model, prompts=items, mode=mode, steps=steps, guidance=scale,
                                    temperature=temperature, log_weights=lw, seed=seed, dtype=str(torch_dtype).replace("torch.", ""),
                                    device=dev, negative_prompt=negative_prompt, height=height, width=width,
-                                   compile=compile_mode)
+                                   compile=compile_mode, channels_last=channels_last)
     files = save_generation(out_dir, result, settings, plot=plot)
     if not quiet:
         click.echo(f"wrote {len(files)} files to {out_dir}")

@@ -83,25 +83,29 @@ def test_allow_pickle_still_reads_safetensors_folders(tiny_model, tmp_path):
     assert (tmp_path / "p" / "image_000.png").exists()
 
 
-def test_generate_compile_option_compiles_the_network(tiny_model, tmp_path, monkeypatch):
-    """--compile MODE hands the pipeline's UNet to torch.compile with that mode, and the images are
-    those of the uncompiled run (the "eager" backend stands in for inductor's minutes of codegen)."""
+def test_generate_compile_and_channels_last_options(tiny_model, tmp_path, monkeypatch):
+    """--channels-last stores the UNet channels-last, then --compile MODE hands it to torch.compile
+    with that mode; the images are those of the plain run (the "eager" backend stands in for
+    inductor's minutes of codegen)."""
     import torch
 
     calls = []
     real_compile = torch.compile
 
     def recording_compile(module, **kwargs):
-        calls.append((type(module).__name__, kwargs))
+        calls.append((type(module).__name__, kwargs, module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)))
         return real_compile(module, backend="eager")
 
     args = ["--and", "a red circle", "--and", "a blue square", "--steps", "2", "--num-images", "1", "--quiet"]
     assert invoke("generate", "--model", tiny_model, *args, "--out", str(tmp_path / "plain")).exit_code == 0
     monkeypatch.setattr(torch, "compile", recording_compile)
-    r = invoke("generate", "--model", tiny_model, *args, "--compile", "max-autotune", "--out", str(tmp_path / "compiled"))
+    r = invoke("generate", "--model", tiny_model, *args, "--compile", "max-autotune", "--channels-last",
+               "--out", str(tmp_path / "compiled"))
     assert r.exit_code == 0, r.output
-    assert calls == [("UNet2DConditionModel", {"mode": "max-autotune"})]
+    assert calls == [("UNet2DConditionModel", {"mode": "max-autotune"}, True)]
     plain = Image.open(tmp_path / "plain" / "image_000.png")
     compiled = Image.open(tmp_path / "compiled" / "image_000.png")
     assert list(plain.getdata()) == list(compiled.getdata())
-    assert json.loads((tmp_path / "compiled" / "image_000.json").read_text())["compile"] == "max-autotune"
+    sidecar = json.loads((tmp_path / "compiled" / "image_000.json").read_text())
+    assert sidecar["compile"] == "max-autotune" and sidecar["channels_last"] is True
+    assert json.loads((tmp_path / "plain" / "image_000.json").read_text())["channels_last"] is False

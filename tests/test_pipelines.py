@@ -251,11 +251,15 @@ def test_sd_shapes_outputs_and_determinism(sd_pipe):
 
 
 def test_sd_channels_last_unet_gives_the_same_traces(sd_pipe64):
-    """A memory-format change of the user's UNet (a common speed setting) must not change results."""
+    """A memory-format change of the UNet (a common speed setting) must not change results."""
+    from superdiff.pipelines import to_channels_last
+
     kw = dict(mode="and", num_inference_steps=3, num_images_per_prompt=2, progress=False, output_type="latent")
     a = sd_pipe64(PROMPTS, generator=seeded(3), **kw)
-    sd_pipe64.unet.to(memory_format=torch.channels_last)
+    assert not sd_pipe64.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert to_channels_last(sd_pipe64) is sd_pipe64
     try:
+        assert sd_pipe64.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         b = sd_pipe64(PROMPTS, generator=seeded(3), **kw)
     finally:
         sd_pipe64.unet.to(memory_format=torch.contiguous_format)

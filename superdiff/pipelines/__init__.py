@@ -2,7 +2,7 @@
 (Stable Diffusion 1.x/2.x, SDXL, SD3-style flow transformers) or separately trained unconditional
 UNets, with OR / AND / average / sum, in diffusers' conventions."""
 
-from .compile import compile_networks
+from .compile import compile_networks, to_channels_last
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .flow import SuperDiffFlowPipeline
 from .output import SuperDiffPipelineOutput
@@ -12,6 +12,7 @@ from .unconditional import SuperDiffUnconditionalPipeline
 
 __all__ = [
     "compile_networks",
+    "to_channels_last",
     "SuperDiffFlowPipeline",
     "DiffusersDenoiser",
     "Schedule",
