@@ -109,11 +109,6 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device
     return times
 
 
-def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each of ``fns`` over :func:`interleaved_times`' rounds."""
-    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, device, warmup).items()}
-
-
 def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over rounds of the per-round ratio: each pair was timed back to back, so the ratio
     of a pair is not disturbed by what the machine did in other rounds."""

@@ -7,9 +7,9 @@ ratios are medians of per-round ratios (the three samplers run back to back in e
 
 from __future__ import annotations
 
-import torch
-
 import statistics
+
+import torch
 
 from common import emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
 from superdiff import And, Fixed, Or, prior_sample, sample_sde

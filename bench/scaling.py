@@ -8,9 +8,9 @@ timed in interleaved rounds so that the machine's drift falls on both alike.
 
 from __future__ import annotations
 
-import torch
-
 import statistics
+
+import torch
 
 from common import emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
 from superdiff import And, prior_sample, sample_sde

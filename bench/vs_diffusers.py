@@ -3,7 +3,8 @@
 One diffusers pipeline is built from seeded random SD-shaped components; ``SuperDiffPipeline.from_pipe``
 wraps the very same modules. Per step diffusers' CFG calls the UNet on 2·B rows (prompt and
 unconditional), ours on (M+1)·B = 3·B rows (both prompts and the unconditional), so the ratio of
-network evaluations is (1 + M)/2 = 1.5 (``evaluation_bound``). Goal: ratio_and2_vs_cfg ≤ 1.6.
+network evaluations is (1 + M)/2 = 1.5 (``evaluation_bound``). Goal: ratio_and2_vs_cfg ≤ 1.6, the
+median of per-round ratios (the two pipelines run back to back in each round).
 
 ``peak_memory_ratio`` compares the working memory of one call, i.e. the peak above what is resident
 right before it (the loaded modules, identical for both): ``torch.cuda.max_memory_allocated`` on
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from common import emit, machine, parser, unet_config
+from common import emit, interleaved_times, machine, median_ratio, parser, unet_config
 
 M = 2  # prompts composed with AND
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
@@ -92,23 +93,6 @@ def runners(pipe, steps: int, batch: int, latent: int, device: str) -> dict:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def interleaved_times(fns: dict, repeats: int, device: str) -> dict:
-    """Median wall time of each function after one warm-up each; the repeats alternate between the
-    functions (and their order), so background load drifts hit all of them alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def unet_seconds(unet, fn, device: str) -> float:
@@ -223,7 +207,8 @@ def main() -> None:
     params = sum(q.numel() for q in pipe.unet.parameters())
     fns = runners(pipe, args.steps, args.batch, args.latent, args.device)
     with torch.inference_mode():
-        seconds = interleaved_times(fns, repeats, args.device)
+        rounds = interleaved_times(fns, repeats, args.device)
+        seconds = {name: statistics.median(times) for name, times in rounds.items()}
         in_unet = {name: unet_seconds(pipe.unet, fn, args.device) for name, fn in fns.items()}
         if cuda:
             memory = {name: cuda_memory(fn) for name, fn in fns.items()}
@@ -231,7 +216,7 @@ def main() -> None:
         del pipe, fns
         gc.collect()
         memory = {name: cpu_memory_subprocess(name, args) for name in ("cfg", "and2")}
-    ratio = seconds["and2"] / seconds["cfg"]
+    ratio = median_ratio(rounds["and2"], rounds["cfg"])
     emit(
         {
             "benchmark": "vs_diffusers",
