@@ -87,13 +87,6 @@ def wall_time(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def median_time(fn: Callable[[], object], repeats: int, device: str, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(wall_time(fn, device) for _ in range(repeats))
-
-
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
     """Wall times of each of ``fns``, timed in interleaved rounds (a, b, c, then c, b, a, ...), so a
     slow drift of the machine (another tenant, clock changes) falls on all of them alike and no

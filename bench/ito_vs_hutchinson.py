@@ -8,10 +8,12 @@ time over the SDE time with the faster of the two divergence modes; the paper me
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from common import emit, machine, median_time, parser, sd_denoiser
+from common import emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
 from superdiff import Or, prior_sample, sample_ode, sample_sde
 
 
@@ -37,9 +39,8 @@ def main() -> None:
         return lambda: sample_ode(denoiser, start(), times, Or(), guidance_scale=7.5, divergence=mode,
                                   generator=torch.Generator().manual_seed(1))
 
-    t_sde = median_time(sde, repeats, args.device)
-    t_jvp = median_time(ode("hutchinson"), repeats, args.device)
-    t_vjp = median_time(ode("hutchinson_vjp"), repeats, args.device)
+    rounds = interleaved_times({"sde": sde, "jvp": ode("hutchinson"), "vjp": ode("hutchinson_vjp")}, repeats, args.device)
+    t_sde, t_jvp, t_vjp = (statistics.median(rounds[k]) for k in ("sde", "jvp", "vjp"))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         sde()
@@ -57,8 +58,8 @@ def main() -> None:
             "seconds_sde_ito": round(t_sde, 4),
             "seconds_ode_hutchinson_jvp": round(t_jvp, 4),
             "seconds_ode_hutchinson_vjp": round(t_vjp, 4),
-            "speedup": round(min(t_jvp, t_vjp) / t_sde, 3),
-            "speedup_vs_jvp": round(t_jvp / t_sde, 3),
+            "speedup": round(median_ratio(rounds["jvp" if t_jvp <= t_vjp else "vjp"], rounds["sde"]), 3),
+            "speedup_vs_jvp": round(median_ratio(rounds["jvp"], rounds["sde"]), 3),
             **({"peak_memory_ratio_ode_over_sde": round(mem_ode / mem_sde, 3)} if args.device.startswith("cuda") else {}),
         },
         args.json,
