@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.superdiff-installed
 
-.PHONY: setup demo toy test clean
+.PHONY: setup demo toy test bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ toy: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
+
+# The README's performance table; on a GPU machine: make bench TORCH=torch BENCH_ARGS="--device cuda".
+BENCH_ARGS ?= --quick
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) superdiff-toy superdiff-demo .pytest_cache
