@@ -9,11 +9,10 @@ from typing import Any
 import click
 
 from .errors import BadInput, handle_errors
-from .models import EMBEDDED, load_model, resolve_device, resolve_dtype
+from .models import COMPILE_MODES, EMBEDDED, apply_speed_options, load_model, resolve_device, resolve_dtype
 from .output import ensure_writable_dir, save_generation
 
 MODES = ("and", "or", "average", "sum")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def parse_log_weights(text: str | None) -> list[float] | None:
@@ -123,14 +122,7 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     scale = loaded.default_guidance if guidance is None else guidance
     import torch
 
-    if channels_last:
-        from superdiff.pipelines import to_channels_last
-
-        to_channels_last(loaded.pipeline)
-    if compile_mode is not None:
-        from superdiff.pipelines import compile_networks
-
-        compile_networks(loaded.pipeline, mode=compile_mode)
+    apply_speed_options(loaded.pipeline, channels_last, compile_mode)
 
     generator = torch.Generator("cpu").manual_seed(seed)
     call = dict(mode=mode, num_inference_steps=steps, temperature=temperature, log_weights=lw,

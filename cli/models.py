@@ -80,3 +80,18 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
             f"or try --model embedded-shapes"
         ) from exc
     return LoadedModel(spec, pipe.to(device), "prompts")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def apply_speed_options(pipeline: Any, channels_last: bool, compile_mode: str | None) -> None:
+    """``--channels-last``, then ``--compile MODE``: only the denoising network(s) change."""
+    if channels_last:
+        from superdiff.pipelines import to_channels_last
+
+        to_channels_last(pipeline)
+    if compile_mode is not None:
+        from superdiff.pipelines import compile_networks
+
+        compile_networks(pipeline, mode=compile_mode)

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from .errors import handle_errors
-from .models import load_model, resolve_device, resolve_dtype
+from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype
 from .output import atomic_write_text, ensure_writable_dir, save_generation
 from .spec import SweepItem, load_spec
 
@@ -146,10 +146,14 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--limit", type=int, default=None, help="Stop after this many new items (for trying a spec).")
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=None,
+              help="torch.compile each model's network with this mode (paid once per model and batch shape).")
+@click.option("--channels-last", is_flag=True, help="Store each model's network in channels-last memory format.")
 @click.option("--quiet", is_flag=True)
 @handle_errors
 def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: int, guidance: float | None,
-          temperature: float, num_images: int, dtype: str, device: str, limit: int | None, quiet: bool) -> None:
+          temperature: float, num_images: int, dtype: str, device: str, limit: int | None, compile_mode: str | None,
+          channels_last: bool, quiet: bool) -> None:
     """Run every prompt set × mode × seed of SPEC (CSV or JSONL); resumable and data-parallel.
 
     \b
@@ -183,6 +187,7 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
             key = item.model if item.model != "embedded-digits" else f"digits:{','.join(item.prompts)}"
             if key not in models:
                 models[key] = load_model(item.model, torch_dtype, dev, items=list(item.prompts))
+                apply_speed_options(models[key].pipeline, channels_last, compile_mode)
             loaded = models[key]
             scale = loaded.default_guidance if item.guidance is None else item.guidance
             call = dict(mode=item.mode, num_inference_steps=item.steps, temperature=item.temperature,
@@ -196,7 +201,7 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{item.item_id}."))
-            settings = item.settings() | {"guidance": scale}
+            settings = item.settings() | {"guidance": scale, "compile": compile_mode, "channels_last": channels_last}
             files = save_generation(tmp, result, settings)
             if final.exists():  # left by an interrupted run before its manifest line: replace it
                 shutil.rmtree(final)

@@ -72,6 +72,26 @@ def test_sweep_runs_every_item_and_resumes_without_redoing(tiny_model, tmp_path,
     assert third.exit_code == 0 and manifest(out) == records  # nothing left to do
 
 
+def test_sweep_speed_options_apply_once_per_model(tiny_model, tmp_path, monkeypatch):
+    """--channels-last then --compile MODE, once for the model that all four items share, recorded in
+    every sidecar (the "eager" backend stands in for inductor)."""
+    import torch
+
+    calls, real_compile = [], torch.compile
+
+    def recording_compile(module, **kwargs):
+        calls.append((kwargs, module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)))
+        return real_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    out = tmp_path / "out"
+    result = run_sweep(write_spec(tmp_path, tiny_model), out, tiny_model, "--compile", "reduce-overhead", "--channels-last")
+    assert result.exit_code == 0, result.output
+    assert calls == [({"mode": "reduce-overhead"}, True)]
+    sidecars = [json.loads(p.read_text()) for p in (out / "items").glob("*/image_000.json")]
+    assert len(sidecars) == 4 and all(s["compile"] == "reduce-overhead" and s["channels_last"] for s in sidecars)
+
+
 @pytest.mark.parametrize(
     "name, text, needle",
     [
