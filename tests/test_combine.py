@@ -47,6 +47,21 @@ def test_and_weights_do_not_depend_on_the_scale_of_the_system(m):
         torch.testing.assert_close(and_weights(a * factor, b * factor), kappa)
 
 
+@pytest.mark.parametrize("m", [3, 5])
+def test_and_weights_are_the_pseudo_inverse_solution(m):
+    """For M > 2 (solved without a device sync) κ is pinv(KKT) @ rhs, singular systems included."""
+    g = torch.Generator().manual_seed(20 + m)
+    e = torch.randn(6, m, 9, generator=g, dtype=torch.float64)
+    e[:3, 1] = e[:3, 0]  # half the batch has two indistinguishable models
+    a, b = e @ e.transpose(1, 2), torch.randn(6, m, generator=g, dtype=torch.float64)
+    b[:3, 1] = b[:3, 0]
+    kkt = torch.zeros(6, m + 1, m + 1, dtype=torch.float64)
+    kkt[:, :m, :m], kkt[:, :m, m], kkt[:, m, :m] = a, -1.0, 1.0
+    rhs = torch.cat([-b, torch.ones(6, 1, dtype=torch.float64)], dim=1)[..., None]
+    expected = (torch.linalg.pinv(kkt, rtol=1e-10) @ rhs)[:, :m, 0]
+    torch.testing.assert_close(and_weights(a, b), expected, rtol=0, atol=1e-7)
+
+
 def test_and_with_identical_models_splits_evenly_and_never_nans():
     e = torch.randn(4, 1, 6, dtype=torch.float64).expand(4, 3, 6)
     a = e @ e.transpose(1, 2)
