@@ -12,18 +12,8 @@ import statistics
 
 import torch
 
-from common import emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
+from common import CachedDenoiser, emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
 from superdiff import And, prior_sample, sample_sde
-
-
-class CachedDenoiser:
-    """Returns a fixed prediction: times everything in a step except the network."""
-
-    def __init__(self, denoiser, output):
-        self.process, self.num_outputs, self.output = denoiser.process, denoiser.num_outputs, output
-
-    def __call__(self, x, t):
-        return self.output
 
 
 COMBINE_RUNS = 20
