@@ -116,8 +116,8 @@ def and_weights(
     b = increment_offset.to(torch.float64)
     m = a.shape[-1]
     rhs_top = -b if target_offsets is None else target_offsets.to(torch.float64) - b
-    # Each sample's equations may be rescaled freely (λ absorbs it): singular values, and the
-    # slope for M = 2, are compared with the largest entry of A.
+    # Each sample's equations may be rescaled freely (λ absorbs it): the slope for M = 2 is compared
+    # with the largest entry of A, and for M > 2 A is brought to unit size before the solve.
     scale = a.abs().amax(dim=(-2, -1))
     if m == 2:
         return _and_weights_two(a, rhs_top, rtol * scale)
@@ -141,8 +141,9 @@ def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     Cholesky factorisation (``cholesky_ex`` checks no errors, so a CUDA device is not synchronised,
     whereas torch's ``pinv`` and SVD check theirs). Components along singular values σ of K shrink
     by ``(ε/(σ² + ε))³``, so well-determined directions are solved to float64 accuracy, and the
-    null space of a singular K (indistinguishable models) stays exactly zero. A failed
-    factorisation gives NaN, which the caller replaces.
+    null space of a singular K (indistinguishable models) stays at zero up to rounding (about
+    1e-16/rtol relative: 1e-8 at the default). A failed factorisation gives NaN, which the caller
+    replaces.
     """
     kt = system.mT
     normal = kt @ system
