@@ -14,8 +14,8 @@ import statistics
 
 import torch
 
-from common import emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
-from superdiff import And, prior_sample, sample_sde
+from common import emit, interleaved_times, machine, median_ratio, parser, sampling_run, sd_denoiser
+from superdiff import And, prior_sample
 from superdiff.density import ito_increment_system, ito_log_density_increment, transition_coefficients
 from superdiff.sampling import mix_denoised
 
@@ -58,15 +58,12 @@ def main() -> None:
     ref, _, _, _ = sd_denoiser(size, 2, args.device, torch.float32)
     times = ours.process.time_grid(steps)
 
-    def run_ours():
-        x = prior_sample(ours, batch, latent, torch.Generator().manual_seed(0), args.device)
-        sample_sde(ours, x, times, And(), guidance_scale=7.5, generator=torch.Generator().manual_seed(1))
-
     def run_ref():
         x = prior_sample(ref, batch, latent, torch.Generator().manual_seed(0), args.device)
         reference_loop(ref, x, times, 7.5, torch.Generator().manual_seed(1))
 
     with torch.inference_mode():
+        run_ours = sampling_run(ours, And(), batch, latent, times, args.device)
         rounds = interleaved_times({"ours": run_ours, "reference": run_ref}, repeats, args.device)
     t_ours, t_ref = statistics.median(rounds["ours"]), statistics.median(rounds["reference"])
     emit(

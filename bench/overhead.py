@@ -14,11 +14,8 @@ import statistics
 
 import torch
 
-from common import CachedDenoiser, emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
-from superdiff import And, Fixed, Or, prior_sample, sample_sde
-
-
-PARTS_RUNS = 20
+from common import NETWORK_FREE_RUNS, emit, interleaved_times, machine, median_ratio, network_free, parser, sampling_run, sd_denoiser
+from superdiff import And, Fixed, Or
 
 
 def main() -> None:
@@ -31,24 +28,17 @@ def main() -> None:
     denoiser, _, latent, params = sd_denoiser(size, 2, args.device, dtype)
     times = denoiser.process.time_grid(steps)
 
-    def run(combiner, d=denoiser, times_over=1):
-        def go():
-            for _ in range(times_over):
-                x = prior_sample(d, batch, latent, torch.Generator().manual_seed(0), args.device)
-                sample_sde(d, x, times, combiner, guidance_scale=7.5, generator=torch.Generator().manual_seed(1),
-                           final_denoise=True)
-        return go
-
     combiners = {"fixed": Fixed((0.5, 0.5)), "and": And(), "or": Or()}
     with torch.inference_mode():
-        timed = interleaved_times({k: run(c) for k, c in combiners.items()}, repeats, args.device)
+        runs = {k: sampling_run(denoiser, c, batch, latent, times, args.device, final_denoise=True) for k, c in combiners.items()}
+        timed = interleaved_times(runs, repeats, args.device)
         fixed, t_and, t_or = (statistics.median(timed[k]) for k in ("fixed", "and", "or"))
-        # The same comparison from its parts: the network-free samplers (each timed 20 runs over, so
-        # their medians are steady) differ only by the combiner's work; add that to the full run.
-        x0 = prior_sample(denoiser, batch, latent, torch.Generator().manual_seed(0), args.device)
-        cached = CachedDenoiser(denoiser, denoiser(x0, times[0]))
-        parts = interleaved_times({k: run(c, cached, PARTS_RUNS) for k, c in combiners.items()}, repeats, args.device)
-        extra = {k: (statistics.median(parts[k]) - statistics.median(parts["fixed"])) / PARTS_RUNS for k in ("and", "or")}
+        # The same comparison from its parts: the network-free samplers differ only by the
+        # combiner's work; add that to the full run.
+        cached = network_free(denoiser, batch, latent, times, args.device)
+        parts = interleaved_times({k: sampling_run(cached, c, batch, latent, times, args.device, NETWORK_FREE_RUNS,
+                                                   final_denoise=True) for k, c in combiners.items()}, repeats, args.device)
+        extra = {k: (statistics.median(parts[k]) - statistics.median(parts["fixed"])) / NETWORK_FREE_RUNS for k in ("and", "or")}
     emit(
         {
             "benchmark": "overhead",

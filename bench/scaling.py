@@ -12,11 +12,8 @@ import statistics
 
 import torch
 
-from common import CachedDenoiser, emit, interleaved_times, machine, median_ratio, parser, sd_denoiser
-from superdiff import And, prior_sample, sample_sde
-
-
-COMBINE_RUNS = 20
+from common import NETWORK_FREE_RUNS, emit, interleaved_times, machine, median_ratio, network_free, parser, sampling_run, sd_denoiser
+from superdiff import And
 
 
 def main() -> None:
@@ -31,21 +28,13 @@ def main() -> None:
         denoiser, _, latent, params = sd_denoiser(size, m, args.device, dtype)
         times = denoiser.process.time_grid(steps)
 
-        def run(d, times_over=1):
-            def go():
-                for _ in range(times_over):
-                    x = prior_sample(d, batch, latent, torch.Generator().manual_seed(0), args.device)
-                    sample_sde(d, x, times, And(), guidance_scale=7.5, generator=torch.Generator().manual_seed(1))
-            return go
-
         with torch.inference_mode():
-            x0 = prior_sample(denoiser, batch, latent, torch.Generator().manual_seed(0), args.device)
-            cached = CachedDenoiser(denoiser, denoiser(x0, times[0]))
-            # The network-free run is ~50x shorter: time it COMBINE_RUNS times over per round, so both
-            # timings span comparable stretches of wall time and the machine's jitter weighs alike.
-            timed = interleaved_times({"full": run(denoiser), "combine_only": run(cached, COMBINE_RUNS)}, repeats, args.device)
+            cached = network_free(denoiser, batch, latent, times, args.device)
+            timed = interleaved_times({"full": sampling_run(denoiser, And(), batch, latent, times, args.device),
+                                       "combine_only": sampling_run(cached, And(), batch, latent, times, args.device,
+                                                                    NETWORK_FREE_RUNS)}, repeats, args.device)
         per_step[str(m)] = round(statistics.median(timed["full"]) / steps, 5)
-        fractions[str(m)] = round(median_ratio(timed["combine_only"], timed["full"]) / COMBINE_RUNS, 4)
+        fractions[str(m)] = round(median_ratio(timed["combine_only"], timed["full"]) / NETWORK_FREE_RUNS, 4)
     emit(
         {
             "benchmark": "scaling",

@@ -16,7 +16,7 @@ separately trained models. Exact mixtures (:mod:`superdiff.analytic`) follow the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -24,6 +24,22 @@ from torch import Tensor
 from .processes import PREDICTIONS, Process, to_denoised
 
 __all__ = ["Denoiser", "NetworkDenoiser", "StackedDenoiser", "stack_denoisers"]
+
+T = TypeVar("T")
+
+
+def cached_conditions(cache: dict, conditions: Any, key: tuple, make: Callable[[], T]) -> T:
+    """``make()`` (the conditions moved to the device and repeated over the batch), built once and
+    reused while ``key`` (batch, device, ...), the inference mode and the ``conditions`` object stay
+    the same, so a sampling step copies nothing from the host. ``cache`` keeps one entry; copies
+    made under ``torch.inference_mode`` are kept apart, as they cannot enter autograd."""
+    key = (*key, torch.is_inference_mode_enabled())
+    hit = cache.get(key)
+    if hit is None or hit[0] is not conditions:
+        hit = (conditions, make())
+        cache.clear()
+        cache[key] = hit
+    return hit[1]
 
 
 class Denoiser(Protocol):
@@ -60,19 +76,6 @@ class NetworkDenoiser:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
 
-    def _conditions_for(self, batch: int, device: torch.device) -> Tensor:
-        """The conditions on ``device``, repeated over the batch: made once, not every step.
-
-        Copies made under ``torch.inference_mode`` cannot enter autograd, so they are kept apart.
-        """
-        assert self.conditions is not None
-        key = (batch, device, torch.is_inference_mode_enabled())
-        cached = self._repeated.get(key)
-        if cached is None or cached[0] is not self.conditions:  # new shape, device, mode or conditions
-            cached = (self.conditions, self.conditions.to(device).repeat_interleave(batch, dim=0))
-            self._repeated = {key: cached}
-        return cached[1]
-
     @property
     def num_outputs(self) -> int:
         return 1 if self.conditions is None else int(self.conditions.shape[0])
@@ -88,7 +91,10 @@ class NetworkDenoiser:
         if self.conditions is None:
             out = self.network(x_in, t_in)
         else:
-            out = self.network(x_in, t_in, self._conditions_for(batch, x.device))
+            cond = self.conditions
+            repeated = cached_conditions(self._repeated, cond, (batch, x.device),
+                                         lambda: cond.to(x.device).repeat_interleave(batch, dim=0))
+            out = self.network(x_in, t_in, repeated)
         out = out.to(x.dtype).reshape(m, *x.shape)
         return to_denoised(
             out,

@@ -684,26 +684,33 @@ class HostToDeviceCopies(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["diffusers", "network"])
-def test_a_step_copies_nothing_from_the_host_to_the_device(kind):
-    """Conditions move to the device once; timesteps are filled there from a host float."""
+def unet_denoiser(kind, device, num_outputs):
+    """A tiny conditional UNet on ``device`` as a DiffusersDenoiser or a NetworkDenoiser, its
+    conditions (M+1, 5, 32) left on the host, as text encoders running on the CPU leave them."""
     from diffusers import EulerDiscreteScheduler
 
     from superdiff import NetworkDenoiser
     from superdiff.pipelines.denoisers import DiffusersDenoiser, schedule_from_scheduler
     from superdiff.testing import tiny_unet_condition
 
-    unet = tiny_unet_condition().to("meta")
+    unet = tiny_unet_condition().to(device)
     schedule = schedule_from_scheduler(EulerDiscreteScheduler(), 4)
-    embeds = torch.randn(3, 5, 32)  # on the host, as text encoders running on the CPU leave them
+    embeds = torch.randn(num_outputs, 5, 32)
     if kind == "diffusers":
         denoiser = DiffusersDenoiser(unet, schedule.process, schedule.prediction, schedule.timestep,
-                                     conditions={"encoder_hidden_states": embeds}, num_outputs=3, scale_input=schedule.scale_input)
+                                     conditions={"encoder_hidden_states": embeds}, num_outputs=num_outputs,
+                                     scale_input=schedule.scale_input)
     else:
         denoiser = NetworkDenoiser(lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, schedule.process, "epsilon",
                                    conditions=embeds, time_input=schedule.process.timestep)
+    return denoiser, schedule.process.time_grid(4)
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "network"])
+def test_a_step_copies_nothing_from_the_host_to_the_device(kind):
+    """Conditions move to the device once; timesteps are filled there from a host float."""
+    denoiser, t = unet_denoiser(kind, "meta", 3)
     x = torch.zeros(2, 4, 8, 8, device="meta")
-    t = schedule.process.time_grid(4)
     with HostToDeviceCopies() as first:
         assert denoiser(x, t[0]).shape == (3, 2, 4, 8, 8)
     with HostToDeviceCopies() as later:
@@ -715,22 +722,8 @@ def test_a_step_copies_nothing_from_the_host_to_the_device(kind):
 @pytest.mark.parametrize("kind", ["diffusers", "network"])
 def test_cached_conditions_made_under_inference_mode_do_not_reach_autograd(kind):
     """A denoiser first run under inference_mode (SDE sampling) can then be differentiated (ODE divergences)."""
-    from diffusers import EulerDiscreteScheduler
-
-    from superdiff import NetworkDenoiser
-    from superdiff.pipelines.denoisers import DiffusersDenoiser, schedule_from_scheduler
-    from superdiff.testing import tiny_unet_condition
-
-    unet = tiny_unet_condition()
-    schedule = schedule_from_scheduler(EulerDiscreteScheduler(), 4)
-    embeds = torch.randn(2, 5, 32)
-    if kind == "diffusers":
-        denoiser = DiffusersDenoiser(unet, schedule.process, schedule.prediction, schedule.timestep,
-                                     conditions={"encoder_hidden_states": embeds}, num_outputs=2)
-    else:
-        denoiser = NetworkDenoiser(lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, schedule.process, "epsilon",
-                                   conditions=embeds, time_input=schedule.process.timestep)
-    t = schedule.process.time_grid(4)[1]
+    denoiser, times = unet_denoiser(kind, "cpu", 2)
+    t = times[1]
     x = torch.randn(1, 4, 8, 8)
     with torch.inference_mode():
         denoiser(x, t)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..models import cached_conditions
 from ..processes import DiscreteSigma, DiscreteVP, Process, RectifiedFlow, to_denoised
 
 __all__ = ["DiffusersDenoiser", "Schedule", "schedule_from_scheduler", "process_of_scheduler", "prediction_of_scheduler"]
@@ -71,14 +72,6 @@ class DiffusersDenoiser:
             self.dtype = getattr(self.network, "dtype", None)
         self._expanded: dict[tuple, dict[str, Any]] = {}
 
-    def _conditions_for(self, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        """The conditions repeated over a batch, made once per (batch, dtype, device); copies made
-        under ``torch.inference_mode`` are kept apart, as they cannot enter autograd."""
-        key = (batch, dtype, device, torch.is_inference_mode_enabled())
-        if key not in self._expanded:
-            self._expanded = {key: {name: _expand(v, batch, dtype, device) for name, v in self.conditions.items()}}
-        return self._expanded[key]
-
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         p = self.process
         k, batch = self.num_outputs, x.shape[0]
@@ -90,7 +83,10 @@ class DiffusersDenoiser:
         x_in = x_scaled.to(dtype).repeat(k, *([1] * (x.dim() - 1)))
         # Filled on the device from a host float: no host-to-device copy (and no sync) per step.
         timestep = torch.full((k * batch,), float(self.timestep(t)), dtype=torch.float32, device=x.device)
-        kwargs = self._conditions_for(batch, dtype, x.device)
+        kwargs = cached_conditions(
+            self._expanded, self.conditions, (batch, dtype, x.device),
+            lambda: {name: _expand(v, batch, dtype, x.device) for name, v in self.conditions.items()},
+        )
         out = self.network(x_in, timestep=timestep, return_dict=False, **kwargs)[0]
         if out.shape[1] == 2 * x.shape[1]:  # a learned variance in the second half of the channels
             out = out[:, : x.shape[1]]
