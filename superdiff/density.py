@@ -256,7 +256,7 @@ def ode_increment_system(
     score = (-(xf[None] - alpha * x0) / (sigma * sigma)).transpose(0, 1)  # (B, M, d)
     e = (x0 - basef[None]).transpose(0, 1)  # (B, M, d)
     div_v = d * d_sigma / sigma + rate * divergence_denoised.to(torch.float64).transpose(0, 1)
-    a_mat = -rate * scale * (score @ e.transpose(1, 2))
+    a_mat = rate * scale * (score @ e.transpose(1, 2))  # −rate⟨sᵢ, eᵢ − scale Σⱼκⱼeⱼ⟩ gives +rate·scale⟨sᵢ, eⱼ⟩κⱼ
     b_vec = -div_v - rate * _bdot(score, x0.transpose(0, 1) - basef[:, None])
     return a_mat, b_vec
 
