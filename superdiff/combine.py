@@ -42,8 +42,10 @@ class CombineInputs:
 
     ``log_q``: (B, M) tracked log-densities at the pre-step point.
     ``increment_matrix`` (B, M, M) and ``increment_offset`` (B, M): the linear system above, in
-    nats for this step; None when the sampler was told the combiner does not need it.
-    ``step_fraction``: this step's share of the whole trajectory (1/N for N equal steps).
+    nats for this step; None when the sampler was told the combiner does not need it. On a last
+    step onto σ = 0, where no increment is finite, its limit up to a positive factor
+    (:func:`superdiff.density.ito_final_step_system`), with ``step_fraction`` 0.
+    ``step_fraction``: this step's share of the tracked trajectory (1/N for N equal steps).
     """
 
     log_q: Tensor

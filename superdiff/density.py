@@ -30,6 +30,7 @@ __all__ = [
     "transition_coefficients",
     "ito_log_density_increment",
     "ito_increment_system",
+    "ito_final_step_system",
     "ito_log_density_increment_continuous",
     "ode_log_density_rate",
     "ode_increment_system",
@@ -166,16 +167,36 @@ def ito_increment_system(
     ((B, M, M), (B, M)) float64, in nats for this step. (Here K = c_0²/(2V) and the factor of
     ⟨eᵢ, w⟩ is c_0/V, for any choice of the kernel variance V.)
     """
-    batch = base.shape[0]
-    e = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64) - base.reshape(batch, -1).to(torch.float64)[None]
-    e = e.transpose(0, 1)  # (B, M, d)
-    w = noise.reshape(batch, -1).to(torch.float64)
+    e = _offsets(denoised, base)
+    w = noise.reshape(base.shape[0], -1).to(torch.float64)
     c = coef
     k = c.c_0**2 / (2 * c.var)
     gram = e @ e.transpose(1, 2)
     a_mat = 2 * k * scale * gram
     b_vec = c.c_0 / c.var * (e @ w[:, :, None])[..., 0] - k * torch.diagonal(gram, dim1=1, dim2=2)
     return a_mat, b_vec
+
+
+def ito_final_step_system(denoised: Tensor, base: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The AND system of a last, deterministic step onto σ = 0, where ``y = x̂₀ᵐⁱˣ``.
+
+    No density increment is finite there: as the kernel variance V → 0, the model-specific part of
+    :func:`ito_log_density_increment` is dominated by ``−c_0²/(2V) ‖x̂₀ᵐⁱˣ − x̂₀ⁱ‖²``, and the
+    system of :func:`ito_increment_system` divided by ``c_0²/V`` tends to this one:
+    ``−½‖x̂₀ᵐⁱˣ(κ) − x̂₀ⁱ‖² = Σⱼ Aᵢⱼ κⱼ + bᵢ + c(κ)`` with ``Aᵢⱼ = scale ⟨eᵢ, eⱼ⟩`` and
+    ``bᵢ = −½‖eᵢ‖²``. Equal values put the step equally far from every model's prediction (for two
+    models without guidance, midway). Not in nats: AND's κ does not depend on the system's scale.
+    """
+    e = _offsets(denoised, base)
+    gram = e @ e.transpose(1, 2)
+    return scale * gram, -0.5 * torch.diagonal(gram, dim1=1, dim2=2)
+
+
+def _offsets(denoised: Tensor, base: Tensor) -> Tensor:
+    """``eᵢ = x̂₀ⁱ − base`` per sample, as (B, M, d) float64."""
+    batch = base.shape[0]
+    e = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64) - base.reshape(batch, -1).to(torch.float64)[None]
+    return e.transpose(0, 1)
 
 
 def ito_log_density_increment_continuous(

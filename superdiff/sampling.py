@@ -25,6 +25,7 @@ from .density import (
     divergence_exact,
     divergence_hutchinson,
     divergence_hutchinson_vjp,
+    ito_final_step_system,
     ito_increment_system,
     ito_log_density_increment,
     ode_increment_system,
@@ -42,7 +43,7 @@ class SamplerOutput:
 
     ``samples`` (B, *shape); ``log_densities`` (B, M) at the last density-tracked time;
     ``log_density_trace`` (steps+1, B, M); ``kappa_trace`` (steps, B, M); ``times`` (steps+1,).
-    Log-densities are float64 and relative to ``log_q_init`` (zeros unless given).
+    Log-densities and κ are float64; log-densities are relative to ``log_q_init`` (zeros unless given).
     """
 
     samples: Tensor
@@ -224,7 +225,9 @@ def sample_sde(
     Each step from s to t draws the Gaussian increment first, builds κ (for AND from the system
     that uses this very increment), then moves to ``y = c_x x + c_0 x̂₀ᵐⁱˣ + w``; the same
     ``w`` enters every model's density update. A last time with σ = 0 is a deterministic step onto
-    the mixed x̂₀ (AND keeps the previous step's weights); densities stay at their last value.
+    the mixed x̂₀; there AND lands equally far from every model's x̂₀ (the limit of its condition
+    as the step's noise vanishes: :func:`~superdiff.density.ito_final_step_system`), and the
+    densities, which have no finite increment onto σ = 0, stay at their last value.
 
     ``x`` (B, *shape): the starting noise; ``times`` (steps+1,) from noise to data.
     ``final_denoise=True`` makes the last step land on σ = 0 whatever ``times[-1]`` says (as
@@ -257,27 +260,29 @@ def sample_sde(
     times_host = times.tolist()  # read once: the loop itself never reads a tensor back to the host
     log_q_trace = [log_q]
     kappa_trace: list[Tensor] = []
-    kappa = torch.full((batch, plan.num_models), 1.0 / plan.num_models, dtype=x.dtype, device=x.device)
     for i in tqdm(range(steps), disable=not progress, desc="superdiff"):
         c = coefs[i]
         denoised, unconditional = _split(denoiser(x, times[i]), plan)
+        # One float64 copy of the predictions serves κ, the mixing and the densities: κ is not
+        # bounded (AND of similar models reaches 1e3–1e7), so Σκᵢx̂₀ⁱ is never formed in fp16/bf16.
+        denoised64 = denoised.to(torch.float64)
+        unconditional64 = None if unconditional is None else unconditional.to(torch.float64)
+        system = (None, None)
         if c.final:
-            if not combiner.needs_system:  # OR and fixed weights need only the current densities
-                kappa = combiner(CombineInputs(log_q, None, None, 0.0)).to(x.dtype)
-            x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional, combiner.affine)
-            x = x0_mix
+            if combiner.needs_system:
+                system = ito_final_step_system(denoised64, *_system_base(denoised64, unconditional64, guidance_scale))
+            kappa = combiner(CombineInputs(log_q, system[0], system[1], 0.0)).to(torch.float64)
+            x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
+            x = x0_mix = x0_mix64.to(x.dtype)
         else:
             noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
-            # One float64 copy of the predictions and the noise serves the system and the update.
-            denoised64 = denoised.reshape(plan.num_models, batch, -1).to(torch.float64)
-            noise64 = noise.reshape(batch, -1).to(torch.float64)
-            system = (None, None)
+            noise64 = noise.to(torch.float64)
             if combiner.needs_system:
-                base, scale = _system_base(denoised64, unconditional, guidance_scale)
-                system = ito_increment_system(denoised64, base, scale, noise64, c)
-            kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps)).to(x.dtype)
-            x0_mix = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, unconditional, combiner.affine)
-            log_q = log_q + ito_log_density_increment(denoised64, x0_mix, x, noise64, c)
+                system = ito_increment_system(denoised64, *_system_base(denoised64, unconditional64, guidance_scale), noise64, c)
+            kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps)).to(torch.float64)
+            x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
+            log_q = log_q + ito_log_density_increment(denoised64, x0_mix64, x, noise64, c)
+            x0_mix = x0_mix64.to(x.dtype)
             x = c.c_x * x + c.c_0 * x0_mix + noise
         log_q_trace.append(log_q)
         kappa_trace.append(kappa)
@@ -329,19 +334,18 @@ def _ode_rates(
             assert probe is not None
             estimate = divergence_hutchinson if divergence == "hutchinson" else divergence_hutchinson_vjp
             out, div = estimate(conditional, x, probe)
-    out, div = out.detach(), div.detach()
-    denoised, unconditional = _split(out, plan)
-    div = div[: plan.num_models]
+    denoised, unconditional = _split(out.detach().to(torch.float64), plan)  # float64, as in sample_sde
+    div = div.detach()[: plan.num_models]
     system = (None, None)
     if combiner.needs_system:
         base, scale = _system_base(denoised, unconditional, guidance_scale)
         a_mat, b_vec = ode_increment_system(denoised, base, scale, div, x, alpha, sigma, d_alpha, d_sigma)
         system = (-a_mat, -b_vec)  # per unit of reverse time τ = −t, the direction we integrate
-    kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / span)).to(x.dtype)
+    kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / span)).to(torch.float64)
     x0_mix = mix_denoised(denoised, kappa, x, alpha, guidance_scale, unconditional, combiner.affine)
     velocity = d_alpha * x0_mix + d_sigma * (x - alpha * x0_mix) / sigma
     rate = ode_log_density_rate(denoised, x0_mix, div, x, alpha, sigma, d_alpha, d_sigma)
-    return _OdeRates(velocity, rate, kappa, x0_mix)
+    return _OdeRates(velocity.to(x.dtype), rate, kappa, x0_mix.to(x.dtype))
 
 
 def _rademacher(x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -38,3 +38,27 @@ def test_benchmark_runs_and_reports_the_table_keys(script):
     for key in KEYS[script]:
         values = result[key].values() if isinstance(result[key], dict) else [result[key]]
         assert all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values), (key, result[key])
+
+
+def test_network_call_timer_measures_the_share_between_network_calls(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    class Network:  # each call takes 8 s of the fake clock
+        process, num_outputs = None, 3
+
+        def __call__(self, x, t):
+            clock[0] += 8.0
+            return x
+
+    timer = common.NetworkCallTimer(Network(), "cpu")
+    for _ in range(4):  # a sampler: a call, then 2 s of its own work
+        timer(None, None)
+        clock[0] += 2.0
+    assert timer.num_outputs == 3
+    # 3 gaps of 2 s within the 30 s from the first call's start to the last's
+    assert timer.outside_fraction() == pytest.approx(6.0 / 30.0)
+    assert timer.marks == []

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from superdiff.density import (
+    ito_final_step_system,
     ito_increment_system,
     ito_log_density_increment,
     ode_increment_system,
@@ -50,3 +51,16 @@ def test_ito_system_is_the_log_density_increment_of_kappa_up_to_a_common_term(gu
     residual = ito_log_density_increment(denoised, mix, x, noise, coef) - ((a @ kappa[..., None])[..., 0] + b)
     torch.testing.assert_close(residual, residual[:, :1].expand_as(residual), rtol=0, atol=1e-10)
     assert float(residual.std()) > 1e-3  # the common term is there, and differs between samples
+
+
+@pytest.mark.parametrize("guidance", [None, 4.0])
+def test_final_step_and_lands_equally_far_from_every_prediction(guidance):
+    from superdiff.combine import and_weights
+
+    denoised, unconditional, x, _, _ = _inputs(m=3)
+    base, scale = (unconditional, guidance) if guidance else (denoised.mean(0), 1.0)
+    a, b = ito_final_step_system(denoised, base, scale)
+    kappa = and_weights(a, b)
+    mix = mix_denoised(denoised, kappa, x, 1.0, guidance, unconditional if guidance else None)
+    distances = (mix[None] - denoised).norm(dim=-1).T  # (B, M)
+    torch.testing.assert_close(distances, distances[:, :1].expand_as(distances), rtol=1e-9, atol=0)

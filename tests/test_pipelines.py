@@ -77,19 +77,24 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
             kappa = torch.full((batch, m), 1.0 / m, dtype=torch.float64)
         elif mode == "sum":
             kappa = torch.ones(batch, m, dtype=torch.float64)
-        elif mode == "and" and not final:
-            # y(κ) = y0 + c_0 scale Σⱼ κⱼ (x̂₀ʲ − base);  Δᵢ − Δⱼ = (⟨y, μᵢ − μⱼ⟩ − ‖μᵢ‖²/2 + ‖μⱼ‖²/2)/V
-            y0 = c_x * xf + c_0 * base + wf
-            mu = c_x * xf[None] + c_0 * x0  # (M, B, d)
+        elif mode == "and":
+            # Model i's Δᵢ is, up to terms common to all models, (⟨y(κ), μᵢ⟩ − ‖μᵢ‖²/2)/V with
+            # y(κ) = y0 + gain Σⱼ κⱼ (x̂₀ʲ − base) the step's end point and μᵢ its kernel mean. Onto σ = 0
+            # (final) that limit is −‖x̂₀ᵐⁱˣ(κ) − x̂₀ⁱ‖²/2: y = x̂₀ᵐⁱˣ, μᵢ = x̂₀ⁱ, both shifted by −base
+            # (which changes only common terms, and keeps float64 from cancelling ‖x̂₀‖² away).
+            if final:
+                y0, mu, gain, v = torch.zeros_like(base), x0 - base[None], scale, 1.0
+            else:
+                y0, mu, gain, v = c_x * xf + c_0 * base + wf, c_x * xf[None] + c_0 * x0, c_0 * scale, var
             kappa = torch.empty(batch, m, dtype=torch.float64)
             for b in range(batch):
                 lhs = torch.zeros(m + 1, m + 1, dtype=torch.float64)
                 rhs = torch.zeros(m + 1, dtype=torch.float64)
                 for r in range(m):
                     for j in range(m):
-                        lhs[r, j] = c_0 * scale * torch.dot(x0[j, b] - base[b], mu[r, b]) / var
+                        lhs[r, j] = gain * torch.dot(x0[j, b] - base[b], mu[r, b]) / v
                     lhs[r, m] = -1.0
-                    rhs[r] = -(torch.dot(y0[b], mu[r, b]) - 0.5 * torch.dot(mu[r, b], mu[r, b])) / var
+                    rhs[r] = -(torch.dot(y0[b], mu[r, b]) - 0.5 * torch.dot(mu[r, b], mu[r, b])) / v
                 lhs[m, :m] = 1.0
                 rhs[m] = 1.0
                 kappa[b] = torch.linalg.solve(lhs, rhs)[:m]
