@@ -9,13 +9,14 @@ ratios (the two loops run back to back in each round).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
 import torch
 
 from common import emit, interleaved_times, machine, median_ratio, parser, sampling_run, sd_denoiser
-from superdiff import And, prior_sample
+from superdiff import And, CombineInputs, prior_sample
 from superdiff.density import ito_increment_system, ito_log_density_increment, transition_coefficients
 from superdiff.sampling import mix_denoised
 
@@ -23,22 +24,19 @@ from superdiff.sampling import mix_denoised
 def reference_loop(denoiser, x, times, guidance_scale, generator):
     """One network call per prompt and one unconditional, per step (the authors' structure)."""
     p = denoiser.process
-    embeds = denoiser.conditions
+    embeds = denoiser.conditions["encoder_hidden_states"]
     m = embeds.shape[0] - 1
+    singles = [dataclasses.replace(denoiser, conditions={"encoder_hidden_states": embeds[j : j + 1]}, num_outputs=1)
+               for j in range(m + 1)]
     log_q = torch.zeros(x.shape[0], m, dtype=torch.float64, device=x.device)
     combiner = And()
     for i in range(len(times) - 1):
         s, t = times[i], times[i + 1]
         c = transition_coefficients(float(p.alpha(s)), float(p.sigma(s)), float(p.alpha(t)), float(p.sigma(t)), "forward")
-        outs = []
-        for j in range(m + 1):
-            single = type(denoiser)(denoiser.network, p, denoiser.prediction, embeds[j : j + 1], denoiser.time_input, denoiser.dtype)
-            outs.append(single(x, s)[0])
+        outs = [single(x, s)[0] for single in singles]
         denoised, uncond = torch.stack(outs[:m]), outs[m]
         noise = math.sqrt(c.var) * torch.randn(x.shape, generator=generator).to(x.device)
         a, b = ito_increment_system(denoised, uncond, guidance_scale, noise, c)
-        from superdiff import CombineInputs
-
         kappa = combiner(CombineInputs(log_q, a, b, 1.0 / (len(times) - 1))).to(x.dtype)
         x0 = mix_denoised(denoised, kappa, x, c.alpha_s, guidance_scale, uncond)
         log_q = log_q + ito_log_density_increment(denoised, x0, x, noise, c)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from superdiff import DiscreteSigma, NetworkDenoiser, prior_sample, sample_sde
+from superdiff import DiscreteSigma, prior_sample, sample_sde
 
 
 def machine() -> str:
@@ -56,8 +56,15 @@ def unet_config(size: str) -> dict:
 
 
 def sd_denoiser(size: str, num_prompts: int, device: str, dtype: torch.dtype, seed: int = 0):
-    """A random SD-shaped UNet wrapped as a denoiser over M prompts + the unconditional, in one call."""
+    """A random SD-shaped UNet as a denoiser over M prompts + the unconditional, in one call.
+
+    It is the library's own :class:`~superdiff.pipelines.DiffusersDenoiser` (what the pipelines
+    run), with Stable Diffusion's Euler schedule and input scaling: nothing in a step reads the
+    device back, so GPU timings are not those of a synchronising adapter.
+    """
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    from superdiff.pipelines import DiffusersDenoiser
 
     torch.manual_seed(seed)
     cfg = unet_config(size)
@@ -65,13 +72,9 @@ def sd_denoiser(size: str, num_prompts: int, device: str, dtype: torch.dtype, se
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     process = DiscreteSigma.from_scheduler(scheduler)
     embeds = torch.randn(num_prompts + 1, 8, cfg["cross_attention_dim"], generator=torch.Generator().manual_seed(seed))
-    embeds = embeds.to(device=device, dtype=dtype)
-
-    def network(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        sigma = process.sigma(process.time_of_timestep(t[:1].double().cpu())).to(device=x.device, dtype=x.dtype)
-        return unet(x / (sigma**2 + 1).sqrt(), t, encoder_hidden_states=cond).sample
-
-    denoiser = NetworkDenoiser(network, process, "epsilon", conditions=embeds, time_input=process.timestep, dtype=dtype)
+    denoiser = DiffusersDenoiser(unet, process, "epsilon", process.timestep,
+                                 conditions={"encoder_hidden_states": embeds.to(device=device, dtype=dtype)},
+                                 num_outputs=num_prompts + 1, scale_input=True, dtype=dtype)
     latent = (cfg["in_channels"] if "in_channels" in cfg else 4, cfg["sample_size"], cfg["sample_size"])
     return denoiser, unet, latent, sum(p.numel() for p in unet.parameters())
 
@@ -84,6 +87,49 @@ class CachedDenoiser:
 
     def __call__(self, x, t):
         return self.output
+
+
+class NetworkCallTimer:
+    """Wraps a denoiser and marks when each network call starts and ends, so the share of a real
+    sampling run spent outside the network (κ, densities, mixing, noise, the loop itself) is measured
+    in place: right after each network call, with the caches and threads as the network left them.
+
+    On CUDA the marks are events recorded in the stream (no synchronisation during the run), so the
+    gaps are the GPU's time between the network's kernels, waiting for launches included.
+    """
+
+    def __init__(self, denoiser, device: str):
+        self.denoiser, self.process, self.num_outputs = denoiser, denoiser.process, denoiser.num_outputs
+        self.cuda = device.startswith("cuda")
+        self.marks: list[tuple] = []
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __call__(self, x, t):
+        start = self._mark()
+        out = self.denoiser(x, t)
+        self.marks.append((start, self._mark()))
+        return out
+
+    def outside_fraction(self) -> float:
+        """Of the span from the first network call's start to the last one's, the share spent
+        between calls; then forget the marks, ready for the next run."""
+        if self.cuda:
+            torch.cuda.synchronize()
+
+        def seconds(a, b) -> float:
+            return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+        marks, self.marks = self.marks, []
+        if len(marks) < 2:
+            raise ValueError("outside_fraction needs a run of at least 2 network calls")
+        between = sum(seconds(end, following) for (_, end), (following, _) in zip(marks, marks[1:]))
+        return between / seconds(marks[0][0], marks[-1][0])
 
 
 #: A network-free run is ~50x shorter than a full one: it is timed this many times over per round,
