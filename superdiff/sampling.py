@@ -55,7 +55,8 @@ class SamplerOutput:
 
 @dataclass
 class StepInfo:
-    """Passed to ``callback`` after every step."""
+    """Passed to ``callback`` after every step. The callback may return a tensor shaped like ``x``:
+    it replaces the state for the next step (the tracked densities are not adjusted for it)."""
 
     step: int
     t: float
@@ -188,6 +189,19 @@ def _validate(
     return _Plan(m, guided, alphas, sigmas)
 
 
+def _state_from_callback(returned: object, x: Tensor) -> Tensor:
+    """A callback may return a tensor to replace the state (as diffusers' ``callback_on_step_end``
+    returns new latents); the tracked densities are not adjusted for such an edit."""
+    if returned is None:
+        return x
+    if not isinstance(returned, Tensor) or returned.shape != x.shape:
+        raise ValueError(
+            f"a sampler callback returns None or a new state shaped like x {tuple(x.shape)}, got "
+            f"{tuple(returned.shape) if isinstance(returned, Tensor) else type(returned).__name__}"
+        )
+    return returned.to(device=x.device, dtype=x.dtype)
+
+
 def _split(out: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
     if plan.guided:
         return out[: plan.num_models], out[plan.num_models]
@@ -215,7 +229,7 @@ def sample_sde(
     guidance_scale: float | None = None,
     log_q_init: Tensor | None = None,
     generator: torch.Generator | None = None,
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callable[[StepInfo], Tensor | None] | None = None,
     variance: str = "forward",
     final_denoise: bool = False,
     progress: bool = False,
@@ -287,7 +301,7 @@ def sample_sde(
         log_q_trace.append(log_q)
         kappa_trace.append(kappa)
         if callback is not None:
-            callback(StepInfo(i, times_host[i + 1], x, x0_mix, kappa, log_q))
+            x = _state_from_callback(callback(StepInfo(i, times_host[i + 1], x, x0_mix, kappa, log_q)), x)
     return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
 
 
@@ -365,7 +379,7 @@ def sample_ode(
     generator: torch.Generator | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-4,
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callable[[StepInfo], Tensor | None] | None = None,
     progress: bool = False,
 ) -> SamplerOutput:
     """Superposed probability-flow ODE with log-densities from Prop. 5 (Eq. 14 for OR).
@@ -416,7 +430,7 @@ def sample_ode(
         log_q_trace.append(log_q)
         kappa_trace.append(k1.kappa)
         if callback is not None:
-            callback(StepInfo(i, t, x, k1.denoised_mix, k1.kappa, log_q))
+            x = _state_from_callback(callback(StepInfo(i, t, x, k1.denoised_mix, k1.kappa, log_q)), x)
     return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
 
 

@@ -292,3 +292,28 @@ def test_hutchinson_by_jvp_and_by_vjp_agree_for_the_same_probe():
     v2, d2 = divergence_hutchinson_vjp(fn, x, probe)
     torch.testing.assert_close(v1, v2)
     torch.testing.assert_close(d1, d2)
+
+
+def test_a_callback_may_replace_the_state_as_diffusers_callbacks_do():
+    models = figure2_models()
+    seen = []
+
+    class Recording:
+        process, num_outputs = models.process, models.num_outputs
+
+        def __call__(self, x, t):
+            seen.append(x.clone())
+            return models(x, t)
+
+    x = prior_sample(models, 4, models.sample_shape, torch.Generator().manual_seed(0), dtype=torch.float64)
+    times = models.process.time_grid(3)
+    edited = torch.full_like(x, 0.25)
+    for sampler in (sample_sde, sample_ode):
+        seen.clear()
+        out = sampler(Recording(), x, times, And(), generator=torch.Generator().manual_seed(1),
+                      callback=lambda info: edited if info.step == 0 else None)
+        assert torch.equal(seen[1], edited)  # the next step starts from the callback's state
+        last = sampler(models, x, times, Or(), callback=lambda info: edited if info.step == 2 else None)
+        assert torch.equal(last.samples, edited)
+        with pytest.raises(ValueError, match="shaped like x"):
+            sampler(models, x, times, Or(), callback=lambda info: edited[:2])
