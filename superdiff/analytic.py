@@ -48,10 +48,14 @@ class GaussianMixture:
             raise ValueError("stds must be non-negative")
         if weights is None:
             weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
-        weights = torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (k,) or bool((weights < 0).any()) or abs(float(weights.sum()) - 1.0) > 1e-9:
+        given = weights if isinstance(weights, Tensor) else torch.as_tensor(weights, dtype=torch.float64)
+        # a sum off by the rounding of the given precision (float32 softmax outputs) is renormalised
+        tolerance = max(1e-9, 4 * k * torch.finfo(given.dtype).eps) if given.is_floating_point() else 1e-9
+        weights = given.to(torch.float64)
+        if weights.shape != (k,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
+                or abs(float(weights.sum()) - 1.0) > tolerance:
             raise ValueError(f"weights must be {k} non-negative numbers summing to 1, got {weights.tolist()}")
-        return GaussianMixture(means, stds, weights)
+        return GaussianMixture(means, stds, weights / weights.sum())
 
     @property
     def dim(self) -> int:

@@ -13,6 +13,7 @@ be reused for separately trained models, prompts of one network, or exact mixtur
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -72,6 +73,11 @@ def _device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torc
 def _cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device, inference: bool) -> Tensor:
     # ``inference`` keys the cache only: a tensor made under inference_mode cannot enter autograd.
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _check_finite(name: str, values: Sequence[float] | None) -> None:
+    if values is not None and not all(math.isfinite(float(v)) for v in values):
+        raise ValueError(f"{name} must be finite numbers, got {tuple(values)}")
 
 
 def _log_weights_tensor(log_weights: Sequence[float] | Tensor | None, m: int, like: Tensor) -> Tensor:
@@ -183,8 +189,9 @@ class Or:
     affine: bool = True
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        _check_finite("log_weights", self.log_weights)
 
     def __call__(self, inputs: CombineInputs) -> Tensor:
         lw = None if self.log_weights is None else _log_weights_tensor(self.log_weights, inputs.log_q.shape[-1], inputs.log_q)
@@ -205,6 +212,11 @@ class And:
     needs_system: bool = True
     affine: bool = True
 
+    def __post_init__(self) -> None:
+        _check_finite("log_weights", self.log_weights)
+        if not (0 < self.rtol < 1):
+            raise ValueError(f"rtol must be in (0, 1), got {self.rtol}")
+
     def __call__(self, inputs: CombineInputs) -> Tensor:
         if inputs.increment_matrix is None or inputs.increment_offset is None:
             raise ValueError("And needs the sampler's increment system; use a sampler from superdiff.sampling")
@@ -222,6 +234,9 @@ class Fixed:
 
     weights: tuple[float, ...]
     needs_system: bool = False
+
+    def __post_init__(self) -> None:
+        _check_finite("weights", self.weights)
 
     @property
     def affine(self) -> bool:

@@ -31,15 +31,26 @@ T = TypeVar("T")
 def cached_conditions(cache: dict, conditions: Any, key: tuple, make: Callable[[], T]) -> T:
     """``make()`` (the conditions moved to the device and repeated over the batch), built once and
     reused while ``key`` (batch, device, ...), the inference mode and the ``conditions`` object stay
-    the same, so a sampling step copies nothing from the host. ``cache`` keeps one entry; copies
-    made under ``torch.inference_mode`` are kept apart, as they cannot enter autograd."""
-    key = (*key, torch.is_inference_mode_enabled())
+    the same and its tensors are not edited in place, so a sampling step copies nothing from the
+    host. ``cache`` keeps one entry; copies made under ``torch.inference_mode`` are kept apart, as
+    they cannot enter autograd. (In-place edits of inference tensors cannot be seen: torch keeps no
+    version counter for them.)"""
+    key = (*key, torch.is_inference_mode_enabled(), _versions(conditions))
     hit = cache.get(key)
     if hit is None or hit[0] is not conditions:
         hit = (conditions, make())
         cache.clear()
         cache[key] = hit
     return hit[1]
+
+
+def _versions(value: Any) -> tuple:
+    """The version counters of the tensors in ``value`` (nested dicts too): they change on in-place edits."""
+    if isinstance(value, dict):
+        return tuple(v for item in value.values() for v in _versions(item))
+    if isinstance(value, Tensor):
+        return (None,) if value.is_inference() else (value._version,)
+    return ()
 
 
 class Denoiser(Protocol):
@@ -75,6 +86,11 @@ class NetworkDenoiser:
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.conditions is not None and not isinstance(self.conditions, Tensor):
+            raise ValueError(
+                f"conditions must be one tensor with a row per condition (M, ...), got {type(self.conditions).__name__}; "
+                "stack a list of condition tensors with torch.stack"
+            )
 
     @property
     def num_outputs(self) -> int:
@@ -95,6 +111,16 @@ class NetworkDenoiser:
             repeated = cached_conditions(self._repeated, cond, (batch, x.device),
                                          lambda: cond.to(x.device).repeat_interleave(batch, dim=0))
             out = self.network(x_in, t_in, repeated)
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"the network returned a {type(out).__name__}, not a tensor; wrap it to return the prediction "
+                "(for a diffusers model, its .sample) or use superdiff.pipelines.DiffusersDenoiser"
+            )
+        if out.shape != x_in.shape:
+            raise ValueError(
+                f"the network returned shape {tuple(out.shape)} for inputs of shape {tuple(x_in.shape)}; it must return "
+                f"one {self.prediction} prediction per input row, shaped like the input (slice off a learned variance)"
+            )
         out = out.to(x.dtype).reshape(m, *x.shape)
         return to_denoised(
             out,

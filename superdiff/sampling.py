@@ -143,8 +143,18 @@ def _validate(
     allow_final_zero: bool,
     final_denoise: bool = False,
 ) -> _Plan:
+    if isinstance(combiner, (str, type)) or not callable(combiner) or not hasattr(combiner, "needs_system"):
+        raise ValueError(
+            f"combiner must be a combiner object such as And() or Or(), got {combiner!r}; "
+            "build one from a mode name with superdiff.make_combiner(mode, num_models)"
+        )
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor of shape (batch, *sample_shape), got {getattr(x, 'shape', type(x))}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (e.g. from prior_sample), got {x.dtype}")
+    sample_shape = getattr(denoiser, "sample_shape", None)
+    if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
+        raise ValueError(f"x has samples of shape {tuple(x.shape[1:])} but the denoiser's are {tuple(sample_shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf; pass a finite starting point (e.g. from prior_sample)")
     times = torch.as_tensor(times, dtype=torch.float64)

@@ -45,4 +45,14 @@ def test_bad_mixtures_are_rejected():
         GaussianMixture.create([[0.0], [1.0]], torch.ones(3))
     with pytest.raises(ValueError, match="means"):
         GaussianMixture.create([0.0, 1.0], 0.1)
+    with pytest.raises(ValueError, match="weights"):  # float32 rounding is tolerated, a real gap is not
+        GaussianMixture.create([[0.0], [1.0], [2.0]], 0.1, torch.tensor([0.3, 0.3, 0.3]))
+
+
+def test_float32_weights_are_accepted_and_renormalised():
+    weights = torch.softmax(torch.tensor([0.1, 0.7, -0.4]), 0)  # float32: sums to 1 within its rounding
+    mix = GaussianMixture.create([[0.0], [1.0], [2.0]], 0.1, weights)
+    assert mix.weights.dtype == torch.float64 and abs(float(mix.weights.sum()) - 1.0) < 1e-15
+    torch.testing.assert_close(mix.weights, weights.double(), rtol=1e-6, atol=0)
+    GaussianMixture.create([[0.0], [1.0], [2.0]], 0.1, torch.full((3,), 1 / 3))
     VPLinear()  # keep import used

@@ -278,6 +278,20 @@ def test_bad_input_is_rejected_before_sampling():
         stack_denoisers([MixtureDenoiser((UP,), VPLinear()), MixtureDenoiser((DOWN,), RectifiedFlow())])
     with pytest.raises(ValueError, match="method"):
         sample_ode(counting, x, times, Or(), method="rk4")
+    for not_a_combiner in ("and", And):
+        with pytest.raises(ValueError, match="make_combiner"):
+            sample_sde(counting, x, times, not_a_combiner)
+    with pytest.raises(ValueError, match="floating-point"):
+        sample_sde(counting, x.long(), times, Or())
+    with pytest.raises(ValueError, match=r"shape \(3,\) but the denoiser's are \(2,\)"):
+        sample_sde(models, torch.zeros(4, 3), times, Or())
+    for bad in (dict(temperature=float("inf")), dict(log_weights=(float("nan"), 0.0))):
+        with pytest.raises(ValueError, match="finite"):
+            Or(**bad)
+    with pytest.raises(ValueError, match="finite"):
+        And(log_weights=(float("nan"), 0.0))
+    with pytest.raises(ValueError, match="finite"):
+        Fixed((float("inf"), 1.0))
     assert not calls
 
 

@@ -1,0 +1,47 @@
+"""Denoiser adapters: the conditions they cache follow what the user does to them."""
+
+import pytest
+import torch
+
+from superdiff import NetworkDenoiser, VPLinear
+from superdiff.pipelines import DiffusersDenoiser
+
+
+def _network(x, t, cond):  # each row scaled by its condition's mean
+    return x * cond.mean(dim=tuple(range(1, cond.dim())))[:, None, None]
+
+
+def _diffusers_network(x, timestep, return_dict, encoder_hidden_states):
+    return (_network(x, timestep, encoder_hidden_states),)
+
+
+def _denoiser(kind, conditions):
+    if kind == "network":
+        return NetworkDenoiser(_network, VPLinear(), "sample", conditions=conditions)
+    return DiffusersDenoiser(_diffusers_network, VPLinear(), "sample", lambda t: t,
+                             conditions={"encoder_hidden_states": conditions}, num_outputs=conditions.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["network", "diffusers"])
+def test_conditions_edited_in_place_are_seen_by_the_next_call(kind):
+    conditions = torch.ones(2, 3, 4)
+    denoiser = _denoiser(kind, conditions)
+    x, t = torch.randn(5, 2, 2), torch.tensor(0.5)
+    before = denoiser(x, t)
+    torch.testing.assert_close(before, x[None].expand(2, -1, -1, -1))
+    conditions[1] = 3.0
+    after = denoiser(x, t)
+    torch.testing.assert_close(after, _denoiser(kind, conditions.clone())(x, t))
+    torch.testing.assert_close(after[1], 3 * x)
+
+
+def test_network_denoiser_names_what_is_wrong_with_a_network_or_its_conditions():
+    x, t = torch.randn(5, 2, 2), torch.tensor(0.5)
+    with pytest.raises(ValueError, match="torch.stack"):
+        NetworkDenoiser(_network, VPLinear(), "sample", conditions=[torch.ones(3), torch.ones(3)])
+    learned_variance = NetworkDenoiser(lambda x, t: torch.cat([x, x], dim=1), VPLinear(), "epsilon")
+    with pytest.raises(ValueError, match=r"shape \(5, 4, 2\) for inputs of shape \(5, 2, 2\)"):
+        learned_variance(x, t)
+    output_object = NetworkDenoiser(lambda x, t: (x,), VPLinear(), "epsilon")
+    with pytest.raises(ValueError, match="tuple, not a tensor"):
+        output_object(x, t)
