@@ -148,10 +148,12 @@ def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     ``z ← z + (KᵀK + εI)⁻¹ Kᵀ(r − Kz)`` three times from ``z = 0``, with ``ε = rtol·‖K‖²_F`` and one
     Cholesky factorisation (``cholesky_ex`` checks no errors, so a CUDA device is not synchronised,
     whereas torch's ``pinv`` and SVD check theirs). Components along singular values σ of K shrink
-    by ``(ε/(σ² + ε))³``, so well-determined directions are solved to float64 accuracy, and the
-    null space of a singular K (indistinguishable models) stays at zero up to rounding (about
-    1e-16/rtol relative: 1e-8 at the default). A failed factorisation gives NaN, which the caller
-    replaces.
+    by ``(ε/(σ² + ε))³``, so directions with σ² ≫ ε are solved to float64 accuracy, those with σ²
+    near ε (a K with condition number near 1/√rtol, 1e4 at the default) are damped, as a cut-off
+    of pinv would drop them, and the null space of a singular K (indistinguishable models) stays at
+    zero up to rounding (about 1e-16/rtol relative: 1e-8 at the default). The systems the samplers
+    build are Gram-like and were solved to 1e-15 up to condition number 4e3. A failed
+    factorisation gives NaN, which the caller replaces.
     """
     kt = system.mT
     normal = kt @ system
