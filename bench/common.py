@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from superdiff import DiscreteSigma, prior_sample, sample_sde
 
@@ -154,6 +155,32 @@ def sampling_run(denoiser, combiner, batch: int, latent: tuple, times: torch.Ten
                        **sample_kwargs)
 
     return run
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the tensor operations that compute something (views excluded): on a GPU, kernel launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 0 if func.is_view else 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations_per_step(denoiser, combiner, batch: int, latent: tuple, steps: int, device: str) -> float:
+    """Computing tensor operations per sampling step outside the network: a run of 2N steps minus
+    one of N (which cancels the per-run set-up), divided by N, with the network's output cached."""
+    counts = []
+    for n in (steps, 2 * steps):
+        times = denoiser.process.time_grid(n)
+        with torch.inference_mode():
+            run = sampling_run(network_free(denoiser, batch, latent, times, device), combiner, batch, latent, times, device)
+            with _OpCounter() as counter:
+                run()
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / steps
 
 
 def wall_time(fn: Callable[[], object], device: str) -> float:

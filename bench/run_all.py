@@ -32,6 +32,7 @@ ROWS = [
     ("scaling.py", "combiner_fraction", "share of a step spent in SuperDiff's own work (κ, densities), measured between the network calls of real runs, worst of M = 2, 4, 8", "< 0.02"),
     ("scaling.py", "combiner_fraction_isolated", "the same work timed without the network (cached output), worst of M = 2, 4, 8", "< 0.02"),
     ("scaling.py", "time_per_step", "seconds per step by number of prompts M", "grows with M + 1"),
+    ("scaling.py", "operations_per_step", "tensor operations per step outside the network (views excluded; GPU kernel launches), AND, by M", "—"),
 ]
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     for script, key, what, goal in ROWS:
         value = results[script].get(key)
         if isinstance(value, dict):
-            value = ", ".join(f"M={m}: {v * 1000:.1f} ms" if key == "time_per_step" else f"M={m}: {v}" for m, v in value.items())
+            value = ", ".join(f"M={m}: {v * 1000:.1f} ms" if key == "time_per_step" else f"M={m}: {v:g}" for m, v in value.items())
         print(f"| `{script}` `{key}` | {what} | {value} | {goal} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

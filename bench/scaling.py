@@ -9,6 +9,9 @@ measured twice:
   It includes what the network leaves behind (cold caches, busy threads) for the work after it.
 * ``combiner_fraction_isolated``: the identical sampler re-run with the network replaced by a
   cached output, timed in rounds interleaved with the real runs; the same work on a warm machine.
+
+``operations_per_step`` counts the tensor operations (views excluded) that work issues per step:
+on a GPU each is a kernel launch, which costs about the same whatever the latent size.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import statistics
 
 import torch
 
-from common import NETWORK_FREE_RUNS, NetworkCallTimer, emit, interleaved_times, machine, median_ratio, network_free, parser, sampling_run, sd_denoiser
+from common import NETWORK_FREE_RUNS, NetworkCallTimer, emit, operations_per_step, interleaved_times, machine, median_ratio, network_free, parser, sampling_run, sd_denoiser
 from superdiff import And
 
 
@@ -28,7 +31,7 @@ def main() -> None:
     steps = args.steps or (10 if args.quick else 30)
     batch = 1 if args.quick else 2
     repeats = args.repeats or 5
-    per_step, in_place, isolated = {}, {}, {}
+    per_step, in_place, isolated, operations = {}, {}, {}, {}
     for m in (2, 4, 8):
         denoiser, _, latent, params = sd_denoiser(size, m, args.device, dtype)
         times = denoiser.process.time_grid(steps)
@@ -48,6 +51,7 @@ def main() -> None:
         per_step[str(m)] = round(statistics.median(timed["full"]) / steps, 5)
         in_place[str(m)] = round(statistics.median(fractions_in_place[1:]), 4)  # [0]: the warm-up run
         isolated[str(m)] = round(median_ratio(timed["combine_only"], timed["full"]) / NETWORK_FREE_RUNS, 4)
+        operations[str(m)] = operations_per_step(denoiser, And(), batch, latent, steps, args.device)
     emit(
         {
             "benchmark": "scaling",
@@ -61,6 +65,7 @@ def main() -> None:
             "combiner_fraction": max(in_place.values()),
             "combiner_fraction_isolated_by_m": isolated,
             "combiner_fraction_isolated": max(isolated.values()),
+            "operations_per_step": operations,
         },
         args.json,
     )
