@@ -165,8 +165,12 @@ class _OpCounter(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 0 if func.is_view else 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.count += 1
+        elif func.overloadpacket is torch.ops.aten.to and out.data_ptr() != args[0].data_ptr():
+            self.count += 1  # under inference_mode a converting .to() arrives as a view op, yet copies
+        return out
 
 
 def operations_per_step(denoiser, combiner, batch: int, latent: tuple, steps: int, device: str) -> float:
