@@ -12,6 +12,7 @@ from .processes import (
     VarianceExploding,
     VPCosine,
     VPLinear,
+    VPLinearSigmaT,
     from_denoised,
     to_denoised,
 )
@@ -22,6 +23,6 @@ __all__ = [
     "GaussianMixture", "MixtureDenoiser", "And", "Average", "CombineInputs", "Fixed", "Or", "Sum",
     "and_weights", "make_combiner", "or_weights", "Denoiser", "NetworkDenoiser", "stack_denoisers",
     "EDM", "DiscreteSigma", "DiscreteVP", "Process", "RectifiedFlow", "VarianceExploding", "VPCosine",
-    "VPLinear", "from_denoised", "to_denoised", "SamplerOutput", "StepInfo", "mix_denoised",
+    "VPLinear", "VPLinearSigmaT", "from_denoised", "to_denoised", "SamplerOutput", "StepInfo", "mix_denoised",
     "prior_sample", "sample_ode", "sample_sde",
 ]

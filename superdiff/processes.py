@@ -25,6 +25,7 @@ __all__ = [
     "PREDICTIONS",
     "Process",
     "VPLinear",
+    "VPLinearSigmaT",
     "VPCosine",
     "VarianceExploding",
     "EDM",
@@ -90,7 +91,8 @@ class Process:
 class VPLinear(Process):
     """Variance-preserving process with linear β(t) (DDPM / score-SDE VP; the paper's β 0.1 → 20).
 
-    ``log α_t = −¼ t² (β₁ − β₀) − ½ t β₀`` and ``σ_t = sqrt(1 − α_t²)``.
+    ``log α_t = −¼ t² (β₁ − β₀) − ½ t β₀`` and ``σ_t = sqrt(1 − α_t²)``. The authors' CIFAR-10 and
+    toy code pair this α with σ_t = t instead: :class:`VPLinearSigmaT`.
     """
 
     beta_min: float = 0.1
@@ -113,6 +115,20 @@ class VPLinear(Process):
     def d_sigma(self, t: Tensor | float) -> Tensor:
         t = _as_time(t)
         return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
+
+
+@dataclass(frozen=True)
+class VPLinearSigmaT(VPLinear):
+    """:class:`VPLinear`'s α_t with ``σ_t = t``: not variance preserving, but the schedule the
+    authors' CIFAR-10 and toy code ran (paper-notes, "Schedules actually used"), so their models'
+    times mean the same here. ``g_t² = 2 t (1 + ½ t β₀ + ½ t² (β₁ − β₀))``.
+    """
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return _as_time(t).clone()
+
+    def d_sigma(self, t: Tensor | float) -> Tensor:
+        return torch.ones_like(_as_time(t))
 
 
 @dataclass(frozen=True)

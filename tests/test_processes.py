@@ -12,11 +12,12 @@ from superdiff.processes import (
     VarianceExploding,
     VPCosine,
     VPLinear,
+    VPLinearSigmaT,
     from_denoised,
     to_denoised,
 )
 
-PROCESSES = [VPLinear(), VPCosine(), VarianceExploding(0.01, 50.0), EDM(), RectifiedFlow()]
+PROCESSES = [VPLinear(), VPLinearSigmaT(), VPCosine(), VarianceExploding(0.01, 50.0), EDM(), RectifiedFlow()]
 TIMES = torch.tensor([0.05, 0.3, 0.6, 0.9], dtype=torch.float64)
 
 
@@ -36,6 +37,14 @@ def test_forward_sde_reproduces_the_marginal_variance(process):
     rhs = 2 * process.drift_coefficient(TIMES) * s * s + process.diffusion_squared(TIMES)
     torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(process.d_alpha(TIMES), process.drift_coefficient(TIMES) * process.alpha(TIMES))
+
+
+def test_the_authors_cifar_schedule_has_sigma_t_and_their_g_squared():
+    p = VPLinearSigmaT()
+    torch.testing.assert_close(p.sigma(TIMES), TIMES)
+    torch.testing.assert_close(p.alpha(TIMES), VPLinear().alpha(TIMES))
+    beta = 1 + 0.5 * TIMES * 0.1 + 0.5 * TIMES**2 * (20.0 - 0.1)  # paper-notes: g² = 2 σ_t β(t)
+    torch.testing.assert_close(p.diffusion_squared(TIMES), 2 * TIMES * beta)
 
 
 def test_flow_has_pure_noise_at_one_and_data_at_zero():
