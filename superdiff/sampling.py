@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -66,13 +66,20 @@ class StepInfo:
     log_q: Tensor
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | str, dtype: torch.dtype) -> Tensor:
     """Standard normal noise drawn in float32 on the generator's device, then cast and moved.
 
     CPU generators work for CUDA tensors, and a seed gives the same noise in every precision.
     The copy to a CUDA device goes through pinned memory without blocking, so a sampler that
-    draws noise every step never waits for the device.
+    draws noise every step never waits for the device. A list of generators (as in diffusers)
+    draws sample k of the batch from generator k, so a sample does not depend on its batch.
     """
+    if isinstance(generator, (list, tuple)):
+        _check_generators(generator, shape[0])
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     device = torch.device(device)
     gen_device = generator.device if generator is not None else device
     noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
@@ -81,11 +88,19 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return noise.to(device=device, dtype=dtype)
 
 
+def _check_generators(generators: Sequence[torch.Generator], batch: int) -> None:
+    if len(generators) != batch or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(
+            f"a list of generators needs one torch.Generator per sample ({batch}), got {len(generators)} items; "
+            "pass one generator per sample, or a single generator for the whole batch"
+        )
+
+
 def prior_sample(
     denoiser: Denoiser,
     batch_size: int,
     sample_shape: tuple[int, ...],
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
@@ -142,6 +157,7 @@ def _validate(
     log_q_init: Tensor | None,
     allow_final_zero: bool,
     final_denoise: bool = False,
+    generator: Generators = None,
 ) -> _Plan:
     if isinstance(combiner, (str, type)) or not callable(combiner) or not hasattr(combiner, "needs_system"):
         raise ValueError(
@@ -152,6 +168,8 @@ def _validate(
         raise ValueError(f"x must be a tensor of shape (batch, *sample_shape), got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor (e.g. from prior_sample), got {x.dtype}")
+    if isinstance(generator, (list, tuple)):
+        _check_generators(generator, x.shape[0])
     sample_shape = getattr(denoiser, "sample_shape", None)
     if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
         raise ValueError(f"x has samples of shape {tuple(x.shape[1:])} but the denoiser's are {tuple(sample_shape)}")
@@ -238,11 +256,12 @@ def sample_sde(
     *,
     guidance_scale: float | None = None,
     log_q_init: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
     variance: str = "forward",
     final_denoise: bool = False,
     progress: bool = False,
+    interrupt: Callable[[], bool] | None = None,
 ) -> SamplerOutput:
     """Superposed reverse-SDE sampling with Itô log-densities (Algorithm 1, Theorem 1).
 
@@ -256,11 +275,16 @@ def sample_sde(
     ``x`` (B, *shape): the starting noise; ``times`` (steps+1,) from noise to data.
     ``final_denoise=True`` makes the last step land on σ = 0 whatever ``times[-1]`` says (as
     diffusers' Euler schedulers do), so N steps cost N network calls.
+    ``interrupt``: asked before every step (as diffusers pipelines read ``pipe.interrupt``); once it
+    returns True the sampler stops, returning the steps taken so far and the current state.
+    ``generator``: one generator, or one per sample (a sample's noise then does not depend on the
+    rest of its batch).
     ``variance``: the reverse kernel's variance, ``"forward"`` (default, S²: the most accurate
     densities on exact mixtures), ``"euler"`` (Thm. 2) or ``"posterior"``; see
     :func:`superdiff.density.transition_coefficients`.
     """
-    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=True, final_denoise=final_denoise)
+    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=True,
+                     final_denoise=final_denoise, generator=generator)
     times = torch.as_tensor(times, dtype=torch.float64)
     steps = times.numel() - 1
     batch = x.shape[0]
@@ -285,6 +309,8 @@ def sample_sde(
     log_q_trace = [log_q]
     kappa_trace: list[Tensor] = []
     for i in tqdm(range(steps), disable=not progress, desc="superdiff"):
+        if interrupt is not None and interrupt():
+            break
         c = coefs[i]
         denoised, unconditional = _split(denoiser(x, times[i]), plan)
         # One float64 copy of the predictions serves κ, the mixing and the densities: κ is not
@@ -312,7 +338,9 @@ def sample_sde(
         kappa_trace.append(kappa)
         if callback is not None:
             x = _state_from_callback(callback(StepInfo(i, times_host[i + 1], x, x0_mix, kappa, log_q)), x)
-    return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
+    taken = len(kappa_trace)
+    kappas = torch.stack(kappa_trace) if kappa_trace else log_q.new_empty(0, batch, plan.num_models)
+    return SamplerOutput(x, log_q, torch.stack(log_q_trace), kappas, times[: taken + 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +400,7 @@ def _ode_rates(
     return _OdeRates(velocity.to(x.dtype), rate, kappa, x0_mix.to(x.dtype))
 
 
-def _rademacher(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def _rademacher(x: Tensor, generator: Generators) -> Tensor:
     return randn(tuple(x.shape), generator, x.device, x.dtype).sign()
 
 
@@ -404,7 +432,7 @@ def sample_ode(
         raise ValueError(f"method must be 'euler', 'heun' or 'dopri5', got {method!r}")
     if divergence not in ("exact", "hutchinson", "hutchinson_vjp"):
         raise ValueError(f"divergence must be 'exact', 'hutchinson' or 'hutchinson_vjp', got {divergence!r}")
-    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=False)
+    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=False, generator=generator)
     times = torch.as_tensor(times, dtype=torch.float64)
     steps = times.numel() - 1
     span = float(times[0] - times[-1])

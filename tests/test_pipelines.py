@@ -62,8 +62,10 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
         (alpha_s, sigma_s), (alpha_t, sigma_t) = grid[i], grid[i + 1]
         x0 = torch.stack([denoise(x, i, k).reshape(batch, -1).double() for k in range(m)])  # (M, B, d)
         xf = x.reshape(batch, -1).double()
-        # guided: x̂₀ᵐⁱˣ = x̂₀ᵘ + w(Σκx̂₀ʲ − Σκ x̂₀ᵘ); unguided: Σκx̂₀ʲ + (1 − Σκ) x/α (a zero score's x̂₀)
-        base, scale = (denoise(x, i, m).reshape(batch, -1).double(), w) if w is not None else (torch.zeros_like(xf), 1.0)
+        # guided: x̂₀ᵐⁱˣ = x̂₀ᵘ + w(Σκx̂₀ʲ − Σκ x̂₀ᵘ); unguided: Σκx̂₀ʲ + (1 − Σκ) x/α (a zero score's x̂₀).
+        # Unguided, base only shifts AND's system, whose y(κ) does not depend on it when Σκ = 1; a base
+        # near the x̂₀ⁱ (their mean) keeps float64 from cancelling ‖x̂₀‖² away, as x̂₀ᵘ does when guided.
+        base, scale = (denoise(x, i, m).reshape(batch, -1).double(), w) if w is not None else (x0.mean(0), 1.0)
         final = sigma_t == 0.0
         a = alpha_s / alpha_t
         s2 = sigma_s**2 - (a * sigma_t) ** 2
@@ -102,7 +104,9 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
         if w is not None:
             x0_mix = base + w * ((kappa.T[:, :, None] * x0).sum(0) - total * base)
         else:
-            x0_mix = (kappa.T[:, :, None] * x0).sum(0) + (1 - total) * xf / alpha_s
+            x0_mix = (kappa.T[:, :, None] * x0).sum(0)
+            if mode == "sum":  # κ that sum to 1 (the other modes) need no zero-score term; flow starts at α = 0
+                x0_mix = x0_mix + (1 - total) * xf / alpha_s
         if final:
             x = x0_mix.to(x.dtype).reshape(x.shape)
         else:
@@ -179,8 +183,9 @@ def run_with_states(pipe, *args, **kwargs):
     return out, states
 
 
-def sd_reference(pipe, prompts, mode, w, batch, seed, negative="", vp=False, **kw):
-    """Reference for SuperDiffPipeline: ε or v prediction; σ-form (Euler) or VP (DDIM/DDPM) grids."""
+def sd_reference(pipe, prompts, mode, w, batch, seed, negative="", vp=False, latent_size=None, **kw):
+    """Reference for SuperDiffPipeline: ε or v prediction; σ-form (Euler) or VP (DDIM/DDPM) grids;
+    ``latent_size`` (h, w), default the UNet's sample size."""
     sched = pipe.scheduler
     sched.set_timesteps(STEPS)
     abar = sched.alphas_cumprod.double()
@@ -204,7 +209,7 @@ def sd_reference(pipe, prompts, mode, w, batch, seed, negative="", vp=False, **k
             return a_vp * x_vp - s_vp * out  # v = α_VP ε − σ_VP x₀, α_VP² + σ_VP² = 1
 
         g = seeded(seed)
-        shape = (batch, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+        shape = (batch, pipe.unet.config.in_channels, *(latent_size or (pipe.unet.config.sample_size,) * 2))
         x = float(sched.init_noise_sigma) * torch.randn(shape, generator=g).to(pipe.unet.dtype)
         return reference_loop(PerConditionDenoiser(x0, len(prompts)), grid, x, g, mode, w, **kw)
 
@@ -215,6 +220,36 @@ def test_sd_traces_match_independent_loop(sd_pipe64, mode):
                                   num_images_per_prompt=2, generator=seeded(3), output_type="latent", progress=False)
     ref = sd_reference(sd_pipe64, PROMPTS, mode, 5.0, 2, 3, states=states)
     assert_traces_match(out, *ref, out.images, rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["and", "or", "sum"])
+def test_sd_unguided_traces_match_independent_loop_without_unconditional_rows(sd_pipe64, mode):
+    """guidance_scale=None: the prompt-conditional models alone (Σκ x̂₀, plus (1 − Σκ) x/α for 'sum'),
+    and the network sees only the M·B prompt rows."""
+    sizes = []
+    handle = sd_pipe64.unet.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    try:
+        out, states = run_with_states(sd_pipe64, PROMPTS, mode=mode, num_inference_steps=STEPS, guidance_scale=None,
+                                      num_images_per_prompt=2, generator=seeded(3), output_type="latent", progress=False)
+    finally:
+        handle.remove()
+    assert sizes == [2 * 2] * STEPS
+    assert sd_pipe64.guidance_scale is None
+    ref = sd_reference(sd_pipe64, PROMPTS, mode, None, 2, 3, states=states)
+    assert_traces_match(out, *ref, out.images, rtol=1e-8)
+
+
+def test_sd_sizes_are_multiples_of_the_vae_factor_as_in_diffusers(sd_pipe64):
+    """18×14 images are 9×7 latents, which the two-level UNet's ×2 downsampling does not divide; the
+    UNet takes them (upsample sizes), as diffusers' pipelines let it. Traces match the independent loop."""
+    assert sd_pipe64.vae_scale_factor == 2 and len(sd_pipe64.unet.config.block_out_channels) == 2
+    out, states = run_with_states(sd_pipe64, PROMPTS, mode="and", num_inference_steps=STEPS, guidance_scale=5.0, height=18, width=14,
+                                  generator=seeded(3), output_type="latent", progress=False)
+    assert out.images.shape == (1, 4, 9, 7)
+    ref = sd_reference(sd_pipe64, PROMPTS, "and", 5.0, 1, 3, states=states, latent_size=(9, 7))
+    assert_traces_match(out, *ref, out.images, rtol=1e-8)
+    images = sd_pipe64(PROMPTS, num_inference_steps=2, height=18, width=14, output_type="np", progress=False).images
+    assert images.shape == (1, 18, 14, 3) and np.isfinite(images).all()
 
 
 def test_sd_float32_or_with_temperature_and_bias_matches_independent_loop(sd_pipe):
@@ -302,6 +337,69 @@ def test_compiled_networks_give_the_same_samples(sd_pipe64):
         compile_networks(object())
 
 
+def test_sd_callback_latents_replace_the_state_as_in_diffusers(sd_pipe):
+    """A callback's returned "latents" are the next step's state: the next network call sees them
+    (scaled by c_in = 1/sqrt(σ² + 1), σ read from the scheduler); only the tensors asked for are passed."""
+    inputs = []
+    handle = sd_pipe.unet.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].clone()))
+    seen = []
+
+    def set_state_after_step_1(pipe, i, t, kw):
+        seen.append((i, sorted(kw), pipe.num_timesteps, pipe.guidance_scale))
+        if i == 1:
+            kw["latents"] = torch.full_like(kw["latents"], 0.25)
+        return kw
+
+    kw = dict(mode="and", num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2, output_type="latent", progress=False)
+    try:
+        out = sd_pipe(PROMPTS, generator=seeded(2), callback_on_step_end=set_state_after_step_1, **kw)
+    finally:
+        handle.remove()
+    assert seen == [(i, ["latents"], STEPS, 5.0) for i in range(STEPS)]
+    sched = sd_pipe.scheduler
+    sched.set_timesteps(STEPS)
+    sigma = float(sched.sigmas[2])
+    torch.testing.assert_close(inputs[2], torch.full_like(inputs[2], 0.25 / math.sqrt(sigma**2 + 1)), rtol=1e-6, atol=1e-7)
+    # returning callback_kwargs unchanged (or None) changes nothing; the edit did change the result
+    plain = sd_pipe(PROMPTS, generator=seeded(2), **kw)
+    same = sd_pipe(PROMPTS, generator=seeded(2), callback_on_step_end=lambda p, i, t, k: k,
+                   callback_on_step_end_tensor_inputs=["latents", "denoised", "kappa", "log_densities"], **kw)
+    assert torch.equal(plain.images, same.images) and not torch.equal(plain.images, out.images)
+    with pytest.raises(ValueError, match="^callback_on_step_end returned a Tensor; return the callback_kwargs dict"):
+        sd_pipe(PROMPTS, callback_on_step_end=lambda p, i, t, k: k["latents"], **kw)
+    from diffusers.callbacks import SDCFGCutoffCallback  # asks for prompt_embeds, which superdiff has not
+
+    with pytest.raises(ValueError, match=r"^callback_on_step_end_tensor_inputs=\['prompt_embeds'\] is not valid"):
+        sd_pipe(PROMPTS, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5), **kw)
+
+
+@pytest.mark.parametrize("kind", ["sd", "unconditional"])
+def test_progress_bar_follows_set_progress_bar_config(sd_pipe, kind, capsys):
+    """The bar is the pipeline's (diffusers' progress_bar): desc, file and disable apply; progress=False hides it."""
+    import io
+
+    from superdiff.pipelines import SuperDiffUnconditionalPipeline
+    from superdiff.testing import tiny_unconditional_components
+
+    if kind == "sd":
+        pipe, kw = sd_pipe, dict(prompts=PROMPTS, num_inference_steps=3, output_type="latent")
+    else:
+        pipe, kw = SuperDiffUnconditionalPipeline(**tiny_unconditional_components()), dict(num_inference_steps=3, output_type="latent")
+    shown, hidden, unused = io.StringIO(), io.StringIO(), io.StringIO()
+    try:
+        pipe.set_progress_bar_config(desc="composing", file=shown)
+        pipe(**kw)
+        pipe.set_progress_bar_config(desc="composing", file=hidden, disable=True)
+        pipe(**kw)
+        pipe.set_progress_bar_config(desc="composing", file=unused)
+        pipe(progress=False, **kw)
+    finally:
+        pipe.set_progress_bar_config()
+    assert "composing" in shown.getvalue() and "3/3" in shown.getvalue()
+    assert hidden.getvalue() == "" and unused.getvalue() == ""
+    assert "3/3" not in capsys.readouterr().err
+
+
 def test_sd_one_batched_network_call_per_step(sd_pipe):
     sizes = []
     handle = sd_pipe.unet.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
@@ -318,7 +416,7 @@ BAD_SD_INPUTS = [
     (dict(prompts=["a red circle", ""]), "prompts[1]"),
     (dict(mode="xor"), "mode"),
     (dict(height=17), "height"),
-    (dict(width=10), "width"),
+    (dict(width=11), "width"),
     (dict(guidance_scale=-1.0), "guidance_scale"),
     (dict(log_weights=[0.0, 1.0, 2.0]), "log_weights"),
     (dict(mode="average", log_weights=[0.0, 1.0]), "log_weights"),
@@ -327,8 +425,37 @@ BAD_SD_INPUTS = [
     (dict(temperature=-2.0, mode="or"), "temperature"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(output_type="jpeg"), "output_type"),
-    (dict(negative_prompt=["x"]), "negative_prompt"),
+    (dict(negative_prompt=["a cat", "a dog"]), "negative_prompt"),
+    (dict(negative_prompt=[3]), "negative_prompt"),
+    (dict(guidance_scale=None, negative_prompt="a cat"), "negative_prompt"),
+    (dict(callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]), "callback_on_step_end_tensor_inputs"),
+    (dict(callback_on_step_end_tensor_inputs="latents"), "callback_on_step_end_tensor_inputs"),
+    (dict(generator=[torch.Generator(), torch.Generator()], num_images_per_prompt=3), "generator"),
 ]
+
+
+def test_sd_one_generator_per_image_as_in_diffusers(sd_pipe64):
+    kw = dict(mode="and", num_inference_steps=3, progress=False, output_type="latent")
+    both = sd_pipe64(PROMPTS, generator=[seeded(5), seeded(6)], num_images_per_prompt=2, **kw)
+    second = sd_pipe64(PROMPTS, generator=[seeded(6)], num_images_per_prompt=1, **kw)
+    torch.testing.assert_close(both.images[1:], second.images, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(both.kappa_trace[:, 1:], second.kappa_trace, rtol=1e-8, atol=1e-8)
+
+
+def test_sd_interrupt_stops_after_the_step_as_in_diffusers(sd_pipe):
+    seen = []
+
+    def stop_after_two(pipe, step, timestep, kwargs):
+        seen.append(kwargs["latents"].clone())
+        pipe._interrupt = step == 1
+        return kwargs
+
+    out = sd_pipe(PROMPTS, mode="or", num_inference_steps=5, generator=seeded(0), progress=False, output_type="latent",
+                  callback_on_step_end=stop_after_two)
+    assert len(seen) == 2 and out.kappa_trace.shape[0] == 2 and out.timesteps.shape == (2,)
+    torch.testing.assert_close(out.images, seen[-1])
+    again = sd_pipe(PROMPTS, mode="or", num_inference_steps=5, generator=seeded(0), progress=False, output_type="latent")
+    assert again.kappa_trace.shape[0] == 5  # the flag is reset by the next call
 
 
 @pytest.mark.parametrize("kwargs, argument", BAD_SD_INPUTS)
@@ -389,8 +516,10 @@ def test_pixel_space_shapes_traces_and_round_trip(pixel_pipe, tmp_path):
     out = pixel_pipe(PROMPTS, mode="and", num_inference_steps=3, num_images_per_prompt=2, generator=seeded(0), output_type="np", progress=False)
     assert out.images.shape == (2, 8, 8, 3) and np.isfinite(out.images).all()
     assert 0.0 <= out.images.min() and out.images.max() <= 1.0
-    with pytest.raises(ValueError, match="^height=.*multiple of 2"):  # UNet downsampling ×2, no VAE
-        pixel_pipe(PROMPTS, height=9, progress=False)
+    # no VAE: any size (9×7 is not divided by the UNet's ×2 downsampling; it takes it through upsample sizes)
+    assert pixel_pipe(PROMPTS, num_inference_steps=2, height=9, width=7, output_type="np", progress=False).images.shape == (1, 9, 7, 3)
+    with pytest.raises(ValueError, match="^height=0 is not valid: must be a positive multiple of 1"):
+        pixel_pipe(PROMPTS, height=0, progress=False)
     pipe64 = SuperDiffPipeline(**pixel_pipe.components).to(torch.float64)
     out, states = run_with_states(pipe64, PROMPTS, mode="and", num_inference_steps=STEPS, guidance_scale=4.0, generator=seeded(2),
                                   output_type="latent", progress=False)
@@ -407,6 +536,79 @@ def test_pixel_space_shapes_traces_and_round_trip(pixel_pipe, tmp_path):
         getattr(pixel_pipe, name).save_pretrained(tmp_path / "bare" / name)
     bare = SuperDiffPipeline.from_pretrained(tmp_path / "bare")
     assert torch.equal(before.images, bare(PROMPTS, generator=seeded(4), **kw).images)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading: loading options in folders without model_index.json; the pipeline class a model needs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_component_folder_honours_use_safetensors(tmp_path):
+    """A folder without model_index.json passes use_safetensors (and the other loading options) to
+    every component: pickle weights are refused with use_safetensors=True, as diffusers refuses them."""
+    comps = tiny_sd_components(vae=False, tokenizer_dir=tmp_path / "tok")
+    bare = tmp_path / "bare"
+    comps["unet"].save_pretrained(bare / "unet", safe_serialization=False)
+    for name in ("text_encoder", "tokenizer", "scheduler"):
+        comps[name].save_pretrained(bare / name)
+    assert sorted(p.name for p in (bare / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]
+    with pytest.raises(OSError, match="safetensors"):
+        SuperDiffPipeline.from_pretrained(bare, use_safetensors=True, local_files_only=True)
+    # None (diffusers' default): safetensors where there are some, else pickle. (False asks for pickle
+    # only, which transformers 5 never writes: it fails on text_encoder/ here, as diffusers' own loader does.)
+    loaded = SuperDiffPipeline.from_pretrained(bare, use_safetensors=None, local_files_only=True, torch_dtype=torch.float64)
+    assert loaded.unet.dtype == torch.float64 and loaded.text_encoder.dtype == torch.float64
+    for name, value in comps["unet"].state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[name], value.double(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="low_cpu_mem_usage.*not supported.*without model_index.json"):
+        SuperDiffPipeline.from_pretrained(bare, low_cpu_mem_usage=False)
+    # the unconditional stack's loader (its own index, one folder per UNet) passes the options on too
+    from superdiff.pipelines import SuperDiffUnconditionalPipeline
+    from superdiff.testing import tiny_unconditional_components
+
+    SuperDiffUnconditionalPipeline(**tiny_unconditional_components()).save_pretrained(tmp_path / "stack", safe_serialization=False)
+    with pytest.raises(OSError, match="safetensors"):
+        SuperDiffUnconditionalPipeline.from_pretrained(tmp_path / "stack", use_safetensors=True, local_files_only=True)
+    assert len(SuperDiffUnconditionalPipeline.from_pretrained(tmp_path / "stack", use_safetensors=False).unets) == 2
+
+
+def test_pipeline_class_for_and_from_pretrained_of_another_pipelines_folder(tmp_path):
+    """model_index.json's _class_name picks the superdiff pipeline; loading a folder into the wrong one
+    fails at once with a ValueError naming the class to use (it used to fail at the first call)."""
+    from diffusers import DDPMPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from superdiff.pipelines import (SuperDiffFlowPipeline, SuperDiffUnconditionalPipeline, SuperDiffXLPipeline,
+                                     pipeline_class_for)
+    from superdiff.testing import tiny_sd3_components, tiny_sdxl_components, tiny_unconditional_components
+
+    sd = tiny_sd_components(tokenizer_dir=tmp_path / "tok")
+    StableDiffusionPipeline(**sd, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path / "sd")
+    StableDiffusionXLPipeline(**tiny_sdxl_components(tokenizer_dir=tmp_path / "tok")).save_pretrained(tmp_path / "xl")
+    StableDiffusion3Pipeline(**tiny_sd3_components(tokenizer_dir=tmp_path / "tok")).save_pretrained(tmp_path / "sd3")
+    folders = {"sd": ("StableDiffusionPipeline", SuperDiffPipeline), "xl": ("StableDiffusionXLPipeline", SuperDiffXLPipeline),
+               "sd3": ("StableDiffusion3Pipeline", SuperDiffFlowPipeline)}
+    for folder, (class_name, right) in folders.items():
+        assert pipeline_class_for(tmp_path / folder) is right
+        assert type(right.from_pretrained(tmp_path / folder, local_files_only=True)) is right
+        for wrong in {SuperDiffPipeline, SuperDiffXLPipeline, SuperDiffFlowPipeline} - {right}:
+            with pytest.raises(ValueError, match=f"is a {class_name} .*{wrong.__name__} cannot load.*{right.__name__}.from_pretrained"):
+                wrong.from_pretrained(tmp_path / folder, local_files_only=True)
+    # folders without model_index.json, and classes superdiff has no pipeline for
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        sd[name].save_pretrained(tmp_path / "bare" / name)
+    assert pipeline_class_for(tmp_path / "bare") is SuperDiffPipeline
+    uncond = tiny_unconditional_components()
+    SuperDiffUnconditionalPipeline(**uncond).save_pretrained(tmp_path / "stack")
+    assert pipeline_class_for(tmp_path / "stack") is SuperDiffUnconditionalPipeline
+    with pytest.raises(ValueError, match=r"lacks the subfolders \['unet', 'text_encoder', 'tokenizer', 'scheduler'\]"):
+        pipeline_class_for(tmp_path / "tok")
+    DDPMPipeline(unet=uncond["unets"][0], scheduler=uncond["scheduler"]).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(ValueError, match=r"is a DDPMPipeline .*SuperDiffUnconditionalPipeline.from_pretrained\(\[folder_a"):
+        pipeline_class_for(tmp_path / "ddpm")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ValueError, match="is a KandinskyPipeline .*no pipeline for"):
+        pipeline_class_for(tmp_path / "other")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,6 +697,9 @@ def test_unconditional_bad_inputs_and_incompatible_models():
     assert all(c == [] for c in calls)
     with pytest.raises(ValueError, match=r"unets\[1\] samples .* \(3, 16\) but unets\[0\] samples \(3, 8\)"):
         SuperDiffUnconditionalPipeline([tiny_unet2d(), tiny_unet2d(sample_size=16)], comps["scheduler"])
+    for unets, i in [([tiny_unet2d(out_channels=5), tiny_unet2d()], 0), ([tiny_unet2d(), tiny_unet2d(out_channels=5)], 1)]:
+        with pytest.raises(ValueError, match=rf"^unets\[{i}\] has out_channels=5 for in_channels=3"):
+            SuperDiffUnconditionalPipeline(unets, comps["scheduler"])
     with pytest.raises(ValueError, match="different noise process"):
         SuperDiffUnconditionalPipeline.check_schedulers([DDPMScheduler(), DDPMScheduler(beta_schedule="squaredcos_cap_v2")])
 
@@ -530,10 +735,10 @@ def sdxl_pipes(tmp_path):
     return ours, StableDiffusionXLPipeline(**{k: v for k, v in ours.components.items() if k != "force_zeros_for_empty_prompt"})
 
 
-@pytest.mark.parametrize("mode", ["and", "or"])
-def test_sdxl_traces_match_independent_loop(mode, tmp_path):
+@pytest.mark.parametrize("mode, w", [("and", 5.0), ("or", 5.0), ("or", None)])
+def test_sdxl_traces_match_independent_loop(mode, w, tmp_path):
     ours, diffusers_xl = sdxl_pipes(tmp_path)
-    out, states = run_with_states(ours, PROMPTS, mode=mode, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2,
+    out, states = run_with_states(ours, PROMPTS, mode=mode, num_inference_steps=STEPS, guidance_scale=w, num_images_per_prompt=2,
                                   generator=seeded(4), output_type="latent", progress=False)
     assert out.images.shape == (2, 4, 8, 8)
     sched = ours.scheduler
@@ -557,7 +762,7 @@ def test_sdxl_traces_match_independent_loop(mode, tmp_path):
 
         g = seeded(4)
         start = float(sched.init_noise_sigma) * torch.randn(2, 4, 8, 8, generator=g).double()
-        ref = reference_loop(PerConditionDenoiser(x0, 2), grid, start, g, mode, 5.0, states=states)
+        ref = reference_loop(PerConditionDenoiser(x0, 2), grid, start, g, mode, w, states=states)
     assert_traces_match(out, *ref, out.images, rtol=1e-8)
 
 
@@ -572,6 +777,7 @@ def test_sdxl_images_determinism_round_trip_and_from_pipe(tmp_path):
     np.testing.assert_array_equal(a.images, ours(PROMPTS, generator=seeded(0), **kw).images)
     neg = ours(PROMPTS, generator=seeded(0), negative_prompt="a cat", **kw)
     assert not np.array_equal(a.images, neg.images)
+    np.testing.assert_array_equal(neg.images, ours(PROMPTS, generator=seeded(0), negative_prompt=["a cat"], **kw).images)
     ours.save_pretrained(tmp_path / "xl")
     loaded = SuperDiffXLPipeline.from_pretrained(tmp_path / "xl", local_files_only=True)
     np.testing.assert_array_equal(a.images, loaded(PROMPTS, generator=seeded(0), **kw).images)
@@ -580,7 +786,7 @@ def test_sdxl_images_determinism_round_trip_and_from_pipe(tmp_path):
     np.testing.assert_array_equal(a.images, shared(PROMPTS, generator=seeded(0), **kw).images)
     calls = count_calls(ours.unet)
     with pytest.raises(ValueError, match="^height="):
-        ours(PROMPTS, height=18, progress=False)
+        ours(PROMPTS, height=17, progress=False)
     assert calls == []
 
 
@@ -600,12 +806,12 @@ def sd3_pipes(tmp_path, vae=True, t5=False):
     return ours, StableDiffusion3Pipeline(**comps)
 
 
-@pytest.mark.parametrize("mode, t5", [("and", False), ("or", False), ("and", True)])
-def test_flow_traces_match_independent_loop(mode, t5, tmp_path):
+@pytest.mark.parametrize("mode, t5, w", [("and", False, 4.0), ("or", False, 4.0), ("and", True, 4.0), ("and", False, None)])
+def test_flow_traces_match_independent_loop(mode, t5, w, tmp_path):
     ours, sd3 = sd3_pipes(tmp_path, t5=t5)
     assert (ours.text_encoder_3 is not None) == t5
     ours.to(torch.float64)
-    out, states = run_with_states(ours, PROMPTS, mode=mode, num_inference_steps=STEPS, guidance_scale=4.0, num_images_per_prompt=2,
+    out, states = run_with_states(ours, PROMPTS, mode=mode, num_inference_steps=STEPS, guidance_scale=w, num_images_per_prompt=2,
                                   generator=seeded(6), output_type="latent", progress=False, max_sequence_length=8)
     sched = ours.scheduler
     sched.set_timesteps(STEPS)
@@ -625,7 +831,7 @@ def test_flow_traces_match_independent_loop(mode, t5, tmp_path):
 
         g = seeded(6)
         start = torch.randn(2, 4, 8, 8, generator=g).double()
-        ref = reference_loop(PerConditionDenoiser(x0, 2), grid, start, g, mode, 4.0, states=states)
+        ref = reference_loop(PerConditionDenoiser(x0, 2), grid, start, g, mode, w, states=states)
     assert_traces_match(out, *ref, out.images, rtol=1e-8)
 
 
@@ -641,6 +847,9 @@ def test_flow_finite_from_sigma_one_determinism_round_trip_and_from_pipe(tmp_pat
         assert torch.isfinite(out.log_density_trace).all() and torch.isfinite(out.kappa_trace).all()
     again = ours(PROMPTS, mode="sum", generator=seeded(0), **kw)
     np.testing.assert_array_equal(out.images, again.images)
+    negative = ours(PROMPTS, mode="sum", generator=seeded(0), negative_prompt="a cat", **kw).images
+    assert not np.array_equal(out.images, negative)
+    np.testing.assert_array_equal(negative, ours(PROMPTS, mode="sum", generator=seeded(0), negative_prompt=("a cat",), **kw).images)
     ours.save_pretrained(tmp_path / "flow")
     loaded = SuperDiffFlowPipeline.from_pretrained(tmp_path / "flow", local_files_only=True)
     np.testing.assert_array_equal(out.images, loaded(PROMPTS, mode="sum", generator=seeded(0), **kw).images)
@@ -649,7 +858,8 @@ def test_flow_finite_from_sigma_one_determinism_round_trip_and_from_pipe(tmp_pat
     pixel, _ = sd3_pipes(tmp_path / "tok2", vae=False)
     assert pixel(PROMPTS, generator=seeded(0), output_type="latent", **{k: v for k, v in kw.items() if k != "output_type"}).images.shape == (2, 4, 8, 8)
     calls = count_calls(ours.transformer)
-    for bad, argument in [(dict(height=15), "height"), (dict(prompts=["a cat"]), "prompts"), (dict(guidance_scale=-0.5), "guidance_scale")]:
+    for bad, argument in [(dict(height=15), "height"), (dict(prompts=["a cat"]), "prompts"), (dict(guidance_scale=-0.5), "guidance_scale"),
+                          (dict(guidance_scale=None, mode="sum"), "guidance_scale")]:
         with pytest.raises(ValueError, match=f"^{argument}="):
             ours(**(dict(prompts=PROMPTS, progress=False) | bad))
     assert calls == []
@@ -660,7 +870,8 @@ def test_half_precision_network_keeps_float32_state(tmp_path):
     pipe = SuperDiffPipeline(**tiny_sd_components(tokenizer_dir=tmp_path)).to(torch.bfloat16)
     seen = []
     out = pipe(PROMPTS, mode="and", num_inference_steps=3, generator=seeded(0), output_type="latent", progress=False,
-               callback_on_step_end=lambda p, i, t, kw: seen.append((i, kw["latents"].dtype, kw["kappa"].shape)))
+               callback_on_step_end=lambda p, i, t, kw: seen.append((i, kw["latents"].dtype, kw["kappa"].shape)),
+               callback_on_step_end_tensor_inputs=["latents", "kappa"])
     assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
     assert out.log_density_trace.dtype == torch.float64 and torch.isfinite(out.log_density_trace).all()
     assert seen == [(i, torch.float32, (1, 2)) for i in range(3)]

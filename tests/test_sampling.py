@@ -331,3 +331,34 @@ def test_a_callback_may_replace_the_state_as_diffusers_callbacks_do():
         assert torch.equal(last.samples, edited)
         with pytest.raises(ValueError, match="shaped like x"):
             sampler(models, x, times, Or(), callback=lambda info: edited[:2])
+
+
+def test_one_generator_per_sample_makes_a_sample_independent_of_its_batch():
+    models = figure2_models()
+    times = models.process.time_grid(5)
+
+    def sample(seeds):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        x = prior_sample(models, len(seeds), models.sample_shape, gens, dtype=torch.float64)
+        return sample_sde(models, x, times, And(), generator=gens)
+
+    pair, alone = sample([3, 4]), sample([4])
+    torch.testing.assert_close(pair.samples[1:], alone.samples, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pair.log_densities[1:], alone.log_densities, rtol=1e-12, atol=1e-12)
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one torch.Generator per sample"):
+        sample_sde(models, x, times, Or(), generator=[torch.Generator()])
+
+
+def test_interrupt_stops_the_sampler_with_the_steps_taken():
+    models = figure2_models()
+    x = prior_sample(models, 3, models.sample_shape, torch.Generator().manual_seed(0), dtype=torch.float64)
+    times = models.process.time_grid(6)
+    steps = []
+    out = sample_sde(models, x, times, Or(), generator=torch.Generator().manual_seed(1),
+                     callback=lambda info: steps.append(info.step), interrupt=lambda: len(steps) == 2)
+    assert steps == [0, 1]
+    assert out.kappa_trace.shape == (2, 3, 2) and out.log_density_trace.shape == (3, 3, 2)
+    torch.testing.assert_close(out.times, times[:3])
+    full = sample_sde(models, x, times[:3], Or(), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out.samples, full.samples)

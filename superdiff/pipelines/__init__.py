@@ -5,6 +5,7 @@ UNets, with OR / AND / average / sum, in diffusers' conventions."""
 from .compile import compile_networks, to_channels_last
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .flow import SuperDiffFlowPipeline
+from .loading import pipeline_class_for
 from .output import SuperDiffPipelineOutput
 from .stable_diffusion import SuperDiffPipeline
 from .sdxl import SuperDiffXLPipeline
@@ -12,6 +13,7 @@ from .unconditional import SuperDiffUnconditionalPipeline
 
 __all__ = [
     "compile_networks",
+    "pipeline_class_for",
     "to_channels_last",
     "SuperDiffFlowPipeline",
     "DiffusersDenoiser",

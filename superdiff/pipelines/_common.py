@@ -15,6 +15,9 @@ from .denoisers import Schedule
 from .output import SuperDiffPipelineOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: What ``callback_on_step_end`` can ask for (``callback_on_step_end_tensor_inputs``): the state after
+#: the step, the mixed x̂₀ that drove it, κ (B, M) and the log-densities (B, M).
+CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "kappa", "log_densities")
 
 
 def _fail(argument: str, given: Any, works: str) -> None:
@@ -48,6 +51,7 @@ def check_common(
     width: Any = None,
     multiple: int = 1,
     negative_prompt: Any = None,
+    callback_on_step_end_tensor_inputs: Any = ("latents",),
 ) -> None:
     """The checks every pipeline shares; ``what`` names the composed things ("prompts", "unets")."""
     if mode not in MODES:
@@ -79,22 +83,110 @@ def check_common(
         _fail("num_images_per_prompt", num_images_per_prompt, "use a positive integer")
     if output_type not in OUTPUT_TYPES:
         _fail("output_type", output_type, f"use one of {OUTPUT_TYPES}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        _fail("generator", generator, "pass one torch.Generator (it drives the whole batch) or None")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != num_images_per_prompt or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(
+                f"generator=<a list of {len(generator)} items> is not valid: a list needs one torch.Generator per image "
+                f"({num_images_per_prompt}); pass that many, or one generator for the whole batch"
+            )
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        _fail("generator", generator, "pass a torch.Generator (it drives the whole batch), one per image, or None")
     if callback_on_step_end is not None and not callable(callback_on_step_end):
         _fail("callback_on_step_end", callback_on_step_end, "pass a callable (pipe, step, timestep, callback_kwargs) or None")
-    if negative_prompt is not None and (not isinstance(negative_prompt, str)):
-        _fail("negative_prompt", negative_prompt, "pass one string (shared by all prompts) or None")
+    names = callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or any(n not in CALLBACK_TENSOR_INPUTS for n in names):
+        _fail("callback_on_step_end_tensor_inputs", names, f"pass a list of names from {list(CALLBACK_TENSOR_INPUTS)}")
+    one_in_a_list = isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) == 1 and isinstance(negative_prompt[0], str)
+    if negative_prompt is not None and not isinstance(negative_prompt, str) and not one_in_a_list:
+        _fail("negative_prompt", negative_prompt, "pass one string or a one-element list of it (the composed prompts share "
+              "one unconditional branch, so one negative prompt), or None")
+    if negative_prompt is not None and guidance_scale is None:
+        _fail("negative_prompt", negative_prompt, "it is the unconditional branch of guidance, which guidance_scale=None "
+              "turns off; pass a guidance_scale (e.g. 7.5) or no negative_prompt")
     for name, value in (("height", height), ("width", width)):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % multiple:
             below = max(multiple, (int(value) // multiple) * multiple) if isinstance(value, numbers.Real) else multiple
-            _fail(name, value, f"must be a positive multiple of {multiple} (the VAE and network downsampling); e.g. {below}")
+            _fail(name, value, f"must be a positive multiple of {multiple} (image pixels per latent pixel or transformer "
+                  f"patch); e.g. {below}")
+
+
+def negative_text(negative_prompt: str | Sequence[str] | None) -> str | None:
+    """The one negative prompt of a checked ``negative_prompt`` (a string or a one-element list)."""
+    return negative_prompt if negative_prompt is None or isinstance(negative_prompt, str) else negative_prompt[0]
+
+
+def callback_tensor_names(callback_on_step_end: Any, names: Any) -> Any:
+    """The tensors a step callback receives: ``names``, or the ``tensor_inputs`` of a diffusers
+    ``PipelineCallback`` / ``MultiPipelineCallbacks`` (diffusers' rule)."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        return callback_on_step_end.tensor_inputs
+    return names
+
+
+def latents_from_callback(returned: Any) -> torch.Tensor | None:
+    """The new state a diffusers-style step callback asks for: its returned dict's ``"latents"``
+    (None: keep the state; the callback may also return None)."""
+    if returned is None:
+        return None
+    if not isinstance(returned, dict):
+        raise ValueError(
+            f"callback_on_step_end returned a {type(returned).__name__}; return the callback_kwargs dict (its "
+            "'latents', if changed, replace the state, as in diffusers) or None"
+        )
+    return returned.get("latents")
+
+
+def step_callback(
+    pipe: Any, schedule: Schedule, callback_on_step_end: Callable | None, tensor_inputs: Sequence[str]
+) -> Callable[[StepInfo], torch.Tensor | None] | None:
+    """The sampler callback that calls a diffusers-style ``callback_on_step_end(pipe, step, timestep,
+    callback_kwargs)`` with the tensors named in ``tensor_inputs`` and returns its new ``"latents"``."""
+    if callback_on_step_end is None:
+        return None
+    names = list(callback_tensor_names(callback_on_step_end, tensor_inputs))
+    times = schedule.times
+
+    def callback(info: StepInfo) -> torch.Tensor | None:
+        timestep = schedule.timestep(times[info.step])
+        tensors = {"latents": info.x, "denoised": info.denoised, "kappa": info.kappa, "log_densities": info.log_q}
+        return latents_from_callback(callback_on_step_end(pipe, info.step, timestep, {n: tensors[n] for n in names}))
+
+    return callback
+
+
+def prompt_rows(conditions: dict[str, Any], num_prompts: int) -> dict[str, Any]:
+    """The conditions of the prompts alone (their first ``num_prompts`` rows, nested dicts too),
+    dropping the unconditional row: unguided sampling never evaluates it."""
+    return {
+        name: prompt_rows(value, num_prompts) if isinstance(value, dict) else value[:num_prompts]
+        for name, value in conditions.items()
+    }
 
 
 class SuperDiffMixin:
     """Sampling and postprocessing for a :class:`~diffusers.DiffusionPipeline` subclass."""
+
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the current (or last) call; None: unguided."""
+        return getattr(self, "_guidance_scale", None)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. from ``callback_on_step_end``) to stop after the current
+        step; the call then returns the current, still noisy, latents decoded, as in diffusers."""
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The number of sampling steps (network calls) of the current (or last) call."""
+        return getattr(self, "_num_timesteps", None)
 
     def _superdiff_sample(
         self: DiffusionPipeline,
@@ -107,11 +199,12 @@ class SuperDiffMixin:
         temperature: float,
         log_weights: Sequence[float] | None,
         guidance_scale: float | None,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
         callback_on_step_end: Callable | None,
         progress: bool,
         device: torch.device,
         network_dtype: torch.dtype = torch.float32,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> SamplerOutput:
         """Draw the starting noise ``init_noise_sigma · z`` and run the reverse SDE on the schedule.
 
@@ -122,31 +215,38 @@ class SuperDiffMixin:
         combiner = make_combiner(mode, num_models, temperature, None if log_weights is None else list(log_weights))
         x = schedule.init_noise_sigma * randn(shape, generator, device, dtype)
         times = schedule.times
-        callback = None
-        if callback_on_step_end is not None:
+        self._guidance_scale = guidance_scale
+        self._num_timesteps = len(times) - 1
+        self._interrupt = False
+        on_step = step_callback(self, schedule, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        # The pipeline's own bar (diffusers' progress_bar: set_progress_bar_config applies), advanced per step.
+        bar = self.progress_bar(total=self._num_timesteps) if progress else None
 
-            def callback(info: StepInfo) -> None:
-                timestep = schedule.timestep(times[info.step])
-                kwargs = {"latents": info.x, "denoised": info.denoised, "kappa": info.kappa, "log_densities": info.log_q}
-                callback_on_step_end(self, info.step, timestep, kwargs)
+        def callback(info: StepInfo) -> torch.Tensor | None:
+            if bar is not None:
+                bar.update()
+            return None if on_step is None else on_step(info)
 
-        disable = getattr(self, "_progress_bar_config", {}).get("disable", False)
-        return sample_sde(
-            denoiser,
-            x,
-            times,
-            combiner,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            callback=callback,
-            final_denoise=True,
-            progress=progress and not disable,
-        )
+        try:
+            return sample_sde(
+                denoiser,
+                x,
+                times,
+                combiner,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                callback=callback if bar is not None or on_step is not None else None,
+                final_denoise=True,
+                interrupt=lambda: self.interrupt,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _superdiff_output(
         self, images: Any, result: SamplerOutput, schedule: Schedule, return_dict: bool
     ) -> SuperDiffPipelineOutput | tuple:
-        timesteps = schedule.timestep(schedule.times[:-1])
+        timesteps = schedule.timestep(result.times[:-1])  # fewer than planned after an interrupt
         out = SuperDiffPipelineOutput(
             images=images,
             log_densities=result.log_densities,

@@ -15,6 +15,7 @@ that step is its reverse kernel's log-density of the new point.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import torch
@@ -23,8 +24,9 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ._common import SuperDiffMixin, check_common, check_prompts, decode
+from ._common import SuperDiffMixin, _fail, check_common, check_prompts, decode, negative_text, prompt_rows
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
+from .loading import check_loading_class
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffFlowPipeline"]
@@ -66,6 +68,14 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "SuperDiffFlowPipeline":
+        """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion
+        or SDXL pipeline is refused (``ValueError`` naming the superdiff class that loads it)."""
+        path = os.fspath(pretrained_model_name_or_path)
+        check_loading_class(path, "SuperDiffFlowPipeline", kwargs)
+        return super().from_pretrained(path, **kwargs)
+
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this (VAE factor × patch size)."""
@@ -74,7 +84,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
     def check_inputs(
         self, prompts: Any, mode: Any, guidance_scale: Any, num_inference_steps: Any, temperature: Any, log_weights: Any,
         negative_prompt: Any, num_images_per_prompt: Any, height: Any, width: Any, output_type: Any, generator: Any,
-        callback_on_step_end: Any, max_sequence_length: Any = 256,
+        callback_on_step_end: Any, max_sequence_length: Any = 256, callback_on_step_end_tensor_inputs: Any = ("latents",),
     ) -> None:
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
         m = check_prompts(prompts, mode)
@@ -84,7 +94,11 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, generator=generator,
             callback_on_step_end=callback_on_step_end, height=height, width=width,
             multiple=self.size_multiple, negative_prompt=negative_prompt,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
+        if guidance_scale is None and mode == "sum":
+            _fail("guidance_scale", None, "mode='sum' weights do not sum to 1, which without guidance has no denoised form "
+                  "at σ = 1 where flow sampling starts; pass a guidance_scale (e.g. 7.0) or use mode 'and', 'or' or 'average'")
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length={max_sequence_length!r} is not valid: use an integer in 1..512 (SD3 uses 256)")
 
@@ -120,13 +134,13 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         self,
         prompts: Sequence[str] | None = None,
         mode: str = "and",
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = 7.0,
         num_inference_steps: int = 28,
         temperature: float = 1.0,
         log_weights: Sequence[float] | None = None,
-        negative_prompt: str | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         height: int | None = None,
         width: int | None = None,
         output_type: str = "pil",
@@ -134,12 +148,15 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         progress: bool = True,
         return_dict: bool = True,
         max_sequence_length: int = 256,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`,
-        with SD3's defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros)."""
+        with SD3's defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros).
+        ``guidance_scale=None`` samples unguided (not with ``mode="sum"``: see :meth:`check_inputs`)."""
         self.check_inputs(
             prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
             num_images_per_prompt, height, width, output_type, generator, callback_on_step_end, max_sequence_length,
+            callback_on_step_end_tensor_inputs,
         )
         m = len(prompts)
         config = self.transformer.config
@@ -150,20 +167,25 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         if self.scheduler.config.get("use_dynamic_shifting", False):
             kwargs["mu"] = _calculate_shift((h // config.patch_size) * (w // config.patch_size), self.scheduler.config)
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps, **kwargs)
-        embeddings, pooled = self.encode_prompts(prompts, negative_prompt, max_sequence_length)
+        embeddings, pooled = self.encode_prompts(prompts, negative_text(negative_prompt), max_sequence_length)
+        conditions = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
+        if guidance_scale is not None:
+            guidance_scale = float(guidance_scale)
+        else:  # unguided: the M prompt-conditional models alone, no unconditional row in the batch
+            conditions = prompt_rows(conditions, m)
         denoiser = DiffusersDenoiser(
             self.transformer,
             schedule.process,
             schedule.prediction,
             schedule.timestep,
-            conditions={"encoder_hidden_states": embeddings, "pooled_projections": pooled},
-            num_outputs=m + 1,
+            conditions=conditions,
+            num_outputs=m + (guidance_scale is not None),
         )
         result = self._superdiff_sample(
             denoiser, schedule, (num_images_per_prompt, config.in_channels, h, w), mode=mode, num_models=m,
-            temperature=temperature, log_weights=log_weights, guidance_scale=float(guidance_scale), generator=generator,
+            temperature=temperature, log_weights=log_weights, guidance_scale=guidance_scale, generator=generator,
             callback_on_step_end=callback_on_step_end, progress=progress, device=self._execution_device,
-            network_dtype=self.transformer.dtype,
+            network_dtype=self.transformer.dtype, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         shift = (self.vae.config.get("shift_factor") or 0.0) if self.vae is not None else 0.0
         images = decode(self.vae, result.samples, self.image_processor, output_type, shift=shift)

@@ -18,6 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .loading import check_loading_class
 from .stable_diffusion import SuperDiffPipeline
 
 __all__ = ["SuperDiffXLPipeline"]
@@ -55,7 +56,11 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "SuperDiffXLPipeline":
-        return DiffusionPipeline.from_pretrained.__func__(cls, pretrained_model_name_or_path, **kwargs)
+        """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion
+        1.x/2.x or SD3 pipeline is refused (``ValueError`` naming the superdiff class that loads it)."""
+        path = os.fspath(pretrained_model_name_or_path)
+        check_loading_class(path, "SuperDiffXLPipeline", kwargs)
+        return DiffusionPipeline.from_pretrained.__func__(cls, path, **kwargs)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], negative_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,11 +27,15 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ._common import SuperDiffMixin, check_common, check_prompts, decode
+from ._common import SuperDiffMixin, check_common, check_prompts, decode, negative_text, prompt_rows
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
+from .loading import bare_folder_error, check_loading_class, is_bare_folder, missing_sd_subfolders
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffPipeline"]
+
+#: ``from_pretrained`` options a folder of component subfolders (no ``model_index.json``) honours.
+SUBFOLDER_KWARGS = ("torch_dtype", "dtype", "use_safetensors", "variant", "local_files_only")
 
 
 class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
@@ -67,33 +71,43 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "SuperDiffPipeline":
         """diffusers' ``from_pretrained``; a local folder without ``model_index.json`` is loaded
-        from its component subfolders (``vae/`` optional)."""
+        from its component subfolders (``vae/`` optional). A model whose ``model_index.json`` names
+        an SDXL or SD3 pipeline is refused (``ValueError`` naming the superdiff class that loads it)."""
         path = os.fspath(pretrained_model_name_or_path)
-        bare = os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json"))
-        if bare and cls is SuperDiffPipeline:
-            return cls._from_subfolders(path, torch_dtype=kwargs.get("torch_dtype", kwargs.get("dtype")))
+        if is_bare_folder(path) and cls is SuperDiffPipeline:
+            return cls._from_subfolders(path, **kwargs)
+        check_loading_class(path, "SuperDiffPipeline", kwargs)
         return super().from_pretrained(path, **kwargs)
 
     @classmethod
-    def _from_subfolders(cls, path: str, torch_dtype: torch.dtype | None = None) -> "SuperDiffPipeline":
+    def _from_subfolders(cls, path: str, **kwargs: Any) -> "SuperDiffPipeline":
+        """Load each component from its subfolder with the loading options diffusers would pass it
+        (``use_safetensors=True`` refuses pickle weights, as it does with ``model_index.json``)."""
         import diffusers
 
-        missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if not os.path.isdir(os.path.join(path, n))]
-        if missing:
+        unknown = sorted(set(kwargs) - set(SUBFOLDER_KWARGS))
+        if unknown:
             raise ValueError(
-                f"pretrained_model_name_or_path={path!r} has no model_index.json and lacks the subfolders {missing}; "
-                "pass a diffusers pipeline folder (save_pretrained) or one with unet/, text_encoder/, tokenizer/, scheduler/"
+                f"{unknown} are not supported when loading {path!r}, a folder without model_index.json; "
+                f"pass only {list(SUBFOLDER_KWARGS)}, or save the pipeline with save_pretrained to use diffusers' other options"
             )
-        dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        missing = missing_sd_subfolders(path)
+        if missing:
+            raise bare_folder_error(path, missing)
+        files = {k: kwargs[k] for k in ("local_files_only",) if k in kwargs}
+        weights = files | {k: kwargs[k] for k in ("use_safetensors", "variant") if k in kwargs}
+        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+        if dtype is not None:
+            weights["torch_dtype"] = dtype
         with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
             scheduler_cls = getattr(diffusers, json.load(f)["_class_name"])
         vae_dir = os.path.join(path, "vae")
         return cls(
-            vae=AutoencoderKL.from_pretrained(vae_dir, **dtype) if os.path.isdir(vae_dir) else None,
-            text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), **dtype),
-            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
-            unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **dtype),
-            scheduler=scheduler_cls.from_pretrained(os.path.join(path, "scheduler")),
+            vae=AutoencoderKL.from_pretrained(vae_dir, **weights) if os.path.isdir(vae_dir) else None,
+            text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), **weights),
+            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"), **files),
+            unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **weights),
+            scheduler=scheduler_cls.from_pretrained(os.path.join(path, "scheduler"), **files),
         )
 
     # -------------------------------------------------------------------------------------------
@@ -102,8 +116,9 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this (VAE factor × UNet downsampling)."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Height and width must be multiples of this: the VAE factor, as in diffusers (the UNet takes
+        latent sizes its downsampling does not divide, through its upsample sizes)."""
+        return self.vae_scale_factor
 
     def check_inputs(
         self,
@@ -120,6 +135,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         output_type: Any,
         generator: Any,
         callback_on_step_end: Any,
+        callback_on_step_end_tensor_inputs: Any = ("latents",),
     ) -> None:
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
         m = check_prompts(prompts, mode)
@@ -129,6 +145,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, generator=generator,
             callback_on_step_end=callback_on_step_end, height=height, width=width,
             multiple=self.size_multiple, negative_prompt=negative_prompt,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
 
     @torch.no_grad()
@@ -156,52 +173,68 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         self,
         prompts: Sequence[str] | None = None,
         mode: str = "and",
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = 7.5,
         num_inference_steps: int = 50,
         temperature: float = 1.0,
         log_weights: Sequence[float] | None = None,
-        negative_prompt: str | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         height: int | None = None,
         width: int | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
         progress: bool = True,
         return_dict: bool = True,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode``.
 
         ``mode``: ``"and"`` (equal densities, Prop. 6; ``log_weights`` ℓ offsets them, Eq. 18),
         ``"or"`` (the mixture, κ = softmax(T·log q + ℓ)), ``"average"`` (κ = 1/M, Liu et al.) or
         ``"sum"`` (κ = 1, Composable Diffusion). ``temperature`` T applies to OR.
+        ``negative_prompt``: the unconditional branch's text (one string, or a one-element list).
+        ``guidance_scale``: classifier-free guidance w on the κ-mixture; ``None`` samples the
+        prompt-conditional models unguided (no unconditional branch: M·B rows per network call).
         ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` is called after every step
-        with ``latents``, ``denoised``, ``kappa`` and ``log_densities``; its return value is ignored.
+        with the tensors named in ``callback_on_step_end_tensor_inputs`` (default ``["latents"]``; also
+        ``"denoised"``, ``"kappa"``, ``"log_densities"``), as in diffusers: it returns
+        ``callback_kwargs`` (or None), and a new ``"latents"`` there replaces the state for the next
+        step (the tracked densities are not adjusted for the edit); ``pipe._interrupt = True`` stops
+        after the current step (:attr:`interrupt`). ``generator``: one for the whole batch, or a list
+        with one per image (image k is then the image a single-image call with generator k gives).
         Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
         """
         self.check_inputs(
             prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
             num_images_per_prompt, height, width, output_type, generator, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
         m = len(prompts)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         device = self._execution_device
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
+        conditions = self._conditions(prompts, negative_text(negative_prompt), height, width)
+        if guidance_scale is not None:
+            guidance_scale = float(guidance_scale)
+        else:  # unguided: the M prompt-conditional models alone, no unconditional row in the batch
+            conditions = prompt_rows(conditions, m)
         denoiser = DiffusersDenoiser(
             self.unet,
             schedule.process,
             schedule.prediction,
             schedule.timestep,
-            conditions=self._conditions(prompts, negative_prompt, height, width),
-            num_outputs=m + 1,
+            conditions=conditions,
+            num_outputs=m + (guidance_scale is not None),
             scale_input=schedule.scale_input,
         )
         shape = (num_images_per_prompt, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         result = self._superdiff_sample(
             denoiser, schedule, shape, mode=mode, num_models=m, temperature=temperature, log_weights=log_weights,
-            guidance_scale=float(guidance_scale), generator=generator, callback_on_step_end=callback_on_step_end,
+            guidance_scale=guidance_scale, generator=generator, callback_on_step_end=callback_on_step_end,
             progress=progress, device=device, network_dtype=self.unet.dtype,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         images = decode(self.vae, result.samples, self.image_processor, output_type)
         self.maybe_free_model_hooks()

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers import UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
+from tqdm.auto import tqdm
 
 from ..models import stack_denoisers
 from ._common import SuperDiffMixin, _fail, check_common, decode
@@ -71,7 +72,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         if not self.unets:
             return
         ref = self.unets[0].config
-        for i, unet in enumerate(self.unets[1:], start=1):
+        for i, unet in enumerate(self.unets):
             c = unet.config
             mine = (c.in_channels, c.sample_size)
             theirs = (ref.in_channels, ref.sample_size)
@@ -80,8 +81,12 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
                     f"unets[{i}] samples (channels, size) = {mine} but unets[0] samples {theirs}: models composed by "
                     "superposition must share one sample space; compose models trained on the same data shape"
                 )
-            if unet.config.out_channels not in (c.in_channels, 2 * c.in_channels):
-                raise ValueError(f"unets[{i}] has out_channels={c.out_channels}; expected {c.in_channels} (or twice that)")
+            if c.out_channels not in (c.in_channels, 2 * c.in_channels):
+                raise ValueError(
+                    f"unets[{i}] has out_channels={c.out_channels} for in_channels={c.in_channels}: its output is not an "
+                    f"ε / v / x̂₀ prediction of the sample (expected {c.in_channels} channels, or {2 * c.in_channels} with a "
+                    "learned variance); compose UNet2DModels trained to denoise their input"
+                )
 
     @staticmethod
     def check_schedulers(schedulers: Sequence[Any]) -> None:
@@ -162,7 +167,12 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         return self.unets[0].dtype
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm options for the sampling bar (``desc``, ``disable``, ``file``, ...), as in diffusers."""
         self._progress_bar_config = kwargs
+
+    def progress_bar(self, total: int) -> tqdm:
+        """A tqdm bar of ``total`` steps with the options of :meth:`set_progress_bar_config` (diffusers' rule)."""
+        return tqdm(total=total, **self._progress_bar_config)
 
     # -------------------------------------------------------------------------------------------
     # Sampling
@@ -170,7 +180,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
 
     def check_inputs(
         self, batch_size: Any, mode: Any, num_inference_steps: Any, temperature: Any, log_weights: Any,
-        output_type: Any, generator: Any, callback_on_step_end: Any,
+        output_type: Any, generator: Any, callback_on_step_end: Any, callback_on_step_end_tensor_inputs: Any = ("latents",),
     ) -> None:
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
         self.check_models()
@@ -178,7 +188,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             num_models=len(self.unets), what="unets", mode=mode, guidance_scale=None,
             num_inference_steps=num_inference_steps, temperature=temperature, log_weights=log_weights,
             num_images_per_prompt=batch_size, output_type=output_type, generator=generator,
-            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
 
     @torch.no_grad()
@@ -189,18 +199,19 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         num_inference_steps: int = 50,
         temperature: float = 1.0,
         log_weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
         progress: bool = True,
         return_dict: bool = True,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``batch_size`` images from the composition of the models (see
         :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>` for the
         modes). Images are read as pixels in [−1, 1]."""
         try:
             self.check_inputs(batch_size, mode, num_inference_steps, temperature, log_weights, output_type, generator,
-                              callback_on_step_end)
+                              callback_on_step_end, callback_on_step_end_tensor_inputs)
         except ValueError as err:
             if str(err).startswith("num_images_per_prompt="):
                 raise ValueError(str(err).replace("num_images_per_prompt=", "batch_size=", 1)) from None
@@ -219,6 +230,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             denoiser, schedule, shape, mode=mode, num_models=len(self.unets), temperature=temperature,
             log_weights=log_weights, guidance_scale=None, generator=generator,
             callback_on_step_end=callback_on_step_end, progress=progress, device=self.device, network_dtype=self.dtype,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         images = decode(None, result.samples, self.image_processor, output_type)
         return self._superdiff_output(images, result, schedule, return_dict)
