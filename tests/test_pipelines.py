@@ -434,6 +434,17 @@ BAD_SD_INPUTS = [
 ]
 
 
+def test_sd_takes_diffusers_prompt_argument(sd_pipe):
+    kw = dict(mode="or", num_inference_steps=2, progress=False, output_type="latent")
+    ours = sd_pipe(PROMPTS, generator=seeded(2), **kw)
+    theirs = sd_pipe(prompt=PROMPTS, generator=seeded(2), **kw)
+    torch.testing.assert_close(theirs.images, ours.images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="once"):
+        sd_pipe(PROMPTS, prompt=PROMPTS, **kw)
+    with pytest.raises(ValueError, match="at least 2"):
+        sd_pipe(prompt="a red circle", **kw)
+
+
 def test_sd_one_generator_per_image_as_in_diffusers(sd_pipe64):
     kw = dict(mode="and", num_inference_steps=3, progress=False, output_type="latent")
     both = sd_pipe64(PROMPTS, generator=[seeded(5), seeded(6)], num_images_per_prompt=2, **kw)

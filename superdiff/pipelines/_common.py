@@ -24,6 +24,15 @@ def _fail(argument: str, given: Any, works: str) -> None:
     raise ValueError(f"{argument}={given!r} is not valid: {works}")
 
 
+def prompts_argument(prompts: Any, prompt: Any) -> Any:
+    """``prompts``, or diffusers' name for them, ``prompt`` (a string becomes a one-prompt list)."""
+    if prompt is None:
+        return prompts
+    if prompts is not None:
+        _fail("prompt", prompt, "pass the prompts once, as prompts=[...] or as diffusers' prompt=[...]")
+    return [prompt] if isinstance(prompt, str) else prompt
+
+
 def check_prompts(prompts: Any, mode: str, argument: str = "prompts") -> int:
     """Validate the list of prompts for ``mode``; returns M."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):

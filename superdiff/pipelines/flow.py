@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ._common import SuperDiffMixin, _fail, check_common, check_prompts, decode, negative_text, prompt_rows
+from ._common import SuperDiffMixin, _fail, check_common, check_prompts, decode, negative_text, prompt_rows, prompts_argument
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class
 from .output import SuperDiffPipelineOutput
@@ -149,10 +149,12 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         return_dict: bool = True,
         max_sequence_length: int = 256,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt: str | Sequence[str] | None = None,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`,
         with SD3's defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros).
         ``guidance_scale=None`` samples unguided (not with ``mode="sum"``: see :meth:`check_inputs`)."""
+        prompts = prompts_argument(prompts, prompt)
         self.check_inputs(
             prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
             num_images_per_prompt, height, width, output_type, generator, callback_on_step_end, max_sequence_length,

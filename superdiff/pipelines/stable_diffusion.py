@@ -27,7 +27,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ._common import SuperDiffMixin, check_common, check_prompts, decode, negative_text, prompt_rows
+from ._common import SuperDiffMixin, check_common, check_prompts, decode, negative_text, prompt_rows, prompts_argument
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import bare_folder_error, check_loading_class, is_bare_folder, missing_sd_subfolders
 from .output import SuperDiffPipelineOutput
@@ -187,6 +187,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         progress: bool = True,
         return_dict: bool = True,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt: str | Sequence[str] | None = None,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode``.
 
@@ -203,8 +204,10 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         step (the tracked densities are not adjusted for the edit); ``pipe._interrupt = True`` stops
         after the current step (:attr:`interrupt`). ``generator``: one for the whole batch, or a list
         with one per image (image k is then the image a single-image call with generator k gives).
+        ``prompt`` is diffusers' name for ``prompts`` (pass one of them).
         Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
         """
+        prompts = prompts_argument(prompts, prompt)
         self.check_inputs(
             prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
             num_images_per_prompt, height, width, output_type, generator, callback_on_step_end,
