@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from .errors import BadInput, handle_errors
-from .models import EMBEDDED, resolve_device
+from .models import EMBEDDED, resolve_device, silence_library_logs
 from .output import atomic_write_text, ensure_writable_dir
 
 EVAL_FILE = "eval.json"
@@ -275,6 +275,8 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
       superdiff eval runs/ --clip openai/clip-vit-large-patch14 --json runs-eval.json
       superdiff eval superdiff-out --clip ./clip-vit-base-patch32 --quiet
     """
+    if quiet:
+        silence_library_logs()
     if not directory.exists():
         raise BadInput(f"DIR {str(directory)!r} does not exist; pass a folder written by superdiff generate or superdiff sweep")
     if not directory.is_dir():

@@ -9,8 +9,9 @@ from typing import Any
 import click
 
 from .errors import BadInput, handle_errors
-from .models import COMPILE_MODES, EMBEDDED, apply_speed_options, load_model, resolve_device, resolve_dtype
-from .output import ensure_writable_dir, save_generation
+from .models import (COMPILE_MODES, EMBEDDED, apply_speed_options, load_model, model_problem, resolve_device, resolve_dtype,
+                     silence_library_logs)
+from .output import check_fresh_dir, ensure_writable_dir, remove_files, save_generation
 
 MODES = ("and", "or", "average", "sum")
 
@@ -50,6 +51,22 @@ def check_items(items: list[str], mode: str, what: str) -> None:
         )
 
 
+def check_log_weights(lw: list[float] | None, items: list[str], what: str) -> None:
+    if lw is not None and len(lw) != len(items):
+        raise BadInput(f"--log-weights has {len(lw)} value(s) but there are {len(items)} {what}s; give one per {what}")
+
+
+def check_unconditional_options(guidance: float | None, negative_prompt: str | None, height: int | None,
+                                width: int | None) -> None:
+    """embedded-digits composes unconditional models: options about prompts or sizes would be ignored."""
+    given = [name for name, value in (("--guidance", guidance), ("--negative-prompt", negative_prompt),
+                                      ("--height", height), ("--width", width)) if value is not None]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise BadInput(f"{', '.join(given)} {verb} not apply to embedded-digits (unconditional 8x8 models, no prompts); "
+                       f"drop {'it' if len(given) == 1 else 'them'}")
+
+
 def generation_settings(**kwargs: Any) -> dict:
     return {k: v for k, v in kwargs.items()}
 
@@ -63,7 +80,7 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--or", "or_", multiple=True, metavar="PROMPT", help="Shorthand: --or P1 --or P2 means --mode or.")
 @click.option("--negative-prompt", default=None, help="Replaces the empty unconditional prompt.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps (network calls).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale [default: 7.5; 5 for embedded-shapes].")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale [default: 7.5; 5 for embedded-shapes; embedded-digits takes none].")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="OR temperature T.")
 @click.option("--log-weights", default=None, help="Comma-separated ℓ per prompt: OR bias or AND offsets.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -74,6 +91,9 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("superdiff-out"), show_default=True)
 @click.option("--plot", is_flag=True, help="Also write traces.png (κ and log-densities per step).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier run's images, sidecars, grid.png, traces.png and eval.json in --out "
+                   "(other files are kept); without it such a folder is refused.")
 @click.option("--allow-pickle", is_flag=True, help="Also read non-safetensors weights (only for models you trust).")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=None,
               help="torch.compile the network with this mode; the first step pays the compilation.")
@@ -84,12 +104,14 @@ def generation_settings(**kwargs: Any) -> dict:
 def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple[str, ...], or_: tuple[str, ...],
              negative_prompt: str | None, steps: int, guidance: float | None, temperature: float, log_weights: str | None,
              seed: int, num_images: int, height: int | None, width: int | None, dtype: str, device: str,
-             out_dir: Path, plot: bool, allow_pickle: bool, compile_mode: str | None, channels_last: bool,
+             out_dir: Path, plot: bool, overwrite: bool, allow_pickle: bool, compile_mode: str | None, channels_last: bool,
              quiet: bool) -> None:
     """Generate images composing prompts with SuperDiff AND / OR (or the baselines).
 
     Writes one PNG per image (settings in its text metadata), a JSON sidecar per image (prompts,
-    mode, settings, final log-densities, κ and log-density traces) and grid.png.
+    mode, settings, final log-densities, κ and log-density traces) and grid.png into --out. An --out
+    that already holds an earlier run's images is refused unless --overwrite, which first removes
+    that run's images, sidecars, grid.png, traces.png and eval.json (and nothing else).
 
     \b
     Examples:
@@ -97,14 +119,18 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
       superdiff generate --model ./my-sd-folder --prompt "a flamingo" --prompt "a candy cane" --mode and
       superdiff generate --model embedded-digits --or a --or b --num-images 16
     """
+    if quiet:
+        silence_library_logs()
     items, mode = collect_prompts(prompts, mode, and_, or_)
     lw = parse_log_weights(log_weights)
     if steps < 1:
         raise BadInput(f"--steps must be >= 1, got {steps}")
     if guidance is not None and (guidance < 0 or not math.isfinite(guidance)):
         raise BadInput(f"--guidance must be a finite number >= 0, got {guidance}")
-    if not temperature > 0:
-        raise BadInput(f"--temperature must be > 0, got {temperature}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise BadInput(f"--temperature must be a finite number > 0, got {temperature}")
+    if lw is not None and mode not in ("and", "or"):
+        raise BadInput(f"--log-weights apply to --mode and / or, not {mode}; drop --log-weights or change the mode")
     if num_images < 1:
         raise BadInput(f"--num-images must be >= 1, got {num_images}")
     dev = resolve_device(device)
@@ -112,13 +138,19 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     what = "model name" if model == "embedded-digits" else "prompt"
     if items:  # everything about the prompts is checked before a model is loaded
         check_items(items, mode, what)
+        check_log_weights(lw, items, what)
+    if model == "embedded-digits":
+        check_unconditional_options(guidance, negative_prompt, height, width)
+    problem = model_problem(model, items, allow_pickle)
+    if problem:
+        raise BadInput(problem)
+    stale = check_fresh_dir(out_dir, overwrite)
     ensure_writable_dir(out_dir, "--out")
     loaded = load_model(model, torch_dtype, dev, allow_pickle, items)
     if not items:
         items = list(loaded.default_items)
         check_items(items, mode, what)
-    if lw is not None and len(lw) != len(items):
-        raise BadInput(f"--log-weights has {len(lw)} value(s) but there are {len(items)} {what}s; give one per {what}")
+        check_log_weights(lw, items, what)
     scale = loaded.default_guidance if guidance is None else guidance
     import torch
 
@@ -131,10 +163,10 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
         call.update(prompts=items, guidance_scale=scale, negative_prompt=negative_prompt, height=height, width=width,
                     num_images_per_prompt=num_images)
     else:
-        if negative_prompt or height or width:
-            raise BadInput("--negative-prompt, --height and --width do not apply to embedded-digits")
         call.update(batch_size=num_images)
+        scale = None  # unconditional models: no guidance, recorded as null
     result = loaded.pipeline(**call)
+    remove_files(stale)  # the earlier run's files, only now that this run's are ready to be written
     settings = generation_settings(model=model, prompts=items, mode=mode, steps=steps, guidance=scale,
                                    temperature=temperature, log_weights=lw, seed=seed, dtype=str(torch_dtype).replace("torch.", ""),
                                    device=dev, negative_prompt=negative_prompt, height=height, width=width,

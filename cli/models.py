@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,33 @@ class LoadedModel:
     default_guidance: float = 7.5
 
 
+DEVICE_HINT = "use auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str) -> str:
+    """``--device`` as a torch device string, checked here: exit 2 for a string torch does not
+    read, a kind of device the CLI does not run on, or an accelerator this machine lacks."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise BadInput(f"--device {device!r} is not a device; {DEVICE_HINT}") from None
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise BadInput(f"--device {device!r} was asked for but MPS is not available here; use --device cpu")
+        return str(parsed)
+    if parsed.type != "cuda":
+        raise BadInput(f"--device {device!r} is not supported by the command line; {DEVICE_HINT}")
+    if not torch.cuda.is_available():
         raise BadInput(f"--device {device!r} was asked for but CUDA is not available here; use --device cpu")
-    return device
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise BadInput(f"--device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                       f"pick one of those")
+    return str(parsed)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -42,9 +64,107 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+DIGIT_MODELS = ("a", "b", "all")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SUPPORTED_CLASSES = "StableDiffusionPipeline (1.x/2.x), StableDiffusionXLPipeline or StableDiffusion3Pipeline"
+
+
+def looks_local(spec: str) -> bool:
+    """Whether ``spec`` names a path on this machine rather than a hub id (``org/name``)."""
+    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or (os.sep in spec and spec.count("/") != 1)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def model_index(spec: str, option: str = "--model") -> dict | None:
+    """``model_index.json`` of a local folder or of a hub id already in the cache (nothing is
+    downloaded); None where there is none. A file that is not JSON is bad input."""
+    path = Path(spec).expanduser()
+    index: Path | None = path / "model_index.json" if path.is_dir() else None
+    if index is None and not looks_local(spec):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec, "model_index.json")
+        except Exception:  # noqa: BLE001 - not a valid hub id: the loader will say so
+            cached = None
+        index = Path(cached) if isinstance(cached, str) else None
+    if index is None or not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{option} {spec!r}: {index} is not readable JSON ({exc}); save the pipeline again with "
+                       f"save_pretrained") from None
+    return data if isinstance(data, dict) else None
+
+
+def pipeline_class_name(class_name: str | None) -> str | None:
+    """The superdiff pipeline for a ``model_index.json`` ``_class_name`` (None: no index, a folder of
+    component subfolders, read as Stable Diffusion), or None where superdiff has no such pipeline."""
+    from superdiff.pipelines.loading import superdiff_class_name
+
+    return "SuperDiffPipeline" if class_name is None else superdiff_class_name(class_name)
+
+
+def pickle_only_components(folder: Path, index: dict | None) -> list[str]:
+    """The component subfolders of a local pipeline folder whose weights are all pickle files."""
+    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None] \
+        if index else [p.name for p in folder.iterdir() if p.is_dir()]
+    found = []
+    for name in names:
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        files = [p.name for p in sub.iterdir() if p.is_file()]
+        if any(f.endswith(PICKLE_SUFFIXES) for f in files) and not any(f.endswith(".safetensors") for f in files):
+            found.append(f"{name}/")
+    return found
+
+
+def model_problem(spec: str, items: list[str] | None = None, allow_pickle: bool = False, option: str = "--model") -> str | None:
+    """What is wrong with ``spec`` as a model, found without loading it (a missing local folder,
+    component names embedded-digits lacks, a pipeline class superdiff has no pipeline for, pickle
+    weights without ``allow_pickle``), as "problem; fix"; None where nothing is known to be wrong."""
+    if spec == "embedded-shapes":
+        return None
+    if spec == "embedded-digits":
+        unknown = [n for n in (items or ()) if n not in DIGIT_MODELS]
+        if unknown:
+            return f"embedded-digits composes the models a (digits 0-4), b (5-9) and all; got {unknown}; use a, b or all"
+        return None
+    path = Path(spec).expanduser()
+    if looks_local(spec) and not path.is_dir():
+        return (f"{option} {spec!r}: no such folder; pass a diffusers model folder (with model_index.json or unet/), "
+                f"a hub id, or one of the embedded models: {', '.join(EMBEDDED)} (e.g. {option} embedded-shapes)")
+    try:
+        index = model_index(spec, option)
+    except BadInput as exc:
+        return exc.message
+    if index is None and not path.is_dir() and hub_offline():
+        return (f"{option} {spec!r} is not a local folder and not in the hub cache, and the hub is offline here "
+                f"(HF_HUB_OFFLINE); pass a local diffusers folder, a cached hub id, or {option} embedded-shapes")
+    class_name = index.get("_class_name") if index else None
+    if index is not None and pipeline_class_name(class_name) is None:
+        return (f"{option} {spec!r} is a {class_name}, which superdiff has no pipeline for; use a folder of a "
+                f"{SUPPORTED_CLASSES}")
+    if path.is_dir() and not allow_pickle:
+        pickled = pickle_only_components(path, index)
+        if pickled:
+            return (f"{option} {spec!r} stores the weights of {', '.join(pickled)} as pickle files, which can run code "
+                    f"when loaded, and only safetensors are read by default; pass --allow-pickle if you trust this model")
+    return None
+
+
 def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False, items: list[str] | None = None) -> LoadedModel:
-    """Load ``spec``: an embedded model name, a local diffusers folder, or a hub id (cached only
-    when offline). Only safetensors weights are read unless ``allow_pickle``."""
+    """Load ``spec``: an embedded model name, a local diffusers folder (Stable Diffusion, SDXL or
+    SD3, read from its model_index.json), or a hub id (cached only when offline). Only safetensors
+    weights are read unless ``allow_pickle``."""
+    problem = model_problem(spec, items, allow_pickle)
+    if problem:
+        raise BadInput(problem)
     if spec == "embedded-shapes":
         from superdiff.pipelines import SuperDiffPipeline
         from superdiff.zoo.registry import embedded_path
@@ -55,31 +175,44 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
         from superdiff.zoo.registry import load_digit_pipeline
 
         names = list(items or ("a", "b"))
-        unknown = [n for n in names if n not in ("a", "b", "all")]
-        if unknown:
-            raise BadInput(f"embedded-digits composes the models a (digits 0-4), b (5-9) and all; got {unknown}")
         return LoadedModel(spec, load_digit_pipeline(names, torch_dtype=dtype).to(device), "models", ("a", "b"), 0.0)
-    path = Path(spec).expanduser()
-    looks_local = path.exists() or spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
-    if looks_local and not path.is_dir():
-        raise BadInput(
-            f"--model {spec!r}: no such folder. Pass a diffusers model folder (with model_index.json or unet/), "
-            f"a hub id, or one of the embedded models: {', '.join(EMBEDDED)} (e.g. --model embedded-shapes)"
-        )
-    from superdiff.pipelines import SuperDiffPipeline
+    import superdiff.pipelines
 
+    path = Path(spec).expanduser()
+    index = model_index(spec)
+    pipeline_cls = getattr(superdiff.pipelines, pipeline_class_name(index.get("_class_name") if index else None))
     kwargs = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub_offline():
         kwargs["local_files_only"] = True
     try:
-        pipe = SuperDiffPipeline.from_pretrained(str(path) if path.is_dir() else spec, **kwargs)
+        pipe = pipeline_cls.from_pretrained(str(path) if path.is_dir() else spec, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not allow_pickle and ".safetensors" in first:
+            raise BadInput(f"--model {spec!r} has no safetensors weights ({first}); only safetensors are read by "
+                           f"default: pass --allow-pickle if its weights are pickle files you trust") from exc
         raise BadInput(
             f"--model {spec!r} could not be loaded ({first}). Pass a local diffusers folder or a cached hub id, "
             f"or try --model embedded-shapes"
         ) from exc
     return LoadedModel(spec, pipe.to(device), "prompts")
+
+
+def silence_library_logs() -> None:
+    """``--quiet``: diffusers', transformers' and huggingface_hub's own log lines (even their errors,
+    which the CLI reports itself, one line) stay off the terminal."""
+    import logging
+
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity(logging.CRITICAL)
+        tlog.set_verbosity(logging.CRITICAL)
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")

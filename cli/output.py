@@ -20,6 +20,32 @@ def ensure_writable_dir(path: Path, option: str) -> Path:
     return path
 
 
+GENERATE_OUTPUTS = ("image_*.png", "image_*.json", "grid.png", "traces.png", "eval.json")
+
+
+def previous_outputs(out_dir: Path) -> list[Path]:
+    """Files of an earlier ``superdiff generate`` run in ``out_dir`` (its images, sidecars, grid and
+    trace plot, and the eval.json scoring them); nothing else in the folder counts."""
+    if not out_dir.is_dir():
+        return []
+    return sorted({p for pattern in GENERATE_OUTPUTS for p in out_dir.glob(pattern) if p.is_file()})
+
+
+def check_fresh_dir(out_dir: Path, overwrite: bool, option: str = "--out") -> list[Path]:
+    """The earlier run's files that ``overwrite`` allows replacing; without it, a folder holding any
+    is bad input (a smaller run would leave the earlier run's extra images beside its own)."""
+    found = previous_outputs(out_dir)
+    if found and not overwrite:
+        raise BadInput(f"{option} {str(out_dir)!r} already holds {len(found)} file(s) of an earlier run (e.g. {found[0].name}); "
+                       f"pass --overwrite to replace them, or choose another {option}")
+    return found
+
+
+def remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from .errors import handle_errors
-from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype
+from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype, silence_library_logs
 from .output import atomic_write_text, ensure_writable_dir, save_generation
 from .spec import SweepItem, load_spec
 
@@ -96,23 +96,34 @@ def _append_line(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def shapes_both_rate(images: list, prompts: tuple[str, ...]) -> float | None:
+    """Fraction of embedded-shapes ``images`` showing every colour and shape word the prompts name,
+    read as ``superdiff eval`` reads them (any order, any phrasing: ["circle", "red"] and
+    ["red circle", "red"] name red and circle); None where the prompts name no colour–shape pair."""
+    from superdiff.metrics import attribute_rates, pil_to_pixels, prompt_attributes, read_prompt_attributes
+    from superdiff.zoo.shapes import COLOURS, SHAPES
+
+    named, _ = prompt_attributes(prompts)
+    if not images or not any(a in COLOURS for a in named) or not any(a in SHAPES for a in named):
+        return None
+    read = read_prompt_attributes(pil_to_pixels([im.convert("RGB") for im in images]), named)
+    return attribute_rates([r["present"] for r in read])["both_rate"]
+
+
 def _item_metrics(result, item: SweepItem) -> dict:
     ld = result.log_densities
     metrics = {
         "log_density_spread": float((ld.max(-1).values - ld.min(-1).values).mean()),
         "final_kappa_mean": [round(float(v), 4) for v in result.kappa_trace[-1].mean(0)],
     }
-    if item.model == "embedded-shapes" and len(item.prompts) == 2:
-        import numpy as np
-        import torch
-
-        from superdiff.zoo.shapes import read_attributes
-
-        arr = torch.tensor(np.stack([np.asarray(im) for im in result.images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        colours, shapes = read_attributes(arr)
-        colour, shape = item.prompts
-        metrics["both_rate"] = sum(c == colour and s == shape for c, s in zip(colours, shapes)) / len(colours)
+    if item.model == "embedded-shapes":
+        metrics["both_rate"] = shapes_both_rate(list(result.images), item.prompts)
     return metrics
+
+
+def _csv_value(value: object) -> str:
+    """A metric as a metrics.csv cell: JSON, or empty where there is none."""
+    return "" if value is None else json.dumps(value)
 
 
 def merge_and_summarise(out_dir: Path) -> list[dict]:
@@ -128,7 +139,7 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
     for r in records:
         s = r["settings"]
         writer.writerow([r["item_id"], " | ".join(s["prompts"]), s["mode"], s["seed"], s["model"], s["steps"], s["num_images"],
-                         *[json.dumps(r["metrics"].get(k)) for k in extra]])
+                         *[_csv_value(r["metrics"].get(k)) for k in extra]])
     atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
     return records
 
@@ -145,15 +156,16 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
 @click.option("--num-images", type=int, default=4, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--limit", type=int, default=None, help="Stop after this many new items (for trying a spec).")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Stop after this many new items (for trying a spec).")
+@click.option("--allow-pickle", is_flag=True, help="Also read non-safetensors weights (only for models you trust).")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=None,
               help="torch.compile each model's network with this mode (paid once per model and batch shape).")
 @click.option("--channels-last", is_flag=True, help="Store each model's network in channels-last memory format.")
 @click.option("--quiet", is_flag=True)
 @handle_errors
 def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: int, guidance: float | None,
-          temperature: float, num_images: int, dtype: str, device: str, limit: int | None, compile_mode: str | None,
-          channels_last: bool, quiet: bool) -> None:
+          temperature: float, num_images: int, dtype: str, device: str, limit: int | None, allow_pickle: bool,
+          compile_mode: str | None, channels_last: bool, quiet: bool) -> None:
     """Run every prompt set × mode × seed of SPEC (CSV or JSONL); resumable and data-parallel.
 
     \b
@@ -161,13 +173,18 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
       superdiff sweep samples/prompt_pairs.csv --model ./sd-folder --modes 'and|average' --seeds '0|1' --out runs/
       accelerate launch --num_processes 2 -m superdiff_cli.main sweep spec.jsonl --out runs/
     """
+    if quiet:
+        silence_library_logs()
     defaults = dict(model=model, modes=modes, seeds=seeds, steps=steps, guidance=guidance, temperature=temperature,
-                    num_images=num_images)
+                    num_images=num_images, allow_pickle=allow_pickle)
     items = load_spec(spec, defaults)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     ensure_writable_dir(out_dir, "--out")
     rank, world, barrier, acc_device = _distributed(out_dir)
-    dev = resolve_device(acc_device or device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    if acc_device is not None:
+        dev = resolve_device(acc_device)
+        torch_dtype = resolve_dtype(dtype, dev)
     done = read_manifest(out_dir)
     todo = [it for it in items if not (it.item_id in done and is_complete(out_dir, done[it.item_id]))]
     mine = todo[rank::world]
@@ -186,7 +203,7 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 break
             key = item.model if item.model != "embedded-digits" else f"digits:{','.join(item.prompts)}"
             if key not in models:
-                models[key] = load_model(item.model, torch_dtype, dev, items=list(item.prompts))
+                models[key] = load_model(item.model, torch_dtype, dev, allow_pickle, items=list(item.prompts))
                 apply_speed_options(models[key].pipeline, channels_last, compile_mode)
             loaded = models[key]
             scale = loaded.default_guidance if item.guidance is None else item.guidance
@@ -197,6 +214,7 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 call.update(prompts=list(item.prompts), guidance_scale=scale, num_images_per_prompt=item.num_images)
             else:
                 call.update(batch_size=item.num_images)
+                scale = None  # unconditional models: no guidance, recorded as null
             result = loaded.pipeline(**call)
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)

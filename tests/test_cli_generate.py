@@ -53,6 +53,8 @@ def test_generate_writes_images_sidecars_grid_and_plot(tiny_model, tmp_path):
         (["--and", "a", "--and", "b", "--height", "13"], "height"),
         (["--and", "a", "--and", "b", "--log-weights", "1,2,3"], "--log-weights"),
         (["--and", "a", "--or", "b"], "--and"),
+        (["--and", "a", "--and", "b", "--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda"),
+        (["--and", "a", "--and", "b", "--device", "cuda:99"], "--device 'cuda:99'"),  # no CUDA here, or no 100th GPU
     ],
 )
 def test_generate_bad_input_exits_2(tiny_model, tmp_path, args, needle):
@@ -109,3 +111,124 @@ def test_generate_compile_and_channels_last_options(tiny_model, tmp_path, monkey
     sidecar = json.loads((tmp_path / "compiled" / "image_000.json").read_text())
     assert sidecar["compile"] == "max-autotune" and sidecar["channels_last"] is True
     assert json.loads((tmp_path / "plain" / "image_000.json").read_text())["channels_last"] is False
+
+
+@pytest.fixture(scope="module")
+def other_pipelines(tmp_path_factory):
+    """diffusers' own SDXL and SD3 pipelines, tiny, saved as their model_index.json names them."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    from superdiff.testing import tiny_sd3_components, tiny_sdxl_components
+
+    root = tmp_path_factory.mktemp("other")
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(root / "sdxl")
+    StableDiffusion3Pipeline(**tiny_sd3_components()).save_pretrained(root / "sd3")
+    return root
+
+
+@pytest.mark.parametrize("name, pipeline", [("sdxl", "SuperDiffXLPipeline"), ("sd3", "SuperDiffFlowPipeline")])
+def test_generate_reads_the_pipeline_class_from_model_index(other_pipelines, tmp_path, monkeypatch, name, pipeline):
+    import superdiff.pipelines
+
+    loaded = []
+    cls = getattr(superdiff.pipelines, pipeline)
+    real = cls.from_pretrained.__func__
+
+    def recording(klass, *args, **kwargs):
+        loaded.append(klass.__name__)
+        return real(klass, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    r = invoke("generate", "--model", str(other_pipelines / name), "--and", "a red circle", "--and", "a blue square",
+               "--steps", "2", "--num-images", "1", "--out", str(tmp_path / "out"), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert loaded == [pipeline]
+    assert json.loads((tmp_path / "out" / "image_000.json").read_text())["prompts"] == ["a red circle", "a blue square"]
+
+
+def test_generate_refuses_a_pipeline_class_superdiff_lacks(tmp_path):
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]}))
+    r = invoke("generate", "--model", str(folder), "--and", "a", "--and", "b", "--out", str(tmp_path / "out"))
+    assert r.exit_code == 2, r.output
+    assert "FluxPipeline" in r.output and "StableDiffusionXLPipeline" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_pickle_weights_are_refused_with_the_option_that_reads_them(tmp_path):
+    from superdiff.pipelines import SuperDiffPipeline
+    from superdiff.testing import tiny_sd_components
+
+    folder = tmp_path / "pickled"
+    SuperDiffPipeline(**tiny_sd_components()).save_pretrained(folder, safe_serialization=False)
+    args = ["--model", str(folder), "--and", "a red circle", "--and", "a blue square", "--steps", "2", "--num-images", "1",
+            "--quiet"]
+    r = invoke("generate", *args, "--out", str(tmp_path / "refused"))
+    assert r.exit_code == 2, r.output
+    assert "pickle" in r.output and "--allow-pickle" in r.output and "unet/" in r.output
+    assert "embedded-shapes" not in r.output
+    ok = invoke("generate", *args, "--allow-pickle", "--out", str(tmp_path / "read"))
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "read" / "image_000.png").exists()
+
+
+def test_quiet_keeps_the_libraries_log_lines_off_the_terminal(tiny_model, tmp_path):
+    """A folder whose UNet has no weights: diffusers logs "An error occurred while trying to fetch"
+    (an ERROR, on its own handler); under --quiet only the CLI's one-line error remains."""
+    import logging
+    import shutil
+
+    class Recorder(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    folder = tmp_path / "noweights"
+    shutil.copytree(tiny_model, folder)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    recorder, library = Recorder(), logging.getLogger("diffusers")
+    library.addHandler(recorder)
+    try:
+        r = invoke("generate", "--model", str(folder), "--and", "a", "--and", "b", "--out", str(tmp_path / "o"), "--quiet")
+    finally:
+        library.removeHandler(recorder)
+        for name in ("diffusers", "transformers", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    assert r.exit_code == 2 and "--allow-pickle" in r.output and "unet" in r.output
+    assert not [m for m in recorder.messages if "An error occurred" in m]
+
+
+def test_an_earlier_run_in_out_is_refused_or_replaced_with_overwrite(tiny_model, tmp_path):
+    """A smaller second run into the same --out must not leave the first run's extra images (which
+    eval would count): refused before any work, or, with --overwrite, replaced; other files stay."""
+    out = tmp_path / "out"
+    args = ["generate", "--model", tiny_model, "--and", "a red circle", "--and", "a blue square", "--steps", "2",
+            "--out", str(out), "--quiet"]
+    assert invoke(*args, "--num-images", "3", "--plot").exit_code == 0
+    (out / "eval.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    before = (out / "image_000.png").read_bytes()
+    refused = invoke(*args, "--num-images", "1", "--seed", "1")
+    assert refused.exit_code == 2 and "--overwrite" in refused.output and "Traceback" not in refused.output
+    assert (out / "image_000.png").read_bytes() == before and (out / "image_002.png").exists()
+    r = invoke(*args, "--num-images", "1", "--seed", "1", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "image_000.json", "image_000.png", "notes.txt"]
+    assert json.loads((out / "image_000.json").read_text())["seed"] == 1
+
+
+def test_embedded_digits_takes_no_guidance_and_records_none(tmp_path):
+    out = tmp_path / "d"
+    refused = invoke("generate", "--model", "embedded-digits", "--or", "a", "--or", "b", "--guidance", "3", "--out", str(out))
+    assert refused.exit_code == 2 and "--guidance does not apply to embedded-digits" in refused.output
+    assert not out.exists()
+    r = invoke("generate", "--model", "embedded-digits", "--or", "a", "--or", "b", "--steps", "2", "--num-images", "1",
+               "--out", str(out), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "image_000.json").read_text())["guidance"] is None
+    assert json.loads(Image.open(out / "image_000.png").text["superdiff"])["guidance"] is None

@@ -108,6 +108,101 @@ def test_malformed_spec_names_the_line(tiny_model, tmp_path, name, text, needle)
     assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output
 
 
+MALFORMED = [
+    ('{"prompts": ["red", "circle"], "guidance": "nan"}', "guidance 'nan' must be a finite number"),
+    ('{"prompts": ["red", "circle"], "temperature": "inf"}', "temperature 'inf' must be a finite number > 0"),
+    ('{"prompts": ["red", "circle"], "modes": ["and", "average"], "log_weights": [0, 1]}', "log_weights apply to modes and/or, not average"),
+    ('{"prompts": ["red", "circle"], "modes": "sum", "log_weights": "0|1"}', "not sum"),
+    ('{"prompts": ["red", "circle"], "log_weights": [0, 1, 2]}', "log_weights has 3 value(s) for 2 prompts"),
+    ('{"prompts": ["red", "circle"], "model": "./no-such-folder"}', "model './no-such-folder': no such folder"),
+    ('{"prompts": ["a", "c"], "model": "embedded-digits", "modes": "or"}', "got ['c']; use a, b or all"),
+    ('{"prompts": ["red", "circle"], "modes": []}', "modes is empty"),
+    ('{"prompts": ["red", "circle"], "steps": true}', "steps true is not a whole number"),
+    ('{"prompts": ["red", "circle"], "num_images": 1.5}', "num_images 1.5 is not a whole number"),
+    ('{"prompts": ["red", "circle"], "seeds": [0, 2.5]}', "seed 2.5 is not a whole number"),
+    ('{"prompts": [1, 2]}', "prompt 1 is 1; every prompt must be a non-empty string"),
+    ('{"prompts": ["red", "circle"], "seeds": [0, 0]}', "repeats a seed"),
+    ('{"prompts": ["red", "circle"]', "not valid JSON"),
+]
+
+
+def test_every_malformed_line_is_reported_before_any_work(tmp_path, monkeypatch):
+    """One spec, one malformed value per line after a good first line: every line is named with its
+    problem and fix, exit 2, and no model is loaded and no folder created."""
+    import superdiff_cli.sweep as sweep_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the spec was checked")
+
+    monkeypatch.setattr(sweep_module, "load_model", no_loading)
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text('{"prompts": ["red", "circle"], "steps": 2.0, "num_images": "1"}\n'
+                    + "".join(line + "\n" for line, _ in MALFORMED))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(out), "--model", "embedded-shapes", "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and "line 1:" not in r.output
+    for n, (_, needle) in enumerate(MALFORMED, start=2):
+        (reported,) = [line for line in r.output.splitlines() if f"spec.jsonl line {n}: " in line]
+        assert needle in reported, (n, reported)
+        assert ";" in reported.split(needle, 1)[1] or ";" in needle  # the fix follows the problem
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--limit", "-1"], "--limit"),
+        (["--modes", "and|xor"], "unknown mode 'xor'"),
+        (["--seeds", ""], "--seeds is empty"),
+        (["--guidance", "nan"], "--guidance nan must be a finite number"),
+        (["--device", "gpu"], "--device 'gpu' is not a device"),
+        (["--model", "./no-such-folder"], "--model './no-such-folder': no such folder"),
+    ],
+)
+def test_bad_command_line_defaults_are_named_once(tmp_path, args, needle):
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text('{"prompts": ["red", "circle"]}\n{"prompts": ["blue", "square"]}\n')
+    r = CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(tmp_path / "out"), "--steps", "2", "--quiet", *args])
+    assert r.exit_code == 2, r.output
+    assert r.output.count(needle) == 1 and "line" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_both_rate_reads_prompts_as_eval_does(tmp_path):
+    """both_rate names the colour and shape whatever the prompts' order or phrasing, equal to
+    `superdiff eval`'s rate on the same images, and is empty where no colour-shape pair is named."""
+    spec = tmp_path / "spec.jsonl"
+    prompt_sets = [["circle", "red"], ["red circle", "red"], ["red", "circle"], ["red", "blue"]]
+    spec.write_text("".join(json.dumps({"prompts": p}) + "\n" for p in prompt_sets))
+    out = tmp_path / "out"
+    s = CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(out), "--steps", "10", "--num-images", "4", "--quiet"])
+    assert s.exit_code == 0, s.output
+    e = CliRunner().invoke(cli, ["eval", str(out), "--quiet"])
+    assert e.exit_code == 0, e.output
+    groups = {tuple(g["prompts"]): g for g in json.loads((out / "eval.json").read_text())["groups"]}
+    rates = {tuple(r["settings"]["prompts"]): r["metrics"]["both_rate"] for r in manifest(out)}
+    for prompts in map(tuple, prompt_sets[:3]):
+        assert rates[prompts] == groups[prompts]["attributes"]["both_rate"], prompts
+    assert rates[("circle", "red")] > 0 and rates[("red circle", "red")] > 0  # red circles are drawn
+    assert rates[("red", "blue")] is None
+    import csv
+
+    rows = {r["prompts"]: r for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())}
+    assert rows["red | blue"]["both_rate"] == "" and float(rows["circle | red"]["both_rate"]) == rates[("circle", "red")]
+
+
+def test_sweep_records_no_guidance_for_unconditional_models(tmp_path):
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text(json.dumps({"prompts": ["a", "b"], "model": "embedded-digits", "modes": "or"}) + "\n")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(out), "--steps", "2", "--num-images", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    (record,) = manifest(out)
+    assert record["settings"]["guidance"] is None
+    assert json.loads((out / record["files"][1]).read_text())["guidance"] is None
+
+
 def test_sweep_is_data_parallel_under_accelerate(tiny_model, tmp_path):
     spec, out = write_spec(tmp_path, tiny_model), tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
