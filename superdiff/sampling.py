@@ -312,11 +312,9 @@ def sample_sde(
         if interrupt is not None and interrupt():
             break
         c = coefs[i]
-        denoised, unconditional = _split(denoiser(x, times[i]), plan)
         # One float64 copy of the predictions serves κ, the mixing and the densities: κ is not
         # bounded (AND of similar models reaches 1e3–1e7), so Σκᵢx̂₀ⁱ is never formed in fp16/bf16.
-        denoised64 = denoised.to(torch.float64)
-        unconditional64 = None if unconditional is None else unconditional.to(torch.float64)
+        denoised64, unconditional64 = _split(denoiser(x, times[i]).to(torch.float64), plan)
         system = (None, None)
         if c.final:
             if combiner.needs_system:
