@@ -72,6 +72,17 @@ def _distributed(out_dir: Path):
     return rank, world, file_barrier, device
 
 
+def share_of_rank(items: list[SweepItem], todo: list[SweepItem], rank: int, world: int) -> list[SweepItem]:
+    """This process's items: every ``world``-th item of the whole spec, less those already done.
+
+    The split is made on the spec, not on what is left to do, because each process reads the
+    manifest when it starts: one that starts after another has finished an item would otherwise
+    see a shorter list, stride it differently, and skip items no process then runs.
+    """
+    left = {it.item_id for it in todo}
+    return [it for it in items[rank::world] if it.item_id in left]
+
+
 def read_manifest(out_dir: Path) -> dict[str, dict]:
     """Finished items from the merged manifest and every shard (a torn last line is ignored)."""
     done: dict[str, dict] = {}
@@ -187,7 +198,7 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
         torch_dtype = resolve_dtype(dtype, dev)
     done = read_manifest(out_dir)
     todo = [it for it in items if not (it.item_id in done and is_complete(out_dir, done[it.item_id]))]
-    mine = todo[rank::world]
+    mine = share_of_rank(items, todo, rank, world)
     if not quiet and rank == 0:
         click.echo(f"{len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to run on {world} process(es)")
     shard = out_dir / f"manifest.rank{rank}.jsonl"

@@ -223,6 +223,24 @@ def test_sweep_is_data_parallel_under_accelerate(tiny_model, tmp_path):
     assert not list(out.glob("manifest.rank*.jsonl"))
 
 
+def test_every_item_has_a_rank_whenever_each_rank_reads_the_manifest():
+    """A rank that starts after another has finished items sees fewer left to do; the split must
+    still give every remaining item to exactly one rank."""
+    from superdiff_cli.sweep import share_of_rank
+
+    items = list(range(7))
+
+    class Item(int):
+        item_id = property(lambda self: int(self))
+
+    items = [Item(i) for i in items]
+    early = share_of_rank(items, items, 0, 2)  # rank 0 read the manifest before anything was done
+    done_by_then = set(early[:2])  # ... and had finished two of its items when rank 1 started
+    late = share_of_rank(items, [it for it in items if it not in done_by_then], 1, 2)
+    assert sorted(early + late) == items
+    assert not set(early) & set(late)
+
+
 def test_sweep_barrier_counts_only_this_launchs_markers(tmp_path, monkeypatch):
     """Rank 0 merges only after every rank of THIS launch left its marker; a marker an interrupted
     earlier launch left behind must not let it merge early. Other ranks never wait."""
