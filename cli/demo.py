@@ -35,9 +35,10 @@ def demo(out_dir: Path, steps: int, digits_samples: int, shapes_samples: int, gu
     from superdiff.zoo.demo import DemoConfig, format_demo_table, run_demo
     from superdiff.zoo.shapes import COLOURS, SHAPES
 
-    for name, value in (("--steps", steps), ("--digits-samples", digits_samples), ("--shapes-samples", shapes_samples)):
-        if value < 1:
-            raise BadInput(f"{name} must be >= 1, got {value}")
+    for name, value, least in (("--steps", steps, 1), ("--digits-samples", digits_samples, 2), ("--shapes-samples", shapes_samples, 1)):
+        if value < least:
+            why = " (the Fréchet distance fits a covariance to the samples)" if name == "--digits-samples" else ""
+            raise BadInput(f"{name} must be >= {least}{why}, got {value}")
     if guidance < 0:
         raise BadInput(f"--guidance must be >= 0, got {guidance}")
     if pair[0] not in COLOURS or pair[1] not in SHAPES:

@@ -120,7 +120,7 @@ class VPLinear(Process):
 @dataclass(frozen=True)
 class VPLinearSigmaT(VPLinear):
     """:class:`VPLinear`'s α_t with ``σ_t = t``: not variance preserving, but the schedule the
-    authors' CIFAR-10 and toy code ran (paper-notes, "Schedules actually used"), so their models'
+    authors' CIFAR-10 and toy code ran (their JAX code sets σ_t = t, the VP choice commented out), so their models'
     times mean the same here. ``g_t² = 2 t (1 + ½ t β₀ + ½ t² (β₁ − β₀))``.
     """
 

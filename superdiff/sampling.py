@@ -6,7 +6,7 @@ into weights κ, the mixed prediction drives the step, and every model's log-den
 
 Under classifier-free guidance (``guidance_scale=w``) the denoiser's last output is the
 unconditional prediction ``x̂₀ᵘ``; the drift uses ``x̂₀ᵘ + w(Σκⱼ x̂₀ʲ − x̂₀ᵘ)`` while the densities
-tracked are those of the unguided conditional models (paper-notes §3).
+tracked are those of the unguided conditional models (paper §4.2 and the authors' SD code).
 """
 
 from __future__ import annotations

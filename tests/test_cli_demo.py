@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -40,3 +42,19 @@ def test_demo_writes_pictures_and_metrics_and_the_models_behave(tmp_path):
 def test_demo_rejects_a_pair_that_is_not_colour_and_shape(tmp_path):
     r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--pair", "circle", "red"])
     assert r.exit_code == 2 and "--pair" in r.output and "Traceback" not in r.output
+
+
+def test_demo_needs_two_digit_samples_for_the_frechet_distance(tmp_path):
+    r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--digits-samples", "1"])
+    assert r.exit_code == 2 and "--digits-samples must be >= 2" in r.output
+    from superdiff.zoo.digits import frechet_distance
+
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        frechet_distance(torch.zeros(1, 4), torch.zeros(5, 4))
+
+
+def test_a_demo_pair_equal_to_the_held_out_pair_is_run_once():
+    from superdiff.zoo.demo import DemoConfig, demo_pairs
+
+    assert demo_pairs(DemoConfig(pair=("blue", "triangle"))) == (("blue", "triangle"),)
+    assert demo_pairs(DemoConfig(pair=("red", "square"))) == (("red", "square"), ("blue", "triangle"))

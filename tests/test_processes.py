@@ -43,7 +43,7 @@ def test_the_authors_cifar_schedule_has_sigma_t_and_their_g_squared():
     p = VPLinearSigmaT()
     torch.testing.assert_close(p.sigma(TIMES), TIMES)
     torch.testing.assert_close(p.alpha(TIMES), VPLinear().alpha(TIMES))
-    beta = 1 + 0.5 * TIMES * 0.1 + 0.5 * TIMES**2 * (20.0 - 0.1)  # paper-notes: g² = 2 σ_t β(t)
+    beta = 1 + 0.5 * TIMES * 0.1 + 0.5 * TIMES**2 * (20.0 - 0.1)  # the authors' code: g² = 2 σ_t β(t)
     torch.testing.assert_close(p.diffusion_squared(TIMES), 2 * TIMES * beta)
 
 

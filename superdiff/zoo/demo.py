@@ -32,6 +32,11 @@ def _rows(results: list[Sampled], shown: int, label) -> list:
     return [(label(r), tensor_to_pil(r.images[:shown])) for r in results]
 
 
+def demo_pairs(cfg: DemoConfig) -> tuple[tuple[str, str], ...]:
+    """The AND pairs the demo runs: the chosen pair, then the held-out one (once if they are the same)."""
+    return (cfg.pair,) if tuple(cfg.pair) == tuple(cfg.held_out_pair) else (cfg.pair, cfg.held_out_pair)
+
+
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = False) -> dict:
     """Run OR on the digit models and AND on the shapes model; write or.png, and.png, traces.png
     and metrics.json into ``out_dir``; return the metrics."""
@@ -39,7 +44,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     digits = digits_or(cfg.digits_samples, cfg.steps, cfg.seed, cfg.device, progress)
-    shapes = shapes_and((cfg.pair, cfg.held_out_pair), cfg.shapes_samples, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.device, progress)
+    shapes = shapes_and(demo_pairs(cfg), cfg.shapes_samples, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.device, progress)
     image_grid(_rows(digits, cfg.shown, lambda r: r.method), cell=40, label_width=110).save(out / "or.png")
     image_grid(
         _rows(shapes, cfg.shown, lambda r: f"{'+'.join(r.metrics['prompts'])}: {r.method}"), cell=40, label_width=170

@@ -4,6 +4,11 @@
     python -m superdiff.zoo.train classifier --out superdiff/zoo/weights
     python -m superdiff.zoo.train shapes --out superdiff/zoo/weights
 
+The defaults (3000 digit steps, 2500 shapes steps) are those of the shipped weights. The digits
+a and b weights were written by an earlier, uncommitted revision of this script (their logs lack
+the ``checkpoint_every`` setting), so retraining them with this one is not guaranteed to give
+identical weights.
+
 Digits: three unconditional ``UNet2DModel``s (A: 0–4, B: 5–9, all) with a DDPM schedule.
 Shapes: a pixel-space, Stable-Diffusion-shaped model: a small ``CLIPTextModel`` feeding a
 cross-attention ``UNet2DConditionModel``, trained jointly with 10% empty captions for
@@ -264,12 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "classifier":
         print(f"test accuracy {train_classifier(args.out, args.device):.4f}")
     elif args.what == "digits":
-        cfg = TrainConfig(steps=args.steps or 4000, batch_size=args.batch_size or 128, lr=args.lr or 2e-3)
+        cfg = TrainConfig(steps=args.steps or 3000, batch_size=args.batch_size or 128, lr=args.lr or 2e-3)
         for name in args.models.split(","):
             train_digit_model(name, args.out, cfg, args.device)
             print(f"digits-{name} done", flush=True)
     else:
-        cfg = TrainConfig(steps=args.steps or 3000, batch_size=args.batch_size or 64, lr=args.lr or 1e-3, log_every=100)
+        cfg = TrainConfig(steps=args.steps or 2500, batch_size=args.batch_size or 64, lr=args.lr or 1e-3, log_every=100)
         train_shapes(args.out, cfg, args.device)
         print("shapes done", flush=True)
 
