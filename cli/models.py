@@ -127,8 +127,15 @@ def pickle_only_components(folder: Path, index: dict | None) -> list[str]:
 def model_problem(spec: str, items: list[str] | None = None, allow_pickle: bool = False, option: str = "--model") -> str | None:
     """What is wrong with ``spec`` as a model, found without loading it (a missing local folder,
     component names embedded-digits lacks, a pipeline class superdiff has no pipeline for, pickle
-    weights without ``allow_pickle``), as "problem; fix"; None where nothing is known to be wrong."""
+    weights without ``allow_pickle``, words the embedded shapes model never saw), as "problem; fix";
+    None where nothing is known to be wrong."""
     if spec == "embedded-shapes":
+        from superdiff.zoo.tokenizer import CAPTION_WORDS
+
+        unknown = sorted({w for p in (items or ()) for w in p.lower().split() if w not in CAPTION_WORDS})
+        if unknown:  # its tokenizer would spell them letter by letter: prompts it was never trained on
+            return (f"embedded-shapes knows only the words {', '.join(CAPTION_WORDS)}; got {', '.join(unknown)}; "
+                    f"compose those words, e.g. --and red --and circle")
         return None
     if spec == "embedded-digits":
         unknown = [n for n in (items or ()) if n not in DIGIT_MODELS]

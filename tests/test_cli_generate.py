@@ -232,3 +232,9 @@ def test_embedded_digits_takes_no_guidance_and_records_none(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((out / "image_000.json").read_text())["guidance"] is None
     assert json.loads(Image.open(out / "image_000.png").text["superdiff"])["guidance"] is None
+
+
+def test_embedded_shapes_refuses_words_it_never_saw(tmp_path):
+    r = invoke("generate", "--model", "embedded-shapes", "--and", "purple", "--and", "a red circle", "--out", str(tmp_path))
+    assert r.exit_code == 2 and "got a, purple" in r.output and "red" in r.output and "Traceback" not in r.output
+    assert not list(tmp_path.glob("image_*"))
