@@ -280,8 +280,7 @@ def make_combiner(
         lw = tuple(float(v) for v in log_weights)
         if len(lw) != num_models:
             raise ValueError(f"log_weights must have one entry per model ({num_models}), got {len(lw)}")
-        if not all(torch.isfinite(torch.tensor(lw))):
-            raise ValueError(f"log_weights must be finite, got {lw}")
+        _check_finite("log_weights", lw)
         if mode in ("average", "sum"):
             raise ValueError(f"log_weights apply to mode 'or' and 'and', not {mode!r}")
     if mode == "or":

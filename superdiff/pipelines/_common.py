@@ -167,6 +167,16 @@ def step_callback(
     return callback
 
 
+def guided_conditions(
+    conditions: dict[str, Any], num_prompts: int, guidance_scale: float | None
+) -> tuple[dict[str, Any], float | None]:
+    """The network conditions and guidance scale of a call: with guidance, the prompts' rows and
+    the unconditional one; unguided (``None``), the M prompt-conditional models alone."""
+    if guidance_scale is None:
+        return prompt_rows(conditions, num_prompts), None
+    return conditions, float(guidance_scale)
+
+
 def prompt_rows(conditions: dict[str, Any], num_prompts: int) -> dict[str, Any]:
     """The conditions of the prompts alone (their first ``num_prompts`` rows, nested dicts too),
     dropping the unconditional row: unguided sampling never evaluates it."""

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ._common import SuperDiffMixin, _fail, check_common, check_prompts, decode, negative_text, prompt_rows, prompts_argument
+from ._common import SuperDiffMixin, _fail, check_common, check_prompts, decode, guided_conditions, negative_text, prompts_argument
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class
 from .output import SuperDiffPipelineOutput
@@ -171,10 +171,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps, **kwargs)
         embeddings, pooled = self.encode_prompts(prompts, negative_text(negative_prompt), max_sequence_length)
         conditions = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
-        if guidance_scale is not None:
-            guidance_scale = float(guidance_scale)
-        else:  # unguided: the M prompt-conditional models alone, no unconditional row in the batch
-            conditions = prompt_rows(conditions, m)
+        conditions, guidance_scale = guided_conditions(conditions, m, guidance_scale)
         denoiser = DiffusersDenoiser(
             self.transformer,
             schedule.process,

@@ -27,7 +27,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ._common import SuperDiffMixin, check_common, check_prompts, decode, negative_text, prompt_rows, prompts_argument
+from ._common import SuperDiffMixin, check_common, check_prompts, decode, guided_conditions, negative_text, prompts_argument
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import bare_folder_error, check_loading_class, is_bare_folder, missing_sd_subfolders
 from .output import SuperDiffPipelineOutput
@@ -219,10 +219,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         device = self._execution_device
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
         conditions = self._conditions(prompts, negative_text(negative_prompt), height, width)
-        if guidance_scale is not None:
-            guidance_scale = float(guidance_scale)
-        else:  # unguided: the M prompt-conditional models alone, no unconditional row in the batch
-            conditions = prompt_rows(conditions, m)
+        conditions, guidance_scale = guided_conditions(conditions, m, guidance_scale)
         denoiser = DiffusersDenoiser(
             self.unet,
             schedule.process,
