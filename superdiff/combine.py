@@ -131,14 +131,49 @@ def and_weights(
         return _and_weights_two(a, rhs_top, rtol * scale)
     a, rhs_top, scale = torch.nan_to_num(a), torch.nan_to_num(rhs_top), torch.nan_to_num(scale)
     scale = scale.clamp_min(torch.finfo(torch.float64).tiny)
-    ones = a.new_ones(a.shape[0], m, 1)  # made on the device: no host data enters the step
-    system = torch.cat(
-        [torch.cat([a / scale[:, None, None], -ones], dim=-1), torch.cat([ones.mT, a.new_zeros(a.shape[0], 1, 1)], dim=-1)],
-        dim=-2,
-    )
-    rhs = torch.cat([rhs_top / scale[:, None], ones[:, 0]], dim=-1)[..., None]
-    kappa = _min_norm_solve(system, rhs, rtol)[:, :m, 0]
+    return _and_weights_reduced(a / scale[:, None, None], rhs_top / scale[:, None], rtol)
+
+
+def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
+    """κ for M > 2 from the reduced (M−1)×(M−1) system, solved exactly where it is regular.
+
+    Writing ``κ = 1/M + U y`` with ``U`` an orthonormal basis of ``Σκ = 0`` and projecting the rows on
+    ``U`` (which removes the common λ) gives ``Uᵀ A U y = Uᵀ (rhs − A 1/M)``. An LU solve of this small
+    system is backward stable whatever its condition number (2e11 occurs in AND of three 3-D mixtures),
+    so the increments come out equal to float64 rounding; squaring the condition number, as the normal
+    equations of the full (M+1)×(M+1) system do, had left 0.03 nats per step there. Where the system is
+    truly singular (indistinguishable models) the minimum-norm solution of :func:`_min_norm_solve`
+    solves it too, and is used, splitting the weight evenly; where it solves the system no better than
+    LU would (a regular, ill-conditioned system), LU's solution is used. Nothing here waits for the device.
+    """
+    m = a.shape[-1]
+    basis = _sum_zero_basis(m, a.dtype, a.device)  # (M, M−1)
+    centre = a.new_full((m,), 1.0 / m)
+    reduced = basis.mT @ a @ basis  # (B, M−1, M−1)
+    target = ((rhs - a @ centre) @ basis)[..., None]  # (B, M−1, 1)
+    exact, _ = torch.linalg.solve_ex(reduced, target)  # info unchecked: a failed LU gives non-finite values
+    damped = _min_norm_solve(reduced, target, rtol)
+
+    def residual(y: Tensor) -> Tensor:
+        return (reduced @ y - target).abs().amax(dim=(-2, -1))
+
+    bound = torch.finfo(torch.float64).eps * (reduced.abs().amax(dim=(-2, -1)) * damped.abs().amax(dim=(-2, -1)) + 1.0)
+    exact_ok = torch.isfinite(exact).all(dim=(-2, -1))
+    use_damped = (residual(damped) <= 1e3 * bound) | ~exact_ok | (residual(damped) <= residual(exact))
+    y = torch.where(use_damped[:, None, None], damped, exact)
+    kappa = centre + (basis @ y)[..., 0]
     return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, 1.0 / m)
+
+
+@functools.lru_cache(maxsize=16)
+def _sum_zero_basis(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An orthonormal basis (M, M−1) of the vectors summing to zero, made once per (M, dtype, device)."""
+    helmert = torch.zeros(m, m - 1, dtype=torch.float64)
+    for j in range(1, m):  # column j: j entries 1/j, then −1 (the Helmert contrasts), normalised
+        helmert[:j, j - 1] = 1.0
+        helmert[j, j - 1] = -float(j)
+        helmert[:, j - 1] /= math.sqrt(j * (j + 1))
+    return helmert.to(dtype=dtype, device=device)
 
 
 def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
@@ -148,12 +183,10 @@ def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     ``z ← z + (KᵀK + εI)⁻¹ Kᵀ(r − Kz)`` three times from ``z = 0``, with ``ε = rtol·‖K‖²_F`` and one
     Cholesky factorisation (``cholesky_ex`` checks no errors, so a CUDA device is not synchronised,
     whereas torch's ``pinv`` and SVD check theirs). Components along singular values σ of K shrink
-    by ``(ε/(σ² + ε))³``, so directions with σ² ≫ ε are solved to float64 accuracy, those with σ²
-    near ε (a K with condition number near 1/√rtol, 1e4 at the default) are damped, as a cut-off
-    of pinv would drop them, and the null space of a singular K (indistinguishable models) stays at
-    zero up to rounding (about 1e-16/rtol relative: 1e-8 at the default). The systems the samplers
-    build are Gram-like and were solved to 1e-15 up to condition number 4e3. A failed
-    factorisation gives NaN, which the caller replaces.
+    by ``(ε/(σ² + ε))³``: directions with σ² ≫ ε are solved to float64 accuracy, the null space of a
+    singular K (indistinguishable models) stays at zero up to rounding (about 1e-16/rtol relative),
+    and directions with σ² near ε are damped, which is why :func:`_and_weights_reduced` checks the
+    residual and falls back on an exact solve. A failed factorisation gives NaN.
     """
     kt = system.mT
     normal = kt @ system

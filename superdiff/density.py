@@ -5,10 +5,18 @@ Gaussian transition kernels (App. D):
 
 * the forward kernel (Prop. 10) ``k(x_s | x_t) = N(a x_t, S² I)``, ``a = α_s/α_t``,
   ``S² = σ_s² − a² σ_t²``;
-* the reverse kernel of model i, its Gaussian posterior given the denoised ``x̂₀ⁱ``,
-  ``r̃ᵢ(y | x) = N(c_x x + c_0 x̂₀ⁱ, v I)`` with ``c_x = a σ_t²/σ_s²``, ``c_0 = α_t S²/σ_s²``,
-  ``v = σ_t² S²/σ_s²``. Its mean equals the Euler step of Thm. 2 exactly; its variance differs
-  from Thm. 2's at relative order Δt. It stays finite at α_s = 0 (flow matching at σ = 1).
+* the reverse kernel of model i, a Gaussian around Tweedie's ``E[x_t | x_s]`` given the denoised
+  ``x̂₀ⁱ``, ``r̃ᵢ(y | x) = N(c_x x + c_0 x̂₀ⁱ, V I)`` with ``c_x = a σ_t²/σ_s²``, ``c_0 = α_t S²/σ_s²``.
+  Its mean equals the Euler step of Thm. 2 exactly; every variance V offered differs from Thm. 2's
+  at relative order Δt. It stays finite at α_s = 0 (flow matching at σ = 1).
+
+The step and the estimator need not use the same V. Eq. 89 holds exactly for each model's true
+reverse kernel whatever point y the step reached, so the estimator's r̃ᵢ should approximate that
+kernel, while the step's V decides the samples. The defaults are measured on exact mixtures
+(``bench/variance.py``): steps use the posterior variance ``σ_t² S²/σ_s²`` (DDPM's β̃, diffusers'
+ancestral samplers), the exact reverse kernel of a point mass, which keeps 8- to 12-step samples
+clean; the estimator uses the forward variance in the variance-preserving frame
+``S² (α_t² + σ_t²)/(α_s² + σ_s²)`` (DDPM's β on VP processes), the most accurate densities.
 
 The estimator is the discrete detailed balance of Eq. 89,
 ``log q_t(y) − log q_s(x) ≈ −log k(x | y) + log r̃ᵢ(y | x)``, which is Theorem 1 discretised:
@@ -31,7 +39,6 @@ __all__ = [
     "ito_log_density_increment",
     "ito_increment_system",
     "ito_final_step_system",
-    "ito_log_density_increment_continuous",
     "ode_log_density_rate",
     "ode_increment_system",
     "divergence_exact",
@@ -42,7 +49,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TransitionCoefficients:
-    """Scalars of one reverse step from time s (noisier) to t; see the module docstring."""
+    """Scalars of one reverse step from time s (noisier) to t; see the module docstring.
+
+    ``var``: the variance of the step's Gaussian increment w; ``density_var``: the variance of the
+    reverse kernels r̃ᵢ with which the estimator scores that step (0 on a step onto σ = 0).
+    """
 
     alpha_s: float
     sigma_s: float
@@ -53,6 +64,7 @@ class TransitionCoefficients:
     c_x: float
     c_0: float
     var: float
+    density_var: float
 
     @property
     def final(self) -> bool:
@@ -60,21 +72,50 @@ class TransitionCoefficients:
         return self.sigma_t == 0.0
 
 
-VARIANCES = ("euler", "forward", "posterior")
+VARIANCES = ("posterior", "forward", "euler")
 
 
-def transition_coefficients(
-    alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float, variance: str = "forward"
-) -> TransitionCoefficients:
-    """Coefficients of the forward kernel and of the Gaussian reverse kernel, in float64.
+def reverse_kernel_variance(alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float, variance: str) -> float:
+    """The variance V of a Gaussian reverse kernel from (α_s, σ_s) to (α_t, σ_t).
 
-    The reverse mean ``c_x x + c_0 x̂₀`` is Tweedie's exact ``E[x_t | x_s]``; the variance is one
-    of three first-order-equivalent choices: ``"euler"`` ``S²/a²`` (Thm. 2), ``"forward"`` ``S²``
-    (DDPM's β), ``"posterior"`` ``σ_t² S²/σ_s²`` (DDPM's β̃). Where ``a = 0`` (α_s = 0) the
-    Euler variance is infinite and the posterior one is used.
+    Three first-order-equivalent choices, each the same kernel whatever scale the process gives x
+    (Stable Diffusion's σ-form and its VP form agree):
+
+    * ``"posterior"`` ``σ_t² S²/σ_s²`` (DDPM's β̃): the exact reverse kernel when the data is a point;
+    * ``"forward"`` ``S² n_t²/n_s²`` with ``n² = α² + σ²``: the forward kernel's variance carried to
+      time t in the variance-preserving frame (DDPM's β; equal to S² on VP processes). In the σ-form
+      frame the bare S² is Thm. 2's variance of the VP form, which is why it left 8-step images noisy;
+    * ``"euler"`` ``S²/a²`` (Thm. 2): one Euler step of the reverse SDE; it needs α_s > 0.
     """
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    a = alpha_s / alpha_t
+    s2 = sigma_s * sigma_s - (a * sigma_t) ** 2
+    if variance == "posterior":
+        return sigma_t * sigma_t * s2 / (sigma_s * sigma_s)
+    if variance == "forward":
+        return s2 * (alpha_t * alpha_t + sigma_t * sigma_t) / (alpha_s * alpha_s + sigma_s * sigma_s)
+    if not (a > 0):
+        raise ValueError(
+            "variance='euler' (Thm. 2's S²/a²) is infinite where α_s = 0 (e.g. rectified flow at t = 1); "
+            "use 'posterior' or 'forward'"
+        )
+    return s2 / (a * a)
+
+
+def transition_coefficients(
+    alpha_s: float,
+    sigma_s: float,
+    alpha_t: float,
+    sigma_t: float,
+    variance: str = "posterior",
+    density_variance: str = "forward",
+) -> TransitionCoefficients:
+    """Coefficients of the forward kernel and of the Gaussian reverse kernels, in float64.
+
+    The reverse mean ``c_x x + c_0 x̂₀`` is Tweedie's exact ``E[x_t | x_s]``. ``variance`` names the
+    step's kernel variance and ``density_variance`` the estimator's (:func:`reverse_kernel_variance`).
+    """
     if not (sigma_s > 0):
         raise ValueError(f"a reverse step needs σ_s > 0 at its start, got {sigma_s}")
     if not (alpha_t > 0):
@@ -87,14 +128,9 @@ def transition_coefficients(
             "has no positive forward variance"
         )
     inv = 1.0 / (sigma_s * sigma_s)
-    if sigma_t == 0.0:
-        var = 0.0
-    elif variance == "euler" and a > 0:
-        var = s2 / (a * a)
-    elif variance == "forward":
-        var = s2
-    else:
-        var = sigma_t * sigma_t * s2 * inv
+    final = sigma_t == 0.0  # onto σ = 0 the step is deterministic and scores nothing
+    var = reverse_kernel_variance(alpha_s, sigma_s, alpha_t, sigma_t, variance)
+    density_var = reverse_kernel_variance(alpha_s, sigma_s, alpha_t, sigma_t, density_variance)
     return TransitionCoefficients(
         alpha_s=alpha_s,
         sigma_s=sigma_s,
@@ -104,13 +140,20 @@ def transition_coefficients(
         S2=s2,
         c_x=a * sigma_t * sigma_t * inv,
         c_0=alpha_t * s2 * inv,
-        var=var,
+        var=0.0 if final else var,
+        density_var=0.0 if final else density_var,
     )
 
 
 def _bdot(a: Tensor, b: Tensor) -> Tensor:
     """Inner product over the last dim of float64 tensors with broadcasting."""
     return torch.linalg.vecdot(a, b)
+
+
+def _gaussian_log_pdf(residual: Tensor, var: float) -> Tensor:
+    """``log N(r; 0, var I)`` of residuals (..., d), in float64."""
+    d = residual.shape[-1]
+    return -0.5 * _bdot(residual, residual) / var - 0.5 * d * math.log(2 * math.pi * var)
 
 
 def ito_log_density_increment(
@@ -122,31 +165,24 @@ def ito_log_density_increment(
 ) -> Tensor:
     """Itô estimate of ``log qᵢ_t(y) − log qᵢ_s(x)`` for the step ``y = c_x x + c_0 x̂₀ᵐⁱˣ + w``.
 
+    Eq. 89 as written: ``log r̃ᵢ(y | x) − log k(x | y)``, with r̃ᵢ of variance ``coef.density_var``.
     ``denoised``: (M, B, *shape) each model's x̂₀ at x; ``denoised_mix``: (B, *shape) the x̂₀ that
-    drove the step; ``noise``: (B, *shape) the Gaussian increment w actually added (variance
-    ``V = coef.var``). Returns (B, M) in float64. Expanded (with ε̂ = (x − α_s x̂₀)/σ_s and
-    ``gapᵢ = x̂₀ᵐⁱˣ − x̂₀ⁱ``)::
-
-        Δᵢ = S²/(2σ_s²) ‖ε̂ᵐⁱˣ‖² − a/σ_s ⟨ε̂ᵐⁱˣ, w⟩ + (a²/S² − 1/V) ‖w‖²/2 + d/2 log(S²/V)
-             − c_0/V ⟨gapᵢ, w⟩ − c_0²/(2V) ‖gapᵢ‖²
+    drove the step; ``noise``: (B, *shape) the Gaussian increment w actually added. Returns (B, M)
+    in float64.
     """
     batch = x.shape[0]
     x0 = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64)
     x0_mix = denoised_mix.reshape(batch, -1).to(torch.float64)
     w = noise.reshape(batch, -1).to(torch.float64)
     xf = x.reshape(batch, -1).to(torch.float64)
-    d = xf.shape[-1]
     c = coef
+    # Both residuals are formed from their parts, not by subtracting from y, so that float64 keeps
+    # them exact when they are small beside x: y − E_r̃ᵢ[y] = c_0 (x̂₀ᵐⁱˣ − x̂₀ⁱ) + w, and, since
+    # 1 − a c_x = S²/σ_s², x − a y = (S²/σ_s) ε̂ᵐⁱˣ − a w with ε̂ᵐⁱˣ = (x − α_s x̂₀ᵐⁱˣ)/σ_s.
+    reverse = _gaussian_log_pdf(c.c_0 * (x0_mix[None] - x0) + w[None], c.density_var)  # log r̃ᵢ(y | x), (M, B)
     eps_mix = (xf - c.alpha_s * x0_mix) / c.sigma_s
-    common = (
-        c.S2 / (2 * c.sigma_s**2) * _bdot(eps_mix, eps_mix)
-        - c.a / c.sigma_s * _bdot(eps_mix, w)
-        + 0.5 * (c.a * c.a / c.S2 - 1.0 / c.var) * _bdot(w, w)
-        + 0.5 * d * math.log(c.S2 / c.var)
-    )
-    gap = x0_mix[None] - x0  # (M, B, d)
-    specific = -c.c_0 / c.var * _bdot(gap, w[None]) - c.c_0**2 / (2 * c.var) * _bdot(gap, gap)
-    return (common[None] + specific).transpose(0, 1)
+    forward = _gaussian_log_pdf(c.S2 / c.sigma_s * eps_mix - c.a * w, c.S2)  # log k(x | y), (B,)
+    return (reverse - forward[None]).transpose(0, 1)
 
 
 def ito_increment_system(
@@ -159,21 +195,21 @@ def ito_increment_system(
     """The AND system (Eqs. 75–77) for :func:`ito_log_density_increment`.
 
     With the mixed prediction ``x̂₀ᵐⁱˣ(κ) = base + scale Σⱼ κⱼ (x̂₀ʲ − base)`` and ``Σκ = 1``,
-    ``Δᵢ(κ) = Σⱼ Aᵢⱼ κⱼ + bᵢ + c(κ)`` with, for ``eᵢ = x̂₀ⁱ − base`` and ``K = α_t² S²/(2σ_s²σ_t²)``,
+    ``Δᵢ(κ) = Σⱼ Aᵢⱼ κⱼ + bᵢ + c(κ)`` with, for ``eᵢ = x̂₀ⁱ − base``, ``K = c_0²/(2V)`` and V the
+    estimator's variance ``coef.density_var``,
 
-        Aᵢⱼ = 2 K scale ⟨eᵢ, eⱼ⟩,     bᵢ = α_t/σ_t² ⟨eᵢ, w⟩ − K ‖eᵢ‖².
+        Aᵢⱼ = 2 K scale ⟨eᵢ, eⱼ⟩,     bᵢ = c_0/V ⟨eᵢ, w⟩ − K ‖eᵢ‖².
 
     ``base`` is the unconditional x̂₀ under guidance, else any common point. Returns (A, b) as
-    ((B, M, M), (B, M)) float64, in nats for this step. (Here K = c_0²/(2V) and the factor of
-    ⟨eᵢ, w⟩ is c_0/V, for any choice of the kernel variance V.)
+    ((B, M, M), (B, M)) float64, in nats for this step.
     """
     e = _offsets(denoised, base)
     w = noise.reshape(base.shape[0], -1).to(torch.float64)
     c = coef
-    k = c.c_0**2 / (2 * c.var)
+    k = c.c_0**2 / (2 * c.density_var)
     gram = e @ e.transpose(1, 2)
     a_mat = 2 * k * scale * gram
-    b_vec = c.c_0 / c.var * (e @ w[:, :, None])[..., 0] - k * torch.diagonal(gram, dim1=1, dim2=2)
+    b_vec = c.c_0 / c.density_var * (e @ w[:, :, None])[..., 0] - k * torch.diagonal(gram, dim1=1, dim2=2)
     return a_mat, b_vec
 
 
@@ -197,29 +233,6 @@ def _offsets(denoised: Tensor, base: Tensor) -> Tensor:
     batch = base.shape[0]
     e = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64) - base.reshape(batch, -1).to(torch.float64)[None]
     return e.transpose(0, 1)
-
-
-def ito_log_density_increment_continuous(
-    score: Tensor,
-    x: Tensor,
-    dx: Tensor,
-    drift_coefficient: float,
-    diffusion_squared: float,
-    dt: float,
-) -> Tensor:
-    """Theorem 1 / Eq. 90 in its plain Euler–Maruyama form, for reference and for users' own loops.
-
-    ``d log q = d·dt·∂_t log α − dt g²/2 ‖∇log q‖² + ⟨dx + dt ∂_t log α · x, ∇log q⟩``, with
-    ``score`` (M, B, *shape) = ∇log qᵢ at the pre-step x, ``dx`` the step taken and ``dt > 0`` the
-    reverse-time step. Returns (B, M) float64.
-    """
-    batch = x.shape[0]
-    s = score.reshape(score.shape[0], batch, -1).to(torch.float64)
-    xf = x.reshape(batch, -1).to(torch.float64)
-    step = dx.reshape(batch, -1).to(torch.float64) + dt * drift_coefficient * xf
-    d = xf.shape[-1]
-    out = d * dt * drift_coefficient - dt * diffusion_squared / 2 * _bdot(s, s) + _bdot(s, step[None])
-    return out.transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------

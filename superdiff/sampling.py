@@ -33,6 +33,7 @@ from .density import (
     transition_coefficients,
 )
 from .models import Denoiser
+from .processes import Process
 
 __all__ = ["SamplerOutput", "StepInfo", "sample_sde", "sample_ode", "mix_denoised", "prior_sample", "randn"]
 
@@ -217,6 +218,21 @@ def _validate(
     return _Plan(m, guided, alphas, sigmas)
 
 
+def _check_variances(process: Process, variance: str, density_variance: str) -> None:
+    """Refuse Thm. 2's Euler variance on processes whose α vanishes at t = 1 (rectified flow, VP cosine).
+
+    There ``g² = 2σ² ∂_t log(σ/α)`` is not integrable, S²/a² grows without bound on the noisiest
+    steps, and the densities did not converge with the steps (an 8-D mixture under rectified flow
+    stayed 10 nats off at 1000 steps).
+    """
+    for name, value in (("variance", variance), ("density_variance", density_variance)):
+        if value == "euler" and not (float(process.alpha(1.0)) > 1e-12):
+            raise ValueError(
+                f"{name}='euler' (Thm. 2's S²/a²) does not converge on {type(process).__name__}, whose α vanishes "
+                "at t = 1; use 'posterior' or 'forward'"
+            )
+
+
 def _state_from_callback(returned: object, x: Tensor) -> Tensor:
     """A callback may return a tensor to replace the state (as diffusers' ``callback_on_step_end``
     returns new latents); the tracked densities are not adjusted for such an edit."""
@@ -258,7 +274,8 @@ def sample_sde(
     log_q_init: Tensor | None = None,
     generator: Generators = None,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
-    variance: str = "forward",
+    variance: str = "posterior",
+    density_variance: str = "forward",
     final_denoise: bool = False,
     progress: bool = False,
     interrupt: Callable[[], bool] | None = None,
@@ -279,12 +296,14 @@ def sample_sde(
     returns True the sampler stops, returning the steps taken so far and the current state.
     ``generator``: one generator, or one per sample (a sample's noise then does not depend on the
     rest of its batch).
-    ``variance``: the reverse kernel's variance, ``"forward"`` (default, S²: the most accurate
-    densities on exact mixtures), ``"euler"`` (Thm. 2) or ``"posterior"``; see
-    :func:`superdiff.density.transition_coefficients`.
+    ``variance``: the variance of the step's kernel, ``"posterior"`` (default: DDPM's β̃, clean
+    samples from 8 steps on), ``"forward"`` or ``"euler"`` (Thm. 2); ``density_variance``: the one
+    the estimator scores each step with, ``"forward"`` by default (the most accurate densities on
+    exact mixtures); see :func:`superdiff.density.reverse_kernel_variance`.
     """
     plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=True,
                      final_denoise=final_denoise, generator=generator)
+    _check_variances(denoiser.process, variance, density_variance)
     times = torch.as_tensor(times, dtype=torch.float64)
     steps = times.numel() - 1
     batch = x.shape[0]
@@ -302,6 +321,7 @@ def sample_sde(
             plan.alphas[i + 1],
             0.0 if (final_zero and i == steps - 1) else plan.sigmas[i + 1],
             variance,
+            density_variance,
         )
         for i in range(steps)
     ]

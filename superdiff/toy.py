@@ -30,7 +30,8 @@ class ToyConfig:
     steps: int = 1000
     estimator_steps: tuple[int, ...] = (100, 300, 1000)
     seed: int = 0
-    variance: str = "forward"
+    variance: str = "posterior"
+    density_variance: str = "forward"
 
 
 def figure2_models() -> MixtureDenoiser:
@@ -44,7 +45,8 @@ def _run(models: MixtureDenoiser, combiner: Combiner, cfg: ToyConfig, steps: int
     g = torch.Generator().manual_seed(seed)
     x = prior_sample(models, cfg.num_samples, models.sample_shape, generator=g, dtype=torch.float64)
     times = models.process.time_grid(steps)
-    out = sample_sde(models, x, times, combiner, log_q_init=models.log_prob(x, times[0]), generator=g, variance=cfg.variance)
+    out = sample_sde(models, x, times, combiner, log_q_init=models.log_prob(x, times[0]), generator=g,
+                     variance=cfg.variance, density_variance=cfg.density_variance)
     return out, models.log_prob(out.samples, times[-1])
 
 

@@ -69,7 +69,9 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
         final = sigma_t == 0.0
         a = alpha_s / alpha_t
         s2 = sigma_s**2 - (a * sigma_t) ** 2
-        c_x, c_0, var = a * sigma_t**2 / sigma_s**2, alpha_t * s2 / sigma_s**2, s2
+        c_x, c_0 = a * sigma_t**2 / sigma_s**2, alpha_t * s2 / sigma_s**2
+        var = sigma_t**2 * s2 / sigma_s**2  # the step's kernel: DDPM's β̃ (the samplers' default)
+        var_est = s2 * (alpha_t**2 + sigma_t**2) / (alpha_s**2 + sigma_s**2)  # the estimator's: β in the VP frame
         if not final:
             noise = math.sqrt(var) * torch.randn(x.shape, generator=generator).to(x.dtype)  # drawn in float32
             wf = noise.reshape(batch, -1).double()
@@ -87,7 +89,7 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
             if final:
                 y0, mu, gain, v = torch.zeros_like(base), x0 - base[None], scale, 1.0
             else:
-                y0, mu, gain, v = c_x * xf + c_0 * base + wf, c_x * xf[None] + c_0 * x0, c_0 * scale, var
+                y0, mu, gain, v = c_x * xf + c_0 * base + wf, c_x * xf[None] + c_0 * x0, c_0 * scale, var_est
             kappa = torch.empty(batch, m, dtype=torch.float64)
             for b in range(batch):
                 lhs = torch.zeros(m + 1, m + 1, dtype=torch.float64)
@@ -112,7 +114,7 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
         else:
             y = c_x * xf + c_0 * x0_mix + wf
             delta = torch.stack(
-                [gaussian_log_pdf(y, c_x * xf + c_0 * x0[k], var) - gaussian_log_pdf(xf, a * y, s2) for k in range(m)], -1
+                [gaussian_log_pdf(y, c_x * xf + c_0 * x0[k], var_est) - gaussian_log_pdf(xf, a * y, s2) for k in range(m)], -1
             )
             log_q = log_q + delta
             x = y.to(x.dtype).reshape(x.shape)
