@@ -66,7 +66,8 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 DIGIT_MODELS = ("a", "b", "all")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SUPPORTED_CLASSES = "StableDiffusionPipeline (1.x/2.x), StableDiffusionXLPipeline or StableDiffusion3Pipeline"
+SUPPORTED_CLASSES = ("StableDiffusionPipeline (1.x/2.x) or its Img2Img variant, StableDiffusionXLPipeline (or Img2Img), "
+                     "or StableDiffusion3Pipeline (or Img2Img)")
 
 
 def looks_local(spec: str) -> bool:
@@ -98,7 +99,10 @@ def model_index(spec: str, option: str = "--model") -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInput(f"{option} {spec!r}: {index} is not readable JSON ({exc}); save the pipeline again with "
                        f"save_pretrained") from None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise BadInput(f"{option} {spec!r}: {index} holds a JSON {type(data).__name__}, not the object a diffusers "
+                       f"model_index.json is; save the pipeline again with save_pretrained")
+    return data
 
 
 def pipeline_class_name(class_name: str | None) -> str | None:
@@ -154,9 +158,18 @@ def model_problem(spec: str, items: list[str] | None = None, allow_pickle: bool 
         return (f"{option} {spec!r} is not a local folder and not in the hub cache, and the hub is offline here "
                 f"(HF_HUB_OFFLINE); pass a local diffusers folder, a cached hub id, or {option} embedded-shapes")
     class_name = index.get("_class_name") if index else None
+    if index is not None and (not isinstance(class_name, str) or not class_name.strip()):
+        return (f"{option} {spec!r}: its model_index.json has _class_name={class_name!r}, which is not a pipeline class "
+                f"name; it must be a string such as \"StableDiffusionPipeline\" (save the pipeline again with save_pretrained)")
     if index is not None and pipeline_class_name(class_name) is None:
         return (f"{option} {spec!r} is a {class_name}, which superdiff has no pipeline for; use a folder of a "
                 f"{SUPPORTED_CLASSES}")
+    if path.is_dir():
+        from superdiff.pipelines.loading import damaged_message, damaged_safetensors
+
+        damaged = damaged_safetensors(str(path))
+        if damaged:  # before the pickle check: a damaged safetensors file is no reason to read pickle
+            return f"{option} {spec!r}: {damaged_message(damaged)}"
     if path.is_dir() and not allow_pickle:
         pickled = pickle_only_components(path, index)
         if pickled:
@@ -184,6 +197,7 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
         names = list(items or ("a", "b"))
         return LoadedModel(spec, load_digit_pipeline(names, torch_dtype=dtype).to(device), "models", ("a", "b"), 0.0)
     import superdiff.pipelines
+    from superdiff.pipelines.loading import DamagedWeightsError
 
     path = Path(spec).expanduser()
     index = model_index(spec)
@@ -193,8 +207,13 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
         kwargs["local_files_only"] = True
     try:
         pipe = pipeline_cls.from_pretrained(str(path) if path.is_dir() else spec, **kwargs)
+    except DamagedWeightsError as exc:  # a file damaged after model_problem read it: never suggest pickle
+        raise BadInput(f"--model {spec!r}: {exc}") from exc
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if ".safetensors" in first and "unable to load weights" in first.lower():  # e.g. a damaged file in the hub cache
+            raise BadInput(f"--model {spec!r}: a safetensors weights file could not be read ({first}); it is probably "
+                           f"damaged (truncated or corrupt): download the model again") from exc
         if not allow_pickle and ".safetensors" in first:
             raise BadInput(f"--model {spec!r} has no safetensors weights ({first}); only safetensors are read by "
                            f"default: pass --allow-pickle if its weights are pickle files you trust") from exc

@@ -121,6 +121,33 @@ def check_common(
                   f"patch); e.g. {below}")
 
 
+def check_latents(latents: Any, shape: tuple[int, ...], layout: str) -> None:
+    """A user's starting noise (diffusers' ``latents=``): None, or a finite floating tensor of exactly
+    the sampled ``shape`` (``layout`` names its dims for the message)."""
+    if latents is None:
+        return
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        given = f"<a {latents.dtype} tensor>" if isinstance(latents, torch.Tensor) else f"<a {type(latents).__name__}>"
+        raise ValueError(f"latents={given} is not valid: pass a floating torch.Tensor of shape {tuple(shape)} {layout}, "
+                         "or None to draw the noise")
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(
+            f"latents=<a tensor of shape {tuple(latents.shape)}> is not valid: this call samples shape {tuple(shape)} "
+            f"{layout}; pass latents of that shape, or change the batch size / height / width to match them"
+        )
+    if not bool(torch.isfinite(latents).all()):
+        _fail("latents", "<a tensor with NaN or inf>", "every entry must be finite")
+
+
+def refuse_embeddings(**given: Any) -> None:
+    """diffusers' precomputed-embedding arguments (``prompt_embeds=`` & co), refused by name: superdiff
+    encodes the composed prompts and the unconditional one itself, in one text-encoder call."""
+    for name, value in given.items():
+        if value is not None:
+            _fail(name, f"<{type(value).__name__}>", "superdiff pipelines do not take precomputed text embeddings; pass "
+                  "the texts as prompts=[...] (and negative_prompt=...), which are encoded once per call")
+
+
 def negative_text(negative_prompt: str | Sequence[str] | None) -> str | None:
     """The one negative prompt of a checked ``negative_prompt`` (a string or a one-element list)."""
     return negative_prompt if negative_prompt is None or isinstance(negative_prompt, str) else negative_prompt[0]
@@ -224,15 +251,20 @@ class SuperDiffMixin:
         device: torch.device,
         network_dtype: torch.dtype = torch.float32,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        latents: torch.Tensor | None = None,
     ) -> SamplerOutput:
-        """Draw the starting noise ``init_noise_sigma · z`` and run the reverse SDE on the schedule.
+        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule; ``z`` is drawn
+        from ``generator`` or is the caller's ``latents`` (checked by :func:`check_latents`),
+        scaled by ``init_noise_sigma`` as diffusers' ``prepare_latents`` scales them.
 
         The state is float32 (float64 when the network is float64, as in exactness tests) whatever
-        the network's half precision; one ``generator`` drives the start and every step's noise.
+        the network's half precision; one ``generator`` drives the start (unless ``latents`` are
+        given) and every step's noise.
         """
         dtype = torch.float64 if network_dtype == torch.float64 else torch.float32
         combiner = make_combiner(mode, num_models, temperature, None if log_weights is None else list(log_weights))
-        x = schedule.init_noise_sigma * randn(shape, generator, device, dtype)
+        z = randn(shape, generator, device, dtype) if latents is None else latents.to(device=device, dtype=dtype)
+        x = schedule.init_noise_sigma * z
         times = schedule.times
         self._guidance_scale = guidance_scale
         self._num_timesteps = len(times) - 1

@@ -24,7 +24,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ._common import SuperDiffMixin, _fail, check_common, check_prompts, decode, guided_conditions, negative_text, prompts_argument
+from ._common import (SuperDiffMixin, _fail, check_common, check_latents, check_prompts, decode, guided_conditions, negative_text,
+                      prompts_argument, refuse_embeddings)
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class
 from .output import SuperDiffPipelineOutput
@@ -73,7 +74,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion
         or SDXL pipeline is refused (``ValueError`` naming the superdiff class that loads it)."""
         path = os.fspath(pretrained_model_name_or_path)
-        check_loading_class(path, "SuperDiffFlowPipeline", kwargs)
+        check_loading_class(path, "SuperDiffFlowPipeline", kwargs, cls)
         return super().from_pretrained(path, **kwargs)
 
     @property
@@ -150,10 +151,19 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         max_sequence_length: int = 256,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         prompt: str | Sequence[str] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`,
         with SD3's defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros).
-        ``guidance_scale=None`` samples unguided (not with ``mode="sum"``: see :meth:`check_inputs`)."""
+        ``guidance_scale=None`` samples unguided (not with ``mode="sum"``: see :meth:`check_inputs`).
+        ``latents`` (B, C, height/f, width/f): the starting noise, used as given, as diffusers'
+        ``StableDiffusion3Pipeline`` uses it (its scheduler's ``init_noise_sigma`` is 1)."""
+        refuse_embeddings(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         prompts = prompts_argument(prompts, prompt)
         self.check_inputs(
             prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
@@ -165,6 +175,8 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         height = height or config.sample_size * self.vae_scale_factor
         width = width or config.sample_size * self.vae_scale_factor
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        check_latents(latents, (num_images_per_prompt, config.in_channels, h, w),
+                      "(num_images_per_prompt, transformer channels, height / vae factor, width / vae factor)")
         kwargs = {}
         if self.scheduler.config.get("use_dynamic_shifting", False):
             kwargs["mu"] = _calculate_shift((h // config.patch_size) * (w // config.patch_size), self.scheduler.config)
@@ -185,6 +197,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
             temperature=temperature, log_weights=log_weights, guidance_scale=guidance_scale, generator=generator,
             callback_on_step_end=callback_on_step_end, progress=progress, device=self._execution_device,
             network_dtype=self.transformer.dtype, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            latents=latents,
         )
         shift = (self.vae.config.get("shift_factor") or 0.0) if self.vae is not None else 0.0
         images = decode(self.vae, result.samples, self.image_processor, output_type, shift=shift)

@@ -7,33 +7,172 @@ pipeline before anything is loaded.
 
 from __future__ import annotations
 
+import glob
+import inspect
+import json
 import os
 from typing import Any
 
 from diffusers import DiffusionPipeline
 
-__all__ = ["pipeline_class_for", "superdiff_class_name"]
+__all__ = [
+    "DamagedWeightsError",
+    "check_components",
+    "check_safetensors_files",
+    "damaged_safetensors",
+    "pipeline_class_for",
+    "scheduler_class",
+    "superdiff_class_name",
+]
 
 UNCONDITIONAL_INDEX = "superdiff_unconditional.json"
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 #: Keyword arguments of ``from_pretrained`` that say where ``model_index.json`` is read from.
 CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
-SUPPORTED = (
-    "StableDiffusion*/SuperDiffPipeline (SuperDiffPipeline), StableDiffusionXL*/SuperDiffXLPipeline "
-    "(SuperDiffXLPipeline), StableDiffusion3*/SuperDiffFlowPipeline (SuperDiffFlowPipeline)"
-)
+
+#: ``model_index.json`` ``_class_name`` s each superdiff pipeline loads: superdiff's own name, and the
+#: diffusers pipelines whose components (and text-to-image network) are the same. Left out on
+#: purpose: inpainting, depth-to-image, instruct-pix2pix and upscaling pipelines, whose UNets take
+#: extra input channels (mask, depth, image), so they cannot sample text-to-image; and every
+#: other pipeline family. Exact names only: a prefix would let ``StableDiffusionPipelineEVIL`` in.
+PIPELINE_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "SuperDiffPipeline": ("SuperDiffPipeline", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    "SuperDiffXLPipeline": ("SuperDiffXLPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+    "SuperDiffFlowPipeline": ("SuperDiffFlowPipeline", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+}
+SUPPORTED = "; ".join(f"{', '.join(names[1:])} or {names[0]} ({target})" for target, names in PIPELINE_CLASS_NAMES.items())
+
+
+class DamagedWeightsError(ValueError):
+    """A safetensors weights file that cannot be read: truncated or corrupt (not a missing file)."""
 
 
 def superdiff_class_name(class_name: str) -> str | None:
-    """The superdiff pipeline for a ``model_index.json`` ``_class_name`` (diffusers' or superdiff's),
-    or None where superdiff has none."""
-    if class_name.startswith(("StableDiffusionXL", "SuperDiffXL")):
-        return "SuperDiffXLPipeline"
-    if class_name.startswith(("StableDiffusion3", "SuperDiffFlow")):
-        return "SuperDiffFlowPipeline"
-    if class_name.startswith("StableDiffusion") or class_name == "SuperDiffPipeline":
-        return "SuperDiffPipeline"
+    """The superdiff pipeline for a ``model_index.json`` ``_class_name`` (diffusers' or superdiff's,
+    matched exactly: :data:`PIPELINE_CLASS_NAMES`), or None where superdiff has none."""
+    for target, names in PIPELINE_CLASS_NAMES.items():
+        if class_name in names:
+            return target
     return None
+
+
+def _is_class_from(module: Any, name: Any, bases: tuple[type, ...]) -> bool:
+    """Whether ``module.name`` is a class derived from one of ``bases`` (and not a base itself)."""
+    found = getattr(module, name, None) if isinstance(name, str) else None
+    return isinstance(found, type) and issubclass(found, bases) and found not in bases
+
+
+def is_scheduler_class_name(name: Any) -> bool:
+    """Whether ``name`` is one of diffusers' scheduler classes (subclasses of ``SchedulerMixin`` in
+    ``diffusers.schedulers``)."""
+    import diffusers.schedulers
+    from diffusers import SchedulerMixin
+
+    return _is_class_from(diffusers.schedulers, name, (SchedulerMixin,))
+
+
+def scheduler_class(folder: str) -> type:
+    """The scheduler class ``folder/scheduler_config.json`` names, taken from diffusers' schedulers
+    only: any other class (a pipeline, a model) would load weights from the folder, out of reach of
+    ``use_safetensors`` (a nested pipeline reads pickle files). Raises ``ValueError`` naming the
+    file and the class."""
+    import diffusers.schedulers
+
+    config_file = os.path.join(folder, "scheduler_config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_file} is not a readable scheduler config ({exc}); save the scheduler again with "
+                         "save_pretrained") from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if not is_scheduler_class_name(name):
+        raise ValueError(
+            f"{config_file} names _class_name={name!r}, which is not a diffusers scheduler class; a scheduler folder "
+            "must name one of diffusers.schedulers (e.g. 'EulerDiscreteScheduler', 'DDPMScheduler'), and nothing "
+            "else is loaded from it"
+        )
+    return getattr(diffusers.schedulers, name)
+
+
+def _component_bases(library: str) -> tuple[type, ...] | None:
+    """The classes a pipeline component of ``library`` may derive from: networks, schedulers,
+    tokenizers; never a pipeline (a nested pipeline loads without the caller's loading options)."""
+    if library == "diffusers":
+        from diffusers import ModelMixin, SchedulerMixin
+
+        return (ModelMixin, SchedulerMixin)
+    if library == "transformers":
+        from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+        return (PreTrainedModel, PreTrainedTokenizerBase)
+    return None
+
+
+def check_components(path: str, config: dict[str, Any], pipeline_class: type) -> None:
+    """Refuse, before diffusers loads anything, a ``model_index.json`` entry for one of
+    ``pipeline_class``'s components that names something other than a diffusers network or
+    scheduler or a transformers model or tokenizer (the scheduler slot: a diffusers scheduler).
+    diffusers would load a pipeline named there with pickle fallback whatever ``use_safetensors``
+    says. Raises ``ValueError`` naming the file, the component and the class."""
+    import importlib
+
+    slots = [n for n in inspect.signature(pipeline_class.__init__).parameters if n != "self"]
+    index_file = os.path.join(path, "model_index.json")
+    for slot in slots:
+        entry = config.get(slot)
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[0] is None:
+            continue  # not a component entry (a config value), or a null component
+        library, name = entry
+        bases = _component_bases(library) if isinstance(library, str) else None
+        module = importlib.import_module(library) if bases is not None else None
+        if slot == "scheduler":
+            fits = library == "diffusers" and is_scheduler_class_name(name)
+        else:
+            fits = bases is not None and _is_class_from(module, name, bases)
+        if not fits:
+            what = "a diffusers scheduler class" if slot == "scheduler" else (
+                "a diffusers model or scheduler, or a transformers model or tokenizer")
+            raise ValueError(
+                f"{index_file}: component {slot!r} is {list(entry)!r}, which is not {what}; superdiff loads only "
+                "those (a pipeline or other class there would load without the loading options, e.g. pickle "
+                "weights despite use_safetensors); save the pipeline again with save_pretrained"
+            )
+
+
+def damaged_safetensors(path: str) -> list[tuple[str, str]]:
+    """``(file, reason)`` for each ``*.safetensors`` file in a local model folder (at its top or in
+    a component subfolder) whose header safetensors cannot read: truncated or corrupt files.
+    Only headers are read (the tensors are memory-mapped, not loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")) +
+                   glob.glob(os.path.join(glob.escape(path), "*", "*.safetensors")))
+    damaged = []
+    for file in files:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - SafetensorError (a Rust exception) or OSError: unreadable
+            damaged.append((file, str(exc).strip() or type(exc).__name__))
+    return damaged
+
+
+def damaged_message(damaged: list[tuple[str, str]]) -> str:
+    """One sentence naming the damaged weights files and what to do (never: read pickle instead)."""
+    names = "; ".join(f"{file} ({reason})" for file, reason in damaged)
+    return (f"the weights file(s) {names} are damaged: truncated or corrupt, so they cannot be read; download the "
+            "model again or save it again with save_pretrained")
+
+
+def check_safetensors_files(path: str) -> None:
+    """Raise :class:`DamagedWeightsError` naming every damaged safetensors file of a local folder
+    (nothing for a hub id: diffusers reads those)."""
+    if not os.path.isdir(path):
+        return
+    damaged = damaged_safetensors(path)
+    if damaged:
+        raise DamagedWeightsError(f"pretrained_model_name_or_path={path!r}: {damaged_message(damaged)}")
 
 
 def missing_sd_subfolders(path: str) -> list[str]:
@@ -53,26 +192,44 @@ def is_bare_folder(path: str) -> bool:
     return os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json"))
 
 
-def model_index_class_name(path: str, **config_kwargs: Any) -> str | None:
-    """``_class_name`` of the ``model_index.json`` of a local folder or hub id (downloaded alone, or
-    read from the cache), None if it has none."""
-    config = DiffusionPipeline.load_config(path, **config_kwargs)
-    name = config.get("_class_name")
-    return name if isinstance(name, str) else None
+def read_model_index(path: str, **config_kwargs: Any) -> dict[str, Any]:
+    """The ``model_index.json`` of a local folder or hub id (downloaded alone, or read from the cache)."""
+    return DiffusionPipeline.load_config(path, **config_kwargs)
+
+
+def index_class_name(path: str, config: Any) -> str:
+    """The ``_class_name`` of a read ``model_index.json``; ``ValueError`` where it is missing or
+    not a string (``{}``, a list), which diffusers would fail on with a Python error."""
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        given = config.get("_class_name") if isinstance(config, dict) else config
+        raise ValueError(
+            f"pretrained_model_name_or_path={path!r}: its model_index.json has _class_name={given!r}, which is not a "
+            "pipeline class name; it must be a string such as 'StableDiffusionPipeline' (save the pipeline again with "
+            "save_pretrained)"
+        )
+    return name
+
+
+def model_index_class_name(path: str, **config_kwargs: Any) -> str:
+    """``_class_name`` of the ``model_index.json`` of a local folder or hub id (``ValueError`` if it
+    has none, or not a string)."""
+    return index_class_name(path, read_model_index(path, **config_kwargs))
 
 
 def pipeline_class_for(pretrained_model_name_or_path: str | os.PathLike, **config_kwargs: Any) -> type:
     """The superdiff pipeline class whose ``from_pretrained`` loads ``pretrained_model_name_or_path``.
 
-    A folder or hub id with ``model_index.json`` is read by its ``_class_name``: Stable Diffusion
-    1.x/2.x → :class:`SuperDiffPipeline`, SDXL → :class:`SuperDiffXLPipeline`, SD3 →
-    :class:`SuperDiffFlowPipeline` (superdiff's own saved pipelines too). A local folder without one
+    A folder or hub id with ``model_index.json`` is read by its ``_class_name``, matched exactly
+    (:data:`PIPELINE_CLASS_NAMES`): Stable Diffusion 1.x/2.x → :class:`SuperDiffPipeline`, SDXL →
+    :class:`SuperDiffXLPipeline`, SD3 → :class:`SuperDiffFlowPipeline` (their Img2Img variants and
+    superdiff's own saved pipelines too). A local folder without one
     is a :class:`SuperDiffUnconditionalPipeline` stack (``superdiff_unconditional.json``) or
     Stable Diffusion component subfolders. ``config_kwargs`` (``local_files_only``, ``revision``,
     ``cache_dir``, ``token``, ...) go to diffusers' ``load_config`` for hub ids.
 
     Raises ``ValueError`` naming the class (or the missing subfolders) where superdiff has no pipeline
-    for it, and diffusers' ``OSError`` where ``model_index.json`` cannot be read (e.g. a hub id not
+    for it or ``_class_name`` is not a string, and diffusers' ``OSError`` where ``model_index.json`` cannot be read (e.g. a hub id not
     in the cache when offline).
     """
     import superdiff.pipelines as pipelines
@@ -86,7 +243,7 @@ def pipeline_class_for(pretrained_model_name_or_path: str | os.PathLike, **confi
             raise bare_folder_error(path, missing)
         return pipelines.SuperDiffPipeline
     class_name = model_index_class_name(path, **config_kwargs)
-    target = superdiff_class_name(class_name) if class_name else None
+    target = superdiff_class_name(class_name)
     if target is not None:
         return getattr(pipelines, target)
     if class_name in ("DDPMPipeline", "DDIMPipeline"):
@@ -100,19 +257,25 @@ def pipeline_class_for(pretrained_model_name_or_path: str | os.PathLike, **confi
     )
 
 
-def check_loading_class(path: str, superdiff_class: str, kwargs: dict[str, Any]) -> None:
-    """Refuse, before any weights are read, a model whose ``model_index.json`` names a pipeline that
-    another superdiff class loads. Unknown class names and unreadable indexes pass: diffusers
-    reports those itself."""
+def check_loading_class(path: str, superdiff_class: str, kwargs: dict[str, Any], pipeline_class: type) -> None:
+    """Refuse, before any weights are read: a model whose ``model_index.json`` names a pipeline that
+    another superdiff class loads, or has no string ``_class_name``; component entries that are not
+    networks, schedulers or tokenizers (:func:`check_components`); damaged safetensors files of a
+    local folder (:class:`DamagedWeightsError`). ``superdiff_class`` names the superdiff pipeline
+    loading (``pipeline_class`` is the class itself, perhaps a subclass, whose components are
+    checked). Unknown class names and unreadable indexes pass: diffusers reports those itself."""
     config_kwargs = {k: kwargs[k] for k in CONFIG_KWARGS if k in kwargs}
     try:
-        class_name = model_index_class_name(path, **config_kwargs)
+        config = read_model_index(path, **config_kwargs)
     except (OSError, ValueError):
         return
-    target = superdiff_class_name(class_name) if class_name else None
+    class_name = index_class_name(path, config)
+    target = superdiff_class_name(class_name)
     if target is not None and target != superdiff_class:
         raise ValueError(
             f"pretrained_model_name_or_path={path!r} is a {class_name} (model_index.json _class_name), which "
             f"{superdiff_class} cannot load; load it with {target}.from_pretrained "
             "(superdiff.pipelines.pipeline_class_for(path) picks the class)"
         )
+    check_components(path, config, pipeline_class)
+    check_safetensors_files(path)

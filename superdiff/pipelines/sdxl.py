@@ -59,7 +59,7 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
         """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion
         1.x/2.x or SD3 pipeline is refused (``ValueError`` naming the superdiff class that loads it)."""
         path = os.fspath(pretrained_model_name_or_path)
-        check_loading_class(path, "SuperDiffXLPipeline", kwargs)
+        check_loading_class(path, "SuperDiffXLPipeline", kwargs, cls)
         return DiffusionPipeline.from_pretrained.__func__(cls, path, **kwargs)
 
     @torch.no_grad()

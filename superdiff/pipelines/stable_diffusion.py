@@ -17,7 +17,6 @@ every mode, so OR and AND read the same tracked densities.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -27,9 +26,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ._common import SuperDiffMixin, check_common, check_prompts, decode, guided_conditions, negative_text, prompts_argument
+from ._common import (SuperDiffMixin, check_common, check_latents, check_prompts, decode, guided_conditions, negative_text,
+                      prompts_argument, refuse_embeddings)
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
-from .loading import bare_folder_error, check_loading_class, is_bare_folder, missing_sd_subfolders
+from .loading import (bare_folder_error, check_loading_class, check_safetensors_files, is_bare_folder, missing_sd_subfolders,
+                      scheduler_class)
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffPipeline"]
@@ -76,15 +77,15 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         path = os.fspath(pretrained_model_name_or_path)
         if is_bare_folder(path) and cls is SuperDiffPipeline:
             return cls._from_subfolders(path, **kwargs)
-        check_loading_class(path, "SuperDiffPipeline", kwargs)
+        check_loading_class(path, "SuperDiffPipeline", kwargs, cls)
         return super().from_pretrained(path, **kwargs)
 
     @classmethod
     def _from_subfolders(cls, path: str, **kwargs: Any) -> "SuperDiffPipeline":
         """Load each component from its subfolder with the loading options diffusers would pass it
-        (``use_safetensors=True`` refuses pickle weights, as it does with ``model_index.json``)."""
-        import diffusers
-
+        (``use_safetensors=True`` refuses pickle weights, as it does with ``model_index.json``).
+        The scheduler class comes from diffusers' schedulers only (:func:`~.loading.scheduler_class`):
+        a config naming a pipeline there would load its weights without these options."""
         unknown = sorted(set(kwargs) - set(SUBFOLDER_KWARGS))
         if unknown:
             raise ValueError(
@@ -94,13 +95,13 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         missing = missing_sd_subfolders(path)
         if missing:
             raise bare_folder_error(path, missing)
+        scheduler_cls = scheduler_class(os.path.join(path, "scheduler"))
+        check_safetensors_files(path)
         files = {k: kwargs[k] for k in ("local_files_only",) if k in kwargs}
         weights = files | {k: kwargs[k] for k in ("use_safetensors", "variant") if k in kwargs}
         dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
         if dtype is not None:
             weights["torch_dtype"] = dtype
-        with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
-            scheduler_cls = getattr(diffusers, json.load(f)["_class_name"])
         vae_dir = os.path.join(path, "vae")
         return cls(
             vae=AutoencoderKL.from_pretrained(vae_dir, **weights) if os.path.isdir(vae_dir) else None,
@@ -188,6 +189,11 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         return_dict: bool = True,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         prompt: str | Sequence[str] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode``.
 
@@ -205,8 +211,15 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         after the current step (:attr:`interrupt`). ``generator``: one for the whole batch, or a list
         with one per image (image k is then the image a single-image call with generator k gives).
         ``prompt`` is diffusers' name for ``prompts`` (pass one of them).
+        ``latents``: the starting noise z, (``num_images_per_prompt``, C, height/f, width/f) with f
+        the VAE factor; sampling starts at ``init_noise_sigma · latents``, exactly as diffusers'
+        ``prepare_latents`` scales user latents (so z is standard normal noise, and a call with
+        ``latents=z`` equals one whose generator drew z). The generator then drives only the
+        steps' noise. ``prompt_embeds`` and the other precomputed embeddings are refused by name.
         Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
         """
+        refuse_embeddings(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         prompts = prompts_argument(prompts, prompt)
         self.check_inputs(
             prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
@@ -216,6 +229,8 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         m = len(prompts)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
+        shape = (num_images_per_prompt, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        check_latents(latents, shape, "(num_images_per_prompt, unet channels, height / vae factor, width / vae factor)")
         device = self._execution_device
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
         conditions = self._conditions(prompts, negative_text(negative_prompt), height, width)
@@ -229,12 +244,11 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
             num_outputs=m + (guidance_scale is not None),
             scale_input=schedule.scale_input,
         )
-        shape = (num_images_per_prompt, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         result = self._superdiff_sample(
             denoiser, schedule, shape, mode=mode, num_models=m, temperature=temperature, log_weights=log_weights,
             guidance_scale=guidance_scale, generator=generator, callback_on_step_end=callback_on_step_end,
             progress=progress, device=device, network_dtype=self.unet.dtype,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, latents=latents,
         )
         images = decode(self.vae, result.samples, self.image_processor, output_type)
         self.maybe_free_model_hooks()

@@ -24,8 +24,9 @@ from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
 from ..models import stack_denoisers
-from ._common import SuperDiffMixin, _fail, check_common, decode
+from ._common import SuperDiffMixin, _fail, check_common, check_latents, decode
 from .denoisers import DiffusersDenoiser, process_of_scheduler, schedule_from_scheduler
+from .loading import check_safetensors_files, scheduler_class
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffUnconditionalPipeline"]
@@ -33,11 +34,14 @@ __all__ = ["SuperDiffUnconditionalPipeline"]
 _INDEX = "superdiff_unconditional.json"
 
 
-def _scheduler_class(path: str):
-    import diffusers
+#: ``from_pretrained`` options a scheduler folder honours (it has a config, no weights).
+SCHEDULER_KWARGS = ("local_files_only", "cache_dir", "revision", "token", "force_download", "proxies")
 
-    with open(os.path.join(path, "scheduler_config.json")) as f:
-        return getattr(diffusers, json.load(f)["_class_name"])
+
+def _load_scheduler(folder: str, kwargs: dict[str, Any]) -> Any:
+    """The scheduler of ``folder``: a diffusers scheduler class only (:func:`~.loading.scheduler_class`;
+    a pipeline named there would load weights without the loading options), with the file options."""
+    return scheduler_class(folder).from_pretrained(folder, **{k: kwargs[k] for k in SCHEDULER_KWARGS if k in kwargs})
 
 
 class SuperDiffUnconditionalPipeline(SuperDiffMixin):
@@ -116,15 +120,16 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             root = os.fspath(paths)
             with open(os.path.join(root, _INDEX)) as f:
                 index = json.load(f)
+            scheduler_loaded = _load_scheduler(os.path.join(root, "scheduler"), kwargs)
+            check_safetensors_files(root)
             unets = [UNet2DModel.from_pretrained(os.path.join(root, name), **dtype, **kwargs) for name in index["unets"]]
-            sched_dir = os.path.join(root, "scheduler")
-            return cls(unets, _scheduler_class(sched_dir).from_pretrained(sched_dir), index.get("prediction_types"))
+            return cls(unets, scheduler_loaded, index.get("prediction_types"))
         unets, schedulers = [], []
         for p in map(os.fspath, paths):
+            check_safetensors_files(p)
             if os.path.isdir(os.path.join(p, "unet")):
+                schedulers.append(_load_scheduler(os.path.join(p, "scheduler"), kwargs))
                 unets.append(UNet2DModel.from_pretrained(p, subfolder="unet", **dtype, **kwargs))
-                sched_dir = os.path.join(p, "scheduler")
-                schedulers.append(_scheduler_class(sched_dir).from_pretrained(sched_dir))
             else:
                 unets.append(UNet2DModel.from_pretrained(p, **dtype, **kwargs))
         if scheduler is None and not schedulers:
@@ -194,7 +199,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         mode: str = "or",
         num_inference_steps: int = 50,
         temperature: float = 1.0,
@@ -205,17 +210,40 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         progress: bool = True,
         return_dict: bool = True,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        num_images_per_prompt: int | None = None,
+        latents: torch.Tensor | None = None,
+        prompts: Any = None,
+        prompt: Any = None,
+        negative_prompt: Any = None,
+        guidance_scale: Any = None,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``batch_size`` images from the composition of the models (see
         :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>` for the
-        modes). Images are read as pixels in [−1, 1]."""
+        modes). Images are read as pixels in [−1, 1].
+
+        The text pipelines' call signature: ``num_images_per_prompt`` is another name for
+        ``batch_size`` (default 1; pass one, or equal values); ``latents`` (B, C, H, W) is the
+        starting noise, scaled by the scheduler's ``init_noise_sigma`` as in diffusers. An
+        unconditional stack has no prompts and no classifier-free guidance: ``prompts``,
+        ``prompt``, ``negative_prompt`` and ``guidance_scale`` are refused with a ``ValueError``.
+        """
+        for name, value in (("prompts", prompts), ("prompt", prompt), ("negative_prompt", negative_prompt),
+                            ("guidance_scale", guidance_scale)):
+            if value is not None:
+                _fail(name, value, "an unconditional stack has no prompts and no classifier-free guidance: it composes "
+                      "its unets with mode=...; leave it out (num_images_per_prompt / batch_size set the number of images)")
+        batch_size = self._batch_size(batch_size, num_images_per_prompt)
         try:
             self.check_inputs(batch_size, mode, num_inference_steps, temperature, log_weights, output_type, generator,
                               callback_on_step_end, callback_on_step_end_tensor_inputs)
         except ValueError as err:
-            if str(err).startswith("num_images_per_prompt="):
+            if str(err).startswith("num_images_per_prompt=") and num_images_per_prompt is None:
                 raise ValueError(str(err).replace("num_images_per_prompt=", "batch_size=", 1)) from None
             raise
+        c = self.unets[0].config
+        size = tuple(c.sample_size) if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
+        shape = (batch_size, c.in_channels, *size)
+        check_latents(latents, shape, "(batch_size, unet in_channels, sample_size, sample_size)")
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
         denoiser = stack_denoisers(
             [
@@ -223,14 +251,21 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
                 for unet, prediction in zip(self.unets, self.prediction_types)
             ]
         )
-        c = self.unets[0].config
-        size = tuple(c.sample_size) if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
-        shape = (batch_size, c.in_channels, *size)
         result = self._superdiff_sample(
             denoiser, schedule, shape, mode=mode, num_models=len(self.unets), temperature=temperature,
             log_weights=log_weights, guidance_scale=None, generator=generator,
             callback_on_step_end=callback_on_step_end, progress=progress, device=self.device, network_dtype=self.dtype,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, latents=latents,
         )
         images = decode(None, result.samples, self.image_processor, output_type)
         return self._superdiff_output(images, result, schedule, return_dict)
+
+    @staticmethod
+    def _batch_size(batch_size: Any, num_images_per_prompt: Any) -> Any:
+        """``batch_size``, or the text pipelines' name for it, ``num_images_per_prompt`` (default 1)."""
+        if batch_size is None:
+            return 1 if num_images_per_prompt is None else num_images_per_prompt
+        if num_images_per_prompt is not None and num_images_per_prompt != batch_size:
+            _fail("num_images_per_prompt", num_images_per_prompt, f"it is another name for batch_size, given as "
+                  f"{batch_size!r}; pass one of them")
+        return batch_size

@@ -240,14 +240,15 @@ def _save_shapes(folder, unet, text_encoder, tokenizer, cfg, losses, seconds, de
 
 
 def _write_model_index(folder: Path) -> None:
-    """A diffusers ``model_index.json`` listing the components (pixel space: no VAE)."""
+    """A diffusers ``model_index.json`` listing the components (pixel space: no VAE), as
+    ``SuperDiffPipeline.save_pretrained`` writes it: diffusers' ``StableDiffusionPipeline`` needs a
+    VAE, so the index names the superdiff pipeline that loads the folder."""
     from diffusers import __version__
 
     index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": __version__,
-        "vae": [None, None], "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+        "_class_name": "SuperDiffPipeline", "_diffusers_version": __version__,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": [None, None],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
