@@ -9,6 +9,8 @@ from typing import Any
 import click
 
 from .errors import BadInput, handle_errors
+from .limits import (MAX_NUM_IMAGES, SEED_MAX, SEED_MIN, caption_words_problem, control_character_problem, images_problem,
+                     model_folder_problem, output_folder, steps_problem)
 from .models import (COMPILE_MODES, EMBEDDED, apply_speed_options, load_model, model_problem, resolve_device, resolve_dtype,
                      silence_library_logs)
 from .output import check_fresh_dir, ensure_writable_dir, remove_files, save_generation
@@ -44,6 +46,9 @@ def check_items(items: list[str], mode: str, what: str) -> None:
     for i, p in enumerate(items):
         if not p.strip():
             raise BadInput(f"{what} {i + 1} is empty; every {what} must be a non-empty string")
+        problem = control_character_problem(p, f"{what} {i + 1}")
+        if problem:
+            raise BadInput(problem)
     if mode in ("and", "or") and len(items) < 2:
         raise BadInput(
             f"--mode {mode} composes at least 2 {what}s, got {len(items)}; add another "
@@ -67,6 +72,25 @@ def check_unconditional_options(guidance: float | None, negative_prompt: str | N
                        f"drop {'it' if len(given) == 1 else 'them'}")
 
 
+def check_negative_prompt(negative_prompt: str | None, model: str) -> None:
+    """The negative prompt gets the prompts' checks: plain text, and for embedded-shapes its words."""
+    if negative_prompt is None:
+        return
+    problem = control_character_problem(negative_prompt, "--negative-prompt")
+    if problem is None and model == "embedded-shapes":
+        problem = caption_words_problem(negative_prompt, "--negative-prompt")
+    if problem:
+        raise BadInput(problem)
+
+
+def check_limits(model: str, items: list[str], steps: int, num_images: int, height: int | None, width: int | None) -> None:
+    """The ranges that depend on the model, read from its config files without loading it: steps up
+    to the scheduler's training timesteps, and one batch of images within the caps of cli/limits.py."""
+    problem = steps_problem(steps, model, items or None) or images_problem(num_images, height, width, model, items or None)
+    if problem:
+        raise BadInput(problem)
+
+
 def generation_settings(**kwargs: Any) -> dict:
     return {k: v for k, v in kwargs.items()}
 
@@ -79,17 +103,21 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--and", "and_", multiple=True, metavar="PROMPT", help="Shorthand: --and P1 --and P2 means --mode and.")
 @click.option("--or", "or_", multiple=True, metavar="PROMPT", help="Shorthand: --or P1 --or P2 means --mode or.")
 @click.option("--negative-prompt", default=None, help="Replaces the empty unconditional prompt.")
-@click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps (network calls).")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Sampling steps (network calls), at most the scheduler's num_train_timesteps (1000 for the embedded models).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale [default: 7.5; 5 for embedded-shapes; embedded-digits takes none].")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="OR temperature T.")
 @click.option("--log-weights", default=None, help="Comma-separated ℓ per prompt: OR bias or AND offsets.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--num-images", type=int, default=4, show_default=True)
-@click.option("--height", type=int, default=None)
-@click.option("--width", type=int, default=None)
+@click.option("--seed", type=click.IntRange(SEED_MIN, SEED_MAX), default=0, show_default=True,
+              help="Seed of the torch.Generator, 0 to 2**64-1.")
+@click.option("--num-images", type=click.IntRange(min=1), default=4, show_default=True,
+              help=f"Images in the one batch, at most {MAX_NUM_IMAGES} and 2**26 pixels in all (num-images x height x width).")
+@click.option("--height", type=click.IntRange(min=1), default=None)
+@click.option("--width", type=click.IntRange(min=1), default=None)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("superdiff-out"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), callback=output_folder, default="superdiff-out",
+              show_default=True)
 @click.option("--plot", is_flag=True, help="Also write traces.png (κ and log-densities per step).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier run's images, sidecars, grid.png, traces.png and eval.json in --out "
@@ -123,16 +151,12 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
         silence_library_logs()
     items, mode = collect_prompts(prompts, mode, and_, or_)
     lw = parse_log_weights(log_weights)
-    if steps < 1:
-        raise BadInput(f"--steps must be >= 1, got {steps}")
     if guidance is not None and (guidance < 0 or not math.isfinite(guidance)):
         raise BadInput(f"--guidance must be a finite number >= 0, got {guidance}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise BadInput(f"--temperature must be a finite number > 0, got {temperature}")
     if lw is not None and mode not in ("and", "or"):
         raise BadInput(f"--log-weights apply to --mode and / or, not {mode}; drop --log-weights or change the mode")
-    if num_images < 1:
-        raise BadInput(f"--num-images must be >= 1, got {num_images}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     what = "model name" if model == "embedded-digits" else "prompt"
@@ -141,9 +165,11 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
         check_log_weights(lw, items, what)
     if model == "embedded-digits":
         check_unconditional_options(guidance, negative_prompt, height, width)
-    problem = model_problem(model, items, allow_pickle)
+    check_negative_prompt(negative_prompt, model)
+    problem = model_folder_problem(model) or model_problem(model, items, allow_pickle)  # no need to look into a non-model
     if problem:
         raise BadInput(problem)
+    check_limits(model, items, steps, num_images, height, width)
     stale = check_fresh_dir(out_dir, overwrite)
     ensure_writable_dir(out_dir, "--out")
     loaded = load_model(model, torch_dtype, dev, allow_pickle, items)

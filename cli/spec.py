@@ -9,18 +9,25 @@ A row names its prompts (JSONL: ``"prompts": [...]``; CSV: a ``prompts`` column 
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
+import io
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import BadInput
+from .limits import (control_character_problem, images_problem, model_folder_problem, seed_problem,
+                     steps_problem)
 from .models import EMBEDDED, model_problem
 
 MODES = ("and", "or", "average", "sum")
 SETTINGS = ("model", "steps", "guidance", "temperature", "num_images", "log_weights")
+KEYS = ("prompts", "modes", "mode", "seeds", "seed", *SETTINGS)
+PROMPT_COLUMN = re.compile(r"prompt_[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,18 @@ def _number(value: Any) -> float:
 
 
 def _integer(name: str, value: Any, minimum: int | None = None) -> int:
-    """A whole number (JSON int, integral float such as 2.0, or CSV text), not a bool."""
+    """A whole number (JSON int, integral float such as 2.0, or CSV text), not a bool. Integers are
+    taken exactly (through a float, seeds above 2**53 would be rounded to another seed)."""
+    exact = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str):
+        try:
+            exact = int(value.strip())
+        except ValueError:
+            exact = None
+    if exact is not None:
+        if minimum is not None and exact < minimum:
+            raise LineError(f"{name} must be >= {minimum}, got {exact}; use {minimum} or more")
+        return exact
     try:
         number = _number(value)
     except (TypeError, ValueError):
@@ -112,7 +130,23 @@ def parse_prompts(rec: dict[str, Any]) -> list[str]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise LineError(f"prompt {i + 1} is {_shown(p)}; every prompt must be a non-empty string, e.g. \"a red circle\"")
+        problem = control_character_problem(p, f"prompt {i + 1}")
+        if problem:
+            raise LineError(problem)
     return prompts
+
+
+def unknown_key_problems(keys: list[str], what: str = "key") -> list[str]:
+    """One "problem; fix" per key that is not a spec key (a misspelling such as ``guidence`` would
+    otherwise be ignored and the default used), with the nearest known key where one is close."""
+    problems = []
+    for key in keys:
+        if key in KEYS or PROMPT_COLUMN.fullmatch(key):
+            continue
+        close = difflib.get_close_matches(key, [*KEYS, "prompt_1"], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        problems.append(f"unknown {what} {key!r}; {hint}the known ones are {', '.join(KEYS)} and prompt_1, prompt_2, ...")
+    return problems
 
 
 def parse_modes(value: Any, name: str = "modes") -> list[str]:
@@ -127,8 +161,17 @@ def parse_modes(value: Any, name: str = "modes") -> list[str]:
     return modes
 
 
+def _seed(value: Any) -> int:
+    """A whole number that torch.Generator takes as a distinct seed (see cli/limits.py)."""
+    seed = _integer("seed", value)
+    problem = seed_problem(seed, "seed")
+    if problem:
+        raise LineError(problem)
+    return seed
+
+
 def parse_seeds(value: Any, name: str = "seeds") -> list[int]:
-    seeds = [_integer("seed", s) for s in _split(value)]
+    seeds = [_seed(s) for s in _split(value)]
     if not seeds:
         raise LineError(f"{name} is empty; give at least one seed, e.g. 0|1|2")
     if len(set(seeds)) != len(seeds):
@@ -167,9 +210,28 @@ def check_defaults(defaults: dict[str, Any]) -> None:
     except LineError as exc:
         raise BadInput(str(exc)) from None
     if defaults["model"] != "embedded-digits":  # a digits default is checked with each line's model names
-        problem = model_problem(str(defaults["model"]), allow_pickle=defaults.get("allow_pickle", False))
+        model = str(defaults["model"])
+        problem = (model_folder_problem(model) or model_problem(model, allow_pickle=defaults.get("allow_pickle", False))
+                   or steps_problem(int(defaults["steps"]), model, None)
+                   or images_problem(int(defaults["num_images"]), None, None, model, options=("--num-images", "", "")))
         if problem:
             raise BadInput(problem)
+
+
+def model_limit_problem(model: str, prompts: list[str], steps: int, num_images: int, rec: dict[str, Any],
+                        defaults: dict[str, Any]) -> str | None:
+    """The checks of a line's model that need its config files (steps up to its scheduler's
+    training timesteps, one batch of images within the caps), made where the line sets the model or
+    the value: the defaults' own were made once, as options, by check_defaults."""
+    own_model = model == "embedded-digits" or model != defaults["model"]
+    items = prompts if model == "embedded-digits" else None
+    if own_model or "steps" in rec:
+        problem = steps_problem(steps, model, items, option="steps")
+        if problem:
+            return problem
+    if own_model or "num_images" in rec:
+        return images_problem(num_images, None, None, model, items, options=("num_images", "", ""))
+    return None
 
 
 def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[SweepItem]:
@@ -190,19 +252,65 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
     if not isinstance(model, str) or not model.strip():
         raise LineError(f"model {_shown(model)} must be a non-empty string: a folder, a hub id, or {', '.join(EMBEDDED)}")
     if model == "embedded-digits" or model != defaults["model"]:  # the default was checked once, as --model
-        problem = model_problem(model, prompts, defaults.get("allow_pickle", False), option="model")
+        problem = (model_folder_problem(model, option="model")  # first: no need to look inside a folder that is no model
+                   or model_problem(model, prompts, defaults.get("allow_pickle", False), option="model"))
         if problem:
             raise LineError(problem)
+    problem = model_limit_problem(model, prompts, steps, num_images, rec, defaults)
+    if problem:
+        raise LineError(problem)
     return [SweepItem(n, tuple(prompts), mode, seed, model, steps, guidance, temperature, num_images, log_weights)
             for mode in modes for seed in seeds]
 
 
+def _csv_rows(path: Path, text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """The rows of a CSV spec by the line each starts on (a quoted prompt may span lines), and its
+    problems: unknown columns (once, as line 1), rows with more values than columns, and a quote
+    that is never closed, named with the line it opens on (csv would otherwise swallow the rest of
+    the file into one prompt, reported as a row with too few prompts)."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    errors: list[str] = []
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:
+        raise BadInput(f"{path.name} line 1: the column names are not valid CSV ({exc}); "
+                       f"write e.g. prompt_1,prompt_2,modes") from None
+    if not fieldnames:
+        raise BadInput(f"{path.name}: empty CSV; the first line must name the columns, e.g. prompt_1,prompt_2,modes,seeds")
+    errors += [f"{path.name} line 1: {p}" for p in unknown_key_problems([k.strip() for k in fieldnames if k.strip()], "column")]
+    lines = io.StringIO(text, newline="").readlines()  # as csv counts them in reader.line_num
+    ended = reader.line_num  # the last line of the previous row; the next row starts after it
+    while True:
+        start = next((i for i in range(ended + 1, len(lines) + 1) if lines[i - 1].strip()), ended + 1)
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                errors.append(f"{path.name} line {start}: a quote (\") opens here and is never closed; close it, "
+                              f"or write a quote inside a quoted prompt as \"\"")
+            else:
+                errors.append(f"{path.name} line {start}: not valid CSV ({exc}); quote prompts that contain commas or quotes, "
+                              f"e.g. \"a red, round circle\"")
+            break  # the reader cannot tell where the next row starts
+        ended = reader.line_num
+        if None in rec:
+            errors.append(f"{path.name} line {start}: more values than columns ({len(fieldnames)}); "
+                          f"quote prompts that contain commas")
+            continue
+        rows.append((start, {k.strip(): v for k, v in rec.items() if k is not None and v is not None and v.strip() != ""}))
+    return rows, errors
+
+
 def _rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    """The spec's rows with their line numbers, and the lines that could not be read as rows."""
+    """The spec's rows with their line numbers, and the lines that could not be read as rows. A
+    UTF-8 byte-order mark (spreadsheets write one) is accepted."""
     if not path.is_file():
         raise BadInput(f"SPEC {str(path)!r} is not a file; pass a .csv or .jsonl sweep specification")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"SPEC {str(path)!r} could not be read as UTF-8 text ({exc}); pass a .csv or .jsonl file") from None
     rows: list[tuple[int, dict[str, Any]]] = []
@@ -219,20 +327,15 @@ def _rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
             if not isinstance(obj, dict):
                 errors.append(f"{path.name} line {n}: each line must be a JSON object like {{\"prompts\": [\"a\", \"b\"]}}")
                 continue
+            unknown = unknown_key_problems(list(obj))
+            if unknown:
+                errors += [f"{path.name} line {n}: {p}" for p in unknown]
+                continue
             rows.append((n, obj))
         return rows, errors
     if path.suffix.lower() != ".csv":
         raise BadInput(f"SPEC {str(path)!r} must end in .csv or .jsonl")
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames:
-        raise BadInput(f"{path.name}: empty CSV; the first line must name the columns, e.g. prompt_1,prompt_2,modes,seeds")
-    for n, rec in enumerate(reader, start=2):
-        if None in rec:
-            errors.append(f"{path.name} line {n}: more values than columns ({len(reader.fieldnames)}); "
-                          f"quote prompts that contain commas")
-            continue
-        rows.append((n, {k.strip(): v for k, v in rec.items() if k is not None and v is not None and v.strip() != ""}))
-    return rows, errors
+    return _csv_rows(path, text)
 
 
 def load_spec(path: Path, defaults: dict[str, Any]) -> list[SweepItem]:

@@ -238,3 +238,72 @@ def test_embedded_shapes_refuses_words_it_never_saw(tmp_path):
     r = invoke("generate", "--model", "embedded-shapes", "--and", "purple", "--and", "a red circle", "--out", str(tmp_path))
     assert r.exit_code == 2 and "got a, purple" in r.output and "red" in r.output and "Traceback" not in r.output
     assert not list(tmp_path.glob("image_*"))
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: the checks must come before one."""
+    import superdiff_cli.generate as generate_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(generate_module, "load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--steps", "1001"], "--steps 1001 is more than the 1000 training timesteps of embedded-shapes's scheduler"),
+        (["--steps", "100000000"], "use --steps 1000 or fewer"),
+        (["--steps", "1e8"], "'1e8' is not a valid integer"),
+        (["--seed", str(2**70)], "0<=x<=18446744073709551615"),
+        (["--seed", "-1"], "0<=x<=18446744073709551615"),
+        (["--num-images", "1000000"], "--num-images 1000000 is more than 1024 images in one batch"),
+        (["--height", "100000"], "--height 100000 is more than 8192 pixels"),
+        (["--num-images", "65", "--height", "1024", "--width", "1024"],
+         "more than the cap of 67,108,864 (2**26); use --num-images 64"),
+        (["--num-images", "1024", "--height", "8192"], "1024 images of 8192x16 pixels"),  # the model's default width
+        (["--model", "../../../../etc"], "is not a diffusers model folder"),
+        (["--model", "."], "is not a diffusers model folder (no model_index.json, no unet/, text_encoder/"),
+        (["--and", "red\x1b[2J", "--and", "circle"], r"prompt 1 'red\x1b[2J' holds the control character '\x1b' at position 4"),
+        (["--negative-prompt", "purple blob"], "--negative-prompt 'purple blob': embedded-shapes knows only the words"),
+        (["--negative-prompt", "blue\x07"], r"holds the control character '\x07'"),
+    ],
+)
+def test_limits_are_checked_before_loading_or_creating_out(tmp_path, monkeypatch, no_loading, args, needle):
+    """Ranges read from the model's config files, torch's seed range, the batch caps and plain-text
+    prompts: exit 2 with the limit and its fix, no traceback, nothing loaded and --out not created."""
+    monkeypatch.chdir(tmp_path)  # tmp_path is deeper than four folders: ../../../../etc is /etc
+    prompts = [] if "--and" in args else ["--and", "red", "--and", "circle"]
+    r = invoke("generate", *prompts, "--out", str(tmp_path / "out"), "--quiet", *args)
+    assert r.exit_code == 2, r.output
+    assert needle in " ".join(r.output.split()) and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, no_loading):
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):
+        r = invoke("generate", "--and", "red", "--and", "circle", "--out", empty, "--quiet")
+        assert r.exit_code == 2 and "names no folder" in r.output and "Traceback" not in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_steps_and_seeds_up_to_their_limits_run(tiny_model, tmp_path):
+    """The steps limit is the model folder's own scheduler_config.json num_train_timesteps (here made
+    4): 4 steps run, 5 are refused up front; the largest seed torch takes runs."""
+    import shutil
+
+    folder = tmp_path / "four-steps"
+    shutil.copytree(tiny_model, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"num_train_timesteps": 4}))
+    args = ["generate", "--model", str(folder), "--and", "a red circle", "--and", "a blue square", "--num-images", "1",
+            "--quiet"]
+    too_many = invoke(*args, "--steps", "5", "--out", str(tmp_path / "refused"))
+    assert too_many.exit_code == 2 and "--steps 5 is more than the 4 training timesteps" in too_many.output
+    assert "use --steps 4 or fewer" in too_many.output and not (tmp_path / "refused").exists()
+    ok = invoke(*args, "--steps", "4", "--seed", str(2**64 - 1), "--out", str(tmp_path / "ran"))
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "ran" / "image_000.json").read_text())["seed"] == 2**64 - 1
