@@ -1,4 +1,4 @@
-"""How the CLI turns failures into exit codes: 2 for bad input, 1 for runtime failures."""
+"""How the CLI turns failures into exit codes: 2 for bad input, 1 for runtime failures, 130 for Ctrl-C."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ from typing import Any, Callable
 
 import click
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
 
 class BadInput(click.UsageError):
     """A user's mistake: exit code 2, a message naming the problem and the fix, no traceback."""
 
 
+class CommandFailed(RuntimeError):
+    """A runtime failure whose message already says what failed and why (e.g. which file could not
+    be written): printed as is, without the exception's type name, exit code 1."""
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map library ``ValueError``s to exit 2 and other exceptions to exit 1 with a one-line cause.
+    """Map library ``ValueError``s to exit 2, Ctrl-C to exit 130 and other exceptions to exit 1 with
+    a one-line cause.
 
     ``--debug`` on the group shows the traceback instead.
     """
@@ -32,7 +40,15 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
             raise BadInput(str(exc)) from exc
         except KeyboardInterrupt:
-            raise click.Abort() from None
+            if debug:
+                traceback.print_exc()
+            click.echo("Interrupted (Ctrl-C).", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
+        except CommandFailed as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if debug:
                 traceback.print_exc()

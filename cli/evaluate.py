@@ -54,8 +54,8 @@ def _metadata(png: Path) -> dict | None:
             with Image.open(png) as im:
                 text = getattr(im, "text", {}).get("superdiff")
             meta = json.loads(text) if text else None
-        except (OSError, json.JSONDecodeError):
-            return None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return None  # without a sidecar, a file PIL cannot read is not known to be ours
     if not isinstance(meta, dict) or not {"model", "mode", "prompts"} <= meta.keys():
         return None
     if not isinstance(meta["prompts"], list) or not all(isinstance(p, str) for p in meta["prompts"]):
@@ -112,11 +112,47 @@ def load_clip(spec: str, device: str, allow_pickle: bool):
         ) from exc
 
 
-def _open(path: Path, mode: str):
+def _unreadable(path: Path, exc: BaseException) -> BadInput:
+    """Bad input naming an image file that cannot be read, why, and the fix."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert(mode)
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        why = f"it has more pixels than the {Image.MAX_IMAGE_PIXELS} PIL reads safely (a decompression bomb?)"
+    else:
+        why = f"not a readable image: {str(exc).strip() or type(exc).__name__}"
+    return BadInput(f"{path}: {why}; remove it and its sidecar, or regenerate it (a sweep run again redoes damaged items)")
+
+
+def _open(path: Path, mode: str):
+    """The image at ``path`` converted to ``mode``; bad input naming the file where it cannot be read."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert(mode)
+    except Exception as exc:  # noqa: BLE001 - whatever PIL raises for a damaged file, the file is named
+        raise _unreadable(path, exc) from exc
+
+
+def check_images(gens: list[Generated]) -> None:
+    """Every image is a whole, readable image of a safe size, checked before any scoring (PIL's
+    verify reads each chunk and its checksum without decoding the pixels)."""
+    import warnings
+
+    from PIL import Image
+
+    for g in gens:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(g.path) as im:
+                    im.verify()
+        except Exception as exc:  # noqa: BLE001 - see _open
+            raise _unreadable(g.path, exc) from exc
 
 
 def score_clip(gens: list[Generated], scorer, batch_size: int, progress: bool) -> dict[Path, dict]:
@@ -296,6 +332,7 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
                        f"--clip with a CLIP model (a local folder, or a hub id such as openai/clip-vit-large-patch14)")
     if clip_model is not None:
         check_clip_spec(clip_model)
+    check_images(gens)
     json_path = json_path or directory / EVAL_FILE
     ensure_writable_dir(json_path.parent, "--json")
     dev = resolve_device(device)

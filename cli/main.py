@@ -8,6 +8,7 @@ import os
 import warnings
 
 from .demo import demo
+from .errors import INTERRUPTED_EXIT
 from .evaluate import evaluate
 from .generate import generate
 from .sweep import sweep
@@ -33,7 +34,19 @@ def quiet_libraries() -> None:
         pass
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class SuperdiffGroup(click.Group):
+    """The command group; Ctrl-C before a command starts (while the libraries load) exits 130 as
+    within one (click alone would say "Aborted!" and exit 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted (Ctrl-C).", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
+
+
+@click.group(cls=SuperdiffGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.version_option(package_name="superdiff")
 @click.pass_context

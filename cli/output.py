@@ -1,12 +1,42 @@
-"""Output folders and atomic writes shared by the commands."""
+"""Output folders and atomic writes shared by the commands.
+
+Files and folders are made with the modes the user's umask allows (files 0666 & ~umask, folders
+0777 & ~umask), as ``open`` and ``mkdir`` make them, although each is first written under a
+temporary name (``tempfile`` would make them 0600 / 0700).
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, CommandFailed
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back: POSIX has no other way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode ``os.mkdir`` would give a new folder."""
+    return 0o777 & ~current_umask()
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder in ``parent`` with the umask's folder mode (not mkdtemp's 0700)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, folder_mode())
+    return path
 
 
 def ensure_writable_dir(path: Path, option: str) -> Path:
@@ -46,17 +76,30 @@ def remove_files(paths: list[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
+def _write_all(f: "io.BufferedWriter", data: bytes) -> None:
+    """Write ``data`` to the open file ``f`` (the one place an output's bytes reach the disk)."""
+    f.write(data)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file.
+
+    The file gets the umask's mode. Raises CommandFailed naming ``path`` where the system refuses
+    the write (a full disk, a read-only folder); the temporary file is removed either way.
+    """
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            os.fchmod(f.fileno(), file_mode())
+            _write_all(f, data)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as exc:
+        raise CommandFailed(f"could not write {path} ({exc.strerror or exc})") from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -65,16 +108,42 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_generation(out_dir: Path, result: "object", settings: dict, plot: bool = False, prefix: str = "image") -> list[Path]:
     """Write each image as PNG (settings in its text metadata) with a JSON sidecar, plus grid.png
-    (and traces.png with ``plot``). Every file is written atomically. Returns the files written."""
-    import io
+    (and traces.png with ``plot``). Every file is written atomically. Returns the files written.
+
+    All or nothing: where a write fails (a full disk) or Ctrl-C comes, the files this call had
+    already written are removed, so no partial set is left, and the error names the failed file.
+    """
+    written: list[Path] = []
+    try:
+        _write_generation(out_dir, result, settings, plot, prefix, written)
+    except CommandFailed as exc:
+        remove_files(written)
+        raise CommandFailed(f"{exc}; removed the {len(written)} file(s) this run had written to {out_dir}, so no "
+                            f"partial set is left") from exc
+    except BaseException:
+        remove_files(written)
+        raise
+    return written
+
+
+def _write_generation(out_dir: Path, result: "object", settings: dict, plot: bool, prefix: str, written: list[Path]) -> None:
+    """The writes of save_generation; each file is appended to ``written`` once it is in place."""
     import json
 
     from PIL.PngImagePlugin import PngInfo
 
     from superdiff.plotting import LineSeries, image_grid, line_panels
 
+    def put(path: Path, data: bytes) -> None:
+        atomic_write_bytes(path, data)
+        written.append(path)
+
+    def png_bytes(image, **kwargs) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", **kwargs)
+        return buf.getvalue()
+
     images = list(result.images)
-    files: list[Path] = []
     for i, image in enumerate(images):
         meta = {
             **settings,
@@ -85,25 +154,13 @@ def save_generation(out_dir: Path, result: "object", settings: dict, plot: bool 
         }
         info = PngInfo()
         info.add_text("superdiff", json.dumps(settings | {"index": i}))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", pnginfo=info)
-        png = out_dir / f"{prefix}_{i:03d}.png"
-        atomic_write_bytes(png, buf.getvalue())
-        sidecar = out_dir / f"{prefix}_{i:03d}.json"
-        atomic_write_text(sidecar, json.dumps(meta) + "\n")
-        files += [png, sidecar]
+        put(out_dir / f"{prefix}_{i:03d}.png", png_bytes(image, pnginfo=info))
+        put(out_dir / f"{prefix}_{i:03d}.json", (json.dumps(meta) + "\n").encode("utf-8"))
     grid = image_grid([(settings.get("mode", ""), images)], cell=max(64, images[0].width) if images else 64, label_width=60)
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    atomic_write_bytes(out_dir / "grid.png", buf.getvalue())
-    files.append(out_dir / "grid.png")
+    put(out_dir / "grid.png", png_bytes(grid))
     if plot:
         names = settings.get("prompts", [])
         kappa = [LineSeries(str(n), result.kappa_trace[..., j].float()) for j, n in enumerate(names)]
         logq = [LineSeries(str(n), result.log_density_trace[..., j].float()) for j, n in enumerate(names)]
         fig = line_panels([("kappa per step", kappa), ("tracked log q per step", logq)])
-        buf = io.BytesIO()
-        fig.save(buf, format="PNG")
-        atomic_write_bytes(out_dir / "traces.png", buf.getvalue())
-        files.append(out_dir / "traces.png")
-    return files
+        put(out_dir / "traces.png", png_bytes(fig))

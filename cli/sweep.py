@@ -2,31 +2,47 @@
 
 Each item is generated into a temporary folder that is renamed into ``items/<id>`` when complete,
 then one line is appended to this process's manifest shard (``manifest.rank<R>.jsonl``, flushed
-and fsynced). A run skips items whose manifest line exists and whose files are all present. At the
-end, the main process merges the shards into ``manifest.jsonl`` and writes ``metrics.csv``
-(temporary file, then rename), so Ctrl-C at any moment leaves finished items and the manifest
-consistent. Under ``accelerate launch`` each process takes every N-th item.
+and fsynced) with the size and SHA-256 of each file. A run skips items whose manifest line exists
+and whose files are all present, of that size and hash; damaged items are run again. At the end,
+the main process merges the shards into ``manifest.jsonl`` and writes ``metrics.csv`` (temporary
+file, then rename), so Ctrl-C at any moment leaves finished items and the manifest consistent.
+Under ``accelerate launch`` each process takes every N-th item.
+
+One sweep at a time works in an ``--out``: the main process holds an flock on
+``--out/.superdiff-sweep.lock`` (the other processes of its launch check that it does), and a
+second sweep on the same ``--out`` stops at once with exit 2. Holding the lock, the main process
+removes the temporary folders a killed run left behind.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import functools
+import hashlib
 import io
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import click
 
-from .errors import handle_errors
+from .errors import BadInput, CommandFailed, handle_errors
 from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype, silence_library_logs
-from .output import atomic_write_text, ensure_writable_dir, save_generation
+from .output import atomic_write_text, ensure_writable_dir, make_temp_dir, save_generation
 from .spec import SweepItem, load_spec
 
 MANIFEST = "manifest.jsonl"
+LOCK = ".superdiff-sweep.lock"
+TMP_PREFIX = ".sweep-tmp."  # + owner tag + "." + item id + "." + random: an item being written
+LOCK_WAIT_S = 300.0  # how long a process of a launch waits for its main process to take the lock
+# Folders an earlier version of this command (mkdtemp(prefix=f".{item_id}.")) left when killed.
+LEGACY_TMP = re.compile(r"\.\d{4,}-[a-z]+-s-?\d+-[0-9a-f]{8}\.[A-Za-z0-9_]{8}")
+RECORD_SETTINGS = ("prompts", "mode", "seed", "model", "steps", "num_images")  # what metrics.csv reads
 
 
 def _launch_key() -> str:
@@ -83,21 +99,108 @@ def share_of_rank(items: list[SweepItem], todo: list[SweepItem], rank: int, worl
     return [it for it in items[rank::world] if it.item_id in left]
 
 
+class ManifestLineError(ValueError):
+    """A manifest line this command did not write (hand-edited or damaged), named by file and line."""
+
+
+def _manifest_record(line: str, path: Path, number: int) -> dict:
+    """The record on line ``number`` of ``path``; ManifestLineError where it is not one this command writes."""
+    fix = "remove that line (its item will be run again) or choose another --out"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ManifestLineError(f"{path} line {number} is not valid JSON ({exc.msg}); {fix}") from None
+    if not isinstance(record, dict):
+        raise ManifestLineError(f"{path} line {number} is a JSON {type(record).__name__}, not an object with an item_id; {fix}")
+    problem = None
+    if not isinstance(record.get("item_id"), str) or not record["item_id"]:
+        problem = "has no item_id"
+    elif not isinstance(record.get("files"), list) or not record["files"] or not all(isinstance(f, str) for f in record["files"]):
+        problem = "has no list of files"
+    elif not isinstance(record.get("settings"), dict) or not set(RECORD_SETTINGS) <= record["settings"].keys():
+        problem = f"has no settings with {', '.join(RECORD_SETTINGS)}"
+    elif not isinstance(record.get("metrics"), dict):
+        problem = "has no metrics"
+    elif not isinstance(record.get("checks", {}), dict):
+        problem = "has checks that are not an object"
+    if problem:
+        raise ManifestLineError(f"{path} line {number} {problem}; {fix}")
+    return record
+
+
 def read_manifest(out_dir: Path) -> dict[str, dict]:
-    """Finished items from the merged manifest and every shard (a torn last line is ignored)."""
+    """Finished items from the merged manifest and every shard, later lines winning.
+
+    A last line with no newline that is not JSON is a write a killed run left torn: it is ignored
+    (its item runs again; repair_torn_tail cuts it off before the shard is appended to). Any other
+    line that is not a record this command writes is bad input naming the file and line, before
+    any work starts.
+    """
     done: dict[str, dict] = {}
     for path in sorted(out_dir.glob("manifest*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ManifestLineError(f"{path} is not UTF-8 text; remove it (its items will be run again) "
+                                    f"or choose another --out") from None
+        lines = text.split("\n")
+        torn = lines.pop()  # "" when the file ends with a newline, as every complete write does
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                record = _manifest_record(line, path, number)
+                done[record["item_id"]] = record
+        if torn.strip():
             try:
-                record = json.loads(line)
+                json.loads(torn)
             except json.JSONDecodeError:
-                continue
+                continue  # half a record: its item runs again
+            record = _manifest_record(torn, path, len(lines) + 1)
             done[record["item_id"]] = record
     return done
 
 
-def is_complete(out_dir: Path, record: dict) -> bool:
-    return all((out_dir / f).is_file() for f in record.get("files", []))
+def repair_torn_tail(shard: Path) -> None:
+    """End ``shard`` with a newline before appending to it: a torn last line a killed run left is cut
+    off (a complete one is kept), so the next record never joins it. Only the shard's own process calls this."""
+    if not shard.is_file():
+        return
+    data = shard.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    head, _, tail = data.rpartition(b"\n")
+    try:
+        json.loads(tail)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        with open(shard, "r+b") as f:
+            f.truncate(len(head) + 1 if head else 0)
+        return
+    with open(shard, "ab") as f:
+        f.write(b"\n")
+
+
+def file_checks(out_dir: Path, files: list[str]) -> dict[str, dict]:
+    """Size and SHA-256 of each written file (paths relative to ``out_dir``), kept in its manifest line."""
+    checks = {}
+    for name in files:
+        data = (out_dir / name).read_bytes()
+        checks[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return checks
+
+
+def damaged_files(out_dir: Path, record: dict) -> list[str]:
+    """What is wrong with a finished item's files: missing, or not the size and hash its line
+    recorded (a line from before checks were recorded is checked for presence only)."""
+    problems = []
+    checks = record.get("checks", {})
+    for name in record["files"]:
+        path, check = out_dir / name, checks.get(name)
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif isinstance(check, dict) and path.stat().st_size != check.get("bytes"):
+            problems.append(f"{name} has {path.stat().st_size} bytes, {check.get('bytes')} were written")
+        elif isinstance(check, dict) and hashlib.sha256(path.read_bytes()).hexdigest() != check.get("sha256"):
+            problems.append(f"{name} is not the file written (its SHA-256 differs)")
+    return problems
 
 
 def _append_line(path: Path, record: dict) -> None:
@@ -105,6 +208,100 @@ def _append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def sweep_owner(world: int) -> str:
+    """A name shared by the processes of this sweep and no other, safe in a file name and free of
+    dots (it ends at the first dot of a temporary folder's name)."""
+    key = _launch_key() if world > 1 else f"pid{os.getpid()}-{secrets.token_hex(4)}"
+    return key.replace(".", "_")
+
+
+def _lock_holder(path: Path) -> tuple[str, str]:
+    """(pid, owner) written in the lock file by the process holding it ("?" where unreadable)."""
+    try:
+        pid, owner = path.read_text(encoding="utf-8").split()
+        return pid, owner
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "?", "?"
+
+
+def _in_use(out_dir: Path, path: Path) -> BadInput:
+    pid, _ = _lock_holder(path)
+    return BadInput(f"--out {str(out_dir)!r} is in use by another superdiff sweep (process {pid} holds the lock {path}); "
+                    f"wait for it to finish, or choose another --out")
+
+
+def lock_out_dir(out_dir: Path, rank: int, owner: str, wait_s: float = LOCK_WAIT_S) -> int | None:
+    """Make this sweep the only one working in ``out_dir``; returns the lock's file descriptor (rank 0,
+    which holds it until the sweep ends) or None (the other ranks).
+
+    Rank 0 takes an exclusive flock on ``out_dir/.superdiff-sweep.lock`` and writes its pid and
+    ``owner`` into it; a lock already held is another sweep: bad input. The ranks of one launch
+    share ``out_dir``, so the others take no lock: each waits until the lock is held and names
+    ``owner`` (rank 0 of its own launch), and stops like rank 0 when it names another sweep.
+    """
+    path = out_dir / LOCK
+    if rank == 0:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        for _ in range(20):  # another rank's probe holds a shared lock for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
+            os.close(fd)
+            raise _in_use(out_dir, path)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
+        return fd
+    start, other_since = time.monotonic(), None
+    while True:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            held = False
+        except BlockingIOError:
+            held = True
+        finally:
+            os.close(fd)
+        now = time.monotonic()
+        if held and _lock_holder(path)[1] == owner:
+            return None
+        if held:  # another sweep's name, or rank 0 has locked and not yet written ours: give it a moment
+            other_since = now if other_since is None else other_since
+            if now - other_since > 2.0:
+                raise _in_use(out_dir, path)
+        else:
+            other_since = None
+        if now - start > wait_s:
+            raise CommandFailed(f"the main process of this launch did not take the lock {path} within {wait_s:.0f} s; "
+                                f"run the sweep again")
+        time.sleep(0.1)
+
+
+def remove_stale_temporaries(out_dir: Path, owner: str) -> list[Path]:
+    """Remove what killed runs left in ``out_dir``: their temporary item folders (named with
+    TMP_PREFIX, or as an earlier version named them) and atomic-write temporaries. Only rank 0
+    calls this, holding the lock, so no other sweep is alive; the folders of this sweep's other
+    ranks (``owner``'s) are kept. Returns what was removed."""
+    removed: list[Path] = []
+    items = out_dir / "items"
+    if items.is_dir():
+        for path in items.iterdir():
+            name = path.name
+            ours = name.startswith(f"{TMP_PREFIX}{owner}.")
+            stale = (name.startswith(TMP_PREFIX) and not ours) or LEGACY_TMP.fullmatch(name) is not None
+            if stale and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    for pattern in (f".{MANIFEST}.*.tmp", ".metrics.csv.*.tmp"):
+        for path in out_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def shapes_both_rate(images: list, prompts: tuple[str, ...]) -> float | None:
@@ -196,12 +393,24 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
     if acc_device is not None:
         dev = resolve_device(acc_device)
         torch_dtype = resolve_dtype(dtype, dev)
+    owner = sweep_owner(world)
+    lock = lock_out_dir(out_dir, rank, owner)
+    if lock is not None:  # held until the command ends, however it ends
+        click.get_current_context().call_on_close(functools.partial(os.close, lock))
+    if rank == 0:
+        remove_stale_temporaries(out_dir, owner)
     done = read_manifest(out_dir)
-    todo = [it for it in items if not (it.item_id in done and is_complete(out_dir, done[it.item_id]))]
+    damaged = {it.item_id: damaged_files(out_dir, done[it.item_id]) for it in items if it.item_id in done}
+    damaged = {item_id: problems for item_id, problems in damaged.items() if problems}
+    todo = [it for it in items if it.item_id not in done or it.item_id in damaged]
     mine = share_of_rank(items, todo, rank, world)
     if not quiet and rank == 0:
         click.echo(f"{len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to run on {world} process(es)")
+        if damaged:
+            problems = next(iter(damaged.values()))
+            click.echo(f"{len(damaged)} finished item(s) have damaged files and run again (e.g. {problems[0]})", err=True)
     shard = out_dir / f"manifest.rank{rank}.jsonl"
+    repair_torn_tail(shard)
     models: dict[str, object] = {}
     finished = 0
     tmp: Path | None = None
@@ -229,16 +438,18 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
             result = loaded.pipeline(**call)
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{item.item_id}."))
+            tmp = make_temp_dir(final.parent, prefix=f"{TMP_PREFIX}{owner}.{item.item_id}.")
             settings = item.settings() | {"guidance": scale, "compile": compile_mode, "channels_last": channels_last}
             files = save_generation(tmp, result, settings)
             if final.exists():  # left by an interrupted run before its manifest line: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            names = [str(Path("items") / item.item_id / f.name) for f in files]
             record = {
                 "item_id": item.item_id,
                 "settings": settings,
-                "files": [str(Path("items") / item.item_id / f.name) for f in files],
+                "files": names,
+                "checks": file_checks(out_dir, names),
                 "metrics": _item_metrics(result, item),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "rank": rank,

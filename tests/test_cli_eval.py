@@ -283,3 +283,53 @@ def test_bad_input_exits_2(tmp_path, monkeypatch, make, extra, needle):
 def test_help_has_an_example():
     r = invoke("eval", "--help")
     assert r.exit_code == 0 and "superdiff eval" in r.output and "--clip" in r.output
+
+
+def with_zeroed_pixel_data(png: bytes) -> bytes:
+    """``png`` with its compressed pixel data zeroed and the checksums recomputed: every chunk
+    verifies, only decoding the pixels fails."""
+    import struct
+    import zlib
+
+    out, i = bytearray(png[:8]), 8
+    while i < len(png):
+        n, kind = struct.unpack(">I4s", png[i:i + 8])
+        data = png[i + 8:i + 8 + n]
+        if kind == b"IDAT":
+            data = data[:2] + bytes(n - 2)
+        out += struct.pack(">I4s", n, kind) + data + struct.pack(">I", zlib.crc32(kind + data))
+        i += 12 + n
+    return bytes(out)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("text", "not a readable image"),
+    ("truncated", "not a readable image"),
+    ("pixels", "not a readable image"),  # found while scoring, not by the up-front check
+    ("bomb", "a decompression bomb?"),  # over 2x PIL's limit: PIL raises DecompressionBombError
+    ("big", "a decompression bomb?"),  # over the limit only: PIL warns, eval refuses
+])
+def test_an_unreadable_image_is_named_before_any_scoring(tmp_path, monkeypatch, damage, needle):
+    import superdiff_cli.evaluate as evaluate_module
+
+    def no_clip(*args, **kwargs):
+        raise AssertionError("CLIP was loaded before the images were checked")
+
+    monkeypatch.setattr(evaluate_module, "load_clip", no_clip)
+    folder = prompt_folder(tmp_path / "out", count=2)  # the other images have at most 64 x 32 pixels
+    bad = folder / "image_001.png"
+    if damage == "text":
+        bad.write_text("not an image")
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    elif damage == "pixels":  # an embedded-shapes image, read by the attribute checker without --clip
+        red = Image.new("RGB", (32, 32), (255, 0, 0))
+        write_image(folder, 1, red, model="embedded-shapes", prompts=["red", "circle"], mode="and")
+        bad.write_bytes(with_zeroed_pixel_data(bad.read_bytes()))
+    else:
+        Image.new("RGB", (100, 100), (0, 0, 255)).save(bad)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000 if damage == "bomb" else 6000)
+    r = invoke("eval", folder, *([] if damage == "pixels" else ["--clip", tmp_path]))
+    assert r.exit_code == 2, r.output
+    assert f"{bad}: " in r.output and needle in r.output and "Traceback" not in r.output
+    assert not (folder / "eval.json").exists()
