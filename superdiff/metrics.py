@@ -121,7 +121,12 @@ def prompt_attributes(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
 def read_prompt_attributes(images: Tensor, attributes: Sequence[str]) -> list[dict]:
     """Read colour and shape of images (N, 3, H, W) in [-1, 1] with the attribute checker and say,
     per image, which of ``attributes`` (colour or shape words) it shows:
-    ``{"colour", "shape", "present": {word: bool}}``."""
+    ``{"colour", "shape", "present": {word: bool}}``. Where the checker reads no colour or no shape
+    (None: noise, a blank frame, two objects, ...) the words of that kind are not present."""
+    unknown = [a for a in attributes if a not in COLOURS and a not in SHAPES]
+    if unknown:
+        raise ValueError(f"attributes must be colour words {list(COLOURS)} or shape words {list(SHAPES)}, got {unknown}; "
+                         f"pass only those (prompt_attributes picks them out of prompts)")
     colours, shapes = read_attributes(images)
     return [
         {"colour": c, "shape": s, "present": {a: (a == c if a in COLOURS else a == s) for a in attributes}}
@@ -132,11 +137,13 @@ def read_prompt_attributes(images: Tensor, attributes: Sequence[str]) -> list[di
 def attribute_rates(present: Sequence[Mapping[str, bool]]) -> dict:
     """Group rates of :func:`read_prompt_attributes`' ``present`` maps: ``both_rate`` (every named
     attribute shown), ``neither_rate`` (none shown) and the rate of each attribute; for a colour–shape
-    pair exactly the both/neither rates of :func:`superdiff.zoo.experiments.shapes_and`."""
+    pair exactly the both/neither rates of :func:`superdiff.zoo.experiments.shapes_and`. An image the
+    checker cannot read counts as showing nothing, so pure noise has both rate 0; with no attribute
+    named the rates are None (``all`` of nothing is not "both")."""
     n = len(present)
-    if n == 0:
-        return {"both_rate": None, "neither_rate": None, "rates": {}, "n": 0}
-    names = list(present[0])
+    names = list(present[0]) if n else []
+    if not names:  # nothing read, or nothing named: no rate of "every named attribute" to give
+        return {"both_rate": None, "neither_rate": None, "rates": {}, "n": n}
     return {
         "both_rate": sum(all(p.values()) for p in present) / n,
         "neither_rate": sum(not any(p.values()) for p in present) / n,

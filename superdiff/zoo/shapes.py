@@ -93,11 +93,19 @@ def captions_of(batch: ShapesBatch, seed: int, drop: float = 0.1) -> list[str]:
 
 @dataclass(frozen=True)
 class CheckerConfig:
-    """Thresholds of :func:`read_attributes` (brightness in [0, 1], sizes in pixels)."""
+    """Thresholds of :func:`read_attributes` (brightness and colour in [0, 1] per channel, sizes in pixels).
+
+    The renders are one palette-coloured shape on black, so an image is read only when it looks like
+    one: a single blob on a dark background, in one palette colour, shaped like a template.
+    """
 
     threshold: float = 0.35  # a pixel is foreground when its brightest channel exceeds this
-    min_pixels: int = 6  # fewer foreground pixels than this: nothing readable
-    min_iou: float = 0.5  # best template overlap below this: the shape is unreadable (None)
+    min_pixels: int = 6  # fewer foreground pixels than this: nothing readable; also the size of a "second object"
+    max_fill: float = 2 / 3  # a blob over this fraction of the frame is no shape on a background (renders ≤ 53%)
+    max_background: float = 0.175  # mean brightest channel outside the blob above this (half the threshold): no clean background
+    min_hue_share: float = 0.8  # fewer of the blob's bright pixels sharing one palette hue: mixed colours, no colour
+    max_colour_distance: float = 0.4  # blob mean colour farther from that hue's entry: no colour (half the closest pair, red–yellow)
+    min_iou: float = 0.7  # best template overlap below this: the shape is unreadable (renders ≥ 0.88)
     radii: tuple[float, float, float] = (3.0, 7.0, 0.5)  # template half-sizes: start, stop, step
     centre_step: float = 0.5
 
@@ -111,8 +119,8 @@ def _propagate(labels: Tensor, allowed: Tensor) -> Tensor:
         labels = grown
 
 
-def clean_masks(masks: Tensor) -> Tensor:
-    """Keep each mask's largest 8-connected component and fill its holes. ``masks`` (N, H, W) bool."""
+def _largest_component(masks: Tensor) -> Tensor:
+    """Each mask's largest 8-connected component (N, H, W) bool; empty where the mask is empty."""
     n, h, w = masks.shape
     allowed = masks.float()
     ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w)
@@ -120,13 +128,36 @@ def clean_masks(masks: Tensor) -> Tensor:
     counts = torch.zeros(n, h * w + 1).scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
     counts[:, 0] = 0
     largest = (labels == counts.argmax(1, keepdim=True)) & (labels > 0)
-    largest = largest.view(n, h, w)
+    return largest.view(n, h, w)
+
+
+def clean_masks(masks: Tensor) -> Tensor:
+    """Keep each mask's largest 8-connected component and fill its holes. ``masks`` (N, H, W) bool."""
+    _, h, w = masks.shape
+    largest = _largest_component(masks)
     # holes: background pixels not connected to the border through background
     background = (~largest).float()
     border = torch.zeros(h, w)
     border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = 1
     outside = _propagate(border[None] * background, background) > 0
     return ~outside
+
+
+def _dilate(masks: Tensor) -> Tensor:
+    """Masks (N, H, W) grown by one pixel in all 8 directions."""
+    return torch.nn.functional.max_pool2d(masks[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+
+
+def _at_full_brightness(colours: Tensor) -> Tensor:
+    """Colours (..., 3) scaled so that their brightest channel is 1 (black stays black)."""
+    return colours / colours.max(-1, keepdim=True).values.clamp_min(1e-6)
+
+
+def _nearest_hue(pixels: Tensor, palette: Tensor) -> Tensor:
+    """Index (...,) of the palette entry nearest each pixel (..., 3), both at full brightness, so
+    that a dimmed edge pixel keeps the colour of the shape it belongs to."""
+    nearest = torch.cdist(_at_full_brightness(pixels).flatten(0, -2), _at_full_brightness(palette)).argmin(-1)
+    return nearest.view(pixels.shape[:-1])
 
 
 @functools.lru_cache(maxsize=4)
@@ -159,31 +190,66 @@ def _best_shapes(masks: Tensor, cfg: CheckerConfig) -> tuple[Tensor, Tensor]:
     return torch.cat(which), torch.cat(best)
 
 
+def _hues(x: Tensor, lit: Tensor, palette: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Palette hue of every pixel (N, H, W), the hue most of each image's ``lit`` pixels (N, H, W)
+    have (N,), and the fraction of them that have it (N,)."""
+    hue = _nearest_hue(x.permute(0, 2, 3, 1), palette)
+    votes = torch.stack([((hue == k) & lit).flatten(1).sum(1) for k in range(len(palette))], dim=1)
+    top, dominant = votes.max(1)
+    return hue, dominant, top / lit.flatten(1).sum(1).clamp_min(1)
+
+
+def _one_object_on_background(x: Tensor, bright: Tensor, blob: Tensor, off_hue: Tensor, cfg: CheckerConfig) -> Tensor:
+    """Per image (N,) bool: the blob is one shape on a clean background, as every render is. It
+    leaves most of the frame free; the frame outside it (past a one-pixel ring for soft edges) is
+    dark on average; and no second object, ``cfg.min_pixels`` or more connected bright pixels, lies
+    outside it or inside it in another hue (``off_hue``, N, H, W: two shapes touching)."""
+    n = x.shape[0]
+    fill = blob.flatten(1).float().mean(1)
+    outside = ~_dilate(blob)
+    brightness = x.max(dim=1).values
+    background = (brightness * outside).flatten(1).sum(1) / outside.flatten(1).sum(1).clamp_min(1)
+    second = _largest_component((bright & outside) | off_hue).view(n, -1).sum(1)
+    return (fill <= cfg.max_fill) & (background <= cfg.max_background) & (second < cfg.min_pixels)
+
+
 def read_attributes(
     images: Tensor, cfg: CheckerConfig = CheckerConfig()
 ) -> tuple[list[str | None], list[str | None]]:
     """Read (colour, shape) of each image from its pixels. ``images`` (N, 3, H, W) in [-1, 1], H = W.
 
     Foreground = the largest 8-connected blob of pixels whose brightest channel exceeds
-    ``cfg.threshold``, holes filled (robust to speckle). Colour = the palette entry nearest the
-    blob's mean colour. Shape = the shape of the rendered template (any centre and size on a grid)
-    that overlaps the blob best (IoU); None when that overlap is below ``cfg.min_iou``. Both are
-    None where no blob of ``cfg.min_pixels`` exists.
+    ``cfg.threshold``, holes filled (robust to speckle). The image is read only if the blob has
+    ``cfg.min_pixels`` or more pixels and is one shape on a clean background
+    (:func:`_one_object_on_background`); otherwise colour and shape are both None: noise, blank,
+    washed-out or crowded images show no attribute. Colour = the palette hue most of the blob's
+    bright pixels have (each pixel scaled to a brightest channel of 1, so dim edges keep their
+    hue); None when fewer than ``cfg.min_hue_share`` of them have it or their mean colour is
+    farther than ``cfg.max_colour_distance`` from that palette entry (speckled, grey, white or
+    off-palette blobs). Shape = the shape of the rendered template (any centre and size on a grid)
+    that overlaps the blob best (IoU); None when that overlap is below ``cfg.min_iou``.
     """
     x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
     if x.shape[0] == 0:
         return [], []
-    masks = clean_masks(x.max(dim=1).values > cfg.threshold)
-    counts = masks.flatten(1).sum(1)
-    means = (x * masks[:, None]).flatten(2).sum(2) / counts.clamp_min(1)[:, None]
     palette = torch.tensor(list(COLOURS.values()))
-    nearest = torch.cdist(means, palette).argmin(1)
-    kinds, iou = _best_shapes(masks, cfg)
+    bright = x.max(dim=1).values > cfg.threshold
+    blob = clean_masks(bright)
+    lit = bright & blob  # the blob's own pixels: filled holes are not the shape's colour
+    hue, dominant, hue_share = _hues(x, lit, palette)
+    off_hue = lit & (hue != dominant[:, None, None])
+    readable = ((blob.flatten(1).sum(1) >= cfg.min_pixels)
+                & _one_object_on_background(x, bright, blob, off_hue, cfg))
+
+    # colour: the dominant hue, if nearly all pixels have it and their mean colour is that entry's
+    # (within half the closest palette pair, so no other entry is as near)
+    means = (x * lit[:, None]).flatten(2).sum(2) / lit.flatten(1).sum(1).clamp_min(1)[:, None]
+    distance = (means - palette[dominant]).norm(dim=1)
+    coloured = readable & (hue_share >= cfg.min_hue_share) & (distance <= cfg.max_colour_distance)
+    kinds, iou = _best_shapes(blob, cfg)
+    shaped = readable & (iou >= cfg.min_iou)
+
     names = list(COLOURS)
-    colours: list[str | None] = []
-    shapes: list[str | None] = []
-    for n, c, k, q in zip(counts.tolist(), nearest.tolist(), kinds.tolist(), iou.tolist()):
-        readable = n >= cfg.min_pixels
-        colours.append(names[c] if readable else None)
-        shapes.append(SHAPES[k] if readable and q >= cfg.min_iou else None)
+    colours = [names[c] if ok else None for c, ok in zip(dominant.tolist(), coloured.tolist())]
+    shapes = [SHAPES[k] if ok else None for k, ok in zip(kinds.tolist(), shaped.tolist())]
     return colours, shapes
