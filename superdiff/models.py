@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .processes import PREDICTIONS, Process, to_denoised
 
-__all__ = ["Denoiser", "NetworkDenoiser", "StackedDenoiser", "stack_denoisers"]
+__all__ = ["Denoiser", "NetworkDenoiser", "StackedDenoiser", "batched_network_call", "stack_denoisers"]
 
 T = TypeVar("T")
 
@@ -98,30 +98,19 @@ class NetworkDenoiser:
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         p = self.process
-        m, batch = self.num_outputs, x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float64)
-        net_dtype = self.dtype or x.dtype
-        x_in = x.to(net_dtype).repeat(m, *([1] * (x.dim() - 1)))
-        # Filled on the device from a host float: no host-to-device copy (and no sync) per step.
-        t_in = torch.full((m * batch,), float(self.time_input(t)), dtype=torch.float32, device=x.device)
+        batch = x.shape[0]
         if self.conditions is None:
-            out = self.network(x_in, t_in)
+            call = self.network
         else:
             cond = self.conditions
             repeated = cached_conditions(self._repeated, cond, (batch, x.device),
                                          lambda: cond.to(x.device).repeat_interleave(batch, dim=0))
-            out = self.network(x_in, t_in, repeated)
-        if not isinstance(out, Tensor):
-            raise ValueError(
-                f"the network returned a {type(out).__name__}, not a tensor; wrap it to return the prediction "
-                "(for a diffusers model, its .sample) or use superdiff.pipelines.DiffusersDenoiser"
-            )
-        if out.shape != x_in.shape:
-            raise ValueError(
-                f"the network returned shape {tuple(out.shape)} for inputs of shape {tuple(x_in.shape)}; it must return "
-                f"one {self.prediction} prediction per input row, shaped like the input (slice off a learned variance)"
-            )
-        out = out.to(x.dtype).reshape(m, *x.shape)
+
+            def call(x_in: Tensor, t_in: Tensor) -> Tensor:
+                return self.network(x_in, t_in, repeated)
+
+        out = batched_network_call(call, x, self.num_outputs, float(self.time_input(t)), self.dtype, self.prediction)
         return to_denoised(
             out,
             self.prediction,
@@ -131,6 +120,38 @@ class NetworkDenoiser:
             float(p.d_alpha(t)),
             float(p.d_sigma(t)),
         )
+
+
+def batched_network_call(
+    call: Callable[[Tensor, Tensor], Any],
+    x: Tensor,
+    num_outputs: int,
+    timestep: float,
+    dtype: torch.dtype | None,
+    prediction: str,
+) -> Tensor:
+    """One forward pass for every condition: ``call(x_in, t_in)`` on ``x`` (B, *shape) repeated
+    ``num_outputs`` times (k-major, as conditions are repeated), cast to the network's ``dtype``,
+    with the scalar ``timestep`` filled on the device (no host-to-device copy, no sync, per step).
+
+    Returns the raw output as (num_outputs, B, *shape) in x's dtype, after checking it is one
+    ``prediction`` per input row: a tuple, a diffusers output object or a learned variance in extra
+    channels is refused with what to do instead.
+    """
+    x_in = x.to(dtype or x.dtype).repeat(num_outputs, *([1] * (x.dim() - 1)))
+    t_in = torch.full((x_in.shape[0],), timestep, dtype=torch.float32, device=x.device)
+    out = call(x_in, t_in)
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"the network returned a {type(out).__name__}, not a tensor; wrap it to return the prediction "
+            "(for a diffusers model, its .sample) or use superdiff.pipelines.DiffusersDenoiser"
+        )
+    if out.shape != x_in.shape:
+        raise ValueError(
+            f"the network returned shape {tuple(out.shape)} for inputs of shape {tuple(x_in.shape)}; it must return "
+            f"one {prediction} prediction per input row, shaped like the input (slice off a learned variance)"
+        )
+    return out.to(x.dtype).reshape(num_outputs, *x.shape)
 
 
 @dataclass

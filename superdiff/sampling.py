@@ -149,17 +149,15 @@ class _Plan:
     sigmas: list[float]
 
 
-def _validate(
+def _check_call(
     denoiser: Denoiser,
     x: Tensor,
-    times: Tensor,
     combiner: Combiner,
     guidance_scale: float | None,
     log_q_init: Tensor | None,
-    allow_final_zero: bool,
-    final_denoise: bool = False,
-    generator: Generators = None,
-) -> _Plan:
+    generator: Generators,
+) -> tuple[int, bool]:
+    """Check what a sampler is given besides its times; returns (M models, guided)."""
     if isinstance(combiner, (str, type)) or not callable(combiner) or not hasattr(combiner, "needs_system"):
         raise ValueError(
             f"combiner must be a combiner object such as And() or Or(), got {combiner!r}; "
@@ -176,29 +174,6 @@ def _validate(
         raise ValueError(f"x has samples of shape {tuple(x.shape[1:])} but the denoiser's are {tuple(sample_shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf; pass a finite starting point (e.g. from prior_sample)")
-    times = torch.as_tensor(times, dtype=torch.float64)
-    if times.dim() != 1 or times.numel() < 2:
-        raise ValueError(f"times must be a 1-D grid of at least 2 points (steps >= 1), got shape {tuple(times.shape)}")
-    if not bool(torch.isfinite(times).all()):
-        raise ValueError("times contains NaN or inf")
-    p = denoiser.process
-    alphas = [float(v) for v in p.alpha(times)]
-    sigmas = [float(v) for v in p.sigma(times)]
-    for i in range(len(alphas) - 1):
-        if not (sigmas[i] > 0):
-            raise ValueError(f"σ must be > 0 before the last time; times[{i}]={float(times[i])} has σ={sigmas[i]}")
-        noisier = sigmas[i] * alphas[i + 1] > sigmas[i + 1] * alphas[i]  # σ/α strictly decreasing
-        # With final_denoise the last step lands on σ = 0 whatever times[-1] says (e.g. a DDPM/DDIM
-        # grid ending at timestep 0, the table's least noisy entry).
-        if not noisier and not (final_denoise and i == len(alphas) - 2):
-            raise ValueError(
-                f"times must run from noise to data (σ/α strictly decreasing); step {i} goes from t={float(times[i])} "
-                f"to t={float(times[i + 1])}"
-            )
-        if not (alphas[i + 1] > 0):
-            raise ValueError(f"α must be > 0 after the first time; times[{i + 1}] has α={alphas[i + 1]}")
-    if sigmas[-1] == 0 and not allow_final_zero:
-        raise ValueError("the last time must have σ > 0 for this sampler (densities are undefined at σ = 0)")
     guided = guidance_scale is not None
     if guided and not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
@@ -210,6 +185,52 @@ def _validate(
         )
     if log_q_init is not None and tuple(log_q_init.shape) != (x.shape[0], m):
         raise ValueError(f"log_q_init must have shape (batch, models) = {(x.shape[0], m)}, got {tuple(log_q_init.shape)}")
+    return m, guided
+
+
+def _plan_times(process: Process, times: Tensor, last_may_be_data: bool, final_denoise: bool) -> tuple[list[float], list[float]]:
+    """α and σ at every time of a grid from noise to data (σ/α strictly decreasing), read once.
+
+    ``last_may_be_data``: the SDE may end on σ = 0 (a deterministic last step), the ODE may not (its
+    densities are undefined there). ``final_denoise``: the last step lands on σ = 0 whatever the last
+    time says, so that time may repeat the one before (a DDPM/DDIM grid ending at timestep 0).
+    """
+    if times.dim() != 1 or times.numel() < 2:
+        raise ValueError(f"times must be a 1-D grid of at least 2 points (steps >= 1), got shape {tuple(times.shape)}")
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError("times contains NaN or inf")
+    alphas = [float(v) for v in process.alpha(times)]
+    sigmas = [float(v) for v in process.sigma(times)]
+    for i in range(len(alphas) - 1):
+        if not (sigmas[i] > 0):
+            raise ValueError(f"σ must be > 0 before the last time; times[{i}]={float(times[i])} has σ={sigmas[i]}")
+        noisier = sigmas[i] * alphas[i + 1] > sigmas[i + 1] * alphas[i]  # σ/α strictly decreasing
+        if not noisier and not (final_denoise and i == len(alphas) - 2):
+            raise ValueError(
+                f"times must run from noise to data (σ/α strictly decreasing); step {i} goes from t={float(times[i])} "
+                f"to t={float(times[i + 1])}"
+            )
+        if not (alphas[i + 1] > 0):
+            raise ValueError(f"α must be > 0 after the first time; times[{i + 1}] has α={alphas[i + 1]}")
+    if sigmas[-1] == 0 and not last_may_be_data:
+        raise ValueError("the last time must have σ > 0 for this sampler (densities are undefined at σ = 0)")
+    return alphas, sigmas
+
+
+def _plan(
+    denoiser: Denoiser,
+    x: Tensor,
+    times: Tensor,
+    combiner: Combiner,
+    guidance_scale: float | None,
+    log_q_init: Tensor | None,
+    generator: Generators,
+    last_may_be_data: bool,
+    final_denoise: bool = False,
+) -> _Plan:
+    """Every check a sampler makes before its first network call, and the grid's α and σ."""
+    m, guided = _check_call(denoiser, x, combiner, guidance_scale, log_q_init, generator)
+    alphas, sigmas = _plan_times(denoiser.process, times, last_may_be_data, final_denoise)
     if not getattr(combiner, "affine", True) and not guided and alphas[0] == 0:
         raise ValueError(
             "a combiner whose weights do not sum to 1 (e.g. 'sum') has no denoised form where α = 0; "
@@ -301,10 +322,10 @@ def sample_sde(
     the estimator scores each step with, ``"forward"`` by default (the most accurate densities on
     exact mixtures); see :func:`superdiff.density.reverse_kernel_variance`.
     """
-    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=True,
-                     final_denoise=final_denoise, generator=generator)
-    _check_variances(denoiser.process, variance, density_variance)
     times = torch.as_tensor(times, dtype=torch.float64)
+    plan = _plan(denoiser, x, times, combiner, guidance_scale, log_q_init, generator, last_may_be_data=True,
+                 final_denoise=final_denoise)
+    _check_variances(denoiser.process, variance, density_variance)
     steps = times.numel() - 1
     batch = x.shape[0]
     log_q = (
@@ -332,24 +353,33 @@ def sample_sde(
         if interrupt is not None and interrupt():
             break
         c = coefs[i]
-        # One float64 copy of the predictions serves κ, the mixing and the densities: κ is not
-        # bounded (AND of similar models reaches 1e3–1e7), so Σκᵢx̂₀ⁱ is never formed in fp16/bf16.
+        # Every model's x̂₀ⁱ (and the unconditional x̂₀ᵘ) in one batched network call. One float64 copy
+        # serves κ, the mixing and the densities: κ is unbounded (AND of similar models reaches 1e3–1e7),
+        # so Σκᵢx̂₀ⁱ is never formed in fp16/bf16.
         denoised64, unconditional64 = _split(denoiser(x, times[i]).to(torch.float64), plan)
         system = (None, None)
         if c.final:
+            # Last step onto σ = 0: deterministic, no density. AND lands equally far from every x̂₀ⁱ,
+            # the limit of Prop. 6's condition as the step's noise vanishes.
             if combiner.needs_system:
                 system = ito_final_step_system(denoised64, *_system_base(denoised64, unconditional64, guidance_scale))
             kappa = combiner(CombineInputs(log_q, system[0], system[1], 0.0)).to(torch.float64)
             x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
             x = x0_mix = x0_mix64.to(x.dtype)
         else:
+            # The Gaussian increment w ~ N(0, V), drawn before κ: AND's κ is solved for this very w (Prop. 6).
             noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
             noise64 = noise.to(torch.float64)
+            # κ: OR's softmax of the tracked log-densities (Algorithm 1), AND's linear system (Eqs. 75–78).
             if combiner.needs_system:
-                system = ito_increment_system(denoised64, *_system_base(denoised64, unconditional64, guidance_scale), noise64, c)
+                base = _system_base(denoised64, unconditional64, guidance_scale)
+                system = ito_increment_system(denoised64, *base, noise64, c)
             kappa = combiner(CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps)).to(torch.float64)
+            # The mixed (and guided) x̂₀: x̂₀ᵘ + w_cfg(Σκⱼx̂₀ʲ − x̂₀ᵘ), or Σκⱼx̂₀ʲ.
             x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
+            # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
             log_q = log_q + ito_log_density_increment(denoised64, x0_mix64, x, noise64, c)
+            # The step: y = c_x x + c_0 x̂₀ᵐⁱˣ + w, Tweedie's E[x_t | x_s] (Thm. 2's mean) plus the increment.
             x0_mix = x0_mix64.to(x.dtype)
             x = c.c_x * x + c.c_0 * x0_mix + noise
         log_q_trace.append(log_q)
@@ -450,8 +480,8 @@ def sample_ode(
         raise ValueError(f"method must be 'euler', 'heun' or 'dopri5', got {method!r}")
     if divergence not in ("exact", "hutchinson", "hutchinson_vjp"):
         raise ValueError(f"divergence must be 'exact', 'hutchinson' or 'hutchinson_vjp', got {divergence!r}")
-    plan = _validate(denoiser, x, times, combiner, guidance_scale, log_q_init, allow_final_zero=False, generator=generator)
     times = torch.as_tensor(times, dtype=torch.float64)
+    plan = _plan(denoiser, x, times, combiner, guidance_scale, log_q_init, generator, last_may_be_data=False)
     steps = times.numel() - 1
     span = float(times[0] - times[-1])
     batch = x.shape[0]

@@ -45,3 +45,18 @@ def test_network_denoiser_names_what_is_wrong_with_a_network_or_its_conditions()
     output_object = NetworkDenoiser(lambda x, t: (x,), VPLinear(), "epsilon")
     with pytest.raises(ValueError, match="tuple, not a tensor"):
         output_object(x, t)
+
+
+def test_both_network_adapters_check_the_output_the_same_way():
+    """NetworkDenoiser and the diffusers adapter share one batched call and one output check: a
+    learned variance in extra channels is refused by both (the diffusers one used to slice it off)."""
+    from superdiff.pipelines.denoisers import DiffusersDenoiser
+
+    x, t = torch.randn(5, 2, 2), torch.tensor(0.5)
+    learned = DiffusersDenoiser(lambda x, timestep, return_dict: (torch.cat([x, x], dim=1),), VPLinear(), "epsilon",
+                                timestep=lambda t: t * 999)
+    with pytest.raises(ValueError, match=r"shape \(5, 4, 2\) for inputs of shape \(5, 2, 2\)"):
+        learned(x, t)
+    fine = DiffusersDenoiser(lambda x, timestep, return_dict: (torch.zeros_like(x),), VPLinear(), "epsilon",
+                             timestep=lambda t: t * 999)
+    torch.testing.assert_close(fine(x, t)[0], x / VPLinear().alpha(t).float())

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..models import cached_conditions
+from ..models import batched_network_call, cached_conditions
 from ..processes import DiscreteSigma, DiscreteVP, Process, RectifiedFlow, to_denoised
 
 __all__ = ["DiffusersDenoiser", "Schedule", "schedule_from_scheduler", "process_of_scheduler", "prediction_of_scheduler"]
@@ -74,23 +74,20 @@ class DiffusersDenoiser:
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         p = self.process
-        k, batch = self.num_outputs, x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float64)
         alpha, sigma = float(p.alpha(t)), float(p.sigma(t))
         c_in = 1.0 / math.sqrt(alpha * alpha + sigma * sigma) if self.scale_input else 1.0
         dtype = self.dtype or x.dtype
         x_scaled = x * c_in
-        x_in = x_scaled.to(dtype).repeat(k, *([1] * (x.dim() - 1)))
-        # Filled on the device from a host float: no host-to-device copy (and no sync) per step.
-        timestep = torch.full((k * batch,), float(self.timestep(t)), dtype=torch.float32, device=x.device)
         kwargs = cached_conditions(
-            self._expanded, self.conditions, (batch, dtype, x.device),
-            lambda: {name: _expand(v, batch, dtype, x.device) for name, v in self.conditions.items()},
+            self._expanded, self.conditions, (x.shape[0], dtype, x.device),
+            lambda: {name: _expand(v, x.shape[0], dtype, x.device) for name, v in self.conditions.items()},
         )
-        out = self.network(x_in, timestep=timestep, return_dict=False, **kwargs)[0]
-        if out.shape[1] == 2 * x.shape[1]:  # a learned variance in the second half of the channels
-            out = out[:, : x.shape[1]]
-        out = out.to(x.dtype).reshape(k, *x.shape)
+
+        def call(x_in: Tensor, timestep: Tensor) -> Tensor:
+            return self.network(x_in, timestep=timestep, return_dict=False, **kwargs)[0]
+
+        out = batched_network_call(call, x_scaled, self.num_outputs, float(self.timestep(t)), dtype, self.prediction)
         return to_denoised(
             out, self.prediction, x_scaled[None], alpha * c_in, sigma * c_in, float(p.d_alpha(t)), float(p.d_sigma(t))
         )
