@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import click
 
+from superdiff.combine import MODES, make_combiner
+
+from .calls import FiniteFloat, pipeline_call_kwargs
 from .errors import BadInput, handle_errors
 from .limits import (MAX_NUM_IMAGES, SEED_MAX, SEED_MIN, caption_words_problem, control_character_problem, images_problem,
                      model_folder_problem, output_folder, steps_problem)
-from .models import (COMPILE_MODES, EMBEDDED, apply_speed_options, load_model, model_problem, resolve_device, resolve_dtype,
-                     silence_library_logs)
+from .models import (COMPILE_MODES, DEFAULT_ITEMS, EMBEDDED, apply_speed_options, load_model, model_problem, resolve_device,
+                     resolve_dtype, silence_library_logs)
 from .output import check_fresh_dir, ensure_writable_dir, remove_files, save_generation
-
-MODES = ("and", "or", "average", "sum")
 
 
 def parse_log_weights(text: str | None) -> list[float] | None:
+    """``--log-weights`` text as numbers (the combiner checks that they are finite, one per item)."""
     if text is None:
         return None
     try:
         values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
         raise BadInput(f"--log-weights {text!r} must be comma-separated numbers, e.g. --log-weights 0,1.5") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise BadInput(f"--log-weights {text!r} must be finite numbers, one per prompt")
+    if not values:
+        raise BadInput(f"--log-weights {text!r} must be numbers, one per prompt, e.g. --log-weights 0,1.5")
     return values
 
 
@@ -42,23 +43,14 @@ def collect_prompts(prompts: tuple[str, ...], mode: str | None, and_: tuple[str,
     return list(prompts), mode or "and"
 
 
-def check_items(items: list[str], mode: str, what: str) -> None:
+def check_items(items: list[str], what: str) -> None:
+    """Each prompt (model name) non-empty plain text; how many a mode needs is the combiner's check."""
     for i, p in enumerate(items):
         if not p.strip():
             raise BadInput(f"{what} {i + 1} is empty; every {what} must be a non-empty string")
         problem = control_character_problem(p, f"{what} {i + 1}")
         if problem:
             raise BadInput(problem)
-    if mode in ("and", "or") and len(items) < 2:
-        raise BadInput(
-            f"--mode {mode} composes at least 2 {what}s, got {len(items)}; add another "
-            f"(e.g. --{mode} \"red\" --{mode} \"circle\") or use --mode average"
-        )
-
-
-def check_log_weights(lw: list[float] | None, items: list[str], what: str) -> None:
-    if lw is not None and len(lw) != len(items):
-        raise BadInput(f"--log-weights has {len(lw)} value(s) but there are {len(items)} {what}s; give one per {what}")
 
 
 def check_unconditional_options(guidance: float | None, negative_prompt: str | None, height: int | None,
@@ -105,8 +97,8 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--negative-prompt", default=None, help="Replaces the empty unconditional prompt.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="Sampling steps (network calls), at most the scheduler's num_train_timesteps (1000 for the embedded models).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale [default: 7.5; 5 for embedded-shapes; embedded-digits takes none].")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="OR temperature T.")
+@click.option("--guidance", type=FiniteFloat(min=0), default=None, help="Classifier-free guidance scale [default: 7.5; 5 for embedded-shapes; embedded-digits takes none].")
+@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True, help="OR temperature T.")
 @click.option("--log-weights", default=None, help="Comma-separated ℓ per prompt: OR bias or AND offsets.")
 @click.option("--seed", type=click.IntRange(SEED_MIN, SEED_MAX), default=0, show_default=True,
               help="Seed of the torch.Generator, 0 to 2**64-1.")
@@ -151,18 +143,13 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
         silence_library_logs()
     items, mode = collect_prompts(prompts, mode, and_, or_)
     lw = parse_log_weights(log_weights)
-    if guidance is not None and (guidance < 0 or not math.isfinite(guidance)):
-        raise BadInput(f"--guidance must be a finite number >= 0, got {guidance}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise BadInput(f"--temperature must be a finite number > 0, got {temperature}")
-    if lw is not None and mode not in ("and", "or"):
-        raise BadInput(f"--log-weights apply to --mode and / or, not {mode}; drop --log-weights or change the mode")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     what = "model name" if model == "embedded-digits" else "prompt"
-    if items:  # everything about the prompts is checked before a model is loaded
-        check_items(items, mode, what)
-        check_log_weights(lw, items, what)
+    # Everything about the prompts and the combiner is checked before a model is loaded.
+    items = items or list(DEFAULT_ITEMS.get(model, ()))
+    check_items(items, what)
+    combiner = make_combiner(mode, len(items), temperature, lw, what=f"{what}s")
     if model == "embedded-digits":
         check_unconditional_options(guidance, negative_prompt, height, width)
     check_negative_prompt(negative_prompt, model)
@@ -173,24 +160,9 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     stale = check_fresh_dir(out_dir, overwrite)
     ensure_writable_dir(out_dir, "--out")
     loaded = load_model(model, torch_dtype, dev, allow_pickle, items)
-    if not items:
-        items = list(loaded.default_items)
-        check_items(items, mode, what)
-        check_log_weights(lw, items, what)
-    scale = loaded.default_guidance if guidance is None else guidance
-    import torch
-
     apply_speed_options(loaded.pipeline, channels_last, compile_mode)
-
-    generator = torch.Generator("cpu").manual_seed(seed)
-    call = dict(mode=mode, num_inference_steps=steps, temperature=temperature, log_weights=lw,
-                generator=generator, output_type="pil", progress=not quiet)
-    if loaded.items == "prompts":
-        call.update(prompts=items, guidance_scale=scale, negative_prompt=negative_prompt, height=height, width=width,
-                    num_images_per_prompt=num_images)
-    else:
-        call.update(batch_size=num_images)
-        scale = None  # unconditional models: no guidance, recorded as null
+    call, scale = pipeline_call_kwargs(loaded, items, combiner, steps, guidance, seed, num_images, progress=not quiet,
+                                       negative_prompt=negative_prompt, height=height, width=width)
     result = loaded.pipeline(**call)
     remove_files(stale)  # the earlier run's files, only now that this run's are ready to be written
     settings = generation_settings(model=model, prompts=items, mode=mode, steps=steps, guidance=scale,

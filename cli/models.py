@@ -13,6 +13,8 @@ import torch
 from .errors import BadInput
 
 EMBEDDED = ("embedded-shapes", "embedded-digits")
+#: What an embedded model composes when no prompts (model names) are given: known before loading it.
+DEFAULT_ITEMS = {"embedded-shapes": ("red", "circle"), "embedded-digits": ("a", "b")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -81,7 +83,12 @@ def hub_offline() -> bool:
 
 def model_index(spec: str, option: str = "--model") -> dict | None:
     """``model_index.json`` of a local folder or of a hub id already in the cache (nothing is
-    downloaded); None where there is none. A file that is not JSON is bad input."""
+    downloaded); None where there is none. A file that is not JSON is bad input.
+
+    Read here rather than through ``superdiff.pipelines.pipeline_class_for`` (which :func:`load_model`
+    uses): these up-front checks of every ``--model`` and spec line must never download (diffusers'
+    ``load_config`` fetches a hub id's index when online), and they report "problem; fix" strings
+    naming the option or spec key as the user wrote it, for all lines at once, instead of raising."""
     path = Path(spec).expanduser()
     index: Path | None = path / "model_index.json" if path.is_dir() else None
     if index is None and not looks_local(spec):
@@ -190,22 +197,20 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
         from superdiff.zoo.registry import embedded_path
 
         pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), torch_dtype=dtype)
-        return LoadedModel(spec, pipe.to(device), "prompts", ("red", "circle"), 5.0)
+        return LoadedModel(spec, pipe.to(device), "prompts", DEFAULT_ITEMS[spec], 5.0)
     if spec == "embedded-digits":
         from superdiff.zoo.registry import load_digit_pipeline
 
-        names = list(items or ("a", "b"))
-        return LoadedModel(spec, load_digit_pipeline(names, torch_dtype=dtype).to(device), "models", ("a", "b"), 0.0)
-    import superdiff.pipelines
+        names = list(items or DEFAULT_ITEMS[spec])
+        return LoadedModel(spec, load_digit_pipeline(names, torch_dtype=dtype).to(device), "models", DEFAULT_ITEMS[spec], 0.0)
+    from superdiff.pipelines import pipeline_class_for
     from superdiff.pipelines.loading import DamagedWeightsError
 
     path = Path(spec).expanduser()
-    index = model_index(spec)
-    pipeline_cls = getattr(superdiff.pipelines, pipeline_class_name(index.get("_class_name") if index else None))
-    kwargs = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
-    if hub_offline():
-        kwargs["local_files_only"] = True
+    files = {"local_files_only": True} if hub_offline() else {}
+    kwargs = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True} | files
     try:
+        pipeline_cls = pipeline_class_for(str(path) if path.is_dir() else spec, **files)
         pipe = pipeline_cls.from_pretrained(str(path) if path.is_dir() else spec, **kwargs)
     except DamagedWeightsError as exc:  # a file damaged after model_problem read it: never suggest pickle
         raise BadInput(f"--model {spec!r}: {exc}") from exc

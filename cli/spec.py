@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from superdiff.combine import MODES, Combiner, make_combiner
+
 from .errors import BadInput
 from .limits import (control_character_problem, images_problem, model_folder_problem, seed_problem,
                      steps_problem)
 from .models import EMBEDDED, model_problem
 
-MODES = ("and", "or", "average", "sum")
 SETTINGS = ("model", "steps", "guidance", "temperature", "num_images", "log_weights")
 KEYS = ("prompts", "modes", "mode", "seeds", "seed", *SETTINGS)
 PROMPT_COLUMN = re.compile(r"prompt_[0-9]+")
@@ -52,6 +53,10 @@ class SweepItem:
 
     def settings(self) -> dict[str, Any]:
         return asdict(self) | {"item_id": self.item_id}
+
+    def combiner(self) -> Combiner:
+        """The item's combiner (its line was checked by building it: :func:`parse_row`)."""
+        return make_combiner(self.mode, len(self.prompts), self.temperature, self.log_weights, what="prompts")
 
 
 class LineError(ValueError):
@@ -106,15 +111,19 @@ def _integer(name: str, value: Any, minimum: int | None = None) -> int:
     return int(number)
 
 
-def _real(name: str, value: Any, positive: bool) -> float:
-    """A finite number, > 0 (``positive``) or >= 0."""
+def _parsed(name: str, value: Any) -> float:
+    """A number as the line writes it (JSON or CSV text); its range is checked where it is used."""
     try:
-        number = _number(value)
+        return _number(value)
     except (TypeError, ValueError):
-        number = None
-    if number is None or not math.isfinite(number) or number < 0 or (positive and number == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise LineError(f"{name} {_shown(value)} must be a finite number {bound}; write e.g. {name} {1.0 if positive else 7.5}")
+        raise LineError(f"{name} {_shown(value)} is not a number; write e.g. {name} 1.0") from None
+
+
+def _real(name: str, value: Any, minimum: float) -> float:
+    """A finite number >= ``minimum`` (the guidance scale, which no combiner owns)."""
+    number = _parsed(name, value)
+    if not math.isfinite(number) or number < minimum:
+        raise LineError(f"{name} {_shown(value)} must be a finite number >= {minimum:g}; write e.g. {name} 7.5")
     return number
 
 
@@ -179,22 +188,25 @@ def parse_seeds(value: Any, name: str = "seeds") -> list[int]:
     return seeds
 
 
-def parse_log_weights(value: Any, prompts: list[str], modes: list[str]) -> tuple[float, ...] | None:
+def parse_log_weights(value: Any) -> tuple[float, ...] | None:
+    """A line's log_weights as numbers (the combiner checks that they are finite and one per prompt)."""
     if value is None:
         return None
     raw = value if isinstance(value, list) else str(value).split("|")
     try:
-        weights = tuple(_number(v) for v in raw)
+        return tuple(_number(v) for v in raw)
     except (TypeError, ValueError):
         raise LineError(f"log_weights {_shown(value)} must be numbers, one per prompt, e.g. [0, 1.5]") from None
-    if not all(math.isfinite(w) for w in weights):
-        raise LineError(f"log_weights {_shown(value)} must be finite numbers, one per prompt")
-    if len(weights) != len(prompts):
-        raise LineError(f"log_weights has {len(weights)} value(s) for {len(prompts)} prompts; give one per prompt")
-    other = [m for m in modes if m not in ("and", "or")]
-    if other:
-        raise LineError(f"log_weights apply to modes and/or, not {', '.join(other)}; drop log_weights or those modes")
-    return weights
+
+
+def check_combiners(prompts: list[str], modes: list[str], temperature: float, log_weights: tuple[float, ...] | None) -> None:
+    """Build each mode's combiner for the line: the combiner checks its own values (two prompts or
+    more for and/or, a temperature > 0, log-weights one per prompt and only for and/or)."""
+    for mode in modes:
+        try:
+            make_combiner(mode, len(prompts), temperature, log_weights, what="prompts")
+        except ValueError as exc:
+            raise LineError(str(exc)) from None
 
 
 def check_defaults(defaults: dict[str, Any]) -> None:
@@ -203,8 +215,7 @@ def check_defaults(defaults: dict[str, Any]) -> None:
         parse_modes(defaults["modes"], "--modes")
         parse_seeds(defaults["seeds"], "--seeds")
         if defaults.get("guidance") is not None:
-            _real("--guidance", defaults["guidance"], positive=False)
-        _real("--temperature", defaults["temperature"], positive=True)
+            _real("--guidance", defaults["guidance"], minimum=0.0)
         _integer("--steps", defaults["steps"], 1)
         _integer("--num-images", defaults["num_images"], 1)
     except LineError as exc:
@@ -238,16 +249,14 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
     """The items of spec line ``n``; raises :class:`LineError` for its first malformed value."""
     prompts = parse_prompts(rec)
     modes = parse_modes(rec.get("modes", rec.get("mode", defaults["modes"])))
-    for m in modes:
-        if m in ("and", "or") and len(prompts) < 2:
-            raise LineError(f"mode {m!r} needs at least 2 prompts, got {len(prompts)}; add one or use mode average")
+    temperature = _parsed("temperature", rec.get("temperature", defaults["temperature"]))
+    log_weights = parse_log_weights(rec.get("log_weights", defaults.get("log_weights")))
+    check_combiners(prompts, modes, temperature, log_weights)
     seeds = parse_seeds(rec.get("seeds", rec.get("seed", defaults["seeds"])))
     steps = _integer("steps", rec.get("steps", defaults["steps"]), 1)
     num_images = _integer("num_images", rec.get("num_images", defaults["num_images"]), 1)
     guidance = rec.get("guidance", defaults["guidance"])
-    guidance = None if guidance is None else _real("guidance", guidance, positive=False)
-    temperature = _real("temperature", rec.get("temperature", defaults["temperature"]), positive=True)
-    log_weights = parse_log_weights(rec.get("log_weights", defaults.get("log_weights")), prompts, modes)
+    guidance = None if guidance is None else _real("guidance", guidance, minimum=0.0)
     model = rec.get("model", defaults["model"])
     if not isinstance(model, str) or not model.strip():
         raise LineError(f"model {_shown(model)} must be a non-empty string: a folder, a hub id, or {', '.join(EMBEDDED)}")

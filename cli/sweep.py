@@ -31,6 +31,7 @@ from pathlib import Path
 
 import click
 
+from .calls import FiniteFloat, pipeline_call_kwargs
 from .errors import BadInput, CommandFailed, handle_errors
 from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype, silence_library_logs
 from .output import atomic_write_text, ensure_writable_dir, make_temp_dir, save_generation
@@ -360,7 +361,7 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
 @click.option("--seeds", default="0", show_default=True, help="Default seeds, |-separated (e.g. '0|1|2').")
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--guidance", type=float, default=None, help="Default guidance [model's default].")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--num-images", type=int, default=4, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -414,7 +415,6 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
     models: dict[str, object] = {}
     finished = 0
     tmp: Path | None = None
-    import torch
     from tqdm.auto import tqdm
 
     try:
@@ -426,15 +426,8 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 models[key] = load_model(item.model, torch_dtype, dev, allow_pickle, items=list(item.prompts))
                 apply_speed_options(models[key].pipeline, channels_last, compile_mode)
             loaded = models[key]
-            scale = loaded.default_guidance if item.guidance is None else item.guidance
-            call = dict(mode=item.mode, num_inference_steps=item.steps, temperature=item.temperature,
-                        log_weights=None if item.log_weights is None else list(item.log_weights),
-                        generator=torch.Generator("cpu").manual_seed(item.seed), output_type="pil", progress=False)
-            if loaded.items == "prompts":
-                call.update(prompts=list(item.prompts), guidance_scale=scale, num_images_per_prompt=item.num_images)
-            else:
-                call.update(batch_size=item.num_images)
-                scale = None  # unconditional models: no guidance, recorded as null
+            call, scale = pipeline_call_kwargs(loaded, item.prompts, item.combiner(), item.steps, item.guidance, item.seed,
+                                               item.num_images, progress=False)
             result = loaded.pipeline(**call)
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -31,6 +32,7 @@ __all__ = [
     "or_weights",
     "and_weights",
     "make_combiner",
+    "check_combiner",
     "MODES",
 ]
 
@@ -75,9 +77,51 @@ def _cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torc
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+def _refuse(argument: str, given: object, works: str) -> None:
+    raise ValueError(f"{argument}={given!r} is not valid; {works}")
+
+
 def _check_finite(name: str, values: Sequence[float] | None) -> None:
     if values is not None and not all(math.isfinite(float(v)) for v in values):
-        raise ValueError(f"{name} must be finite numbers, got {tuple(values)}")
+        _refuse(name, tuple(values), "every entry must be a finite number")
+
+
+def _number_tuple(name: str, values: Sequence[float] | Tensor | None) -> tuple[float, ...] | None:
+    """``values`` as a tuple of floats (None stays None); ``ValueError`` naming ``name`` for anything
+    that is not a sequence of finite numbers."""
+    if values is None:
+        return None
+    try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        _refuse(name, values, "pass a sequence of numbers, one per model, e.g. (0.0, 1.5)")
+    _check_finite(name, numbers)
+    return numbers
+
+
+def _check_temperature(temperature: object) -> None:
+    """The one check of OR's temperature T: a finite number > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        _refuse("temperature", temperature, "use a finite number > 0 (1.0 samples the exact mixture for mode='or')")
+
+
+def _check_count(name: str, values: tuple[float, ...] | None, num_models: int, what: str) -> None:
+    """One entry of ``values`` per model (``what`` names the models: "prompts", "unets", "models")."""
+    if values is not None and len(values) != num_models:
+        _refuse(name, values, f"pass {num_models} numbers, one for each of the {num_models} {what}")
+
+
+def _check_at_least_two(mode: str, num_models: int, what: str) -> None:
+    """OR and AND compare models: the one check that they have two or more."""
+    if num_models < 2:
+        raise ValueError(
+            f"{what}=<{num_models} given> is not valid; mode={mode!r} composes at least 2 {what}; pass 2 or more, "
+            "or use mode='average'"
+        )
 
 
 def _log_weights_tensor(log_weights: Sequence[float] | Tensor | None, m: int, like: Tensor) -> Tensor:
@@ -224,9 +268,13 @@ class Or:
     affine: bool = True
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-        _check_finite("log_weights", self.log_weights)
+        _check_temperature(self.temperature)
+        object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
+
+    def check_num_models(self, num_models: int, what: str = "models") -> None:
+        """Raise ``ValueError`` unless OR can weigh ``num_models`` models: 2 or more, one log-weight each."""
+        _check_at_least_two("or", num_models, what)
+        _check_count("log_weights", self.log_weights, num_models, what)
 
     def __call__(self, inputs: CombineInputs) -> Tensor:
         lw = None if self.log_weights is None else _log_weights_tensor(self.log_weights, inputs.log_q.shape[-1], inputs.log_q)
@@ -248,9 +296,14 @@ class And:
     affine: bool = True
 
     def __post_init__(self) -> None:
-        _check_finite("log_weights", self.log_weights)
+        object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
         if not (0 < self.rtol < 1):
-            raise ValueError(f"rtol must be in (0, 1), got {self.rtol}")
+            _refuse("rtol", self.rtol, "use a number in (0, 1), e.g. 1e-8")
+
+    def check_num_models(self, num_models: int, what: str = "models") -> None:
+        """Raise ``ValueError`` unless AND can weigh ``num_models`` models: 2 or more, one log-weight each."""
+        _check_at_least_two("and", num_models, what)
+        _check_count("log_weights", self.log_weights, num_models, what)
 
     def __call__(self, inputs: CombineInputs) -> Tensor:
         if inputs.increment_matrix is None or inputs.increment_offset is None:
@@ -271,7 +324,13 @@ class Fixed:
     needs_system: bool = False
 
     def __post_init__(self) -> None:
-        _check_finite("weights", self.weights)
+        object.__setattr__(self, "weights", _number_tuple("weights", self.weights))
+
+    def check_num_models(self, num_models: int, what: str = "models") -> None:
+        """Raise ``ValueError`` unless there is one weight per model (and at least one model)."""
+        if num_models < 1:
+            _refuse(what, [], f"pass at least one of the {what} to compose")
+        _check_count("weights", self.weights, num_models, what)
 
     @property
     def affine(self) -> bool:
@@ -293,31 +352,46 @@ def Sum(num_models: int) -> Fixed:  # noqa: N802
     return Fixed(tuple([1.0] * num_models))
 
 
+def check_combiner(combiner: object, num_models: int, what: str = "models") -> None:
+    """Raise ``ValueError`` unless ``combiner`` is a combiner object that can weigh ``num_models``
+    models (``what`` names them in the message: "prompts", "unets"): OR and AND need 2 or more, and
+    weights or log-weights need one entry per model. A combiner without ``check_num_models`` (a
+    user's own) is taken as it is."""
+    if isinstance(combiner, (str, type)) or not callable(combiner) or not hasattr(combiner, "needs_system"):
+        _refuse("combiner", combiner, "pass a combiner object such as And(), Or(temperature=2.0) or Fixed((0.7, 0.3)), "
+                "or build one from a mode name with make_combiner(mode, num_models)")
+    check = getattr(combiner, "check_num_models", None)
+    if check is not None:
+        check(num_models, what)
+
+
 def make_combiner(
     mode: str,
     num_models: int,
     temperature: float = 1.0,
     log_weights: Sequence[float] | None = None,
+    *,
+    what: str = "models",
 ) -> Combiner:
-    """Build the combiner for a mode name ("and", "or", "average", "sum"), validating arguments."""
+    """The combiner for a mode name (one of :data:`MODES`), checked for ``num_models`` models.
+
+    Pure (no model needed), so callers build it before loading anything. ``temperature`` applies to
+    OR and is checked for every mode (a mistake there is a mistake whatever the mode);
+    ``log_weights`` to OR and AND. ``what`` names the models in messages ("prompts", "unets").
+    """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if num_models < 1:
-        raise ValueError(f"need at least one model, got {num_models}")
-    if mode in ("and", "or") and num_models < 2:
-        raise ValueError(f"mode={mode!r} combines at least 2 models or prompts, got {num_models}")
-    if not (temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    lw: tuple[float, ...] | None = None
-    if log_weights is not None:
-        lw = tuple(float(v) for v in log_weights)
-        if len(lw) != num_models:
-            raise ValueError(f"log_weights must have one entry per model ({num_models}), got {len(lw)}")
-        _check_finite("log_weights", lw)
-        if mode in ("average", "sum"):
-            raise ValueError(f"log_weights apply to mode 'or' and 'and', not {mode!r}")
+        _refuse("mode", mode, f"use one of {MODES}")
+    _check_temperature(temperature)
+    if log_weights is not None and mode not in ("and", "or"):
+        _refuse("log_weights", log_weights, f"log_weights apply to mode 'or' (a bias) and 'and' (offsets), not {mode!r}; "
+                "drop them or use one of those modes")
     if mode == "or":
-        return Or(temperature, lw)
-    if mode == "and":
-        return And(lw)
-    return Average(num_models) if mode == "average" else Sum(num_models)
+        combiner: Combiner = Or(temperature, log_weights)
+    elif mode == "and":
+        combiner = And(log_weights)
+    elif num_models >= 1:
+        combiner = Average(num_models) if mode == "average" else Sum(num_models)
+    else:
+        combiner = Fixed(())  # refused just below, naming the models
+    check_combiner(combiner, num_models, what)
+    return combiner

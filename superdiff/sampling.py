@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .combine import CombineInputs, Combiner
+from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
     TransitionCoefficients,
     divergence_exact,
@@ -157,12 +157,8 @@ def _check_call(
     log_q_init: Tensor | None,
     generator: Generators,
 ) -> tuple[int, bool]:
-    """Check what a sampler is given besides its times; returns (M models, guided)."""
-    if isinstance(combiner, (str, type)) or not callable(combiner) or not hasattr(combiner, "needs_system"):
-        raise ValueError(
-            f"combiner must be a combiner object such as And() or Or(), got {combiner!r}; "
-            "build one from a mode name with superdiff.make_combiner(mode, num_models)"
-        )
+    """Check what a sampler is given besides its times; returns (M models, guided). The combiner
+    checks itself against M (:func:`superdiff.combine.check_combiner`)."""
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor of shape (batch, *sample_shape), got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
@@ -185,6 +181,7 @@ def _check_call(
         )
     if log_q_init is not None and tuple(log_q_init.shape) != (x.shape[0], m):
         raise ValueError(f"log_q_init must have shape (batch, models) = {(x.shape[0], m)}, got {tuple(log_q_init.shape)}")
+    check_combiner(combiner, m)
     return m, guided
 
 

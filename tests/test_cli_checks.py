@@ -123,7 +123,7 @@ def test_rows_after_a_quoted_prompt_spanning_lines_keep_their_line_numbers(tmp_p
     spec.write_text('prompt_1,prompt_2\n"red\ncircle",blue\nonly one\n')
     lines = refused(spec, tmp_path / "out")
     assert r"prompt 1 'red\ncircle' holds the control character '\n' at position 4" in reported(lines, "spec.csv", 2)
-    assert "needs at least 2 prompts" in reported(lines, "spec.csv", 4)
+    assert "mode='and' composes at least 2 prompts" in reported(lines, "spec.csv", 4)
 
 
 def test_large_seeds_are_taken_exactly(tmp_path):

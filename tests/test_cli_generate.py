@@ -51,7 +51,7 @@ def test_generate_writes_images_sidecars_grid_and_plot(tiny_model, tmp_path):
         (["--and", "a", "--and", "b", "--steps", "0"], "--steps"),
         (["--and", "a", "--and", "b", "--guidance", "-1"], "--guidance"),
         (["--and", "a", "--and", "b", "--height", "13"], "height"),
-        (["--and", "a", "--and", "b", "--log-weights", "1,2,3"], "--log-weights"),
+        (["--and", "a", "--and", "b", "--log-weights", "1,2,3"], "log_weights=(1.0, 2.0, 3.0) is not valid; pass 2 numbers"),
         (["--and", "a", "--or", "b"], "--and"),
         (["--and", "a", "--and", "b", "--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda"),
         (["--and", "a", "--and", "b", "--device", "cuda:99"], "--device 'cuda:99'"),  # no CUDA here, or no 100th GPU

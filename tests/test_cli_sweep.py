@@ -110,10 +110,10 @@ def test_malformed_spec_names_the_line(tiny_model, tmp_path, name, text, needle)
 
 MALFORMED = [
     ('{"prompts": ["red", "circle"], "guidance": "nan"}', "guidance 'nan' must be a finite number"),
-    ('{"prompts": ["red", "circle"], "temperature": "inf"}', "temperature 'inf' must be a finite number > 0"),
-    ('{"prompts": ["red", "circle"], "modes": ["and", "average"], "log_weights": [0, 1]}', "log_weights apply to modes and/or, not average"),
-    ('{"prompts": ["red", "circle"], "modes": "sum", "log_weights": "0|1"}', "not sum"),
-    ('{"prompts": ["red", "circle"], "log_weights": [0, 1, 2]}', "log_weights has 3 value(s) for 2 prompts"),
+    ('{"prompts": ["red", "circle"], "temperature": "inf"}', "temperature=inf is not valid; use a finite number > 0"),
+    ('{"prompts": ["red", "circle"], "modes": ["and", "average"], "log_weights": [0, 1]}', "log_weights apply to mode 'or' (a bias) and 'and' (offsets), not 'average'"),
+    ('{"prompts": ["red", "circle"], "modes": "sum", "log_weights": "0|1"}', "not 'sum'"),
+    ('{"prompts": ["red", "circle"], "log_weights": [0, 1, 2]}', "log_weights=(0.0, 1.0, 2.0) is not valid; pass 2 numbers"),
     ('{"prompts": ["red", "circle"], "model": "./no-such-folder"}', "model './no-such-folder': no such folder"),
     ('{"prompts": ["a", "c"], "model": "embedded-digits", "modes": "or"}', "got ['c']; use a, b or all"),
     ('{"prompts": ["red", "circle"], "modes": []}', "modes is empty"),

@@ -99,6 +99,8 @@ def test_make_combiner_validates():
         make_combiner("or", 2, temperature=0.0)
     with pytest.raises(ValueError, match="log_weights"):
         make_combiner("or", 3, log_weights=[0.0, 1.0])
+    with pytest.raises(ValueError, match="^log_weights=.*not 'average'"):
+        make_combiner("average", 2, log_weights=[0.0, 1.0])
     with pytest.raises(ValueError, match="temperature"):
         Or(temperature=-1.0)
     assert make_combiner("sum", 3).weights == (1.0, 1.0, 1.0)

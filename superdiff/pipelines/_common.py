@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
 
-from ..combine import MODES, make_combiner
+from ..combine import Combiner, check_combiner, make_combiner
 from ..sampling import SamplerOutput, StepInfo, randn, sample_sde
 from .denoisers import Schedule
 from .output import SuperDiffPipelineOutput
@@ -33,8 +34,8 @@ def prompts_argument(prompts: Any, prompt: Any) -> Any:
     return [prompt] if isinstance(prompt, str) else prompt
 
 
-def check_prompts(prompts: Any, mode: str, argument: str = "prompts") -> int:
-    """Validate the list of prompts for ``mode``; returns M."""
+def check_prompts(prompts: Any, argument: str = "prompts") -> int:
+    """Validate the list of prompts; returns M (the combiner checks M against its mode)."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         _fail(argument, prompts, 'pass a list of prompt strings, e.g. ["a flamingo", "a candy cane"]')
     for i, p in enumerate(prompts):
@@ -43,73 +44,84 @@ def check_prompts(prompts: Any, mode: str, argument: str = "prompts") -> int:
     return len(prompts)
 
 
-def check_common(
-    *,
-    num_models: int,
-    what: str,
-    mode: Any,
-    guidance_scale: Any,
-    num_inference_steps: Any,
-    temperature: Any,
-    log_weights: Any,
-    num_images_per_prompt: Any,
-    output_type: Any,
-    generator: Any,
-    callback_on_step_end: Any,
-    height: Any = None,
-    width: Any = None,
-    multiple: int = 1,
-    negative_prompt: Any = None,
-    callback_on_step_end_tensor_inputs: Any = ("latents",),
-) -> None:
-    """The checks every pipeline shares; ``what`` names the composed things ("prompts", "unets")."""
-    if mode not in MODES:
-        _fail("mode", mode, f"use one of {MODES}")
-    if mode in ("and", "or") and num_models < 2:
-        _fail(what, f"{num_models} item(s)", f"mode={mode!r} composes at least 2 {what}; pass 2 or more, or use mode='average'")
-    if num_models < 1:
-        _fail(what, "[]", f"pass at least one of the {what} to compose")
+def resolve_combiner(
+    combiner: Any, mode: str | None, temperature: float | None, log_weights: Sequence[float] | None,
+    num_models: int, what: str, default_mode: str,
+) -> Combiner:
+    """The one combiner of a call: ``combiner=`` as given, or built from ``mode`` (default
+    ``default_mode``), ``temperature`` and ``log_weights``; checked against the ``num_models``
+    composed ``what`` ("prompts", "unets") by the combiner itself (:func:`~superdiff.combine.check_combiner`)."""
+    if combiner is None:
+        return make_combiner(default_mode if mode is None else mode, num_models, 1.0 if temperature is None else temperature,
+                             log_weights, what=what)
+    given = [name for name, value in (("mode", mode), ("temperature", temperature), ("log_weights", log_weights))
+             if value is not None]
+    if given:
+        _fail("combiner", combiner, f"it already says how to compose, so {', '.join(given)} would be ignored; pass either "
+              f"combiner=... or {'/'.join(given)}, not both")
+    check_combiner(combiner, num_models, what)
+    return combiner
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingOptions:
+    """The options of one pipeline call, resolved once at the top of ``__call__`` (the combiner
+    from ``combiner=`` or ``mode=``) and passed whole to :func:`check_options` and the sampler."""
+
+    combiner: Combiner
+    num_inference_steps: int
+    guidance_scale: float | None = None
+    num_images_per_prompt: int = 1
+    generator: torch.Generator | list[torch.Generator] | None = None
+    latents: torch.Tensor | None = None
+    output_type: str = "pil"
+    return_dict: bool = True
+    progress: bool = True
+    callback_on_step_end: Callable | None = None
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
+
+
+def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt") -> None:
+    """The checks of the options that the combiner and the sampler do not make before the first
+    network call, with the argument, the value and what works. ``batch_argument`` names the batch
+    size as the caller spelled it (the unconditional pipeline's ``batch_size``)."""
+    guidance_scale, steps, batch = options.guidance_scale, options.num_inference_steps, options.num_images_per_prompt
+    # The sampler checks guidance_scale too, but only once the prompts are encoded: this one comes first.
     if guidance_scale is not None and (
         not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale) or guidance_scale < 0
     ):
         _fail("guidance_scale", guidance_scale, "use a finite number >= 0 (e.g. 7.5; 1.0 means no extra guidance)")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
-        _fail("num_inference_steps", num_inference_steps, "use a positive integer, e.g. 50")
-    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
-        _fail("temperature", temperature, "use a finite number > 0 (1.0 samples the exact mixture for mode='or')")
-    if log_weights is not None:
-        if mode not in ("and", "or"):
-            _fail("log_weights", log_weights, f"log_weights apply to mode 'or' (bias) and 'and' (offsets), not {mode!r}; pass None")
-        try:
-            values = [float(v) for v in log_weights]
-        except (TypeError, ValueError):
-            values = None
-        if values is None or len(values) != num_models:
-            _fail("log_weights", log_weights, f"pass {num_models} numbers, one per entry of {what}")
-        if not all(math.isfinite(v) for v in values):
-            _fail("log_weights", log_weights, "all entries must be finite")
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, numbers.Integral) or num_images_per_prompt < 1:
-        _fail("num_images_per_prompt", num_images_per_prompt, "use a positive integer")
-    if output_type not in OUTPUT_TYPES:
-        _fail("output_type", output_type, f"use one of {OUTPUT_TYPES}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        _fail("num_inference_steps", steps, "use a positive integer, e.g. 50")
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+        _fail(batch_argument, batch, "use a positive integer")
+    if options.output_type not in OUTPUT_TYPES:
+        _fail("output_type", options.output_type, f"use one of {OUTPUT_TYPES}")
+    generator = options.generator
     if isinstance(generator, (list, tuple)):
-        if len(generator) != num_images_per_prompt or not all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
             raise ValueError(
                 f"generator=<a list of {len(generator)} items> is not valid: a list needs one torch.Generator per image "
-                f"({num_images_per_prompt}); pass that many, or one generator for the whole batch"
+                f"({batch}); pass that many, or one generator for the whole batch"
             )
     elif generator is not None and not isinstance(generator, torch.Generator):
         _fail("generator", generator, "pass a torch.Generator (it drives the whole batch), one per image, or None")
-    if callback_on_step_end is not None and not callable(callback_on_step_end):
-        _fail("callback_on_step_end", callback_on_step_end, "pass a callable (pipe, step, timestep, callback_kwargs) or None")
-    names = callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+    callback = options.callback_on_step_end
+    if callback is not None and not callable(callback):
+        _fail("callback_on_step_end", callback, "pass a callable (pipe, step, timestep, callback_kwargs) or None")
+    names = callback_tensor_names(callback, options.callback_on_step_end_tensor_inputs)
     if isinstance(names, str) or not isinstance(names, (list, tuple)) or any(n not in CALLBACK_TENSOR_INPUTS for n in names):
         _fail("callback_on_step_end_tensor_inputs", names, f"pass a list of names from {list(CALLBACK_TENSOR_INPUTS)}")
+
+
+def check_text_inputs(negative_prompt: Any, height: Any, width: Any, multiple: int, options: SamplingOptions) -> None:
+    """The text-to-image pipelines' own arguments: one negative prompt (only with guidance), and
+    image sizes that are multiples of ``multiple``."""
     one_in_a_list = isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) == 1 and isinstance(negative_prompt[0], str)
     if negative_prompt is not None and not isinstance(negative_prompt, str) and not one_in_a_list:
         _fail("negative_prompt", negative_prompt, "pass one string or a one-element list of it (the composed prompts share "
               "one unconditional branch, so one negative prompt), or None")
-    if negative_prompt is not None and guidance_scale is None:
+    if negative_prompt is not None and options.guidance_scale is None:
         _fail("negative_prompt", negative_prompt, "it is the unconditional branch of guidance, which guidance_scale=None "
               "turns off; pass a guidance_scale (e.g. 7.5) or no negative_prompt")
     for name, value in (("height", height), ("width", width)):
@@ -194,14 +206,10 @@ def step_callback(
     return callback
 
 
-def guided_conditions(
-    conditions: dict[str, Any], num_prompts: int, guidance_scale: float | None
-) -> tuple[dict[str, Any], float | None]:
-    """The network conditions and guidance scale of a call: with guidance, the prompts' rows and
-    the unconditional one; unguided (``None``), the M prompt-conditional models alone."""
-    if guidance_scale is None:
-        return prompt_rows(conditions, num_prompts), None
-    return conditions, float(guidance_scale)
+def guided_conditions(conditions: dict[str, Any], num_prompts: int, guidance_scale: float | None) -> dict[str, Any]:
+    """The network conditions of a call: with guidance, the prompts' rows and the unconditional
+    one; unguided (``guidance_scale=None``), the M prompt-conditional models alone."""
+    return prompt_rows(conditions, num_prompts) if guidance_scale is None else conditions
 
 
 def prompt_rows(conditions: dict[str, Any], num_prompts: int) -> dict[str, Any]:
@@ -239,39 +247,30 @@ class SuperDiffMixin:
         denoiser: Any,
         schedule: Schedule,
         shape: tuple[int, ...],
-        *,
-        mode: str,
-        num_models: int,
-        temperature: float,
-        log_weights: Sequence[float] | None,
-        guidance_scale: float | None,
-        generator: torch.Generator | list[torch.Generator] | None,
-        callback_on_step_end: Callable | None,
-        progress: bool,
+        options: SamplingOptions,
         device: torch.device,
         network_dtype: torch.dtype = torch.float32,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        latents: torch.Tensor | None = None,
     ) -> SamplerOutput:
-        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule; ``z`` is drawn
-        from ``generator`` or is the caller's ``latents`` (checked by :func:`check_latents`),
-        scaled by ``init_noise_sigma`` as diffusers' ``prepare_latents`` scales them.
+        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule with the options'
+        combiner; ``z`` is drawn from ``options.generator`` or is the caller's ``options.latents``
+        (checked by :func:`check_latents`), scaled by ``init_noise_sigma`` as diffusers'
+        ``prepare_latents`` scales them.
 
         The state is float32 (float64 when the network is float64, as in exactness tests) whatever
         the network's half precision; one ``generator`` drives the start (unless ``latents`` are
         given) and every step's noise.
         """
         dtype = torch.float64 if network_dtype == torch.float64 else torch.float32
-        combiner = make_combiner(mode, num_models, temperature, None if log_weights is None else list(log_weights))
+        generator, latents = options.generator, options.latents
         z = randn(shape, generator, device, dtype) if latents is None else latents.to(device=device, dtype=dtype)
         x = schedule.init_noise_sigma * z
         times = schedule.times
-        self._guidance_scale = guidance_scale
+        self._guidance_scale = options.guidance_scale
         self._num_timesteps = len(times) - 1
         self._interrupt = False
-        on_step = step_callback(self, schedule, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        on_step = step_callback(self, schedule, options.callback_on_step_end, options.callback_on_step_end_tensor_inputs)
         # The pipeline's own bar (diffusers' progress_bar: set_progress_bar_config applies), advanced per step.
-        bar = self.progress_bar(total=self._num_timesteps) if progress else None
+        bar = self.progress_bar(total=self._num_timesteps) if options.progress else None
 
         def callback(info: StepInfo) -> torch.Tensor | None:
             if bar is not None:
@@ -283,8 +282,8 @@ class SuperDiffMixin:
                 denoiser,
                 x,
                 times,
-                combiner,
-                guidance_scale=guidance_scale,
+                options.combiner,
+                guidance_scale=None if options.guidance_scale is None else float(options.guidance_scale),
                 generator=generator,
                 callback=callback if bar is not None or on_step is not None else None,
                 final_denoise=True,
@@ -295,7 +294,7 @@ class SuperDiffMixin:
                 bar.close()
 
     def _superdiff_output(
-        self, images: Any, result: SamplerOutput, schedule: Schedule, return_dict: bool
+        self, images: Any, result: SamplerOutput, schedule: Schedule, options: SamplingOptions
     ) -> SuperDiffPipelineOutput | tuple:
         timesteps = schedule.timestep(result.times[:-1])  # fewer than planned after an interrupt
         out = SuperDiffPipelineOutput(
@@ -305,7 +304,7 @@ class SuperDiffMixin:
             kappa_trace=result.kappa_trace,
             timesteps=timesteps,
         )
-        return out if return_dict else out.to_tuple()
+        return out if options.return_dict else out.to_tuple()
 
 
 def decode(vae: Any, latents: torch.Tensor, image_processor: Any, output_type: str, shift: float = 0.0) -> Any:

@@ -24,8 +24,9 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ._common import (SuperDiffMixin, _fail, check_common, check_latents, check_prompts, decode, guided_conditions, negative_text,
-                      prompts_argument, refuse_embeddings)
+from ..combine import Combiner
+from ._common import (SamplingOptions, SuperDiffMixin, _fail, check_latents, check_options, check_prompts, check_text_inputs, decode,
+                      guided_conditions, negative_text, prompts_argument, refuse_embeddings, resolve_combiner)
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class
 from .output import SuperDiffPipelineOutput
@@ -83,23 +84,17 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         return self.vae_scale_factor * self.transformer.config.patch_size
 
     def check_inputs(
-        self, prompts: Any, mode: Any, guidance_scale: Any, num_inference_steps: Any, temperature: Any, log_weights: Any,
-        negative_prompt: Any, num_images_per_prompt: Any, height: Any, width: Any, output_type: Any, generator: Any,
-        callback_on_step_end: Any, max_sequence_length: Any = 256, callback_on_step_end_tensor_inputs: Any = ("latents",),
+        self, negative_prompt: Any, height: Any, width: Any, max_sequence_length: Any, options: SamplingOptions
     ) -> None:
-        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
-        m = check_prompts(prompts, mode)
-        check_common(
-            num_models=m, what="prompts", mode=mode, guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps, temperature=temperature, log_weights=log_weights,
-            num_images_per_prompt=num_images_per_prompt, output_type=output_type, generator=generator,
-            callback_on_step_end=callback_on_step_end, height=height, width=width,
-            multiple=self.size_multiple, negative_prompt=negative_prompt,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        if guidance_scale is None and mode == "sum":
-            _fail("guidance_scale", None, "mode='sum' weights do not sum to 1, which without guidance has no denoised form "
-                  "at σ = 1 where flow sampling starts; pass a guidance_scale (e.g. 7.0) or use mode 'and', 'or' or 'average'")
+        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call:
+        the options, the negative prompt, the image size and T5's sequence length (the combiner
+        checked itself)."""
+        check_options(options)
+        check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
+        # The sampler refuses this too, but only after the prompts are encoded; and it cannot name guidance_scale.
+        if options.guidance_scale is None and not getattr(options.combiner, "affine", True):
+            _fail("guidance_scale", None, "weights that do not sum to 1 (mode='sum') have no denoised form at σ = 1, "
+                  "where flow sampling starts; pass a guidance_scale (e.g. 7.0) or use mode 'and', 'or' or 'average'")
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length={max_sequence_length!r} is not valid: use an integer in 1..512 (SD3 uses 256)")
 
@@ -134,10 +129,10 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
     def __call__(
         self,
         prompts: Sequence[str] | None = None,
-        mode: str = "and",
+        mode: str | None = None,
         guidance_scale: float | None = 7.0,
         num_inference_steps: int = 28,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         log_weights: Sequence[float] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -156,34 +151,47 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        combiner: Combiner | None = None,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`,
         with SD3's defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros).
         ``guidance_scale=None`` samples unguided (not with ``mode="sum"``: see :meth:`check_inputs`).
         ``latents`` (B, C, height/f, width/f): the starting noise, used as given, as diffusers'
         ``StableDiffusion3Pipeline`` uses it (its scheduler's ``init_noise_sigma`` is 1)."""
+        # 1. Check inputs: the prompts, the one combiner of the call, then the options
         refuse_embeddings(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         prompts = prompts_argument(prompts, prompt)
-        self.check_inputs(
-            prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
-            num_images_per_prompt, height, width, output_type, generator, callback_on_step_end, max_sequence_length,
-            callback_on_step_end_tensor_inputs,
+        m = check_prompts(prompts)
+        options = SamplingOptions(
+            combiner=resolve_combiner(combiner, mode, temperature, log_weights, m, "prompts", default_mode="and"),
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
+            return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        m = len(prompts)
+        self.check_inputs(negative_prompt, height, width, max_sequence_length, options)
+
+        # 2. Define call parameters: the image size and the shape of the latents
         config = self.transformer.config
         height = height or config.sample_size * self.vae_scale_factor
         width = width or config.sample_size * self.vae_scale_factor
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        check_latents(latents, (num_images_per_prompt, config.in_channels, h, w),
-                      "(num_images_per_prompt, transformer channels, height / vae factor, width / vae factor)")
+        shape = (num_images_per_prompt, config.in_channels, h, w)
+        check_latents(latents, shape, "(num_images_per_prompt, transformer channels, height / vae factor, width / vae factor)")
+
+        # 3. Encode prompts: the M prompts and, with guidance, the negative (unconditional) one
+        embeddings, pooled = self.encode_prompts(prompts, negative_text(negative_prompt), max_sequence_length)
+        conditions = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
+        conditions = guided_conditions(conditions, m, guidance_scale)
+
+        # 4. Prepare timesteps (shifted by the image's sequence length where the scheduler says so)
         kwargs = {}
         if self.scheduler.config.get("use_dynamic_shifting", False):
             kwargs["mu"] = _calculate_shift((h // config.patch_size) * (w // config.patch_size), self.scheduler.config)
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps, **kwargs)
-        embeddings, pooled = self.encode_prompts(prompts, negative_text(negative_prompt), max_sequence_length)
-        conditions = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
-        conditions, guidance_scale = guided_conditions(conditions, m, guidance_scale)
+
+        # 5. Prepare the denoiser: one batched transformer call per step for every prompt (and the unconditional row)
         denoiser = DiffusersDenoiser(
             self.transformer,
             schedule.process,
@@ -192,14 +200,12 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
             conditions=conditions,
             num_outputs=m + (guidance_scale is not None),
         )
-        result = self._superdiff_sample(
-            denoiser, schedule, (num_images_per_prompt, config.in_channels, h, w), mode=mode, num_models=m,
-            temperature=temperature, log_weights=log_weights, guidance_scale=guidance_scale, generator=generator,
-            callback_on_step_end=callback_on_step_end, progress=progress, device=self._execution_device,
-            network_dtype=self.transformer.dtype, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            latents=latents,
-        )
+
+        # 6. Denoising loop (the latents are drawn, or taken from latents=, inside)
+        result = self._superdiff_sample(denoiser, schedule, shape, options, self._execution_device, self.transformer.dtype)
+
+        # 7. Decode
         shift = (self.vae.config.get("shift_factor") or 0.0) if self.vae is not None else 0.0
         images = decode(self.vae, result.samples, self.image_processor, output_type, shift=shift)
         self.maybe_free_model_hooks()
-        return self._superdiff_output(images, result, schedule, return_dict)
+        return self._superdiff_output(images, result, schedule, options)

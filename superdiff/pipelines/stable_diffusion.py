@@ -26,8 +26,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ._common import (SuperDiffMixin, check_common, check_latents, check_prompts, decode, guided_conditions, negative_text,
-                      prompts_argument, refuse_embeddings)
+from ..combine import Combiner
+from ._common import (SamplingOptions, SuperDiffMixin, check_latents, check_options, check_prompts, check_text_inputs, decode,
+                      guided_conditions, negative_text, prompts_argument, refuse_embeddings, resolve_combiner)
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import (bare_folder_error, check_loading_class, check_safetensors_files, is_bare_folder, missing_sd_subfolders,
                       scheduler_class)
@@ -121,33 +122,11 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         latent sizes its downsampling does not divide, through its upsample sizes)."""
         return self.vae_scale_factor
 
-    def check_inputs(
-        self,
-        prompts: Any,
-        mode: Any,
-        guidance_scale: Any,
-        num_inference_steps: Any,
-        temperature: Any,
-        log_weights: Any,
-        negative_prompt: Any,
-        num_images_per_prompt: Any,
-        height: Any,
-        width: Any,
-        output_type: Any,
-        generator: Any,
-        callback_on_step_end: Any,
-        callback_on_step_end_tensor_inputs: Any = ("latents",),
-    ) -> None:
-        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
-        m = check_prompts(prompts, mode)
-        check_common(
-            num_models=m, what="prompts", mode=mode, guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps, temperature=temperature, log_weights=log_weights,
-            num_images_per_prompt=num_images_per_prompt, output_type=output_type, generator=generator,
-            callback_on_step_end=callback_on_step_end, height=height, width=width,
-            multiple=self.size_multiple, negative_prompt=negative_prompt,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+    def check_inputs(self, negative_prompt: Any, height: Any, width: Any, options: SamplingOptions) -> None:
+        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call:
+        the options, the negative prompt and the image size (the combiner checked itself)."""
+        check_options(options)
+        check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], negative_prompt: str | None = None) -> torch.Tensor:
@@ -173,10 +152,10 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
     def __call__(
         self,
         prompts: Sequence[str] | None = None,
-        mode: str = "and",
+        mode: str | None = None,
         guidance_scale: float | None = 7.5,
         num_inference_steps: int = 50,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         log_weights: Sequence[float] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -194,12 +173,15 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        combiner: Combiner | None = None,
     ) -> SuperDiffPipelineOutput | tuple:
-        """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode``.
+        """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode`` (or ``combiner``).
 
-        ``mode``: ``"and"`` (equal densities, Prop. 6; ``log_weights`` ℓ offsets them, Eq. 18),
-        ``"or"`` (the mixture, κ = softmax(T·log q + ℓ)), ``"average"`` (κ = 1/M, Liu et al.) or
-        ``"sum"`` (κ = 1, Composable Diffusion). ``temperature`` T applies to OR.
+        ``mode``: ``"and"`` (the default: equal densities, Prop. 6; ``log_weights`` ℓ offsets them,
+        Eq. 18), ``"or"`` (the mixture, κ = softmax(T·log q + ℓ)), ``"average"`` (κ = 1/M, Liu et al.)
+        or ``"sum"`` (κ = 1, Composable Diffusion). ``temperature`` T (default 1) applies to OR.
+        ``combiner``: any combiner object instead (``And(rtol=1e-10)``, ``Or(temperature=2.0)``,
+        ``Fixed((0.7, 0.3))``, ...); not together with ``mode``, ``temperature`` or ``log_weights``.
         ``negative_prompt``: the unconditional branch's text (one string, or a one-element list).
         ``guidance_scale``: classifier-free guidance w on the κ-mixture; ``None`` samples the
         prompt-conditional models unguided (no unconditional branch: M·B rows per network call).
@@ -218,23 +200,35 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         steps' noise. ``prompt_embeds`` and the other precomputed embeddings are refused by name.
         Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
         """
+        # 1. Check inputs: the prompts, the one combiner of the call, then the options
         refuse_embeddings(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         prompts = prompts_argument(prompts, prompt)
-        self.check_inputs(
-            prompts, mode, guidance_scale, num_inference_steps, temperature, log_weights, negative_prompt,
-            num_images_per_prompt, height, width, output_type, generator, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+        m = check_prompts(prompts)
+        options = SamplingOptions(
+            combiner=resolve_combiner(combiner, mode, temperature, log_weights, m, "prompts", default_mode="and"),
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
+            return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        m = len(prompts)
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        shape = (num_images_per_prompt, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        self.check_inputs(negative_prompt, height, width, options)
+
+        # 2. Define call parameters: the image size and the shape of the latents
+        f = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        shape = (num_images_per_prompt, self.unet.config.in_channels, height // f, width // f)
         check_latents(latents, shape, "(num_images_per_prompt, unet channels, height / vae factor, width / vae factor)")
-        device = self._execution_device
-        schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
+
+        # 3. Encode prompts: the M prompts and, with guidance, the negative (unconditional) one
         conditions = self._conditions(prompts, negative_text(negative_prompt), height, width)
-        conditions, guidance_scale = guided_conditions(conditions, m, guidance_scale)
+        conditions = guided_conditions(conditions, m, guidance_scale)
+
+        # 4. Prepare timesteps
+        schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
+
+        # 5. Prepare the denoiser: one batched UNet call per step for every prompt (and the unconditional row)
         denoiser = DiffusersDenoiser(
             self.unet,
             schedule.process,
@@ -244,12 +238,11 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
             num_outputs=m + (guidance_scale is not None),
             scale_input=schedule.scale_input,
         )
-        result = self._superdiff_sample(
-            denoiser, schedule, shape, mode=mode, num_models=m, temperature=temperature, log_weights=log_weights,
-            guidance_scale=guidance_scale, generator=generator, callback_on_step_end=callback_on_step_end,
-            progress=progress, device=device, network_dtype=self.unet.dtype,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, latents=latents,
-        )
+
+        # 6. Denoising loop (the latents are drawn, or taken from latents=, inside)
+        result = self._superdiff_sample(denoiser, schedule, shape, options, self._execution_device, self.unet.dtype)
+
+        # 7. Decode
         images = decode(self.vae, result.samples, self.image_processor, output_type)
         self.maybe_free_model_hooks()
-        return self._superdiff_output(images, result, schedule, return_dict)
+        return self._superdiff_output(images, result, schedule, options)

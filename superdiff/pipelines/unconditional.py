@@ -23,8 +23,9 @@ from diffusers import UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
+from ..combine import Combiner
 from ..models import stack_denoisers
-from ._common import SuperDiffMixin, _fail, check_common, check_latents, decode
+from ._common import SamplingOptions, SuperDiffMixin, _fail, check_latents, check_options, decode, resolve_combiner
 from .denoisers import DiffusersDenoiser, process_of_scheduler, schedule_from_scheduler
 from .loading import check_safetensors_files, scheduler_class
 from .output import SuperDiffPipelineOutput
@@ -183,26 +184,20 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
     # Sampling
     # -------------------------------------------------------------------------------------------
 
-    def check_inputs(
-        self, batch_size: Any, mode: Any, num_inference_steps: Any, temperature: Any, log_weights: Any,
-        output_type: Any, generator: Any, callback_on_step_end: Any, callback_on_step_end_tensor_inputs: Any = ("latents",),
-    ) -> None:
-        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
+    def check_inputs(self, options: SamplingOptions, batch_argument: str = "batch_size") -> None:
+        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call:
+        the models' compatibility and the options (the combiner checked itself). ``batch_argument``
+        names the batch size as the caller passed it (``batch_size`` or ``num_images_per_prompt``)."""
         self.check_models()
-        check_common(
-            num_models=len(self.unets), what="unets", mode=mode, guidance_scale=None,
-            num_inference_steps=num_inference_steps, temperature=temperature, log_weights=log_weights,
-            num_images_per_prompt=batch_size, output_type=output_type, generator=generator,
-            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+        check_options(options, batch_argument)
 
     @torch.no_grad()
     def __call__(
         self,
         batch_size: int | None = None,
-        mode: str = "or",
+        mode: str | None = None,
         num_inference_steps: int = 50,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         log_weights: Sequence[float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -216,10 +211,11 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         prompt: Any = None,
         negative_prompt: Any = None,
         guidance_scale: Any = None,
+        combiner: Combiner | None = None,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``batch_size`` images from the composition of the models (see
         :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>` for the
-        modes). Images are read as pixels in [−1, 1].
+        modes and ``combiner=``; here ``mode`` defaults to ``"or"``). Images are read as pixels in [−1, 1].
 
         The text pipelines' call signature: ``num_images_per_prompt`` is another name for
         ``batch_size`` (default 1; pass one, or equal values); ``latents`` (B, C, H, W) is the
@@ -227,38 +223,45 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         unconditional stack has no prompts and no classifier-free guidance: ``prompts``,
         ``prompt``, ``negative_prompt`` and ``guidance_scale`` are refused with a ``ValueError``.
         """
+        # 1. Check inputs: no text arguments, the one combiner of the call, then the options
         for name, value in (("prompts", prompts), ("prompt", prompt), ("negative_prompt", negative_prompt),
                             ("guidance_scale", guidance_scale)):
             if value is not None:
                 _fail(name, value, "an unconditional stack has no prompts and no classifier-free guidance: it composes "
                       "its unets with mode=...; leave it out (num_images_per_prompt / batch_size set the number of images)")
+        batch_argument = "num_images_per_prompt" if batch_size is None and num_images_per_prompt is not None else "batch_size"
         batch_size = self._batch_size(batch_size, num_images_per_prompt)
-        try:
-            self.check_inputs(batch_size, mode, num_inference_steps, temperature, log_weights, output_type, generator,
-                              callback_on_step_end, callback_on_step_end_tensor_inputs)
-        except ValueError as err:
-            if str(err).startswith("num_images_per_prompt=") and num_images_per_prompt is None:
-                raise ValueError(str(err).replace("num_images_per_prompt=", "batch_size=", 1)) from None
-            raise
+        options = SamplingOptions(
+            combiner=resolve_combiner(combiner, mode, temperature, log_weights, len(self.unets), "unets", default_mode="or"),
+            num_inference_steps=num_inference_steps, guidance_scale=None, num_images_per_prompt=batch_size,
+            generator=generator, latents=latents, output_type=output_type, return_dict=return_dict, progress=progress,
+            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        self.check_inputs(options, batch_argument)
+
+        # 2. Define call parameters: the shape of the samples
         c = self.unets[0].config
         size = tuple(c.sample_size) if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
         shape = (batch_size, c.in_channels, *size)
         check_latents(latents, shape, "(batch_size, unet in_channels, sample_size, sample_size)")
+
+        # 3. Prepare timesteps (no prompts to encode)
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
+
+        # 4. Prepare the denoiser: the models stacked, one forward per model and step
         denoiser = stack_denoisers(
             [
                 DiffusersDenoiser(unet, schedule.process, prediction, schedule.timestep, scale_input=schedule.scale_input)
                 for unet, prediction in zip(self.unets, self.prediction_types)
             ]
         )
-        result = self._superdiff_sample(
-            denoiser, schedule, shape, mode=mode, num_models=len(self.unets), temperature=temperature,
-            log_weights=log_weights, guidance_scale=None, generator=generator,
-            callback_on_step_end=callback_on_step_end, progress=progress, device=self.device, network_dtype=self.dtype,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, latents=latents,
-        )
+
+        # 5. Denoising loop (the samples are drawn, or taken from latents=, inside)
+        result = self._superdiff_sample(denoiser, schedule, shape, options, self.device, self.dtype)
+
+        # 6. Decode: the samples are pixels in [-1, 1]
         images = decode(None, result.samples, self.image_processor, output_type)
-        return self._superdiff_output(images, result, schedule, return_dict)
+        return self._superdiff_output(images, result, schedule, options)
 
     @staticmethod
     def _batch_size(batch_size: Any, num_images_per_prompt: Any) -> Any:
