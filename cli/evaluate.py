@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from .errors import BadInput, handle_errors
+from .limits import output_folder
 from .models import EMBEDDED, resolve_device, silence_library_logs
 from .output import atomic_write_text, ensure_writable_dir
 
@@ -285,7 +286,7 @@ def format_tables(groups: list[dict], clip_model: str | None) -> str:
 
 
 @click.command("eval")
-@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="DIR", type=click.Path(), callback=output_folder)
 @click.option("--clip", "clip_model", default=None,
               help="CLIP model for the CLIP score: a local folder or a hub id (e.g. openai/clip-vit-large-patch14).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -15,7 +15,7 @@ from .limits import (MAX_NUM_IMAGES, SEED_MAX, SEED_MIN, caption_words_problem, 
                      model_folder_problem, output_folder, steps_problem)
 from .models import (COMPILE_MODES, DEFAULT_ITEMS, EMBEDDED, apply_speed_options, load_model, model_problem, resolve_device,
                      resolve_dtype, silence_library_logs)
-from .output import check_fresh_dir, ensure_writable_dir, remove_files, save_generation
+from .output import check_fresh_dir, ensure_writable_dir, save_generation
 
 
 def parse_log_weights(text: str | None) -> list[float] | None:
@@ -130,8 +130,9 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
 
     Writes one PNG per image (settings in its text metadata), a JSON sidecar per image (prompts,
     mode, settings, final log-densities, κ and log-density traces) and grid.png into --out. An --out
-    that already holds an earlier run's images is refused unless --overwrite, which first removes
-    that run's images, sidecars, grid.png, traces.png and eval.json (and nothing else).
+    that already holds an earlier run's images is refused unless --overwrite, which replaces that
+    run's images, sidecars, grid.png, traces.png and eval.json (and nothing else) once the new set is
+    written in full: a failed write leaves the earlier run's files as they were.
 
     \b
     Examples:
@@ -164,12 +165,11 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     call, scale = pipeline_call_kwargs(loaded, items, combiner, steps, guidance, seed, num_images, progress=not quiet,
                                        negative_prompt=negative_prompt, height=height, width=width)
     result = loaded.pipeline(**call)
-    remove_files(stale)  # the earlier run's files, only now that this run's are ready to be written
     settings = generation_settings(model=model, prompts=items, mode=mode, steps=steps, guidance=scale,
                                    temperature=temperature, log_weights=lw, seed=seed, dtype=str(torch_dtype).replace("torch.", ""),
                                    device=dev, negative_prompt=negative_prompt, height=height, width=width,
                                    compile=compile_mode, channels_last=channels_last)
-    files = save_generation(out_dir, result, settings, plot=plot)
+    files = save_generation(out_dir, result, settings, plot=plot, replacing=stale)
     if not quiet:
         click.echo(f"wrote {len(files)} files to {out_dir}")
         for i, ld in enumerate(result.log_densities.tolist()):

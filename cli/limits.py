@@ -115,10 +115,21 @@ def default_image_size(spec: str, items: list[str] | None = None) -> tuple[int, 
     size = _side((network or {}).get("sample_size"))
     if size is None:
         return None
-    vae = read_model_config(spec, "vae/config.json", items)
-    blocks = (vae or {}).get("block_out_channels")
-    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 1
+    factor = _vae_factor(spec, items)
     return size[0] * factor, size[1] * factor
+
+
+def _vae_factor(spec: str, items: list[str] | None) -> int:
+    """The VAE's downsampling, 2^(blocks-1) as diffusers' pipelines compute it; 1 without a VAE."""
+    blocks = (read_model_config(spec, "vae/config.json", items) or {}).get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 1
+
+
+def size_multiple(spec: str, items: list[str] | None = None) -> int:
+    """What height and width must be multiples of, as the pipelines require: the VAE factor, times
+    the transformer's patch size for SD3-type models (read from the configs; 1 where unknown)."""
+    patch = (read_model_config(spec, "transformer/config.json", items) or {}).get("patch_size")
+    return _vae_factor(spec, items) * (patch if _positive_int(patch) else 1)
 
 
 def images_problem(num_images: int, height: int | None, width: int | None, spec: str, items: list[str] | None = None,
@@ -133,6 +144,11 @@ def images_problem(num_images: int, height: int | None, width: int | None, spec:
     for name, value in ((tall, height), (wide, width)):
         if value is not None and value > MAX_SIDE:
             return f"{name} {value} is more than {MAX_SIDE} pixels; use {name} {MAX_SIDE} or less"
+    multiple = size_multiple(spec, items)
+    for name, value in ((tall, height), (wide, width)):
+        if value is not None and value % multiple:
+            return (f"{name} {value} is not a multiple of {multiple} (image pixels per latent pixel or transformer "
+                    f"patch); use e.g. {name} {max(multiple, value // multiple * multiple)}")
     default = default_image_size(spec, items)
     h = height if height is not None else (default[0] if default else None)
     w = width if width is not None else (default[1] if default else None)
@@ -185,11 +201,12 @@ def caption_words_problem(text: str, option: str) -> str | None:
 
 
 def output_folder(ctx: Any, param: Any, value: str | None) -> Path | None:
-    """A click callback for ``--out``: the folder as a Path, refusing an empty or blank name, which
-    ``Path("")`` would silently read as the current directory."""
+    """A click callback for a folder option or argument (``--out``, eval's DIR): the folder as a Path,
+    refusing an empty or blank name, which ``Path("")`` would silently read as the current directory."""
     import click
 
-    if value is not None and not value.strip():
-        raise click.BadParameter(f"{value!r} names no folder (it would write into the current directory); "
-                                 f"pass a folder name, e.g. --out out/, or --out . for the current directory")
+    if value is not None and not str(value).strip():
+        name = param.opts[0] if getattr(param, "opts", None) and param.opts[0].startswith("-") else "DIR"
+        raise click.BadParameter(f"{str(value)!r} names no folder (it would use the current directory); "
+                                 f"pass a folder name, e.g. {name} out/, or {name} . for the current directory")
     return None if value is None else Path(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -81,11 +82,12 @@ def _write_all(f: "io.BufferedWriter", data: bytes) -> None:
     f.write(data)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, shown: Path | None = None) -> None:
     """Write to a temporary file beside ``path``, then rename: readers never see half a file.
 
-    The file gets the umask's mode. Raises CommandFailed naming ``path`` where the system refuses
-    the write (a full disk, a read-only folder); the temporary file is removed either way.
+    The file gets the umask's mode. Raises CommandFailed naming ``path`` (or ``shown``, the file it
+    is staged for) where the system refuses the write (a full disk, a read-only folder); the
+    temporary file is removed either way.
     """
     tmp = None
     try:
@@ -96,7 +98,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:
-        raise CommandFailed(f"could not write {path} ({exc.strerror or exc})") from exc
+        raise CommandFailed(f"could not write {shown or path} ({exc.strerror or exc})") from exc
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -106,28 +108,49 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_generation(out_dir: Path, result: "object", settings: dict, plot: bool = False, prefix: str = "image") -> list[Path]:
+def save_generation(out_dir: Path, result: "object", settings: dict, plot: bool = False, prefix: str = "image",
+                    replacing: list[Path] | tuple[Path, ...] = ()) -> list[Path]:
     """Write each image as PNG (settings in its text metadata) with a JSON sidecar, plus grid.png
     (and traces.png with ``plot``). Every file is written atomically. Returns the files written.
 
     All or nothing: where a write fails (a full disk) or Ctrl-C comes, the files this call had
     already written are removed, so no partial set is left, and the error names the failed file.
+    ``replacing``: an earlier run's files (``--overwrite``). The new set is then written into a
+    hidden folder in ``out_dir`` first and renamed into place only once complete (renames need no
+    space), and the earlier files it does not replace are removed last; so a failed write leaves
+    the earlier run's files as they were.
     """
+    staging = make_temp_dir(out_dir, ".superdiff-generate-") if replacing else None
     written: list[Path] = []
     try:
-        _write_generation(out_dir, result, settings, plot, prefix, written)
+        _write_generation(staging or out_dir, out_dir, result, settings, plot, prefix, written)
     except CommandFailed as exc:
         remove_files(written)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CommandFailed(f"{exc}; nothing in {out_dir} was changed (the earlier run's files are kept)") from exc
         raise CommandFailed(f"{exc}; removed the {len(written)} file(s) this run had written to {out_dir}, so no "
                             f"partial set is left") from exc
     except BaseException:
         remove_files(written)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    return written
+    if staging is None:
+        return written
+    placed = []
+    for path in written:
+        os.replace(path, out_dir / path.name)
+        placed.append(out_dir / path.name)
+    staging.rmdir()
+    remove_files([p for p in replacing if p not in set(placed)])
+    return placed
 
 
-def _write_generation(out_dir: Path, result: "object", settings: dict, plot: bool, prefix: str, written: list[Path]) -> None:
-    """The writes of save_generation; each file is appended to ``written`` once it is in place."""
+def _write_generation(target: Path, out_dir: Path, result: "object", settings: dict, plot: bool, prefix: str,
+                      written: list[Path]) -> None:
+    """The writes of save_generation into ``target`` (``out_dir`` or a folder staging for it); each
+    file is appended to ``written`` once it is in place."""
     import json
 
     from PIL.PngImagePlugin import PngInfo
@@ -135,8 +158,9 @@ def _write_generation(out_dir: Path, result: "object", settings: dict, plot: boo
     from superdiff.plotting import LineSeries, image_grid, line_panels
 
     def put(path: Path, data: bytes) -> None:
-        atomic_write_bytes(path, data)
-        written.append(path)
+        staged = target / path.name
+        atomic_write_bytes(staged, data, shown=path)
+        written.append(staged)
 
     def png_bytes(image, **kwargs) -> bytes:
         buf = io.BytesIO()

@@ -33,6 +33,7 @@ import click
 
 from .calls import FiniteFloat, pipeline_call_kwargs
 from .errors import BadInput, CommandFailed, handle_errors
+from .limits import output_folder
 from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype, silence_library_logs
 from .output import atomic_write_text, ensure_writable_dir, make_temp_dir, save_generation
 from .spec import SweepItem, load_spec
@@ -355,7 +356,8 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
 
 @click.command()
 @click.argument("spec", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("superdiff-sweep"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), callback=output_folder, default="superdiff-sweep",
+              show_default=True)
 @click.option("--model", default="embedded-shapes", show_default=True, help="Default model for rows that name none.")
 @click.option("--modes", default="and", show_default=True, help="Default modes, |-separated (e.g. 'and|or|average').")
 @click.option("--seeds", default="0", show_default=True, help="Default seeds, |-separated (e.g. '0|1|2').")

@@ -112,6 +112,24 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_set(tmp_path, monkeypa
     assert all_entries(out) == []  # neither image_000.png nor any temporary file is left
 
 
+def test_overwrite_on_a_full_disk_keeps_the_earlier_run(tmp_path, monkeypatch):
+    """--overwrite replaces an earlier run only once the new set is complete: a full disk mid-way
+    leaves the earlier files byte for byte (it used to remove them before writing)."""
+    out = tmp_path / "out"
+    assert generate(out, "--num-images", 3).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    failing_writer(monkeypatch, 3, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    r = generate(out, "--overwrite", "--seed", 1)
+    assert r.exit_code == 1, r.output
+    assert f"could not write {out / 'image_001.png'} (No space left on device)" in r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    assert generate(out, "--overwrite", "--seed", 1).exit_code == 0  # a 2-image run replaces the 3-image one whole
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "image_000.json", "image_000.png", "image_001.json",
+                                                     "image_001.png"]
+    assert (out / "image_000.png").read_bytes() != before["image_000.png"]
+
+
 def test_ctrl_c_exits_130_and_leaves_no_partial_set(tmp_path, monkeypatch):
     failing_writer(monkeypatch, 3, KeyboardInterrupt())
     out = tmp_path / "out"

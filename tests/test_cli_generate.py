@@ -287,6 +287,12 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkey
     for empty in ("", "  "):
         r = invoke("generate", "--and", "red", "--and", "circle", "--out", empty, "--quiet")
         assert r.exit_code == 2 and "names no folder" in r.output and "Traceback" not in r.output, r.output
+        spec = tmp_path.parent / f"{tmp_path.name}-spec.jsonl"
+        spec.write_text('{"prompts": ["red", "circle"]}\n')
+        r = invoke("sweep", str(spec), "--out", empty)
+        assert r.exit_code == 2 and "names no folder" in r.output and "--out out/" in r.output, r.output
+        r = invoke("eval", empty)
+        assert r.exit_code == 2 and "names no folder" in r.output and "DIR out/" in r.output, r.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -307,3 +313,17 @@ def test_steps_and_seeds_up_to_their_limits_run(tiny_model, tmp_path):
     ok = invoke(*args, "--steps", "4", "--seed", str(2**64 - 1), "--out", str(tmp_path / "ran"))
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "ran" / "image_000.json").read_text())["seed"] == 2**64 - 1
+
+
+def test_a_size_the_model_cannot_make_is_refused_before_loading(tiny_model, tmp_path, no_loading):
+    """Height and width must be multiples of the VAE factor (read from the folder's vae/config.json):
+    refused with the multiple and a size that works, before the model is loaded or --out created."""
+    from superdiff.pipelines import SuperDiffPipeline
+
+    multiple = SuperDiffPipeline.from_pretrained(tiny_model).vae_scale_factor
+    assert multiple > 1
+    r = invoke("generate", "--model", tiny_model, "--and", "a", "--and", "b", "--height", str(multiple + 1),
+               "--out", str(tmp_path / "out"), "--quiet")
+    assert r.exit_code == 2, r.output
+    assert f"--height {multiple + 1} is not a multiple of {multiple}" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
