@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from superdiff.combine import MODES, make_combiner
+from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
 from .errors import BadInput, handle_errors
@@ -158,6 +159,11 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     if problem:
         raise BadInput(problem)
     check_limits(model, items, steps, num_images, height, width)
+    if plot:
+        try:
+            require_matplotlib()
+        except ImportError as exc:
+            raise BadInput(f"--plot: {exc}") from exc
     stale = check_fresh_dir(out_dir, overwrite)
     ensure_writable_dir(out_dir, "--out")
     loaded = load_model(model, torch_dtype, dev, allow_pickle, items)

@@ -155,7 +155,7 @@ def _write_generation(target: Path, out_dir: Path, result: "object", settings: d
 
     from PIL.PngImagePlugin import PngInfo
 
-    from superdiff.plotting import LineSeries, image_grid, line_panels
+    from superdiff.plotting import image_grid, trace_plot
 
     def put(path: Path, data: bytes) -> None:
         staged = target / path.name
@@ -183,8 +183,5 @@ def _write_generation(target: Path, out_dir: Path, result: "object", settings: d
     grid = image_grid([(settings.get("mode", ""), images)], cell=max(64, images[0].width) if images else 64, label_width=60)
     put(out_dir / "grid.png", png_bytes(grid))
     if plot:
-        names = settings.get("prompts", [])
-        kappa = [LineSeries(str(n), result.kappa_trace[..., j].float()) for j, n in enumerate(names)]
-        logq = [LineSeries(str(n), result.log_density_trace[..., j].float()) for j, n in enumerate(names)]
-        fig = line_panels([("kappa per step", kappa), ("tracked log q per step", logq)])
+        fig = trace_plot(result.kappa_trace, result.log_density_trace, [str(n) for n in settings.get("prompts", [])])
         put(out_dir / "traces.png", png_bytes(fig))

@@ -13,11 +13,28 @@ AND_METHODS = {"superdiff", "average", "sum", "joint", "single:red", "single:cir
 OR_METHODS = {"superdiff", "average", "model_a", "model_b", "joint_model"}
 
 
+def assert_one_bar_per_experiment(stderr: str, steps: int) -> None:
+    """The demo's stderr holds two tqdm bars, OR digits then AND shapes, each ending at its total of
+    methods × steps, whose descriptions named every method on the way; no other bar (the pipelines' own)."""
+    lines = stderr.split("\n")  # tqdm redraws a bar after "\r" and ends it with "\n" (not splitlines: it splits at "\r")
+    finished = [line.split("\r")[-1] for line in lines if "|" in line]
+    assert [line.split(":")[0] for line in finished] == ["OR digits", "AND shapes"], stderr[-2000:]
+    assert f"{5 * steps}/{5 * steps}" in finished[0] and f"{12 * steps}/{12 * steps}" in finished[1]
+    states = [state for line in lines for state in line.split("\r") if "|" in state]
+    assert all(state.startswith(("OR digits", "AND shapes")) for state in states)
+    descriptions = {state.split("%")[0].rsplit(":", 1)[0].strip() for state in states}
+    assert {f"OR digits: {m}" for m in OR_METHODS} <= descriptions
+    assert {f"AND shapes {p}: {m}" for p in ("red+circle", "blue+triangle") for m in AND_METHODS
+            if not m.startswith("single:") or m.split(":")[1] in p.split("+")} <= descriptions
+
+
 def test_demo_writes_pictures_and_metrics_and_the_models_behave(tmp_path):
     out = tmp_path / "demo"
+    # Not --quiet, so the same run also shows the console output: one progress bar per experiment.
     r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--steps", "12", "--digits-samples", "48",
-                                 "--shapes-samples", "4", "--quiet"])
+                                 "--shapes-samples", "4"])
     assert r.exit_code == 0, r.output
+    assert_one_bar_per_experiment(r.stderr, steps=12)
     for name in ("or.png", "and.png", "traces.png"):
         assert Image.open(out / name).size[0] > 100
     metrics = json.loads((out / "metrics.json").read_text())

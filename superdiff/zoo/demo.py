@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from ..plotting import LineSeries, image_grid, line_panels, tensor_to_pil
+from ..plotting import LinePanel, LineSeries, image_grid, line_panels, tensor_to_pil
 from .experiments import Sampled, digits_or, shapes_and
 
-__all__ = ["DemoConfig", "run_demo", "format_demo_table"]
+__all__ = ["DemoConfig", "run_demo", "demo_traces", "format_demo_table"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,27 @@ def demo_pairs(cfg: DemoConfig) -> tuple[tuple[str, str], ...]:
     return (cfg.pair,) if tuple(cfg.pair) == tuple(cfg.held_out_pair) else (cfg.pair, cfg.held_out_pair)
 
 
+def demo_traces(digits: list[Sampled], shapes: list[Sampled], shown: int = 8) -> Image.Image:
+    """traces.png: one row per experiment (OR digits, then each AND pair's superdiff run), κ on the
+    left and the log-densities on the right, over the steps, for the first ``shown`` samples."""
+    or_run = next(r for r in digits if r.method == "superdiff")
+    n = min(shown, or_run.kappa_trace.shape[1])
+    log_gap = or_run.log_density_trace[..., 0] - or_run.log_density_trace[..., 1]
+    panels = [
+        LinePanel(f"OR digits a/b: κ of model a ({n} samples)", [LineSeries("model a", or_run.kappa_trace[:, :shown, 0])],
+                  ylabel=r"$\kappa_a$  ($\kappa_b = 1 - \kappa_a$)"),
+        LinePanel(r"OR digits: $\log q_a - \log q_b$", [LineSeries("a − b", log_gap[:, :shown])],
+                  ylabel=r"$\log q_a - \log q_b$"),
+    ]
+    for r in (r for r in shapes if r.method == "superdiff"):
+        names = " AND ".join(r.metrics["prompts"])
+        panels.append(LinePanel(f"{names}: κ per prompt", [LineSeries(p, r.kappa_trace[:, :shown, j])
+                                                           for j, p in enumerate(r.prompts)], ylabel="κ"))
+        panels.append(LinePanel(f"{names}: log-density per prompt", [LineSeries(p, r.log_density_trace[:, :shown, j])
+                                                                     for j, p in enumerate(r.prompts)], ylabel="tracked log q"))
+    return line_panels(panels, width=460, height=260, columns=2)
+
+
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = False) -> dict:
     """Run OR on the digit models and AND on the shapes model; write or.png, and.png, traces.png
     and metrics.json into ``out_dir``; return the metrics."""
@@ -49,23 +71,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     image_grid(
         _rows(shapes, cfg.shown, lambda r: f"{'+'.join(r.metrics['prompts'])}: {r.method}"), cell=40, label_width=170
     ).save(out / "and.png")
-    or_run = next(r for r in digits if r.method == "superdiff")
-    and_runs = [r for r in shapes if r.method == "superdiff"]
-    panels = [
-        (f"OR digits a/b: kappa_a ({min(8, cfg.digits_samples)} samples)", [LineSeries("a", or_run.kappa_trace[:, :8, 0])]),
-        ("OR digits: log q_a - log q_b", [LineSeries("a - b", (or_run.log_density_trace[..., 0] - or_run.log_density_trace[..., 1])[:, :8])]),
-    ]
-    for r in and_runs:
-        names = "+".join(r.metrics["prompts"])
-        panels.append((f"AND {names}: kappa", [LineSeries(p, r.kappa_trace[:, :8, j]) for j, p in enumerate(r.prompts)]))
-        panels.append((f"AND {names}: log q", [LineSeries(p, r.log_density_trace[:, :8, j]) for j, p in enumerate(r.prompts)]))
-    top, bottom = line_panels(panels[:3]), line_panels(panels[3:])
-    from PIL import Image
-
-    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
-    canvas.paste(top, (0, 0))
-    canvas.paste(bottom, (0, top.height))
-    canvas.save(out / "traces.png")
+    demo_traces(digits, shapes).save(out / "traces.png")
     metrics = {
         "and": [r.metrics for r in shapes],
         "or": [r.metrics for r in digits],

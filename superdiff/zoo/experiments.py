@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .digits import frechet_distance, load_digits_split
 from .shapes import read_attributes
 
-__all__ = ["Sampled", "digits_or", "shapes_and", "class_entropy"]
+__all__ = ["Sampled", "digits_or", "shapes_and", "and_methods", "class_entropy", "experiment_bar", "step_ticker"]
 
 
 @dataclass
@@ -54,6 +56,26 @@ class _Chunked:
     images: torch.Tensor
     kappa_trace: torch.Tensor
     log_density_trace: torch.Tensor
+
+
+def experiment_bar(name: str, methods: int, num_samples: int, chunk_size: int, steps: int, progress: bool) -> tqdm:
+    """One progress bar for a whole experiment: ``methods`` runs of ``num_samples`` in chunks of
+    ``chunk_size``, each chunk ``steps`` sampling steps. The pipelines' own per-call bars are off
+    (``progress=False``); :func:`step_ticker` advances this one at every step instead."""
+    chunks = -(-num_samples // chunk_size)
+    return tqdm(total=methods * chunks * steps, desc=name, unit="step", disable=not progress, dynamic_ncols=True)
+
+
+def step_ticker(bar: tqdm) -> Callable[..., None] | None:
+    """A diffusers-style ``callback_on_step_end`` that advances ``bar`` by one step (None when the
+    bar is disabled, so a quiet run adds no per-step call)."""
+    if bar.disable:
+        return None
+
+    def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> None:
+        bar.update()
+
+    return on_step_end
 
 
 def _sample_in_chunks(call, num_samples: int, chunk_size: int, seed: int) -> _Chunked:
@@ -94,36 +116,52 @@ def digits_or(
         "superdiff": (("a", "b"), "or"),
     }
     results = []
-    for method, (names, mode) in runs.items():
-        pipe = load_digit_pipeline(names).to(device)
-        out = _sample_in_chunks(
-            lambda n, g: pipe(batch_size=n, mode=mode, num_inference_steps=steps, output_type="pt", generator=g,
-                              progress=progress),
-            num_samples, chunk_size, seed,
-        )
-        images = _pixels(out)
-        with torch.no_grad():
-            logits = classifier(images.to(device)).cpu()
-            feats = classifier.features(images.to(device)).cpu()
-        probs = torch.softmax(logits, -1)
-        fractions = torch.bincount(logits.argmax(-1), minlength=10).double() / num_samples
-        results.append(Sampled(
-            method,
-            images,
-            {
-                "method": method,
-                "class_fractions": [round(float(f), 4) for f in fractions],
-                "class_entropy": round(class_entropy(fractions.tolist()), 4),
-                "frechet": round(frechet_distance(feats, real_features), 3),
-                "confidence": round(float(probs.max(-1).values.mean()), 4),
-                "real_confidence": round(real_conf, 4),
-                "n": num_samples,
-            },
-            out.kappa_trace,
-            out.log_density_trace,
-            list(names),
-        ))
+    with experiment_bar("OR digits", len(runs), num_samples, chunk_size, steps, progress) as bar:
+        on_step = step_ticker(bar)
+        for method, (names, mode) in runs.items():
+            bar.set_description(f"OR digits: {method}")
+            pipe = load_digit_pipeline(names).to(device)
+            out = _sample_in_chunks(
+                lambda n, g: pipe(batch_size=n, mode=mode, num_inference_steps=steps, output_type="pt", generator=g,
+                                  progress=False, callback_on_step_end=on_step),
+                num_samples, chunk_size, seed,
+            )
+            images = _pixels(out)
+            with torch.no_grad():
+                logits = classifier(images.to(device)).cpu()
+                feats = classifier.features(images.to(device)).cpu()
+            probs = torch.softmax(logits, -1)
+            fractions = torch.bincount(logits.argmax(-1), minlength=10).double() / num_samples
+            results.append(Sampled(
+                method,
+                images,
+                {
+                    "method": method,
+                    "class_fractions": [round(float(f), 4) for f in fractions],
+                    "class_entropy": round(class_entropy(fractions.tolist()), 4),
+                    "frechet": round(frechet_distance(feats, real_features), 3),
+                    "confidence": round(float(probs.max(-1).values.mean()), 4),
+                    "real_confidence": round(real_conf, 4),
+                    "n": num_samples,
+                },
+                out.kappa_trace,
+                out.log_density_trace,
+                list(names),
+            ))
+        bar.set_description("OR digits")
     return results
+
+
+def and_methods(colour: str, shape: str) -> dict[str, tuple[list[str], str]]:
+    """The AND experiment's methods for one pair: method name -> (prompts, mode)."""
+    return {
+        f"single:{colour}": ([colour], "average"),
+        f"single:{shape}": ([shape], "average"),
+        "joint": ([f"{colour} {shape}"], "average"),
+        "average": ([colour, shape], "average"),
+        "sum": ([colour, shape], "sum"),
+        "superdiff": ([colour, shape], "and"),
+    }
 
 
 def shapes_and(
@@ -143,19 +181,16 @@ def shapes_and(
 
     pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), torch_dtype=torch.float32).to(device)
     results = []
-    for colour, shape in pairs:
-        runs = {
-            f"single:{colour}": ([colour], "average"),
-            f"single:{shape}": ([shape], "average"),
-            "joint": ([f"{colour} {shape}"], "average"),
-            "average": ([colour, shape], "average"),
-            "sum": ([colour, shape], "sum"),
-            "superdiff": ([colour, shape], "and"),
-        }
-        for method, (prompts, mode) in runs.items():
+    runs = [(colour, shape, method, prompts, mode) for colour, shape in pairs
+            for method, (prompts, mode) in and_methods(colour, shape).items()]
+    with experiment_bar("AND shapes", len(runs), num_samples, chunk_size, steps, progress) as bar:
+        on_step = step_ticker(bar)
+        for colour, shape, method, prompts, mode in runs:
+            bar.set_description(f"AND shapes {colour}+{shape}: {method}")
             out = _sample_in_chunks(
                 lambda n, g: pipe(prompts=prompts, mode=mode, guidance_scale=guidance_scale, num_inference_steps=steps,
-                                  num_images_per_prompt=n, output_type="pt", generator=g, progress=progress),
+                                  num_images_per_prompt=n, output_type="pt", generator=g, progress=False,
+                                  callback_on_step_end=on_step),
                 num_samples, chunk_size, seed,
             )
             images = _pixels(out)
@@ -180,4 +215,5 @@ def shapes_and(
                 out.log_density_trace,
                 prompts,
             ))
+        bar.set_description("AND shapes")
     return results
