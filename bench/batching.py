@@ -26,7 +26,8 @@ def reference_loop(denoiser, x, times, guidance_scale, generator):
     p = denoiser.process
     embeds = denoiser.conditions["encoder_hidden_states"]
     m = embeds.shape[0] - 1
-    singles = [dataclasses.replace(denoiser, conditions={"encoder_hidden_states": embeds[j : j + 1]}, num_outputs=1)
+    singles = [dataclasses.replace(denoiser, conditions={"encoder_hidden_states": embeds[j : j + 1]}, num_outputs=1,
+                                   unconditional=False)
                for j in range(m + 1)]
     log_q = torch.zeros(x.shape[0], m, dtype=torch.float64, device=x.device)
     combiner = And()

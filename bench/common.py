@@ -75,7 +75,7 @@ def sd_denoiser(size: str, num_prompts: int, device: str, dtype: torch.dtype, se
     embeds = torch.randn(num_prompts + 1, 8, cfg["cross_attention_dim"], generator=torch.Generator().manual_seed(seed))
     denoiser = DiffusersDenoiser(unet, process, "epsilon", process.timestep,
                                  conditions={"encoder_hidden_states": embeds.to(device=device, dtype=dtype)},
-                                 num_outputs=num_prompts + 1, scale_input=True, dtype=dtype)
+                                 num_outputs=num_prompts + 1, scale_input=True, dtype=dtype, unconditional=True)
     latent = (cfg["in_channels"] if "in_channels" in cfg else 4, cfg["sample_size"], cfg["sample_size"])
     return denoiser, unet, latent, sum(p.numel() for p in unet.parameters())
 
@@ -85,6 +85,7 @@ class CachedDenoiser:
 
     def __init__(self, denoiser, output):
         self.process, self.num_outputs, self.output = denoiser.process, denoiser.num_outputs, output
+        self.unconditional = getattr(denoiser, "unconditional", False)
 
     def __call__(self, x, t):
         return self.output
@@ -101,6 +102,7 @@ class NetworkCallTimer:
 
     def __init__(self, denoiser, device: str):
         self.denoiser, self.process, self.num_outputs = denoiser, denoiser.process, denoiser.num_outputs
+        self.unconditional = getattr(denoiser, "unconditional", False)
         self.cuda = device.startswith("cuda")
         self.marks: list[tuple] = []
 

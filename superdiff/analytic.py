@@ -121,6 +121,8 @@ class MixtureDenoiser:
 
     mixtures: tuple[GaussianMixture, ...]
     process: Process
+    #: The last mixture plays the unconditional model of classifier-free guidance.
+    unconditional: bool = False
 
     @property
     def num_outputs(self) -> int:

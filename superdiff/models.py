@@ -5,6 +5,8 @@ A *denoiser* is any callable with
 * ``process``: the :class:`~superdiff.processes.Process` its times refer to;
 * ``num_outputs``: how many predictions one call returns (models, prompts, plus an
   unconditional one under guidance);
+* ``unconditional``: True when the last of them is the unconditional prediction x̂₀ᵘ that
+  classifier-free guidance steers from (the samplers then need a ``guidance_scale``);
 * ``__call__(x, t) -> (num_outputs, B, *shape)``: denoised predictions at the state x (B, *shape)
   and the scalar time t.
 
@@ -55,6 +57,8 @@ def _versions(value: Any) -> tuple:
 
 class Denoiser(Protocol):
     process: Process
+    #: The last output is the unconditional prediction (classifier-free guidance), not a model.
+    unconditional: bool
 
     @property
     def num_outputs(self) -> int: ...
@@ -73,6 +77,7 @@ class NetworkDenoiser:
     With ``conditions`` (M, ...) the network is called once on the batch repeated M times, each
     copy with its condition: (M·B, *shape) inputs, one forward pass. ``time_input`` maps the
     process time to what the network expects (for diffusers: the training timestep).
+    ``unconditional=True``: the last condition is the null one of classifier-free guidance.
     """
 
     network: Callable[..., Tensor]
@@ -81,6 +86,7 @@ class NetworkDenoiser:
     conditions: Tensor | None = None
     time_input: Callable[[Tensor], Tensor] = _identity_time
     dtype: torch.dtype | None = None
+    unconditional: bool = False
     _repeated: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +97,7 @@ class NetworkDenoiser:
                 f"conditions must be one tensor with a row per condition (M, ...), got {type(self.conditions).__name__}; "
                 "stack a list of condition tensors with torch.stack"
             )
+        check_unconditional(self.unconditional, self.num_outputs)
 
     @property
     def num_outputs(self) -> int:
@@ -119,6 +126,15 @@ class NetworkDenoiser:
             float(p.sigma(t)),
             float(p.d_alpha(t)),
             float(p.d_sigma(t)),
+        )
+
+
+def check_unconditional(unconditional: bool, num_outputs: int) -> None:
+    """An unconditional output needs a conditional one beside it."""
+    if unconditional and num_outputs < 2:
+        raise ValueError(
+            f"unconditional=True marks the last of {num_outputs} output(s) as the unconditional one, which leaves "
+            "no model to guide; give the conditions of the models first and the null condition last"
         )
 
 
@@ -168,6 +184,10 @@ class StackedDenoiser:
     def num_outputs(self) -> int:
         return sum(p.num_outputs for p in self.parts)
 
+    @property
+    def unconditional(self) -> bool:
+        return bool(getattr(self.parts[-1], "unconditional", False))
+
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         return torch.cat([p(x, t) for p in self.parts], dim=0)
 
@@ -177,6 +197,12 @@ def stack_denoisers(denoisers: Sequence[Denoiser]) -> Denoiser:
     if len(denoisers) == 0:
         raise ValueError("stack_denoisers needs at least one denoiser")
     first = denoisers[0].process
+    for i, d in enumerate(denoisers[:-1]):
+        if getattr(d, "unconditional", False):
+            raise ValueError(
+                f"denoiser {i} ends with an unconditional output, but only the last denoiser of a stack may: "
+                "guidance steers every model from one unconditional prediction, the stack's last output"
+            )
     for i, d in enumerate(denoisers[1:], start=1):
         if d.process != first:
             raise ValueError(

@@ -173,12 +173,18 @@ def _check_call(
     guided = guidance_scale is not None
     if guided and not (guidance_scale >= 0 and math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
-    m = denoiser.num_outputs - (1 if guided else 0)
-    if m < 1:
+    unconditional = bool(getattr(denoiser, "unconditional", False))
+    if guided and not unconditional:
         raise ValueError(
-            f"the denoiser returns {denoiser.num_outputs} output(s); with guidance the last one is unconditional, "
-            "so at least 2 are needed"
+            f"guidance_scale={guidance_scale} steers from an unconditional prediction, and this denoiser has none; "
+            "build it with its null condition last and unconditional=True, or pass guidance_scale=None"
         )
+    if unconditional and not guided:
+        raise ValueError(
+            "the denoiser's last output is unconditional (unconditional=True), which only guidance uses; pass a "
+            "guidance_scale, or build the denoiser without its null condition"
+        )
+    m = denoiser.num_outputs - unconditional
     if log_q_init is not None and tuple(log_q_init.shape) != (x.shape[0], m):
         raise ValueError(f"log_q_init must have shape (batch, models) = {(x.shape[0], m)}, got {tuple(log_q_init.shape)}")
     check_combiner(combiner, m)

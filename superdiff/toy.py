@@ -92,7 +92,7 @@ def run_toy(out_dir: str | Path, config: ToyConfig = ToyConfig()) -> dict:
     labels = torch.cat([torch.zeros(config.num_samples), torch.ones(config.num_samples)]).long()
     panels = [
         ScatterPanel("models A (blue) and B (red)", both, labels),
-        ScatterPanel("averaging (kappa = 1/2)", results["average"][0].samples),
+        ScatterPanel("averaging (κ = 1/2)", results["average"][0].samples),
         ScatterPanel("SuperDiff OR", results["or"][0].samples, results["or"][0].kappa_trace[-1, :, 1].round().long()),
         ScatterPanel("SuperDiff AND", results["and"][0].samples, torch.full((config.num_samples,), 2)),
     ]

@@ -60,3 +60,26 @@ def test_both_network_adapters_check_the_output_the_same_way():
     fine = DiffusersDenoiser(lambda x, timestep, return_dict: (torch.zeros_like(x),), VPLinear(), "epsilon",
                              timestep=lambda t: t * 999)
     torch.testing.assert_close(fine(x, t)[0], x / VPLinear().alpha(t).float())
+
+
+def test_the_unconditional_output_is_declared_not_assumed():
+    """Guidance needs a denoiser that says its last output is the unconditional one, and such a
+    denoiser needs guidance: the sampler refuses either mismatch before any network call."""
+    from superdiff import GaussianMixture, MixtureDenoiser, Or, prior_sample, sample_sde, stack_denoisers
+
+    a, b, null = (GaussianMixture.create([[float(k), 0.0]], 0.5) for k in (-1, 1, 0))
+    plain = MixtureDenoiser((a, b), VPLinear())
+    guided = MixtureDenoiser((a, b, null), VPLinear(), unconditional=True)
+    x = prior_sample(plain, 8, plain.sample_shape, dtype=torch.float64)
+    times = VPLinear().time_grid(5)
+    with pytest.raises(ValueError, match=r"guidance_scale=3.0 steers from an unconditional prediction.*unconditional=True"):
+        sample_sde(plain, x, times, Or(), guidance_scale=3.0)
+    with pytest.raises(ValueError, match=r"last output is unconditional.*pass a guidance_scale"):
+        sample_sde(guided, x, times, Or())
+    out = sample_sde(guided, x, times, Or(), guidance_scale=3.0)
+    assert out.kappa_trace.shape[-1] == 2  # the null mixture guides; it is not a third model
+    with pytest.raises(ValueError, match="leaves no model to guide"):
+        NetworkDenoiser(_network, VPLinear(), "sample", conditions=torch.ones(1, 3), unconditional=True)
+    with pytest.raises(ValueError, match="only the last denoiser of a stack"):
+        stack_denoisers([guided, plain])
+    assert stack_denoisers([plain, guided]).unconditional

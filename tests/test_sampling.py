@@ -218,7 +218,7 @@ def test_the_step_loop_neither_waits_for_the_device_nor_copies_to_it(combiner, m
     slopes = torch.linspace(-0.5, 0.8, models + guided, dtype=torch.float64)
 
     class LinearDenoiser:  # depends on x only, so the sampler is all that runs under the mode
-        process, num_outputs = VPLinear(), models + guided
+        process, num_outputs, unconditional = VPLinear(), models + guided, guided
 
         def __call__(self, x, t):
             reads.armed = True

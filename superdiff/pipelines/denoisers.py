@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..models import batched_network_call, cached_conditions
+from ..models import batched_network_call, cached_conditions, check_unconditional
 from ..processes import DiscreteSigma, DiscreteVP, Process, RectifiedFlow, to_denoised
 
 __all__ = ["DiffusersDenoiser", "Schedule", "schedule_from_scheduler", "process_of_scheduler", "prediction_of_scheduler"]
@@ -45,6 +45,7 @@ class DiffusersDenoiser:
     """A diffusers network (``UNet2DConditionModel``, ``UNet2DModel``, ``SD3Transformer2DModel``, ...)
     as a denoiser with ``num_outputs`` conditions evaluated in ONE forward pass.
 
+    ``unconditional=True``: the last condition is the unconditional (negative) one of guidance.
     ``conditions``: keyword arguments of the network whose tensors have a leading dim of
     ``num_outputs`` (nested dicts such as SDXL's ``added_cond_kwargs`` too); each is repeated
     over the batch. For a state x (B, *shape) the network sees ``x_in`` (num_outputs·B, *shape),
@@ -64,8 +65,10 @@ class DiffusersDenoiser:
     num_outputs: int = 1
     scale_input: bool = False
     dtype: torch.dtype | None = None
+    unconditional: bool = False
 
     def __post_init__(self) -> None:
+        check_unconditional(self.unconditional, self.num_outputs)
         if self.scale_input and self.prediction == "flow":
             raise ValueError("scale_input applies to VP-trained networks, not to flow (velocity) networks")
         if self.dtype is None:  # read once: diffusers' ModelMixin.dtype walks every submodule

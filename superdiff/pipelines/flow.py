@@ -199,6 +199,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
             schedule.timestep,
             conditions=conditions,
             num_outputs=m + (guidance_scale is not None),
+            unconditional=guidance_scale is not None,
         )
 
         # 6. Denoising loop (the latents are drawn, or taken from latents=, inside)

@@ -236,6 +236,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
             schedule.timestep,
             conditions=conditions,
             num_outputs=m + (guidance_scale is not None),
+            unconditional=guidance_scale is not None,
             scale_input=schedule.scale_input,
         )
 
