@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.superdiff-installed
 
-.PHONY: setup demo toy test bench clean
+.PHONY: setup demo toy test lint bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ toy: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
+
+# ruff's pycodestyle, pyflakes and import-order checks; the settings are in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(PY) -m ruff check .
 
 # The README's performance table; on a GPU machine: make bench TORCH=torch BENCH_ARGS="--device cuda".
 BENCH_ARGS ?= --quick

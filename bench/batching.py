@@ -33,7 +33,9 @@ def reference_loop(denoiser, x, times, guidance_scale, generator):
     combiner = And()
     for i in range(len(times) - 1):
         s, t = times[i], times[i + 1]
-        c = transition_coefficients(float(p.alpha(s)), float(p.sigma(s)), float(p.alpha(t)), float(p.sigma(t)), "forward")
+        c = transition_coefficients(
+            float(p.alpha(s)), float(p.sigma(s)), float(p.alpha(t)), float(p.sigma(t)), "forward"
+        )
         outs = [single(x, s)[0] for single in singles]
         denoised, uncond = torch.stack(outs[:m]), outs[m]
         noise = math.sqrt(c.var) * torch.randn(x.shape, generator=generator).to(x.device)

@@ -43,9 +43,16 @@ def unet_config(size: str) -> dict:
     """A UNet2DConditionModel config: "tiny" (~1M params, CPU tests) or "sd" (SD-1.x-shaped, ~860M)."""
     if size == "tiny":
         return dict(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
         )
     if size == "small":  # ~100M+, SD layout with narrower channels
         return dict(
@@ -70,7 +77,9 @@ def sd_denoiser(size: str, num_prompts: int, device: str, dtype: torch.dtype, se
     torch.manual_seed(seed)
     cfg = unet_config(size)
     unet = UNet2DConditionModel(**cfg).to(device=device, dtype=dtype).eval()
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
     process = DiscreteSigma.from_scheduler(scheduler)
     embeds = torch.randn(num_prompts + 1, 8, cfg["cross_attention_dim"], generator=torch.Generator().manual_seed(seed))
     denoiser = DiffusersDenoiser(unet, process, "epsilon", process.timestep,
@@ -182,7 +191,9 @@ def operations_per_step(denoiser, combiner, batch: int, latent: tuple, steps: in
     for n in (steps, 2 * steps):
         times = denoiser.process.time_grid(n)
         with torch.inference_mode():
-            run = sampling_run(network_free(denoiser, batch, latent, times, device), combiner, batch, latent, times, device)
+            run = sampling_run(
+                network_free(denoiser, batch, latent, times, device), combiner, batch, latent, times, device
+            )
             with _OpCounter() as counter:
                 run()
         counts.append(counter.count)
@@ -200,7 +211,9 @@ def wall_time(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1
+) -> dict[str, list[float]]:
     """Wall times of each of ``fns``, timed in interleaved rounds (a, b, c, then c, b, a, ...), so a
     slow drift of the machine (another tenant, clock changes) falls on all of them alike and no
     function always runs right after the same other one."""

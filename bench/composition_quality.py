@@ -34,7 +34,10 @@ SHAPE_KEYS = ("both_rate", "neither_rate", "colour_rate", "shape_rate")
 
 
 def mean_std(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values), 4), "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+    }
 
 
 def aggregate(rows_by_seed: list[list[dict]], key_of, metric_keys) -> dict:
@@ -51,18 +54,31 @@ def quality_gates(digits: dict, shapes: dict, real_confidence: float, pair: str)
     """The issue's gates, each with the numbers it compares."""
     m = lambda table, key, metric: table[key][metric]["mean"]  # noqa: E731
     colour, shape = pair.split("+")
-    single_attr = min(m(shapes, f"{pair}|single:{colour}", "colour_rate"), m(shapes, f"{pair}|single:{shape}", "shape_rate"))
-    singles_both = max(m(shapes, f"{pair}|single:{colour}", "both_rate"), m(shapes, f"{pair}|single:{shape}", "both_rate"))
+    single_attr = min(
+        m(shapes, f"{pair}|single:{colour}", "colour_rate"), m(shapes, f"{pair}|single:{shape}", "shape_rate")
+    )
+    singles_both = max(
+        m(shapes, f"{pair}|single:{colour}", "both_rate"), m(shapes, f"{pair}|single:{shape}", "both_rate")
+    )
     single_entropy = max(m(digits, "model_a", "class_entropy"), m(digits, "model_b", "class_entropy"))
     confidence = m(digits, "joint_model", "confidence")
     return {
-        "digit_confidence_vs_real": {"samples": confidence, "real": round(real_confidence, 4),
-                                     "pass": confidence >= real_confidence - 0.05},
+        "digit_confidence_vs_real": {
+            "samples": confidence,
+            "real": round(real_confidence, 4),
+            "pass": confidence >= real_confidence - 0.05,
+        },
         "single_attribute_rate": {"min_over_single_prompts": single_attr, "pass": single_attr >= 0.9},
-        "or_entropy_vs_single_models": {"superdiff": m(digits, "superdiff", "class_entropy"), "best_single": single_entropy,
-                                        "pass": m(digits, "superdiff", "class_entropy") >= single_entropy + 0.5},
-        "and_both_rate_vs_single_prompts": {"superdiff": m(shapes, f"{pair}|superdiff", "both_rate"), "best_single": singles_both,
-                                            "pass": m(shapes, f"{pair}|superdiff", "both_rate") >= singles_both + 0.15},
+        "or_entropy_vs_single_models": {
+            "superdiff": m(digits, "superdiff", "class_entropy"),
+            "best_single": single_entropy,
+            "pass": m(digits, "superdiff", "class_entropy") >= single_entropy + 0.5,
+        },
+        "and_both_rate_vs_single_prompts": {
+            "superdiff": m(shapes, f"{pair}|superdiff", "both_rate"),
+            "best_single": singles_both,
+            "pass": m(shapes, f"{pair}|superdiff", "both_rate") >= singles_both + 0.15,
+        },
     }
 
 
@@ -70,11 +86,16 @@ def markdown(digits: dict, shapes: dict) -> str:
     f = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
     lines = ["| OR (digits) | classes ≥2% | entropy | Fréchet | confidence |", "|---|---|---|---|---|"]
     for method, d in digits.items():
-        lines.append(f"| {method} | {f(d['coverage'])} | {f(d['class_entropy'])} | {f(d['frechet'])} | {f(d['confidence'])} |")
+        lines.append(
+            f"| {method} | {f(d['coverage'])} | {f(d['class_entropy'])} | {f(d['frechet'])} | {f(d['confidence'])} |"
+        )
     lines += ["", "| AND (shapes) | method | both | neither | colour | shape |", "|---|---|---|---|---|---|"]
     for key, d in shapes.items():
         pair, method = key.split("|")
-        lines.append(f"| {pair} | {method} | {f(d['both_rate'])} | {f(d['neither_rate'])} | {f(d['colour_rate'])} | {f(d['shape_rate'])} |")
+        lines.append(
+            f"| {pair} | {method} | {f(d['both_rate'])} | {f(d['neither_rate'])} | {f(d['colour_rate'])} | "
+            f"{f(d['shape_rate'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -87,8 +108,12 @@ def main() -> None:
                         "then once more over all of them to aggregate")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
-    p.add_argument("--resume-dir", type=Path, default=None,
-                   help="keep each seed's rows here and reuse those of an earlier, interrupted run with the same settings")
+    p.add_argument(
+        "--resume-dir",
+        type=Path,
+        default=None,
+        help="keep each seed's rows here and reuse those of an earlier, interrupted run with the same settings",
+    )
     args = p.parse_args()
     samples = args.samples or (16 if args.quick else 500)
     seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
@@ -98,15 +123,24 @@ def main() -> None:
     start = time.perf_counter()
     digit_rows, shape_rows = [], []
     for seed in seeds:
-        saved = args.resume_dir / f"samples{samples}_steps{steps}_guidance{args.guidance}_seed{seed}.json" if args.resume_dir else None
+        saved = (
+            args.resume_dir / f"samples{samples}_steps{steps}_guidance{args.guidance}_seed{seed}.json"
+            if args.resume_dir
+            else None
+        )
         if saved is not None and saved.exists():
             rows = json.loads(saved.read_text())
         else:
             with torch.inference_mode():
                 rows = {
-                    "digits": [r.metrics | {"coverage": sum(f >= 0.02 for f in r.metrics["class_fractions"])}
-                               for r in digits_or(samples, steps, seed, args.device)],
-                    "shapes": [r.metrics for r in shapes_and((pair, held_out), samples, steps, args.guidance, seed, args.device)],
+                    "digits": [
+                        r.metrics | {"coverage": sum(f >= 0.02 for f in r.metrics["class_fractions"])}
+                        for r in digits_or(samples, steps, seed, args.device)
+                    ],
+                    "shapes": [
+                        r.metrics
+                        for r in shapes_and((pair, held_out), samples, steps, args.guidance, seed, args.device)
+                    ],
                 }
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,9 @@ def main() -> None:
         return lambda: sample_ode(denoiser, start(), times, Or(), guidance_scale=7.5, divergence=mode,
                                   generator=torch.Generator().manual_seed(1))
 
-    rounds = interleaved_times({"sde": sde, "jvp": ode("hutchinson"), "vjp": ode("hutchinson_vjp")}, repeats, args.device)
+    rounds = interleaved_times(
+        {"sde": sde, "jvp": ode("hutchinson"), "vjp": ode("hutchinson_vjp")}, repeats, args.device
+    )
     t_sde, t_jvp, t_vjp = (statistics.median(rounds[k]) for k in ("sde", "jvp", "vjp"))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -60,7 +62,11 @@ def main() -> None:
             "seconds_ode_hutchinson_vjp": round(t_vjp, 4),
             "speedup": round(median_ratio(rounds["jvp" if t_jvp <= t_vjp else "vjp"], rounds["sde"]), 3),
             "speedup_vs_jvp": round(median_ratio(rounds["jvp"], rounds["sde"]), 3),
-            **({"peak_memory_ratio_ode_over_sde": round(mem_ode / mem_sde, 3)} if args.device.startswith("cuda") else {}),
+            **(
+                {"peak_memory_ratio_ode_over_sde": round(mem_ode / mem_sde, 3)}
+                if args.device.startswith("cuda")
+                else {}
+            ),
         },
         args.json,
     )

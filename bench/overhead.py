@@ -14,7 +14,17 @@ import statistics
 
 import torch
 
-from common import NETWORK_FREE_RUNS, emit, interleaved_times, machine, median_ratio, network_free, parser, sampling_run, sd_denoiser
+from common import (
+    NETWORK_FREE_RUNS,
+    emit,
+    interleaved_times,
+    machine,
+    median_ratio,
+    network_free,
+    parser,
+    sampling_run,
+    sd_denoiser,
+)
 from superdiff import And, Fixed, Or
 
 
@@ -30,15 +40,27 @@ def main() -> None:
 
     combiners = {"fixed": Fixed((0.5, 0.5)), "and": And(), "or": Or()}
     with torch.inference_mode():
-        runs = {k: sampling_run(denoiser, c, batch, latent, times, args.device, final_denoise=True) for k, c in combiners.items()}
+        runs = {
+            k: sampling_run(denoiser, c, batch, latent, times, args.device, final_denoise=True)
+            for k, c in combiners.items()
+        }
         timed = interleaved_times(runs, repeats, args.device)
         fixed, t_and, t_or = (statistics.median(timed[k]) for k in ("fixed", "and", "or"))
         # The same comparison from its parts: the network-free samplers differ only by the
         # combiner's work; add that to the full run.
         cached = network_free(denoiser, batch, latent, times, args.device)
-        parts = interleaved_times({k: sampling_run(cached, c, batch, latent, times, args.device, NETWORK_FREE_RUNS,
-                                                   final_denoise=True) for k, c in combiners.items()}, repeats, args.device)
-        extra = {k: (statistics.median(parts[k]) - statistics.median(parts["fixed"])) / NETWORK_FREE_RUNS for k in ("and", "or")}
+        parts = interleaved_times(
+            {
+                k: sampling_run(cached, c, batch, latent, times, args.device, NETWORK_FREE_RUNS, final_denoise=True)
+                for k, c in combiners.items()
+            },
+            repeats,
+            args.device,
+        )
+        extra = {
+            k: (statistics.median(parts[k]) - statistics.median(parts["fixed"])) / NETWORK_FREE_RUNS
+            for k in ("and", "or")
+        }
     emit(
         {
             "benchmark": "overhead",

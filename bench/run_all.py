@@ -23,16 +23,47 @@ HERE = Path(__file__).parent
 ROWS = [
     ("overhead.py", "ratio", "AND sampling / fixed-κ sampling, same network calls", "≤ 1.05"),
     ("overhead.py", "ratio_or", "OR sampling / fixed-κ sampling, same network calls", "≤ 1.05"),
-    ("overhead.py", "ratio_from_parts", "the AND ratio from its parts: fixed-κ run + AND's extra work timed without the network", "≤ 1.05"),
+    (
+        "overhead.py",
+        "ratio_from_parts",
+        "the AND ratio from its parts: fixed-κ run + AND's extra work timed without the network",
+        "≤ 1.05",
+    ),
     ("overhead.py", "ratio_or_from_parts", "the OR ratio from its parts, likewise", "≤ 1.05"),
-    ("batching.py", "speedup_vs_reference_loop", "authors' loop (one call per prompt + uncond.) / our batched step", "≥ 1.5"),
+    (
+        "batching.py",
+        "speedup_vs_reference_loop",
+        "authors' loop (one call per prompt + uncond.) / our batched step",
+        "≥ 1.5",
+    ),
     ("ito_vs_hutchinson.py", "speedup", "ODE + Hutchinson (jvp) / SDE + Itô, same steps", "paper: 5.2 on SD"),
-    ("vs_diffusers.py", "ratio_and2_vs_cfg", "AND of 2 prompts / diffusers StableDiffusionPipeline CFG, per image", "≤ 1.6 (bound 1.5)"),
+    (
+        "vs_diffusers.py",
+        "ratio_and2_vs_cfg",
+        "AND of 2 prompts / diffusers StableDiffusionPipeline CFG, per image",
+        "≤ 1.6 (bound 1.5)",
+    ),
     ("vs_diffusers.py", "peak_memory_ratio", "peak memory, AND of 2 prompts / diffusers CFG", "—"),
-    ("scaling.py", "combiner_fraction", "share of a step spent in SuperDiff's own work (κ, densities), measured between the network calls of real runs, worst of M = 2, 4, 8", "< 0.02"),
-    ("scaling.py", "combiner_fraction_isolated", "the same work timed without the network (cached output), worst of M = 2, 4, 8", "< 0.02"),
+    (
+        "scaling.py",
+        "combiner_fraction",
+        "share of a step spent in SuperDiff's own work (κ, densities), measured between the network calls of real "
+        "runs, worst of M = 2, 4, 8",
+        "< 0.02",
+    ),
+    (
+        "scaling.py",
+        "combiner_fraction_isolated",
+        "the same work timed without the network (cached output), worst of M = 2, 4, 8",
+        "< 0.02",
+    ),
     ("scaling.py", "time_per_step", "seconds per step by number of prompts M", "grows with M + 1"),
-    ("scaling.py", "operations_per_step", "tensor operations per step outside the network (views excluded; GPU kernel launches), AND, by M", "—"),
+    (
+        "scaling.py",
+        "operations_per_step",
+        "tensor operations per step outside the network (views excluded; GPU kernel launches), AND, by M",
+        "—",
+    ),
 ]
 
 
@@ -61,7 +92,9 @@ def main() -> None:
     for script, key, what, goal in ROWS:
         value = results[script].get(key)
         if isinstance(value, dict):
-            value = ", ".join(f"M={m}: {v * 1000:.1f} ms" if key == "time_per_step" else f"M={m}: {v:g}" for m, v in value.items())
+            value = ", ".join(
+                f"M={m}: {v * 1000:.1f} ms" if key == "time_per_step" else f"M={m}: {v:g}" for m, v in value.items()
+            )
         print(f"| `{script}` `{key}` | {what} | {value} | {goal} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

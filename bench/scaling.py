@@ -20,7 +20,19 @@ import statistics
 
 import torch
 
-from common import NETWORK_FREE_RUNS, NetworkCallTimer, emit, operations_per_step, interleaved_times, machine, median_ratio, network_free, parser, sampling_run, sd_denoiser
+from common import (
+    NETWORK_FREE_RUNS,
+    NetworkCallTimer,
+    emit,
+    interleaved_times,
+    machine,
+    median_ratio,
+    network_free,
+    operations_per_step,
+    parser,
+    sampling_run,
+    sd_denoiser,
+)
 from superdiff import And
 
 

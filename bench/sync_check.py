@@ -9,7 +9,7 @@ the script exits with status 1 when any did.
 
 Without CUDA there is nothing to observe and it says so; on the CPU the same property is checked
 by ``tests/test_sampling.py::test_the_step_loop_neither_waits_for_the_device_nor_copies_to_it``
-and ``tests/test_pipelines.py::test_a_step_copies_nothing_from_the_host_to_the_device``.
+and ``tests/test_pipelines_denoisers.py::test_a_step_copies_nothing_from_the_host_to_the_device``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def main() -> None:
     steps = args.steps or 6
     result = {"benchmark": "sync_check", "machine": machine(), "device": args.device, "steps": steps}
     if not args.device.startswith("cuda"):
-        emit(result | {"syncs": None, "note": "needs a CUDA device; see the tests named in this script's docstring"}, args.json)
+        emit(
+            result | {"syncs": None, "note": "needs a CUDA device; see the tests named in this script's docstring"},
+            args.json,
+        )
         return
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         pipe = SuperDiffPipeline(**tiny_sd_components(tokenizer_dir=tokenizer_dir)).to(args.device, torch.float16)

@@ -19,8 +19,18 @@ import math
 import torch
 
 from common import machine, parser
-from superdiff import DiscreteSigma, EDM, GaussianMixture, MixtureDenoiser, Or, RectifiedFlow, VarianceExploding, VPLinear
-from superdiff import prior_sample, sample_sde
+from superdiff import (
+    EDM,
+    DiscreteSigma,
+    GaussianMixture,
+    MixtureDenoiser,
+    Or,
+    RectifiedFlow,
+    VarianceExploding,
+    VPLinear,
+    prior_sample,
+    sample_sde,
+)
 
 PAIRS = (("posterior", "forward"), ("forward", "forward"), ("posterior", "posterior"))
 
@@ -33,7 +43,10 @@ def random_mixtures(dim: int, seed: int = 1) -> tuple[GaussianMixture, GaussianM
 
 
 def figure2() -> tuple[GaussianMixture, GaussianMixture]:
-    return (GaussianMixture.create([[-1.5, 1.5], [1.5, 1.5]], 0.4), GaussianMixture.create([[-1.5, -1.5], [1.5, -1.5]], 0.4))
+    return (
+        GaussianMixture.create([[-1.5, 1.5], [1.5, 1.5]], 0.4),
+        GaussianMixture.create([[-1.5, -1.5], [1.5, -1.5]], 0.4),
+    )
 
 
 def sd_sigma_grid():
@@ -42,7 +55,9 @@ def sd_sigma_grid():
 
     from superdiff.pipelines.denoisers import schedule_from_scheduler
 
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
     return DiscreteSigma.from_scheduler(scheduler), lambda n: schedule_from_scheduler(scheduler, n).times
 
 
@@ -91,7 +106,10 @@ def main() -> None:
     args = p.parse_args()
     steps = [int(s) for s in args.step_counts.split(",")]
     results = {}
-    print(f"machine: {machine()}; {args.samples} samples; err = median |tracked − exact| (nats), ll = sample − data mean log p")
+    print(
+        f"machine: {machine()}; {args.samples} samples; err = median |tracked − exact| (nats), ll = sample − data "
+        "mean log p"
+    )
     for name, setup in setups().items():
         for n in steps:
             row = {f"{v}/{dv}": measure(setup, n, v, dv, args.samples) for v, dv in PAIRS}

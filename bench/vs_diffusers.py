@@ -59,7 +59,9 @@ def build_pipe(size: str, device: str, dtype: torch.dtype, seed: int = 0):
         seed=seed, block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -77,15 +79,23 @@ def runners(pipe, steps: int, batch: int, latent: int, device: str) -> dict:
     ours.set_progress_bar_config(disable=True)
     assert ours.unet is pipe.unet and ours.text_encoder is pipe.text_encoder
     pixels = latent * pipe.vae_scale_factor
-    common = dict(num_inference_steps=steps, num_images_per_prompt=batch, height=pixels, width=pixels, output_type="latent")
+    common = dict(
+        num_inference_steps=steps, num_images_per_prompt=batch, height=pixels, width=pixels, output_type="latent"
+    )
 
     def cfg(n: int = steps):
         return pipe(JOINT_PROMPT, guidance_scale=GUIDANCE, generator=torch.Generator(device).manual_seed(0),
                     **{**common, "num_inference_steps": n}).images
 
     def superdiff_and(n: int = steps):
-        return ours(prompts=PROMPTS, mode="and", guidance_scale=GUIDANCE, generator=torch.Generator(device).manual_seed(0),
-                    progress=False, **{**common, "num_inference_steps": n}).images
+        return ours(
+            prompts=PROMPTS,
+            mode="and",
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator(device).manual_seed(0),
+            progress=False,
+            **{**common, "num_inference_steps": n},
+        ).images
 
     return {"cfg": cfg, "and2": superdiff_and}
 
@@ -107,7 +117,10 @@ def unet_seconds(unet, fn, device: str) -> float:
         _sync(device)
         spent[0] += time.perf_counter() - started[0]
 
-    hooks = [unet.register_forward_pre_hook(before, with_kwargs=True), unet.register_forward_hook(after, with_kwargs=True)]
+    hooks = [
+        unet.register_forward_pre_hook(before, with_kwargs=True),
+        unet.register_forward_hook(after, with_kwargs=True),
+    ]
     try:
         fn()
     finally:
@@ -168,8 +181,24 @@ def worker(args: argparse.Namespace) -> None:
 def cpu_memory_subprocess(method: str, args: argparse.Namespace) -> dict:
     """Run :func:`worker` for ``method`` in a fresh interpreter; a fixed mmap threshold makes glibc
     hand large freed blocks back at once, so the RSS follows the live tensors."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--size", args.size, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--latent", str(args.latent), "--threads", str(args.threads), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        method,
+        "--size",
+        args.size,
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--latent",
+        str(args.latent),
+        "--threads",
+        str(args.threads),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:

@@ -26,9 +26,19 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
-def pipeline_call_kwargs(loaded: LoadedModel, items: Sequence[str], combiner: Combiner, steps: int, guidance: float | None,
-                         seed: int, num_images: int, progress: bool, negative_prompt: str | None = None,
-                         height: int | None = None, width: int | None = None) -> tuple[dict[str, Any], float | None]:
+def pipeline_call_kwargs(
+    loaded: LoadedModel,
+    items: Sequence[str],
+    combiner: Combiner,
+    steps: int,
+    guidance: float | None,
+    seed: int,
+    num_images: int,
+    progress: bool,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> tuple[dict[str, Any], float | None]:
     """The keyword arguments of ``loaded.pipeline(...)`` for one generation, and the guidance scale
     it uses (the model's default where ``guidance`` is None; None for unconditional models, which
     take none and compose their component models, not prompts)."""

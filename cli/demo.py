@@ -12,12 +12,22 @@ from .output import ensure_writable_dir
 
 
 @click.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("superdiff-demo"), show_default=True)
-@click.option("--steps", type=int, default=25, show_default=True, help="Sampling steps per method (the benchmark uses 40).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("superdiff-demo"),
+    show_default=True,
+)
+@click.option(
+    "--steps", type=int, default=25, show_default=True, help="Sampling steps per method (the benchmark uses 40)."
+)
 @click.option("--digits-samples", type=int, default=200, show_default=True, help="Samples per digit method.")
 @click.option("--shapes-samples", type=int, default=32, show_default=True, help="Samples per shapes method and pair.")
 @click.option("--guidance", type=float, default=5.0, show_default=True, help="Guidance scale for the shapes model.")
-@click.option("--pair", nargs=2, default=("red", "circle"), show_default=True, help="Colour and shape prompts for AND.")
+@click.option(
+    "--pair", nargs=2, default=("red", "circle"), show_default=True, help="Colour and shape prompts for AND."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
@@ -35,17 +45,30 @@ def demo(out_dir: Path, steps: int, digits_samples: int, shapes_samples: int, gu
     from superdiff.zoo.demo import DemoConfig, format_demo_table, run_demo
     from superdiff.zoo.shapes import COLOURS, SHAPES
 
-    for name, value, least in (("--steps", steps, 1), ("--digits-samples", digits_samples, 2), ("--shapes-samples", shapes_samples, 1)):
+    for name, value, least in (
+        ("--steps", steps, 1),
+        ("--digits-samples", digits_samples, 2),
+        ("--shapes-samples", shapes_samples, 1),
+    ):
         if value < least:
             why = " (the Fréchet distance fits a covariance to the samples)" if name == "--digits-samples" else ""
             raise BadInput(f"{name} must be >= {least}{why}, got {value}")
     if guidance < 0:
         raise BadInput(f"--guidance must be >= 0, got {guidance}")
     if pair[0] not in COLOURS or pair[1] not in SHAPES:
-        raise BadInput(f"--pair takes a colour ({', '.join(COLOURS)}) and a shape ({', '.join(SHAPES)}), got {' '.join(pair)}")
+        raise BadInput(
+            f"--pair takes a colour ({', '.join(COLOURS)}) and a shape ({', '.join(SHAPES)}), got {' '.join(pair)}"
+        )
     ensure_writable_dir(out_dir, "--out")
-    cfg = DemoConfig(digits_samples=digits_samples, shapes_samples=shapes_samples, steps=steps, guidance_scale=guidance,
-                     pair=tuple(pair), seed=seed, device=resolve_device(device))
+    cfg = DemoConfig(
+        digits_samples=digits_samples,
+        shapes_samples=shapes_samples,
+        steps=steps,
+        guidance_scale=guidance,
+        pair=tuple(pair),
+        seed=seed,
+        device=resolve_device(device),
+    )
     metrics = run_demo(out_dir, cfg, progress=not quiet)
     if not quiet:
         click.echo(format_demo_table(metrics))

@@ -47,7 +47,9 @@ def _metadata(png: Path) -> dict | None:
         try:
             meta = json.loads(sidecar.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadInput(f"{sidecar} is not valid JSON ({exc}); regenerate it, or remove {png.name} and its sidecar") from None
+            raise BadInput(
+                f"{sidecar} is not valid JSON ({exc}); regenerate it, or remove {png.name} and its sidecar"
+            ) from None
     else:
         from PIL import Image
 
@@ -91,8 +93,10 @@ def check_clip_spec(spec: str) -> None:
     path = Path(spec).expanduser()
     looks_local = path.exists() or spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
     if looks_local and not path.is_dir():
-        raise BadInput(f"--clip {spec!r}: no such folder. Pass a local CLIP folder (config.json, model.safetensors, the "
-                       f"tokenizer and preprocessor_config.json) or a hub id such as openai/clip-vit-large-patch14")
+        raise BadInput(
+            f"--clip {spec!r}: no such folder. Pass a local CLIP folder (config.json, model.safetensors, the "
+            f"tokenizer and preprocessor_config.json) or a hub id such as openai/clip-vit-large-patch14"
+        )
 
 
 def load_clip(spec: str, device: str, allow_pickle: bool):
@@ -105,10 +109,14 @@ def load_clip(spec: str, device: str, allow_pickle: bool):
                                           use_safetensors=None if allow_pickle else True, local_files_only=offline)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = "the hub is offline here, so pass a local CLIP folder" if offline and not path.is_dir() else "pass a local CLIP folder"
+        where = (
+            "the hub is offline here, so pass a local CLIP folder"
+            if offline and not path.is_dir()
+            else "pass a local CLIP folder"
+        )
         raise BadInput(
-            f"--clip {spec!r} could not be loaded ({first}); {where} (with config.json, model.safetensors, the tokenizer "
-            f"and preprocessor_config.json) or a cached hub id"
+            f"--clip {spec!r} could not be loaded ({first}); {where} (with config.json, model.safetensors, the "
+            "tokenizer and preprocessor_config.json) or a cached hub id"
             + ("" if allow_pickle else "; only safetensors weights are read unless --allow-pickle")
         ) from exc
 
@@ -121,7 +129,9 @@ def _unreadable(path: Path, exc: BaseException) -> BadInput:
         why = f"it has more pixels than the {Image.MAX_IMAGE_PIXELS} PIL reads safely (a decompression bomb?)"
     else:
         why = f"not a readable image: {str(exc).strip() or type(exc).__name__}"
-    return BadInput(f"{path}: {why}; remove it and its sidecar, or regenerate it (a sweep run again redoes damaged items)")
+    return BadInput(
+        f"{path}: {why}; remove it and its sidecar, or regenerate it (a sweep run again redoes damaged items)"
+    )
 
 
 def _open(path: Path, mode: str):
@@ -198,8 +208,10 @@ def score_shapes(gens: list[Generated], notes: list[str]) -> dict[Path, dict]:
     out = {}
     for (named, size), members in buckets.items():
         if size[0] != size[1]:
-            notes.append(f"attribute metrics skipped for {len(members)} embedded-shapes image(s) of size {size[0]}x{size[1]}; "
-                         f"the checker reads square images")
+            notes.append(
+                f"attribute metrics skipped for {len(members)} embedded-shapes image(s) of size {size[0]}x{size[1]}; "
+                f"the checker reads square images"
+            )
             continue
         read = read_prompt_attributes(pil_to_pixels([im for _, im in members]), named)
         out.update({g.path: r for (g, _), r in zip(members, read)})
@@ -273,15 +285,19 @@ def format_tables(groups: list[dict], clip_model: str | None) -> str:
                        ", ".join(f"{a} {r:.3f}" for a, r in g["attributes"]["rates"].items())]
             for g in groups if "attributes" in g]
     if rows:
-        parts.append("Attribute checker (embedded-shapes): fraction of images showing every / none of the named attributes\n"
-                     + _table(["model", "mode", "prompts", "n", "both", "neither", "per attribute"], rows))
+        parts.append(
+            "Attribute checker (embedded-shapes): fraction of images showing every / none of the named attributes\n"
+            + _table(["model", "mode", "prompts", "n", "both", "neither", "per attribute"], rows)
+        )
     rows = [head(g) + [f"{g['digits']['class_entropy']:.3f}", f"{g['digits']['confidence']:.3f}",
                        " ".join(f"{f:.2f}" for f in g["digits"]["class_fractions"])]
             for g in groups if "digits" in g]
     if rows:
-        parts.append("Digit classifier (embedded-digits): class entropy (nats, log 10 = 2.303 is uniform), mean confidence, "
-                     "fraction of each digit 0-9\n"
-                     + _table(["model", "mode", "models", "n", "entropy", "confidence", "fractions 0-9"], rows))
+        parts.append(
+            "Digit classifier (embedded-digits): class entropy (nats, log 10 = 2.303 is uniform), mean confidence, "
+            "fraction of each digit 0-9\n"
+            + _table(["model", "mode", "models", "n", "entropy", "confidence", "fractions 0-9"], rows)
+        )
     return "\n\n".join(parts)
 
 
@@ -293,7 +309,9 @@ def format_tables(groups: list[dict], clip_model: str | None) -> str:
               help=f"Where to write the results [default: DIR/{EVAL_FILE}].")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per CLIP forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--allow-pickle", is_flag=True, help="Also read non-safetensors CLIP weights (only for models you trust).")
+@click.option(
+    "--allow-pickle", is_flag=True, help="Also read non-safetensors CLIP weights (only for models you trust)."
+)
 @click.option("--quiet", is_flag=True, help="Print the tables only: no progress bar, no notes.")
 @handle_errors
 def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, batch_size: int, device: str,
@@ -315,22 +333,30 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
     if quiet:
         silence_library_logs()
     if not directory.exists():
-        raise BadInput(f"DIR {str(directory)!r} does not exist; pass a folder written by superdiff generate or superdiff sweep")
+        raise BadInput(
+            f"DIR {str(directory)!r} does not exist; pass a folder written by superdiff generate or superdiff sweep"
+        )
     if not directory.is_dir():
-        raise BadInput(f"DIR {str(directory)!r} is not a folder; pass the --out folder of superdiff generate or superdiff sweep")
+        raise BadInput(
+            f"DIR {str(directory)!r} is not a folder; pass the --out folder of superdiff generate or superdiff sweep"
+        )
     if batch_size < 1:
         raise BadInput(f"--batch-size must be >= 1, got {batch_size}")
     gens = find_generated(directory)
     if not gens:
-        raise BadInput(f"DIR {str(directory)!r} holds no generated images (PNGs with a JSON sidecar, here or in items/*/); "
-                       f"pass the --out folder of superdiff generate or superdiff sweep")
+        raise BadInput(
+            f"DIR {str(directory)!r} holds no generated images (PNGs with a JSON sidecar, here or in items/*/); "
+            f"pass the --out folder of superdiff generate or superdiff sweep"
+        )
     shapes = [g for g in gens if g.model == "embedded-shapes"]
     digits = [g for g in gens if g.model == "embedded-digits"]
     prompted = [g for g in gens if g.model not in EMBEDDED]
     if clip_model is None and not shapes and not digits:
         models = ", ".join(sorted({g.model for g in prompted}))
-        raise BadInput(f"the images in {str(directory)!r} come from {models}, which only the CLIP score can evaluate; pass "
-                       f"--clip with a CLIP model (a local folder, or a hub id such as openai/clip-vit-large-patch14)")
+        raise BadInput(
+            f"the images in {str(directory)!r} come from {models}, which only the CLIP score can evaluate; pass "
+            f"--clip with a CLIP model (a local folder, or a hub id such as openai/clip-vit-large-patch14)"
+        )
     if clip_model is not None:
         check_clip_spec(clip_model)
     check_images(gens)
@@ -341,10 +367,15 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
     notes: list[str] = []
     records: dict[Path, dict] = {g.path: {} for g in gens}
     if clip_model is None and prompted:
-        notes.append(f"CLIP score skipped for {len(prompted)} image(s) of {', '.join(sorted({g.model for g in prompted}))}: "
-                     f"no --clip given (pass --clip with a local CLIP folder or hub id to score them)")
+        notes.append(
+            f"CLIP score skipped for {len(prompted)} image(s) of {', '.join(sorted({g.model for g in prompted}))}: "
+            f"no --clip given (pass --clip with a local CLIP folder or hub id to score them)"
+        )
     if clip_model is not None and digits:
-        notes.append(f"CLIP score does not apply to the {len(digits)} embedded-digits image(s): they compose models, not prompts")
+        notes.append(
+            f"CLIP score does not apply to the {len(digits)} embedded-digits image(s): they compose models, not "
+            "prompts"
+        )
     if clip_model is not None and prompted + shapes:
         scorer = load_clip(clip_model, dev, allow_pickle)
         for path, rec in score_clip(prompted + shapes, scorer, batch_size, progress=not quiet).items():

@@ -12,10 +12,28 @@ from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
 from .errors import BadInput, handle_errors
-from .limits import (MAX_NUM_IMAGES, SEED_MAX, SEED_MIN, caption_words_problem, control_character_problem, images_problem,
-                     model_folder_problem, output_folder, steps_problem)
-from .models import (COMPILE_MODES, DEFAULT_ITEMS, EMBEDDED, apply_speed_options, load_model, model_problem, resolve_device,
-                     resolve_dtype, silence_library_logs)
+from .limits import (
+    MAX_NUM_IMAGES,
+    SEED_MAX,
+    SEED_MIN,
+    caption_words_problem,
+    control_character_problem,
+    images_problem,
+    model_folder_problem,
+    output_folder,
+    steps_problem,
+)
+from .models import (
+    COMPILE_MODES,
+    DEFAULT_ITEMS,
+    EMBEDDED,
+    apply_speed_options,
+    load_model,
+    model_problem,
+    resolve_device,
+    resolve_dtype,
+    silence_library_logs,
+)
 from .output import check_fresh_dir, ensure_writable_dir, save_generation
 
 
@@ -32,7 +50,9 @@ def parse_log_weights(text: str | None) -> list[float] | None:
     return values
 
 
-def collect_prompts(prompts: tuple[str, ...], mode: str | None, and_: tuple[str, ...], or_: tuple[str, ...]) -> tuple[list[str], str]:
+def collect_prompts(
+    prompts: tuple[str, ...], mode: str | None, and_: tuple[str, ...], or_: tuple[str, ...]
+) -> tuple[list[str], str]:
     """Merge ``--prompt/--mode`` with the ``--and``/``--or`` shorthands, rejecting mixtures."""
     used = [name for name, v in (("--prompt", prompts), ("--and", and_), ("--or", or_)) if v]
     if len(used) > 1:
@@ -61,8 +81,10 @@ def check_unconditional_options(guidance: float | None, negative_prompt: str | N
                                       ("--height", height), ("--width", width)) if value is not None]
     if given:
         verb = "does" if len(given) == 1 else "do"
-        raise BadInput(f"{', '.join(given)} {verb} not apply to embedded-digits (unconditional 8x8 models, no prompts); "
-                       f"drop {'it' if len(given) == 1 else 'them'}")
+        raise BadInput(
+            f"{', '.join(given)} {verb} not apply to embedded-digits (unconditional 8x8 models, no prompts); "
+            f"drop {'it' if len(given) == 1 else 'them'}"
+        )
 
 
 def check_negative_prompt(negative_prompt: str | None, model: str) -> None:
@@ -76,10 +98,14 @@ def check_negative_prompt(negative_prompt: str | None, model: str) -> None:
         raise BadInput(problem)
 
 
-def check_limits(model: str, items: list[str], steps: int, num_images: int, height: int | None, width: int | None) -> None:
+def check_limits(
+    model: str, items: list[str], steps: int, num_images: int, height: int | None, width: int | None
+) -> None:
     """The ranges that depend on the model, read from its config files without loading it: steps up
     to the scheduler's training timesteps, and one batch of images within the caps of cli/limits.py."""
-    problem = steps_problem(steps, model, items or None) or images_problem(num_images, height, width, model, items or None)
+    problem = steps_problem(steps, model, items or None) or images_problem(
+        num_images, height, width, model, items or None
+    )
     if problem:
         raise BadInput(problem)
 
@@ -91,23 +117,47 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.command()
 @click.option("--model", default="embedded-shapes", show_default=True,
               help=f"A diffusers folder, a hub id, or one of {', '.join(EMBEDDED)}.")
-@click.option("--prompt", "prompts", multiple=True, help="A prompt to compose (repeat). For embedded-digits: model names a, b, all.")
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    help="A prompt to compose (repeat). For embedded-digits: model names a, b, all.",
+)
 @click.option("--mode", type=click.Choice(MODES), default=None, help="How to compose the prompts [default: and].")
 @click.option("--and", "and_", multiple=True, metavar="PROMPT", help="Shorthand: --and P1 --and P2 means --mode and.")
 @click.option("--or", "or_", multiple=True, metavar="PROMPT", help="Shorthand: --or P1 --or P2 means --mode or.")
 @click.option("--negative-prompt", default=None, help="Replaces the empty unconditional prompt.")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Sampling steps (network calls), at most the scheduler's num_train_timesteps (1000 for the embedded models).")
-@click.option("--guidance", type=FiniteFloat(min=0), default=None, help="Classifier-free guidance scale [default: 7.5; 5 for embedded-shapes; embedded-digits takes none].")
-@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True, help="OR temperature T.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Sampling steps (network calls), at most the scheduler's num_train_timesteps (1000 for the embedded models).",
+)
+@click.option(
+    "--guidance",
+    type=FiniteFloat(min=0),
+    default=None,
+    help="Classifier-free guidance scale [default: 7.5; 5 for embedded-shapes; embedded-digits takes none].",
+)
+@click.option(
+    "--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True, help="OR temperature T."
+)
 @click.option("--log-weights", default=None, help="Comma-separated ℓ per prompt: OR bias or AND offsets.")
 @click.option("--seed", type=click.IntRange(SEED_MIN, SEED_MAX), default=0, show_default=True,
               help="Seed of the torch.Generator, 0 to 2**64-1.")
-@click.option("--num-images", type=click.IntRange(min=1), default=4, show_default=True,
-              help=f"Images in the one batch, at most {MAX_NUM_IMAGES} and 2**26 pixels in all (num-images x height x width).")
+@click.option(
+    "--num-images",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help=f"Images in the one batch, at most {MAX_NUM_IMAGES} and 2**26 pixels in all (num-images x height x width).",
+)
 @click.option("--height", type=click.IntRange(min=1), default=None)
 @click.option("--width", type=click.IntRange(min=1), default=None)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), callback=output_folder, default="superdiff-out",
               show_default=True)
@@ -122,11 +172,31 @@ def generation_settings(**kwargs: Any) -> dict:
               help="Store the network in channels-last memory format (faster fp16/bf16 convolutions on CUDA).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
-def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple[str, ...], or_: tuple[str, ...],
-             negative_prompt: str | None, steps: int, guidance: float | None, temperature: float, log_weights: str | None,
-             seed: int, num_images: int, height: int | None, width: int | None, dtype: str, device: str,
-             out_dir: Path, plot: bool, overwrite: bool, allow_pickle: bool, compile_mode: str | None, channels_last: bool,
-             quiet: bool) -> None:
+def generate(
+    model: str,
+    prompts: tuple[str, ...],
+    mode: str | None,
+    and_: tuple[str, ...],
+    or_: tuple[str, ...],
+    negative_prompt: str | None,
+    steps: int,
+    guidance: float | None,
+    temperature: float,
+    log_weights: str | None,
+    seed: int,
+    num_images: int,
+    height: int | None,
+    width: int | None,
+    dtype: str,
+    device: str,
+    out_dir: Path,
+    plot: bool,
+    overwrite: bool,
+    allow_pickle: bool,
+    compile_mode: str | None,
+    channels_last: bool,
+    quiet: bool,
+) -> None:
     """Generate images composing prompts with SuperDiff AND / OR (or the baselines).
 
     Writes one PNG per image (settings in its text metadata), a JSON sidecar per image (prompts,
@@ -155,7 +225,9 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     if model == "embedded-digits":
         check_unconditional_options(guidance, negative_prompt, height, width)
     check_negative_prompt(negative_prompt, model)
-    problem = model_folder_problem(model) or model_problem(model, items, allow_pickle)  # no need to look into a non-model
+    problem = model_folder_problem(model) or model_problem(
+        model, items, allow_pickle
+    )  # no need to look into a non-model
     if problem:
         raise BadInput(problem)
     check_limits(model, items, steps, num_images, height, width)
@@ -171,10 +243,23 @@ def generate(model: str, prompts: tuple[str, ...], mode: str | None, and_: tuple
     call, scale = pipeline_call_kwargs(loaded, items, combiner, steps, guidance, seed, num_images, progress=not quiet,
                                        negative_prompt=negative_prompt, height=height, width=width)
     result = loaded.pipeline(**call)
-    settings = generation_settings(model=model, prompts=items, mode=mode, steps=steps, guidance=scale,
-                                   temperature=temperature, log_weights=lw, seed=seed, dtype=str(torch_dtype).replace("torch.", ""),
-                                   device=dev, negative_prompt=negative_prompt, height=height, width=width,
-                                   compile=compile_mode, channels_last=channels_last)
+    settings = generation_settings(
+        model=model,
+        prompts=items,
+        mode=mode,
+        steps=steps,
+        guidance=scale,
+        temperature=temperature,
+        log_weights=lw,
+        seed=seed,
+        dtype=str(torch_dtype).replace("torch.", ""),
+        device=dev,
+        negative_prompt=negative_prompt,
+        height=height,
+        width=width,
+        compile=compile_mode,
+        channels_last=channels_last,
+    )
     files = save_generation(out_dir, result, settings, plot=plot, replacing=stale)
     if not quiet:
         click.echo(f"wrote {len(files)} files to {out_dir}")

@@ -111,7 +111,9 @@ def _side(value: Any) -> tuple[int, int] | None:
 def default_image_size(spec: str, items: list[str] | None = None) -> tuple[int, int] | None:
     """(height, width) the model makes when none is given: the network's ``sample_size`` times the
     VAE's downsampling (2^(blocks-1); 1 without a VAE, as in the embedded models); None if unknown."""
-    network = read_model_config(spec, "unet/config.json", items) or read_model_config(spec, "transformer/config.json", items)
+    network = read_model_config(spec, "unet/config.json", items) or read_model_config(
+        spec, "transformer/config.json", items
+    )
     size = _side((network or {}).get("sample_size"))
     if size is None:
         return None
@@ -173,9 +175,11 @@ def model_folder_problem(spec: str, option: str = "--model") -> str | None:
     missing = [name for name in SD_SUBFOLDERS if not (path / name).is_dir()]
     if not missing:
         return None
-    return (f"{option} {spec!r} is the folder {str(path.resolve())!r}, which is not a diffusers model folder (no "
-            f"model_index.json, no {', '.join(m + '/' for m in missing)}); pass a model folder saved with save_pretrained, "
-            f"a hub id, or one of {', '.join(EMBEDDED)}")
+    return (
+        f"{option} {spec!r} is the folder {str(path.resolve())!r}, which is not a diffusers model folder (no "
+        f"model_index.json, no {', '.join(m + '/' for m in missing)}); pass a model folder saved with "
+        f"save_pretrained, a hub id, or one of {', '.join(EMBEDDED)}"
+    )
 
 
 def control_character_problem(text: str, what: str) -> str | None:

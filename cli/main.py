@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import click
-
 import os
 import warnings
+
+import click
 
 from .demo import demo
 from .errors import INTERRUPTED_EXIT
@@ -23,7 +23,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         from diffusers.utils import logging as dlog
-
         from transformers.utils import logging as tlog
 
         dlog.disable_progress_bar()

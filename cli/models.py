@@ -68,13 +68,19 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 DIGIT_MODELS = ("a", "b", "all")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SUPPORTED_CLASSES = ("StableDiffusionPipeline (1.x/2.x) or its Img2Img variant, StableDiffusionXLPipeline (or Img2Img), "
-                     "or StableDiffusion3Pipeline (or Img2Img)")
+SUPPORTED_CLASSES = (
+    "StableDiffusionPipeline (1.x/2.x) or its Img2Img variant, StableDiffusionXLPipeline (or Img2Img), "
+    "or StableDiffusion3Pipeline (or Img2Img)"
+)
 
 
 def looks_local(spec: str) -> bool:
     """Whether ``spec`` names a path on this machine rather than a hub id (``org/name``)."""
-    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or (os.sep in spec and spec.count("/") != 1)
+    return (
+        Path(spec).expanduser().exists()
+        or spec.startswith((".", "/", "~"))
+        or (os.sep in spec and spec.count("/") != 1)
+    )
 
 
 def hub_offline() -> bool:
@@ -135,7 +141,9 @@ def pickle_only_components(folder: Path, index: dict | None) -> list[str]:
     return found
 
 
-def model_problem(spec: str, items: list[str] | None = None, allow_pickle: bool = False, option: str = "--model") -> str | None:
+def model_problem(
+    spec: str, items: list[str] | None = None, allow_pickle: bool = False, option: str = "--model"
+) -> str | None:
     """What is wrong with ``spec`` as a model, found without loading it (a missing local folder,
     component names embedded-digits lacks, a pipeline class superdiff has no pipeline for, pickle
     weights without ``allow_pickle``, words the embedded shapes model never saw), as "problem; fix";
@@ -151,7 +159,9 @@ def model_problem(spec: str, items: list[str] | None = None, allow_pickle: bool 
     if spec == "embedded-digits":
         unknown = [n for n in (items or ()) if n not in DIGIT_MODELS]
         if unknown:
-            return f"embedded-digits composes the models a (digits 0-4), b (5-9) and all; got {unknown}; use a, b or all"
+            return (
+                f"embedded-digits composes the models a (digits 0-4), b (5-9) and all; got {unknown}; use a, b or all"
+            )
         return None
     path = Path(spec).expanduser()
     if looks_local(spec) and not path.is_dir():
@@ -166,8 +176,11 @@ def model_problem(spec: str, items: list[str] | None = None, allow_pickle: bool 
                 f"(HF_HUB_OFFLINE); pass a local diffusers folder, a cached hub id, or {option} embedded-shapes")
     class_name = index.get("_class_name") if index else None
     if index is not None and (not isinstance(class_name, str) or not class_name.strip()):
-        return (f"{option} {spec!r}: its model_index.json has _class_name={class_name!r}, which is not a pipeline class "
-                f"name; it must be a string such as \"StableDiffusionPipeline\" (save the pipeline again with save_pretrained)")
+        return (
+            f"{option} {spec!r}: its model_index.json has _class_name={class_name!r}, which is not a pipeline class "
+            f'name; it must be a string such as "StableDiffusionPipeline" '
+            "(save the pipeline again with save_pretrained)"
+        )
     if index is not None and pipeline_class_name(class_name) is None:
         return (f"{option} {spec!r} is a {class_name}, which superdiff has no pipeline for; use a folder of a "
                 f"{SUPPORTED_CLASSES}")
@@ -180,12 +193,16 @@ def model_problem(spec: str, items: list[str] | None = None, allow_pickle: bool 
     if path.is_dir() and not allow_pickle:
         pickled = pickle_only_components(path, index)
         if pickled:
-            return (f"{option} {spec!r} stores the weights of {', '.join(pickled)} as pickle files, which can run code "
-                    f"when loaded, and only safetensors are read by default; pass --allow-pickle if you trust this model")
+            return (
+                f"{option} {spec!r} stores the weights of {', '.join(pickled)} as pickle files, which can run code "
+                f"when loaded, and only safetensors are read by default; pass --allow-pickle if you trust this model"
+            )
     return None
 
 
-def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False, items: list[str] | None = None) -> LoadedModel:
+def load_model(
+    spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False, items: list[str] | None = None
+) -> LoadedModel:
     """Load ``spec``: an embedded model name, a local diffusers folder (Stable Diffusion, SDXL or
     SD3, read from its model_index.json), or a hub id (cached only when offline). Only safetensors
     weights are read unless ``allow_pickle``."""
@@ -202,7 +219,9 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
         from superdiff.zoo.registry import load_digit_pipeline
 
         names = list(items or DEFAULT_ITEMS[spec])
-        return LoadedModel(spec, load_digit_pipeline(names, torch_dtype=dtype).to(device), "models", DEFAULT_ITEMS[spec], 0.0)
+        return LoadedModel(
+            spec, load_digit_pipeline(names, torch_dtype=dtype).to(device), "models", DEFAULT_ITEMS[spec], 0.0
+        )
     from superdiff.pipelines import pipeline_class_for
     from superdiff.pipelines.loading import DamagedWeightsError
 
@@ -216,7 +235,9 @@ def load_model(spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = 
         raise BadInput(f"--model {spec!r}: {exc}") from exc
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if ".safetensors" in first and "unable to load weights" in first.lower():  # e.g. a damaged file in the hub cache
+        if (
+            ".safetensors" in first and "unable to load weights" in first.lower()
+        ):  # e.g. a damaged file in the hub cache
             raise BadInput(f"--model {spec!r}: a safetensors weights file could not be read ({first}); it is probably "
                            f"damaged (truncated or corrupt): download the model again") from exc
         if not allow_pickle and ".safetensors" in first:

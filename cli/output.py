@@ -47,7 +47,9 @@ def ensure_writable_dir(path: Path, option: str) -> Path:
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".superdiff-write-test", delete=True)
         probe.close()
     except OSError as exc:
-        raise BadInput(f"{option} {str(path)!r} is not a writable folder ({exc.strerror}); choose another path") from exc
+        raise BadInput(
+            f"{option} {str(path)!r} is not a writable folder ({exc.strerror}); choose another path"
+        ) from exc
     return path
 
 
@@ -67,8 +69,10 @@ def check_fresh_dir(out_dir: Path, overwrite: bool, option: str = "--out") -> li
     is bad input (a smaller run would leave the earlier run's extra images beside its own)."""
     found = previous_outputs(out_dir)
     if found and not overwrite:
-        raise BadInput(f"{option} {str(out_dir)!r} already holds {len(found)} file(s) of an earlier run (e.g. {found[0].name}); "
-                       f"pass --overwrite to replace them, or choose another {option}")
+        raise BadInput(
+            f"{option} {str(out_dir)!r} already holds {len(found)} file(s) of an earlier run (e.g. {found[0].name}); "
+            f"pass --overwrite to replace them, or choose another {option}"
+        )
     return found
 
 
@@ -180,7 +184,9 @@ def _write_generation(target: Path, out_dir: Path, result: "object", settings: d
         info.add_text("superdiff", json.dumps(settings | {"index": i}))
         put(out_dir / f"{prefix}_{i:03d}.png", png_bytes(image, pnginfo=info))
         put(out_dir / f"{prefix}_{i:03d}.json", (json.dumps(meta) + "\n").encode("utf-8"))
-    grid = image_grid([(settings.get("mode", ""), images)], cell=max(64, images[0].width) if images else 64, label_width=60)
+    grid = image_grid(
+        [(settings.get("mode", ""), images)], cell=max(64, images[0].width) if images else 64, label_width=60
+    )
     put(out_dir / "grid.png", png_bytes(grid))
     if plot:
         fig = trace_plot(result.kappa_trace, result.log_density_trace, [str(n) for n in settings.get("prompts", [])])

@@ -22,8 +22,7 @@ from typing import Any
 from superdiff.combine import MODES, Combiner, make_combiner
 
 from .errors import BadInput
-from .limits import (control_character_problem, images_problem, model_folder_problem, seed_problem,
-                     steps_problem)
+from .limits import control_character_problem, images_problem, model_folder_problem, seed_problem, steps_problem
 from .models import EMBEDDED, model_problem
 
 SETTINGS = ("model", "steps", "guidance", "temperature", "num_images", "log_weights")
@@ -138,7 +137,9 @@ def parse_prompts(rec: dict[str, Any]) -> list[str]:
         raise LineError("no prompts; give a 'prompts' list (JSONL) or prompt_1, prompt_2 columns (CSV)")
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
-            raise LineError(f"prompt {i + 1} is {_shown(p)}; every prompt must be a non-empty string, e.g. \"a red circle\"")
+            raise LineError(
+                f'prompt {i + 1} is {_shown(p)}; every prompt must be a non-empty string, e.g. "a red circle"'
+            )
         problem = control_character_problem(p, f"prompt {i + 1}")
         if problem:
             raise LineError(problem)
@@ -154,7 +155,9 @@ def unknown_key_problems(keys: list[str], what: str = "key") -> list[str]:
             continue
         close = difflib.get_close_matches(key, [*KEYS, "prompt_1"], n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        problems.append(f"unknown {what} {key!r}; {hint}the known ones are {', '.join(KEYS)} and prompt_1, prompt_2, ...")
+        problems.append(
+            f"unknown {what} {key!r}; {hint}the known ones are {', '.join(KEYS)} and prompt_1, prompt_2, ..."
+        )
     return problems
 
 
@@ -199,7 +202,9 @@ def parse_log_weights(value: Any) -> tuple[float, ...] | None:
         raise LineError(f"log_weights {_shown(value)} must be numbers, one per prompt, e.g. [0, 1.5]") from None
 
 
-def check_combiners(prompts: list[str], modes: list[str], temperature: float, log_weights: tuple[float, ...] | None) -> None:
+def check_combiners(
+    prompts: list[str], modes: list[str], temperature: float, log_weights: tuple[float, ...] | None
+) -> None:
     """Build each mode's combiner for the line: the combiner checks its own values (two prompts or
     more for and/or, a temperature > 0, log-weights one per prompt and only for and/or)."""
     for mode in modes:
@@ -222,9 +227,12 @@ def check_defaults(defaults: dict[str, Any]) -> None:
         raise BadInput(str(exc)) from None
     if defaults["model"] != "embedded-digits":  # a digits default is checked with each line's model names
         model = str(defaults["model"])
-        problem = (model_folder_problem(model) or model_problem(model, allow_pickle=defaults.get("allow_pickle", False))
-                   or steps_problem(int(defaults["steps"]), model, None)
-                   or images_problem(int(defaults["num_images"]), None, None, model, options=("--num-images", "", "")))
+        problem = (
+            model_folder_problem(model)
+            or model_problem(model, allow_pickle=defaults.get("allow_pickle", False))
+            or steps_problem(int(defaults["steps"]), model, None)
+            or images_problem(int(defaults["num_images"]), None, None, model, options=("--num-images", "", ""))
+        )
         if problem:
             raise BadInput(problem)
 
@@ -259,10 +267,14 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
     guidance = None if guidance is None else _real("guidance", guidance, minimum=0.0)
     model = rec.get("model", defaults["model"])
     if not isinstance(model, str) or not model.strip():
-        raise LineError(f"model {_shown(model)} must be a non-empty string: a folder, a hub id, or {', '.join(EMBEDDED)}")
+        raise LineError(
+            f"model {_shown(model)} must be a non-empty string: a folder, a hub id, or {', '.join(EMBEDDED)}"
+        )
     if model == "embedded-digits" or model != defaults["model"]:  # the default was checked once, as --model
-        problem = (model_folder_problem(model, option="model")  # first: no need to look inside a folder that is no model
-                   or model_problem(model, prompts, defaults.get("allow_pickle", False), option="model"))
+        problem = (
+            model_folder_problem(model, option="model")  # first: no need to look inside a folder that is no model
+            or model_problem(model, prompts, defaults.get("allow_pickle", False), option="model")
+        )
         if problem:
             raise LineError(problem)
     problem = model_limit_problem(model, prompts, steps, num_images, rec, defaults)
@@ -286,8 +298,13 @@ def _csv_rows(path: Path, text: str) -> tuple[list[tuple[int, dict[str, Any]]], 
         raise BadInput(f"{path.name} line 1: the column names are not valid CSV ({exc}); "
                        f"write e.g. prompt_1,prompt_2,modes") from None
     if not fieldnames:
-        raise BadInput(f"{path.name}: empty CSV; the first line must name the columns, e.g. prompt_1,prompt_2,modes,seeds")
-    errors += [f"{path.name} line 1: {p}" for p in unknown_key_problems([k.strip() for k in fieldnames if k.strip()], "column")]
+        raise BadInput(
+            f"{path.name}: empty CSV; the first line must name the columns, e.g. prompt_1,prompt_2,modes,seeds"
+        )
+    errors += [
+        f"{path.name} line 1: {p}"
+        for p in unknown_key_problems([k.strip() for k in fieldnames if k.strip()], "column")
+    ]
     lines = io.StringIO(text, newline="").readlines()  # as csv counts them in reader.line_num
     ended = reader.line_num  # the last line of the previous row; the next row starts after it
     while True:
@@ -301,15 +318,19 @@ def _csv_rows(path: Path, text: str) -> tuple[list[tuple[int, dict[str, Any]]], 
                 errors.append(f"{path.name} line {start}: a quote (\") opens here and is never closed; close it, "
                               f"or write a quote inside a quoted prompt as \"\"")
             else:
-                errors.append(f"{path.name} line {start}: not valid CSV ({exc}); quote prompts that contain commas or quotes, "
-                              f"e.g. \"a red, round circle\"")
+                errors.append(
+                    f"{path.name} line {start}: not valid CSV ({exc}); quote prompts that contain commas or quotes, "
+                    f'e.g. "a red, round circle"'
+                )
             break  # the reader cannot tell where the next row starts
         ended = reader.line_num
         if None in rec:
             errors.append(f"{path.name} line {start}: more values than columns ({len(fieldnames)}); "
                           f"quote prompts that contain commas")
             continue
-        rows.append((start, {k.strip(): v for k, v in rec.items() if k is not None and v is not None and v.strip() != ""}))
+        rows.append(
+            (start, {k.strip(): v for k, v in rec.items() if k is not None and v is not None and v.strip() != ""})
+        )
     return rows, errors
 
 
@@ -321,7 +342,9 @@ def _rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"SPEC {str(path)!r} could not be read as UTF-8 text ({exc}); pass a .csv or .jsonl file") from None
+        raise BadInput(
+            f"SPEC {str(path)!r} could not be read as UTF-8 text ({exc}); pass a .csv or .jsonl file"
+        ) from None
     rows: list[tuple[int, dict[str, Any]]] = []
     errors: list[str] = []
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -334,7 +357,7 @@ def _rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
                 errors.append(f"{path.name} line {n}: not valid JSON ({exc.msg}); each line must be one JSON object")
                 continue
             if not isinstance(obj, dict):
-                errors.append(f"{path.name} line {n}: each line must be a JSON object like {{\"prompts\": [\"a\", \"b\"]}}")
+                errors.append(f'{path.name} line {n}: each line must be a JSON object like {{"prompts": ["a", "b"]}}')
                 continue
             unknown = unknown_key_problems(list(obj))
             if unknown:

@@ -113,11 +113,17 @@ def _manifest_record(line: str, path: Path, number: int) -> dict:
     except json.JSONDecodeError as exc:
         raise ManifestLineError(f"{path} line {number} is not valid JSON ({exc.msg}); {fix}") from None
     if not isinstance(record, dict):
-        raise ManifestLineError(f"{path} line {number} is a JSON {type(record).__name__}, not an object with an item_id; {fix}")
+        raise ManifestLineError(
+            f"{path} line {number} is a JSON {type(record).__name__}, not an object with an item_id; {fix}"
+        )
     problem = None
     if not isinstance(record.get("item_id"), str) or not record["item_id"]:
         problem = "has no item_id"
-    elif not isinstance(record.get("files"), list) or not record["files"] or not all(isinstance(f, str) for f in record["files"]):
+    elif (
+        not isinstance(record.get("files"), list)
+        or not record["files"]
+        or not all(isinstance(f, str) for f in record["files"])
+    ):
         problem = "has no list of files"
     elif not isinstance(record.get("settings"), dict) or not set(RECORD_SETTINGS) <= record["settings"].keys():
         problem = f"has no settings with {', '.join(RECORD_SETTINGS)}"
@@ -230,8 +236,10 @@ def _lock_holder(path: Path) -> tuple[str, str]:
 
 def _in_use(out_dir: Path, path: Path) -> BadInput:
     pid, _ = _lock_holder(path)
-    return BadInput(f"--out {str(out_dir)!r} is in use by another superdiff sweep (process {pid} holds the lock {path}); "
-                    f"wait for it to finish, or choose another --out")
+    return BadInput(
+        f"--out {str(out_dir)!r} is in use by another superdiff sweep (process {pid} holds the lock {path}); "
+        f"wait for it to finish, or choose another --out"
+    )
 
 
 def lock_out_dir(out_dir: Path, rank: int, owner: str, wait_s: float = LOCK_WAIT_S) -> int | None:
@@ -348,8 +356,18 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
     writer.writerow(["item_id", "prompts", "mode", "seed", "model", "steps", "num_images", *extra])
     for r in records:
         s = r["settings"]
-        writer.writerow([r["item_id"], " | ".join(s["prompts"]), s["mode"], s["seed"], s["model"], s["steps"], s["num_images"],
-                         *[_csv_value(r["metrics"].get(k)) for k in extra]])
+        writer.writerow(
+            [
+                r["item_id"],
+                " | ".join(s["prompts"]),
+                s["mode"],
+                s["seed"],
+                s["model"],
+                s["steps"],
+                s["num_images"],
+                *[_csv_value(r["metrics"].get(k)) for k in extra],
+            ]
+        )
     atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
     return records
 
@@ -365,9 +383,13 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
 @click.option("--guidance", type=float, default=None, help="Default guidance [model's default].")
 @click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--num-images", type=int, default=4, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True
+)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--limit", type=click.IntRange(min=0), default=None, help="Stop after this many new items (for trying a spec).")
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=None, help="Stop after this many new items (for trying a spec)."
+)
 @click.option("--allow-pickle", is_flag=True, help="Also read non-safetensors weights (only for models you trust).")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=None,
               help="torch.compile each model's network with this mode (paid once per model and batch shape).")
@@ -408,10 +430,14 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
     todo = [it for it in items if it.item_id not in done or it.item_id in damaged]
     mine = share_of_rank(items, todo, rank, world)
     if not quiet and rank == 0:
-        click.echo(f"{len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to run on {world} process(es)")
+        click.echo(
+            f"{len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to run on {world} process(es)"
+        )
         if damaged:
             problems = next(iter(damaged.values()))
-            click.echo(f"{len(damaged)} finished item(s) have damaged files and run again (e.g. {problems[0]})", err=True)
+            click.echo(
+                f"{len(damaged)} finished item(s) have damaged files and run again (e.g. {problems[0]})", err=True
+            )
     shard = out_dir / f"manifest.rank{rank}.jsonl"
     repair_torn_tail(shard)
     models: dict[str, object] = {}
@@ -428,8 +454,16 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 models[key] = load_model(item.model, torch_dtype, dev, allow_pickle, items=list(item.prompts))
                 apply_speed_options(models[key].pipeline, channels_last, compile_mode)
             loaded = models[key]
-            call, scale = pipeline_call_kwargs(loaded, item.prompts, item.combiner(), item.steps, item.guidance, item.seed,
-                                               item.num_images, progress=False)
+            call, scale = pipeline_call_kwargs(
+                loaded,
+                item.prompts,
+                item.combiner(),
+                item.steps,
+                item.guidance,
+                item.seed,
+                item.num_images,
+                progress=False,
+            )
             result = loaded.pipeline(**call)
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -452,7 +486,9 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
             _append_line(shard, record)
             finished += 1
     except KeyboardInterrupt:
-        click.echo(f"interrupted: {finished} item(s) finished in this run are saved; run the same command to resume", err=True)
+        click.echo(
+            f"interrupted: {finished} item(s) finished in this run are saved; run the same command to resume", err=True
+        )
         raise
     finally:
         if tmp is not None and tmp.exists():  # this process's half-written item, never another's

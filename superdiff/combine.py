@@ -277,7 +277,11 @@ class Or:
         _check_count("log_weights", self.log_weights, num_models, what)
 
     def __call__(self, inputs: CombineInputs) -> Tensor:
-        lw = None if self.log_weights is None else _log_weights_tensor(self.log_weights, inputs.log_q.shape[-1], inputs.log_q)
+        lw = (
+            None
+            if self.log_weights is None
+            else _log_weights_tensor(self.log_weights, inputs.log_q.shape[-1], inputs.log_q)
+        )
         return or_weights(inputs.log_q, self.temperature, lw)
 
 
@@ -358,8 +362,12 @@ def check_combiner(combiner: object, num_models: int, what: str = "models") -> N
     weights or log-weights need one entry per model. A combiner without ``check_num_models`` (a
     user's own) is taken as it is."""
     if isinstance(combiner, (str, type)) or not callable(combiner) or not hasattr(combiner, "needs_system"):
-        _refuse("combiner", combiner, "pass a combiner object such as And(), Or(temperature=2.0) or Fixed((0.7, 0.3)), "
-                "or build one from a mode name with make_combiner(mode, num_models)")
+        _refuse(
+            "combiner",
+            combiner,
+            "pass a combiner object such as And(), Or(temperature=2.0) or Fixed((0.7, 0.3)), "
+            "or build one from a mode name with make_combiner(mode, num_models)",
+        )
     check = getattr(combiner, "check_num_models", None)
     if check is not None:
         check(num_models, what)
@@ -383,8 +391,12 @@ def make_combiner(
         _refuse("mode", mode, f"use one of {MODES}")
     _check_temperature(temperature)
     if log_weights is not None and mode not in ("and", "or"):
-        _refuse("log_weights", log_weights, f"log_weights apply to mode 'or' (a bias) and 'and' (offsets), not {mode!r}; "
-                "drop them or use one of those modes")
+        _refuse(
+            "log_weights",
+            log_weights,
+            f"log_weights apply to mode 'or' (a bias) and 'and' (offsets), not {mode!r}; "
+            "drop them or use one of those modes",
+        )
     if mode == "or":
         combiner: Combiner = Or(temperature, log_weights)
     elif mode == "and":

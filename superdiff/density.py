@@ -231,7 +231,10 @@ def ito_final_step_system(denoised: Tensor, base: Tensor, scale: float) -> tuple
 def _offsets(denoised: Tensor, base: Tensor) -> Tensor:
     """``eᵢ = x̂₀ⁱ − base`` per sample, as (B, M, d) float64."""
     batch = base.shape[0]
-    e = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64) - base.reshape(batch, -1).to(torch.float64)[None]
+    e = (
+        denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64)
+        - base.reshape(batch, -1).to(torch.float64)[None]
+    )
     return e.transpose(0, 1)
 
 
@@ -321,7 +324,9 @@ def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tens
     """
     batch = x.shape[0]
     value, jvp = torch.func.jvp(fn, (x,), (probe.to(x.dtype),))
-    estimate = (jvp.reshape(jvp.shape[0], batch, -1).to(torch.float64) * probe.reshape(1, batch, -1).to(torch.float64)).sum(-1)
+    estimate = (
+        jvp.reshape(jvp.shape[0], batch, -1).to(torch.float64) * probe.reshape(1, batch, -1).to(torch.float64)
+    ).sum(-1)
     return value, estimate
 
 

@@ -51,14 +51,23 @@ class CLIPScorer:
         self.image_processor = image_processor
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
-                        use_safetensors: bool | None = True, local_files_only: bool = False) -> "CLIPScorer":
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype = torch.float32,
+        use_safetensors: bool | None = True,
+        local_files_only: bool = False,
+    ) -> "CLIPScorer":
         """Load ``CLIPModel``, ``CLIPTokenizer`` and ``CLIPImageProcessor`` from a folder or hub id.
         ``use_safetensors`` as in transformers: True reads only safetensors weights, None prefers
         them and falls back to pickled ones, False reads only pickled ones."""
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-        model = CLIPModel.from_pretrained(name_or_path, use_safetensors=use_safetensors, local_files_only=local_files_only)
+        model = CLIPModel.from_pretrained(
+            name_or_path, use_safetensors=use_safetensors, local_files_only=local_files_only
+        )
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         image_processor = CLIPImageProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
         return cls(model.to(device=device, dtype=torch_dtype), tokenizer, image_processor)
@@ -125,8 +134,10 @@ def read_prompt_attributes(images: Tensor, attributes: Sequence[str]) -> list[di
     (None: noise, a blank frame, two objects, ...) the words of that kind are not present."""
     unknown = [a for a in attributes if a not in COLOURS and a not in SHAPES]
     if unknown:
-        raise ValueError(f"attributes must be colour words {list(COLOURS)} or shape words {list(SHAPES)}, got {unknown}; "
-                         f"pass only those (prompt_attributes picks them out of prompts)")
+        raise ValueError(
+            f"attributes must be colour words {list(COLOURS)} or shape words {list(SHAPES)}, got {unknown}; "
+            f"pass only those (prompt_attributes picks them out of prompts)"
+        )
     colours, shapes = read_attributes(images)
     return [
         {"colour": c, "shape": s, "present": {a: (a == c if a in COLOURS else a == s) for a in attributes}}
@@ -161,7 +172,9 @@ def classify_digits(images: Tensor, classifier: torch.nn.Module) -> tuple[Tensor
     return labels, confidence
 
 
-def digit_summary(labels: Sequence[int] | Tensor, confidences: Sequence[float] | Tensor, num_classes: int = 10) -> dict:
+def digit_summary(
+    labels: Sequence[int] | Tensor, confidences: Sequence[float] | Tensor, num_classes: int = 10
+) -> dict:
     """Class fractions, their entropy (nats; log 10 ≈ 2.30 when every digit is equally frequent) and
     the mean confidence, as :func:`superdiff.zoo.experiments.digits_or` reports them."""
     labels = torch.as_tensor(labels, dtype=torch.long)

@@ -94,8 +94,8 @@ class NetworkDenoiser:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.conditions is not None and not isinstance(self.conditions, Tensor):
             raise ValueError(
-                f"conditions must be one tensor with a row per condition (M, ...), got {type(self.conditions).__name__}; "
-                "stack a list of condition tensors with torch.stack"
+                "conditions must be one tensor with a row per condition (M, ...), got "
+                f"{type(self.conditions).__name__}; stack a list of condition tensors with torch.stack"
             )
         check_unconditional(self.unconditional, self.num_outputs)
 

@@ -278,7 +278,9 @@ def tensor_to_pil(images: Tensor) -> list[Image.Image]:
     return out
 
 
-def image_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], cell: int = 48, label_width: int = 150) -> Image.Image:
+def image_grid(
+    rows: Sequence[tuple[str, Sequence[Image.Image]]], cell: int = 48, label_width: int = 150
+) -> Image.Image:
     """Labelled rows of equally sized images, upscaled (nearest) to ``cell`` pixels."""
     cols = max((len(r[1]) for r in rows), default=1)
     image = Image.new("RGB", (label_width + cols * (cell + 2), len(rows) * (cell + 2)), "white")

@@ -186,12 +186,16 @@ def _check_call(
         )
     m = denoiser.num_outputs - unconditional
     if log_q_init is not None and tuple(log_q_init.shape) != (x.shape[0], m):
-        raise ValueError(f"log_q_init must have shape (batch, models) = {(x.shape[0], m)}, got {tuple(log_q_init.shape)}")
+        raise ValueError(
+            f"log_q_init must have shape (batch, models) = {(x.shape[0], m)}, got {tuple(log_q_init.shape)}"
+        )
     check_combiner(combiner, m)
     return m, guided
 
 
-def _plan_times(process: Process, times: Tensor, last_may_be_data: bool, final_denoise: bool) -> tuple[list[float], list[float]]:
+def _plan_times(
+    process: Process, times: Tensor, last_may_be_data: bool, final_denoise: bool
+) -> tuple[list[float], list[float]]:
     """α and σ at every time of a grid from noise to data (σ/α strictly decreasing), read once.
 
     ``last_may_be_data``: the SDE may end on σ = 0 (a deterministic last step), the ODE may not (its
@@ -523,7 +527,9 @@ def sample_ode(
     return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
 
 
-def _sample_odeint(rates, x: Tensor, log_q: Tensor, times: Tensor, generator, divergence: str, rtol: float, atol: float) -> SamplerOutput:
+def _sample_odeint(
+    rates, x: Tensor, log_q: Tensor, times: Tensor, generator, divergence: str, rtol: float, atol: float
+) -> SamplerOutput:
     from torchdiffeq import odeint
 
     probe = _rademacher(x, generator) if divergence != "exact" else None

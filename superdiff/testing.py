@@ -36,7 +36,9 @@ WORDS: tuple[str, ...] = (
 )
 
 
-def write_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str] = WORDS, model_max_length: int = 16) -> str:
+def write_clip_tokenizer(
+    directory: str | os.PathLike, words: Sequence[str] = WORDS, model_max_length: int = 16
+) -> str:
     """Write ``vocab.json``, ``merges.txt`` and a tokenizer config for :class:`~transformers.CLIPTokenizer`
     in which every word of ``words`` is one token (the embedded shapes model's writer,
     :func:`superdiff.zoo.tokenizer.write_tokenizer`, over this list). Returns the directory."""
@@ -49,11 +51,15 @@ def tiny_clip_tokenizer(directory: str | os.PathLike | None = None, model_max_le
     """A :class:`~transformers.CLIPTokenizer` over the tiny vocabulary (written to a temp dir by default)."""
     from transformers import CLIPTokenizer
 
-    directory = write_clip_tokenizer(directory or tempfile.mkdtemp(prefix="superdiff-tok-"), model_max_length=model_max_length)
+    directory = write_clip_tokenizer(
+        directory or tempfile.mkdtemp(prefix="superdiff-tok-"), model_max_length=model_max_length
+    )
     return CLIPTokenizer.from_pretrained(directory, model_max_length=model_max_length)
 
 
-def tiny_clip_text_model(tokenizer, hidden_size: int = 32, projection_dim: int | None = None, seed: int = 0, num_layers: int = 2):
+def tiny_clip_text_model(
+    tokenizer, hidden_size: int = 32, projection_dim: int | None = None, seed: int = 0, num_layers: int = 2
+):
     """A seeded CLIP text encoder sized for ``tokenizer``; with ``projection_dim`` a
     :class:`~transformers.CLIPTextModelWithProjection` (pooled ``text_embeds``, as SDXL/SD3 use)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -158,8 +164,15 @@ def _scheduler(name: str, prediction_type: str):
     if name == "euler":
         return _euler(prediction_type)
     if name == "ddim":
-        return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                             prediction_type=prediction_type, set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+        return DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type=prediction_type,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            clip_sample=False,
+        )
     if name == "ddpm":
         return DDPMScheduler(beta_schedule="linear", prediction_type=prediction_type, clip_sample=False)
     raise ValueError(f"scheduler must be 'euler', 'ddim' or 'ddpm', got {name!r}")

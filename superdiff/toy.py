@@ -41,7 +41,9 @@ def figure2_models() -> MixtureDenoiser:
     return MixtureDenoiser((a, b), VPLinear(0.1, 20.0))
 
 
-def _run(models: MixtureDenoiser, combiner: Combiner, cfg: ToyConfig, steps: int, seed: int) -> tuple[SamplerOutput, Tensor]:
+def _run(
+    models: MixtureDenoiser, combiner: Combiner, cfg: ToyConfig, steps: int, seed: int
+) -> tuple[SamplerOutput, Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = prior_sample(models, cfg.num_samples, models.sample_shape, generator=g, dtype=torch.float64)
     times = models.process.time_grid(steps)
@@ -72,7 +74,9 @@ def run_toy(out_dir: str | Path, config: ToyConfig = ToyConfig()) -> dict:
     metrics: dict = {}
     for name, (res, exact) in results.items():
         gap = (exact[:, 0] - exact[:, 1]).abs()
-        tracked_gap = (res.log_densities[:, 0] - res.log_densities[:, 1]) - (res.log_density_trace[0, :, 0] - res.log_density_trace[0, :, 1])
+        tracked_gap = (res.log_densities[:, 0] - res.log_densities[:, 1]) - (
+            res.log_density_trace[0, :, 0] - res.log_density_trace[0, :, 1]
+        )
         metrics[name] = {
             "fraction_a": _fraction_nearer_a(models, res.samples),
             "exact_logq_gap_median": float(gap.median()),
@@ -109,9 +113,13 @@ def format_table(metrics: dict) -> str:
     for name in ("model_a", "model_b", "average", "or", "and"):
         m = metrics[name]
         lines.append(
-            f"{name:<10} {m['fraction_a']:>8.3f} {m['exact_logq_gap_median']:>25.4f} {m['estimator_abs_error_median']:>16.3f}"
+            f"{name:<10} {m['fraction_a']:>8.3f} {m['exact_logq_gap_median']:>25.4f} "
+            f"{m['estimator_abs_error_median']:>16.3f}"
         )
     errs = metrics["estimator"]["median_abs_error"]
-    lines.append("Itô estimator (OR), median |estimate - exact| by steps: " + ", ".join(f"{k}: {v:.3f}" for k, v in errs.items()))
+    lines.append(
+        "Itô estimator (OR), median |estimate - exact| by steps: "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in errs.items())
+    )
     lines.append(f"({metrics['seconds']} s)")
     return "\n".join(lines)

@@ -16,7 +16,9 @@ def test_log_prob_integrates_to_one_in_1d():
 
 
 def test_score_is_the_gradient_of_log_prob_and_denoised_follows_tweedie():
-    mix = GaussianMixture.create([[0.0, 1.0], [1.0, -1.0], [-2.0, 0.5]], torch.tensor([[0.2, 0.5], [0.4, 0.4], [0.1, 0.3]]), [0.2, 0.5, 0.3])
+    mix = GaussianMixture.create(
+        [[0.0, 1.0], [1.0, -1.0], [-2.0, 0.5]], torch.tensor([[0.2, 0.5], [0.4, 0.4], [0.1, 0.3]]), [0.2, 0.5, 0.3]
+    )
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_(True)
     a, s = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
     (grad,) = torch.autograd.grad(mix.log_prob(x, a, s).sum(), x)
@@ -29,7 +31,9 @@ def test_denoised_is_finite_where_alpha_vanishes():
     x = torch.randn(8, 2, dtype=torch.float64)
     p = RectifiedFlow()
     # at pure noise the posterior mean is the data mean
-    torch.testing.assert_close(mix.denoised(x, p.alpha(1.0), p.sigma(1.0)), torch.tensor([[-0.5, 2.5]], dtype=torch.float64).expand(8, 2))
+    torch.testing.assert_close(
+        mix.denoised(x, p.alpha(1.0), p.sigma(1.0)), torch.tensor([[-0.5, 2.5]], dtype=torch.float64).expand(8, 2)
+    )
 
 
 def test_sampling_matches_the_weights():

@@ -30,7 +30,18 @@ for script, key, *_ in table_rows():
 
 @pytest.mark.parametrize("script", sorted(KEYS))
 def test_benchmark_runs_and_reports_the_table_keys(script):
-    cmd = [sys.executable, str(BENCH / script), "--quick", "--json", "--repeats", "1", "--steps", "3", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        str(BENCH / script),
+        "--quick",
+        "--json",
+        "--repeats",
+        "1",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

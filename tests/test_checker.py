@@ -62,7 +62,9 @@ def test_noise_reads_as_nothing(kind):
 
 def test_blank_and_single_colour_frames_read_as_nothing():
     greys = torch.linspace(-1, 1, 21)[:, None, None, None].expand(21, 3, 16, 16)  # black, greys, white
-    palette = (torch.tensor(list(COLOURS.values())) * 2 - 1)[:, :, None, None].expand(4, 3, 16, 16)  # a frame of red, ...
+    palette = (torch.tensor(list(COLOURS.values())) * 2 - 1)[:, :, None, None].expand(
+        4, 3, 16, 16
+    )  # a frame of red, ...
     assert _unread(greys) and _unread(palette) and _unread(torch.ones(1, 3, 16, 16))
 
 
@@ -119,7 +121,11 @@ def test_rates_count_unreadable_images_as_showing_nothing():
     assert [r["present"] for r in read[4:]] == [{"red": False, "circle": False}] * 8
     assert all(r["colour"] is None and r["shape"] is None for r in read[4:])
     rates = attribute_rates([r["present"] for r in read])
-    assert (rates["both_rate"], rates["neither_rate"], rates["rates"]) == (4 / 12, 8 / 12, {"red": 4 / 12, "circle": 4 / 12})
+    assert (rates["both_rate"], rates["neither_rate"], rates["rates"]) == (
+        4 / 12,
+        8 / 12,
+        {"red": 4 / 12, "circle": 4 / 12},
+    )
     noise_only = attribute_rates([r["present"] for r in read_prompt_attributes(_noise("uniform"), ["red", "circle"])])
     assert (noise_only["both_rate"], noise_only["neither_rate"]) == (0.0, 1.0)
 

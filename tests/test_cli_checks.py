@@ -9,7 +9,9 @@ from click.testing import CliRunner
 from superdiff_cli.main import cli
 from superdiff_cli.spec import load_spec
 
-DEFAULTS = dict(model="embedded-shapes", modes="and", seeds="0", steps=50, guidance=None, temperature=1.0, num_images=4)
+DEFAULTS = dict(
+    model="embedded-shapes", modes="and", seeds="0", steps=50, guidance=None, temperature=1.0, num_images=4
+)
 
 
 @pytest.fixture
@@ -43,7 +45,10 @@ BAD_LINES = [  # each line's problem is found only in its model's config files o
     ({"prompts": ["red", "circle"], "seeds": [0, 2**64]}, "seed 18446744073709551616 is outside 0…2**64-1"),
     ({"prompts": ["red", "circle"], "seeds": [-1]}, "seed -1 is outside 0…2**64-1"),
     ({"prompts": ["red", "circle"], "steps": 1001}, "steps 1001 is more than the 1000 training timesteps"),
-    ({"prompts": ["a", "b"], "model": "embedded-digits", "modes": "or", "steps": 1500}, "steps 1500 is more than the 1000"),
+    (
+        {"prompts": ["a", "b"], "model": "embedded-digits", "modes": "or", "steps": 1500},
+        "steps 1500 is more than the 1000",
+    ),
     ({"prompts": ["red", "circle"], "num_images": 1000000}, "num_images 1000000 is more than 1024 images"),
     ({"prompts": ["red", "circle\x1b[31m"]}, r"the control character '\x1b' at position 7"),
 ]
@@ -72,7 +77,9 @@ def test_every_line_whose_model_limits_it_breaks_is_reported_before_any_work(tmp
     (["--num-images", "5000"], "--num-images 5000 is more than 1024 images"),
     (["--model", "."], "--model '.' is the folder"),
 ])
-def test_bad_defaults_against_the_default_model_are_named_once_as_options(tmp_path, monkeypatch, no_loading, options, needle):
+def test_bad_defaults_against_the_default_model_are_named_once_as_options(
+    tmp_path, monkeypatch, no_loading, options, needle
+):
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "spec.jsonl"
     spec.write_text('{"prompts": ["red", "circle"]}\n{"prompts": ["blue", "square"]}\n')

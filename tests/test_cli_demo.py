@@ -16,7 +16,9 @@ OR_METHODS = {"superdiff", "average", "model_a", "model_b", "joint_model"}
 def assert_one_bar_per_experiment(stderr: str, steps: int) -> None:
     """The demo's stderr holds two tqdm bars, OR digits then AND shapes, each ending at its total of
     methods × steps, whose descriptions named every method on the way; no other bar (the pipelines' own)."""
-    lines = stderr.split("\n")  # tqdm redraws a bar after "\r" and ends it with "\n" (not splitlines: it splits at "\r")
+    lines = stderr.split(
+        "\n"
+    )  # tqdm redraws a bar after "\r" and ends it with "\n" (not splitlines: it splits at "\r")
     finished = [line.split("\r")[-1] for line in lines if "|" in line]
     assert [line.split(":")[0] for line in finished] == ["OR digits", "AND shapes"], stderr[-2000:]
     assert f"{5 * steps}/{5 * steps}" in finished[0] and f"{12 * steps}/{12 * steps}" in finished[1]

@@ -28,7 +28,9 @@ def clip_dir(tmp_path_factory):
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
@@ -56,8 +58,12 @@ def prompt_folder(path, count=4):
     """Images of a non-embedded model composing PROMPTS (solid colours of several sizes, noise), plus a
     grid and a trace plot (no sidecars). On the tiny CLIP they score both above and below 0."""
     rng = np.random.default_rng(0)
-    images = [Image.new("RGB", (24, 24), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255)),
-              Image.new("RGB", (24, 24), (0, 255, 0)), Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))]
+    images = [
+        Image.new("RGB", (24, 24), (255, 0, 0)),
+        Image.new("RGB", (32, 32), (0, 0, 255)),
+        Image.new("RGB", (24, 24), (0, 255, 0)),
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)),
+    ]
     for i, image in enumerate(images[:count]):
         write_image(path, i, image, model="someone/sd-model", prompts=PROMPTS, mode="and")
     Image.new("RGB", (64, 32)).save(path / "grid.png")
@@ -82,7 +88,10 @@ def test_clip_score_is_100_cosine_of_the_model_s_own_embeddings(clip_dir, tmp_pa
     tok, proc = CLIPTokenizer.from_pretrained(clip_dir), CLIPImageProcessor.from_pretrained(clip_dir)
     images = [Image.open(folder / im["file"]).convert("RGB") for im in out["images"]]
     with torch.no_grad():
-        fwd = model(**tok(PROMPTS, padding=True, return_tensors="pt"), pixel_values=proc(images=images, return_tensors="pt")["pixel_values"])
+        fwd = model(
+            **tok(PROMPTS, padding=True, return_tensors="pt"),
+            pixel_values=proc(images=images, return_tensors="pt")["pixel_values"],
+        )
     raw = 100 * fwd.image_embeds @ fwd.text_embeds.T
     assert (raw > 1).any() and (raw < -1).any()  # both sides of the clamp are checked
     for im, expected in zip(out["images"], raw.clamp_min(0).tolist()):
@@ -151,11 +160,27 @@ def test_attribute_rates_on_a_sweep_folder_of_known_shapes(tmp_path):
     first, second = shapes_of_known_content()
     root = tmp_path / "sweep"
     for i, (im, _) in enumerate(first):
-        write_image(root / "items" / "0001-and-s0-aaaa", i, im, model="embedded-shapes", prompts=["red", "circle"], mode="and")
+        write_image(
+            root / "items" / "0001-and-s0-aaaa", i, im, model="embedded-shapes", prompts=["red", "circle"], mode="and"
+        )
     for i, (im, _) in enumerate(second):
-        write_image(root / "items" / "0002-average-s0-bbbb", i, im, model="embedded-shapes", prompts=["blue triangle"], mode="average")
+        write_image(
+            root / "items" / "0002-average-s0-bbbb",
+            i,
+            im,
+            model="embedded-shapes",
+            prompts=["blue triangle"],
+            mode="average",
+        )
     # an unfinished item (hidden temporary folder) is not evaluated
-    write_image(root / "items" / ".0003-and-s0-cccc.tmp", 0, first[0][0], model="embedded-shapes", prompts=["red", "circle"], mode="and")
+    write_image(
+        root / "items" / ".0003-and-s0-cccc.tmp",
+        0,
+        first[0][0],
+        model="embedded-shapes",
+        prompts=["red", "circle"],
+        mode="and",
+    )
     (root / "manifest.jsonl").write_text("")
     r = invoke("eval", root, "--quiet")
     assert r.exit_code == 0, r.output
@@ -215,7 +240,11 @@ def test_eval_of_a_real_generate_folder(clip_dir, tmp_path):
     colours, shapes = read_attributes(pil_to_pixels([Image.open(out / im["file"]) for im in res["images"]]))
     for im, c, s in zip(res["images"], colours, shapes):
         assert im["prompts"] == ["blue", "triangle"] and im["mode"] == "and" and im["model"] == "embedded-shapes"
-        assert im["attributes"] == {"colour": c, "shape": s, "present": {"blue": c == "blue", "triangle": s == "triangle"}}
+        assert im["attributes"] == {
+            "colour": c,
+            "shape": s,
+            "present": {"blue": c == "blue", "triangle": s == "triangle"},
+        }
         assert len(im["clip"]["scores"]) == 2 and im["clip"]["min"] <= im["clip"]["mean"]
     (group,) = res["groups"]
     both = sum(c == "blue" and s == "triangle" for c, s in zip(colours, shapes)) / 3
@@ -225,7 +254,9 @@ def test_eval_of_a_real_generate_folder(clip_dir, tmp_path):
     (out / "image_002.json").unlink()
     again = invoke("eval", out, "--quiet")
     assert again.exit_code == 0, again.output
-    assert [im["attributes"] for im in report(out / "eval.json")["images"]] == [im["attributes"] for im in res["images"]]
+    assert [im["attributes"] for im in report(out / "eval.json")["images"]] == [
+        im["attributes"] for im in res["images"]
+    ]
 
 
 def test_eval_agrees_with_the_sweep_s_own_both_rate(tmp_path):
@@ -267,7 +298,11 @@ def test_without_clip_prompt_models_are_skipped_with_a_note(tmp_path):
         (lambda p: prompt_folder(p, count=1), ["--clip", "./no-such-clip"], "no such folder"),
         (lambda p: prompt_folder(p, count=1), ["--clip", "someone/not-a-cached-clip"], "local CLIP folder"),
         (lambda p: prompt_folder(p, count=1), ["--clip", "x", "--batch-size", "0"], "--batch-size"),
-        (lambda p: prompt_folder(p, count=1) and (p / "image_000.json").write_text("{oops") and p, [], "not valid JSON"),
+        (
+            lambda p: prompt_folder(p, count=1) and (p / "image_000.json").write_text("{oops") and p,
+            [],
+            "not valid JSON",
+        ),
     ],
 )
 def test_bad_input_exits_2(tmp_path, monkeypatch, make, extra, needle):

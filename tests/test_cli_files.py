@@ -23,7 +23,9 @@ def invoke(*args):
 
 
 def generate(out, *extra):
-    return invoke("generate", "--and", "red", "--and", "circle", "--steps", 2, "--num-images", 2, "--out", out, "--quiet", *extra)
+    return invoke(
+        "generate", "--and", "red", "--and", "circle", "--steps", 2, "--num-images", 2, "--out", out, "--quiet", *extra
+    )
 
 
 def write_spec(tmp_path, rows=(["red", "circle"], ["blue", "square"])):
@@ -33,7 +35,9 @@ def write_spec(tmp_path, rows=(["red", "circle"], ["blue", "square"])):
 
 
 def sweep(spec, out, *extra):
-    return invoke("sweep", spec, "--out", out, "--model", "embedded-shapes", "--steps", 2, "--num-images", 1, "--quiet", *extra)
+    return invoke(
+        "sweep", spec, "--out", out, "--model", "embedded-shapes", "--steps", 2, "--num-images", 1, "--quiet", *extra
+    )
 
 
 def manifest(out):
@@ -70,7 +74,13 @@ def test_outputs_have_the_modes_the_umask_allows(tmp_path, umask, mask):
     gen = tmp_path / "gen"
     assert generate(gen).exit_code == 0
     written = sorted(gen.iterdir())
-    assert {p.name for p in written} == {"image_000.png", "image_000.json", "image_001.png", "image_001.json", "grid.png"}
+    assert {p.name for p in written} == {
+        "image_000.png",
+        "image_000.json",
+        "image_001.png",
+        "image_001.json",
+        "grid.png",
+    }
     assert {p.name: mode(p) for p in written} == {p.name: files for p in written}
 
     out = tmp_path / "sweep"
@@ -177,7 +187,10 @@ def test_damaged_items_are_redone_on_resume_to_the_same_files(tmp_path):
         ('{"files": ["items/x/image_000.png"]}', "line 2 has no item_id"),
         ('["a", "b"]', "line 2 is a JSON list, not an object with an item_id"),
         ("not json at all", "line 2 is not valid JSON"),
-        ('{"item_id": "0009-and-s0-0000abcd", "files": [], "settings": {}, "metrics": {}}', "line 2 has no list of files"),
+        (
+            '{"item_id": "0009-and-s0-0000abcd", "files": [], "settings": {}, "metrics": {}}',
+            "line 2 has no list of files",
+        ),
     ],
 )
 def test_a_manifest_line_this_command_did_not_write_is_named(tmp_path, monkeypatch, line, problem):
@@ -297,16 +310,42 @@ def test_a_real_ctrl_c_exits_130_and_the_resumed_sweep_equals_an_uninterrupted_o
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert sweep(spec, whole).exit_code == 0
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVES, "sweep", str(spec), "--out", str(resumed), "--model",
-                             "embedded-shapes", "--steps", "2", "--num-images", "1", "--quiet"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_SAVES,
+            "sweep",
+            str(spec),
+            "--out",
+            str(resumed),
+            "--model",
+            "embedded-shapes",
+            "--steps",
+            "2",
+            "--num-images",
+            "1",
+            "--quiet",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     shard, deadline = resumed / "manifest.rank0.jsonl", time.monotonic() + 120
-    while not (shard.is_file() and shard.read_text().count("\n") >= 1) and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        not (shard.is_file() and shard.read_text().count("\n") >= 1)
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
-    assert "Interrupted (Ctrl-C)." in output and "Traceback" not in output and "run the same command to resume" in output
+    assert (
+        "Interrupted (Ctrl-C)." in output and "Traceback" not in output and "run the same command to resume" in output
+    )
     assert not [p for p in (resumed / "items").iterdir() if p.name.startswith(".")]
     assert 1 <= len(list((resumed / "items").iterdir())) < 4
     r = sweep(spec, resumed)

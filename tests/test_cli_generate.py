@@ -51,7 +51,10 @@ def test_generate_writes_images_sidecars_grid_and_plot(tiny_model, tmp_path):
         (["--and", "a", "--and", "b", "--steps", "0"], "--steps"),
         (["--and", "a", "--and", "b", "--guidance", "-1"], "--guidance"),
         (["--and", "a", "--and", "b", "--height", "13"], "height"),
-        (["--and", "a", "--and", "b", "--log-weights", "1,2,3"], "log_weights=(1.0, 2.0, 3.0) is not valid; pass 2 numbers"),
+        (
+            ["--and", "a", "--and", "b", "--log-weights", "1,2,3"],
+            "log_weights=(1.0, 2.0, 3.0) is not valid; pass 2 numbers",
+        ),
         (["--and", "a", "--or", "b"], "--and"),
         (["--and", "a", "--and", "b", "--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda"),
         (["--and", "a", "--and", "b", "--device", "cuda:99"], "--device 'cuda:99'"),  # no CUDA here, or no 100th GPU
@@ -66,7 +69,9 @@ def test_generate_bad_input_exits_2(tiny_model, tmp_path, args, needle):
 def test_generate_missing_model_suggests_the_embedded_one(tmp_path):
     r = invoke("generate", "--model", str(tmp_path / "nope"), "--and", "a", "--and", "b", "--out", str(tmp_path))
     assert r.exit_code == 2 and "embedded-shapes" in r.output
-    r2 = invoke("generate", "--model", "someone/not-cached-anywhere", "--and", "a", "--and", "b", "--out", str(tmp_path))
+    r2 = invoke(
+        "generate", "--model", "someone/not-cached-anywhere", "--and", "a", "--and", "b", "--out", str(tmp_path)
+    )
     assert r2.exit_code == 2 and "embedded-shapes" in r2.output
 
 
@@ -95,7 +100,9 @@ def test_generate_compile_and_channels_last_options(tiny_model, tmp_path, monkey
     real_compile = torch.compile
 
     def recording_compile(module, **kwargs):
-        calls.append((type(module).__name__, kwargs, module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)))
+        calls.append(
+            (type(module).__name__, kwargs, module.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
+        )
         return real_compile(module, backend="eager")
 
     args = ["--and", "a red circle", "--and", "a blue square", "--steps", "2", "--num-images", "1", "--quiet"]
@@ -143,13 +150,18 @@ def test_generate_reads_the_pipeline_class_from_model_index(other_pipelines, tmp
                "--steps", "2", "--num-images", "1", "--out", str(tmp_path / "out"), "--quiet")
     assert r.exit_code == 0, r.output
     assert loaded == [pipeline]
-    assert json.loads((tmp_path / "out" / "image_000.json").read_text())["prompts"] == ["a red circle", "a blue square"]
+    assert json.loads((tmp_path / "out" / "image_000.json").read_text())["prompts"] == [
+        "a red circle",
+        "a blue square",
+    ]
 
 
 def test_generate_refuses_a_pipeline_class_superdiff_lacks(tmp_path):
     folder = tmp_path / "flux"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]})
+    )
     r = invoke("generate", "--model", str(folder), "--and", "a", "--and", "b", "--out", str(tmp_path / "out"))
     assert r.exit_code == 2, r.output
     assert "FluxPipeline" in r.output and "StableDiffusionXLPipeline" in r.output and "Traceback" not in r.output
@@ -162,8 +174,19 @@ def test_pickle_weights_are_refused_with_the_option_that_reads_them(tmp_path):
 
     folder = tmp_path / "pickled"
     SuperDiffPipeline(**tiny_sd_components()).save_pretrained(folder, safe_serialization=False)
-    args = ["--model", str(folder), "--and", "a red circle", "--and", "a blue square", "--steps", "2", "--num-images", "1",
-            "--quiet"]
+    args = [
+        "--model",
+        str(folder),
+        "--and",
+        "a red circle",
+        "--and",
+        "a blue square",
+        "--steps",
+        "2",
+        "--num-images",
+        "1",
+        "--quiet",
+    ]
     r = invoke("generate", *args, "--out", str(tmp_path / "refused"))
     assert r.exit_code == 2, r.output
     assert "pickle" in r.output and "--allow-pickle" in r.output and "unet/" in r.output
@@ -194,7 +217,9 @@ def test_quiet_keeps_the_libraries_log_lines_off_the_terminal(tiny_model, tmp_pa
     recorder, library = Recorder(), logging.getLogger("diffusers")
     library.addHandler(recorder)
     try:
-        r = invoke("generate", "--model", str(folder), "--and", "a", "--and", "b", "--out", str(tmp_path / "o"), "--quiet")
+        r = invoke(
+            "generate", "--model", str(folder), "--and", "a", "--and", "b", "--out", str(tmp_path / "o"), "--quiet"
+        )
     finally:
         library.removeHandler(recorder)
         for name in ("diffusers", "transformers", "huggingface_hub"):
@@ -224,7 +249,9 @@ def test_an_earlier_run_in_out_is_refused_or_replaced_with_overwrite(tiny_model,
 
 def test_embedded_digits_takes_no_guidance_and_records_none(tmp_path):
     out = tmp_path / "d"
-    refused = invoke("generate", "--model", "embedded-digits", "--or", "a", "--or", "b", "--guidance", "3", "--out", str(out))
+    refused = invoke(
+        "generate", "--model", "embedded-digits", "--or", "a", "--or", "b", "--guidance", "3", "--out", str(out)
+    )
     assert refused.exit_code == 2 and "--guidance does not apply to embedded-digits" in refused.output
     assert not out.exists()
     r = invoke("generate", "--model", "embedded-digits", "--or", "a", "--or", "b", "--steps", "2", "--num-images", "1",
@@ -235,7 +262,9 @@ def test_embedded_digits_takes_no_guidance_and_records_none(tmp_path):
 
 
 def test_embedded_shapes_refuses_words_it_never_saw(tmp_path):
-    r = invoke("generate", "--model", "embedded-shapes", "--and", "purple", "--and", "a red circle", "--out", str(tmp_path))
+    r = invoke(
+        "generate", "--model", "embedded-shapes", "--and", "purple", "--and", "a red circle", "--out", str(tmp_path)
+    )
     assert r.exit_code == 2 and "got a, purple" in r.output and "red" in r.output and "Traceback" not in r.output
     assert not list(tmp_path.glob("image_*"))
 
@@ -261,13 +290,21 @@ def no_loading(monkeypatch):
         (["--seed", "-1"], "0<=x<=18446744073709551615"),
         (["--num-images", "1000000"], "--num-images 1000000 is more than 1024 images in one batch"),
         (["--height", "100000"], "--height 100000 is more than 8192 pixels"),
-        (["--num-images", "65", "--height", "1024", "--width", "1024"],
-         "more than the cap of 67,108,864 (2**26); use --num-images 64"),
+        (
+            ["--num-images", "65", "--height", "1024", "--width", "1024"],
+            "more than the cap of 67,108,864 (2**26); use --num-images 64",
+        ),
         (["--num-images", "1024", "--height", "8192"], "1024 images of 8192x16 pixels"),  # the model's default width
         (["--model", "../../../../etc"], "is not a diffusers model folder"),
         (["--model", "."], "is not a diffusers model folder (no model_index.json, no unet/, text_encoder/"),
-        (["--and", "red\x1b[2J", "--and", "circle"], r"prompt 1 'red\x1b[2J' holds the control character '\x1b' at position 4"),
-        (["--negative-prompt", "purple blob"], "--negative-prompt 'purple blob': embedded-shapes knows only the words"),
+        (
+            ["--and", "red\x1b[2J", "--and", "circle"],
+            r"prompt 1 'red\x1b[2J' holds the control character '\x1b' at position 4",
+        ),
+        (
+            ["--negative-prompt", "purple blob"],
+            "--negative-prompt 'purple blob': embedded-shapes knows only the words",
+        ),
         (["--negative-prompt", "blue\x07"], r"holds the control character '\x07'"),
     ],
 )

@@ -85,7 +85,9 @@ def test_sweep_speed_options_apply_once_per_model(tiny_model, tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     out = tmp_path / "out"
-    result = run_sweep(write_spec(tmp_path, tiny_model), out, tiny_model, "--compile", "reduce-overhead", "--channels-last")
+    result = run_sweep(
+        write_spec(tmp_path, tiny_model), out, tiny_model, "--compile", "reduce-overhead", "--channels-last"
+    )
     assert result.exit_code == 0, result.output
     assert calls == [({"mode": "reduce-overhead"}, True)]
     sidecars = [json.loads(p.read_text()) for p in (out / "items").glob("*/image_000.json")]
@@ -111,9 +113,15 @@ def test_malformed_spec_names_the_line(tiny_model, tmp_path, name, text, needle)
 MALFORMED = [
     ('{"prompts": ["red", "circle"], "guidance": "nan"}', "guidance 'nan' must be a finite number"),
     ('{"prompts": ["red", "circle"], "temperature": "inf"}', "temperature=inf is not valid; use a finite number > 0"),
-    ('{"prompts": ["red", "circle"], "modes": ["and", "average"], "log_weights": [0, 1]}', "log_weights apply to mode 'or' (a bias) and 'and' (offsets), not 'average'"),
+    (
+        '{"prompts": ["red", "circle"], "modes": ["and", "average"], "log_weights": [0, 1]}',
+        "log_weights apply to mode 'or' (a bias) and 'and' (offsets), not 'average'",
+    ),
     ('{"prompts": ["red", "circle"], "modes": "sum", "log_weights": "0|1"}', "not 'sum'"),
-    ('{"prompts": ["red", "circle"], "log_weights": [0, 1, 2]}', "log_weights=(0.0, 1.0, 2.0) is not valid; pass 2 numbers"),
+    (
+        '{"prompts": ["red", "circle"], "log_weights": [0, 1, 2]}',
+        "log_weights=(0.0, 1.0, 2.0) is not valid; pass 2 numbers",
+    ),
     ('{"prompts": ["red", "circle"], "model": "./no-such-folder"}', "model './no-such-folder': no such folder"),
     ('{"prompts": ["a", "c"], "model": "embedded-digits", "modes": "or"}', "got ['c']; use a, b or all"),
     ('{"prompts": ["red", "circle"], "modes": []}', "modes is empty"),
@@ -176,7 +184,9 @@ def test_sweep_both_rate_reads_prompts_as_eval_does(tmp_path):
     prompt_sets = [["circle", "red"], ["red circle", "red"], ["red", "circle"], ["red", "blue"]]
     spec.write_text("".join(json.dumps({"prompts": p}) + "\n" for p in prompt_sets))
     out = tmp_path / "out"
-    s = CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(out), "--steps", "10", "--num-images", "4", "--quiet"])
+    s = CliRunner().invoke(
+        cli, ["sweep", str(spec), "--out", str(out), "--steps", "10", "--num-images", "4", "--quiet"]
+    )
     assert s.exit_code == 0, s.output
     e = CliRunner().invoke(cli, ["eval", str(out), "--quiet"])
     assert e.exit_code == 0, e.output
@@ -189,14 +199,18 @@ def test_sweep_both_rate_reads_prompts_as_eval_does(tmp_path):
     import csv
 
     rows = {r["prompts"]: r for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())}
-    assert rows["red | blue"]["both_rate"] == "" and float(rows["circle | red"]["both_rate"]) == rates[("circle", "red")]
+    assert (
+        rows["red | blue"]["both_rate"] == "" and float(rows["circle | red"]["both_rate"]) == rates[("circle", "red")]
+    )
 
 
 def test_sweep_records_no_guidance_for_unconditional_models(tmp_path):
     spec = tmp_path / "spec.jsonl"
     spec.write_text(json.dumps({"prompts": ["a", "b"], "model": "embedded-digits", "modes": "or"}) + "\n")
     out = tmp_path / "out"
-    r = CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(out), "--steps", "2", "--num-images", "1", "--quiet"])
+    r = CliRunner().invoke(
+        cli, ["sweep", str(spec), "--out", str(out), "--steps", "2", "--num-images", "1", "--quiet"]
+    )
     assert r.exit_code == 0, r.output
     (record,) = manifest(out)
     assert record["settings"]["guidance"] is None
@@ -206,11 +220,39 @@ def test_sweep_records_no_guidance_for_unconditional_models(tmp_path):
 def test_sweep_is_data_parallel_under_accelerate(tiny_model, tmp_path):
     spec, out = write_spec(tmp_path, tiny_model), tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "superdiff_cli.main", "sweep", str(spec), "--out", str(out),
-           "--model", tiny_model, "--steps", "3", "--num-images", "1", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "superdiff_cli.main",
+        "sweep",
+        str(spec),
+        "--out",
+        str(out),
+        "--model",
+        tiny_model,
+        "--steps",
+        "3",
+        "--num-images",
+        "1",
+        "--quiet",
+    ]
     env["LOGLEVEL"] = "INFO"  # torchrun's launcher says how far it got, should this ever hang again
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

@@ -9,7 +9,9 @@ from superdiff.combine import And, CombineInputs, Or, and_weights, make_combiner
 
 
 def test_or_weights_are_the_tempered_biased_softmax_and_survive_overflow():
-    log_q = torch.tensor([[0.0, math.log(3.0)], [1e308, 1e308], [float("-inf"), 0.0], [float("nan"), 1.0]], dtype=torch.float64)
+    log_q = torch.tensor(
+        [[0.0, math.log(3.0)], [1e308, 1e308], [float("-inf"), 0.0], [float("nan"), 1.0]], dtype=torch.float64
+    )
     k = or_weights(log_q)
     torch.testing.assert_close(k[0], torch.tensor([0.25, 0.75], dtype=torch.float64))
     torch.testing.assert_close(k[1], torch.tensor([0.5, 0.5], dtype=torch.float64))

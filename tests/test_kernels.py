@@ -59,7 +59,9 @@ def test_the_increment_is_the_log_ratio_of_its_two_gaussian_kernels():
         reverse = normal(coef.c_x * x[None] + coef.c_0 * denoised, coef.density_var**0.5).log_prob(y[None]).sum(-1)
         forward = normal(coef.a * y, coef.S2**0.5).log_prob(x).sum(-1)
         expected = (reverse - forward[None]).T
-        torch.testing.assert_close(ito_log_density_increment(denoised, mix, x, noise, coef), expected, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(
+            ito_log_density_increment(denoised, mix, x, noise, coef), expected, rtol=1e-12, atol=1e-9
+        )
 
 
 @pytest.mark.parametrize("variance", VARIANCES)
@@ -129,7 +131,9 @@ def test_and_of_three_mixtures_keeps_the_tracked_densities_equal():
     """The sampler-level case a user hit: AND of three 3-D mixtures, whose steps reach condition
     numbers near 1e5; every sample's tracked log-densities stay equal (20% had drifted by up to 0.006)."""
     g = torch.Generator().manual_seed(4)
-    mixtures = tuple(GaussianMixture.create(torch.randn(2, 3, generator=g) * 1.5, [0.3, 0.6], [0.7, 0.3]) for _ in range(3))
+    mixtures = tuple(
+        GaussianMixture.create(torch.randn(2, 3, generator=g) * 1.5, [0.3, 0.6], [0.7, 0.3]) for _ in range(3)
+    )
     models = MixtureDenoiser(mixtures, VPLinear(0.1, 20.0))
     gen = torch.Generator().manual_seed(0)
     x = prior_sample(models, 200, models.sample_shape, generator=gen, dtype=torch.float64)
@@ -154,7 +158,9 @@ def test_eight_step_images_of_the_embedded_shapes_model_are_as_clean_as_diffuser
     latents = torch.randn((n, 3, 16, 16), generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps = pipe.unet(scheduler.scale_model_input(torch.cat([latents, latents]), t), t, encoder_hidden_states=conditions).sample
+            eps = pipe.unet(
+                scheduler.scale_model_input(torch.cat([latents, latents]), t), t, encoder_hidden_states=conditions
+            ).sample
             latents = scheduler.step(eps[n:] + w * (eps[:n] - eps[n:]), t, latents).prev_sample
     euler_range = float(latents.abs().max())
     for prompts, mode in ((["red circle"], "average"), (["red", "circle"], "and")):

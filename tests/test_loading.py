@@ -102,9 +102,14 @@ def test_a_scheduler_config_naming_a_pipeline_is_refused_before_any_pickle_is_re
     index = json.loads((indexed / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "StableDiffusionPipeline"]
     (indexed / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"model_index\.json: component 'scheduler' is \['diffusers', 'StableDiffusionPipeline'\]"):
+    with pytest.raises(
+        ValueError, match=r"model_index\.json: component 'scheduler' is \['diffusers', 'StableDiffusionPipeline'\]"
+    ):
         SuperDiffPipeline.from_pretrained(indexed, local_files_only=True, use_safetensors=True)
-    index["scheduler"], index["unet"] = ["diffusers", "EulerDiscreteScheduler"], ["diffusers", "StableDiffusionPipeline"]
+    index["scheduler"], index["unet"] = (
+        ["diffusers", "EulerDiscreteScheduler"],
+        ["diffusers", "StableDiffusionPipeline"],
+    )
     (indexed / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"component 'unet' is \['diffusers', 'StableDiffusionPipeline'\]"):
         SuperDiffPipeline.from_pretrained(indexed, local_files_only=True, use_safetensors=True)
@@ -133,7 +138,9 @@ def test_a_truncated_safetensors_file_is_named_as_damaged(tmp_path):
     bare = sd_folder(tmp_path, with_index=False)
     for folder in (indexed, bare):
         truncate(folder / "unet" / "diffusion_pytorch_model.safetensors")
-        with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model\.safetensors \(.*\) are damaged: truncated"):
+        with pytest.raises(
+            ValueError, match=r"unet/diffusion_pytorch_model\.safetensors \(.*\) are damaged: truncated"
+        ):
             SuperDiffPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
         r = invoke("generate", "--model", folder, "--and", "a", "--and", "b", "--out", tmp_path / "out", "--quiet")
         assert r.exit_code == 2, r.output
@@ -169,7 +176,9 @@ def test_a_class_name_that_is_not_a_string_is_a_clear_error(tmp_path, class_name
     (indexed / "model_index.json").write_text(json.dumps(index | {"_class_name": class_name}))
     shown = repr(class_name).replace("[", r"\[").replace("]", r"\]")
     for load in (pipeline_class_for, lambda p: SuperDiffPipeline.from_pretrained(p, local_files_only=True)):
-        with pytest.raises(ValueError, match=rf"model_index\.json has _class_name={shown}, which is not a pipeline class name"):
+        with pytest.raises(
+            ValueError, match=rf"model_index\.json has _class_name={shown}, which is not a pipeline class name"
+        ):
             load(indexed)
     r = invoke("generate", "--model", indexed, "--and", "a", "--and", "b", "--out", tmp_path / "out", "--quiet")
     assert r.exit_code == 2, r.output
@@ -239,7 +248,9 @@ def test_latents_of_the_wrong_shape_and_precomputed_embeddings_are_refused(sd_pi
     from superdiff.testing import tiny_sd3_components
 
     kw = dict(prompts=PROMPTS, num_inference_steps=2, progress=False)
-    with pytest.raises(ValueError, match=r"^latents=<a tensor of shape \(1, 4, 4, 4\)> .*samples shape \(1, 4, 8, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"^latents=<a tensor of shape \(1, 4, 4, 4\)> .*samples shape \(1, 4, 8, 8\)"
+    ):
         sd_pipe(latents=torch.zeros(1, 4, 4, 4), **kw)
     with pytest.raises(ValueError, match=r"^latents=.*\(2, 4, 8, 8\)"):
         sd_pipe(latents=torch.zeros(1, 4, 8, 8), num_images_per_prompt=2, **kw)
@@ -284,6 +295,13 @@ def test_unconditional_takes_the_text_pipelines_batch_name_and_latents_and_refus
         pipe(batch_size=2, num_images_per_prompt=3, **kw)
     with pytest.raises(ValueError, match="^num_images_per_prompt=0 "):
         pipe(num_images_per_prompt=0, **kw)
-    for name, value in (("prompt", "a cat"), ("prompts", ["a", "b"]), ("guidance_scale", 7.5), ("negative_prompt", "x")):
-        with pytest.raises(ValueError, match=f"^{name}=.*unconditional stack has no prompts and no classifier-free guidance"):
+    for name, value in (
+        ("prompt", "a cat"),
+        ("prompts", ["a", "b"]),
+        ("guidance_scale", 7.5),
+        ("negative_prompt", "x"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"^{name}=.*unconditional stack has no prompts and no classifier-free guidance"
+        ):
             pipe(**{name: value}, **kw)

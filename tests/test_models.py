@@ -72,7 +72,9 @@ def test_the_unconditional_output_is_declared_not_assumed():
     guided = MixtureDenoiser((a, b, null), VPLinear(), unconditional=True)
     x = prior_sample(plain, 8, plain.sample_shape, dtype=torch.float64)
     times = VPLinear().time_grid(5)
-    with pytest.raises(ValueError, match=r"guidance_scale=3.0 steers from an unconditional prediction.*unconditional=True"):
+    with pytest.raises(
+        ValueError, match=r"guidance_scale=3.0 steers from an unconditional prediction.*unconditional=True"
+    ):
         sample_sde(plain, x, times, Or(), guidance_scale=3.0)
     with pytest.raises(ValueError, match=r"last output is unconditional.*pass a guidance_scale"):
         sample_sde(guided, x, times, Or())

@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from superdiff import And, Average, Fixed, Or, Sum
-from superdiff.pipelines import SuperDiffFlowPipeline, SuperDiffPipeline, SuperDiffUnconditionalPipeline, SuperDiffXLPipeline
-from superdiff.testing import tiny_sd3_components, tiny_sd_components, tiny_sdxl_components, tiny_unconditional_components
+from superdiff.pipelines import (
+    SuperDiffFlowPipeline,
+    SuperDiffPipeline,
+    SuperDiffUnconditionalPipeline,
+    SuperDiffXLPipeline,
+)
+from superdiff.testing import (
+    tiny_sd3_components,
+    tiny_sd_components,
+    tiny_sdxl_components,
+    tiny_unconditional_components,
+)
 
 PROMPTS = ["a red circle", "a blue square"]
 KW = dict(num_inference_steps=2, output_type="latent", progress=False)
@@ -83,16 +93,22 @@ def test_and_with_its_own_tolerance_travels_to_the_sampler(family):
     torch.testing.assert_close(tight.kappa_trace, default.kappa_trace, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(combiner=Or(), mode="or"), r"^combiner=Or\(.*pass either combiner=\.\.\. or mode, not both"),
-    (dict(combiner=And(), temperature=2.0), r"^combiner=And\(.*temperature"),
-    (dict(combiner=Or(), log_weights=[0.0, 1.0]), r"^combiner=Or\(.*log_weights"),
-    (dict(combiner=Fixed((0.7, 0.2, 0.1))), r"^weights=\(0\.7, 0\.2, 0\.1\) is not valid; pass 2 numbers"),
-    (dict(combiner=Or(log_weights=(0.0, 1.0, 2.0))), r"^log_weights=\(0\.0, 1\.0, 2\.0\) is not valid; pass 2 numbers"),
-    (dict(combiner=And(log_weights=(1.0,))), r"^log_weights=\(1\.0,\) is not valid; pass 2 numbers"),
-    (dict(combiner="and"), r"^combiner='and' is not valid; pass a combiner object"),
-    (dict(combiner=And), r"^combiner=<class .*And'> is not valid; pass a combiner object"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(combiner=Or(), mode="or"), r"^combiner=Or\(.*pass either combiner=\.\.\. or mode, not both"),
+        (dict(combiner=And(), temperature=2.0), r"^combiner=And\(.*temperature"),
+        (dict(combiner=Or(), log_weights=[0.0, 1.0]), r"^combiner=Or\(.*log_weights"),
+        (dict(combiner=Fixed((0.7, 0.2, 0.1))), r"^weights=\(0\.7, 0\.2, 0\.1\) is not valid; pass 2 numbers"),
+        (
+            dict(combiner=Or(log_weights=(0.0, 1.0, 2.0))),
+            r"^log_weights=\(0\.0, 1\.0, 2\.0\) is not valid; pass 2 numbers",
+        ),
+        (dict(combiner=And(log_weights=(1.0,))), r"^log_weights=\(1\.0,\) is not valid; pass 2 numbers"),
+        (dict(combiner="and"), r"^combiner='and' is not valid; pass a combiner object"),
+        (dict(combiner=And), r"^combiner=<class .*And'> is not valid; pass a combiner object"),
+    ],
+)
 def test_conflicting_or_ill_fitting_combiners_are_refused_before_any_network_call(family, bad, message):
     pipe, args, networks = family
     calls = [count_calls(n) for n in networks]
@@ -109,7 +125,9 @@ def test_or_and_and_objects_need_two_prompts_like_their_modes(tmp_path):
     pipe = SuperDiffPipeline(**tiny_sd_components(tokenizer_dir=tmp_path))
     calls = count_calls(pipe.unet)
     for combiner in (Or(), And()):
-        with pytest.raises(ValueError, match=r"^prompts=<1 given> is not valid; mode='(or|and)' composes at least 2 prompts"):
+        with pytest.raises(
+            ValueError, match=r"^prompts=<1 given> is not valid; mode='(or|and)' composes at least 2 prompts"
+        ):
             pipe(["a red circle"], combiner=combiner, **KW)
     assert calls == []
     one = pipe(["a red circle"], combiner=Fixed((1.0,)), **KW)  # one prompt with fixed weights is fine
@@ -123,4 +141,7 @@ def test_flow_refuses_a_non_affine_combiner_unguided_as_it_refuses_mode_sum(tmp_
         with pytest.raises(ValueError, match="^guidance_scale=None is not valid"):
             pipe(PROMPTS, combiner=combiner, guidance_scale=None, max_sequence_length=8, **KW)
     assert calls == []
-    assert pipe(PROMPTS, combiner=Fixed((0.7, 0.3)), guidance_scale=None, max_sequence_length=8, **KW).images.shape[0] == 1
+    assert (
+        pipe(PROMPTS, combiner=Fixed((0.7, 0.3)), guidance_scale=None, max_sequence_length=8, **KW).images.shape[0]
+        == 1
+    )

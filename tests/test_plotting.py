@@ -101,7 +101,9 @@ def test_rendered_figures_have_their_pixel_size_draw_each_colour_and_are_not_bla
     for colour in PALETTE[:3]:
         assert has_pixels_near(scatter, hex_rgb(colour))
 
-    grid = line_panels([(f"panel {k}", [LineSeries("x", torch.arange(5.0) * k)]) for k in range(5)], 300, 200, columns=2)
+    grid = line_panels(
+        [(f"panel {k}", [LineSeries("x", torch.arange(5.0) * k)]) for k in range(5)], 300, 200, columns=2
+    )
     assert grid.size == (600, 600)  # 5 panels, 2 columns: 3 rows, the sixth cell left empty
 
 

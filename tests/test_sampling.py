@@ -91,7 +91,9 @@ def test_or_of_three_models():
     models = MixtureDenoiser((a, b, c), VPLinear())
     n = 1500
     out, _ = run(models, Or(), 300, n=n)
-    nearest = torch.cdist(out.samples, torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64)).argmin(1)
+    nearest = torch.cdist(
+        out.samples, torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64)
+    ).argmin(1)
     for i in range(3):
         assert _binomial_ok(float((nearest == i).double().mean()), 1 / 3, n)
 
@@ -118,7 +120,9 @@ def test_and_onto_sigma_zero_lands_on_equal_exact_densities():
 def test_and_in_half_precision_mixes_nearly_identical_models_without_overflow():
     # κ of nearly identical models reaches 1e5 here: Σκx̂₀ must not be formed in float16.
     means = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
-    models = MixtureDenoiser((GaussianMixture.create(means, 0.5), GaussianMixture.create(means + 1e-3, 0.5)), VPLinear())
+    models = MixtureDenoiser(
+        (GaussianMixture.create(means, 0.5), GaussianMixture.create(means + 1e-3, 0.5)), VPLinear()
+    )
     x = prior_sample(models, 64, (16,), torch.Generator().manual_seed(0))
     times = models.process.time_grid(50, t_end=0.05)
     reference = sample_sde(models, x, times, And(), generator=torch.Generator().manual_seed(1))
@@ -324,8 +328,8 @@ def test_a_callback_may_replace_the_state_as_diffusers_callbacks_do():
     edited = torch.full_like(x, 0.25)
     for sampler in (sample_sde, sample_ode):
         seen.clear()
-        out = sampler(Recording(), x, times, And(), generator=torch.Generator().manual_seed(1),
-                      callback=lambda info: edited if info.step == 0 else None)
+        sampler(Recording(), x, times, And(), generator=torch.Generator().manual_seed(1),
+                callback=lambda info: edited if info.step == 0 else None)
         assert torch.equal(seen[1], edited)  # the next step starts from the callback's state
         last = sampler(models, x, times, Or(), callback=lambda info: edited if info.step == 2 else None)
         assert torch.equal(last.samples, edited)

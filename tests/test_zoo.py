@@ -85,7 +85,12 @@ def _assert_one_token_per_word(tok) -> None:
         assert len(ids) == 3 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id, (word, ids)
         assert tok.decode(ids[1:-1]).strip() == word
     pair = tok("blue triangle", padding="max_length", max_length=MAX_LENGTH).input_ids
-    assert len(pair) == MAX_LENGTH and pair[:4] == [tok.bos_token_id, tok(["blue"]).input_ids[0][1], tok("triangle").input_ids[1], tok.eos_token_id]
+    assert len(pair) == MAX_LENGTH and pair[:4] == [
+        tok.bos_token_id,
+        tok(["blue"]).input_ids[0][1],
+        tok("triangle").input_ids[1],
+        tok.eos_token_id,
+    ]
 
 
 def test_caption_words_are_single_tokens_and_the_tokenizer_loads_offline(tmp_path):
@@ -97,7 +102,11 @@ def test_caption_words_are_single_tokens_and_the_tokenizer_loads_offline(tmp_pat
     again = CLIPTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert again("red circle").input_ids == tok("red circle").input_ids
     assert tok.convert_ids_to_tokens([0, 1]) == ["<|startoftext|>", "<|endoftext|>"]
-    assert len(tok) == len(json.loads((tmp_path / "vocab.json").read_text())) == 2 + 2 * 256 + len(bpe_merges(CAPTION_WORDS))
+    assert (
+        len(tok)
+        == len(json.loads((tmp_path / "vocab.json").read_text()))
+        == 2 + 2 * 256 + len(bpe_merges(CAPTION_WORDS))
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,8 +227,18 @@ def test_training_script_runs_and_logs(tmp_path):
     log = json.loads((tmp_path / "digits-a" / "training_log.json").read_text())
     assert log["config"]["steps"] == 2 and len(log["loss_curve"]) == 2 and log["seconds"] >= 0
     assert (tmp_path / "digits-a" / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    assert json.loads((tmp_path / "digits-a" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
+    assert (
+        json.loads((tmp_path / "digits-a" / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        == "DDPMScheduler"
+    )
     main(["shapes", "--out", str(tmp_path), "--steps", "2", "--batch-size", "4"])
     folder = tmp_path / "shapes"
-    assert {p.name for p in folder.iterdir()} >= {"unet", "text_encoder", "tokenizer", "scheduler", "model_index.json", "training_log.json"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "unet",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "model_index.json",
+        "training_log.json",
+    }
     assert json.loads((folder / "training_log.json").read_text())["steps_done"] == 2

@@ -7,8 +7,8 @@ from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .flow import SuperDiffFlowPipeline
 from .loading import pipeline_class_for
 from .output import SuperDiffPipelineOutput
-from .stable_diffusion import SuperDiffPipeline
 from .sdxl import SuperDiffXLPipeline
+from .stable_diffusion import SuperDiffPipeline
 from .unconditional import SuperDiffUnconditionalPipeline
 
 __all__ = [

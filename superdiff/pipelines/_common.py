@@ -52,13 +52,22 @@ def resolve_combiner(
     ``default_mode``), ``temperature`` and ``log_weights``; checked against the ``num_models``
     composed ``what`` ("prompts", "unets") by the combiner itself (:func:`~superdiff.combine.check_combiner`)."""
     if combiner is None:
-        return make_combiner(default_mode if mode is None else mode, num_models, 1.0 if temperature is None else temperature,
-                             log_weights, what=what)
+        return make_combiner(
+            default_mode if mode is None else mode,
+            num_models,
+            1.0 if temperature is None else temperature,
+            log_weights,
+            what=what,
+        )
     given = [name for name, value in (("mode", mode), ("temperature", temperature), ("log_weights", log_weights))
              if value is not None]
     if given:
-        _fail("combiner", combiner, f"it already says how to compose, so {', '.join(given)} would be ignored; pass either "
-              f"combiner=... or {'/'.join(given)}, not both")
+        _fail(
+            "combiner",
+            combiner,
+            f"it already says how to compose, so {', '.join(given)} would be ignored; pass either "
+            f"combiner=... or {'/'.join(given)}, not both",
+        )
     check_combiner(combiner, num_models, what)
     return combiner
 
@@ -101,8 +110,8 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
             raise ValueError(
-                f"generator=<a list of {len(generator)} items> is not valid: a list needs one torch.Generator per image "
-                f"({batch}); pass that many, or one generator for the whole batch"
+                f"generator=<a list of {len(generator)} items> is not valid: a list needs one torch.Generator per "
+                f"image ({batch}); pass that many, or one generator for the whole batch"
             )
     elif generator is not None and not isinstance(generator, torch.Generator):
         _fail("generator", generator, "pass a torch.Generator (it drives the whole batch), one per image, or None")
@@ -110,27 +119,47 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
     if callback is not None and not callable(callback):
         _fail("callback_on_step_end", callback, "pass a callable (pipe, step, timestep, callback_kwargs) or None")
     names = callback_tensor_names(callback, options.callback_on_step_end_tensor_inputs)
-    if isinstance(names, str) or not isinstance(names, (list, tuple)) or any(n not in CALLBACK_TENSOR_INPUTS for n in names):
+    if (
+        isinstance(names, str)
+        or not isinstance(names, (list, tuple))
+        or any(n not in CALLBACK_TENSOR_INPUTS for n in names)
+    ):
         _fail("callback_on_step_end_tensor_inputs", names, f"pass a list of names from {list(CALLBACK_TENSOR_INPUTS)}")
 
 
 def check_text_inputs(negative_prompt: Any, height: Any, width: Any, multiple: int, options: SamplingOptions) -> None:
     """The text-to-image pipelines' own arguments: one negative prompt (only with guidance), and
     image sizes that are multiples of ``multiple``."""
-    one_in_a_list = isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) == 1 and isinstance(negative_prompt[0], str)
+    one_in_a_list = (
+        isinstance(negative_prompt, (list, tuple))
+        and len(negative_prompt) == 1
+        and isinstance(negative_prompt[0], str)
+    )
     if negative_prompt is not None and not isinstance(negative_prompt, str) and not one_in_a_list:
-        _fail("negative_prompt", negative_prompt, "pass one string or a one-element list of it (the composed prompts share "
-              "one unconditional branch, so one negative prompt), or None")
+        _fail(
+            "negative_prompt",
+            negative_prompt,
+            "pass one string or a one-element list of it (the composed prompts share "
+            "one unconditional branch, so one negative prompt), or None",
+        )
     if negative_prompt is not None and options.guidance_scale is None:
-        _fail("negative_prompt", negative_prompt, "it is the unconditional branch of guidance, which guidance_scale=None "
-              "turns off; pass a guidance_scale (e.g. 7.5) or no negative_prompt")
+        _fail(
+            "negative_prompt",
+            negative_prompt,
+            "it is the unconditional branch of guidance, which guidance_scale=None "
+            "turns off; pass a guidance_scale (e.g. 7.5) or no negative_prompt",
+        )
     for name, value in (("height", height), ("width", width)):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % multiple:
             below = max(multiple, (int(value) // multiple) * multiple) if isinstance(value, numbers.Real) else multiple
-            _fail(name, value, f"must be a positive multiple of {multiple} (image pixels per latent pixel or transformer "
-                  f"patch); e.g. {below}")
+            _fail(
+                name,
+                value,
+                f"must be a positive multiple of {multiple} (image pixels per latent pixel or transformer "
+                f"patch); e.g. {below}",
+            )
 
 
 def check_latents(latents: Any, shape: tuple[int, ...], layout: str) -> None:
@@ -140,8 +169,10 @@ def check_latents(latents: Any, shape: tuple[int, ...], layout: str) -> None:
         return
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
         given = f"<a {latents.dtype} tensor>" if isinstance(latents, torch.Tensor) else f"<a {type(latents).__name__}>"
-        raise ValueError(f"latents={given} is not valid: pass a floating torch.Tensor of shape {tuple(shape)} {layout}, "
-                         "or None to draw the noise")
+        raise ValueError(
+            f"latents={given} is not valid: pass a floating torch.Tensor of shape {tuple(shape)} {layout}, "
+            "or None to draw the noise"
+        )
     if tuple(latents.shape) != tuple(shape):
         raise ValueError(
             f"latents=<a tensor of shape {tuple(latents.shape)}> is not valid: this call samples shape {tuple(shape)} "
@@ -156,8 +187,12 @@ def refuse_embeddings(**given: Any) -> None:
     encodes the composed prompts and the unconditional one itself, in one text-encoder call."""
     for name, value in given.items():
         if value is not None:
-            _fail(name, f"<{type(value).__name__}>", "superdiff pipelines do not take precomputed text embeddings; pass "
-                  "the texts as prompts=[...] (and negative_prompt=...), which are encoded once per call")
+            _fail(
+                name,
+                f"<{type(value).__name__}>",
+                "superdiff pipelines do not take precomputed text embeddings; pass "
+                "the texts as prompts=[...] (and negative_prompt=...), which are encoded once per call",
+            )
 
 
 def negative_text(negative_prompt: str | Sequence[str] | None) -> str | None:
@@ -268,7 +303,9 @@ class SuperDiffMixin:
         self._guidance_scale = options.guidance_scale
         self._num_timesteps = len(times) - 1
         self._interrupt = False
-        on_step = step_callback(self, schedule, options.callback_on_step_end, options.callback_on_step_end_tensor_inputs)
+        on_step = step_callback(
+            self, schedule, options.callback_on_step_end, options.callback_on_step_end_tensor_inputs
+        )
         # The pipeline's own bar (diffusers' progress_bar: set_progress_bar_config applies), advanced per step.
         bar = self.progress_bar(total=self._num_timesteps) if options.progress else None
 

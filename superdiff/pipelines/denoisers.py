@@ -25,7 +25,13 @@ from torch import Tensor
 from ..models import batched_network_call, cached_conditions, check_unconditional
 from ..processes import DiscreteSigma, DiscreteVP, Process, RectifiedFlow, to_denoised
 
-__all__ = ["DiffusersDenoiser", "Schedule", "schedule_from_scheduler", "process_of_scheduler", "prediction_of_scheduler"]
+__all__ = [
+    "DiffusersDenoiser",
+    "Schedule",
+    "schedule_from_scheduler",
+    "process_of_scheduler",
+    "prediction_of_scheduler",
+]
 
 
 def _expand(value: Any, batch: int, dtype: torch.dtype, device: torch.device) -> Any:
@@ -114,7 +120,9 @@ def process_of_scheduler(scheduler: Any) -> Process:
     """The core process a diffusers scheduler's network was trained under (see the module docstring)."""
     if _is_flow(scheduler):
         return RectifiedFlow()
-    return DiscreteSigma.from_scheduler(scheduler) if _is_sigma_form(scheduler) else DiscreteVP.from_scheduler(scheduler)
+    return (
+        DiscreteSigma.from_scheduler(scheduler) if _is_sigma_form(scheduler) else DiscreteVP.from_scheduler(scheduler)
+    )
 
 
 def prediction_of_scheduler(scheduler: Any) -> str:
@@ -123,7 +131,9 @@ def prediction_of_scheduler(scheduler: Any) -> str:
         return "flow"
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"unsupported scheduler prediction_type {prediction!r}; use 'epsilon', 'v_prediction' or 'sample'")
+        raise ValueError(
+            f"unsupported scheduler prediction_type {prediction!r}; use 'epsilon', 'v_prediction' or 'sample'"
+        )
     return prediction
 
 

@@ -25,8 +25,21 @@ from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..combine import Combiner
-from ._common import (SamplingOptions, SuperDiffMixin, _fail, check_latents, check_options, check_prompts, check_text_inputs, decode,
-                      guided_conditions, negative_text, prompts_argument, refuse_embeddings, resolve_combiner)
+from ._common import (
+    SamplingOptions,
+    SuperDiffMixin,
+    _fail,
+    check_latents,
+    check_options,
+    check_prompts,
+    check_text_inputs,
+    decode,
+    guided_conditions,
+    negative_text,
+    prompts_argument,
+    refuse_embeddings,
+    resolve_combiner,
+)
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class
 from .output import SuperDiffPipelineOutput
@@ -64,14 +77,23 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
     ) -> None:
         super().__init__()
         self.register_modules(
-            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "SuperDiffFlowPipeline":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> "SuperDiffFlowPipeline":
         """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion
         or SDXL pipeline is refused (``ValueError`` naming the superdiff class that loads it)."""
         path = os.fspath(pretrained_model_name_or_path)
@@ -96,7 +118,9 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
             _fail("guidance_scale", None, "weights that do not sum to 1 (mode='sum') have no denoised form at σ = 1, "
                   "where flow sampling starts; pass a guidance_scale (e.g. 7.0) or use mode 'and', 'or' or 'average'")
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length={max_sequence_length!r} is not valid: use an integer in 1..512 (SD3 uses 256)")
+            raise ValueError(
+                f"max_sequence_length={max_sequence_length!r} is not valid: use an integer in 1..512 (SD3 uses 256)"
+            )
 
     @torch.no_grad()
     def encode_prompts(
@@ -109,7 +133,13 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         device = self._execution_device
         hidden, pooled = [], []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids = tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            ids = tokenizer(
+                texts,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             out = encoder(ids.input_ids.to(device), output_hidden_states=True)
             pooled.append(out[0])
             hidden.append(out.hidden_states[-2])
@@ -159,8 +189,12 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         ``latents`` (B, C, height/f, width/f): the starting noise, used as given, as diffusers'
         ``StableDiffusion3Pipeline`` uses it (its scheduler's ``init_noise_sigma`` is 1)."""
         # 1. Check inputs: the prompts, the one combiner of the call, then the options
-        refuse_embeddings(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                          pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        refuse_embeddings(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
         prompts = prompts_argument(prompts, prompt)
         m = check_prompts(prompts)
         options = SamplingOptions(
@@ -178,7 +212,9 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         width = width or config.sample_size * self.vae_scale_factor
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         shape = (num_images_per_prompt, config.in_channels, h, w)
-        check_latents(latents, shape, "(num_images_per_prompt, transformer channels, height / vae factor, width / vae factor)")
+        check_latents(
+            latents, shape, "(num_images_per_prompt, transformer channels, height / vae factor, width / vae factor)"
+        )
 
         # 3. Encode prompts: the M prompts and, with guidance, the negative (unconditional) one
         embeddings, pooled = self.encode_prompts(prompts, negative_text(negative_prompt), max_sequence_length)
@@ -203,7 +239,9 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         )
 
         # 6. Denoising loop (the latents are drawn, or taken from latents=, inside)
-        result = self._superdiff_sample(denoiser, schedule, shape, options, self._execution_device, self.transformer.dtype)
+        result = self._superdiff_sample(
+            denoiser, schedule, shape, options, self._execution_device, self.transformer.dtype
+        )
 
         # 7. Decode
         shift = (self.vae.config.get("shift_factor") or 0.0) if self.vae is not None else 0.0

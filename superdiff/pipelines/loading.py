@@ -40,7 +40,9 @@ PIPELINE_CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "SuperDiffXLPipeline": ("SuperDiffXLPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
     "SuperDiffFlowPipeline": ("SuperDiffFlowPipeline", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
 }
-SUPPORTED = "; ".join(f"{', '.join(names[1:])} or {names[0]} ({target})" for target, names in PIPELINE_CLASS_NAMES.items())
+SUPPORTED = "; ".join(
+    f"{', '.join(names[1:])} or {names[0]} ({target})" for target, names in PIPELINE_CLASS_NAMES.items()
+)
 
 
 class DamagedWeightsError(ValueError):
@@ -229,8 +231,8 @@ def pipeline_class_for(pretrained_model_name_or_path: str | os.PathLike, **confi
     ``cache_dir``, ``token``, ...) go to diffusers' ``load_config`` for hub ids.
 
     Raises ``ValueError`` naming the class (or the missing subfolders) where superdiff has no pipeline
-    for it or ``_class_name`` is not a string, and diffusers' ``OSError`` where ``model_index.json`` cannot be read (e.g. a hub id not
-    in the cache when offline).
+    for it or ``_class_name`` is not a string, and diffusers' ``OSError`` where ``model_index.json``
+    cannot be read (e.g. a hub id not in the cache when offline).
     """
     import superdiff.pipelines as pipelines
 
@@ -252,8 +254,8 @@ def pipeline_class_for(pretrained_model_name_or_path: str | os.PathLike, **confi
             "such folders with SuperDiffUnconditionalPipeline.from_pretrained([folder_a, folder_b])"
         )
     raise ValueError(
-        f"pretrained_model_name_or_path={path!r} is a {class_name} (model_index.json _class_name), which superdiff has "
-        f"no pipeline for; pass a folder or hub id of one of: {SUPPORTED}"
+        f"pretrained_model_name_or_path={path!r} is a {class_name} (model_index.json _class_name), which superdiff "
+        f"has no pipeline for; pass a folder or hub id of one of: {SUPPORTED}"
     )
 
 

@@ -63,7 +63,9 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
         return DiffusionPipeline.from_pretrained.__func__(cls, path, **kwargs)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompts(
+        self, prompts: Sequence[str], negative_prompt: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings (M+1, L, D₁+D₂), pooled (M+1, P)) for the prompts and the unconditional branch,
         one call per text encoder."""
         texts = list(prompts) + [negative_prompt or ""]
@@ -72,7 +74,13 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             if encoder is None:
                 continue
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            ids = tokenizer(
+                texts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             out = encoder(ids.input_ids.to(device), output_hidden_states=True)
             if out[0].ndim == 2:
                 pooled = out[0]
@@ -86,13 +94,15 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
     def _conditions(self, prompts: Sequence[str], negative_prompt: str | None, height: int, width: int) -> dict:
         embeddings, pooled = self.encode_prompts(prompts, negative_prompt)
         k = embeddings.shape[0]
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.unet.dtype, device=embeddings.device)
+        time_ids = torch.tensor(
+            [[height, width, 0, 0, height, width]], dtype=self.unet.dtype, device=embeddings.device
+        )
         expected = self.unet.add_embedding.linear_1.in_features
         given = self.unet.config.addition_time_embed_dim * 6 + pooled.shape[-1]
         if expected != given:
             raise ValueError(
-                f"the UNet expects added conditioning of size {expected} but the text encoders and time ids give {given}; "
-                "check unet.config.addition_time_embed_dim and text_encoder_2.config.projection_dim"
+                f"the UNet expects added conditioning of size {expected} but the text encoders and time ids give "
+                f"{given}; check unet.config.addition_time_embed_dim and text_encoder_2.config.projection_dim"
             )
         return {
             "encoder_hidden_states": embeddings,

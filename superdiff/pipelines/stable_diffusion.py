@@ -27,11 +27,29 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..combine import Combiner
-from ._common import (SamplingOptions, SuperDiffMixin, check_latents, check_options, check_prompts, check_text_inputs, decode,
-                      guided_conditions, negative_text, prompts_argument, refuse_embeddings, resolve_combiner)
+from ._common import (
+    SamplingOptions,
+    SuperDiffMixin,
+    check_latents,
+    check_options,
+    check_prompts,
+    check_text_inputs,
+    decode,
+    guided_conditions,
+    negative_text,
+    prompts_argument,
+    refuse_embeddings,
+    resolve_combiner,
+)
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
-from .loading import (bare_folder_error, check_loading_class, check_safetensors_files, is_bare_folder, missing_sd_subfolders,
-                      scheduler_class)
+from .loading import (
+    bare_folder_error,
+    check_loading_class,
+    check_safetensors_files,
+    is_bare_folder,
+    missing_sd_subfolders,
+    scheduler_class,
+)
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffPipeline"]
@@ -91,7 +109,8 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         if unknown:
             raise ValueError(
                 f"{unknown} are not supported when loading {path!r}, a folder without model_index.json; "
-                f"pass only {list(SUBFOLDER_KWARGS)}, or save the pipeline with save_pretrained to use diffusers' other options"
+                f"pass only {list(SUBFOLDER_KWARGS)}, or save the pipeline with save_pretrained to use diffusers' "
+                "other options"
             )
         missing = missing_sd_subfolders(path)
         if missing:
@@ -134,10 +153,18 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         in one text-encoder call."""
         texts = list(prompts) + [negative_prompt or ""]
         tokens = self.tokenizer(
-            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            texts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         device = self._execution_device
-        mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        mask = (
+            tokens.attention_mask.to(device)
+            if getattr(self.text_encoder.config, "use_attention_mask", False)
+            else None
+        )
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].to(self.unet.dtype)
 
     def _conditions(self, prompts: Sequence[str], negative_prompt: str | None, height: int, width: int) -> dict:
@@ -201,8 +228,12 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
         """
         # 1. Check inputs: the prompts, the one combiner of the call, then the options
-        refuse_embeddings(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                          pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        refuse_embeddings(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
         prompts = prompts_argument(prompts, prompt)
         m = check_prompts(prompts)
         options = SamplingOptions(
@@ -219,7 +250,9 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         height = height or self.unet.config.sample_size * f
         width = width or self.unet.config.sample_size * f
         shape = (num_images_per_prompt, self.unet.config.in_channels, height // f, width // f)
-        check_latents(latents, shape, "(num_images_per_prompt, unet channels, height / vae factor, width / vae factor)")
+        check_latents(
+            latents, shape, "(num_images_per_prompt, unet channels, height / vae factor, width / vae factor)"
+        )
 
         # 3. Encode prompts: the M prompts and, with guidance, the negative (unconditional) one
         conditions = self._conditions(prompts, negative_text(negative_prompt), height, width)

@@ -52,7 +52,9 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
     for all), so an ε-model and a v-model trained on the same schedule compose.
     """
 
-    def __init__(self, unets: Sequence[UNet2DModel], scheduler: Any, prediction_types: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, unets: Sequence[UNet2DModel], scheduler: Any, prediction_types: Sequence[str] | None = None
+    ) -> None:
         self.unets = list(unets)
         self.scheduler = scheduler
         default = scheduler.config.get("prediction_type", "epsilon")
@@ -88,9 +90,10 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
                 )
             if c.out_channels not in (c.in_channels, 2 * c.in_channels):
                 raise ValueError(
-                    f"unets[{i}] has out_channels={c.out_channels} for in_channels={c.in_channels}: its output is not an "
-                    f"ε / v / x̂₀ prediction of the sample (expected {c.in_channels} channels, or {2 * c.in_channels} with a "
-                    "learned variance); compose UNet2DModels trained to denoise their input"
+                    f"unets[{i}] has out_channels={c.out_channels} for in_channels={c.in_channels}: its output is not "
+                    f"an ε / v / x̂₀ prediction of the sample (expected {c.in_channels} channels, or "
+                    f"{2 * c.in_channels} with a learned variance); compose UNet2DModels trained to denoise their "
+                    "input"
                 )
 
     @staticmethod
@@ -100,9 +103,10 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         for i, s in enumerate(schedulers[1:], start=1):
             if process_of_scheduler(s) != first:
                 raise ValueError(
-                    f"model {i}'s scheduler ({type(s).__name__}, {s.config.get('beta_schedule')}) defines a different noise "
-                    f"process than model 0's ({type(schedulers[0]).__name__}, {schedulers[0].config.get('beta_schedule')}): "
-                    "superposition needs one process (same alphas_cumprod); compose models trained with the same schedule"
+                    f"model {i}'s scheduler ({type(s).__name__}, {s.config.get('beta_schedule')}) defines a different "
+                    f"noise process than model 0's ({type(schedulers[0]).__name__}, "
+                    f"{schedulers[0].config.get('beta_schedule')}): superposition needs one process (same "
+                    "alphas_cumprod); compose models trained with the same schedule"
                 )
 
     # -------------------------------------------------------------------------------------------
@@ -111,7 +115,11 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
 
     @classmethod
     def from_pretrained(
-        cls, paths: str | os.PathLike | Sequence[str | os.PathLike], scheduler: Any = None, torch_dtype: torch.dtype | None = None, **kwargs: Any
+        cls,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        scheduler: Any = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ) -> "SuperDiffUnconditionalPipeline":
         """Load from a folder written by :meth:`save_pretrained`, or from a list of diffusers
         ``DDPMPipeline``/``DDIMPipeline`` folders (``unet/`` + ``scheduler/``) or bare ``UNet2DModel``
@@ -123,7 +131,9 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
                 index = json.load(f)
             scheduler_loaded = _load_scheduler(os.path.join(root, "scheduler"), kwargs)
             check_safetensors_files(root)
-            unets = [UNet2DModel.from_pretrained(os.path.join(root, name), **dtype, **kwargs) for name in index["unets"]]
+            unets = [
+                UNet2DModel.from_pretrained(os.path.join(root, name), **dtype, **kwargs) for name in index["unets"]
+            ]
             return cls(unets, scheduler_loaded, index.get("prediction_types"))
         unets, schedulers = [], []
         for p in map(os.fspath, paths):
@@ -138,7 +148,9 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         if schedulers:
             cls.check_schedulers(schedulers + ([scheduler] if scheduler is not None else []))
         chosen = scheduler if scheduler is not None else schedulers[0]
-        predictions = [s.config.get("prediction_type", "epsilon") for s in schedulers] if len(schedulers) == len(unets) else None
+        predictions = (
+            [s.config.get("prediction_type", "epsilon") for s in schedulers] if len(schedulers) == len(unets) else None
+        )
         return cls(unets, chosen, predictions)
 
     @classmethod
@@ -227,15 +239,30 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         for name, value in (("prompts", prompts), ("prompt", prompt), ("negative_prompt", negative_prompt),
                             ("guidance_scale", guidance_scale)):
             if value is not None:
-                _fail(name, value, "an unconditional stack has no prompts and no classifier-free guidance: it composes "
-                      "its unets with mode=...; leave it out (num_images_per_prompt / batch_size set the number of images)")
-        batch_argument = "num_images_per_prompt" if batch_size is None and num_images_per_prompt is not None else "batch_size"
+                _fail(
+                    name,
+                    value,
+                    "an unconditional stack has no prompts and no classifier-free guidance: it composes its unets "
+                    "with mode=...; leave it out (num_images_per_prompt / batch_size set the number of images)",
+                )
+        batch_argument = (
+            "num_images_per_prompt" if batch_size is None and num_images_per_prompt is not None else "batch_size"
+        )
         batch_size = self._batch_size(batch_size, num_images_per_prompt)
         options = SamplingOptions(
-            combiner=resolve_combiner(combiner, mode, temperature, log_weights, len(self.unets), "unets", default_mode="or"),
-            num_inference_steps=num_inference_steps, guidance_scale=None, num_images_per_prompt=batch_size,
-            generator=generator, latents=latents, output_type=output_type, return_dict=return_dict, progress=progress,
-            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            combiner=resolve_combiner(
+                combiner, mode, temperature, log_weights, len(self.unets), "unets", default_mode="or"
+            ),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=None,
+            num_images_per_prompt=batch_size,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            return_dict=return_dict,
+            progress=progress,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_inputs(options, batch_argument)
 
@@ -251,7 +278,9 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         # 4. Prepare the denoiser: the models stacked, one forward per model and step
         denoiser = stack_denoisers(
             [
-                DiffusersDenoiser(unet, schedule.process, prediction, schedule.timestep, scale_input=schedule.scale_input)
+                DiffusersDenoiser(
+                    unet, schedule.process, prediction, schedule.timestep, scale_input=schedule.scale_input
+                )
                 for unet, prediction in zip(self.unets, self.prediction_types)
             ]
         )

@@ -45,17 +45,28 @@ def demo_traces(digits: list[Sampled], shapes: list[Sampled], shown: int = 8) ->
     n = min(shown, or_run.kappa_trace.shape[1])
     log_gap = or_run.log_density_trace[..., 0] - or_run.log_density_trace[..., 1]
     panels = [
-        LinePanel(f"OR digits a/b: κ of model a ({n} samples)", [LineSeries("model a", or_run.kappa_trace[:, :shown, 0])],
-                  ylabel=r"$\kappa_a$  ($\kappa_b = 1 - \kappa_a$)"),
-        LinePanel(r"OR digits: $\log q_a - \log q_b$", [LineSeries("a − b", log_gap[:, :shown])],
-                  ylabel=r"$\log q_a - \log q_b$"),
+        LinePanel(
+            f"OR digits a/b: κ of model a ({n} samples)",
+            [LineSeries("model a", or_run.kappa_trace[:, :shown, 0])],
+            ylabel=r"$\kappa_a$  ($\kappa_b = 1 - \kappa_a$)",
+        ),
+        LinePanel(
+            r"OR digits: $\log q_a - \log q_b$",
+            [LineSeries("a − b", log_gap[:, :shown])],
+            ylabel=r"$\log q_a - \log q_b$",
+        ),
     ]
     for r in (r for r in shapes if r.method == "superdiff"):
         names = " AND ".join(r.metrics["prompts"])
         panels.append(LinePanel(f"{names}: κ per prompt", [LineSeries(p, r.kappa_trace[:, :shown, j])
                                                            for j, p in enumerate(r.prompts)], ylabel="κ"))
-        panels.append(LinePanel(f"{names}: log-density per prompt", [LineSeries(p, r.log_density_trace[:, :shown, j])
-                                                                     for j, p in enumerate(r.prompts)], ylabel="tracked log q"))
+        panels.append(
+            LinePanel(
+                f"{names}: log-density per prompt",
+                [LineSeries(p, r.log_density_trace[:, :shown, j]) for j, p in enumerate(r.prompts)],
+                ylabel="tracked log q",
+            )
+        )
     return line_panels(panels, width=460, height=260, columns=2)
 
 
@@ -66,7 +77,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     digits = digits_or(cfg.digits_samples, cfg.steps, cfg.seed, cfg.device, progress)
-    shapes = shapes_and(demo_pairs(cfg), cfg.shapes_samples, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.device, progress)
+    shapes = shapes_and(
+        demo_pairs(cfg), cfg.shapes_samples, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.device, progress
+    )
     image_grid(_rows(digits, cfg.shown, lambda r: r.method), cell=40, label_width=110).save(out / "or.png")
     image_grid(
         _rows(shapes, cfg.shown, lambda r: f"{'+'.join(r.metrics['prompts'])}: {r.method}"), cell=40, label_width=170
@@ -88,10 +101,15 @@ def format_demo_table(metrics: dict) -> str:
              f"  {'method':<12} {'classes covered':>15} {'entropy':>8} {'Frechet':>8} {'conf.':>6}"]
     for m in metrics["or"]:
         covered = sum(f >= 0.02 for f in m["class_fractions"])
-        lines.append(f"  {m['method']:<12} {covered:>15} {m['class_entropy']:>8.3f} {m['frechet']:>8.2f} {m['confidence']:>6.3f}")
+        lines.append(
+            f"  {m['method']:<12} {covered:>15} {m['class_entropy']:>8.3f} {m['frechet']:>8.2f} "
+            f"{m['confidence']:>6.3f}"
+        )
     lines.append("AND of shapes prompts (attribute checker):")
     lines.append(f"  {'prompts':<16} {'method':<18} {'both':>6} {'neither':>8}")
     for m in metrics["and"]:
-        lines.append(f"  {'+'.join(m['prompts']):<16} {m['method']:<18} {m['both_rate']:>6.3f} {m['neither_rate']:>8.3f}")
+        lines.append(
+            f"  {'+'.join(m['prompts']):<16} {m['method']:<18} {m['both_rate']:>6.3f} {m['neither_rate']:>8.3f}"
+        )
     lines.append(f"({metrics['seconds']} s)")
     return "\n".join(lines)

@@ -94,7 +94,10 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D):
     ``‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a^{1/2} Σ_b Σ_a^{1/2})^{1/2})``, in float64."""
     if min(features_a.shape[0], features_b.shape[0]) < 2:
-        raise ValueError(f"the Fréchet distance needs at least 2 samples per set, got {features_a.shape[0]} and {features_b.shape[0]}")
+        raise ValueError(
+            f"the Fréchet distance needs at least 2 samples per set, got {features_a.shape[0]} and "
+            f"{features_b.shape[0]}"
+        )
     a, b = features_a.to(torch.float64), features_b.to(torch.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)

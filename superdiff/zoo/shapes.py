@@ -14,8 +14,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["COLOURS", "SHAPES", "HELD_OUT", "ShapesBatch", "render_shapes", "sample_shapes", "captions_of", "read_attributes",
-           "CheckerConfig", "clean_masks", "shape_masks"]
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "HELD_OUT",
+    "ShapesBatch",
+    "render_shapes",
+    "sample_shapes",
+    "captions_of",
+    "read_attributes",
+    "CheckerConfig",
+    "clean_masks",
+    "shape_masks",
+]
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.1, 0.1),
@@ -102,9 +113,13 @@ class CheckerConfig:
     threshold: float = 0.35  # a pixel is foreground when its brightest channel exceeds this
     min_pixels: int = 6  # fewer foreground pixels than this: nothing readable; also the size of a "second object"
     max_fill: float = 2 / 3  # a blob over this fraction of the frame is no shape on a background (renders ≤ 53%)
-    max_background: float = 0.175  # mean brightest channel outside the blob above this (half the threshold): no clean background
+    max_background: float = (
+        0.175  # mean brightest channel outside the blob above this (half the threshold): no clean background
+    )
     min_hue_share: float = 0.8  # fewer of the blob's bright pixels sharing one palette hue: mixed colours, no colour
-    max_colour_distance: float = 0.4  # blob mean colour farther from that hue's entry: no colour (half the closest pair, red–yellow)
+    max_colour_distance: float = (
+        0.4  # blob mean colour farther from that hue's entry: no colour (half the closest pair, red–yellow)
+    )
     min_iou: float = 0.7  # best template overlap below this: the shape is unreadable (renders ≥ 0.88)
     radii: tuple[float, float, float] = (3.0, 7.0, 0.5)  # template half-sizes: start, stop, step
     centre_step: float = 0.5

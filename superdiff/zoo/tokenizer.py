@@ -25,7 +25,9 @@ MAX_LENGTH = 8  # <|startoftext|>, at most a few words, <|endoftext|> and paddin
 @lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -84,7 +86,9 @@ def write_tokenizer(
 
 
 def build_tokenizer(
-    directory: str | os.PathLike | None = None, words: Sequence[str] = CAPTION_WORDS, model_max_length: int = MAX_LENGTH
+    directory: str | os.PathLike | None = None,
+    words: Sequence[str] = CAPTION_WORDS,
+    model_max_length: int = MAX_LENGTH,
 ):
     """A :class:`transformers.CLIPTokenizer` over ``words``, written to ``directory`` (a temporary
     folder by default) and loaded from it offline."""

@@ -62,7 +62,8 @@ def digit_unet_config() -> dict:
 
 
 def shapes_unet_config(cross_attention_dim: int) -> dict:
-    """``UNet2DConditionModel`` arguments of the shapes model (16×16×3, cross-attention at 8×8, about 1M parameters)."""
+    """``UNet2DConditionModel`` arguments of the shapes model (16×16×3, cross-attention at 8×8,
+    about 1M parameters)."""
     return dict(
         sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -85,7 +86,9 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.lerp_(p, 1.0 - decay)
 
 
-def _noised(x0: torch.Tensor, alphas_cumprod: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _noised(
+    x0: torch.Tensor, alphas_cumprod: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DDPM forward noising at uniform random timesteps: (x_t, t, ε)."""
     t = torch.randint(0, alphas_cumprod.numel(), (x0.shape[0],), generator=g)
     noise = torch.randn(x0.shape, generator=g)
@@ -140,7 +143,8 @@ def train_digit_model(name: str, out: Path, cfg: TrainConfig, device: str) -> No
     _log(folder / "training_log.json", {
         "model": f"digits-{name}", "config": asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
         "train_images": int(data.shape[0]), "seconds": round(seconds, 1), "machine": _machine(device),
-        "final_loss_mean_last_10": float(sum(l for _, l in losses[-10:]) / len(losses[-10:])), "loss_curve": losses,
+        "final_loss_mean_last_10": float(sum(loss for _, loss in losses[-10:]) / len(losses[-10:])),
+        "loss_curve": losses,
     })
 
 
@@ -160,7 +164,11 @@ def train_classifier(out: Path, device: str, epochs: int = 40, seed: int = 0) ->
         for i in range(0, x.shape[0], 64):
             idx = perm[i : i + 64]
             # light augmentation: 1-pixel shifts
-            xb = torch.roll(x[idx], shifts=(int(torch.randint(-1, 2, (1,), generator=g)), int(torch.randint(-1, 2, (1,), generator=g))), dims=(2, 3))
+            xb = torch.roll(
+                x[idx],
+                shifts=(int(torch.randint(-1, 2, (1,), generator=g)), int(torch.randint(-1, 2, (1,), generator=g))),
+                dims=(2, 3),
+            )
             loss = nn.functional.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -170,7 +178,9 @@ def train_classifier(out: Path, device: str, epochs: int = 40, seed: int = 0) ->
         acc = float((model(split.test_images.to(device)).argmax(1).cpu() == split.test_labels).double().mean())
     folder = out / "digit-classifier"
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors")
+    )
     _log(folder / "training_log.json", {"epochs": epochs, "seed": seed, "test_accuracy": acc,
                                         "seconds": round(time.perf_counter() - start, 1), "machine": _machine(device)})
     return acc
@@ -200,7 +210,9 @@ def train_shapes(out: Path, cfg: TrainConfig, device: str, text_hidden: int = 64
     for step in range(cfg.steps):
         batch = sample_shapes(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
         captions = captions_of(batch, seed=step)
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
         xt, t, noise = _noised(batch.images, abar, g)
         emb = text_encoder(ids.to(device))[0]
         pred = unet(xt.to(device), t.to(device), encoder_hidden_states=emb).sample
@@ -216,8 +228,13 @@ def train_shapes(out: Path, cfg: TrainConfig, device: str, text_hidden: int = 64
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             losses.append((step, round(float(loss.detach()), 5)))
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-            print(f"shapes step {step + 1}/{cfg.steps} loss {losses[-1][1]:.4f} {time.perf_counter() - start:.0f}s", flush=True)
-            _save_shapes(folder, ema_unet, ema_text, tokenizer, cfg, losses, time.perf_counter() - start, device, step + 1)
+            print(
+                f"shapes step {step + 1}/{cfg.steps} loss {losses[-1][1]:.4f} {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
+            _save_shapes(
+                folder, ema_unet, ema_text, tokenizer, cfg, losses, time.perf_counter() - start, device, step + 1
+            )
 
 
 def _save_shapes(folder, unet, text_encoder, tokenizer, cfg, losses, seconds, device, steps_done) -> None:
@@ -228,14 +245,17 @@ def _save_shapes(folder, unet, text_encoder, tokenizer, cfg, losses, seconds, de
     half_unet.save_pretrained(folder / "unet", safe_serialization=True)
     copy.deepcopy(text_encoder).to(torch.float16).save_pretrained(folder / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(folder / "tokenizer")
-    EulerDiscreteScheduler(**SD_BETAS, steps_offset=1, timestep_spacing="trailing").save_pretrained(folder / "scheduler")
+    EulerDiscreteScheduler(**SD_BETAS, steps_offset=1, timestep_spacing="trailing").save_pretrained(
+        folder / "scheduler"
+    )
     _write_model_index(folder)
     _log(folder / "training_log.json", {
         "model": "shapes", "config": asdict(cfg), "steps_done": steps_done, "seconds": round(seconds, 1),
         "machine": _machine(device), "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
         "held_out": "blue triangle", "caption_dropout": 0.1,
-        "final_loss_mean_last_10": float(sum(l for _, l in losses[-10:]) / len(losses[-10:])), "loss_curve": losses,
+        "final_loss_mean_last_10": float(sum(loss for _, loss in losses[-10:]) / len(losses[-10:])),
+        "loss_curve": losses,
     })
 
 
@@ -246,9 +266,13 @@ def _write_model_index(folder: Path) -> None:
     from diffusers import __version__
 
     index = {
-        "_class_name": "SuperDiffPipeline", "_diffusers_version": __version__,
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": [None, None],
+        "_class_name": "SuperDiffPipeline",
+        "_diffusers_version": __version__,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": [None, None],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -275,7 +299,9 @@ def main(argv: list[str] | None = None) -> None:
             train_digit_model(name, args.out, cfg, args.device)
             print(f"digits-{name} done", flush=True)
     else:
-        cfg = TrainConfig(steps=args.steps or 2500, batch_size=args.batch_size or 64, lr=args.lr or 1e-3, log_every=100)
+        cfg = TrainConfig(
+            steps=args.steps or 2500, batch_size=args.batch_size or 64, lr=args.lr or 1e-3, log_every=100
+        )
         train_shapes(args.out, cfg, args.device)
         print("shapes done", flush=True)
 
