@@ -22,6 +22,13 @@ The estimator is the discrete detailed balance of Eq. 89,
 ``log q_t(y) − log q_s(x) ≈ −log k(x | y) + log r̃ᵢ(y | x)``, which is Theorem 1 discretised:
 to first order in the step it equals Eq. 90 (Prop. 11). It needs the denoised predictions the
 sampler already has, and no divergence of any network.
+
+**One estimator for every mode, with Theorem 1's sign.** To first order the increment's quadratic
+term is ``−(g²/2)‖∇log qᵢ‖² dt``, the sign the authors' AND branch uses. Their released Stable
+Diffusion OR branch (``clip_eval.py``) flips it to ``+``: each prompt's log-density then grows where
+its score is large rather than where its density is, and κ no longer follows the mixture's
+posterior over prompts (Prop. 4 needs the true qᵢ). We follow the theorem, so OR and AND read the
+same tracked densities.
 """
 
 from __future__ import annotations

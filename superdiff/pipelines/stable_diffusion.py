@@ -6,13 +6,8 @@ prompts and the unconditional (or negative) prompt. Classifier-free guidance is 
 κ-mixture, ``x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − x̂₀ᵘ)``, while the densities tracked (and the κ of OR/AND) are
 those of the unguided prompt-conditional models (paper §4.2 and the authors' SD code).
 
-**Sign of OR's density update.** The OR weights use the Itô estimator of Theorem 1 (in its
-discrete, transition-kernel form, :mod:`superdiff.density`), whose quadratic term is
-``−(g²/2)‖∇log q‖² dt`` — the same sign the authors' AND branch uses. The authors' released SD
-OR branch (``clip_eval.py``) flips it to ``+``; that makes each prompt's log-density grow where
-its score is large rather than where its density is, so κ no longer follows the mixture's
-posterior over prompts (Prop. 4 needs the true ``qᵢ``). We follow the theorem, one estimator for
-every mode, so OR and AND read the same tracked densities.
+OR and AND read the same tracked densities, from one estimator (see :mod:`superdiff.density` on the
+sign of its quadratic term, which the authors' released SD OR branch flips).
 """
 
 from __future__ import annotations
