@@ -104,10 +104,20 @@ def prior_sample(
     generator: Generators = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    std: float | None = None,
+    z: Tensor | None = None,
 ) -> Tensor:
-    """Draw the starting point ``N(0, σ_max² I)`` of the reverse process."""
-    std = denoiser.process.prior_std()
-    return std * randn((batch_size, *sample_shape), generator, torch.device(device), dtype)
+    """The starting point ``std · z`` of the reverse process, ``z ~ N(0, I)`` drawn from ``generator``.
+
+    ``std``: the prior's standard deviation, the process's ``prior_std()`` unless given (the
+    pipelines pass their diffusers scheduler's ``init_noise_sigma``, which for σ-form schedulers
+    with linspace spacing is σ_max rather than √(σ_max² + 1)). ``z``: a draw to use instead of
+    drawing one (diffusers' ``latents=``), moved to ``device`` and ``dtype``.
+    """
+    std = denoiser.process.prior_std() if std is None else std
+    shape = (batch_size, *sample_shape)
+    z = randn(shape, generator, torch.device(device), dtype) if z is None else z.to(device=device, dtype=dtype)
+    return std * z
 
 
 def mix_denoised(

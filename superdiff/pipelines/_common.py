@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..combine import Combiner, check_combiner, make_combiner
-from ..sampling import SamplerOutput, StepInfo, randn, sample_sde
+from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
 from .denoisers import Schedule
 from .output import SuperDiffPipelineOutput
 
@@ -297,8 +297,9 @@ class SuperDiffMixin:
         """
         dtype = torch.float64 if network_dtype == torch.float64 else torch.float32
         generator, latents = options.generator, options.latents
-        z = randn(shape, generator, device, dtype) if latents is None else latents.to(device=device, dtype=dtype)
-        x = schedule.init_noise_sigma * z
+        x = prior_sample(
+            denoiser, shape[0], shape[1:], generator, device, dtype, std=schedule.init_noise_sigma, z=latents
+        )
         times = schedule.times
         self._guidance_scale = options.guidance_scale
         self._num_timesteps = len(times) - 1
