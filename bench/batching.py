@@ -16,7 +16,8 @@ import statistics
 import torch
 
 from common import emit, interleaved_times, machine, median_ratio, parser, sampling_run, sd_denoiser
-from superdiff import And, CombineInputs, prior_sample
+from superdiff import And, prior_sample
+from superdiff.combine import CombineInputs
 from superdiff.density import ito_increment_system, ito_log_density_increment, transition_coefficients
 from superdiff.sampling import mix_denoised
 

@@ -20,10 +20,10 @@ from superdiff import (
     RectifiedFlow,
     VPCosine,
     VPLinear,
-    and_weights,
     prior_sample,
     sample_sde,
 )
+from superdiff.combine import and_weights
 from superdiff.density import VARIANCES, ito_log_density_increment, transition_coefficients
 from superdiff.pipelines.denoisers import schedule_from_scheduler
 
