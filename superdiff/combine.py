@@ -141,6 +141,14 @@ def or_weights(log_q: Tensor, temperature: float = 1.0, log_weights: Tensor | No
 
     T = 1 and ℓ = log ω samples the mixture ``Σ ω_i q_i`` (Prop. 4). Non-finite log-densities are
     clamped, so an overflowing or −inf entry never produces NaN.
+
+    Args:
+        log_q: (B, M) tracked log-densities.
+        temperature: T > 0.
+        log_weights: (M,) ℓ, or None.
+
+    Returns:
+        (B, M) weights summing to 1 per sample.
     """
     logits = temperature * log_q
     if log_weights is not None:
@@ -158,11 +166,21 @@ def and_weights(
 ) -> Tensor:
     """AND (Prop. 6, Eq. 78): κ with ``Σκ = 1`` making ``Δ log q_i − target_offsets_i`` equal for all i.
 
-    Solves ``[A −1; 1ᵀ 0] [κ; λ] = [target − b; 1]`` per sample in float64. Singular systems
-    (for example two identical models) get the minimum-norm solution, which splits the weight
-    evenly between indistinguishable models. ``rtol`` says what counts as singular: for M = 2 a
-    slope at or below ``rtol·max|A|`` (closed form), for M > 2 the damping ``rtol·‖K‖²_F`` of
+    Solves ``[A −1; 1ᵀ 0] [κ; λ] = [target − b; 1]`` per sample in float64: for M = 2 in closed
+    form, for M > 2 as the reduced (M−1)×(M−1) system of :func:`_and_weights_reduced`. Singular
+    systems (for example two identical models) get the minimum-norm solution, which splits the
+    weight evenly between indistinguishable models. ``rtol`` says what counts as singular: for M = 2
+    a slope at or below ``rtol·max|A|``, for M > 2 the damping ``rtol·‖K‖²_F`` of
     :func:`_min_norm_solve`. Nothing here waits for the device. κ is not constrained to [0, 1].
+
+    Args:
+        increment_matrix: (B, M, M) A, this step's increments' dependence on κ (Eq. 77).
+        increment_offset: (B, M) b.
+        target_offsets: (B, M) prescribed differences (Eq. 18), or None for equal increments.
+        rtol: what counts as singular, in (0, 1).
+
+    Returns:
+        (B, M) float64 κ summing to 1 per sample.
     """
     a = increment_matrix.to(torch.float64)
     b = increment_offset.to(torch.float64)

@@ -327,17 +327,31 @@ def sample_sde(
     as the step's noise vanishes: :func:`~superdiff.density.ito_final_step_system`), and the
     densities, which have no finite increment onto σ = 0, stay at their last value.
 
-    ``x`` (B, *shape): the starting noise; ``times`` (steps+1,) from noise to data.
-    ``final_denoise=True`` makes the last step land on σ = 0 whatever ``times[-1]`` says (as
-    diffusers' Euler schedulers do), so N steps cost N network calls.
-    ``interrupt``: asked before every step (as diffusers pipelines read ``pipe.interrupt``); once it
-    returns True the sampler stops, returning the steps taken so far and the current state.
-    ``generator``: one generator, or one per sample (a sample's noise then does not depend on the
-    rest of its batch).
-    ``variance``: the variance of the step's kernel, ``"posterior"`` (default: DDPM's β̃, clean
-    samples from 8 steps on), ``"forward"`` or ``"euler"`` (Thm. 2); ``density_variance``: the one
-    the estimator scores each step with, ``"forward"`` by default (the most accurate densities on
-    exact mixtures); see :func:`superdiff.density.reverse_kernel_variance`.
+    Args:
+        denoiser: M models (plus an unconditional output when ``denoiser.unconditional``), called
+            as ``denoiser(x, t) -> (num_outputs, B, *shape)`` once per step.
+        x: (B, *shape) the starting noise (e.g. from :func:`prior_sample`).
+        times: (steps+1,) process times from noise to data.
+        combiner: turns the tracked densities (and AND's system) into κ (B, M).
+        guidance_scale: classifier-free guidance w (needs an unconditional output); None: unguided.
+        log_q_init: (B, M) log-densities at ``times[0]``; zeros by default (they cancel in κ).
+        generator: one generator, or one per sample (a sample's noise then does not depend on the
+            rest of its batch).
+        callback: called with a :class:`StepInfo` after every step; may return a new state.
+        variance: the variance of the step's kernel, ``"posterior"`` (DDPM's β̃: clean samples from
+            8 steps on), ``"forward"`` or ``"euler"`` (Thm. 2).
+        density_variance: the variance the estimator scores each step with, ``"forward"`` by
+            default (the smaller density error in 32 of ``bench/variance.py``'s 35 cells); see
+            :func:`superdiff.density.reverse_kernel_variance`.
+        final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says (as diffusers'
+            Euler schedulers do), so N steps cost N network calls.
+        progress: show a tqdm bar.
+        interrupt: asked before every step (as diffusers pipelines read ``pipe.interrupt``); once
+            it returns True the sampler stops, returning the steps taken and the current state.
+
+    Returns:
+        :class:`SamplerOutput`: samples (B, *shape), float64 log-densities (B, M) and their trace
+        (steps+1, B, M), κ trace (steps, B, M), and the times reached.
     """
     times = torch.as_tensor(times, dtype=torch.float64)
     plan = _plan(denoiser, x, times, combiner, guidance_scale, log_q_init, generator, last_may_be_data=True,
