@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .processes import Process
 
-__all__ = ["GaussianMixture", "MixtureDenoiser"]
+__all__ = ["GaussianMixture", "MixtureDenoiser", "product_of_mixtures", "tempered_mixture"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +140,51 @@ class MixtureDenoiser:
         """Exact log-densities (B, M) of every mixture at time t."""
         a, s = self.process.alpha(t), self.process.sigma(t)
         return torch.stack([m.log_prob(x, a, s) for m in self.mixtures], dim=-1)
+
+
+def _gaussian_product(mixture_a: GaussianMixture, mixture_b: GaussianMixture) -> GaussianMixture:
+    """The normalised product of two mixtures: every pair of components multiplies into one Gaussian,
+    ``N(μ_a, V_a) N(μ_b, V_b) = N(μ_a; μ_b, V_a + V_b) · N(m, V)`` with ``V = (V_a⁻¹ + V_b⁻¹)⁻¹``,
+    ``m = V (V_a⁻¹ μ_a + V_b⁻¹ μ_b)`` (diagonal covariances)."""
+    va, vb = mixture_a._component_variances(), mixture_b._component_variances()  # (Ka, d), (Kb, d)
+    ma, mb = mixture_a.means, mixture_b.means
+    vsum = va[:, None] + vb[None]  # (Ka, Kb, d)
+    var = va[:, None] * vb[None] / vsum
+    mean = var * (ma[:, None] / va[:, None] + mb[None] / vb[None])
+    diff = ma[:, None] - mb[None]
+    log_overlap = -0.5 * ((diff * diff / vsum).sum(-1) + torch.log(vsum).sum(-1)
+                          + mixture_a.dim * math.log(2 * math.pi))
+    log_w = torch.log(mixture_a.weights)[:, None] + torch.log(mixture_b.weights)[None] + log_overlap
+    d = mixture_a.dim
+    return GaussianMixture.create(mean.reshape(-1, d), var.sqrt().reshape(-1, d), torch.softmax(log_w.reshape(-1), 0))
+
+
+def product_of_mixtures(mixtures: tuple[GaussianMixture, ...], exponents: tuple[int, ...]) -> GaussianMixture:
+    """The exact normalised product ``Π qᵢ^βᵢ / Z`` of Gaussian mixtures at t = 0, for positive
+    integer exponents (a mixture raised to an integer power is the product of its copies): the
+    reference the Feynman–Kac-corrected products of :mod:`superdiff.expressions` are tested against."""
+    if len(mixtures) != len(exponents) or not mixtures:
+        raise ValueError("pass one exponent per mixture")
+    factors = []
+    for m, b in zip(mixtures, exponents):
+        if isinstance(b, bool) or int(b) != b or b < 1:
+            raise ValueError(f"exponents must be positive integers here, got {b}; see tempered_mixture for others")
+        factors += [m] * int(b)
+    out = factors[0]
+    for f in factors[1:]:
+        out = _gaussian_product(out, f)
+    return out
+
+
+def tempered_mixture(mixture: GaussianMixture, beta: float) -> GaussianMixture:
+    """``q^β / Z`` for a mixture whose components are far apart (their overlaps negligible), where
+    ``(Σ w_k N_k)^β ≈ Σ w_k^β N_k^β`` and ``N(μ, V)^β ∝ N(μ, V/β)`` with mass ``∫N^β = (2π)^{d(1−β)/2}
+    |V|^{(1−β)/2} β^{−d/2}``. Exact for one component; the error is of the order of the overlaps."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    var = mixture._component_variances()
+    d = mixture.dim
+    log_mass = 0.5 * d * (1 - beta) * math.log(2 * math.pi) + 0.5 * (1 - beta) * torch.log(var).sum(-1) \
+        - 0.5 * d * math.log(beta)
+    log_w = beta * torch.log(mixture.weights) + log_mass
+    return GaussianMixture.create(mixture.means, (var / beta).sqrt(), torch.softmax(log_w, 0))

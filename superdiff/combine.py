@@ -49,12 +49,17 @@ class CombineInputs:
     step onto σ = 0, where no increment is finite, its limit up to a positive factor
     (:func:`superdiff.density.ito_final_step_system`), with ``step_fraction`` 0.
     ``step_fraction``: this step's share of the tracked trajectory (1/N for N equal steps).
+    ``score_gram`` (B, M, M): the models' score inner products ``⟨sᵢ, sⱼ⟩`` at the pre-step point,
+    and ``g2_dt`` the step's ``g² dτ``, for a combiner that declares ``needs_scores`` (the
+    Feynman–Kac corrections of :mod:`superdiff.expressions`); None / 0 otherwise.
     """
 
     log_q: Tensor
     increment_matrix: Tensor | None = None
     increment_offset: Tensor | None = None
     step_fraction: float = 1.0
+    score_gram: Tensor | None = None
+    g2_dt: float = 0.0
 
 
 class Combiner(Protocol):
