@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,zoo,sweep,plot]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,zoo,sweep,plot,app]"
 	@touch $(STAMP)
 
 demo: setup

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import click
 
 from superdiff.combine import Combiner
+from superdiff.expressions import CompiledExpression
 
 from .models import LoadedModel
 
@@ -38,18 +39,28 @@ def pipeline_call_kwargs(
     negative_prompt: str | None = None,
     height: int | None = None,
     width: int | None = None,
+    particles: int = 1,
+    resample_threshold: float = 0.5,
 ) -> tuple[dict[str, Any], float | None]:
     """The keyword arguments of ``loaded.pipeline(...)`` for one generation, and the guidance scale
     it uses (the model's default where ``guidance`` is None; None for unconditional models, which
-    take none and compose their component models, not prompts)."""
+    take none and compose their component models, not prompts). A compiled expression goes to a
+    text pipeline as ``expression=`` (its leaves are the prompts, the empty one included), to an
+    unconditional stack as its combiner over the models ``items`` names."""
     import torch
 
     call: dict[str, Any] = dict(combiner=combiner, num_inference_steps=steps, output_type="pil", progress=progress,
                                 generator=torch.Generator("cpu").manual_seed(seed))
+    if particles > 1:
+        call |= dict(particles=particles, resample_threshold=resample_threshold)
     if loaded.items != "prompts":
         return call | dict(batch_size=num_images), None
     scale = loaded.default_guidance if guidance is None else guidance
-    call |= dict(prompts=list(items), guidance_scale=scale, num_images_per_prompt=num_images)
+    if isinstance(combiner, CompiledExpression):
+        del call["combiner"]
+        call |= dict(expression=combiner.expression, guidance_scale=scale, num_images_per_prompt=num_images)
+    else:
+        call |= dict(prompts=list(items), guidance_scale=scale, num_images_per_prompt=num_images)
     if negative_prompt is not None:
         call["negative_prompt"] = negative_prompt
     if height is not None:

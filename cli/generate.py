@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from superdiff.combine import MODES, make_combiner
+from superdiff.expression_syntax import parse_expression
+from superdiff.expressions import UNCONDITIONAL, Node, compile_expression, describe, leaf_names
 from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
@@ -64,9 +66,29 @@ def collect_prompts(
     return list(prompts), mode or "and"
 
 
-def check_items(items: list[str], what: str) -> None:
-    """Each prompt (model name) non-empty plain text; how many a mode needs is the combiner's check."""
+def collect_expression(
+    expression: str | None, prompts: tuple[str, ...], mode: str | None, and_: tuple[str, ...], or_: tuple[str, ...],
+    temperature: float, log_weights: str | None,
+) -> Node | None:
+    """``--expr`` parsed (a syntax error names its position), refusing the options it replaces."""
+    if expression is None:
+        return None
+    given = [name for name, v in (("--prompt", prompts), ("--mode", mode), ("--and", and_), ("--or", or_),
+                                  ("--log-weights", log_weights)) if v]
+    if temperature != 1.0:
+        given.append("--temperature")
+    if given:
+        raise BadInput(f"--expr names the prompts and how to compose them (temperature and weights as node options, "
+                       f"e.g. or(\"a\", \"b\")[temperature=2]); drop {', '.join(given)}")
+    return parse_expression(expression)
+
+
+def check_items(items: list[str], what: str, allow_empty: bool = False) -> None:
+    """Each prompt (model name) non-empty plain text; how many a mode needs is the combiner's check.
+    ``allow_empty``: an expression's leaves, where the empty prompt is the unconditional model."""
     for i, p in enumerate(items):
+        if allow_empty and p == UNCONDITIONAL:
+            continue
         if not p.strip():
             raise BadInput(f"{what} {i + 1} is empty; every {what} must be a non-empty string")
         problem = control_character_problem(p, f"{what} {i + 1}")
@@ -126,6 +148,14 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--mode", type=click.Choice(MODES), default=None, help="How to compose the prompts [default: and].")
 @click.option("--and", "and_", multiple=True, metavar="PROMPT", help="Shorthand: --and P1 --and P2 means --mode and.")
 @click.option("--or", "or_", multiple=True, metavar="PROMPT", help="Shorthand: --or P1 --or P2 means --mode or.")
+@click.option("--expr", "expression", default=None, metavar="EXPRESSION",
+              help='A composition expression instead of --prompt/--mode, e.g. \'("red" | "blue") & "circle"\' or '
+                   '\'"red" * not("circle")\' (the syntax is in the README, "Expressions").')
+@click.option("--particles", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Weighted particles per image (Feynman–Kac-corrected nodes of --expr); each image is one drawn "
+                   "by weight from its group, and costs that many samples.")
+@click.option("--resample-threshold", type=FiniteFloat(min=0, max=1, min_open=True), default=0.5, show_default=True,
+              help="A group of particles resamples when its effective sample size falls below this x particles.")
 @click.option("--negative-prompt", default=None, help="Replaces the empty unconditional prompt.")
 @click.option(
     "--steps",
@@ -178,6 +208,9 @@ def generate(
     mode: str | None,
     and_: tuple[str, ...],
     or_: tuple[str, ...],
+    expression: str | None,
+    particles: int,
+    resample_threshold: float,
     negative_prompt: str | None,
     steps: int,
     guidance: float | None,
@@ -213,15 +246,21 @@ def generate(
     """
     if quiet:
         silence_library_logs()
+    node = collect_expression(expression, prompts, mode, and_, or_, temperature, log_weights)
     items, mode = collect_prompts(prompts, mode, and_, or_)
     lw = parse_log_weights(log_weights)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     what = "model name" if model == "embedded-digits" else "prompt"
     # Everything about the prompts and the combiner is checked before a model is loaded.
-    items = items or list(DEFAULT_ITEMS.get(model, ()))
-    check_items(items, what)
-    combiner = make_combiner(mode, len(items), temperature, lw, what=f"{what}s")
+    if node is not None:
+        items, mode = [str(n) for n in leaf_names(node)], "expression"
+        check_items(items, what, allow_empty=model != "embedded-digits")
+        combiner = compile_expression(node, items)
+    else:
+        items = items or list(DEFAULT_ITEMS.get(model, ()))
+        check_items(items, what)
+        combiner = make_combiner(mode, len(items), temperature, lw, what=f"{what}s")
     if model == "embedded-digits":
         check_unconditional_options(guidance, negative_prompt, height, width)
     check_negative_prompt(negative_prompt, model)
@@ -230,7 +269,7 @@ def generate(
     )  # no need to look into a non-model
     if problem:
         raise BadInput(problem)
-    check_limits(model, items, steps, num_images, height, width)
+    check_limits(model, items, steps, num_images * particles, height, width)
     if plot:
         try:
             require_matplotlib()
@@ -241,12 +280,16 @@ def generate(
     loaded = load_model(model, torch_dtype, dev, allow_pickle, items)
     apply_speed_options(loaded.pipeline, channels_last, compile_mode)
     call, scale = pipeline_call_kwargs(loaded, items, combiner, steps, guidance, seed, num_images, progress=not quiet,
-                                       negative_prompt=negative_prompt, height=height, width=width)
+                                       negative_prompt=negative_prompt, height=height, width=width,
+                                       particles=particles, resample_threshold=resample_threshold)
     result = loaded.pipeline(**call)
     settings = generation_settings(
         model=model,
         prompts=items,
         mode=mode,
+        expression=None if node is None else describe(node),
+        particles=particles,
+        resample_threshold=resample_threshold if particles > 1 else None,
         steps=steps,
         guidance=scale,
         temperature=temperature,

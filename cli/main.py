@@ -7,6 +7,7 @@ import warnings
 
 import click
 
+from .app import app
 from .demo import demo
 from .errors import INTERRUPTED_EXIT
 from .evaluate import evaluate
@@ -58,12 +59,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
       superdiff generate --and red --and circle --out out/
       superdiff toy --out superdiff-toy
       superdiff eval out/
+      superdiff app
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     quiet_libraries()
 
 
+cli.add_command(app)
 cli.add_command(demo)
 cli.add_command(evaluate)
 cli.add_command(generate)

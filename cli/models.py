@@ -28,6 +28,10 @@ class LoadedModel:
     default_items: tuple[str, ...] = ()
     default_guidance: float = 7.5
 
+#: The guidance a pipeline class samples with when --guidance is not given, where it is not 7.5: FLUX.1's
+#: ``guidance_scale`` is its distilled guidance embedding, 3.5 in diffusers' FluxPipeline.
+DEFAULT_GUIDANCE = {"SuperDiffFluxPipeline": 3.5}
+
 
 DEVICE_HINT = "use auto, cpu, cuda or cuda:N"
 
@@ -70,7 +74,7 @@ DIGIT_MODELS = ("a", "b", "all")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SUPPORTED_CLASSES = (
     "StableDiffusionPipeline (1.x/2.x) or its Img2Img variant, StableDiffusionXLPipeline (or Img2Img), "
-    "or StableDiffusion3Pipeline (or Img2Img)"
+    "StableDiffusion3Pipeline (SD3 / SD3.5, or Img2Img), or FluxPipeline (FLUX.1, or Img2Img)"
 )
 
 
@@ -203,9 +207,9 @@ def model_problem(
 def load_model(
     spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False, items: list[str] | None = None
 ) -> LoadedModel:
-    """Load ``spec``: an embedded model name, a local diffusers folder (Stable Diffusion, SDXL or
-    SD3, read from its model_index.json), or a hub id (cached only when offline). Only safetensors
-    weights are read unless ``allow_pickle``."""
+    """Load ``spec``: an embedded model name, a local diffusers folder (Stable Diffusion, SDXL, SD3 /
+    SD3.5 or FLUX.1, read from its model_index.json), or a hub id (cached only when offline). Only
+    safetensors weights are read unless ``allow_pickle``; ``dtype`` goes to ``from_pretrained(dtype=)``."""
     problem = model_problem(spec, items, allow_pickle)
     if problem:
         raise BadInput(problem)
@@ -213,7 +217,7 @@ def load_model(
         from superdiff.pipelines import SuperDiffPipeline
         from superdiff.zoo.registry import embedded_path
 
-        pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), torch_dtype=dtype)
+        pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=dtype)
         return LoadedModel(spec, pipe.to(device), "prompts", DEFAULT_ITEMS[spec], 5.0)
     if spec == "embedded-digits":
         from superdiff.zoo.registry import load_digit_pipeline
@@ -227,7 +231,7 @@ def load_model(
 
     path = Path(spec).expanduser()
     files = {"local_files_only": True} if hub_offline() else {}
-    kwargs = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True} | files
+    kwargs = {"dtype": dtype, "use_safetensors": None if allow_pickle else True} | files
     try:
         pipeline_cls = pipeline_class_for(str(path) if path.is_dir() else spec, **files)
         pipe = pipeline_cls.from_pretrained(str(path) if path.is_dir() else spec, **kwargs)
@@ -247,7 +251,8 @@ def load_model(
             f"--model {spec!r} could not be loaded ({first}). Pass a local diffusers folder or a cached hub id, "
             f"or try --model embedded-shapes"
         ) from exc
-    return LoadedModel(spec, pipe.to(device), "prompts")
+    guidance = DEFAULT_GUIDANCE.get(pipeline_cls.__name__, 7.5)
+    return LoadedModel(spec, pipe.to(device), "prompts", default_guidance=guidance)
 
 
 def silence_library_logs() -> None:

@@ -180,6 +180,15 @@ def _write_generation(target: Path, out_dir: Path, result: "object", settings: d
             "kappa_trace": result.kappa_trace[:, i].tolist(),
             "log_density_trace": result.log_density_trace[:, i].tolist(),
         }
+        # An expression's per-node weights and, with particles, the image's weight and its group's ESS.
+        if getattr(result, "log_weights", None) is not None:
+            meta["log_weight"] = float(result.log_weights[i])
+        if getattr(result, "ess_trace", None) is not None:
+            meta["ess_trace"] = result.ess_trace[:, i].tolist()
+            meta["resample_count"] = int(result.resample_counts[i])
+        nodes = getattr(result, "node_weight_trace", None)
+        if nodes is not None:
+            meta["node_weight_trace"] = [w[:, i].tolist() for w in nodes]
         info = PngInfo()
         info.add_text("superdiff", json.dumps(settings | {"index": i}))
         put(out_dir / f"{prefix}_{i:03d}.png", png_bytes(image, pnginfo=info))

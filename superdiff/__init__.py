@@ -17,8 +17,8 @@ from .sampling import SamplerOutput, prior_sample, sample_ode, sample_sde
 __version__ = "0.1.0"
 
 #: The diffusers pipelines, imported from :mod:`superdiff.pipelines` when first asked for.
-PIPELINES = ("SuperDiffPipeline", "SuperDiffXLPipeline", "SuperDiffFlowPipeline", "SuperDiffUnconditionalPipeline",
-             "pipeline_class_for")
+PIPELINES = ("SuperDiffPipeline", "SuperDiffXLPipeline", "SuperDiffFlowPipeline", "SuperDiffFluxPipeline",
+             "SuperDiffUnconditionalPipeline", "pipeline_class_for")
 
 __all__ = [
     "sample_sde", "sample_ode", "prior_sample", "SamplerOutput",

@@ -264,13 +264,20 @@ def uncorrected(node: Node) -> Node:
 
 
 def _number(v: float) -> str:
-    return f"{v:g}"
+    """The shortest text that reads back as exactly ``v`` (``2``, ``0.5``, ``0.1234567``)."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(float(v))
+
+
+def _quoted(prompt: str) -> str:
+    escaped = prompt.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return '"' + escaped + '"'
 
 
 def describe(node: Node) -> str:
     """The expression in the syntax of :mod:`superdiff.expression_syntax` (parses back to ``node``)."""
     if isinstance(node, Leaf):
-        return str(node.name) if isinstance(node.name, int) else '"' + node.name.replace('"', '\\"') + '"'
+        return str(node.name) if isinstance(node.name, int) else _quoted(node.name)
     if isinstance(node, Not):
         opts = [f"strength={_number(node.strength)}"] if node.strength != 1.0 else []
         opts += [] if node.correct else ["correct=false"]

@@ -58,12 +58,55 @@ def test_generate_writes_images_sidecars_grid_and_plot(tiny_model, tmp_path):
         (["--and", "a", "--or", "b"], "--and"),
         (["--and", "a", "--and", "b", "--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda"),
         (["--and", "a", "--and", "b", "--device", "cuda:99"], "--device 'cuda:99'"),  # no CUDA here, or no 100th GPU
+        (["--expr", '"a" & & "b"'], "found '&' (at position 6):\n  \"a\" & & \"b\"\n        ^"),
+        (["--expr", '"a" & "b"', "--and", "c"], "drop --and"),
+        (["--expr", 'or("a", "b")', "--temperature", "2"], "drop --temperature"),
+        (["--expr", '"a" | "  "'], "Leaf.name"),
+        (["--expr", '"a" * "b"', "--particles", "0"], "--particles"),
+        (["--expr", '"a" * "b"', "--particles", "2", "--resample-threshold", "0"], "--resample-threshold"),
     ],
 )
 def test_generate_bad_input_exits_2(tiny_model, tmp_path, args, needle):
     r = invoke("generate", "--model", tiny_model, "--out", str(tmp_path), "--quiet", *args)
     assert r.exit_code == 2, r.output
     assert needle in r.output and "Traceback" not in r.output
+
+
+def test_an_expression_equals_the_flat_mode_it_spells_and_a_pipeline_call_with_it(tiny_model, tmp_path):
+    common = ["--model", tiny_model, "--steps", "5", "--num-images", "2", "--seed", "4", "--quiet"]
+    r = invoke("generate", *common, "--expr", '"a red circle" & "a blue square"', "--out", str(tmp_path / "expr"))
+    assert r.exit_code == 0, r.output
+    r = invoke("generate", *common, "--and", "a red circle", "--and", "a blue square", "--out", str(tmp_path / "and"))
+    assert r.exit_code == 0, r.output
+    for name in ("image_000", "image_001"):  # an And of two leaves is SuperDiff AND, to the pixel
+        expr = Image.open(tmp_path / "expr" / f"{name}.png").convert("RGB").tobytes()
+        assert expr == Image.open(tmp_path / "and" / f"{name}.png").convert("RGB").tobytes()
+    side = json.loads((tmp_path / "expr" / "image_000.json").read_text())
+    assert side["mode"] == "expression" and side["expression"] == 'and("a red circle", "a blue square")'
+    assert side["node_weight_trace"] is not None and len(side["node_weight_trace"]) == 1  # one And node
+
+
+def test_particles_pick_one_weighted_particle_per_image_and_record_its_weight(tiny_model, tmp_path):
+    import torch
+
+    from superdiff.pipelines import SuperDiffPipeline
+
+    text, k = '"a red circle" * !"a blue square"', 3
+    r = invoke("generate", "--model", tiny_model, "--expr", text, "--particles", str(k), "--steps", "5",
+               "--num-images", "2", "--seed", "1", "--out", str(tmp_path), "--quiet")
+    assert r.exit_code == 0, r.output
+    sides = [json.loads((tmp_path / f"image_{i:03d}.json").read_text()) for i in range(2)]
+    for side in sides:
+        assert side["particles"] == k and side["prompts"] == ["a red circle", "", "a blue square"]
+        assert side["log_weight"] <= 1e-9  # a share of its group's weight
+        assert all(1.0 - 1e-6 <= e <= k + 1e-6 for e in side["ess_trace"]) and side["resample_count"] >= 0
+    pipe = SuperDiffPipeline.from_pretrained(tiny_model)
+    out = pipe(expression=text, particles=k, num_inference_steps=5, num_images_per_prompt=2, output_type="np",
+               guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(1), progress=False)
+    for i, side in enumerate(sides):  # the CLI is the pipeline call, weights and all
+        assert side["log_weight"] == pytest.approx(float(out.log_weights[i]), abs=1e-9)
+        assert torch.allclose(torch.tensor(side["log_density_trace"], dtype=torch.float64),
+                              out.log_density_trace[:, i].double(), atol=1e-6)
 
 
 def test_generate_missing_model_suggests_the_embedded_one(tmp_path):
@@ -157,14 +200,14 @@ def test_generate_reads_the_pipeline_class_from_model_index(other_pipelines, tmp
 
 
 def test_generate_refuses_a_pipeline_class_superdiff_lacks(tmp_path):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "kandinsky"
     folder.mkdir()
     (folder / "model_index.json").write_text(
-        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]})
+        json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "X"]})
     )
     r = invoke("generate", "--model", str(folder), "--and", "a", "--and", "b", "--out", str(tmp_path / "out"))
     assert r.exit_code == 2, r.output
-    assert "FluxPipeline" in r.output and "StableDiffusionXLPipeline" in r.output and "Traceback" not in r.output
+    assert "KandinskyPipeline" in r.output and "StableDiffusionXLPipeline" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "out").exists()  # refused before any work
 
 

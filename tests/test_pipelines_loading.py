@@ -3,6 +3,8 @@ and the superdiff pipeline class each diffusers folder needs."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def test_component_folder_honours_use_safetensors(tmp_path):
     # None (diffusers' default): safetensors where there are some, else pickle. (False asks for pickle
     # only, which transformers 5 never writes: it fails on text_encoder/ here, as diffusers' own loader does.)
     loaded = SuperDiffPipeline.from_pretrained(
-        bare, use_safetensors=None, local_files_only=True, torch_dtype=torch.float64
+        bare, use_safetensors=None, local_files_only=True, dtype=torch.float64
     )
     assert loaded.unet.dtype == torch.float64 and loaded.text_encoder.dtype == torch.float64
     for name, value in comps["unet"].state_dict().items():
@@ -97,3 +99,36 @@ def test_pipeline_class_for_and_from_pretrained_of_another_pipelines_folder(tmp_
     (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     with pytest.raises(ValueError, match="is a KandinskyPipeline .*no pipeline for"):
         pipeline_class_for(tmp_path / "other")
+
+
+def test_dtype_and_its_deprecated_name_torch_dtype_in_every_loader(tmp_path):
+    """dtype= (diffusers' name since v0.40) casts without a warning; torch_dtype= casts too, with diffusers'
+    FutureWarning pointing at the caller's line; both at once is a ValueError before anything is read. In a
+    model_index.json folder, a folder of component subfolders, from_pipe and the unconditional stack's loader."""
+    from diffusers import StableDiffusionPipeline
+
+    from superdiff.pipelines import SuperDiffUnconditionalPipeline
+    from superdiff.testing import tiny_unconditional_components
+
+    comps = tiny_sd_components(vae=False, tokenizer_dir=tmp_path / "tok")
+    sd = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.save_pretrained(tmp_path / "sd")
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        comps[name].save_pretrained(tmp_path / "bare" / name)
+    SuperDiffUnconditionalPipeline(**tiny_unconditional_components()).save_pretrained(tmp_path / "stack")
+    loaders = {
+        "sd": lambda **kw: SuperDiffPipeline.from_pretrained(tmp_path / "sd", local_files_only=True, **kw).unet,
+        "bare": lambda **kw: SuperDiffPipeline.from_pretrained(tmp_path / "bare", local_files_only=True, **kw).unet,
+        "stack": lambda **kw: SuperDiffUnconditionalPipeline.from_pretrained(tmp_path / "stack", **kw).unets[0],
+    }
+    for name, load in loaders.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            assert load(dtype=torch.float64).dtype == torch.float64, name
+        with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated.*Please use `dtype` instead") as record:
+            assert load(torch_dtype=torch.float64).dtype == torch.float64, name
+        assert [w.filename for w in record if "torch_dtype" in str(w.message)] == [__file__], name
+        with pytest.raises(ValueError, match=r"^dtype=torch.float64 and torch_dtype=torch.float16 are not valid"):
+            load(dtype=torch.float64, torch_dtype=torch.float16)
+    with pytest.warns(FutureWarning, match="torch_dtype"):
+        assert SuperDiffPipeline.from_pipe(sd, torch_dtype=torch.float64).unet.dtype == torch.float64

@@ -426,7 +426,7 @@ def test_sd_save_load_round_trip_and_from_pipe(sd_pipe, tmp_path):
         requires_safety_checker=False,
     )
     sd.save_pretrained(tmp_path / "sd")
-    from_sd = SuperDiffPipeline.from_pretrained(tmp_path / "sd", local_files_only=True, torch_dtype=torch.float32)
+    from_sd = SuperDiffPipeline.from_pretrained(tmp_path / "sd", local_files_only=True, dtype=torch.float32)
     np.testing.assert_array_equal(before.images, from_sd(PROMPTS, **(kw | {"generator": seeded(5)})).images)
     shared = SuperDiffPipeline.from_pipe(sd)
     assert shared.unet is sd.unet and shared.text_encoder is sd.text_encoder and shared.vae is sd.vae

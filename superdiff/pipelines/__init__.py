@@ -1,10 +1,11 @@
 """diffusers pipelines built on the superdiff core: compose prompts of one text-to-image model
-(Stable Diffusion 1.x/2.x, SDXL, SD3-style flow transformers) or separately trained unconditional
+(Stable Diffusion 1.x/2.x, SDXL, SD3 / SD3.5 flow transformers, FLUX.1) or separately trained unconditional
 UNets, with OR / AND / average / sum, in diffusers' conventions."""
 
 from .compile import compile_networks, to_channels_last
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .flow import SuperDiffFlowPipeline
+from .flux import SuperDiffFluxPipeline
 from .loading import pipeline_class_for
 from .output import SuperDiffPipelineOutput
 from .sdxl import SuperDiffXLPipeline
@@ -16,6 +17,7 @@ __all__ = [
     "pipeline_class_for",
     "to_channels_last",
     "SuperDiffFlowPipeline",
+    "SuperDiffFluxPipeline",
     "DiffusersDenoiser",
     "Schedule",
     "schedule_from_scheduler",

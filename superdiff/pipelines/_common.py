@@ -11,6 +11,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..combine import Combiner, check_combiner, make_combiner
+from ..expressions import NODE_TYPES, compile_expression, leaf_names
+from ..particles import check_particles, select_particles
 from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
 from .denoisers import Schedule
 from .output import SuperDiffPipelineOutput
@@ -35,7 +37,8 @@ def prompts_argument(prompts: Any, prompt: Any) -> Any:
 
 
 def check_prompts(prompts: Any, argument: str = "prompts") -> int:
-    """Validate the list of prompts; returns M (the combiner checks M against its mode)."""
+    """Validate the list of prompts; returns M (the combiner checks M against its mode). Expressions'
+    leaves, which may include the empty prompt, are checked by :func:`resolve_composition`."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         _fail(argument, prompts, 'pass a list of prompt strings, e.g. ["a flamingo", "a candy cane"]')
     for i, p in enumerate(prompts):
@@ -72,6 +75,61 @@ def resolve_combiner(
     return combiner
 
 
+def resolve_composition(
+    expression: Any, prompts: Any, combiner: Any, mode: str | None, temperature: float | None,
+    log_weights: Sequence[float] | None, what: str, default_mode: str,
+) -> tuple[list[str], Combiner]:
+    """The composed prompts and the one combiner of a call.
+
+    Without ``expression``: ``prompts`` as given (checked by :func:`check_prompts`) and the combiner
+    of :func:`resolve_combiner`. With ``expression`` (a string in the syntax of
+    :mod:`superdiff.expression_syntax`, or a node tree): its leaves are the prompts, each evaluated
+    once however often it appears (``""`` is the empty prompt, NOT's default reference), and the
+    compiled expression is the combiner; ``prompts``, ``combiner``, ``mode``, ``temperature`` and
+    ``log_weights`` must then be left out."""
+    if expression is None:
+        m = check_prompts(prompts, what)
+        return list(prompts), resolve_combiner(combiner, mode, temperature, log_weights, m, what, default_mode)
+    given = [name for name, value in (("prompts", prompts), ("combiner", combiner), ("mode", mode),
+                                      ("temperature", temperature), ("log_weights", log_weights)) if value is not None]
+    if given:
+        _fail("expression", expression, f"it names the {what} and how to compose them, so {', '.join(given)} would "
+              f"be ignored; pass either expression=... or {'/'.join(given)}")
+    expression = _expression_node(expression)
+    leaves = leaf_names(expression)
+    for leaf in leaves:
+        if not isinstance(leaf, str):
+            _fail("expression", expression, f"its leaf {leaf!r} is a model index; a text pipeline's leaves are "
+                  'prompts in quotes, e.g. "red"')
+    return list(leaves), compile_expression(expression, leaves)
+
+
+def model_expression(
+    expression: Any, num_models: int, combiner: Any, mode: str | None, temperature: float | None,
+    log_weights: Sequence[float] | None,
+) -> Combiner:
+    """The compiled ``expression`` over a stack of models, whose leaves are the models' indices
+    (``"0 | 1"``); the other composition arguments must be left out."""
+    given = [name for name, value in (("combiner", combiner), ("mode", mode), ("temperature", temperature),
+                                      ("log_weights", log_weights)) if value is not None]
+    if given:
+        _fail("expression", expression, f"it says how to compose the models, so {', '.join(given)} would be "
+              f"ignored; pass either expression=... or {'/'.join(given)}")
+    node = _expression_node(expression)
+    return compile_expression(node, tuple(range(num_models)))
+
+
+def _expression_node(expression: Any) -> Any:
+    if isinstance(expression, str):
+        from ..expression_syntax import parse_expression
+
+        return parse_expression(expression)
+    if not isinstance(expression, NODE_TYPES):
+        _fail("expression", expression, "pass a string such as '\"red\" & \"circle\"' or a node tree "
+              "(superdiff.expressions)")
+    return expression
+
+
 @dataclass(frozen=True, eq=False)
 class SamplingOptions:
     """The options of one pipeline call, resolved once at the top of ``__call__`` (the combiner
@@ -88,6 +146,16 @@ class SamplingOptions:
     progress: bool = True
     callback_on_step_end: Callable | None = None
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
+    particles: int = 1
+    resample_threshold: float = 0.5
+
+    @property
+    def guidance(self) -> float | None:
+        """The classifier-free guidance weight w the sampler applies: ``guidance_scale`` above 1,
+        else None. ``guidance_scale`` ≤ 1 (or None) means no guidance, as in diffusers
+        (``do_classifier_free_guidance = guidance_scale > 1``): the unconditional rows are not evaluated."""
+        w = self.guidance_scale
+        return float(w) if w is not None and w > 1 else None
 
 
 def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt") -> None:
@@ -99,13 +167,18 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
     if guidance_scale is not None and (
         not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale) or guidance_scale < 0
     ):
-        _fail("guidance_scale", guidance_scale, "use a finite number >= 0 (e.g. 7.5; 1.0 means no extra guidance)")
+        _fail("guidance_scale", guidance_scale, "use a finite number >= 0 (e.g. 7.5; 1 or less, or None, samples "
+              "without guidance, as in diffusers)")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         _fail("num_inference_steps", steps, "use a positive integer, e.g. 50")
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         _fail(batch_argument, batch, "use a positive integer")
     if options.output_type not in OUTPUT_TYPES:
         _fail("output_type", options.output_type, f"use one of {OUTPUT_TYPES}")
+    check_particles(options.particles, options.resample_threshold)
+    if options.particles > 1 and options.latents is not None:
+        _fail("latents", "<a tensor>", f"latents give one starting point per image, and particles={options.particles} "
+              "draws that many per image; pass latents=None (the generator draws them) or particles=1")
     generator = options.generator
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
@@ -142,12 +215,13 @@ def check_text_inputs(negative_prompt: Any, height: Any, width: Any, multiple: i
             "pass one string or a one-element list of it (the composed prompts share "
             "one unconditional branch, so one negative prompt), or None",
         )
-    if negative_prompt is not None and options.guidance_scale is None:
+    if negative_prompt is not None and options.guidance is None:
         _fail(
             "negative_prompt",
             negative_prompt,
-            "it is the unconditional branch of guidance, which guidance_scale=None "
-            "turns off; pass a guidance_scale (e.g. 7.5) or no negative_prompt",
+            f"it is the unconditional branch of guidance, which guidance_scale={options.guidance_scale!r} turns off "
+            "(None or 1 or less: no guidance, as in diffusers); pass a guidance_scale above 1 (e.g. 7.5) or no "
+            "negative_prompt",
         )
     for name, value in (("height", height), ("width", width)):
         if value is None:
@@ -241,10 +315,11 @@ def step_callback(
     return callback
 
 
-def guided_conditions(conditions: dict[str, Any], num_prompts: int, guidance_scale: float | None) -> dict[str, Any]:
+def guided_conditions(conditions: dict[str, Any], num_prompts: int, guidance: float | None) -> dict[str, Any]:
     """The network conditions of a call: with guidance, the prompts' rows and the unconditional
-    one; unguided (``guidance_scale=None``), the M prompt-conditional models alone."""
-    return prompt_rows(conditions, num_prompts) if guidance_scale is None else conditions
+    one; unguided (``guidance`` None: :attr:`SamplingOptions.guidance`), the M prompt-conditional
+    models alone."""
+    return prompt_rows(conditions, num_prompts) if guidance is None else conditions
 
 
 def prompt_rows(conditions: dict[str, Any], num_prompts: int) -> dict[str, Any]:
@@ -263,7 +338,7 @@ class SuperDiffMixin:
 
     @property
     def guidance_scale(self) -> float | None:
-        """The guidance scale of the current (or last) call; None: unguided."""
+        """The guidance scale of the current (or last) call, as given (None or 1 or less: unguided)."""
         return getattr(self, "_guidance_scale", None)
 
     @property
@@ -296,9 +371,11 @@ class SuperDiffMixin:
         given) and every step's noise.
         """
         dtype = torch.float64 if network_dtype == torch.float64 else torch.float32
-        generator, latents = options.generator, options.latents
+        generator, latents, k = options.generator, options.latents, options.particles
+        if isinstance(generator, (list, tuple)) and k > 1:  # image i's generator draws its K particles
+            generator = [g for g in generator for _ in range(k)]
         x = prior_sample(
-            denoiser, shape[0], shape[1:], generator, device, dtype, std=schedule.init_noise_sigma, z=latents
+            denoiser, shape[0] * k, shape[1:], generator, device, dtype, std=schedule.init_noise_sigma, z=latents
         )
         times = schedule.times
         self._guidance_scale = options.guidance_scale
@@ -316,20 +393,23 @@ class SuperDiffMixin:
             return None if on_step is None else on_step(info)
 
         try:
-            return sample_sde(
+            result = sample_sde(
                 denoiser,
                 x,
                 times,
                 options.combiner,
-                guidance_scale=None if options.guidance_scale is None else float(options.guidance_scale),
+                guidance_scale=options.guidance,
                 generator=generator,
                 callback=callback if bar is not None or on_step is not None else None,
                 final_denoise=True,
                 interrupt=lambda: self.interrupt,
+                particles=k,
+                resample_threshold=options.resample_threshold,
             )
         finally:
             if bar is not None:
                 bar.close()
+        return result if k == 1 else one_particle_per_image(result, k, generator)
 
     def _superdiff_output(
         self, images: Any, result: SamplerOutput, schedule: Schedule, options: SamplingOptions
@@ -341,8 +421,36 @@ class SuperDiffMixin:
             log_density_trace=result.log_density_trace,
             kappa_trace=result.kappa_trace,
             timesteps=timesteps,
+            log_weights=result.log_weights,
+            ess_trace=result.ess_trace,
+            resample_counts=result.resample_counts,
+            node_weight_trace=result.node_weight_trace,
         )
         return out if options.return_dict else out.to_tuple()
+
+
+def one_particle_per_image(result: SamplerOutput, particles: int, generator: Any) -> SamplerOutput:
+    """Each image's particle, drawn with probability ∝ its Feynman–Kac weight from its group of K
+    (:func:`~superdiff.particles.select_particles`), with its traces; the group's ESS trace and
+    resampling count are repeated for it. Log-weights are made relative to the group (its
+    log-sum-exp subtracted), so they say how much of the group's weight the image carried."""
+    log_w = result.log_weights
+    if log_w is None:
+        log_w = torch.zeros(result.samples.shape[0], dtype=torch.float64, device=result.samples.device)
+    pick = select_particles(log_w, particles, generator)
+    relative = log_w.reshape(-1, particles) - torch.logsumexp(log_w.reshape(-1, particles), -1, keepdim=True)
+    return SamplerOutput(
+        samples=result.samples[pick],
+        log_densities=result.log_densities[pick],
+        log_density_trace=result.log_density_trace[:, pick],
+        kappa_trace=result.kappa_trace[:, pick],
+        times=result.times,
+        log_weights=relative.reshape(-1)[pick],
+        ess_trace=result.ess_trace,
+        resample_counts=result.resample_counts,
+        node_weight_trace=None if result.node_weight_trace is None else tuple(w[:, pick]
+                                                                             for w in result.node_weight_trace),
+    )
 
 
 def decode(vae: Any, latents: torch.Tensor, image_processor: Any, output_type: str, shift: float = 0.0) -> Any:

@@ -11,6 +11,15 @@ NaN (necludov/super-diffusion issue 3). At the first step (α_s = 0) the forward
 ``a = α_s/α_t`` is 0 and its variance σ_s² = 1: the start ``x ~ N(0, I)`` is every model's exact
 marginal at t = 1 (log-densities start equal, at 0 relative to it), and each model's Δlog q of
 that step is its reverse kernel's log-density of the new point.
+
+SD3.5 (Medium, Large, Large Turbo) runs on this pipeline unchanged, as it runs on diffusers'
+``StableDiffusion3Pipeline``: its differences from SD3 live in the components, not in the
+sampling. The transformer's QK RMS-norm (``qk_norm``) and MMDiT-X dual attention layers
+(``dual_attention_layers``) are inside ``SD3Transformer2DModel``; its three text encoders (CLIP-L,
+CLIP-G, T5-XXL) are SD3's; its scheduler shift (3.0, static) is read from its
+``scheduler_config.json`` by ``FlowMatchEulerDiscreteScheduler.set_timesteps``, and a scheduler with
+``use_dynamic_shifting`` gets μ from the image's sequence length as below. Large Turbo is sampled
+with ``guidance_scale`` ≤ 1 (no guidance, diffusers' rule). Skip-layer guidance is not supported.
 """
 
 from __future__ import annotations
@@ -31,17 +40,16 @@ from ._common import (
     _fail,
     check_latents,
     check_options,
-    check_prompts,
     check_text_inputs,
     decode,
     guided_conditions,
     negative_text,
     prompts_argument,
     refuse_embeddings,
-    resolve_combiner,
+    resolve_composition,
 )
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
-from .loading import check_loading_class
+from .loading import check_loading_class, diffusers_dtype, pop_dtype
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffFlowPipeline"]
@@ -58,7 +66,8 @@ def _calculate_shift(image_seq_len: int, config: Any) -> float:
 class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
     """Superposition of M prompts on an SD3-style flow transformer. Components are named as in
     diffusers' ``StableDiffusion3Pipeline`` (so ``from_pipe`` shares them); ``text_encoder_3`` (T5)
-    is optional (zeros, as in diffusers) and ``vae=None`` runs in pixel space."""
+    is optional (zeros, as in diffusers) and ``vae=None`` runs in pixel space. SD3 and SD3.5 models
+    both load here (see the module docstring)."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = ["vae", "text_encoder_3", "tokenizer_3"]
@@ -94,11 +103,20 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
     ) -> "SuperDiffFlowPipeline":
-        """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion
-        or SDXL pipeline is refused (``ValueError`` naming the superdiff class that loads it)."""
+        """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion,
+        SDXL or Flux pipeline is refused (``ValueError`` naming the superdiff class that loads it).
+        ``dtype=`` casts the weights (``torch_dtype=``: its deprecated name, with diffusers' warning)."""
+        dtype = pop_dtype(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         check_loading_class(path, "SuperDiffFlowPipeline", kwargs, cls)
-        return super().from_pretrained(path, **kwargs)
+        return super().from_pretrained(path, **kwargs, **diffusers_dtype(dtype))
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any) -> "SuperDiffFlowPipeline":
+        """diffusers' ``from_pipe`` (e.g. of a ``StableDiffusion3Pipeline``: the modules are shared),
+        with ``dtype=`` as in :meth:`from_pretrained`."""
+        dtype = pop_dtype(kwargs)
+        return super().from_pipe(pipeline, **kwargs, **diffusers_dtype(dtype))
 
     @property
     def size_multiple(self) -> int:
@@ -114,9 +132,10 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         check_options(options)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name guidance_scale.
-        if options.guidance_scale is None and not getattr(options.combiner, "affine", True):
-            _fail("guidance_scale", None, "weights that do not sum to 1 (mode='sum') have no denoised form at σ = 1, "
-                  "where flow sampling starts; pass a guidance_scale (e.g. 7.0) or use mode 'and', 'or' or 'average'")
+        if options.guidance is None and not getattr(options.combiner, "affine", True):
+            _fail("guidance_scale", options.guidance_scale, "weights that do not sum to 1 (mode='sum') have no "
+                  "denoised form at σ = 1, where flow sampling starts; pass a guidance_scale above 1 (e.g. 7.0) or "
+                  "use mode 'and', 'or' or 'average'")
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
             raise ValueError(
                 f"max_sequence_length={max_sequence_length!r} is not valid: use an integer in 1..512 (SD3 uses 256)"
@@ -182,10 +201,14 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         combiner: Combiner | None = None,
+        expression: Any = None,
+        particles: int = 1,
+        resample_threshold: float = 0.5,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`,
         with SD3's defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros).
-        ``guidance_scale=None`` samples unguided (not with ``mode="sum"``: see :meth:`check_inputs`).
+        ``guidance_scale=None`` (or ≤ 1, as in diffusers) samples unguided (not with ``mode="sum"``: see
+        :meth:`check_inputs`).
         ``latents`` (B, C, height/f, width/f): the starting noise, used as given, as diffusers'
         ``StableDiffusion3Pipeline`` uses it (its scheduler's ``init_noise_sigma`` is 1)."""
         # 1. Check inputs: the prompts, the one combiner of the call, then the options
@@ -196,9 +219,11 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         prompts = prompts_argument(prompts, prompt)
-        m = check_prompts(prompts)
+        prompts, combiner = resolve_composition(expression, prompts, combiner, mode, temperature, log_weights,
+                                                "prompts", default_mode="and")
+        m = len(prompts)
         options = SamplingOptions(
-            combiner=resolve_combiner(combiner, mode, temperature, log_weights, m, "prompts", default_mode="and"),
+            combiner=combiner, particles=particles, resample_threshold=resample_threshold,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
             return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,
@@ -219,7 +244,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         # 3. Encode prompts: the M prompts and, with guidance, the negative (unconditional) one
         embeddings, pooled = self.encode_prompts(prompts, negative_text(negative_prompt), max_sequence_length)
         conditions = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
-        conditions = guided_conditions(conditions, m, guidance_scale)
+        conditions = guided_conditions(conditions, m, options.guidance)
 
         # 4. Prepare timesteps (shifted by the image's sequence length where the scheduler says so)
         kwargs = {}
@@ -234,8 +259,8 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
             schedule.prediction,
             schedule.timestep,
             conditions=conditions,
-            num_outputs=m + (guidance_scale is not None),
-            unconditional=guidance_scale is not None,
+            num_outputs=m + (options.guidance is not None),
+            unconditional=options.guidance is not None,
         )
 
         # 6. Denoising loop (the latents are drawn, or taken from latents=, inside)

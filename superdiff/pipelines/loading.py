@@ -11,18 +11,25 @@ import glob
 import inspect
 import json
 import os
+import warnings
 from typing import Any
 
+import diffusers
+import transformers
 from diffusers import DiffusionPipeline
+from packaging.version import Version
 
 __all__ = [
     "DamagedWeightsError",
     "check_components",
     "check_safetensors_files",
     "damaged_safetensors",
+    "diffusers_dtype",
     "pipeline_class_for",
+    "pop_dtype",
     "scheduler_class",
     "superdiff_class_name",
+    "transformers_dtype",
 ]
 
 UNCONDITIONAL_INDEX = "superdiff_unconditional.json"
@@ -39,10 +46,53 @@ PIPELINE_CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "SuperDiffPipeline": ("SuperDiffPipeline", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
     "SuperDiffXLPipeline": ("SuperDiffXLPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
     "SuperDiffFlowPipeline": ("SuperDiffFlowPipeline", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+    "SuperDiffFluxPipeline": ("SuperDiffFluxPipeline", "FluxPipeline", "FluxImg2ImgPipeline"),
 }
 SUPPORTED = "; ".join(
     f"{', '.join(names[1:])} or {names[0]} ({target})" for target, names in PIPELINE_CLASS_NAMES.items()
 )
+
+
+def _base_version(module: Any) -> Version:
+    return Version(Version(module.__version__).base_version)
+
+
+#: The name of the loading dtype in the installed libraries: diffusers renamed ``torch_dtype`` to
+#: ``dtype`` in v0.40.0 (PR #14205; ``DiffusionPipeline.from_pretrained(torch_dtype=...)`` warns since),
+#: transformers in v4.56. superdiff takes ``dtype=`` (and ``torch_dtype=``, with diffusers' warning) and
+#: passes it on under the name the library takes, so none of its own calls warns.
+DIFFUSERS_DTYPE = "dtype" if _base_version(diffusers) >= Version("0.40.0") else "torch_dtype"
+TRANSFORMERS_DTYPE = "dtype" if _base_version(transformers) >= Version("4.56.0") else "torch_dtype"
+TORCH_DTYPE_DEPRECATION = (
+    "`torch_dtype` is deprecated and will be removed in version 1.0.0. Please use `dtype` instead."
+)
+
+
+def pop_dtype(kwargs: dict[str, Any], stacklevel: int = 3) -> Any:
+    """Take the loading dtype out of ``kwargs``: ``dtype=``, or its deprecated name ``torch_dtype=``
+    (a ``FutureWarning`` with diffusers' text, pointing ``stacklevel`` frames up: the caller of the
+    ``from_pretrained`` / ``from_pipe`` that calls this); both at once is a ``ValueError``, raised
+    before anything is read. Returns the dtype (or None)."""
+    torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
+    if torch_dtype is None:
+        return dtype
+    if dtype is not None:
+        raise ValueError(
+            f"dtype={dtype!r} and torch_dtype={torch_dtype!r} are not valid together: they are two names for one "
+            "argument; pass dtype= only (torch_dtype is its deprecated name, as in diffusers >= 0.40)"
+        )
+    warnings.warn(TORCH_DTYPE_DEPRECATION, FutureWarning, stacklevel=stacklevel)
+    return torch_dtype
+
+
+def diffusers_dtype(dtype: Any) -> dict[str, Any]:
+    """``dtype`` as the keyword argument the installed diffusers' loaders take ({} for None)."""
+    return {} if dtype is None else {DIFFUSERS_DTYPE: dtype}
+
+
+def transformers_dtype(dtype: Any) -> dict[str, Any]:
+    """``dtype`` as the keyword argument the installed transformers' ``from_pretrained`` takes."""
+    return {} if dtype is None else {TRANSFORMERS_DTYPE: dtype}
 
 
 class DamagedWeightsError(ValueError):
@@ -224,11 +274,12 @@ def pipeline_class_for(pretrained_model_name_or_path: str | os.PathLike, **confi
 
     A folder or hub id with ``model_index.json`` is read by its ``_class_name``, matched exactly
     (:data:`PIPELINE_CLASS_NAMES`): Stable Diffusion 1.x/2.x → :class:`SuperDiffPipeline`, SDXL →
-    :class:`SuperDiffXLPipeline`, SD3 → :class:`SuperDiffFlowPipeline` (their Img2Img variants and
-    superdiff's own saved pipelines too). A local folder without one
-    is a :class:`SuperDiffUnconditionalPipeline` stack (``superdiff_unconditional.json``) or
-    Stable Diffusion component subfolders. ``config_kwargs`` (``local_files_only``, ``revision``,
-    ``cache_dir``, ``token``, ...) go to diffusers' ``load_config`` for hub ids.
+    :class:`SuperDiffXLPipeline`, SD3 / SD3.5 → :class:`SuperDiffFlowPipeline`, FLUX.1 →
+    :class:`SuperDiffFluxPipeline` (their Img2Img variants and superdiff's own saved pipelines
+    too). A local folder without one is a :class:`SuperDiffUnconditionalPipeline` stack
+    (``superdiff_unconditional.json``) or Stable Diffusion component subfolders. ``config_kwargs``
+    (``local_files_only``, ``revision``, ``cache_dir``, ``token``, ...) go to diffusers' ``load_config``
+    for hub ids.
 
     Raises ``ValueError`` naming the class (or the missing subfolders) where superdiff has no pipeline
     for it or ``_class_name`` is not a string, and diffusers' ``OSError`` where ``model_index.json``

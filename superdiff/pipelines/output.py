@@ -22,6 +22,12 @@ class SuperDiffPipelineOutput(BaseOutput):
     ``log_density_trace`` (steps+1, B, M) and ``kappa_trace`` (steps, B, M): the same along the
     trajectory, and the weights κ used at every step (κ of a step is computed from the
     log-densities before it). ``timesteps``: the network timesteps of the steps.
+
+    With ``expression=`` (:mod:`superdiff.expressions`): ``node_weight_trace`` one (steps, B,
+    children) tensor per internal node; with ``particles=K``: each image is one particle drawn by
+    weight from its group of K, ``log_weights`` (B,) its Feynman–Kac log-weight relative to its
+    group, ``ess_trace`` (steps, B) its group's effective sample size before each step's
+    resampling decision, ``resample_counts`` (B,) how often its group resampled.
     """
 
     images: Any
@@ -29,3 +35,7 @@ class SuperDiffPipelineOutput(BaseOutput):
     log_density_trace: torch.Tensor
     kappa_trace: torch.Tensor
     timesteps: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
+    ess_trace: torch.Tensor | None = None
+    resample_counts: torch.Tensor | None = None
+    node_weight_trace: tuple[torch.Tensor, ...] | None = None

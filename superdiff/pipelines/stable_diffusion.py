@@ -27,40 +27,45 @@ from ._common import (
     SuperDiffMixin,
     check_latents,
     check_options,
-    check_prompts,
     check_text_inputs,
     decode,
     guided_conditions,
     negative_text,
     prompts_argument,
     refuse_embeddings,
-    resolve_combiner,
+    resolve_composition,
 )
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import (
     bare_folder_error,
     check_loading_class,
     check_safetensors_files,
+    diffusers_dtype,
     is_bare_folder,
     missing_sd_subfolders,
+    pop_dtype,
     scheduler_class,
+    transformers_dtype,
 )
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffPipeline"]
 
-#: ``from_pretrained`` options a folder of component subfolders (no ``model_index.json``) honours.
-SUBFOLDER_KWARGS = ("torch_dtype", "dtype", "use_safetensors", "variant", "local_files_only")
+#: ``from_pretrained`` options a folder of component subfolders (no ``model_index.json``) honours,
+#: besides ``dtype`` (or its deprecated name ``torch_dtype``).
+SUBFOLDER_KWARGS = ("use_safetensors", "variant", "local_files_only")
 
 
 class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
     """Superposition of M prompts on Stable Diffusion (ε or v prediction; Euler-type σ-form or
     DDPM/DDIM-type VP schedulers). ``vae=None`` runs in pixel space (``vae_scale_factor`` 1).
 
-    Load like any diffusers pipeline: ``SuperDiffPipeline.from_pretrained(path, torch_dtype=...)``
+    Load like any diffusers pipeline: ``SuperDiffPipeline.from_pretrained(path, dtype=...)``
     (a local folder works offline; a folder of ``unet/``, ``text_encoder/``, ``tokenizer/``,
     ``scheduler/`` [, ``vae/``] without ``model_index.json`` too), or
     ``SuperDiffPipeline.from_pipe(stable_diffusion_pipe)`` to share an already loaded pipeline's modules.
+    ``torch_dtype=`` is accepted as the deprecated name of ``dtype=``, with diffusers' ``FutureWarning``
+    (diffusers renamed it in v0.40); both at once is a ``ValueError``.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -87,15 +92,24 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "SuperDiffPipeline":
         """diffusers' ``from_pretrained``; a local folder without ``model_index.json`` is loaded
         from its component subfolders (``vae/`` optional). A model whose ``model_index.json`` names
-        an SDXL or SD3 pipeline is refused (``ValueError`` naming the superdiff class that loads it)."""
+        an SDXL, SD3 or Flux pipeline is refused (``ValueError`` naming the superdiff class that loads it).
+        ``dtype=`` casts the weights (``torch_dtype=``: its deprecated name)."""
+        dtype = pop_dtype(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         if is_bare_folder(path) and cls is SuperDiffPipeline:
-            return cls._from_subfolders(path, **kwargs)
+            return cls._from_subfolders(path, dtype, **kwargs)
         check_loading_class(path, "SuperDiffPipeline", kwargs, cls)
-        return super().from_pretrained(path, **kwargs)
+        return super().from_pretrained(path, **kwargs, **diffusers_dtype(dtype))
 
     @classmethod
-    def _from_subfolders(cls, path: str, **kwargs: Any) -> "SuperDiffPipeline":
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any) -> "SuperDiffPipeline":
+        """diffusers' ``from_pipe`` (the modules are shared, not copied), with ``dtype=`` as in
+        :meth:`from_pretrained`."""
+        dtype = pop_dtype(kwargs)
+        return super().from_pipe(pipeline, **kwargs, **diffusers_dtype(dtype))
+
+    @classmethod
+    def _from_subfolders(cls, path: str, dtype: Any = None, **kwargs: Any) -> "SuperDiffPipeline":
         """Load each component from its subfolder with the loading options diffusers would pass it
         (``use_safetensors=True`` refuses pickle weights, as it does with ``model_index.json``).
         The scheduler class comes from diffusers' schedulers only (:func:`~.loading.scheduler_class`):
@@ -104,8 +118,8 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         if unknown:
             raise ValueError(
                 f"{unknown} are not supported when loading {path!r}, a folder without model_index.json; "
-                f"pass only {list(SUBFOLDER_KWARGS)}, or save the pipeline with save_pretrained to use diffusers' "
-                "other options"
+                f"pass only dtype and {list(SUBFOLDER_KWARGS)}, or save the pipeline with save_pretrained to use "
+                "diffusers' other options"
             )
         missing = missing_sd_subfolders(path)
         if missing:
@@ -114,15 +128,13 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         check_safetensors_files(path)
         files = {k: kwargs[k] for k in ("local_files_only",) if k in kwargs}
         weights = files | {k: kwargs[k] for k in ("use_safetensors", "variant") if k in kwargs}
-        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
-        if dtype is not None:
-            weights["torch_dtype"] = dtype
+        networks, text = weights | diffusers_dtype(dtype), weights | transformers_dtype(dtype)
         vae_dir = os.path.join(path, "vae")
         return cls(
-            vae=AutoencoderKL.from_pretrained(vae_dir, **weights) if os.path.isdir(vae_dir) else None,
-            text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), **weights),
+            vae=AutoencoderKL.from_pretrained(vae_dir, **networks) if os.path.isdir(vae_dir) else None,
+            text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), **text),
             tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"), **files),
-            unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **weights),
+            unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **networks),
             scheduler=scheduler_cls.from_pretrained(os.path.join(path, "scheduler"), **files),
         )
 
@@ -196,6 +208,9 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         combiner: Combiner | None = None,
+        expression: Any = None,
+        particles: int = 1,
+        resample_threshold: float = 0.5,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode`` (or ``combiner``).
 
@@ -205,8 +220,9 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         ``combiner``: any combiner object instead (``And(rtol=1e-10)``, ``Or(temperature=2.0)``,
         ``Fixed((0.7, 0.3))``, ...); not together with ``mode``, ``temperature`` or ``log_weights``.
         ``negative_prompt``: the unconditional branch's text (one string, or a one-element list).
-        ``guidance_scale``: classifier-free guidance w on the κ-mixture; ``None`` samples the
-        prompt-conditional models unguided (no unconditional branch: M·B rows per network call).
+        ``guidance_scale``: classifier-free guidance w on the κ-mixture; ``None`` or a value ≤ 1
+        samples the prompt-conditional models unguided, as diffusers does for ``guidance_scale <= 1``
+        (no unconditional branch: M·B rows per network call).
         ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` is called after every step
         with the tensors named in ``callback_on_step_end_tensor_inputs`` (default ``["latents"]``; also
         ``"denoised"``, ``"kappa"``, ``"log_densities"``), as in diffusers: it returns
@@ -230,9 +246,11 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         prompts = prompts_argument(prompts, prompt)
-        m = check_prompts(prompts)
+        prompts, combiner = resolve_composition(expression, prompts, combiner, mode, temperature, log_weights,
+                                                "prompts", default_mode="and")
+        m = len(prompts)
         options = SamplingOptions(
-            combiner=resolve_combiner(combiner, mode, temperature, log_weights, m, "prompts", default_mode="and"),
+            combiner=combiner, particles=particles, resample_threshold=resample_threshold,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
             return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,
@@ -251,7 +269,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
 
         # 3. Encode prompts: the M prompts and, with guidance, the negative (unconditional) one
         conditions = self._conditions(prompts, negative_text(negative_prompt), height, width)
-        conditions = guided_conditions(conditions, m, guidance_scale)
+        conditions = guided_conditions(conditions, m, options.guidance)
 
         # 4. Prepare timesteps
         schedule = schedule_from_scheduler(self.scheduler, num_inference_steps)
@@ -263,8 +281,8 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
             schedule.prediction,
             schedule.timestep,
             conditions=conditions,
-            num_outputs=m + (guidance_scale is not None),
-            unconditional=guidance_scale is not None,
+            num_outputs=m + (options.guidance is not None),
+            unconditional=options.guidance is not None,
             scale_input=schedule.scale_input,
         )
 

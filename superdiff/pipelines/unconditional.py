@@ -25,9 +25,18 @@ from tqdm.auto import tqdm
 
 from ..combine import Combiner
 from ..models import stack_denoisers
-from ._common import SamplingOptions, SuperDiffMixin, _fail, check_latents, check_options, decode, resolve_combiner
+from ._common import (
+    SamplingOptions,
+    SuperDiffMixin,
+    _fail,
+    check_latents,
+    check_options,
+    decode,
+    model_expression,
+    resolve_combiner,
+)
 from .denoisers import DiffusersDenoiser, process_of_scheduler, schedule_from_scheduler
-from .loading import check_safetensors_files, scheduler_class
+from .loading import check_safetensors_files, diffusers_dtype, pop_dtype, scheduler_class
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffUnconditionalPipeline"]
@@ -118,13 +127,16 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         cls,
         paths: str | os.PathLike | Sequence[str | os.PathLike],
         scheduler: Any = None,
+        dtype: torch.dtype | None = None,
         torch_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> "SuperDiffUnconditionalPipeline":
         """Load from a folder written by :meth:`save_pretrained`, or from a list of diffusers
         ``DDPMPipeline``/``DDIMPipeline`` folders (``unet/`` + ``scheduler/``) or bare ``UNet2DModel``
-        folders (then pass ``scheduler``). ``local_files_only`` and other kwargs go to diffusers."""
-        dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        folders (then pass ``scheduler``). ``dtype`` casts the weights (``torch_dtype``: its deprecated
+        name, with diffusers' ``FutureWarning``; not both). ``local_files_only`` and other kwargs go to
+        diffusers."""
+        cast = diffusers_dtype(pop_dtype({"dtype": dtype, "torch_dtype": torch_dtype}))
         if isinstance(paths, (str, os.PathLike)):
             root = os.fspath(paths)
             with open(os.path.join(root, _INDEX)) as f:
@@ -132,7 +144,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             scheduler_loaded = _load_scheduler(os.path.join(root, "scheduler"), kwargs)
             check_safetensors_files(root)
             unets = [
-                UNet2DModel.from_pretrained(os.path.join(root, name), **dtype, **kwargs) for name in index["unets"]
+                UNet2DModel.from_pretrained(os.path.join(root, name), **cast, **kwargs) for name in index["unets"]
             ]
             return cls(unets, scheduler_loaded, index.get("prediction_types"))
         unets, schedulers = [], []
@@ -140,9 +152,9 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             check_safetensors_files(p)
             if os.path.isdir(os.path.join(p, "unet")):
                 schedulers.append(_load_scheduler(os.path.join(p, "scheduler"), kwargs))
-                unets.append(UNet2DModel.from_pretrained(p, subfolder="unet", **dtype, **kwargs))
+                unets.append(UNet2DModel.from_pretrained(p, subfolder="unet", **cast, **kwargs))
             else:
-                unets.append(UNet2DModel.from_pretrained(p, **dtype, **kwargs))
+                unets.append(UNet2DModel.from_pretrained(p, **cast, **kwargs))
         if scheduler is None and not schedulers:
             _fail("scheduler", None, "pass a scheduler when loading bare UNet2DModel folders")
         if schedulers:
@@ -224,6 +236,9 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         negative_prompt: Any = None,
         guidance_scale: Any = None,
         combiner: Combiner | None = None,
+        expression: Any = None,
+        particles: int = 1,
+        resample_threshold: float = 0.5,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``batch_size`` images from the composition of the models (see
         :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>` for the
@@ -249,10 +264,14 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             "num_images_per_prompt" if batch_size is None and num_images_per_prompt is not None else "batch_size"
         )
         batch_size = self._batch_size(batch_size, num_images_per_prompt)
+        if expression is not None:  # leaves are the unets' indices: "0 | 1", or Leaf(0), Leaf(1)
+            combiner = model_expression(expression, len(self.unets), combiner, mode, temperature, log_weights)
         options = SamplingOptions(
             combiner=resolve_combiner(
                 combiner, mode, temperature, log_weights, len(self.unets), "unets", default_mode="or"
             ),
+            particles=particles,
+            resample_threshold=resample_threshold,
             num_inference_steps=num_inference_steps,
             guidance_scale=None,
             num_images_per_prompt=batch_size,

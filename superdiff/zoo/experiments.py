@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .digits import frechet_distance, load_digits_split
 from .shapes import read_attributes
 
-__all__ = ["Sampled", "digits_or", "shapes_and", "and_methods", "class_entropy", "experiment_bar", "step_ticker"]
+__all__ = ["Sampled", "digits_or", "shapes_and", "and_methods", "calculus_methods", "shapes_calculus", "class_entropy",
+           "experiment_bar", "step_ticker"]
 
 
 @dataclass
@@ -216,4 +217,110 @@ def shapes_and(
                 prompts,
             ))
         bar.set_description("AND shapes")
+    return results
+
+
+@dataclass(frozen=True)
+class CalculusMethod:
+    """One method of :func:`shapes_calculus`: an expression (or prompts and a mode) and the particles
+    per image; ``target`` says what a sample must show to count (see :func:`_calculus_hit`)."""
+
+    target: str
+    expression: str | None = None
+    prompts: tuple[str, ...] = ()
+    mode: str | None = None
+    particles: int = 1
+
+
+def calculus_methods(particle_counts: tuple[int, ...] = (4, 8)) -> dict[str, CalculusMethod]:
+    """The calculus issue's methods on the shapes model, against today's: AND-type compositions of
+    "red" and "circle" (target: both), NOT ("red" and not "circle": a red non-circle), and an OR of
+    two ANDs (a red circle or a blue triangle). Corrected methods run with each particle count."""
+    both, negated, either = "red+circle", "red-circle", "red+circle|blue+triangle"
+    methods = {
+        "joint prompt": CalculusMethod(both, prompts=("red circle",), mode="average"),
+        "average": CalculusMethod(both, prompts=("red", "circle"), mode="average"),
+        "superdiff AND": CalculusMethod(both, expression='"red" & "circle"'),
+        "score sum (product, uncorrected)": CalculusMethod(both, expression='product("red", "circle")[correct=false]'),
+        "Dombi AND, uncorrected": CalculusMethod(
+            both, expression='softmin("red", "circle")[sharpness=4, correct=false]'),
+        "NOT, negative weight (uncorrected)": CalculusMethod(
+            negated, expression='"red" * not("circle")[correct=false]'),
+        "OR of ANDs": CalculusMethod(either, expression='("red" & "circle") | ("blue" & "triangle")'),
+    }
+    for k in particle_counts:
+        methods[f"product, corrected, K={k}"] = CalculusMethod(both, expression='"red" * "circle"', particles=k)
+        methods[f"Dombi AND, corrected, K={k}"] = CalculusMethod(
+            both, expression='softmin("red", "circle")[sharpness=4]', particles=k)
+        methods[f"NOT, corrected, K={k}"] = CalculusMethod(negated, expression='"red" * not("circle")', particles=k)
+    return methods
+
+
+def _calculus_hit(target: str, colour: str | None, shape: str | None) -> bool:
+    """Whether one checked sample shows ``target``: "c+s" both, "c-s" colour c and a shape other than s,
+    "a|b" either."""
+    if "|" in target:
+        return any(_calculus_hit(t, colour, shape) for t in target.split("|"))
+    if "-" in target:
+        c, s = target.split("-")
+        return colour == c and shape is not None and shape != s
+    c, s = target.split("+")
+    return colour == c and shape == s
+
+
+def shapes_calculus(
+    methods: dict[str, CalculusMethod] | None = None,
+    num_samples: int = 64,
+    steps: int = 25,
+    guidance_scale: float | None = 5.0,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    chunk_size: int = 64,
+) -> list[Sampled]:
+    """The composition calculus on the shapes model: each method's hit rate (the fraction of samples
+    showing its target, read by the attribute checker) and its time per image, through
+    ``SuperDiffPipeline(expression=..., particles=K)`` as users call it."""
+    import time
+
+    from ..pipelines import SuperDiffPipeline
+    from .registry import embedded_path
+
+    methods = calculus_methods() if methods is None else methods
+    pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes")).to(device)
+    results = []
+    with experiment_bar("calculus shapes", len(methods), num_samples, chunk_size, steps, progress) as bar:
+        on_step = step_ticker(bar)
+        for name, method in methods.items():
+            bar.set_description(f"calculus shapes: {name}")
+            compose = (dict(expression=method.expression) if method.expression is not None
+                       else dict(prompts=list(method.prompts), mode=method.mode))
+            if method.particles > 1:
+                compose["particles"] = method.particles
+            start = time.perf_counter()
+            out = _sample_in_chunks(
+                lambda n, g: pipe(**compose, guidance_scale=guidance_scale, num_inference_steps=steps,
+                                  num_images_per_prompt=n, output_type="pt", generator=g, progress=False,
+                                  callback_on_step_end=on_step),
+                num_samples, chunk_size, seed,
+            )
+            seconds = time.perf_counter() - start
+            colours, shapes = read_attributes(_pixels(out))
+            hits = sum(_calculus_hit(method.target, c, s) for c, s in zip(colours, shapes))
+            results.append(Sampled(
+                name,
+                _pixels(out),
+                {
+                    "method": name,
+                    "expression": method.expression,
+                    "particles": method.particles,
+                    "target": method.target,
+                    "hit_rate": round(hits / num_samples, 4),
+                    "seconds_per_image": round(seconds / num_samples, 4),
+                    "n": num_samples,
+                },
+                out.kappa_trace,
+                out.log_density_trace,
+            ))
+        bar.set_description("calculus shapes")
     return results

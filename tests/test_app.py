@@ -1,0 +1,222 @@
+"""`superdiff app` in a real headless Chromium: the embedded shapes model composed from the page,
+with live plots, downloads that equal `superdiff generate`'s files, the library's messages for bad
+input, Stop, a closed tab, and two tabs at once. The browser tests fail (never skip) where the
+browser or the app extra is missing; see tests/app_helpers.py."""
+
+import json
+import math
+import re
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from app_helpers import (
+    PLOT_WATCHER,
+    chromium_path,
+    fill_form,
+    free_port,
+    gallery_count,
+    offline_env,
+    require_app_packages,
+    screenshot,
+    status_text,
+    wait_for_status,
+)
+from superdiff.combine import make_combiner
+from superdiff_cli.errors import BadInput
+from superdiff_cli.generate import check_items
+from superdiff_cli.main import cli
+
+LONG_RUN = 1000  # steps: the embedded models' training timesteps, far longer than any Stop takes
+
+
+def test_app_help_lists_its_options():
+    r = CliRunner().invoke(cli, ["app", "--help"])
+    assert r.exit_code == 0, r.output
+    for option in ("--model", "--host", "--port", "--device", "--out"):
+        assert option in r.output
+
+
+def test_app_without_gradio_exits_2_saying_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    r = CliRunner().invoke(cli, ["app"])
+    assert r.exit_code == 2, r.output
+    assert "pip install superdiff[app]" in r.output
+
+
+# --- in the browser ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app on a free loopback port with the embedded shapes model, once for the module."""
+    require_app_packages()
+    offline_env()
+    from superdiff_cli.app import Studio, build_blocks, launch
+
+    studio = Studio.load("embedded-shapes", device="cpu", out_root=tmp_path_factory.mktemp("app-runs"))
+    port = free_port()
+    blocks = launch(build_blocks(studio), "127.0.0.1", port, block=False, allowed=[studio.out_root])
+    yield studio, f"http://127.0.0.1:{port}/"
+    blocks.close()
+
+
+@pytest.fixture(scope="module")
+def browser(served):
+    path = chromium_path()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    return page
+
+
+@pytest.fixture
+def page(browser, served):
+    page = open_page(browser, served[1])
+    yield page
+    page.close()
+
+
+def test_two_prompts_and_generate_plots_live_and_downloads_what_generate_writes(page, served, tmp_path):
+    fill_form(page, ["blue", "square"], "and", steps=4, num_images=3, seed=5)
+    page.evaluate(PLOT_WATCHER)
+    page.click("#generate")
+    status = wait_for_status(page, ("Done", "Error", "Stopped"))
+    screenshot(page, tmp_path, "app.png")
+    assert status.startswith("Done: 3 images, 4 steps, seed 5"), status
+    assert gallery_count(page) == 3
+    # The plot changed with the status still saying "Sampling": live updates, before the final figure.
+    updates = page.evaluate("window.__plotUpdates")
+    live = [s for s in updates if s.startswith("Sampling: step")]
+    assert len(live) >= 2, updates
+    assert updates[-1].startswith("Done"), updates
+
+    with page.expect_download() as download:
+        page.locator('#files a[download="image_001.json"]').click()
+    from_app = json.loads(open(download.value.path(), encoding="utf-8").read())
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(cli, ["generate", "--model", "embedded-shapes", "--and", "blue", "--and", "square",
+                                 "--steps", "4", "--num-images", "3", "--seed", "5", "--device", "cpu",
+                                 "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    from_cli = json.loads((out / "image_001.json").read_text(encoding="utf-8"))
+    assert from_app["kappa_trace"] == from_cli["kappa_trace"]
+    assert from_app["log_density_trace"] == from_cli["log_density_trace"]
+    assert from_app == from_cli  # the same settings too: the same file
+
+
+def test_an_expression_replaces_the_prompts_and_downloads_what_generate_expr_writes(page, tmp_path):
+    text = '("red" | "blue") * !"circle"'
+    fill_form(page, ["ignored"], "and", steps=3, num_images=2, seed=2, expression=text)
+    before = status_text(page)
+    page.click("#generate")
+    status = wait_for_status(page, ("Done", "Error", "Stopped"), changed_from=before)
+    assert status.startswith("Done: 2 images, 3 steps, seed 2"), status
+    with page.expect_download() as download:
+        page.locator('#files a[download="image_001.json"]').click()
+    from_app = json.loads(open(download.value.path(), encoding="utf-8").read())
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(cli, ["generate", "--model", "embedded-shapes", "--expr", text, "--steps", "3",
+                                 "--num-images", "2", "--seed", "2", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    from_cli = json.loads((out / "image_001.json").read_text(encoding="utf-8"))
+    assert from_app["prompts"] == ["red", "blue", "", "circle"]  # leaves in order; NOT lists its reference first
+    assert from_app == from_cli
+
+    fill_form(page, ["red"], "and", steps=2, num_images=1, seed=0, expression='"red" & & "circle"')
+    before = status_text(page)
+    page.click("#generate")
+    shown = wait_for_status(page, ("Error", "Done"), changed_from=before)
+    assert shown.startswith("Error: expected a prompt in quotes") and "(at position 8)" in shown, shown
+    assert "Traceback" not in page.content()
+
+
+def library_message(fn, *args, **kwargs) -> str:
+    try:
+        fn(*args, **kwargs)
+    except BadInput as exc:
+        return exc.message
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"{fn.__name__}{args} accepted its input")
+
+
+def test_bad_input_shows_the_library_message_and_no_traceback(page):
+    cases = [
+        (["red", "  "], "and", "", library_message(check_items, ["red", "  "], "prompt")),
+        (["red"], "and", "", library_message(make_combiner, "and", 1, 1.0, None, what="prompts")),
+        (["red", "circle"], "or", "nan, 0",
+         library_message(make_combiner, "or", 2, 1.0, [math.nan, 0.0], what="prompts")),
+    ]
+    for prompts, mode, weights, expected in cases:
+        fill_form(page, prompts, mode, steps=2, num_images=1, seed=0, log_weights=weights)
+        before = status_text(page)
+        page.click("#generate")
+        shown = wait_for_status(page, ("Error", "Done"), changed_from=before)
+        assert shown == f"Error: {expected}"
+        assert "Traceback" not in page.content()
+    assert gallery_count(page) == 0
+
+
+def steps_done(status: str) -> int:
+    return int(re.match(r"Stopped after (\d+) of", status).group(1))
+
+
+def test_stop_ends_a_long_run_early(page, served):
+    studio = served[0]
+    fill_form(page, ["red", "circle"], "or", steps=LONG_RUN, num_images=1, seed=1)
+    page.click("#generate")
+    wait_for_status(page, ("Sampling: step",))
+    page.click("#stop")
+    status = wait_for_status(page, ("Stopped", "Done", "Error"))
+    assert status.startswith("Stopped after"), status
+    taken = steps_done(status)
+    assert 0 < taken < LONG_RUN
+    assert gallery_count(page) == 1  # the interrupted (still noisy) image is shown, as diffusers returns it
+    assert studio.runs[-1].outcome == "stopped" and studio.runs[-1].steps_taken == taken
+
+
+def test_closing_the_tab_stops_its_run(browser, served):
+    studio = served[0]
+    page = open_page(browser, served[1])
+    fill_form(page, ["red", "circle"], "and", steps=LONG_RUN, num_images=1, seed=2)
+    before = len(studio.runs)
+    page.click("#generate")
+    wait_for_status(page, ("Sampling: step",))
+    page.close()
+    deadline = time.monotonic() + 30
+    while len(studio.runs) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(studio.runs) > before, "the run of the closed tab did not end"
+    assert studio.runs[-1].outcome == "stopped" and studio.runs[-1].steps_taken < LONG_RUN
+
+
+def test_two_tabs_at_once_queue_and_keep_their_own_outputs(browser, served):
+    first, second = open_page(browser, served[1]), open_page(browser, served[1])
+    try:
+        fill_form(first, ["red", "circle"], "and", steps=3, num_images=1, seed=11)
+        fill_form(second, ["blue", "square"], "or", steps=3, num_images=2, seed=12)
+        first.click("#generate")
+        second.click("#generate")
+        assert wait_for_status(first, ("Done", "Error")).startswith("Done: 1 image, 3 steps, seed 11")
+        assert wait_for_status(second, ("Done", "Error")).startswith("Done: 2 images, 3 steps, seed 12")
+        assert (gallery_count(first), gallery_count(second)) == (1, 2)
+        with second.expect_download() as download:
+            second.locator('#files a[download="image_000.json"]').click()
+        side = json.loads(open(download.value.path(), encoding="utf-8").read())
+        assert (side["prompts"], side["mode"], side["seed"]) == (["blue", "square"], "or", 12)
+        assert status_text(first).startswith("Done: 1 image,")
+    finally:
+        first.close()
+        second.close()

@@ -1,0 +1,79 @@
+"""Composition expressions and weighted particles through the pipelines (tiny SD, CPU, offline):
+an expression of AND / OR is today's mode exactly, every leaf is evaluated once in one batched call,
+K particles cost K rows and give one image each, and bad input is refused before any network call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline_reference import PROMPTS, STEPS, count_calls, seeded
+from superdiff.expressions import And, Leaf, Not, Or, Product
+from superdiff.pipelines import SuperDiffPipeline
+from superdiff.testing import tiny_sd_components
+
+A, B = (Leaf(p) for p in PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return SuperDiffPipeline(**tiny_sd_components(tokenizer_dir=tmp_path_factory.mktemp("tok")))
+
+
+def _call(pipe, **kw):
+    base = dict(num_inference_steps=STEPS, output_type="pt", progress=False, guidance_scale=5.0, generator=seeded(0))
+    return pipe(**(base | kw))
+
+
+@pytest.mark.parametrize("mode, node", [("and", And((A, B))), ("or", Or((A, B)))])
+def test_an_expression_of_and_or_is_the_mode_exactly(pipe, mode, node):
+    flat = _call(pipe, prompts=PROMPTS, mode=mode, num_images_per_prompt=2)
+    tree = _call(pipe, expression=node, num_images_per_prompt=2)
+    torch.testing.assert_close(tree.images, flat.images, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tree.kappa_trace, flat.kappa_trace, atol=1e-6, rtol=1e-6)
+    assert tree.log_weights is None and len(tree.node_weight_trace) == 1
+
+
+def test_every_leaf_once_in_one_batched_call_and_k_particles_per_image(pipe):
+    calls = count_calls(pipe.unet)
+    rows = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: rows.append(args[0].shape[0]),
+                                                 with_kwargs=True)
+    try:
+        # "a red circle" twice, "" (NOT's reference) once: three leaves, plus the unconditional row.
+        node = Product((A, Not(B, Leaf(""), 1.0), Or((A, B))), (0.5, 0.25, 0.25))
+        out = _call(pipe, expression=node, num_images_per_prompt=3, particles=4)
+    finally:
+        handle.remove()
+    assert len(calls) == STEPS and set(rows) == {(3 + 1) * 3 * 4}
+    assert out.images.shape[0] == 3 and out.kappa_trace.shape == (STEPS, 3, 3)
+    assert out.ess_trace.shape == (STEPS - 1, 3) and out.resample_counts.shape == (3,)
+    assert bool((out.log_weights <= 1e-12).all())  # relative to the group: log of the image's share
+    assert [w.shape[-1] for w in out.node_weight_trace] == [3, 2, 2]
+
+
+def test_an_image_s_particles_depend_on_its_generator_only(pipe):
+    node = Product((A, B), correct=True)
+    one = _call(pipe, expression=node, particles=2, generator=[seeded(5)])
+    two = _call(pipe, expression=node, particles=2, num_images_per_prompt=2, generator=[seeded(5), seeded(6)])
+    torch.testing.assert_close(two.images[:1], one.images, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(expression=And((A, B)), prompts=PROMPTS), "expression"),
+        (dict(expression=And((A, B)), mode="or"), "expression"),
+        (dict(expression=And((A, Leaf(0)))), "model index"),
+        (dict(expression="not an expression object".split()), "expression"),
+        (dict(prompts=PROMPTS, particles=0), "particles"),
+        (dict(prompts=PROMPTS, particles=2, resample_threshold=0.0), "resample_threshold"),
+        (dict(prompts=PROMPTS, particles=2, latents=torch.zeros(1, 4, 8, 8)), "latents"),
+        (dict(expression=Or((Product((A, B)), A))), "degree"),
+    ],
+)
+def test_bad_compositions_are_refused_before_any_network_call(pipe, kw, message):
+    calls = count_calls(pipe.text_encoder)
+    with pytest.raises(ValueError, match=message):
+        _call(pipe, **kw)
+    assert calls == []
