@@ -34,10 +34,12 @@ class Generated:
     mode: str
     prompts: tuple[str, ...]
     seed: int | None
+    expression: str | None = None  # an expression's canonical text; its leaves are the prompts
 
     @property
     def group(self) -> tuple[str, str, tuple[str, ...]]:
-        return self.model, self.mode, self.prompts
+        """Images of one composition: the mode names it, or, for an expression, its text."""
+        return self.model, self.expression or self.mode, self.prompts
 
 
 def _metadata(png: Path) -> dict | None:
@@ -79,9 +81,10 @@ def find_generated(root: Path) -> list[Generated]:
             meta = _metadata(png)
             if meta is None:
                 continue
-            seed = meta.get("seed")
+            seed, expression = meta.get("seed"), meta.get("expression")
             found.append(Generated(png, png.relative_to(root).as_posix(), str(meta["model"]), str(meta["mode"]),
-                                   tuple(meta["prompts"]), seed if isinstance(seed, int) else None))
+                                   tuple(meta["prompts"]), seed if isinstance(seed, int) else None,
+                                   expression if isinstance(expression, str) else None))
     return found
 
 
@@ -236,9 +239,12 @@ def score_digits(gens: list[Generated], device: str, notes: list[str]) -> dict[P
 
 def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
     """One entry per (model, mode, prompts): n, mean ± std of CLIP min and mean, attribute rates, digit summary."""
+    from superdiff.expression_syntax import parse_expression
+    from superdiff.expressions import conjunctive
     from superdiff.metrics import attribute_rates, digit_summary, mean_std, prompt_attributes
 
     groups: dict[tuple, list[dict]] = {}
+    expressions = {g.expression for g in gens if g.expression}
     for g in gens:
         groups.setdefault(g.group, []).append(records[g.path])
     out = []
@@ -252,6 +258,8 @@ def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
         attrs = [r["attributes"]["present"] for r in recs if "attributes" in r]
         if attrs:
             entry["attributes"] = {"named": prompt_attributes(prompts)[0], **attribute_rates(attrs)}
+            if mode in expressions and not conjunctive(parse_expression(mode)):  # OR, NOT: not "all named"
+                entry["attributes"] |= {"both_rate": None, "neither_rate": None}
         digits = [r["digit"] for r in recs if "digit" in r]
         if digits:
             entry["digits"] = digit_summary([d["label"] for d in digits], [d["confidence"] for d in digits])
@@ -281,7 +289,11 @@ def format_tables(groups: list[dict], clip_model: str | None) -> str:
     if rows:
         parts.append(f"CLIP score = max(100·cos, 0), {clip_model}; per image min and mean over its prompts, "
                      f"mean ± std over the group\n" + _table(["model", "mode", "prompts", "n", "min", "mean"], rows))
-    rows = [head(g) + [f"{g['attributes']['both_rate']:.3f}", f"{g['attributes']['neither_rate']:.3f}",
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [head(g) + [rate(g["attributes"]["both_rate"]), rate(g["attributes"]["neither_rate"]),
                        ", ".join(f"{a} {r:.3f}" for a, r in g["attributes"]["rates"].items())]
             for g in groups if "attributes" in g]
     if rows:

@@ -4,6 +4,11 @@ A row names its prompts (JSONL: ``"prompts": [...]``; CSV: a ``prompts`` column 
 ``|``, or columns ``prompt_1``, ``prompt_2``, …) and may set ``modes`` and ``seeds`` (lists, or
 ``|``-separated in CSV) and per-row settings (``model``, ``steps``, ``guidance``, ``temperature``,
 ``num_images``, ``log_weights``). Command-line options give the defaults.
+
+A row may give an ``expression`` (the syntax of :mod:`superdiff.expression_syntax`) instead of
+prompts and modes: its leaves are the item's prompts, its mode is "expression", and ``particles``
+(weighted particles per image, default 1) applies to it. Temperature and log-weights are then node
+options of the expression, so a row giving them beside it is refused.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from superdiff.combine import MODES, Combiner, make_combiner
+from superdiff.expression_syntax import ExpressionSyntaxError, parse_expression
+from superdiff.expressions import compile_expression, describe, leaf_names
 
 from .errors import BadInput
 from .limits import control_character_problem, images_problem, model_folder_problem, seed_problem, steps_problem
 from .models import EMBEDDED, model_problem
 
-SETTINGS = ("model", "steps", "guidance", "temperature", "num_images", "log_weights")
-KEYS = ("prompts", "modes", "mode", "seeds", "seed", *SETTINGS)
+SETTINGS = ("model", "steps", "guidance", "temperature", "num_images", "log_weights", "particles")
+KEYS = ("prompts", "modes", "mode", "expression", "seeds", "seed", *SETTINGS)
 PROMPT_COLUMN = re.compile(r"prompt_[0-9]+")
 
 
@@ -44,10 +51,15 @@ class SweepItem:
     temperature: float
     num_images: int
     log_weights: tuple[float, ...] | None
+    expression: str | None = None  # its canonical text (describe); the prompts are its leaves
+    particles: int = 1
 
     @property
     def item_id(self) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        fields = asdict(self)
+        if self.expression is None and self.particles == 1:  # the ids of items from before expressions
+            del fields["expression"], fields["particles"]
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.row:04d}-{self.mode}-s{self.seed}-{digest}"
 
     def settings(self) -> dict[str, Any]:
@@ -55,6 +67,8 @@ class SweepItem:
 
     def combiner(self) -> Combiner:
         """The item's combiner (its line was checked by building it: :func:`parse_row`)."""
+        if self.expression is not None:
+            return compile_expression(parse_expression(self.expression), self.prompts)
         return make_combiner(self.mode, len(self.prompts), self.temperature, self.log_weights, what="prompts")
 
 
@@ -248,18 +262,52 @@ def model_limit_problem(model: str, prompts: list[str], steps: int, num_images: 
         problem = steps_problem(steps, model, items, option="steps")
         if problem:
             return problem
-    if own_model or "num_images" in rec:
+    if own_model or "num_images" in rec or "particles" in rec:
         return images_problem(num_images, None, None, model, items, options=("num_images", "", ""))
     return None
 
 
+def parse_expression_row(rec: dict[str, Any]) -> tuple[list[str], str]:
+    """A row's expression: its leaves (the prompts, "" the unconditional model) and its canonical
+    text; the keys it replaces must be absent, and a syntax error names its position."""
+    text = rec["expression"]
+    if not isinstance(text, str) or not text.strip():
+        example = """'"red" & "circle"'"""
+        raise LineError(f"expression {_shown(text)} must be a non-empty string; write e.g. {example}")
+    clash = [k for k in rec if k in ("prompts", "modes", "mode", "temperature", "log_weights") or
+             PROMPT_COLUMN.fullmatch(k)]
+    if clash:
+        raise LineError(f"expression names the prompts and how to compose them; drop {', '.join(clash)} from this "
+                        "line (temperature and weights are node options, e.g. or(\"a\", \"b\")[temperature=2])")
+    try:
+        node = parse_expression(text)
+    except ExpressionSyntaxError as exc:  # one line per problem: no caret picture
+        raise LineError(f"expression {text!r}: {exc.problem} at position {exc.position}; correct it there "
+                        '(the syntax is in the README, "Expressions")') from None
+    prompts = [str(leaf) for leaf in leaf_names(node)]
+    for i, p in enumerate(prompts):
+        problem = control_character_problem(p, f"prompt {i + 1}")
+        if problem:
+            raise LineError(problem)
+    return prompts, describe(node)
+
+
 def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[SweepItem]:
     """The items of spec line ``n``; raises :class:`LineError` for its first malformed value."""
-    prompts = parse_prompts(rec)
-    modes = parse_modes(rec.get("modes", rec.get("mode", defaults["modes"])))
-    temperature = _parsed("temperature", rec.get("temperature", defaults["temperature"]))
-    log_weights = parse_log_weights(rec.get("log_weights", defaults.get("log_weights")))
-    check_combiners(prompts, modes, temperature, log_weights)
+    expression = None
+    if "expression" in rec:
+        prompts, expression = parse_expression_row(rec)
+        modes, temperature, log_weights = ["expression"], 1.0, None
+    else:
+        prompts = parse_prompts(rec)
+        modes = parse_modes(rec.get("modes", rec.get("mode", defaults["modes"])))
+        temperature = _parsed("temperature", rec.get("temperature", defaults["temperature"]))
+        log_weights = parse_log_weights(rec.get("log_weights", defaults.get("log_weights")))
+        check_combiners(prompts, modes, temperature, log_weights)
+    particles = _integer("particles", rec.get("particles", 1), 1)
+    if particles > 1 and expression is None:
+        raise LineError(f"particles {particles} weight an expression's Feynman–Kac corrections; give the line an "
+                        "expression, or drop particles")
     seeds = parse_seeds(rec.get("seeds", rec.get("seed", defaults["seeds"])))
     steps = _integer("steps", rec.get("steps", defaults["steps"]), 1)
     num_images = _integer("num_images", rec.get("num_images", defaults["num_images"]), 1)
@@ -277,10 +325,11 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
         )
         if problem:
             raise LineError(problem)
-    problem = model_limit_problem(model, prompts, steps, num_images, rec, defaults)
+    problem = model_limit_problem(model, prompts, steps, num_images * particles, rec, defaults)
     if problem:
         raise LineError(problem)
-    return [SweepItem(n, tuple(prompts), mode, seed, model, steps, guidance, temperature, num_images, log_weights)
+    return [SweepItem(n, tuple(prompts), mode, seed, model, steps, guidance, temperature, num_images, log_weights,
+                      expression, particles)
             for mode in modes for seed in seeds]
 
 

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import click
 
+from superdiff.expression_syntax import parse_expression
+from superdiff.expressions import conjunctive
+
 from .calls import FiniteFloat, pipeline_call_kwargs
 from .errors import BadInput, CommandFailed, handle_errors
 from .limits import output_folder
@@ -334,7 +337,9 @@ def _item_metrics(result, item: SweepItem) -> dict:
         "log_density_spread": float((ld.max(-1).values - ld.min(-1).values).mean()),
         "final_kappa_mean": [round(float(v), 4) for v in result.kappa_trace[-1].mean(0)],
     }
-    if item.model == "embedded-shapes":
+    if item.model == "embedded-shapes" and (
+        item.expression is None or conjunctive(parse_expression(item.expression))
+    ):  # an OR or a NOT wants another thing than "all named": bench/composition_calculus.py counts those
         metrics["both_rate"] = shapes_both_rate(list(result.images), item.prompts)
     return metrics
 
@@ -353,7 +358,9 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
     buf = io.StringIO()
     writer = csv.writer(buf)
     extra = sorted({k for r in records for k in r.get("metrics", {})})
-    writer.writerow(["item_id", "prompts", "mode", "seed", "model", "steps", "num_images", *extra])
+    expressions = any(r["settings"].get("expression") for r in records)  # the column only where one is
+    writer.writerow(["item_id", "prompts", "mode", *(["expression"] if expressions else []), "seed", "model", "steps",
+                     "num_images", *extra])
     for r in records:
         s = r["settings"]
         writer.writerow(
@@ -361,6 +368,7 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
                 r["item_id"],
                 " | ".join(s["prompts"]),
                 s["mode"],
+                *([s.get("expression") or ""] if expressions else []),
                 s["seed"],
                 s["model"],
                 s["steps"],
@@ -463,6 +471,7 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 item.seed,
                 item.num_images,
                 progress=False,
+                particles=item.particles,
             )
             result = loaded.pipeline(**call)
             final = out_dir / "items" / item.item_id

@@ -61,7 +61,8 @@ from .combine import CombineInputs, _device_constant, and_weights
 
 __all__ = [
     "UNCONDITIONAL", "Leaf", "Or", "And", "Product", "SoftMax", "SoftMin", "Not", "Anneal", "Node",
-    "leaf_names", "uncorrected", "describe", "CompiledExpression", "ExpressionStep", "compile_expression",
+    "leaf_names", "conjunctive", "uncorrected", "describe", "CompiledExpression", "ExpressionStep",
+    "compile_expression",
 ]  # fmt: skip
 
 
@@ -245,6 +246,14 @@ def leaf_names(node: Node) -> tuple[str | int, ...]:
 
     walk(node)
     return tuple(seen)
+
+
+def conjunctive(node: Node) -> bool:
+    """Whether every node asks for all its children at once (And, Product, SoftMin): only then is
+    "every leaf's attribute shown" the expression's target (an Or or a Not wants another thing)."""
+    if isinstance(node, Leaf):
+        return True
+    return isinstance(node, (And, Product, SoftMin)) and all(conjunctive(c) for c in node.children)
 
 
 def uncorrected(node: Node) -> Node:

@@ -275,6 +275,33 @@ def test_eval_agrees_with_the_sweep_s_own_both_rate(tmp_path):
         assert group["n"] == 2 and group["attributes"]["both_rate"] == m["metrics"]["both_rate"]
 
 
+def test_expressions_sweep_and_eval_as_their_own_groups(tmp_path):
+    """Two expressions over the same prompts are two groups; a conjunction gets the both-rate the
+    sweep computed, a NOT none (its target is no "every named attribute")."""
+    product, negation = '"red" * "circle"', '"red" * !"circle"'
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text(json.dumps({"expression": product, "particles": 2}) + "\n" + json.dumps({"expression": negation})
+                    + "\n" + json.dumps({"prompts": ["red", "circle"], "modes": ["and"]}) + "\n")
+    out = tmp_path / "sweep"
+    s = invoke("sweep", spec, "--out", out, "--model", "embedded-shapes", "--steps", 2, "--num-images", 2, "--quiet")
+    assert s.exit_code == 0, s.output
+    manifest = {m["settings"]["expression"] or m["settings"]["mode"]: m
+                for m in (json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines())}
+    assert set(manifest) == {'product("red", "circle")', 'product("red", not("circle", ""))', "and"}
+    assert manifest['product("red", "circle")']["settings"]["particles"] == 2
+    assert "both_rate" not in manifest['product("red", not("circle", ""))']["metrics"]
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("item_id,prompts,mode,expression,seed")
+    r = invoke("eval", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    groups = {g["mode"]: g for g in report(out / "eval.json")["groups"]}
+    assert set(groups) == set(manifest)
+    for name, m in manifest.items():
+        assert groups[name]["n"] == 2
+        assert groups[name]["attributes"]["both_rate"] == m["metrics"].get("both_rate")
+    assert groups['product("red", not("circle", ""))']["attributes"]["rates"]  # per-attribute rates stay
+
+
 def test_without_clip_prompt_models_are_skipped_with_a_note(tmp_path):
     first, _ = shapes_of_known_content()
     folder = prompt_folder(tmp_path / "mixed", count=1)

@@ -131,6 +131,12 @@ MALFORMED = [
     ('{"prompts": [1, 2]}', "prompt 1 is 1; every prompt must be a non-empty string"),
     ('{"prompts": ["red", "circle"], "seeds": [0, 0]}', "repeats a seed"),
     ('{"prompts": ["red", "circle"]', "not valid JSON"),
+    ('{"expression": "\\"red\\" & & \\"circle\\""}', "expected a prompt in quotes, a model index"),
+    ('{"expression": "\\"red\\" & \\"circle\\"", "modes": ["or"]}', "expression names the prompts"),
+    ('{"expression": "\\"red\\" | \\"circle\\"", "temperature": 2}', "how to compose them"),
+    ('{"expression": ""}', "must be a non-empty string"),
+    ('{"expression": "\\"red\\" * \\"circle\\"", "particles": 0}', "particles must be >= 1"),
+    ('{"prompts": ["red", "circle"], "particles": 4}', "particles 4 weight an expression's"),
 ]
 
 

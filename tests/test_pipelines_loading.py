@@ -132,3 +132,16 @@ def test_dtype_and_its_deprecated_name_torch_dtype_in_every_loader(tmp_path):
             load(dtype=torch.float64, torch_dtype=torch.float16)
     with pytest.warns(FutureWarning, match="torch_dtype"):
         assert SuperDiffPipeline.from_pipe(sd, torch_dtype=torch.float64).unet.dtype == torch.float64
+
+
+def test_from_pretrained_without_a_dtype_loads_every_component_in_float32(tmp_path):
+    """A folder saved in float16 (the embedded models are): diffusers documents float32 as the
+    default, and transformers >= 5 would keep the text encoder's stored float16 beside a float32
+    UNet, which the CPU cannot run. With dtype= the weights are cast as asked."""
+    pipe = SuperDiffPipeline(**tiny_sd_components(vae=False, tokenizer_dir=tmp_path / "tok"))
+    pipe.unet.half(), pipe.text_encoder.half()
+    pipe.save_pretrained(tmp_path / "half")
+    loaded = SuperDiffPipeline.from_pretrained(tmp_path / "half", local_files_only=True)
+    assert loaded.unet.dtype == torch.float32 and loaded.text_encoder.dtype == torch.float32
+    kept = SuperDiffPipeline.from_pretrained(tmp_path / "half", local_files_only=True, dtype=torch.float16)
+    assert kept.unet.dtype == torch.float16 and kept.text_encoder.dtype == torch.float16

@@ -49,7 +49,7 @@ from ._common import (
     resolve_composition,
 )
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
-from .loading import check_loading_class, diffusers_dtype, pop_dtype
+from .loading import check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffFlowPipeline"]
@@ -106,7 +106,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion,
         SDXL or Flux pipeline is refused (``ValueError`` naming the superdiff class that loads it).
         ``dtype=`` casts the weights (``torch_dtype=``: its deprecated name, with diffusers' warning)."""
-        dtype = pop_dtype(kwargs)
+        dtype = pop_loading_dtype(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         check_loading_class(path, "SuperDiffFlowPipeline", kwargs, cls)
         return super().from_pretrained(path, **kwargs, **diffusers_dtype(dtype))

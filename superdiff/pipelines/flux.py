@@ -46,7 +46,7 @@ from ._common import (
     resolve_combiner,
 )
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
-from .loading import check_loading_class, diffusers_dtype, pop_dtype
+from .loading import check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
 from .output import SuperDiffPipelineOutput
 
 __all__ = ["SuperDiffFluxPipeline"]
@@ -147,7 +147,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
         (``ValueError`` naming the superdiff class that loads it). ``dtype=`` casts the weights
         (e.g. ``torch.bfloat16``, FLUX.1's; ``torch_dtype=``: its deprecated name, with diffusers'
         warning)."""
-        dtype = pop_dtype(kwargs)
+        dtype = pop_loading_dtype(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         check_loading_class(path, "SuperDiffFluxPipeline", kwargs, cls)
         return super().from_pretrained(path, **kwargs, **diffusers_dtype(dtype))

@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import diffusers
+import torch
 import transformers
 from diffusers import DiffusionPipeline
 from packaging.version import Version
@@ -83,6 +84,14 @@ def pop_dtype(kwargs: dict[str, Any], stacklevel: int = 3) -> Any:
         )
     warnings.warn(TORCH_DTYPE_DEPRECATION, FutureWarning, stacklevel=stacklevel)
     return torch_dtype
+
+
+def pop_loading_dtype(kwargs: dict[str, Any]) -> Any:
+    """:func:`pop_dtype` for ``from_pretrained``: ``torch.float32`` where none is given, diffusers'
+    documented default, so every component loads in one dtype (transformers >= 5 otherwise keeps a
+    text encoder's stored float16, which the CPU cannot run beside a float32 UNet)."""
+    dtype = pop_dtype(kwargs, stacklevel=4)
+    return torch.float32 if dtype is None else dtype
 
 
 def diffusers_dtype(dtype: Any) -> dict[str, Any]:

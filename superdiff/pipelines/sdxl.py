@@ -18,7 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .loading import check_loading_class, diffusers_dtype, pop_dtype
+from .loading import check_loading_class, diffusers_dtype, pop_loading_dtype
 from .stable_diffusion import SuperDiffPipeline
 
 __all__ = ["SuperDiffXLPipeline"]
@@ -59,7 +59,7 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
         """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion
         1.x/2.x, SD3 or Flux pipeline is refused (``ValueError`` naming the superdiff class that loads it).
         ``dtype=`` casts the weights (``torch_dtype=``: its deprecated name, with diffusers' warning)."""
-        dtype = pop_dtype(kwargs)
+        dtype = pop_loading_dtype(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         check_loading_class(path, "SuperDiffXLPipeline", kwargs, cls)
         return DiffusionPipeline.from_pretrained.__func__(cls, path, **kwargs, **diffusers_dtype(dtype))

@@ -44,6 +44,7 @@ from .loading import (
     is_bare_folder,
     missing_sd_subfolders,
     pop_dtype,
+    pop_loading_dtype,
     scheduler_class,
     transformers_dtype,
 )
@@ -94,7 +95,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         from its component subfolders (``vae/`` optional). A model whose ``model_index.json`` names
         an SDXL, SD3 or Flux pipeline is refused (``ValueError`` naming the superdiff class that loads it).
         ``dtype=`` casts the weights (``torch_dtype=``: its deprecated name)."""
-        dtype = pop_dtype(kwargs)
+        dtype = pop_loading_dtype(kwargs)
         path = os.fspath(pretrained_model_name_or_path)
         if is_bare_folder(path) and cls is SuperDiffPipeline:
             return cls._from_subfolders(path, dtype, **kwargs)

@@ -180,7 +180,7 @@ def shapes_and(
     from ..pipelines import SuperDiffPipeline
     from .registry import embedded_path
 
-    pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), torch_dtype=torch.float32).to(device)
+    pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=torch.float32).to(device)
     results = []
     runs = [(colour, shape, method, prompts, mode) for colour, shape in pairs
             for method, (prompts, mode) in and_methods(colour, shape).items()]

@@ -33,8 +33,10 @@ def load_digit_model(name: str, torch_dtype: torch.dtype = torch.float32):
     weights are cast to ``torch_dtype`` (float32 by default, what the CPU needs)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
+    from ..pipelines.loading import diffusers_dtype
+
     path = Path(embedded_path(name))
-    unet = UNet2DModel.from_pretrained(path / "unet", torch_dtype=torch_dtype, use_safetensors=True)
+    unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True, **diffusers_dtype(torch_dtype))
     return unet.eval(), DDPMScheduler.from_pretrained(path / "scheduler")
 
 
@@ -62,4 +64,4 @@ def load_shapes_pipeline(torch_dtype: torch.dtype = torch.float32):
     """The composition pipeline (``SuperDiffPipeline``) over the embedded shapes model."""
     from ..pipelines import SuperDiffPipeline
 
-    return SuperDiffPipeline.from_pretrained(embedded_path("shapes"), torch_dtype=torch_dtype)
+    return SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=torch_dtype)
