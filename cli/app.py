@@ -447,8 +447,9 @@ def failure_text(error: BaseException) -> str:
 # --- the page -------------------------------------------------------------------------------------
 
 INTRO = """# superdiff studio
-Compose prompts with SuperDiff (AND / OR, or the average / sum baselines) and watch **why** a composition
-goes where it does: κ per prompt and each prompt's tracked log-density, for every image, as sampling runs."""
+Compose prompts with SuperDiff (AND / OR, or the average / sum baselines), or write an expression
+(`("red" | "blue") & "circle"`, `"red" * !"circle"`), and watch **why** a composition goes where it does:
+κ per prompt and each prompt's tracked log-density, for every image, as sampling runs."""
 
 
 def build_blocks(studio: Studio) -> Any:

@@ -24,6 +24,10 @@ from .output import ensure_writable_dir
 )
 @click.option("--digits-samples", type=int, default=200, show_default=True, help="Samples per digit method.")
 @click.option("--shapes-samples", type=int, default=32, show_default=True, help="Samples per shapes method and pair.")
+@click.option("--calculus-samples", type=int, default=16, show_default=True,
+              help="Samples per method of the composition-calculus experiment (0 skips it).")
+@click.option("--particles", type=int, default=4, show_default=True,
+              help="Weighted particles per image for the calculus' corrected methods.")
 @click.option("--guidance", type=float, default=5.0, show_default=True, help="Guidance scale for the shapes model.")
 @click.option(
     "--pair", nargs=2, default=("red", "circle"), show_default=True, help="Colour and shape prompts for AND."
@@ -32,11 +36,12 @@ from .output import ensure_writable_dir
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 @handle_errors
-def demo(out_dir: Path, steps: int, digits_samples: int, shapes_samples: int, guidance: float, pair: tuple[str, str],
-         seed: int, device: str, quiet: bool) -> None:
+def demo(out_dir: Path, steps: int, digits_samples: int, shapes_samples: int, calculus_samples: int, particles: int,
+         guidance: float, pair: tuple[str, str], seed: int, device: str, quiet: bool) -> None:
     """Compose the embedded models: OR of digit models trained on disjoint halves (Table 1) and AND
-    of shapes prompts, including the never-seen "blue triangle" (Table 2). Writes or.png, and.png,
-    traces.png and metrics.json.
+    of shapes prompts, including the never-seen "blue triangle" (Table 2), then expressions of the
+    pair: the Feynman–Kac-corrected product and NOT on weighted particles beside their uncorrected
+    forms, and an OR of ANDs. Writes or.png, and.png, calculus.png, traces.png and metrics.json.
 
     \b
     Example:
@@ -49,6 +54,8 @@ def demo(out_dir: Path, steps: int, digits_samples: int, shapes_samples: int, gu
         ("--steps", steps, 1),
         ("--digits-samples", digits_samples, 2),
         ("--shapes-samples", shapes_samples, 1),
+        ("--calculus-samples", calculus_samples, 0),
+        ("--particles", particles, 1),
     ):
         if value < least:
             why = " (the Fréchet distance fits a covariance to the samples)" if name == "--digits-samples" else ""
@@ -68,8 +75,11 @@ def demo(out_dir: Path, steps: int, digits_samples: int, shapes_samples: int, gu
         pair=tuple(pair),
         seed=seed,
         device=resolve_device(device),
+        calculus_samples=calculus_samples,
+        particles=particles,
     )
     metrics = run_demo(out_dir, cfg, progress=not quiet)
     if not quiet:
         click.echo(format_demo_table(metrics))
-        click.echo(f"wrote or.png, and.png, traces.png and metrics.json to {out_dir}")
+        written = "or.png, and.png, " + ("calculus.png, " if calculus_samples else "") + "traces.png and metrics.json"
+        click.echo(f"wrote {written} to {out_dir}")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ..plotting import LinePanel, LineSeries, image_grid, line_panels, tensor_to_pil
-from .experiments import Sampled, digits_or, shapes_and
+from .experiments import Sampled, calculus_methods, digits_or, shapes_and, shapes_calculus
 
 __all__ = ["DemoConfig", "run_demo", "demo_traces", "format_demo_table"]
 
@@ -27,6 +27,8 @@ class DemoConfig:
     seed: int = 0
     device: str = "cpu"
     shown: int = 12
+    calculus_samples: int = 16  # 0: no calculus experiment
+    particles: int = 4
 
 
 def _rows(results: list[Sampled], shown: int, label) -> list:
@@ -71,8 +73,10 @@ def demo_traces(digits: list[Sampled], shapes: list[Sampled], shown: int = 8) ->
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = False) -> dict:
-    """Run OR on the digit models and AND on the shapes model; write or.png, and.png, traces.png
-    and metrics.json into ``out_dir``; return the metrics."""
+    """Run OR on the digit models, AND on the shapes model and (``calculus_samples`` > 0) the
+    composition calculus on the pair: the corrected product and NOT with ``particles`` per image
+    beside their uncorrected forms, and an OR of ANDs; write or.png, and.png, calculus.png,
+    traces.png and metrics.json into ``out_dir``; return the metrics."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -80,6 +84,12 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     shapes = shapes_and(
         demo_pairs(cfg), cfg.shapes_samples, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.device, progress
     )
+    calculus = []
+    if cfg.calculus_samples > 0:
+        methods = calculus_methods((cfg.particles,), tuple(cfg.pair), tuple(cfg.held_out_pair), compact=True)
+        calculus = shapes_calculus(methods, cfg.calculus_samples, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.device,
+                                   progress)
+        image_grid(_rows(calculus, cfg.shown, lambda r: r.method), cell=40, label_width=260).save(out / "calculus.png")
     image_grid(_rows(digits, cfg.shown, lambda r: r.method), cell=40, label_width=110).save(out / "or.png")
     image_grid(
         _rows(shapes, cfg.shown, lambda r: f"{'+'.join(r.metrics['prompts'])}: {r.method}"), cell=40, label_width=170
@@ -88,6 +98,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     metrics = {
         "and": [r.metrics for r in shapes],
         "or": [r.metrics for r in digits],
+        "calculus": [r.metrics for r in calculus],
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         "seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
@@ -111,5 +122,11 @@ def format_demo_table(metrics: dict) -> str:
         lines.append(
             f"  {'+'.join(m['prompts']):<16} {m['method']:<18} {m['both_rate']:>6.3f} {m['neither_rate']:>8.3f}"
         )
+    if metrics.get("calculus"):
+        lines.append("Composition calculus on the pair (hit: both; for NOT the colour and not the shape; for the OR "
+                     "either pair):")
+        lines.append(f"  {'method':<36} {'hit rate':>8} {'s/image':>8}")
+        for m in metrics["calculus"]:
+            lines.append(f"  {m['method']:<36} {m['hit_rate']:>8.3f} {m['seconds_per_image']:>8.3f}")
     lines.append(f"({metrics['seconds']} s)")
     return "\n".join(lines)

@@ -232,27 +232,37 @@ class CalculusMethod:
     particles: int = 1
 
 
-def calculus_methods(particle_counts: tuple[int, ...] = (4, 8)) -> dict[str, CalculusMethod]:
+def calculus_methods(
+    particle_counts: tuple[int, ...] = (4, 8), pair: tuple[str, str] = ("red", "circle"),
+    other: tuple[str, str] = ("blue", "triangle"), compact: bool = False,
+) -> dict[str, CalculusMethod]:
     """The calculus issue's methods on the shapes model, against today's: AND-type compositions of
-    "red" and "circle" (target: both), NOT ("red" and not "circle": a red non-circle), and an OR of
-    two ANDs (a red circle or a blue triangle). Corrected methods run with each particle count."""
-    both, negated, either = "red+circle", "red-circle", "red+circle|blue+triangle"
+    the colour and shape of ``pair`` (target: both), NOT (the colour and not the shape), and an OR
+    of the pair's AND and ``other``'s (either pair). Corrected methods run with each particle
+    count. ``compact`` (the demo) keeps one of each kind: AND, the score sum and the corrected
+    product, NOT uncorrected and corrected, and the OR of ANDs."""
+    (c, sh), (c2, sh2) = pair, other
+    both, negated, either = f"{c}+{sh}", f"{c}-{sh}", f"{c}+{sh}|{c2}+{sh2}"
+    q = lambda text: '"' + text + '"'  # noqa: E731 - the colour and shape words need no escapes
+    a, b = q(c), q(sh)
     methods = {
-        "joint prompt": CalculusMethod(both, prompts=("red circle",), mode="average"),
-        "average": CalculusMethod(both, prompts=("red", "circle"), mode="average"),
-        "superdiff AND": CalculusMethod(both, expression='"red" & "circle"'),
-        "score sum (product, uncorrected)": CalculusMethod(both, expression='product("red", "circle")[correct=false]'),
-        "Dombi AND, uncorrected": CalculusMethod(
-            both, expression='softmin("red", "circle")[sharpness=4, correct=false]'),
-        "NOT, negative weight (uncorrected)": CalculusMethod(
-            negated, expression='"red" * not("circle")[correct=false]'),
-        "OR of ANDs": CalculusMethod(either, expression='("red" & "circle") | ("blue" & "triangle")'),
+        "joint prompt": CalculusMethod(both, prompts=(f"{c} {sh}",), mode="average"),
+        "average": CalculusMethod(both, prompts=(c, sh), mode="average"),
+        "superdiff AND": CalculusMethod(both, expression=f"{a} & {b}"),
+        "score sum (product, uncorrected)": CalculusMethod(both, expression=f"product({a}, {b})[correct=false]"),
+        "Dombi AND, uncorrected": CalculusMethod(both, expression=f"softmin({a}, {b})[sharpness=4, correct=false]"),
+        "NOT, negative weight (uncorrected)": CalculusMethod(negated, expression=f"{a} * not({b})[correct=false]"),
+        "OR of ANDs": CalculusMethod(either, expression=f"({a} & {b}) | ({q(c2)} & {q(sh2)})"),
     }
     for k in particle_counts:
-        methods[f"product, corrected, K={k}"] = CalculusMethod(both, expression='"red" * "circle"', particles=k)
+        methods[f"product, corrected, K={k}"] = CalculusMethod(both, expression=f"{a} * {b}", particles=k)
         methods[f"Dombi AND, corrected, K={k}"] = CalculusMethod(
-            both, expression='softmin("red", "circle")[sharpness=4]', particles=k)
-        methods[f"NOT, corrected, K={k}"] = CalculusMethod(negated, expression='"red" * not("circle")', particles=k)
+            both, expression=f"softmin({a}, {b})[sharpness=4]", particles=k)
+        methods[f"NOT, corrected, K={k}"] = CalculusMethod(negated, expression=f"{a} * not({b})", particles=k)
+    if compact:
+        keep = ("superdiff AND", "score sum (product, uncorrected)", "NOT, negative weight (uncorrected)",
+                "OR of ANDs", *(f"{kind}, corrected, K={k}" for k in particle_counts for kind in ("product", "NOT")))
+        methods = {name: m for name, m in methods.items() if name in keep}
     return methods
 
 
@@ -287,7 +297,7 @@ def shapes_calculus(
     from .registry import embedded_path
 
     methods = calculus_methods() if methods is None else methods
-    pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes")).to(device)
+    pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=torch.float32).to(device)
     results = []
     with experiment_bar("calculus shapes", len(methods), num_samples, chunk_size, steps, progress) as bar:
         on_step = step_ticker(bar)
