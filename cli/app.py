@@ -26,11 +26,11 @@ import click
 
 from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import parse_expression
-from superdiff.expressions import compile_expression, describe, leaf_names
+from superdiff.expressions import compile_expression, describe
 
 from .calls import pipeline_call_kwargs
 from .errors import BadInput, handle_errors
-from .generate import check_items, generation_settings
+from .generate import check_items, expression_items, generation_settings
 from .limits import images_problem, model_folder_problem, seed_problem, steps_problem
 from .models import DEFAULT_ITEMS, EMBEDDED, LoadedModel, load_model, model_problem, resolve_device, resolve_dtype
 
@@ -132,9 +132,7 @@ def composition_from_expression(model: str, text: str) -> Composition:
     (an error names the position), then each leaf as a prompt (the empty prompt "" allowed: the
     unconditional model) or, for embedded-digits, as a model name."""
     node = parse_expression(text)
-    what = "model name" if model == "embedded-digits" else "prompt"
-    items = [str(n) for n in leaf_names(node)]
-    check_items(items, what, allow_empty=model != "embedded-digits")
+    items = expression_items(node, model)
     return Composition(items, "expression", 1.0, None, compile_expression(node, items), describe(node))
 
 

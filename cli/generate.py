@@ -83,6 +83,26 @@ def collect_expression(
     return parse_expression(expression)
 
 
+def expression_items(node: Node, model: str) -> list[str]:
+    """An expression's leaves as the run's prompts (model names for embedded-digits), checked: names
+    in quotes (a bare index is for stacks built in Python), and the empty prompt only where the
+    model has an unconditional branch."""
+    leaves = leaf_names(node)
+    digits = model == "embedded-digits"
+    what = "model name" if digits else "prompt"
+    for leaf in leaves:
+        if isinstance(leaf, int):
+            example = '"a" | "b"' if digits else '"red" & "circle"'
+            raise BadInput(f"the expression's leaf {leaf} is a model index, which only a stack of models built in "
+                           f"Python takes; write each {what} in quotes, e.g. {example}")
+    if digits and UNCONDITIONAL in leaves:
+        raise BadInput('embedded-digits has no unconditional model for "" (NOT\'s default reference); give NOT a '
+                       'reference among a, b and all, e.g. not("b", "all")')
+    items = [str(leaf) for leaf in leaves]
+    check_items(items, what, allow_empty=not digits)
+    return items
+
+
 def check_items(items: list[str], what: str, allow_empty: bool = False) -> None:
     """Each prompt (model name) non-empty plain text; how many a mode needs is the combiner's check.
     ``allow_empty``: an expression's leaves, where the empty prompt is the unconditional model."""
@@ -254,8 +274,7 @@ def generate(
     what = "model name" if model == "embedded-digits" else "prompt"
     # Everything about the prompts and the combiner is checked before a model is loaded.
     if node is not None:
-        items, mode = [str(n) for n in leaf_names(node)], "expression"
-        check_items(items, what, allow_empty=model != "embedded-digits")
+        items, mode = expression_items(node, model), "expression"
         combiner = compile_expression(node, items)
     else:
         items = items or list(DEFAULT_ITEMS.get(model, ()))

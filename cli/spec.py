@@ -26,7 +26,7 @@ from typing import Any
 
 from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import ExpressionSyntaxError, parse_expression
-from superdiff.expressions import compile_expression, describe, leaf_names
+from superdiff.expressions import compile_expression, describe
 
 from .errors import BadInput
 from .limits import control_character_problem, images_problem, model_folder_problem, seed_problem, steps_problem
@@ -267,9 +267,10 @@ def model_limit_problem(model: str, prompts: list[str], steps: int, num_images: 
     return None
 
 
-def parse_expression_row(rec: dict[str, Any]) -> tuple[list[str], str]:
-    """A row's expression: its leaves (the prompts, "" the unconditional model) and its canonical
-    text; the keys it replaces must be absent, and a syntax error names its position."""
+def parse_expression_row(rec: dict[str, Any], model: Any) -> tuple[list[str], str]:
+    """A row's expression: its leaves (the prompts, "" the unconditional model; checked for
+    ``model`` as ``generate --expr`` checks them) and its canonical text; the keys it replaces must
+    be absent, and a syntax error names its position."""
     text = rec["expression"]
     if not isinstance(text, str) or not text.strip():
         example = """'"red" & "circle"'"""
@@ -284,11 +285,12 @@ def parse_expression_row(rec: dict[str, Any]) -> tuple[list[str], str]:
     except ExpressionSyntaxError as exc:  # one line per problem: no caret picture
         raise LineError(f"expression {text!r}: {exc.problem} at position {exc.position}; correct it there "
                         '(the syntax is in the README, "Expressions")') from None
-    prompts = [str(leaf) for leaf in leaf_names(node)]
-    for i, p in enumerate(prompts):
-        problem = control_character_problem(p, f"prompt {i + 1}")
-        if problem:
-            raise LineError(problem)
+    from .generate import expression_items
+
+    try:
+        prompts = expression_items(node, model)
+    except BadInput as exc:
+        raise LineError(exc.message) from None
     return prompts, describe(node)
 
 
@@ -296,7 +298,7 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
     """The items of spec line ``n``; raises :class:`LineError` for its first malformed value."""
     expression = None
     if "expression" in rec:
-        prompts, expression = parse_expression_row(rec)
+        prompts, expression = parse_expression_row(rec, rec.get("model", defaults["model"]))
         modes, temperature, log_weights = ["expression"], 1.0, None
     else:
         prompts = parse_prompts(rec)

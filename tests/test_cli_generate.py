@@ -62,6 +62,7 @@ def test_generate_writes_images_sidecars_grid_and_plot(tiny_model, tmp_path):
         (["--expr", '"a" & "b"', "--and", "c"], "drop --and"),
         (["--expr", 'or("a", "b")', "--temperature", "2"], "drop --temperature"),
         (["--expr", '"a" | "  "'], "Leaf.name"),
+        (["--expr", "0 | 1"], "leaf 0 is a model index, which only a stack of models built in Python takes"),
         (["--expr", '"a" * "b"', "--particles", "0"], "--particles"),
         (["--expr", '"a" * "b"', "--particles", "2", "--resample-threshold", "0"], "--resample-threshold"),
     ],
@@ -70,6 +71,16 @@ def test_generate_bad_input_exits_2(tiny_model, tmp_path, args, needle):
     r = invoke("generate", "--model", tiny_model, "--out", str(tmp_path), "--quiet", *args)
     assert r.exit_code == 2, r.output
     assert needle in r.output and "Traceback" not in r.output
+
+
+def test_an_expression_over_the_digit_models_names_them_and_needs_a_reference_for_not(tmp_path):
+    r = invoke("generate", "--model", "embedded-digits", "--expr", '"a" * !"b"', "--out", str(tmp_path / "no"))
+    assert r.exit_code == 2 and 'give NOT a reference among a, b and all, e.g. not("b", "all")' in r.output, r.output
+    r = invoke("generate", "--model", "embedded-digits", "--expr", '"a" * not("b", "all")', "--steps", "4",
+               "--num-images", "2", "--out", str(tmp_path / "yes"), "--quiet")
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "yes" / "image_000.json").read_text())
+    assert side["prompts"] == ["a", "all", "b"] and side["guidance"] is None  # NOT lists its reference first
 
 
 def test_an_expression_equals_the_flat_mode_it_spells_and_a_pipeline_call_with_it(tiny_model, tmp_path):

@@ -137,6 +137,7 @@ MALFORMED = [
     ('{"expression": ""}', "must be a non-empty string"),
     ('{"expression": "\\"red\\" * \\"circle\\"", "particles": 0}', "particles must be >= 1"),
     ('{"prompts": ["red", "circle"], "particles": 4}', "particles 4 weight an expression's"),
+    ('{"expression": "\\"a\\" * !\\"b\\"", "model": "embedded-digits"}', "no unconditional model for"),
 ]
 
 
