@@ -45,6 +45,18 @@ ROWS = [
     ),
     ("vs_diffusers.py", "peak_memory_ratio", "peak memory, AND of 2 prompts / diffusers CFG", "—"),
     (
+        "flux_speed.py",
+        "ratio_distilled",
+        "FLUX.1 guidance-distilled: AND of 2 prompts / diffusers FluxPipeline with 1 prompt, per image",
+        "≤ 2.1 (bound 2)",
+    ),
+    (
+        "flux_speed.py",
+        "ratio_true_cfg",
+        "FLUX.1 true CFG (true_cfg_scale 4, negative prompt): AND of 2 prompts / diffusers FluxPipeline, per image",
+        "≤ 1.6 (bound 1.5)",
+    ),
+    (
         "scaling.py",
         "combiner_fraction",
         "share of a step spent in SuperDiff's own work (κ, densities), measured between the network calls of real "

@@ -60,8 +60,8 @@ def group_uniforms(groups: int, particles: int, generator: torch.Generator | Seq
                    device: torch.device) -> Tensor:
     """One U(0, 1) per group, from ``generator`` (a list: the first generator of each group)."""
     if isinstance(generator, (list, tuple)):
-        draws = [torch.rand(1, generator=generator[g * particles], device=generator[g * particles].device)
-                 for g in range(groups)]
+        draws = [torch.rand(1, generator=generator[g * particles], device=generator[g * particles].device,
+                            dtype=torch.float64) for g in range(groups)]  # as one generator draws them
         return torch.cat([d.to(device=device, dtype=torch.float64) for d in draws])
     gen_device = generator.device if generator is not None else device
     return torch.rand(groups, generator=generator, device=gen_device, dtype=torch.float64).to(device)

@@ -275,3 +275,27 @@ def test_generate_composes_on_a_flux_folder(tmp_path):
     side = json.loads((out / "image_001.json").read_text())
     assert side["model"] == str(tmp_path / "flux") and side["guidance"] == GUIDANCE and side["mode"] == "and"
     assert len(side["kappa_trace"]) == 2 and (out / "image_000.png").exists() and (out / "grid.png").exists()
+
+
+def test_expressions_and_particles_on_flux(tmp_path):
+    """An And of two leaves is mode="and" to the bit; a product (degree 2) is refused unguided, as the sum
+    is; a corrected soft-min on particles returns one image per prompt set with finite weights, and image
+    k of a list of generators is the single-image call with the list [generator k], particles and all."""
+    pipe, _ = flux_pipes(tmp_path)
+    common = dict(KW, guidance_scale=GUIDANCE, num_inference_steps=STEPS, output_type="latent")
+    flat = pipe(prompts=PROMPTS3[:2], mode="and", generator=torch.Generator().manual_seed(3), **common)
+    tree = pipe(expression=f'"{PROMPTS3[0]}" & "{PROMPTS3[1]}"', generator=torch.Generator().manual_seed(3), **common)
+    assert torch.equal(flat.images, tree.images) and torch.equal(flat.kappa_trace, tree.kappa_trace)
+
+    with pytest.raises(ValueError, match="an expression whose degree is not 1, such as a product of two"):
+        pipe(expression=f'"{PROMPTS3[0]}" * "{PROMPTS3[1]}"', **common)  # unguided flow starts at σ = 1
+    text = f'softmin("{PROMPTS3[0]}", "{PROMPTS3[1]}")[sharpness=4]'  # degree 1, corrected: weighted particles
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    both = pipe(expression=text, particles=3, num_images_per_prompt=2, generator=gens, **common)
+    assert both.images.shape[0] == 2 and torch.isfinite(both.images).all()
+    assert torch.isfinite(both.log_weights).all() and (both.log_weights <= 1e-9).all()
+    assert both.ess_trace.shape[1] == 2 and ((both.ess_trace >= 1 - 1e-6) & (both.ess_trace <= 3 + 1e-6)).all()
+    second = pipe(expression=text, particles=3, generator=[torch.Generator().manual_seed(6)], **common)
+    assert torch.allclose(both.images[1], second.images[0], atol=1e-5)
+    with pytest.raises(ValueError, match="latents give one starting point per image"):
+        pipe(expression=text, particles=3, latents=both.images, **common)

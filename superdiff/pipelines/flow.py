@@ -133,9 +133,10 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name guidance_scale.
         if options.guidance is None and not getattr(options.combiner, "affine", True):
-            _fail("guidance_scale", options.guidance_scale, "weights that do not sum to 1 (mode='sum') have no "
-                  "denoised form at σ = 1, where flow sampling starts; pass a guidance_scale above 1 (e.g. 7.0) or "
-                  "use mode 'and', 'or' or 'average'")
+            _fail("guidance_scale", options.guidance_scale, "weights that do not sum to 1 (mode='sum', or an "
+                  "expression whose degree is not 1, such as a product of two) have no denoised form at σ = 1, where "
+                  "flow sampling starts; pass a guidance_scale above 1 (e.g. 7.0) or use mode 'and', 'or' or "
+                  "'average' (or an expression of degree 1: an or, a softmin, exponents summing to 1)")
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
             raise ValueError(
                 f"max_sequence_length={max_sequence_length!r} is not valid: use an integer in 1..512 (SD3 uses 256)"

@@ -36,14 +36,13 @@ from ._common import (
     _fail,
     check_latents,
     check_options,
-    check_prompts,
     check_text_inputs,
     decode,
     guided_conditions,
     negative_text,
     prompts_argument,
     refuse_embeddings,
-    resolve_combiner,
+    resolve_composition,
 )
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
@@ -221,9 +220,10 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name true_cfg_scale.
         if options.guidance is None and not getattr(options.combiner, "affine", True):
-            _fail("true_cfg_scale", true_cfg_scale, "weights that do not sum to 1 (mode='sum') have no denoised form "
-                  "at σ = 1, where flow sampling starts; pass true_cfg_scale above 1 with a negative_prompt, or use "
-                  "mode 'and', 'or' or 'average'")
+            _fail("true_cfg_scale", true_cfg_scale, "weights that do not sum to 1 (mode='sum', or an expression whose "
+                  "degree is not 1, such as a product of two) have no denoised form at σ = 1, where flow sampling "
+                  "starts; pass true_cfg_scale above 1 with a negative_prompt, or use mode 'and', 'or' or 'average' "
+                  "(or an expression of degree 1: an or, a softmin, exponents summing to 1)")
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not (
             1 <= max_sequence_length <= 512
         ):
@@ -280,9 +280,14 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         combiner: Combiner | None = None,
+        expression: Any = None,
+        particles: int = 1,
+        resample_threshold: float = 0.5,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
-        ``FluxPipeline``'s arguments and defaults (28 steps, 1024² pixels, T5 length 512):
+        ``FluxPipeline``'s arguments and defaults (28 steps, 1024² pixels, T5 length 512); an
+        ``expression``'s leaves are prompts like any other (``""``, NOT's default reference, is the
+        empty prompt's velocity at the same distilled guidance):
 
         ``guidance_scale``: the distilled guidance embedding (3.5; ignored by transformers without
         one, e.g. FLUX.1-schnell), not classifier-free guidance. ``true_cfg_scale`` > 1 with a
@@ -302,9 +307,11 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         prompts = prompts_argument(prompts, prompt)
-        m = check_prompts(prompts)
+        prompts, combiner = resolve_composition(expression, prompts, combiner, mode, temperature, log_weights,
+                                                "prompts", default_mode="and")
+        m = len(prompts)
         options = SamplingOptions(
-            combiner=resolve_combiner(combiner, mode, temperature, log_weights, m, "prompts", default_mode="and"),
+            combiner=combiner, particles=particles, resample_threshold=resample_threshold,
             num_inference_steps=num_inference_steps, guidance_scale=true_cfg_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
             return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,
@@ -359,11 +366,14 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
             unconditional=options.guidance is not None,
         )
 
-        # 6. Denoising loop, from the starting noise drawn as FluxPipeline draws it (unpacked, then packed)
+        # 6. Denoising loop, from the starting noise drawn as FluxPipeline draws it (unpacked, then packed);
+        #    with K particles, K per image (image i's generator, if a list, draws its K)
         if latents is None:
-            z = randn((num_images_per_prompt, channels, h, w), generator, device, torch.float32)
+            k = options.particles
+            draws = [g for g in generator for _ in range(k)] if isinstance(generator, (list, tuple)) else generator
+            z = randn((num_images_per_prompt * k, channels, h, w), draws, device, torch.float32)
             options = dataclasses.replace(
-                options, latents=FluxPipeline._pack_latents(z, num_images_per_prompt, channels, h, w)
+                options, latents=FluxPipeline._pack_latents(z, num_images_per_prompt * k, channels, h, w)
             )
         self._distilled_guidance = guidance_scale if self.guidance_distilled else None
         result = self._superdiff_sample(denoiser, schedule, shape, options, device, dtype)
