@@ -413,8 +413,9 @@ class Studio:
 
         composition = request.composition
         settings = generation_settings(
-            model=self.model, prompts=composition.items, mode=composition.mode,
-            expression=composition.expression, particles=1, resample_threshold=None, steps=request.steps,
+            model=self.model, pipeline=type(self.pipeline_for(composition.items).pipeline).__name__,
+            prompts=composition.items, mode=composition.mode, expression=composition.expression, particles=1,
+            resample_threshold=None, steps=request.steps,
             guidance=None if self.loaded.items != "prompts" else (
                 self.loaded.default_guidance if request.guidance is None else request.guidance),
             temperature=composition.temperature, log_weights=composition.log_weights, seed=request.seed,

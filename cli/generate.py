@@ -304,6 +304,7 @@ def generate(
     result = loaded.pipeline(**call)
     settings = generation_settings(
         model=model,
+        pipeline=type(loaded.pipeline).__name__,
         prompts=items,
         mode=mode,
         expression=None if node is None else describe(node),

@@ -477,7 +477,8 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = make_temp_dir(final.parent, prefix=f"{TMP_PREFIX}{owner}.{item.item_id}.")
-            settings = item.settings() | {"guidance": scale, "compile": compile_mode, "channels_last": channels_last}
+            settings = item.settings() | {"pipeline": type(loaded.pipeline).__name__, "guidance": scale,
+                                          "compile": compile_mode, "channels_last": channels_last}
             files = save_generation(tmp, result, settings)
             if final.exists():  # left by an interrupted run before its manifest line: replace it
                 shutil.rmtree(final)

@@ -73,3 +73,14 @@ def test_network_call_timer_measures_the_share_between_network_calls(monkeypatch
     # 3 gaps of 2 s within the 30 s from the first call's start to the last's
     assert timer.outside_fraction() == pytest.approx(6.0 / 30.0)
     assert timer.marks == []
+
+
+def test_few_steps_bench_runs_and_reports_every_variant():
+    cmd = [sys.executable, str(BENCH / "few_steps.py"), "--quick", "--json", "--steps", "3"]
+    proc = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["machine"] and result["steps"] == [3]
+    for table in ("err", "ll"):
+        values = [v for rows in result[table].values() for row in rows.values() for v in row.values()]
+        assert len(values) == 36 and all(math.isfinite(v) for v in values), (table, result[table])

@@ -274,6 +274,7 @@ def test_generate_composes_on_a_flux_folder(tmp_path):
     assert r.exit_code == 0, r.output
     side = json.loads((out / "image_001.json").read_text())
     assert side["model"] == str(tmp_path / "flux") and side["guidance"] == GUIDANCE and side["mode"] == "and"
+    assert side["pipeline"] == "SuperDiffFluxPipeline"
     assert len(side["kappa_trace"]) == 2 and (out / "image_000.png").exists() and (out / "grid.png").exists()
 
 
