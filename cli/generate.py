@@ -31,7 +31,9 @@ from .models import (
     EMBEDDED,
     apply_speed_options,
     load_model,
+    model_index,
     model_problem,
+    pipeline_class_name,
     resolve_device,
     resolve_dtype,
     silence_library_logs,
@@ -140,6 +142,20 @@ def check_negative_prompt(negative_prompt: str | None, model: str) -> None:
         raise BadInput(problem)
 
 
+def check_true_cfg(true_cfg_scale: float | None, model: str) -> None:
+    """``--true-cfg-scale`` only for a FLUX.1 folder, read from its model_index.json before loading."""
+    if true_cfg_scale is None:
+        return
+    if model in EMBEDDED:
+        name = "SuperDiffUnconditionalPipeline" if model == "embedded-digits" else "SuperDiffPipeline"
+    else:
+        index = model_index(model)
+        name = pipeline_class_name(index.get("_class_name") if index else None)
+    if name != "SuperDiffFluxPipeline":
+        raise BadInput(f"--true-cfg-scale applies to FLUX.1 models (a FluxPipeline folder), and {model} runs on "
+                       f"{name}; drop it (--guidance is this model's classifier-free guidance)")
+
+
 def check_limits(
     model: str, items: list[str], steps: int, num_images: int, height: int | None, width: int | None
 ) -> None:
@@ -191,6 +207,13 @@ def generation_settings(**kwargs: Any) -> dict:
     help="Classifier-free guidance scale [default: 7.5; 5 for embedded-shapes; embedded-digits takes none].",
 )
 @click.option(
+    "--true-cfg-scale",
+    type=FiniteFloat(min=0),
+    default=None,
+    help="FLUX.1 only: true classifier-free guidance from --negative-prompt, on above 1 (diffusers' FluxPipeline); "
+         "--guidance is then the distilled guidance embedding.",
+)
+@click.option(
     "--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True, help="OR temperature T."
 )
 @click.option("--log-weights", default=None, help="Comma-separated ℓ per prompt: OR bias or AND offsets.")
@@ -234,6 +257,7 @@ def generate(
     negative_prompt: str | None,
     steps: int,
     guidance: float | None,
+    true_cfg_scale: float | None,
     temperature: float,
     log_weights: str | None,
     seed: int,
@@ -288,6 +312,7 @@ def generate(
     )  # no need to look into a non-model
     if problem:
         raise BadInput(problem)
+    check_true_cfg(true_cfg_scale, model)
     check_limits(model, items, steps, num_images * particles, height, width)
     if plot:
         try:
@@ -301,6 +326,8 @@ def generate(
     call, scale = pipeline_call_kwargs(loaded, items, combiner, steps, guidance, seed, num_images, progress=not quiet,
                                        negative_prompt=negative_prompt, height=height, width=width,
                                        particles=particles, resample_threshold=resample_threshold)
+    if true_cfg_scale is not None:
+        call["true_cfg_scale"] = true_cfg_scale
     result = loaded.pipeline(**call)
     settings = generation_settings(
         model=model,
@@ -322,6 +349,7 @@ def generate(
         width=width,
         compile=compile_mode,
         channels_last=channels_last,
+        **({} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}),
     )
     files = save_generation(out_dir, result, settings, plot=plot, replacing=stale)
     if not quiet:

@@ -274,7 +274,20 @@ def test_generate_composes_on_a_flux_folder(tmp_path):
     assert r.exit_code == 0, r.output
     side = json.loads((out / "image_001.json").read_text())
     assert side["model"] == str(tmp_path / "flux") and side["guidance"] == GUIDANCE and side["mode"] == "and"
-    assert side["pipeline"] == "SuperDiffFluxPipeline"
+    assert side["pipeline"] == "SuperDiffFluxPipeline" and "true_cfg_scale" not in side
+    cfg = tmp_path / "cfg"
+    r = CliRunner().invoke(cli, [
+        "generate", "--model", str(tmp_path / "flux"), "--and", "a red circle", "--and", "a blue square", "--steps",
+        "2", "--num-images", "2", "--height", "16", "--width", "16", "--dtype", "float32", "--out", str(cfg),
+        "--quiet", "--true-cfg-scale", str(TRUE_CFG), "--negative-prompt", NEGATIVE,
+    ])
+    assert r.exit_code == 0, r.output
+    guided = json.loads((cfg / "image_001.json").read_text())
+    assert guided["true_cfg_scale"] == TRUE_CFG and guided["negative_prompt"] == NEGATIVE
+    assert guided["kappa_trace"] != side["kappa_trace"]  # the guided path differs
+    r = CliRunner().invoke(cli, ["generate", "--model", "embedded-shapes", "--and", "red", "--and", "circle",
+                                 "--true-cfg-scale", "4", "--out", str(tmp_path / "no")])
+    assert r.exit_code == 2 and "--true-cfg-scale applies to FLUX.1 models" in r.output, r.output
     assert len(side["kappa_trace"]) == 2 and (out / "image_000.png").exists() and (out / "grid.png").exists()
 
 
