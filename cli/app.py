@@ -86,6 +86,7 @@ class RunRequest:
     guidance: float | None
     seed: int
     num_images: int
+    particles: int = 1
 
 
 def whole_number(value: Any, name: str) -> int:
@@ -137,25 +138,31 @@ def composition_from_expression(model: str, text: str) -> Composition:
 
 
 def check_run_request(model: str, composition: Composition, steps: Any, guidance: Any, seed: Any,
-                      num_images: Any) -> RunRequest:
+                      num_images: Any, particles: Any = 1) -> RunRequest:
     """The sampling options against the model, read from its config files (as ``generate`` does)."""
     items = composition.items
     problem = model_problem(model, items)
     steps = whole_number(steps, "steps")
     seed = whole_number(seed, "seed")
     num_images = whole_number(num_images, "number of images")
+    particles = whole_number(particles, "particles")
     if steps < 1:
         problem = problem or f"steps {steps} must be at least 1"
     if num_images < 1:
         problem = problem or f"number of images {num_images} must be at least 1"
+    if particles < 1:
+        problem = problem or f"particles {particles} must be at least 1"
+    if particles > 1 and composition.expression is None:
+        problem = problem or (f"particles {particles} weight an expression's Feynman–Kac corrections; write an "
+                              "expression (e.g. \"red\" * \"circle\"), or set particles to 1")
     problem = (problem or steps_problem(steps, model, items, option="steps") or seed_problem(seed, option="seed")
-               or images_problem(num_images, None, None, model, items, options=("number of images", "height",
-                                                                                 "width")))
+               or images_problem(num_images * particles, None, None, model, items,
+                                 options=("number of images", "height", "width")))
     if problem:
         raise BadInput(problem)
     # embedded-digits composes unconditional models: no guidance (the form hides the slider).
     scale = None if model == "embedded-digits" or guidance is None else float(guidance)
-    return RunRequest(composition, steps, scale, seed, num_images)
+    return RunRequest(composition, steps, scale, seed, num_images, particles)
 
 
 # --- what the worker thread tells the handler ---------------------------------------------------
@@ -296,18 +303,19 @@ class Studio:
     # -- Generate --------------------------------------------------------------------------------
 
     def parse(self, rows: Sequence[str], mode: str, temperature: Any, log_weights: str | None, steps: Any,
-              guidance: Any, seed: Any, num_images: Any, expression: str | None = None) -> RunRequest:
+              guidance: Any, seed: Any, num_images: Any, expression: str | None = None,
+              particles: Any = 1) -> RunRequest:
         """The form as a checked request; BadInput or the library's ValueError on a mistake. A
         non-blank ``expression`` replaces the prompt rows, the mode, temperature and log-weights."""
         if expression is not None and expression.strip():
             composition = composition_from_expression(self.model, expression)
         else:
             composition = composition_from_rows(self.model, rows, mode, temperature, log_weights)
-        return check_run_request(self.model, composition, steps, guidance, seed, num_images)
+        return check_run_request(self.model, composition, steps, guidance, seed, num_images, particles)
 
     def run(self, rows: Sequence[str], mode: str, temperature: Any, log_weights: str | None, steps: Any,
             guidance: Any, seed: Any, num_images: Any, session: str,
-            progress: Any = None, expression: str | None = None) -> Iterator[dict[str, Any]]:
+            progress: Any = None, expression: str | None = None, particles: Any = 1) -> Iterator[dict[str, Any]]:
         """One Generate, as a generator of updates: ``status`` (text), ``plot`` (a Figure), and at
         the end ``images`` (PIL) and ``files`` (paths). ``progress(fraction, desc)``, if given, is
         told each step. Closing the generator (gradio does when the tab goes away) stops the run."""
@@ -315,7 +323,7 @@ class Studio:
         try:
             try:
                 request = self.parse(rows, mode, temperature, log_weights, steps, guidance, seed, num_images,
-                                     expression)
+                                     expression, particles)
             except click.UsageError as exc:
                 yield {"status": f"Error: {exc.message}"}
                 return
@@ -387,6 +395,7 @@ class Studio:
                 loaded = self.pipeline_for(request.composition.items)
                 call, _ = pipeline_call_kwargs(loaded, request.composition.items, request.composition.combiner,
                                                request.steps, request.guidance, request.seed, request.num_images,
+                                               particles=request.particles,
                                                progress=False)
                 call |= dict(callback_on_step_end=on_step,
                              callback_on_step_end_tensor_inputs=["kappa", "log_densities"])
@@ -414,8 +423,9 @@ class Studio:
         composition = request.composition
         settings = generation_settings(
             model=self.model, pipeline=type(self.pipeline_for(composition.items).pipeline).__name__,
-            prompts=composition.items, mode=composition.mode, expression=composition.expression, particles=1,
-            resample_threshold=None, steps=request.steps,
+            prompts=composition.items, mode=composition.mode, expression=composition.expression,
+            particles=request.particles, resample_threshold=0.5 if request.particles > 1 else None,
+            steps=request.steps,
             guidance=None if self.loaded.items != "prompts" else (
                 self.loaded.default_guidance if request.guidance is None else request.guidance),
             temperature=composition.temperature, log_weights=composition.log_weights, seed=request.seed,
@@ -475,6 +485,8 @@ def build_blocks(studio: Studio) -> Any:
                 expression = gr.Textbox(value="", label="expression (replaces the prompts and mode when set)",
                                         placeholder='e.g. ("red" | "blue") & "circle"  or  "red" * !"circle"',
                                         elem_id="expression", max_lines=1)
+                particles = gr.Number(value=1, precision=0, minimum=1, label="particles per image (expressions' "
+                                      "Feynman–Kac corrections)", elem_id="particles")
                 mode = gr.Radio(list(MODES), value="or" if unconditional else "and", label="mode", elem_id="mode")
                 guidance = gr.Slider(0, 20, value=loaded.default_guidance, step=0.5, label="guidance",
                                      visible=not unconditional, elem_id="guidance")
@@ -513,7 +525,7 @@ def build_blocks(studio: Studio) -> Any:
             texts = [form[box] for box in rows[:form[count]]]
             updates = studio.run(texts, form[mode], form[temperature], form[log_weights], form[steps],
                                  form[guidance], form[seed], form[num_images], request.session_hash, progress,
-                                 form[expression])
+                                 form[expression], form[particles])
             for update in updates:
                 yield {outputs[k]: v for k, v in update.items()}
 
@@ -527,7 +539,8 @@ def build_blocks(studio: Studio) -> Any:
         for handler in (run, arm, halt):
             handler.__annotations__["request"] = gr.Request
 
-        inputs = {count, *rows, mode, guidance, steps, seed, num_images, temperature, log_weights, expression}
+        inputs = {count, *rows, mode, guidance, steps, seed, num_images, temperature, log_weights, expression,
+                  particles}
         generate.click(arm, None, status, queue=False).then(
             run, inputs, list(outputs.values()), show_progress_on=[gallery], concurrency_id="sample")
         stop.click(halt, None, None, queue=False)

@@ -73,7 +73,7 @@ def wait_for_status(page, prefixes: tuple[str, ...], timeout_ms: int = 30_000, c
 
 
 def fill_form(page, prompts: list[str], mode: str, steps: int, num_images: int, seed: int,
-              log_weights: str = "", expression: str = "") -> None:
+              log_weights: str = "", expression: str = "", particles: int = 1) -> None:
     """Type the prompts (adding or removing rows to match), choose the mode and the numbers; a
     non-empty ``expression`` replaces the prompts in the app."""
     rows = page.locator("[id^=prompt-]:visible").count()
@@ -94,6 +94,7 @@ def fill_form(page, prompts: list[str], mode: str, steps: int, num_images: int, 
     page.locator("#num-images input[type=number]").press("Tab")
     page.locator("#log-weights input").fill(log_weights)
     page.locator("#expression input").fill(expression)
+    page.locator("#particles input").fill(str(particles))
 
 
 def gallery_count(page) -> int:

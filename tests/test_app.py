@@ -118,7 +118,7 @@ def test_two_prompts_and_generate_plots_live_and_downloads_what_generate_writes(
 
 def test_an_expression_replaces_the_prompts_and_downloads_what_generate_expr_writes(page, tmp_path):
     text = '("red" | "blue") * !"circle"'
-    fill_form(page, ["ignored"], "and", steps=3, num_images=2, seed=2, expression=text)
+    fill_form(page, ["ignored"], "and", steps=3, num_images=2, seed=2, expression=text, particles=3)
     before = status_text(page)
     page.click("#generate")
     status = wait_for_status(page, ("Done", "Error", "Stopped"), changed_from=before)
@@ -127,11 +127,13 @@ def test_an_expression_replaces_the_prompts_and_downloads_what_generate_expr_wri
         page.locator('#files a[download="image_001.json"]').click()
     from_app = json.loads(open(download.value.path(), encoding="utf-8").read())
     out = tmp_path / "cli"
-    r = CliRunner().invoke(cli, ["generate", "--model", "embedded-shapes", "--expr", text, "--steps", "3",
-                                 "--num-images", "2", "--seed", "2", "--device", "cpu", "--out", str(out), "--quiet"])
+    r = CliRunner().invoke(cli, ["generate", "--model", "embedded-shapes", "--expr", text, "--particles", "3",
+                                 "--steps", "3", "--num-images", "2", "--seed", "2", "--device", "cpu", "--out",
+                                 str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     from_cli = json.loads((out / "image_001.json").read_text(encoding="utf-8"))
     assert from_app["prompts"] == ["red", "blue", "", "circle"]  # leaves in order; NOT lists its reference first
+    assert from_app["particles"] == 3 and "log_weight" in from_app and "ess_trace" in from_app
     assert from_app == from_cli
 
     fill_form(page, ["red"], "and", steps=2, num_images=1, seed=0, expression='"red" & & "circle"')
