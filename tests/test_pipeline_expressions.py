@@ -77,3 +77,28 @@ def test_bad_compositions_are_refused_before_any_network_call(pipe, kw, message)
     with pytest.raises(ValueError, match=message):
         _call(pipe, **kw)
     assert calls == []
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flow", "unconditional"])
+def test_every_family_takes_an_expression_and_it_is_the_mode_exactly(family, tmp_path):
+    """The other pipelines share the path: an Or node over the prompts (over the models' indices for
+    the unconditional stack) is mode="or" to the bit, and a corrected soft-min runs K particles."""
+    from superdiff.pipelines import SuperDiffFlowPipeline, SuperDiffUnconditionalPipeline, SuperDiffXLPipeline
+    from superdiff.testing import tiny_sd3_components, tiny_sdxl_components, tiny_unconditional_components
+
+    base = dict(num_inference_steps=STEPS, output_type="pt", progress=False)
+    if family == "unconditional":
+        pipe = SuperDiffUnconditionalPipeline(**tiny_unconditional_components(num_models=2))
+        flat_kw, tree_kw, soft = dict(mode="or"), dict(expression="0 | 1"), "softmin(0, 1)[sharpness=2]"
+        base |= dict(batch_size=2)
+    else:
+        pipe = (SuperDiffXLPipeline(**tiny_sdxl_components(tokenizer_dir=tmp_path)) if family == "sdxl"
+                else SuperDiffFlowPipeline(**tiny_sd3_components()))
+        flat_kw, tree_kw = dict(prompts=PROMPTS, mode="or"), dict(expression=f'"{PROMPTS[0]}" | "{PROMPTS[1]}"')
+        soft = f'softmin("{PROMPTS[0]}", "{PROMPTS[1]}")[sharpness=2]'
+        base |= dict(num_images_per_prompt=2, guidance_scale=5.0)
+    flat = pipe(**flat_kw, generator=seeded(1), **base)
+    tree = pipe(**tree_kw, generator=seeded(1), **base)
+    assert torch.equal(flat.images, tree.images) and torch.equal(flat.log_density_trace, tree.log_density_trace)
+    out = pipe(expression=soft, particles=3, generator=seeded(2), **base)
+    assert out.images.shape[0] == 2 and torch.isfinite(out.log_weights).all() and out.resample_counts.shape == (2,)
