@@ -39,6 +39,8 @@ VARIANTS = (
     ("EDM ρ=7, posterior/forward", "edm", "posterior", "forward"),
     ("uniform, forward/forward", "uniform", "forward", "forward"),
     ("quadratic, forward/forward", "quadratic", "forward", "forward"),
+    ("uniform, posterior/tweedie", "uniform", "posterior", "tweedie"),
+    ("quadratic, posterior/tweedie", "quadratic", "posterior", "tweedie"),
 )
 GOAL = {20: 1.0, 50: 0.3}
 

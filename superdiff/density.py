@@ -45,6 +45,9 @@ __all__ = [
     "TransitionCoefficients",
     "transition_coefficients",
     "ito_log_density_increment",
+    "model_residuals",
+    "jacobian_rayleigh_quotient",
+    "tweedie_density_variance",
     "ito_increment_system",
     "ito_final_step_system",
     "ode_log_density_rate",
@@ -158,10 +161,51 @@ def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def _gaussian_log_pdf(residual: Tensor, var: float) -> Tensor:
-    """``log N(r; 0, var I)`` of residuals (..., d), in float64."""
+def _gaussian_log_pdf(residual: Tensor, var: float | Tensor) -> Tensor:
+    """``log N(r; 0, var I)`` of residuals (..., d), in float64; ``var`` a number or one per residual."""
     d = residual.shape[-1]
-    return -0.5 * _bdot(residual, residual) / var - 0.5 * d * math.log(2 * math.pi * var)
+    log_var = torch.log(var) if isinstance(var, Tensor) else math.log(var)
+    return -0.5 * _bdot(residual, residual) / var - 0.5 * d * (math.log(2 * math.pi) + log_var)
+
+
+def model_residuals(denoised: Tensor, denoised_mix: Tensor, noise: Tensor, coef: TransitionCoefficients) -> Tensor:
+    """Each model's residual ``uᵢ = y − E_r̃ᵢ[y] = c_0 (x̂₀ᵐⁱˣ − x̂₀ⁱ) + w`` of the step, (M, B, d) float64."""
+    batch = denoised_mix.shape[0]
+    x0 = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64)
+    w = noise.reshape(batch, -1).to(torch.float64)
+    return coef.c_0 * (denoised_mix.reshape(batch, -1).to(torch.float64)[None] - x0) + w[None]
+
+
+def jacobian_rayleigh_quotient(residual: Tensor, denoised_before: Tensor, denoised_after: Tensor) -> Tensor:
+    """A free estimate of ``tr(∂x̂₀ⁱ/∂x)/d`` at the end of a step, per model and sample, (M, B).
+
+    ``λ̂ᵢ = ⟨uᵢ, x̂₀ⁱ(y) − x̂₀ⁱ(x)⟩ / ‖uᵢ‖²``, clamped at 0, from the step's own residual
+    (:func:`model_residuals`) and each model's x̂₀ before and after it (the next step's network call
+    gives the second). Under model i's reverse process x̂₀ⁱ(x_t) is a martingale, so the drift and
+    the change of time cancel to first order and ``x̂₀ⁱ(y) − x̂₀ⁱ(x) ≈ Jᵢ uᵢ``: λ̂ is the Rayleigh
+    quotient of Jᵢ along the isotropic Gaussian uᵢ, whose mean is ``tr Jᵢ / d``; dividing by ‖uᵢ‖²
+    rather than its expectation removes the χ² noise. No network evaluation is added.
+    """
+    batch = residual.shape[1]
+    delta = (denoised_after.reshape(denoised_after.shape[0], batch, -1).to(torch.float64)
+             - denoised_before.reshape(denoised_before.shape[0], batch, -1).to(torch.float64))
+    norm2 = _bdot(residual, residual)
+    quotient = _bdot(residual, delta) / torch.where(norm2 > 0, norm2, torch.ones_like(norm2))
+    return quotient.clamp_min(0.0)
+
+
+def tweedie_density_variance(coef: TransitionCoefficients, trace_per_dim: Tensor) -> Tensor:
+    """Each model's variance of its reverse kernel, ``Vᵢ = β̃ + c_0² Cᵢ``, (M, B) float64.
+
+    Model i's exact transition from x_s is the mixture over x₀ ~ pᵢ(x₀ | x_s) of N(c_x x_s + c_0 x₀, β̃);
+    matching its covariance, with Tweedie's second-order identity ``Cov[x₀ | x_s] = (σ_s²/α_s) ∂x̂₀/∂x_s``
+    taken isotropic, ``Cᵢ = (σ_s²/α_s) λᵢ`` with λᵢ ≈ ``tr(∂x̂₀ⁱ/∂x_s)/d``
+    (:func:`jacobian_rayleigh_quotient`, measured one step late at x_s). β̃ = ``σ_t² S²/σ_s²``.
+    """
+    beta_tilde = coef.sigma_t * coef.sigma_t * coef.S2 / (coef.sigma_s * coef.sigma_s)
+    if not coef.alpha_s > 0:
+        return torch.full_like(trace_per_dim, coef.density_var)
+    return beta_tilde + coef.c_0 * coef.c_0 * (coef.sigma_s * coef.sigma_s / coef.alpha_s) * trace_per_dim
 
 
 def ito_log_density_increment(
@@ -170,10 +214,12 @@ def ito_log_density_increment(
     x: Tensor,
     noise: Tensor,
     coef: TransitionCoefficients,
+    density_var: Tensor | None = None,
 ) -> Tensor:
     """Itô estimate of ``log qᵢ_t(y) − log qᵢ_s(x)`` for the step ``y = c_x x + c_0 x̂₀ᵐⁱˣ + w``.
 
-    Eq. 89 as written: ``log r̃ᵢ(y | x) − log k(x | y)``, with r̃ᵢ of variance ``coef.density_var``.
+    Eq. 89 as written: ``log r̃ᵢ(y | x) − log k(x | y)``, with r̃ᵢ of variance ``coef.density_var``,
+    or ``density_var`` (M, B), one per model and sample (:func:`tweedie_density_variance`).
     ``denoised``: (M, B, *shape) each model's x̂₀ at x; ``denoised_mix``: (B, *shape) the x̂₀ that
     drove the step; ``noise``: (B, *shape) the Gaussian increment w actually added. Returns (B, M)
     in float64.
@@ -187,7 +233,8 @@ def ito_log_density_increment(
     # Both residuals are formed from their parts, not by subtracting from y, so that float64 keeps
     # them exact when they are small beside x: y − E_r̃ᵢ[y] = c_0 (x̂₀ᵐⁱˣ − x̂₀ⁱ) + w, and, since
     # 1 − a c_x = S²/σ_s², x − a y = (S²/σ_s) ε̂ᵐⁱˣ − a w with ε̂ᵐⁱˣ = (x − α_s x̂₀ᵐⁱˣ)/σ_s.
-    reverse = _gaussian_log_pdf(c.c_0 * (x0_mix[None] - x0) + w[None], c.density_var)  # log r̃ᵢ(y | x), (M, B)
+    var = c.density_var if density_var is None else density_var
+    reverse = _gaussian_log_pdf(c.c_0 * (x0_mix[None] - x0) + w[None], var)  # log r̃ᵢ(y | x), (M, B)
     eps_mix = (xf - c.alpha_s * x0_mix) / c.sigma_s
     forward = _gaussian_log_pdf(c.S2 / c.sigma_s * eps_mix - c.a * w, c.S2)  # log k(x | y), (B,)
     return (reverse - forward[None]).transpose(0, 1)

@@ -64,3 +64,51 @@ def test_final_step_and_lands_equally_far_from_every_prediction(guidance):
     mix = mix_denoised(denoised, kappa, x, 1.0, guidance, unconditional if guidance else None)
     distances = (mix[None] - denoised).norm(dim=-1).T  # (B, M)
     torch.testing.assert_close(distances, distances[:, :1].expand_as(distances), rtol=1e-9, atol=0)
+
+
+def _or_density_error(models, steps: int, density_variance: str, samples: int = 256) -> float:
+    from superdiff import Or, prior_sample, sample_sde
+    from superdiff.time_grids import uniform_time_grid
+
+    g = torch.Generator().manual_seed(0)
+    x = prior_sample(models, samples, models.sample_shape, generator=g, dtype=torch.float64)
+    times = uniform_time_grid(models.process, steps)
+    out = sample_sde(models, x, times, Or(), log_q_init=models.log_prob(x, times[0]), generator=g,
+                     density_variance=density_variance)
+    return float((out.log_densities - models.log_prob(out.samples, times[-1])).abs().median())
+
+
+def test_the_tweedie_variance_cuts_the_few_step_density_error_with_no_extra_network_call():
+    """Each model's own kernel variance β̃ + c₀²(σ²/α)λ̂, λ̂ the Jacobian trace read from the previous
+    step's residual: on exact mixtures its median error at 20 steps is a quarter (or less) of the default's,
+    it still falls with the steps, and it does not lose at 200 steps. Measured (seed 0, 256 samples): 3-D VP
+    1.34 → 0.25 at 20 steps, 0.77 → 0.13 at 50, 0.25 → 0.05 at 200; 8-D VE 4.31 → 0.82 at 20. One network
+    call per step."""
+    from superdiff import GaussianMixture, MixtureDenoiser, VarianceExploding, VPLinear
+
+    g = torch.Generator().manual_seed(1)
+    pair = lambda d: (GaussianMixture.create(torch.randn(3, d, generator=g) * 1.5, 0.3, [0.5, 0.3, 0.2]),  # noqa: E731
+                      GaussianMixture.create(torch.randn(2, d, generator=g) * 1.5, 0.4))
+    vp, ve = MixtureDenoiser(pair(3), VPLinear(0.1, 20.0)), MixtureDenoiser(pair(8), VarianceExploding())
+    for models, worst in ((vp, 0.4), (ve, 1.5)):
+        default, tweedie = _or_density_error(models, 20, "forward"), _or_density_error(models, 20, "tweedie")
+        assert tweedie < min(worst, 0.25 * default), (type(models.process).__name__, default, tweedie)
+    errors = [_or_density_error(vp, n, "tweedie") for n in (20, 50, 200)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] <= _or_density_error(vp, 200, "forward"), errors
+    calls = []
+
+    class Counting(MixtureDenoiser):
+        def __call__(self, x, t):
+            calls.append(1)
+            return super().__call__(x, t)
+
+    _or_density_error(Counting(vp.mixtures, vp.process), 20, "tweedie", samples=8)
+    assert len(calls) == 20
+
+
+def test_the_tweedie_variance_is_refused_with_and_s_system():
+    from superdiff import And, GaussianMixture, MixtureDenoiser, VPLinear, sample_sde
+
+    models = MixtureDenoiser((GaussianMixture.create([[0.0]], 1.0), GaussianMixture.create([[1.0]], 1.0)), VPLinear())
+    with pytest.raises(ValueError, match="density_variance='tweedie' gives each model its own variance"):
+        sample_sde(models, torch.zeros(2, 1), models.process.time_grid(4), And(), density_variance="tweedie")
