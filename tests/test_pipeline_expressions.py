@@ -102,3 +102,22 @@ def test_every_family_takes_an_expression_and_it_is_the_mode_exactly(family, tmp
     assert torch.equal(flat.images, tree.images) and torch.equal(flat.log_density_trace, tree.log_density_trace)
     out = pipe(expression=soft, particles=3, generator=seeded(2), **base)
     assert out.images.shape[0] == 2 and torch.isfinite(out.log_weights).all() and out.resample_counts.shape == (2,)
+
+
+def test_the_pipelines_take_the_tweedie_density_variance_and_refuse_it_with_and(pipe):
+    """density_variance reaches the sampler: "tweedie" scores OR's steps with each prompt's own variance
+    (the first step as "forward", so the first increment is the same), with the same network calls; AND's
+    system and an unknown name are refused before any network call."""
+    forward = _call(pipe, prompts=PROMPTS, mode="or", num_images_per_prompt=2)
+    calls = count_calls(pipe.unet)
+    tweedie = _call(pipe, prompts=PROMPTS, mode="or", num_images_per_prompt=2, density_variance="tweedie")
+    assert len(calls) == STEPS
+    assert torch.equal(forward.log_density_trace[1], tweedie.log_density_trace[1])
+    assert not torch.allclose(forward.log_density_trace[-1], tweedie.log_density_trace[-1])
+    assert torch.isfinite(tweedie.log_density_trace).all()
+    text_calls = count_calls(pipe.text_encoder)
+    with pytest.raises(ValueError, match="AND's system .* does not take yet"):
+        _call(pipe, prompts=PROMPTS, mode="and", density_variance="tweedie")
+    with pytest.raises(ValueError, match="density_variance='exact' is not valid: use one of"):
+        _call(pipe, prompts=PROMPTS, mode="or", density_variance="exact")
+    assert text_calls == []

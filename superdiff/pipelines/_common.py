@@ -130,6 +130,10 @@ def _expression_node(expression: Any) -> Any:
     return expression
 
 
+#: The estimator variances a pipeline call takes (:func:`superdiff.sampling.sample_sde`'s ``density_variance``).
+DENSITY_VARIANCES = ("forward", "posterior", "euler", "tweedie")
+
+
 @dataclass(frozen=True, eq=False)
 class SamplingOptions:
     """The options of one pipeline call, resolved once at the top of ``__call__`` (the combiner
@@ -148,6 +152,7 @@ class SamplingOptions:
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
     particles: int = 1
     resample_threshold: float = 0.5
+    density_variance: str = "forward"
 
     @property
     def guidance(self) -> float | None:
@@ -176,6 +181,13 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
     if options.output_type not in OUTPUT_TYPES:
         _fail("output_type", options.output_type, f"use one of {OUTPUT_TYPES}")
     check_particles(options.particles, options.resample_threshold)
+    if options.density_variance not in DENSITY_VARIANCES:
+        _fail("density_variance", options.density_variance, f"use one of {DENSITY_VARIANCES} (sample_sde's: "
+              "'tweedie' gives each model its own variance, read for free from the steps)")
+    if options.density_variance == "tweedie" and getattr(options.combiner, "needs_system", False):
+        _fail("density_variance", "tweedie", "it gives each model its own variance, which AND's system (one variance "
+              "for all models) does not take yet; use it with mode='or', 'average', 'sum', fixed weights or an "
+              "expression without an And node, or keep density_variance='forward'")
     if options.particles > 1 and options.latents is not None:
         _fail("latents", "<a tensor>", f"latents give one starting point per image, and particles={options.particles} "
               "draws that many per image; pass latents=None (the generator draws them) or particles=1")
@@ -405,6 +417,7 @@ class SuperDiffMixin:
                 interrupt=lambda: self.interrupt,
                 particles=k,
                 resample_threshold=options.resample_threshold,
+                density_variance=options.density_variance,
             )
         finally:
             if bar is not None:

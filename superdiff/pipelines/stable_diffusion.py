@@ -212,6 +212,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         expression: Any = None,
         particles: int = 1,
         resample_threshold: float = 0.5,
+        density_variance: str = "forward",
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode`` (or ``combiner``).
 
@@ -252,6 +253,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         m = len(prompts)
         options = SamplingOptions(
             combiner=combiner, particles=particles, resample_threshold=resample_threshold,
+            density_variance=density_variance,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
             return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,

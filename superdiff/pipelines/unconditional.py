@@ -239,6 +239,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         expression: Any = None,
         particles: int = 1,
         resample_threshold: float = 0.5,
+        density_variance: str = "forward",
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``batch_size`` images from the composition of the models (see
         :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>` for the
@@ -272,6 +273,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             ),
             particles=particles,
             resample_threshold=resample_threshold,
+            density_variance=density_variance,
             num_inference_steps=num_inference_steps,
             guidance_scale=None,
             num_images_per_prompt=batch_size,
