@@ -17,6 +17,11 @@ default (uniform grid, posterior / forward). For each, OR is sampled from the sa
 
 Goal of the issue: err ≤ 1 nat at 20 steps and ≤ 0.3 at 50 on every set-up, with the same network
 evaluations per step (every variant here makes one call per step).
+
+On the embedded models (``--embedded-steps``, default 10,25,50,200; ``--quick`` 4,8; 0 skips): the
+digits OR's Fréchet distance to the held-out test digits (200 samples; ``"forward"`` and
+``"tweedie"``, the pipelines' ``density_variance``) and the shapes AND both-rate on red + circle (64
+samples, guidance 5; AND takes ``"forward"`` only), seed 0.
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None, help="samples per run (2048; --quick: 256)")
     p.add_argument("--step-counts", default=None, help="comma-separated step counts for err (20,50,100,300,1000)")
     p.add_argument("--quality-steps", default=None, help="comma-separated step counts for ll (2,12,50)")
+    p.add_argument("--embedded-steps", default=None,
+                   help="comma-separated step counts for the embedded models (10,25,50,200; --quick 4,8; 0 skips)")
     args = p.parse_args()
     samples = args.samples or (256 if args.quick else 2048)
     if args.steps:
@@ -138,11 +145,61 @@ def main() -> None:
                          f"{'meets' if value <= GOAL[n] else 'misses'} ≤ {GOAL[n]}")
     print("\n".join(lines))
     print("(on VE the log-SNR grid is the uniform one, on EDM the EDM ρ=7 grid is, to float rounding)")
+    embedded_steps = [int(v) for v in (args.embedded_steps or ("4,8" if args.quick else "10,25,50,200")).split(",")
+                      if int(v) > 0]
+    embedded = embedded_rows(embedded_steps, 16 if args.quick else 200, 8 if args.quick else 64)
+    if embedded_steps:
+        print(f"\n{embedded_table(embedded, embedded_steps)}")
     seconds = round(time.perf_counter() - start, 1)
     print(f"({seconds} s)")
     if args.json:
         print(json.dumps({"benchmark": "few_steps", "machine": machine(), "samples": samples, "steps": steps,
-                          "quality_steps": quality_steps, "err": err, "ll": ll, "best": best, "seconds": seconds}))
+                          "quality_steps": quality_steps, "err": err, "ll": ll, "best": best, "embedded": embedded,
+                          "seconds": seconds}))
+
+
+def embedded_rows(steps: list[int], digit_samples: int, shape_samples: int) -> dict:
+    """The embedded models by step count: digits OR Fréchet distance and classes covered for each
+    estimator variance, and the shapes AND both-rate."""
+    from superdiff.pipelines import SuperDiffPipeline
+    from superdiff.zoo.digits import frechet_distance, load_digits_split
+    from superdiff.zoo.registry import embedded_path, load_digit_classifier, load_digit_pipeline
+    from superdiff.zoo.shapes import read_attributes
+
+    if not steps:
+        return {}
+    classifier = load_digit_classifier("cpu")
+    with torch.no_grad():
+        real = classifier.features(load_digits_split().test_images)
+    digits = load_digit_pipeline(("a", "b"))
+    shapes = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=torch.float32)
+    rows: dict = {"digits OR Fréchet, forward": {}, "digits OR Fréchet, tweedie": {},
+                  "digits OR classes ≥ 2%, forward": {}, "digits OR classes ≥ 2%, tweedie": {},
+                  "shapes AND both-rate (red + circle)": {}}
+    for n in steps:
+        for variance in ("forward", "tweedie"):
+            out = digits(batch_size=digit_samples, mode="or", num_inference_steps=n, output_type="pt", progress=False,
+                         generator=torch.Generator().manual_seed(0), density_variance=variance)
+            images = out.images.float() * 2 - 1  # output_type="pt" is [0, 1]; the classifier reads [−1, 1]
+            with torch.no_grad():
+                feats, labels = classifier.features(images), classifier(images).argmax(-1)
+            fractions = torch.bincount(labels, minlength=10).double() / digit_samples
+            rows[f"digits OR Fréchet, {variance}"][n] = round(frechet_distance(feats, real), 2)
+            rows[f"digits OR classes ≥ 2%, {variance}"][n] = int((fractions >= 0.02).sum())
+        out = shapes(prompts=["red", "circle"], mode="and", guidance_scale=5.0, num_inference_steps=n,
+                     num_images_per_prompt=shape_samples, output_type="pt", progress=False,
+                     generator=torch.Generator().manual_seed(0))
+        colours, kinds = read_attributes(out.images.float() * 2 - 1)
+        rows["shapes AND both-rate (red + circle)"][n] = round(
+            sum(c == "red" and k == "circle" for c, k in zip(colours, kinds)) / shape_samples, 3)
+    return rows
+
+
+def embedded_table(rows: dict, steps: list[int]) -> str:
+    head = "| embedded model | " + " | ".join(f"{n} steps" for n in steps) + " |"
+    lines = [head, "|---|" + "---|" * len(steps)]
+    lines += [f"| {name} | " + " | ".join(str(row[n]) for n in steps) + " |" for name, row in rows.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

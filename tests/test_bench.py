@@ -85,3 +85,6 @@ def test_few_steps_bench_runs_and_reports_every_variant():
         values = [v for rows in result[table].values() for row in rows.values() for v in row.values()]
         assert len(values) == 6 * len(result[table]) and all(math.isfinite(v) for v in values), (table, result[table])
     assert "uniform, posterior/tweedie" in result["err"]
+    embedded = result["embedded"]  # --quick: the embedded models at 4 and 8 steps
+    assert len(embedded) == 5 and all(set(row) == {"4", "8"} for row in embedded.values()), embedded
+    assert all(0 <= v <= 1 for v in embedded["shapes AND both-rate (red + circle)"].values())
