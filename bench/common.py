@@ -100,6 +100,15 @@ class CachedDenoiser:
         return self.output
 
 
+def clock_mark(cuda: bool):
+    """A point in time: ``time.perf_counter()`` on the CPU, a recorded CUDA event on a GPU (no sync)."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 class NetworkCallTimer:
     """Wraps a denoiser and marks when each network call starts and ends, so the share of a real
     sampling run spent outside the network (κ, densities, mixing, noise, the loop itself) is measured
@@ -116,11 +125,7 @@ class NetworkCallTimer:
         self.marks: list[tuple] = []
 
     def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        return clock_mark(self.cuda)
 
     def __call__(self, x, t):
         start = self._mark()

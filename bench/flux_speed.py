@@ -22,11 +22,10 @@ intra-op thread unless ``--threads`` says otherwise (see ``vs_diffusers.py``).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from common import emit, interleaved_times, machine, median_ratio, parser
+from common import clock_mark, emit, interleaved_times, machine, median_ratio, parser
 
 M = 2  # prompts composed with AND
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
@@ -132,11 +131,7 @@ class TransformerClock:
         ]
 
     def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        return clock_mark(self.cuda)
 
     def take(self) -> float:
         """Seconds inside the transformer since the last call; forget the marks."""

@@ -215,17 +215,18 @@ def ito_log_density_increment(
     noise: Tensor,
     coef: TransitionCoefficients,
     density_var: Tensor | None = None,
+    residuals: Tensor | None = None,
 ) -> Tensor:
     """Itô estimate of ``log qᵢ_t(y) − log qᵢ_s(x)`` for the step ``y = c_x x + c_0 x̂₀ᵐⁱˣ + w``.
 
     Eq. 89 as written: ``log r̃ᵢ(y | x) − log k(x | y)``, with r̃ᵢ of variance ``coef.density_var``,
     or ``density_var`` (M, B), one per model and sample (:func:`tweedie_density_variance`).
     ``denoised``: (M, B, *shape) each model's x̂₀ at x; ``denoised_mix``: (B, *shape) the x̂₀ that
-    drove the step; ``noise``: (B, *shape) the Gaussian increment w actually added. Returns (B, M)
+    drove the step; ``noise``: (B, *shape) the Gaussian increment w actually added; ``residuals``:
+    :func:`model_residuals` of the same step, where the caller has them already. Returns (B, M)
     in float64.
     """
     batch = x.shape[0]
-    x0 = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64)
     x0_mix = denoised_mix.reshape(batch, -1).to(torch.float64)
     w = noise.reshape(batch, -1).to(torch.float64)
     xf = x.reshape(batch, -1).to(torch.float64)
@@ -233,8 +234,10 @@ def ito_log_density_increment(
     # Both residuals are formed from their parts, not by subtracting from y, so that float64 keeps
     # them exact when they are small beside x: y − E_r̃ᵢ[y] = c_0 (x̂₀ᵐⁱˣ − x̂₀ⁱ) + w, and, since
     # 1 − a c_x = S²/σ_s², x − a y = (S²/σ_s) ε̂ᵐⁱˣ − a w with ε̂ᵐⁱˣ = (x − α_s x̂₀ᵐⁱˣ)/σ_s.
+    if residuals is None:
+        residuals = model_residuals(denoised, denoised_mix, noise, c)
     var = c.density_var if density_var is None else density_var
-    reverse = _gaussian_log_pdf(c.c_0 * (x0_mix[None] - x0) + w[None], var)  # log r̃ᵢ(y | x), (M, B)
+    reverse = _gaussian_log_pdf(residuals, var)  # log r̃ᵢ(y | x), (M, B)
     eps_mix = (xf - c.alpha_s * x0_mix) / c.sigma_s
     forward = _gaussian_log_pdf(c.S2 / c.sigma_s * eps_mix - c.a * w, c.S2)  # log k(x | y), (B,)
     return (reverse - forward[None]).transpose(0, 1)

@@ -511,9 +511,10 @@ def sample_sde(
             if tweedie and previous is not None:
                 trace = jacobian_rayleigh_quotient(previous[1], previous[0], denoised64)
                 density_var = tweedie_density_variance(c, trace)
-            log_q = log_q + ito_log_density_increment(denoised64, x0_mix64, x, noise64, c, density_var)
+            residuals = model_residuals(denoised64, x0_mix64, noise64, c)
+            log_q = log_q + ito_log_density_increment(denoised64, x0_mix64, x, noise64, c, density_var, residuals)
             if tweedie:
-                previous = (denoised64, model_residuals(denoised64, x0_mix64, noise64, c))
+                previous = (denoised64, residuals)
             # The step: y = c_x x + c_0 x̂₀ᵐⁱˣ + w, Tweedie's E[x_t | x_s] (Thm. 2's mean) plus the increment.
             x0_mix = x0_mix64.to(x.dtype)
             x = c.c_x * x + c.c_0 * x0_mix + noise
