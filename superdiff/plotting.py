@@ -278,16 +278,27 @@ def tensor_to_pil(images: Tensor) -> list[Image.Image]:
     return out
 
 
+def _fitted(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """``text``, or its longest prefix + "…" that is at most ``width`` pixels wide in ``font``."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def image_grid(
     rows: Sequence[tuple[str, Sequence[Image.Image]]], cell: int = 48, label_width: int = 150
 ) -> Image.Image:
-    """Labelled rows of equally sized images, upscaled (nearest) to ``cell`` pixels."""
+    """Labelled rows of equally sized images, upscaled (nearest) to ``cell`` pixels; a label longer
+    than ``label_width`` is cut to fit, ending in "…"."""
     cols = max((len(r[1]) for r in rows), default=1)
     image = Image.new("RGB", (label_width + cols * (cell + 2), len(rows) * (cell + 2)), "white")
     draw = ImageDraw.Draw(image)
+    font = _font()
     for r, (label, imgs) in enumerate(rows):
         y = r * (cell + 2)
-        draw.text((4, y + cell // 2 - 5), label[:24], fill="black", font=_font())
+        draw.text((4, y + cell // 2 - 5), _fitted(draw, label, font, label_width - 8), fill="black", font=font)
         for c, img in enumerate(imgs):
             image.paste(img.resize((cell, cell), Image.NEAREST), (label_width + c * (cell + 2), y))
     return image

@@ -189,3 +189,23 @@ def test_an_experiment_bar_counts_every_step_of_every_method_and_is_off_when_qui
     bar.close()
     quiet = experiment_bar("OR digits", 5, 10, 250, 4, progress=False)
     assert quiet.disable and step_ticker(quiet) is None
+
+
+def test_grid_labels_use_the_label_column_and_are_cut_to_fit_it():
+    from PIL import Image, ImageDraw
+
+    from superdiff.plotting import _font, image_grid
+
+    cell, width = 40, 260
+    label, long = "NOT, negative weight (uncorrected)", "a label far too long for its column, " * 3
+    grid = image_grid([(label, [Image.new("RGB", (8, 8), "red")]), (long, [Image.new("RGB", (8, 8), "red")])],
+                      cell=cell, label_width=width)
+
+    def ink_right_edge(row: int) -> int:
+        band = grid.crop((0, row * (cell + 2), width, row * (cell + 2) + cell)).convert("L")
+        columns = [x for x in range(width) if min(band.getpixel((x, y)) for y in range(cell)) < 128]
+        return max(columns)
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert ink_right_edge(0) >= draw.textlength(label, font=_font())  # the whole label drawn, from x = 4
+    assert ink_right_edge(1) <= width - 4  # the long one ends inside its column
