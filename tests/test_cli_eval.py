@@ -289,6 +289,8 @@ def test_expressions_sweep_and_eval_as_their_own_groups(tmp_path):
                 for m in (json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines())}
     assert set(manifest) == {'product("red", "circle")', 'product("red", not("circle", ""))', "and"}
     assert manifest['product("red", "circle")']["settings"]["particles"] == 2
+    corrected = json.loads((out / manifest['product("red", "circle")']["files"][1]).read_text())
+    assert corrected["particles"] == 2 and len(corrected["ess_trace"]) >= 1  # the weighted particles ran
     assert "both_rate" not in manifest['product("red", not("circle", ""))']["metrics"]
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("item_id,prompts,mode,expression,seed")

@@ -316,3 +316,13 @@ def test_sweep_barrier_counts_only_this_launchs_markers(tmp_path, monkeypatch):
     assert _launch_key() != key  # another launch on this machine
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-7")
     assert _launch_key() == "run-7"  # torchrun's rendezvous id, shared across machines
+
+
+def test_item_ids_of_lines_without_an_expression_are_the_ones_earlier_releases_wrote():
+    """A sweep from before expressions resumes: its items keep their ids (the id of this item as the
+    release before expressions computed it), while an expression or particles make a new one."""
+    from superdiff_cli.spec import SweepItem
+
+    args = (1, ("a red circle", "a blue square"), "and", 0, "embedded-shapes", 3, None, 1.0, 1, None)
+    assert SweepItem(*args).item_id == "0001-and-s0-16a888bc"
+    assert SweepItem(*args, particles=2).item_id != SweepItem(*args).item_id

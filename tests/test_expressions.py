@@ -270,3 +270,13 @@ def test_weighted_particles_neither_wait_for_the_device_nor_copy_to_it(guided):
         out = sample_sde(LinearDenoiser(), x, times, expression, generator=torch.Generator().manual_seed(0), **kw)
     assert reads.armed and bool(torch.isfinite(out.samples).all()) and int(out.resample_counts.sum()) > 0
     assert reads.reads == []
+
+
+def test_a_group_draws_its_resampling_uniform_alike_from_one_generator_or_a_list():
+    """Image k with a list of generators is the call with [generator k]: its group's uniform is drawn in
+    the same dtype from the same generator either way."""
+    from superdiff.particles import group_uniforms
+
+    one = group_uniforms(1, 3, torch.Generator().manual_seed(7), torch.device("cpu"))
+    listed = group_uniforms(1, 3, [torch.Generator().manual_seed(7)] * 3, torch.device("cpu"))
+    assert one.dtype == listed.dtype == torch.float64 and torch.equal(one, listed)
