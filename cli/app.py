@@ -30,7 +30,7 @@ from superdiff.expressions import compile_expression, describe
 
 from .calls import pipeline_call_kwargs
 from .errors import BadInput, handle_errors
-from .generate import check_items, expression_items, generation_settings
+from .generate import check_items, expression_items, generation_settings, parse_log_weights
 from .limits import images_problem, model_folder_problem, seed_problem, steps_problem
 from .models import DEFAULT_ITEMS, EMBEDDED, LoadedModel, load_model, model_problem, resolve_device, resolve_dtype
 
@@ -104,14 +104,8 @@ def whole_number(value: Any, name: str) -> int:
 
 
 def parse_log_weights_field(text: str | None) -> list[float] | None:
-    """The log-weights box: blank for none, else comma-separated numbers (the combiner checks that
-    they are finite, one per item)."""
-    if text is None or not text.strip():
-        return None
-    try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise BadInput(f"log-weights {text!r} must be comma-separated numbers, one per prompt, e.g. 0, 1.5") from None
+    """The log-weights box: blank for none, else as ``generate --log-weights`` reads it."""
+    return None if text is None or not text.strip() else parse_log_weights(text, option="log-weights")
 
 
 def composition_from_rows(model: str, rows: Sequence[str], mode: str, temperature: Any,

@@ -41,16 +41,17 @@ from .models import (
 from .output import check_fresh_dir, ensure_writable_dir, save_generation
 
 
-def parse_log_weights(text: str | None) -> list[float] | None:
-    """``--log-weights`` text as numbers (the combiner checks that they are finite, one per item)."""
+def parse_log_weights(text: str | None, option: str = "--log-weights") -> list[float] | None:
+    """``--log-weights`` text (the app's log-weights box: ``option``) as numbers; the combiner checks
+    that they are finite, one per item."""
     if text is None:
         return None
     try:
         values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
-        raise BadInput(f"--log-weights {text!r} must be comma-separated numbers, e.g. --log-weights 0,1.5") from None
+        raise BadInput(f"{option} {text!r} must be comma-separated numbers, one per prompt, e.g. 0,1.5") from None
     if not values:
-        raise BadInput(f"--log-weights {text!r} must be numbers, one per prompt, e.g. --log-weights 0,1.5")
+        raise BadInput(f"{option} {text!r} must be numbers, one per prompt, e.g. 0,1.5")
     return values
 
 
