@@ -1,12 +1,13 @@
 """Few-step SuperDiff (issue 16): the Itô estimator's density error by time grid and kernel variance.
 
     python bench/few_steps.py             # every table: 2048 samples, 20–1000 steps, about 4 minutes on one thread
-    python bench/few_steps.py --quick     # 256 samples, 20 and 50 steps, quality at 2 and 12: under a minute
+    python bench/few_steps.py --quick     # 256 samples, 20 and 50 steps, quality at 2 and 12, composition at 25
 
 Exact Gaussian mixtures (``bench/variance.py``'s set-ups), so every figure is checked against true
 log-densities. A variant is a time grid (:mod:`superdiff.time_grids`) and the pair step variance /
-estimator variance (``sample_sde``'s ``variance`` / ``density_variance``); the first is the current
-default (uniform grid, posterior / forward). For each, OR is sampled from the same noise:
+estimator variance (``sample_sde``'s ``variance`` / ``density_variance``); the first is the default
+before this issue (uniform grid, posterior / forward), "uniform, posterior/tweedie" today's. For each,
+OR is sampled from the same noise:
 
 * ``err``: median |tracked − exact| log q over models and samples, log q started exact at the
   grid's first time, on the grid as it is (it ends at the process's t_min, σ > 0);
@@ -18,10 +19,15 @@ default (uniform grid, posterior / forward). For each, OR is sampled from the sa
 Goal of the issue: err ≤ 1 nat at 20 steps and ≤ 0.3 at 50 on every set-up, with the same network
 evaluations per step (every variant here makes one call per step).
 
+Composition at few steps (``--composition-steps``, default 25,100,1000; ``--quick`` 25), uniform grid,
+``"forward"`` against ``"tweedie"``: AND's median exact gap |log q₁ − log q₂| of its samples at the
+grid's last time (0 for a perfect AND; the tracked densities are equal by construction), and OR's
+mean exact posterior of model 1, which is 0.5 for samples of the equal mixture.
+
 On the embedded models (``--embedded-steps``, default 10,25,50,200; ``--quick`` 4,8; 0 skips): the
 digits OR's Fréchet distance to the held-out test digits (200 samples; ``"forward"`` and
 ``"tweedie"``, the pipelines' ``density_variance``) and the shapes AND both-rate on red + circle (64
-samples, guidance 5; AND takes ``"forward"`` only), seed 0.
+samples, guidance 5, both variances), seed 0.
 """
 
 from __future__ import annotations
@@ -32,19 +38,20 @@ import time
 import torch
 
 from common import machine, parser
-from superdiff import EDM, MixtureDenoiser, Or, VarianceExploding, VPLinear, prior_sample, sample_sde
+from superdiff import EDM, And, MixtureDenoiser, Or, VarianceExploding, VPLinear, prior_sample, sample_sde
 from superdiff.time_grids import GRIDS
 from variance import figure2, random_mixtures, target_log_prob
 
-#: (name, grid, step variance, estimator variance); the first is the samplers' current default.
+#: (name, grid, step variance, estimator variance); the first is the samplers' default before issue 16,
+#: "uniform, posterior/tweedie" today's.
 VARIANTS = (
-    ("uniform, posterior/forward (default)", "uniform", "posterior", "forward"),
+    ("uniform, posterior/forward (old default)", "uniform", "posterior", "forward"),
     ("quadratic, posterior/forward", "quadratic", "posterior", "forward"),
     ("log-SNR, posterior/forward", "log_snr", "posterior", "forward"),
     ("EDM ρ=7, posterior/forward", "edm", "posterior", "forward"),
     ("uniform, forward/forward", "uniform", "forward", "forward"),
     ("quadratic, forward/forward", "quadratic", "forward", "forward"),
-    ("uniform, posterior/tweedie", "uniform", "posterior", "tweedie"),
+    ("uniform, posterior/tweedie (default)", "uniform", "posterior", "tweedie"),
     ("quadratic, posterior/tweedie", "quadratic", "posterior", "tweedie"),
 )
 GOAL = {20: 1.0, 50: 0.3}
@@ -82,6 +89,25 @@ def sample_quality(models: MixtureDenoiser, times: torch.Tensor, variance: str, 
     return float(target_log_prob(models.mixtures, out.samples).mean()) - expected
 
 
+def composition_accuracy(models: MixtureDenoiser, times: torch.Tensor, density_variance: str,
+                         samples: int) -> tuple[float, float, float]:
+    """AND's median exact gap |log q₁ − log q₂|, OR's mean exact posterior of model 1 (0.5 for the
+    equal mixture), both at the grid's last time, from the same noise, and the share of AND's
+    (sample, step) pairs whose Newton steps converged (1 with one common variance)."""
+    out = {}
+    converged = 1.0
+    for name, combiner in (("and", And()), ("or", Or())):
+        g = torch.Generator().manual_seed(0)
+        x = prior_sample(models, samples, models.sample_shape, generator=g, dtype=torch.float64)
+        run = sample_sde(models, x, times, combiner, log_q_init=models.log_prob(x, times[0]), generator=g,
+                         density_variance=density_variance)
+        out[name] = models.log_prob(run.samples, times[-1])
+        if run.newton_converged is not None:
+            converged = float(run.newton_converged.double().mean())
+    gap = (out["and"][:, 0] - out["and"][:, 1]).abs().median()
+    return float(gap), float(torch.softmax(out["or"], -1)[:, 0].mean()), converged
+
+
 def expected_log_prob(mixtures) -> float:
     """E_p[log p] of the OR target p = ½(p_A + p_B): equal draws from each model's data."""
     data = torch.cat([m.sample(100_000, torch.Generator().manual_seed(5)) for m in mixtures])
@@ -99,6 +125,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None, help="samples per run (2048; --quick: 256)")
     p.add_argument("--step-counts", default=None, help="comma-separated step counts for err (20,50,100,300,1000)")
     p.add_argument("--quality-steps", default=None, help="comma-separated step counts for ll (2,12,50)")
+    p.add_argument("--composition-steps", default=None,
+                   help="comma-separated step counts for AND's exact gap and OR's share (25,100,1000; --quick 25)")
     p.add_argument("--embedded-steps", default=None,
                    help="comma-separated step counts for the embedded models (10,25,50,200; --quick 4,8; 0 skips)")
     args = p.parse_args()
@@ -141,10 +169,25 @@ def main() -> None:
             value = err[variant][name][n]
             best.setdefault(name, {})[n] = {"variant": variant, "err": value, "meets_goal": value <= GOAL[n]}
             default = err[VARIANTS[0][0]][name][n]
-            lines.append(f"{name:32s} {n:4d} steps: {variant:38s} err {value:.3f} (default {default:.3f}) "
+            lines.append(f"{name:32s} {n:4d} steps: {variant:38s} err {value:.3f} (old default {default:.3f}) "
                          f"{'meets' if value <= GOAL[n] else 'misses'} ≤ {GOAL[n]}")
     print("\n".join(lines))
     print("(on VE the log-SNR grid is the uniform one, on EDM the EDM ρ=7 grid is, to float rounding)")
+    composition_default = "25" if args.quick else "25,100,1000"
+    composition_steps = [int(v) for v in (args.composition_steps or composition_default).split(",")]
+    composition: dict = {}
+    for density_variance in ("forward", "tweedie"):
+        for name, (mixtures, process) in cases.items():
+            models = MixtureDenoiser(mixtures, process)
+            for n in composition_steps:
+                gap, share, converged = composition_accuracy(models, process.time_grid(n), density_variance, samples)
+                values = {f"AND exact gap, {density_variance}": gap, f"OR share of model 1, {density_variance}": share}
+                if density_variance == "tweedie":
+                    values["AND Newton steps converged, tweedie"] = converged
+                for title, value in values.items():
+                    composition.setdefault(title, {}).setdefault(name, {})[n] = value
+    for title, rows in composition.items():
+        print(f"\n{table(title + ' (uniform grid)', rows, composition_steps, '.3f')}", flush=True)
     embedded_steps = [int(v) for v in (args.embedded_steps or ("4,8" if args.quick else "10,25,50,200")).split(",")
                       if int(v) > 0]
     embedded = embedded_rows(embedded_steps, 16 if args.quick else 200, 8 if args.quick else 64)
@@ -154,7 +197,8 @@ def main() -> None:
     print(f"({seconds} s)")
     if args.json:
         print(json.dumps({"benchmark": "few_steps", "machine": machine(), "samples": samples, "steps": steps,
-                          "quality_steps": quality_steps, "err": err, "ll": ll, "best": best, "embedded": embedded,
+                          "quality_steps": quality_steps, "err": err, "ll": ll, "best": best,
+                          "composition": composition, "composition_steps": composition_steps, "embedded": embedded,
                           "seconds": seconds}))
 
 
@@ -175,7 +219,8 @@ def embedded_rows(steps: list[int], digit_samples: int, shape_samples: int) -> d
     shapes = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=torch.float32)
     rows: dict = {"digits OR Fréchet, forward": {}, "digits OR Fréchet, tweedie": {},
                   "digits OR classes ≥ 2%, forward": {}, "digits OR classes ≥ 2%, tweedie": {},
-                  "shapes AND both-rate (red + circle)": {}}
+                  "shapes AND both-rate (red + circle), forward": {},
+                  "shapes AND both-rate (red + circle), tweedie": {}}
     for n in steps:
         for variance in ("forward", "tweedie"):
             out = digits(batch_size=digit_samples, mode="or", num_inference_steps=n, output_type="pt", progress=False,
@@ -186,12 +231,12 @@ def embedded_rows(steps: list[int], digit_samples: int, shape_samples: int) -> d
             fractions = torch.bincount(labels, minlength=10).double() / digit_samples
             rows[f"digits OR Fréchet, {variance}"][n] = round(frechet_distance(feats, real), 2)
             rows[f"digits OR classes ≥ 2%, {variance}"][n] = int((fractions >= 0.02).sum())
-        out = shapes(prompts=["red", "circle"], mode="and", guidance_scale=5.0, num_inference_steps=n,
-                     num_images_per_prompt=shape_samples, output_type="pt", progress=False,
-                     generator=torch.Generator().manual_seed(0))
-        colours, kinds = read_attributes(out.images.float() * 2 - 1)
-        rows["shapes AND both-rate (red + circle)"][n] = round(
-            sum(c == "red" and k == "circle" for c, k in zip(colours, kinds)) / shape_samples, 3)
+            out = shapes(prompts=["red", "circle"], mode="and", guidance_scale=5.0, num_inference_steps=n,
+                         num_images_per_prompt=shape_samples, output_type="pt", progress=False,
+                         generator=torch.Generator().manual_seed(0), density_variance=variance)
+            colours, kinds = read_attributes(out.images.float() * 2 - 1)
+            rows[f"shapes AND both-rate (red + circle), {variance}"][n] = round(
+                sum(c == "red" and k == "circle" for c, k in zip(colours, kinds)) / shape_samples, 3)
     return rows
 
 

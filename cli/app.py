@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import click
 
 from superdiff.combine import MODES, Combiner, make_combiner
+from superdiff.density import DEFAULT_DENSITY_VARIANCE
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import compile_expression, describe
 
@@ -424,7 +425,7 @@ class Studio:
                 self.loaded.default_guidance if request.guidance is None else request.guidance),
             temperature=composition.temperature, log_weights=composition.log_weights, seed=request.seed,
             dtype=str(self.dtype).replace("torch.", ""), device=self.device, negative_prompt=None, height=None,
-            width=None, compile=None, channels_last=False,
+            width=None, compile=None, channels_last=False, density_variance=DEFAULT_DENSITY_VARIANCE,
         )
         folder = self.out_root / f"run-{number:04d}"
         folder.mkdir(parents=True, exist_ok=True)

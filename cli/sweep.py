@@ -31,6 +31,7 @@ from pathlib import Path
 
 import click
 
+from superdiff.density import DEFAULT_DENSITY_VARIANCE
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import conjunctive
 
@@ -478,7 +479,8 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = make_temp_dir(final.parent, prefix=f"{TMP_PREFIX}{owner}.{item.item_id}.")
             settings = item.settings() | {"pipeline": type(loaded.pipeline).__name__, "guidance": scale,
-                                          "compile": compile_mode, "channels_last": channels_last}
+                                          "compile": compile_mode, "channels_last": channels_last,
+                                          "density_variance": DEFAULT_DENSITY_VARIANCE}
             files = save_generation(tmp, result, settings)
             if final.exists():  # left by an interrupted run before its manifest line: replace it
                 shutil.rmtree(final)

@@ -15,9 +15,11 @@ reverse kernel whatever point y the step reached, so the estimator's r̃ᵢ shou
 kernel, while the step's V decides the samples. The defaults are measured on exact mixtures
 (``bench/variance.py``): steps use the posterior variance ``σ_t² S²/σ_s²`` (DDPM's β̃, diffusers'
 ancestral samplers), the exact reverse kernel of a point mass, which keeps 8- to 12-step samples
-clean; the estimator uses the forward variance in the variance-preserving frame
-``S² (α_t² + σ_t²)/(α_s² + σ_s²)`` (DDPM's β on VP processes), the smaller density error in 32 of the
-bench's 35 cells.
+clean. Among the variances common to all models the estimator's best is the forward variance in
+the variance-preserving frame ``S² (α_t² + σ_t²)/(α_s² + σ_s²)`` (DDPM's β on VP processes), the
+smaller density error in 32 of the bench's 35 cells; by default it uses each model's own
+(:func:`tweedie_density_variance`, ``bench/few_steps.py``), its exact transition's variance to
+first order, with which AND's condition is quadratic in κ (:func:`ito_increment_system_linearised`).
 
 The estimator is the discrete detailed balance of Eq. 89,
 ``log q_t(y) − log q_s(x) ≈ −log k(x | y) + log r̃ᵢ(y | x)``, which is Theorem 1 discretised:
@@ -42,6 +44,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_DENSITY_VARIANCE",
     "TransitionCoefficients",
     "transition_coefficients",
     "ito_log_density_increment",
@@ -49,6 +52,7 @@ __all__ = [
     "jacobian_rayleigh_quotient",
     "tweedie_density_variance",
     "ito_increment_system",
+    "ito_increment_system_linearised",
     "ito_final_step_system",
     "ode_log_density_rate",
     "ode_increment_system",
@@ -84,6 +88,9 @@ class TransitionCoefficients:
 
 
 VARIANCES = ("posterior", "forward", "euler")
+#: The estimator's variance unless one is named: each model's own (:func:`tweedie_density_variance`), read
+#: from the steps; ``"forward"`` was the default before it (README, "Few-step accuracy").
+DEFAULT_DENSITY_VARIANCE = "tweedie"
 
 
 def reverse_kernel_variance(alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float, variance: str) -> float:
@@ -249,26 +256,66 @@ def ito_increment_system(
     scale: float,
     noise: Tensor,
     coef: TransitionCoefficients,
+    density_var: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The AND system (Eqs. 75–77) for :func:`ito_log_density_increment`.
 
     With the mixed prediction ``x̂₀ᵐⁱˣ(κ) = base + scale Σⱼ κⱼ (x̂₀ʲ − base)`` and ``Σκ = 1``,
     ``Δᵢ(κ) = Σⱼ Aᵢⱼ κⱼ + bᵢ + c(κ)`` with, for ``eᵢ = x̂₀ⁱ − base``, ``K = c_0²/(2V)`` and V the
-    estimator's variance ``coef.density_var``,
+    estimator's variance, one for all models: ``coef.density_var``, or ``density_var`` (B,), one
+    per sample,
 
         Aᵢⱼ = 2 K scale ⟨eᵢ, eⱼ⟩,     bᵢ = c_0/V ⟨eᵢ, w⟩ − K ‖eᵢ‖².
 
     ``base`` is the unconditional x̂₀ under guidance, else any common point. Returns (A, b) as
-    ((B, M, M), (B, M)) float64, in nats for this step.
+    ((B, M, M), (B, M)) float64, in nats for this step. With one variance per model the increments
+    are quadratic in κ: :func:`ito_increment_system_linearised`.
     """
     e = _offsets(denoised, base)
     w = noise.reshape(base.shape[0], -1).to(torch.float64)
     c = coef
-    k = c.c_0**2 / (2 * c.density_var)
+    var = e.new_full((e.shape[0], 1), c.density_var) if density_var is None else density_var.to(torch.float64)[:, None]
+    k = c.c_0**2 / (2 * var)  # (B, 1)
     gram = e @ e.transpose(1, 2)
-    a_mat = 2 * k * scale * gram
-    b_vec = c.c_0 / c.density_var * (e @ w[:, :, None])[..., 0] - k * torch.diagonal(gram, dim1=1, dim2=2)
+    a_mat = 2 * k[..., None] * scale * gram
+    b_vec = c.c_0 / var * (e @ w[:, :, None])[..., 0] - k * torch.diagonal(gram, dim1=1, dim2=2)
     return a_mat, b_vec
+
+
+def ito_increment_system_linearised(
+    denoised: Tensor,
+    base: Tensor,
+    scale: float,
+    noise: Tensor,
+    coef: TransitionCoefficients,
+    density_var: Tensor,
+    kappa: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """AND's system with one estimator variance per model, ``density_var`` (M, B), linearised at ``kappa`` (B, M).
+
+    Model i's increment is ``Δᵢ(κ) = −‖uᵢ(κ)‖²/(2Vᵢ) − (d/2) log 2πVᵢ − log k(x | y(κ))`` with the residual
+    ``uᵢ(κ) = c_0 (scale Σⱼ κⱼ eⱼ − eᵢ) + w``. Against the system at one common variance V̄ (the harmonic
+    mean of the Vᵢ per sample, :func:`ito_increment_system`), which is exact for V̄ and whose c(κ) takes
+    the common terms, it differs by ``Eᵢ(κ) = −(δᵢ/2) ‖uᵢ(κ)‖² − (d/2) log(Vᵢ/V̄)`` with
+    ``δᵢ = 1/Vᵢ − 1/V̄``: quadratic in κ, so the equal-density condition is no longer linear. The rows
+    returned are its tangent at κ⁰ = ``kappa``: ``A = A(V̄) + J``, ``b = b(V̄) + E(κ⁰) − J κ⁰`` with
+    ``Jᵢⱼ = −δᵢ c_0 scale ⟨uᵢ(κ⁰), eⱼ⟩``. Solving them is one Newton step on the exact condition; E is
+    exactly quadratic, so a few steps from the common-variance solution converge. Same shapes as
+    :func:`ito_increment_system`.
+    """
+    var = density_var.to(torch.float64).transpose(0, 1)  # (B, M)
+    mean_var = 1.0 / (1.0 / var).mean(-1)  # (B,) the harmonic mean V̄
+    a_mat, b_vec = ito_increment_system(denoised, base, scale, noise, coef, mean_var)
+    e = _offsets(denoised, base)  # (B, M, d)
+    w = noise.reshape(base.shape[0], -1).to(torch.float64)
+    k0 = kappa.to(torch.float64)
+    mix_offset = scale * (k0[:, None, :] @ e)[:, 0]  # (B, d): x̂₀ᵐⁱˣ(κ⁰) − base
+    u = coef.c_0 * (mix_offset[:, None] - e) + w[:, None]  # (B, M, d)
+    delta = 1.0 / var - 1.0 / mean_var[:, None]  # (B, M)
+    d = e.shape[-1]
+    extra = -0.5 * delta * _bdot(u, u) - 0.5 * d * torch.log(var / mean_var[:, None])  # Eᵢ(κ⁰)
+    jac = -(delta * coef.c_0 * scale)[..., None] * (u @ e.transpose(1, 2))  # (B, M, M)
+    return a_mat + jac, b_vec + extra - (jac @ k0[:, :, None])[..., 0]
 
 
 def ito_final_step_system(denoised: Tensor, base: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ tracked are those of the unguided conditional models (paper §4.2 and the author
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -21,12 +21,14 @@ from tqdm.auto import tqdm
 
 from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
+    DEFAULT_DENSITY_VARIANCE,
     TransitionCoefficients,
     divergence_exact,
     divergence_hutchinson,
     divergence_hutchinson_vjp,
     ito_final_step_system,
     ito_increment_system,
+    ito_increment_system_linearised,
     ito_log_density_increment,
     jacobian_rayleigh_quotient,
     model_residuals,
@@ -57,6 +59,10 @@ class SamplerOutput:
     decision, ``resample_counts`` (G,) how often each group resampled, and ``node_weight_trace``
     one (steps, B, children) tensor per internal node. With resampling, every trace follows each
     final particle's ancestry.
+
+    ``newton_converged`` (steps, B) bool, for AND under ``density_variance="tweedie"``: whether the
+    Newton steps on each step's equal-density condition converged (where not, that step kept the
+    common-variance κ and scored with the common variance); True on steps that need none.
     """
 
     samples: Tensor
@@ -68,6 +74,7 @@ class SamplerOutput:
     ess_trace: Tensor | None = None
     resample_counts: Tensor | None = None
     node_weight_trace: tuple[Tensor, ...] | None = None
+    newton_converged: Tensor | None = None
 
 
 @dataclass
@@ -82,6 +89,9 @@ class StepInfo:
     kappa: Tensor
     log_q: Tensor
 
+
+#: Newton steps on AND's equal-density condition when every model has its own estimator variance.
+AND_NEWTON_STEPS = 8
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -328,6 +338,36 @@ def _weigh(combiner: Combiner, inputs: CombineInputs) -> tuple[Tensor, Tensor | 
     return combiner(inputs).to(torch.float64), None, ()
 
 
+def _newton_weights(
+    combiner: Combiner,
+    inputs: CombineInputs,
+    start: tuple[Tensor, Tensor | None, tuple[Tensor, ...]],
+    linearised: Callable[[Tensor], tuple[Tensor, Tensor]],
+) -> tuple[tuple[Tensor, Tensor | None, tuple[Tensor, ...]], Tensor]:
+    """Newton steps on a system that is not linear in κ (AND with one estimator variance per model).
+
+    ``linearised(κ)`` gives the system's tangent at κ; the combiner solves it, which is one Newton step
+    from κ, and never learns which system it was given. Returns the last iterate and, per sample,
+    whether it converged (its last step moved κ by at most 1e-8 of its size). Where the exact
+    condition has no solution near the start (its quadratic terms dominate when κ is large, as on
+    ill-conditioned steps of three similar models) it does not, and the caller falls back.
+    """
+    current = start
+    move = torch.full_like(start[0][:, 0], torch.inf)
+    for _ in range(AND_NEWTON_STEPS):
+        a_mat, b_vec = linearised(current[0])
+        step = _weigh(combiner, replace(inputs, increment_matrix=a_mat, increment_offset=b_vec))
+        move = (step[0] - current[0]).norm(dim=-1) / (1.0 + current[0].norm(dim=-1))
+        current = step
+    converged = (move <= 1e-8) & torch.isfinite(current[0]).all(-1)
+    return current, converged
+
+
+def _where_rows(mask: Tensor, chosen: Tensor, other: Tensor) -> Tensor:
+    """Rows (dim 0) of ``chosen`` where ``mask`` (B,), else of ``other``."""
+    return torch.where(mask.reshape(-1, *([1] * (chosen.dim() - 1))), chosen, other)
+
+
 def _follow_ancestry(traces: list[list[Tensor]], initial: list[Tensor], ancestors: list[Tensor]) -> None:
     """Reindex recorded traces so each final particle's row is its own history: ``traces[k][i]`` was
     recorded after step i's resampling, ``ancestors[i]`` (B,) maps slots after step i to slots before it,
@@ -360,7 +400,7 @@ def sample_sde(
     generator: Generators = None,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
     variance: str | None = None,
-    density_variance: str = "forward",
+    density_variance: str = DEFAULT_DENSITY_VARIANCE,
     final_denoise: bool = False,
     progress: bool = False,
     interrupt: Callable[[], bool] | None = None,
@@ -393,15 +433,19 @@ def sample_sde(
             the SDE whose diffusion is g², which β̃ departs from on the last steps of a grid (a
             corrected product of 2-D mixtures kept a standard deviation of 0.252 against the exact
             0.283 with β̃, and 0.278 with ``"forward"``, at 200 steps).
-        density_variance: the variance the estimator scores each step with, ``"forward"`` by
-            default (the smaller density error in 32 of ``bench/variance.py``'s 35 cells); see
-            :func:`superdiff.density.reverse_kernel_variance`. ``"tweedie"``: each model's own
-            variance per sample, β̃ plus its x̂₀'s posterior covariance (Tweedie's second-order
-            identity, isotropic), whose Jacobian trace is read for free from the previous step's
-            residual and the x̂₀ this step computes anyway
-            (:func:`~superdiff.density.tweedie_density_variance`); the first step uses
-            ``"forward"``. 3–10× smaller errors at 20–50 steps (``bench/few_steps.py``); not with
-            AND's system yet, whose variance is one for all models.
+        density_variance: the variance the estimator scores each step with. ``"tweedie"`` (the
+            default): each model's own variance per sample, β̃ plus its x̂₀'s posterior covariance
+            (Tweedie's second-order identity, isotropic), whose Jacobian trace is read for free from
+            the previous step's residual and the x̂₀ this step computes anyway
+            (:func:`~superdiff.density.tweedie_density_variance`); the first step, and any step
+            from α = 0, uses ``"forward"``. 3–10× smaller errors at 20–50 steps
+            (``bench/few_steps.py``). With AND the equal-density condition is then quadratic in κ:
+            :data:`AND_NEWTON_STEPS` Newton steps from the common-variance solution
+            (:func:`~superdiff.density.ito_increment_system_linearised`); a sample where they do
+            not converge keeps that κ and scores the step with one common variance, so the tracked
+            densities stay equal. ``"forward"``, ``"posterior"``, ``"euler"``: one variance for all
+            models (:func:`superdiff.density.reverse_kernel_variance`; ``"forward"`` was the default
+            before, the smaller error in 32 of ``bench/variance.py``'s 35 cells).
         final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says (as diffusers'
             Euler schedulers do), so N steps cost N network calls.
         progress: show a tqdm bar.
@@ -425,10 +469,6 @@ def sample_sde(
     if variance is None:
         variance = "forward" if getattr(combiner, "needs_scores", False) else "posterior"
     tweedie = density_variance == "tweedie"
-    if tweedie and combiner.needs_system:
-        raise ValueError("density_variance='tweedie' gives each model its own variance, which AND's system (one "
-                         "variance for all models, Eqs. 75–78) does not take yet; use it with OR, fixed weights or an "
-                         "expression without an And node, or density_variance='forward' with AND")
     density_variance = "forward" if tweedie else density_variance  # the first step's, and the fallback's
     _check_variances(denoiser.process, variance, density_variance)
     check_particles(particles, resample_threshold, x.shape[0])
@@ -472,6 +512,7 @@ def sample_sde(
     times_host = times.tolist()  # read once: the loop itself never reads a tensor back to the host
     log_q_trace = [log_q]
     kappa_trace: list[Tensor] = []
+    converged_trace: list[Tensor] = []
     # "tweedie": each model's x̂₀ⁱ and residual uᵢ of the previous step, (M, B, d) float64.
     previous: tuple[Tensor, Tensor] | None = None
     for i in tqdm(range(steps), disable=not progress, desc="superdiff"):
@@ -483,6 +524,7 @@ def sample_sde(
         # so Σκᵢx̂₀ⁱ is never formed in fp16/bf16.
         denoised64, unconditional64 = _split(denoiser(x, times[i]).to(torch.float64), plan)
         system = (None, None)
+        step_converged = torch.ones(batch, dtype=torch.bool, device=x.device)
         if c.final:
             # Last step onto σ = 0: deterministic, no density. AND lands equally far from every x̂₀ⁱ,
             # the limit of Prop. 6's condition as the step's noise vanishes.
@@ -496,21 +538,36 @@ def sample_sde(
             # The Gaussian increment w ~ N(0, V), drawn before κ: AND's κ is solved for this very w (Prop. 6).
             noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
             noise64 = noise.to(torch.float64)
-            # κ: OR's softmax of the tracked log-densities (Algorithm 1), AND's linear system (Eqs. 75–78).
-            if combiner.needs_system:
-                base = _system_base(denoised64, unconditional64, guidance_scale)
-                system = ito_increment_system(denoised64, *base, noise64, c)
-            # Feynman–Kac corrections (superdiff.expressions) read the models' score Gram and g²dτ ≈ S².
-            gram = _score_gram(denoised64, x, c.alpha_s, c.sigma_s) if needs_scores else None
-            inputs = CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps, gram, c.S2)
-            kappa, fk, node_weights = _weigh(combiner, inputs)
-            # The mixed (and guided) x̂₀: x̂₀ᵘ + w_cfg(Σκⱼx̂₀ʲ − x̂₀ᵘ), or Σκⱼx̂₀ʲ.
-            x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
-            # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
+            # "tweedie": each model's kernel variance Vᵢ (M, B), from the previous step's residual and this x̂₀.
             density_var = None
             if tweedie and previous is not None:
                 trace = jacobian_rayleigh_quotient(previous[1], previous[0], denoised64)
                 density_var = tweedie_density_variance(c, trace)
+            # κ: OR's softmax of the tracked log-densities (Algorithm 1), AND's linear system (Eqs. 75–78).
+            if combiner.needs_system:
+                base = _system_base(denoised64, unconditional64, guidance_scale)
+                mean_var = None if density_var is None else 1.0 / (1.0 / density_var).mean(0)
+                system = ito_increment_system(denoised64, *base, noise64, c, mean_var)
+            # Feynman–Kac corrections (superdiff.expressions) read the models' score Gram and g²dτ ≈ S².
+            gram = _score_gram(denoised64, x, c.alpha_s, c.sigma_s) if needs_scores else None
+            inputs = CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps, gram, c.S2)
+            kappa, fk, node_weights = _weigh(combiner, inputs)
+            if combiner.needs_system and density_var is not None:
+                # One variance per model makes the increments quadratic in κ: Newton's method on the exact
+                # condition from the common-variance κ. A sample where it does not converge keeps that κ
+                # and scores this step with the common variance V̄, for which that κ is exact.
+                newton, converged = _newton_weights(
+                    combiner, inputs, (kappa, fk, node_weights),
+                    lambda k: ito_increment_system_linearised(denoised64, *base, noise64, c, density_var, k),
+                )
+                kappa = _where_rows(converged, newton[0], kappa)
+                fk = None if fk is None else _where_rows(converged, newton[1], fk)
+                node_weights = tuple(_where_rows(converged, n, o) for n, o in zip(newton[2], node_weights))
+                density_var = torch.where(converged[None], density_var, mean_var[None])
+                step_converged = converged
+            # The mixed (and guided) x̂₀: x̂₀ᵘ + w_cfg(Σκⱼx̂₀ʲ − x̂₀ᵘ), or Σκⱼx̂₀ʲ.
+            x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
+            # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
             residuals = model_residuals(denoised64, x0_mix64, noise64, c)
             log_q = log_q + ito_log_density_increment(denoised64, x0_mix64, x, noise64, c, density_var, residuals)
             if tweedie:
@@ -525,6 +582,7 @@ def sample_sde(
             u = group_uniforms(groups, particles, generator, x.device)
             anc, log_w, ess, resampled = resample_step(log_w, particles, resample_threshold, u)
             x, x0_mix, log_q, kappa = x[anc], x0_mix[anc], log_q[anc], kappa[anc]
+            step_converged = step_converged[anc]
             if previous is not None:
                 previous = (previous[0][:, anc], previous[1][:, anc])
             node_weights = tuple(w[anc] for w in node_weights)
@@ -533,6 +591,7 @@ def sample_sde(
             resample_counts = resample_counts + resampled.long()
         log_q_trace.append(log_q)
         kappa_trace.append(kappa)
+        converged_trace.append(step_converged)
         node_trace.append(node_weights)
         if callback is not None:
             x = _state_from_callback(callback(StepInfo(i, times_host[i + 1], x, x0_mix, kappa, log_q)), x)
@@ -540,14 +599,17 @@ def sample_sde(
     if ancestors:
         nodes = [list(ws) for ws in zip(*node_trace)] if node_trace and node_trace[0] else []
         head_q, head_k = log_q_trace[1 : len(ancestors) + 1], kappa_trace[: len(ancestors)]
+        head_c = converged_trace[: len(ancestors)]
         head_n = [n[: len(ancestors)] for n in nodes]
         initial = [log_q_trace[0]]
-        _follow_ancestry([head_q, head_k, *head_n], initial, ancestors)
+        _follow_ancestry([head_q, head_k, head_c, *head_n], initial, ancestors)
         log_q_trace[1 : len(ancestors) + 1], kappa_trace[: len(ancestors)] = head_q, head_k
+        converged_trace[: len(ancestors)] = head_c
         log_q_trace[0] = initial[0]
         for n, h in zip(nodes, head_n):
             n[: len(ancestors)] = h
         node_trace = list(zip(*nodes)) if nodes else node_trace
+    newton = tweedie and combiner.needs_system  # AND's condition under one variance per model
     kappas = torch.stack(kappa_trace) if kappa_trace else log_q.new_empty(0, batch, plan.num_models)
     node_weight_trace = None
     if isinstance(combiner, CompiledExpression) and node_trace:
@@ -562,6 +624,7 @@ def sample_sde(
         ess_trace=torch.stack(ess_trace) if ess_trace else None,
         resample_counts=resample_counts if particles > 1 else None,
         node_weight_trace=node_weight_trace,
+        newton_converged=torch.stack(converged_trace) if newton and converged_trace else None,
     )
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .analytic import GaussianMixture, MixtureDenoiser
 from .combine import And, Average, Combiner, Fixed, Or
+from .density import DEFAULT_DENSITY_VARIANCE
 from .plotting import ScatterPanel, scatter_panels
 from .processes import VPLinear
 from .sampling import SamplerOutput, prior_sample, sample_sde
@@ -31,7 +32,7 @@ class ToyConfig:
     estimator_steps: tuple[int, ...] = (100, 300, 1000)
     seed: int = 0
     variance: str = "posterior"
-    density_variance: str = "forward"
+    density_variance: str = DEFAULT_DENSITY_VARIANCE
 
 
 def figure2_models() -> MixtureDenoiser:

@@ -5,11 +5,17 @@ straightforward loop written here, which calls the network once per prompt plus 
 unconditionally (as the authors' code does), reads σ and α straight from the scheduler's tables,
 and evaluates the estimator as the Gaussian log-densities it is defined by (density.py):
 
-    Δᵢ = log N(y; c_x x + c_0 x̂₀ⁱ, V) − log N(x; a y, S²),
+    Δᵢ = log N(y; c_x x + c_0 x̂₀ⁱ, Vᵢ) − log N(x; a y, S²),
 
-with a = α_s/α_t, S² = σ_s² − a²σ_t², c_x = aσ_t²/σ_s², c_0 = α_t S²/σ_s², V = S², and the step
-y = c_x x + c_0 x̂₀ᵐⁱˣ + w, w ~ N(0, V). AND's κ is solved here from Δᵢ − Δⱼ = 0, which after the
-common k-term cancels is linear in y (hence in κ).
+with a = α_s/α_t, S² = σ_s² − a²σ_t², c_x = aσ_t²/σ_s², c_0 = α_t S²/σ_s², and the step
+y = c_x x + c_0 x̂₀ᵐⁱˣ + w, w ~ N(0, β̃), β̃ = σ_t² S²/σ_s². Vᵢ is the pipelines' default
+``density_variance="tweedie"``: β̃ + c_0² (σ_s²/α_s) λᵢ, λᵢ = ⟨uᵢ, x̂₀ⁱ(x) − x̂₀ⁱ(x_prev)⟩/‖uᵢ‖² ≥ 0 from
+the previous step's residual uᵢ = y_prev − (c_x x_prev + c_0 x̂₀ⁱ(x_prev)); on the first step (and
+where α_s = 0) the forward variance S²(α_t² + σ_t²)/(α_s² + σ_s²). With ``density_variance="forward"``
+that variance on every step. AND's κ is solved here from Δᵢ − Δⱼ = 0: with one variance for all
+models the common k-term cancels and the condition is linear in y (hence in κ), solved as a
+bordered linear system; with one per model it is not, and Newton's method on the Gaussian
+log-densities themselves, with torch.autograd's Jacobian, starts from that linear solution.
 """
 
 from __future__ import annotations
@@ -22,13 +28,35 @@ STEPS = 4
 PROMPTS = ["a red circle", "a blue square"]
 
 
-def gaussian_log_pdf(y: torch.Tensor, mean: torch.Tensor, var: float) -> torch.Tensor:
-    """Row-wise log N(y; mean, var I) of flattened (B, d) float64 tensors."""
+def gaussian_log_pdf(y: torch.Tensor, mean: torch.Tensor, var) -> torch.Tensor:
+    """Row-wise log N(y; mean, var I) of flattened (B, d) float64 tensors; var a number or one per row."""
     d = y.shape[-1]
-    return -((y - mean) ** 2).sum(-1) / (2 * var) - 0.5 * d * math.log(2 * math.pi * var)
+    var = torch.as_tensor(var, dtype=torch.float64)
+    return -((y - mean) ** 2).sum(-1) / (2 * var) - 0.5 * d * torch.log(2 * math.pi * var)
 
 
-def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_weights=None, states=None):
+def equal_density_newton(increments, kappa0: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """κ with Σκ = 1 and equal ``increments(κ)`` (M,), by Newton's method from ``kappa0`` with
+    torch.autograd's Jacobian of the free coordinates κ₁ … κ_{M−1}."""
+    m = kappa0.shape[0]
+
+    def gaps(free: torch.Tensor) -> torch.Tensor:
+        kappa = torch.cat([free, 1 - free.sum(0, keepdim=True)])
+        delta = increments(kappa)
+        return delta[:-1] - delta[-1]
+
+    free = kappa0[:-1].clone()
+    for _ in range(iterations):
+        value = gaps(free)
+        if float(value.abs().max()) < 1e-11:
+            break
+        jac = torch.autograd.functional.jacobian(gaps, free).reshape(m - 1, m - 1)
+        free = free - torch.linalg.solve(jac, value)
+    return torch.cat([free, 1 - free.sum(0, keepdim=True)])
+
+
+def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_weights=None, states=None,
+                   density_variance="tweedie"):
     """Algorithm 1, plainly. ``denoise(x, step, k)`` → x̂₀ of condition k (k = M is the
     unconditional one), ONE network call per condition. ``grid``: [(α, σ)] per time, the last σ = 0.
 
@@ -46,6 +74,7 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
     log_trace, kappa_trace = [log_q], []
     kappa = torch.full((batch, m), 1.0 / m, dtype=torch.float64)
     steps = len(grid) - 1
+    previous = None  # "tweedie": each prompt's x̂₀ⁱ and residual uᵢ of the previous step, (M, B, d)
     for i in range(steps):
         (alpha_s, sigma_s), (alpha_t, sigma_t) = grid[i], grid[i + 1]
         x0 = torch.stack([denoise(x, i, k).reshape(batch, -1).double() for k in range(m)])  # (M, B, d)
@@ -63,6 +92,11 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
         if not final:
             noise = math.sqrt(var) * torch.randn(x.shape, generator=generator).to(x.dtype)  # drawn in float32
             wf = noise.reshape(batch, -1).double()
+            var_k = torch.full((m, batch), var_est, dtype=torch.float64)  # each prompt's estimator variance
+            if density_variance == "tweedie" and previous is not None and alpha_s > 0:
+                prev_x0, prev_u = previous
+                lam = ((prev_u * (x0 - prev_x0)).sum(-1) / (prev_u * prev_u).sum(-1)).clamp_min(0.0)
+                var_k = var + c_0**2 * sigma_s**2 / alpha_s * lam
         if mode == "or":
             kappa = torch.softmax(temperature * log_q + lw, dim=-1)
         elif mode == "average":
@@ -90,6 +124,16 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
                 lhs[m, :m] = 1.0
                 rhs[m] = 1.0
                 kappa[b] = torch.linalg.solve(lhs, rhs)[:m]
+                if not final and not bool((var_k[:, b] == var_k[0, b]).all()):
+
+                    def increments(kap, b=b):
+                        mixed = (kap[:, None] * x0[:, b]).sum(0)
+                        x0_kap = base[b] + scale * (mixed - kap.sum() * base[b]) if w is not None else mixed
+                        y_kap = c_x * xf[b] + c_0 * x0_kap + wf[b]
+                        return torch.stack([gaussian_log_pdf(y_kap, c_x * xf[b] + c_0 * x0[k, b], var_k[k, b])
+                                            for k in range(m)]) - gaussian_log_pdf(xf[b], a * y_kap, s2)
+
+                    kappa[b] = equal_density_newton(increments, kappa[b])
         total = kappa.sum(-1)[:, None]
         if w is not None:
             x0_mix = base + w * ((kappa.T[:, :, None] * x0).sum(0) - total * base)
@@ -103,12 +147,13 @@ def reference_loop(denoise, grid, x, generator, mode, w, temperature=1.0, log_we
             y = c_x * xf + c_0 * x0_mix + wf
             delta = torch.stack(
                 [
-                    gaussian_log_pdf(y, c_x * xf + c_0 * x0[k], var_est) - gaussian_log_pdf(xf, a * y, s2)
+                    gaussian_log_pdf(y, c_x * xf + c_0 * x0[k], var_k[k]) - gaussian_log_pdf(xf, a * y, s2)
                     for k in range(m)
                 ],
                 -1,
             )
             log_q = log_q + delta
+            previous = (x0, y[None] - (c_x * xf[None] + c_0 * x0))
             x = y.to(x.dtype).reshape(x.shape)
             if states is not None:
                 torch.testing.assert_close(x, states[i], rtol=1e-5, atol=1e-5 * (1 + float(x.abs().max())))

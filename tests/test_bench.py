@@ -84,7 +84,13 @@ def test_few_steps_bench_runs_and_reports_every_variant():
     for table in ("err", "ll"):
         values = [v for rows in result[table].values() for row in rows.values() for v in row.values()]
         assert len(values) == 6 * len(result[table]) and all(math.isfinite(v) for v in values), (table, result[table])
-    assert "uniform, posterior/tweedie" in result["err"]
+    assert "uniform, posterior/tweedie (default)" in result["err"]
+    composition = result["composition"]  # --quick: AND's exact gap and OR's share at 25 steps, both variances
+    assert len(composition) == 5 and all(set(row) == {"25"} for rows in composition.values() for row in rows.values())
+    shares = [row["25"] for title, rows in composition.items() if "OR share" in title for row in rows.values()]
+    gaps = [row["25"] for title, rows in composition.items() if "AND exact gap" in title for row in rows.values()]
+    assert len(shares) == len(gaps) == 12 and all(0 < s < 1 for s in shares) and all(g >= 0 for g in gaps)
+    assert all(0.9 <= v["25"] <= 1 for v in composition["AND Newton steps converged, tweedie"].values())
     embedded = result["embedded"]  # --quick: the embedded models at 4 and 8 steps
-    assert len(embedded) == 5 and all(set(row) == {"4", "8"} for row in embedded.values()), embedded
-    assert all(0 <= v <= 1 for v in embedded["shapes AND both-rate (red + circle)"].values())
+    assert len(embedded) == 6 and all(set(row) == {"4", "8"} for row in embedded.values()), embedded
+    assert all(0 <= v <= 1 for title, row in embedded.items() if "both-rate" in title for v in row.values())

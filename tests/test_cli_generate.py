@@ -63,7 +63,6 @@ def test_generate_writes_images_sidecars_grid_and_plot(tiny_model, tmp_path):
         (["--expr", 'or("a", "b")', "--temperature", "2"], "drop --temperature"),
         (["--expr", '"a" | "  "'], "Leaf.name"),
         (["--expr", "0 | 1"], "leaf 0 is a model index, which only a stack of models built in Python takes"),
-        (["--and", "a", "--and", "b", "--density-variance", "tweedie"], "AND's system does not take yet"),
         (["--expr", '"a" * "b"', "--particles", "0"], "--particles"),
         (["--expr", '"a" * "b"', "--particles", "2", "--resample-threshold", "0"], "--resample-threshold"),
     ],
@@ -124,12 +123,12 @@ def test_particles_pick_one_weighted_particle_per_image_and_record_its_weight(ti
 def test_density_variance_reaches_the_sampler_and_the_sidecar(tiny_model, tmp_path):
     common = ["--model", tiny_model, "--or", "a red circle", "--or", "a blue square", "--steps", "5", "--seed", "2",
               "--quiet"]
-    r = invoke("generate", *common, "--out", str(tmp_path / "f"))
+    r = invoke("generate", *common, "--density-variance", "forward", "--out", str(tmp_path / "f"))
     assert r.exit_code == 0, r.output
-    r = invoke("generate", *common, "--density-variance", "tweedie", "--out", str(tmp_path / "t"))
+    r = invoke("generate", *common, "--out", str(tmp_path / "t"))  # the default
     assert r.exit_code == 0, r.output
     forward, tweedie = (json.loads((tmp_path / d / "image_000.json").read_text()) for d in ("f", "t"))
-    assert "density_variance" not in forward and tweedie["density_variance"] == "tweedie"
+    assert forward["density_variance"] == "forward" and tweedie["density_variance"] == "tweedie"
     assert forward["log_density_trace"][1] == tweedie["log_density_trace"][1]  # the first step scores as forward
     assert forward["log_density_trace"][-1] != tweedie["log_density_trace"][-1]
 

@@ -11,6 +11,7 @@ import torch
 from superdiff.density import (
     ito_final_step_system,
     ito_increment_system,
+    ito_increment_system_linearised,
     ito_log_density_increment,
     ode_increment_system,
     ode_log_density_rate,
@@ -106,9 +107,89 @@ def test_the_tweedie_variance_cuts_the_few_step_density_error_with_no_extra_netw
     assert len(calls) == 20
 
 
-def test_the_tweedie_variance_is_refused_with_and_s_system():
-    from superdiff import And, GaussianMixture, MixtureDenoiser, VPLinear, sample_sde
+def _pair(dim: int):
+    """bench/variance.py's random_mixtures: a 3-component mixture with unequal weights and a 2-component one."""
+    from superdiff import GaussianMixture
 
-    models = MixtureDenoiser((GaussianMixture.create([[0.0]], 1.0), GaussianMixture.create([[1.0]], 1.0)), VPLinear())
-    with pytest.raises(ValueError, match="density_variance='tweedie' gives each model its own variance"):
-        sample_sde(models, torch.zeros(2, 1), models.process.time_grid(4), And(), density_variance="tweedie")
+    g = torch.Generator().manual_seed(1)
+    return (GaussianMixture.create(torch.randn(3, dim, generator=g) * 1.5, 0.3, [0.5, 0.3, 0.2]),
+            GaussianMixture.create(torch.randn(2, dim, generator=g) * 1.5, 0.4))
+
+
+@pytest.mark.parametrize("setup, at_50", [("2-D VP", 0.3), ("3-D cosine", 0.3), ("3-D EDM", 0.3), ("3-D flow", 0.3),
+                                          ("8-D VP", 0.45), ("8-D flow", 0.45)])
+def test_the_default_estimator_meets_the_few_step_goal_on_every_process(setup, at_50):
+    """Issue 16's acceptance on exact mixtures, for the default density_variance ("tweedie"): median
+    |tracked − exact| log q of OR ≤ 1 nat at 20 steps and ≤ 0.3 at 50 (the 8-D rows miss 0.3: the README's
+    table states 0.34–0.46 there), falling with the steps, and no worse than the common-variance "forward"
+    at 1000 steps. Measured (seed 0, 256 samples), default at 20 / 50 / 200 / 1000 (forward at 1000): 2-D VP
+    0.30 / 0.15 / 0.06 / 0.026 (0.087); 3-D cosine 0.17 / 0.10 / 0.05 / 0.018 (0.065); 3-D EDM 0.30 / 0.17 /
+    0.07 / 0.032 (0.104); 3-D flow 0.17 / 0.11 / 0.04 / 0.019 (0.070); 8-D VP 0.66 / 0.40 / 0.14 / 0.071
+    (0.345); 8-D flow 0.63 / 0.36 / 0.18 / 0.075 (0.235)."""
+    from superdiff import EDM, MixtureDenoiser, RectifiedFlow, VPCosine, VPLinear
+    from superdiff.toy import figure2_models
+
+    dim, process = {"2-D VP": (2, VPLinear(0.1, 20.0)), "3-D cosine": (3, VPCosine()), "3-D EDM": (3, EDM()),
+                    "3-D flow": (3, RectifiedFlow()), "8-D VP": (8, VPLinear(0.1, 20.0)),
+                    "8-D flow": (8, RectifiedFlow())}[setup]
+    models = MixtureDenoiser(figure2_models().mixtures if dim == 2 else _pair(dim), process)
+    errors = [_or_density_error(models, n, "tweedie") for n in (20, 50, 200, 1000)]
+    assert errors[0] <= 1.0 and errors[1] <= at_50, errors
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+    assert errors[3] <= _or_density_error(models, 1000, "forward"), errors
+
+
+@pytest.mark.parametrize("guidance", [None, 4.0])
+def test_the_per_model_variance_system_is_the_increment_and_its_tangent_at_kappa(guidance):
+    """With one estimator variance per model and sample the increments are quadratic in κ. The linearised
+    system at κ⁰ gives, up to a term common to every model, the estimator's own increments at κ⁰, and its
+    rows are their derivatives: central differences of the increments agree with A's rows."""
+    denoised, unconditional, x, kappa0, g = _inputs()
+    coef = transition_coefficients(0.7, 0.7, 0.8, 0.6)
+    noise = coef.var**0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    var = coef.density_var * (0.5 + torch.rand(denoised.shape[:2], generator=g, dtype=torch.float64))  # (M, B)
+    base, scale = (unconditional, guidance) if guidance else (denoised.mean(0), 1.0)
+
+    def increments(kappa):
+        mix = mix_denoised(denoised, kappa, x, coef.alpha_s, guidance, unconditional if guidance else None)
+        return ito_log_density_increment(denoised, mix, x, noise, coef, var)
+
+    a, b = ito_increment_system_linearised(denoised, base, scale, noise, coef, var, kappa0)
+    residual = increments(kappa0) - ((a @ kappa0[..., None])[..., 0] + b)
+    torch.testing.assert_close(residual, residual[:, :1].expand_as(residual), rtol=0, atol=1e-9)
+    h = 1e-5
+    for j in range(1, kappa0.shape[1]):  # along κ₀ ↔ κⱼ, which keeps Σκ = 1
+        step = torch.zeros_like(kappa0)
+        step[:, 0], step[:, j] = -h, h
+        slope = (increments(kappa0 + step) - increments(kappa0 - step)) / (2 * h)
+        gaps, rows = slope - slope[:, :1], (a[..., j] - a[..., 0]) - (a[:, :1, j] - a[:, :1, 0])
+        torch.testing.assert_close(gaps, rows, rtol=1e-6, atol=1e-6)
+    a_common, _ = ito_increment_system(denoised, base, scale, noise, coef)
+    assert not torch.allclose(a - a.mean(1, keepdim=True), a_common - a_common.mean(1, keepdim=True))
+
+
+def test_and_with_each_models_own_variance_keeps_the_tracked_densities_equal_and_narrows_the_exact_gap():
+    """AND under the default "tweedie" variance: Newton's method on the quadratic equal-density condition keeps
+    every sample's tracked log-densities equal at every step (a sample where it does not converge scores
+    that step with one common variance), and the samples' exact gap |log q₁ − log q₂| at the last tracked
+    time is well below the common-variance estimator's. Measured (seed 0, 256 samples): 8-D VP at 25 steps,
+    median gap 2.91 → 0.71; 3-D VP at 100 steps 0.23 → 0.16."""
+    from superdiff import And, GaussianMixture, MixtureDenoiser, VPLinear, prior_sample, sample_sde
+
+    def exact_gap(models, steps, density_variance):
+        gen = torch.Generator().manual_seed(0)
+        x = prior_sample(models, 256, models.sample_shape, generator=gen, dtype=torch.float64)
+        times = models.process.time_grid(steps)
+        out = sample_sde(models, x, times, And(), generator=gen, density_variance=density_variance)
+        tracked = out.log_density_trace
+        assert float((tracked[..., 0] - tracked[..., 1]).abs().max()) < 1e-9 * (1 + float(tracked.abs().max()))
+        exact = models.log_prob(out.samples, times[-1])
+        return float((exact[:, 0] - exact[:, 1]).abs().median())
+
+    for dim, steps, ratio in ((8, 25, 0.5), (3, 100, 0.8)):
+        g = torch.Generator().manual_seed(1)
+        pair = (GaussianMixture.create(torch.randn(3, dim, generator=g) * 1.5, 0.3, [0.5, 0.3, 0.2]),
+                GaussianMixture.create(torch.randn(2, dim, generator=g) * 1.5, 0.4))
+        models = MixtureDenoiser(pair, VPLinear(0.1, 20.0))
+        forward, tweedie = exact_gap(models, steps, "forward"), exact_gap(models, steps, "tweedie")
+        assert tweedie < ratio * forward, (dim, steps, forward, tweedie)

@@ -104,20 +104,23 @@ def test_every_family_takes_an_expression_and_it_is_the_mode_exactly(family, tmp
     assert out.images.shape[0] == 2 and torch.isfinite(out.log_weights).all() and out.resample_counts.shape == (2,)
 
 
-def test_the_pipelines_take_the_tweedie_density_variance_and_refuse_it_with_and(pipe):
-    """density_variance reaches the sampler: "tweedie" scores OR's steps with each prompt's own variance
-    (the first step as "forward", so the first increment is the same), with the same network calls; AND's
-    system and an unknown name are refused before any network call."""
-    forward = _call(pipe, prompts=PROMPTS, mode="or", num_images_per_prompt=2)
+def test_the_pipelines_default_to_the_tweedie_density_variance_and_take_forward(pipe):
+    """density_variance reaches the sampler: by default ("tweedie") OR's and AND's steps are scored with each
+    prompt's own variance (the first step as "forward", so the first increment is the same), with the same
+    network calls; AND's tracked densities stay equal; an unknown name is refused before any network call."""
+    forward = _call(pipe, prompts=PROMPTS, mode="or", num_images_per_prompt=2, density_variance="forward")
     calls = count_calls(pipe.unet)
-    tweedie = _call(pipe, prompts=PROMPTS, mode="or", num_images_per_prompt=2, density_variance="tweedie")
+    tweedie = _call(pipe, prompts=PROMPTS, mode="or", num_images_per_prompt=2)
     assert len(calls) == STEPS
     assert torch.equal(forward.log_density_trace[1], tweedie.log_density_trace[1])
     assert not torch.allclose(forward.log_density_trace[-1], tweedie.log_density_trace[-1])
     assert torch.isfinite(tweedie.log_density_trace).all()
+    and_forward = _call(pipe, prompts=PROMPTS, mode="and", num_images_per_prompt=2, density_variance="forward")
+    and_tweedie = _call(pipe, prompts=PROMPTS, mode="and", num_images_per_prompt=2)
+    assert not torch.allclose(and_forward.log_density_trace[-1], and_tweedie.log_density_trace[-1])
+    gap = and_tweedie.log_density_trace[..., 0] - and_tweedie.log_density_trace[..., 1]
+    assert float(gap.abs().max()) < 1e-6 * (1 + float(and_tweedie.log_density_trace.abs().max()))
     text_calls = count_calls(pipe.text_encoder)
-    with pytest.raises(ValueError, match="AND's system .* does not take yet"):
-        _call(pipe, prompts=PROMPTS, mode="and", density_variance="tweedie")
     with pytest.raises(ValueError, match="density_variance='exact' is not valid: use one of"):
         _call(pipe, prompts=PROMPTS, mode="or", density_variance="exact")
     assert text_calls == []

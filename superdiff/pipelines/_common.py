@@ -11,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..combine import Combiner, check_combiner, make_combiner
+from ..density import DEFAULT_DENSITY_VARIANCE
 from ..expressions import NODE_TYPES, compile_expression, leaf_names
 from ..particles import check_particles, select_particles
 from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
@@ -152,7 +153,7 @@ class SamplingOptions:
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
     particles: int = 1
     resample_threshold: float = 0.5
-    density_variance: str = "forward"
+    density_variance: str = DEFAULT_DENSITY_VARIANCE
 
     @property
     def guidance(self) -> float | None:
@@ -184,10 +185,6 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
     if options.density_variance not in DENSITY_VARIANCES:
         _fail("density_variance", options.density_variance, f"use one of {DENSITY_VARIANCES} (sample_sde's: "
               "'tweedie' gives each model its own variance, read for free from the steps)")
-    if options.density_variance == "tweedie" and getattr(options.combiner, "needs_system", False):
-        _fail("density_variance", "tweedie", "it gives each model its own variance, which AND's system (one variance "
-              "for all models) does not take yet; use it with mode='or', 'average', 'sum', fixed weights or an "
-              "expression without an And node, or keep density_variance='forward'")
     if options.particles > 1 and options.latents is not None:
         _fail("latents", "<a tensor>", f"latents give one starting point per image, and particles={options.particles} "
               "draws that many per image; pass latents=None (the generator draws them) or particles=1")

@@ -34,6 +34,7 @@ from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..combine import Combiner
+from ..density import DEFAULT_DENSITY_VARIANCE
 from ._common import (
     SamplingOptions,
     SuperDiffMixin,
@@ -205,7 +206,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         expression: Any = None,
         particles: int = 1,
         resample_threshold: float = 0.5,
-        density_variance: str = "forward",
+        density_variance: str = DEFAULT_DENSITY_VARIANCE,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`,
         with SD3's defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros).

@@ -29,6 +29,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..combine import Combiner
+from ..density import DEFAULT_DENSITY_VARIANCE
 from ..sampling import randn
 from ._common import (
     SamplingOptions,
@@ -283,7 +284,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
         expression: Any = None,
         particles: int = 1,
         resample_threshold: float = 0.5,
-        density_variance: str = "forward",
+        density_variance: str = DEFAULT_DENSITY_VARIANCE,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
         ``FluxPipeline``'s arguments and defaults (28 steps, 1024² pixels, T5 length 512); an

@@ -22,6 +22,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..combine import Combiner
+from ..density import DEFAULT_DENSITY_VARIANCE
 from ._common import (
     SamplingOptions,
     SuperDiffMixin,
@@ -212,7 +213,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         expression: Any = None,
         particles: int = 1,
         resample_threshold: float = 0.5,
-        density_variance: str = "forward",
+        density_variance: str = DEFAULT_DENSITY_VARIANCE,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode`` (or ``combiner``).
 

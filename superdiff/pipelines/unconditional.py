@@ -24,6 +24,7 @@ from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
 from ..combine import Combiner
+from ..density import DEFAULT_DENSITY_VARIANCE
 from ..models import stack_denoisers
 from ._common import (
     SamplingOptions,
@@ -239,7 +240,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         expression: Any = None,
         particles: int = 1,
         resample_threshold: float = 0.5,
-        density_variance: str = "forward",
+        density_variance: str = DEFAULT_DENSITY_VARIANCE,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``batch_size`` images from the composition of the models (see
         :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>` for the
