@@ -24,6 +24,10 @@ Composition at few steps (``--composition-steps``, default 25,100,1000; ``--quic
 grid's last time (0 for a perfect AND; the tracked densities are equal by construction), and OR's
 mean exact posterior of model 1, which is 0.5 for samples of the equal mixture.
 
+Where the 8-D remainder comes from (``--oracle-samples``, default 512; ``--quick`` skips it): the 8-D
+rows at 20 and 50 steps with the estimate λ̂, with the exact Jacobian trace in its place, and with each
+model's exact posterior covariance (:func:`oracle_density_error`).
+
 On the embedded models (``--embedded-steps``, default 10,25,50,200; ``--quick`` 4,8; 0 skips): the
 digits OR's Fréchet distance to the held-out test digits (200 samples; ``"forward"`` and
 ``"tweedie"``, the pipelines' ``density_variance``) and the shapes AND both-rate on red + circle (64
@@ -33,6 +37,7 @@ samples, guidance 5, both variances), seed 0.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import torch
@@ -53,6 +58,7 @@ VARIANTS = (
     ("quadratic, forward/forward", "quadratic", "forward", "forward"),
     ("uniform, posterior/tweedie (default)", "uniform", "posterior", "tweedie"),
     ("quadratic, posterior/tweedie", "quadratic", "posterior", "tweedie"),
+    ("uniform, tweedie/tweedie", "uniform", "tweedie", "tweedie"),
 )
 GOAL = {20: 1.0, 50: 0.3}
 
@@ -108,6 +114,46 @@ def composition_accuracy(models: MixtureDenoiser, times: torch.Tensor, density_v
     return float(gap), float(torch.softmax(out["or"], -1)[:, 0].mean()), converged
 
 
+def oracle_density_error(models: MixtureDenoiser, times: torch.Tensor, covariance: str, samples: int) -> float:
+    """OR's median density error when each model's reverse kernel gets its *exact* posterior covariance.
+
+    A diagnosis of ``density_variance="tweedie"``, which uses β̃ + c₀² (σ²/α) λ̂ I with λ̂ a free estimate of
+    tr(∂x̂₀ⁱ/∂x)/d: here ``covariance="exact trace"`` puts the exact trace in its place (what the isotropic
+    form can reach), ``"exact"`` the whole matrix β̃ I + c₀² (σ²/α) sym(∂x̂₀ⁱ/∂x) (exact for the mixtures,
+    by autograd; d Jacobian columns per model and step, so never free on a network). Same loop, noise and
+    start as :func:`density_error` (the sampler's defaults otherwise).
+    """
+    from superdiff.density import transition_coefficients
+    from superdiff.sampling import randn
+
+    g = torch.Generator().manual_seed(0)
+    x = prior_sample(models, samples, models.sample_shape, generator=g, dtype=torch.float64)
+    log_q = models.log_prob(x, times[0])
+    alphas, sigmas = models.process.alpha(times), models.process.sigma(times)
+    d = x.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64)
+    for i in range(times.numel() - 1):
+        c = transition_coefficients(float(alphas[i]), float(sigmas[i]), float(alphas[i + 1]), float(sigmas[i + 1]))
+        denoised = models(x, times[i])  # (M, B, d)
+        mixed = (torch.softmax(log_q, -1).T[:, :, None] * denoised).sum(0)
+        y = c.c_x * x + c.c_0 * mixed + math.sqrt(c.var) * randn(tuple(x.shape), g, x.device, x.dtype)
+        beta_tilde = c.sigma_t**2 * c.S2 / c.sigma_s**2
+        increments = []
+        for k in range(denoised.shape[0]):
+            jac = torch.vmap(torch.func.jacrev(lambda z, k=k, t=times[i]: models(z[None], t)[k, 0]))(x)  # (B, d, d)
+            cov = c.sigma_s**2 / c.alpha_s * 0.5 * (jac + jac.mT)
+            if covariance == "exact trace":
+                cov = torch.diagonal(cov, dim1=1, dim2=2).mean(-1)[:, None, None] * eye
+            kernel = torch.distributions.MultivariateNormal(c.c_x * x + c.c_0 * denoised[k],
+                                                            covariance_matrix=beta_tilde * eye + c.c_0**2 * cov)
+            increments.append(kernel.log_prob(y))
+        backward = x - c.a * y  # log k(x | y), common to the models
+        log_k = -0.5 * (backward * backward).sum(-1) / c.S2 - 0.5 * d * math.log(2 * math.pi * c.S2)
+        log_q = log_q + torch.stack(increments, -1) - log_k[:, None]
+        x = y
+    return float((log_q - models.log_prob(x, times[-1])).abs().median())
+
+
 def expected_log_prob(mixtures) -> float:
     """E_p[log p] of the OR target p = ½(p_A + p_B): equal draws from each model's data."""
     data = torch.cat([m.sample(100_000, torch.Generator().manual_seed(5)) for m in mixtures])
@@ -127,6 +173,8 @@ def main() -> None:
     p.add_argument("--quality-steps", default=None, help="comma-separated step counts for ll (2,12,50)")
     p.add_argument("--composition-steps", default=None,
                    help="comma-separated step counts for AND's exact gap and OR's share (25,100,1000; --quick 25)")
+    p.add_argument("--oracle-samples", type=int, default=None,
+                   help="samples for the exact-covariance diagnosis of the 8-D rows (512; --quick 0: skipped)")
     p.add_argument("--embedded-steps", default=None,
                    help="comma-separated step counts for the embedded models (10,25,50,200; --quick 4,8; 0 skips)")
     args = p.parse_args()
@@ -188,6 +236,23 @@ def main() -> None:
                     composition.setdefault(title, {}).setdefault(name, {})[n] = value
     for title, rows in composition.items():
         print(f"\n{table(title + ' (uniform grid)', rows, composition_steps, '.3f')}", flush=True)
+    oracle_samples = args.oracle_samples if args.oracle_samples is not None else (0 if args.quick else 512)
+    oracle: dict = {}
+    if oracle_samples:
+        for name in (n for n in cases if n.startswith("8-D")):
+            mixtures, process = cases[name]
+            models = MixtureDenoiser(mixtures, process)
+            for n in (n for n in GOAL if n in steps):
+                times = process.time_grid(n)
+                oracle.setdefault(name, {})[n] = {
+                    "tweedie (λ̂, isotropic)": density_error(models, times, "posterior", "tweedie", oracle_samples),
+                    "exact trace, isotropic": oracle_density_error(models, times, "exact trace", oracle_samples),
+                    "exact covariance": oracle_density_error(models, times, "exact", oracle_samples)}
+        lines = [f"\nwhere the 8-D remainder comes from ({oracle_samples} samples, err at 20 / 50 steps):"]
+        for name, row in oracle.items():
+            for kind in next(iter(row.values())):
+                lines.append(f"{name:16s} {kind:26s} " + " / ".join(f"{row[n][kind]:.3f}" for n in row))
+        print("\n".join(lines), flush=True)
     embedded_steps = [int(v) for v in (args.embedded_steps or ("4,8" if args.quick else "10,25,50,200")).split(",")
                       if int(v) > 0]
     embedded = embedded_rows(embedded_steps, 16 if args.quick else 200, 8 if args.quick else 64)
@@ -198,20 +263,21 @@ def main() -> None:
     if args.json:
         print(json.dumps({"benchmark": "few_steps", "machine": machine(), "samples": samples, "steps": steps,
                           "quality_steps": quality_steps, "err": err, "ll": ll, "best": best,
-                          "composition": composition, "composition_steps": composition_steps, "embedded": embedded,
+                          "composition": composition, "composition_steps": composition_steps, "oracle": oracle,
+                          "embedded": embedded,
                           "seconds": seconds}))
 
 
 def embedded_rows(steps: list[int], digit_samples: int, shape_samples: int) -> dict:
     """The embedded models by step count: digits OR Fréchet distance and classes covered for each
     estimator variance, and the shapes AND both-rate."""
+    if not steps:
+        return {}
     from superdiff.pipelines import SuperDiffPipeline
     from superdiff.zoo.digits import frechet_distance, load_digits_split
     from superdiff.zoo.registry import embedded_path, load_digit_classifier, load_digit_pipeline
     from superdiff.zoo.shapes import read_attributes
 
-    if not steps:
-        return {}
     classifier = load_digit_classifier("cpu")
     with torch.no_grad():
         real = classifier.features(load_digits_split().test_images)

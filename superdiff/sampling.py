@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
     DEFAULT_DENSITY_VARIANCE,
+    VARIANCES,
     TransitionCoefficients,
     divergence_exact,
     divergence_hutchinson,
@@ -432,7 +433,13 @@ def sample_sde(
             ``"forward"`` for an expression that corrects (Feynman–Kac): its weights are derived for
             the SDE whose diffusion is g², which β̃ departs from on the last steps of a grid (a
             corrected product of 2-D mixtures kept a standard deviation of 0.252 against the exact
-            0.283 with β̃, and 0.278 with ``"forward"``, at 200 steps).
+            0.283 with β̃, and 0.278 with ``"forward"``, at 200 steps). ``"tweedie"``: per sample,
+            the exact transition's variance to first order, β̃ + c₀² Cov[x₀ | x] with the mixed
+            x̂₀'s Jacobian trace read as ``density_variance="tweedie"`` reads each model's (from the
+            previous step's noise, mixed with the previous κ, so it is known before this step's κ);
+            the first step uses β̃. On exact mixtures its 50-step samples are the closest to the
+            data's log-likelihood on every set-up of ``bench/few_steps.py``, but its 12-step ones
+            are more spread than β̃'s on VE/EDM processes, so it is not the default.
         density_variance: the variance the estimator scores each step with. ``"tweedie"`` (the
             default): each model's own variance per sample, β̃ plus its x̂₀'s posterior covariance
             (Tweedie's second-order identity, isotropic), whose Jacobian trace is read for free from
@@ -468,8 +475,13 @@ def sample_sde(
                  final_denoise=final_denoise)
     if variance is None:
         variance = "forward" if getattr(combiner, "needs_scores", False) else "posterior"
+    for name, value in (("variance", variance), ("density_variance", density_variance)):
+        if value not in (*VARIANCES, "tweedie"):
+            raise ValueError(f"{name}={value!r} is not valid; use one of {(*VARIANCES, 'tweedie')}")
     tweedie = density_variance == "tweedie"
     density_variance = "forward" if tweedie else density_variance  # the first step's, and the fallback's
+    tweedie_step = variance == "tweedie"
+    variance = "posterior" if tweedie_step else variance  # β̃: the first step's, and the base of Tweedie's
     _check_variances(denoiser.process, variance, density_variance)
     check_particles(particles, resample_threshold, x.shape[0])
     steps = times.numel() - 1
@@ -515,6 +527,8 @@ def sample_sde(
     converged_trace: list[Tensor] = []
     # "tweedie": each model's x̂₀ⁱ and residual uᵢ of the previous step, (M, B, d) float64.
     previous: tuple[Tensor, Tensor] | None = None
+    # variance="tweedie": the mixed x̂₀ that drove the previous step, its noise w and κ.
+    previous_step: tuple[Tensor, Tensor, Tensor] | None = None
     for i in tqdm(range(steps), disable=not progress, desc="superdiff"):
         if interrupt is not None and interrupt():
             break
@@ -536,7 +550,17 @@ def sample_sde(
             x = x0_mix = x0_mix64.to(x.dtype)
         else:
             # The Gaussian increment w ~ N(0, V), drawn before κ: AND's κ is solved for this very w (Prop. 6).
-            noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
+            if tweedie_step and previous_step is not None:
+                # The step's own kernel: β̃ + c₀² Cov[x₀ | x] with the mixed x̂₀'s Jacobian read, as the
+                # estimator's, from the last step (mixed with its κ, so it is known before this κ).
+                mixed_now = mix_denoised(denoised64, previous_step[2], x, c.alpha_s, guidance_scale, unconditional64,
+                                         combiner.affine)
+                lam = jacobian_rayleigh_quotient(previous_step[1][None], previous_step[0][None], mixed_now[None])
+                step_var = tweedie_density_variance(c, lam)[0]  # (B,)
+                scale = step_var.sqrt().to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+                noise = scale * randn(tuple(x.shape), generator, x.device, x.dtype)
+            else:
+                noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
             noise64 = noise.to(torch.float64)
             # "tweedie": each model's kernel variance Vᵢ (M, B), from the previous step's residual and this x̂₀.
             density_var = None
@@ -572,6 +596,8 @@ def sample_sde(
             log_q = log_q + ito_log_density_increment(denoised64, x0_mix64, x, noise64, c, density_var, residuals)
             if tweedie:
                 previous = (denoised64, residuals)
+            if tweedie_step:
+                previous_step = (x0_mix64, noise64.reshape(batch, -1), kappa)
             # The step: y = c_x x + c_0 x̂₀ᵐⁱˣ + w, Tweedie's E[x_t | x_s] (Thm. 2's mean) plus the increment.
             x0_mix = x0_mix64.to(x.dtype)
             x = c.c_x * x + c.c_0 * x0_mix + noise
@@ -585,6 +611,8 @@ def sample_sde(
             step_converged = step_converged[anc]
             if previous is not None:
                 previous = (previous[0][:, anc], previous[1][:, anc])
+            if previous_step is not None:
+                previous_step = tuple(v[anc] for v in previous_step)
             node_weights = tuple(w[anc] for w in node_weights)
             ancestors.append(anc)
             ess_trace.append(ess)
