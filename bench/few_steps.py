@@ -26,7 +26,9 @@ mean exact posterior of model 1, which is 0.5 for samples of the equal mixture.
 
 Where the 8-D remainder comes from (``--oracle-samples``, default 512; ``--quick`` skips it): the 8-D
 rows at 20 and 50 steps with the estimate λ̂, with the exact Jacobian trace in its place, and with each
-model's exact posterior covariance (:func:`oracle_density_error`).
+model's exact posterior covariance (:func:`oracle_density_error`); and, at the ``ll`` step counts,
+the samples of moment-matched Gaussian steps with exact κ (:func:`oracle_sample_quality`), the best a
+Gaussian step can do.
 
 On the embedded models (``--embedded-steps``, default 10,25,50,200; ``--quick`` 4,8; 0 skips): the
 digits OR's Fréchet distance to the held-out test digits (200 samples; ``"forward"`` and
@@ -154,6 +156,48 @@ def oracle_density_error(models: MixtureDenoiser, times: torch.Tensor, covarianc
     return float((log_q - models.log_prob(x, times[-1])).abs().median())
 
 
+def oracle_sample_quality(models: MixtureDenoiser, times: torch.Tensor, covariance: str, samples: int,
+                          expected: float) -> float:
+    """``ll`` of OR samples when every step is the moment-matched Gaussian of the exact transition.
+
+    κ from the exact log-densities, the mean Tweedie's E[x_t | x_s] of the OR mixture, the covariance
+    β̃ I + c₀² Cov[x₀ | x_s] with the mixture's exact posterior covariance (``"exact"``, by autograd
+    through x̂₀ and κ) or its trace (``"exact trace"``), the last step onto σ = 0. What no Gaussian step
+    with one network call per step can beat; :func:`sample_quality`'s start and noise.
+    """
+    from superdiff.density import transition_coefficients
+    from superdiff.sampling import randn
+
+    g = torch.Generator().manual_seed(0)
+    x = prior_sample(models, samples, models.sample_shape, generator=g, dtype=torch.float64)
+    alphas, sigmas = models.process.alpha(times), models.process.sigma(times)
+    steps = times.numel() - 1
+
+    def mixed_denoised(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (B, d) → (B, d), exact κ
+        kappa = torch.softmax(models.log_prob(z, t), -1)
+        return (kappa.T[:, :, None] * models(z, t)).sum(0)
+
+    for i in range(steps):
+        last = i == steps - 1
+        c = transition_coefficients(float(alphas[i]), float(sigmas[i]), float(alphas[i + 1]),
+                                    0.0 if last else float(sigmas[i + 1]))
+        mean = mixed_denoised(x, times[i])
+        if last:
+            x = mean
+            break
+        beta_tilde = c.sigma_t**2 * c.S2 / c.sigma_s**2
+        jac = torch.vmap(torch.func.jacrev(lambda z, t=times[i]: mixed_denoised(z[None], t)[0]))(x)
+        cov = beta_tilde * torch.eye(x.shape[-1], dtype=x.dtype) + c.c_0**2 * c.sigma_s**2 / c.alpha_s * 0.5 * (
+            jac + jac.mT)
+        if covariance == "exact trace":
+            cov = torch.diagonal(cov, dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(x.shape[-1], dtype=x.dtype)
+        values, vectors = torch.linalg.eigh(cov)
+        root = vectors * values.clamp_min(0).sqrt()[:, None, :]
+        noise = (root @ randn(tuple(x.shape), g, x.device, x.dtype)[:, :, None])[..., 0]
+        x = c.c_x * x + c.c_0 * mean + noise
+    return float(target_log_prob(models.mixtures, x).mean()) - expected
+
+
 def expected_log_prob(mixtures) -> float:
     """E_p[log p] of the OR target p = ½(p_A + p_B): equal draws from each model's data."""
     data = torch.cat([m.sample(100_000, torch.Generator().manual_seed(5)) for m in mixtures])
@@ -238,6 +282,7 @@ def main() -> None:
         print(f"\n{table(title + ' (uniform grid)', rows, composition_steps, '.3f')}", flush=True)
     oracle_samples = args.oracle_samples if args.oracle_samples is not None else (0 if args.quick else 512)
     oracle: dict = {}
+    oracle_ll: dict = {}
     if oracle_samples:
         for name in (n for n in cases if n.startswith("8-D")):
             mixtures, process = cases[name]
@@ -252,6 +297,17 @@ def main() -> None:
         for name, row in oracle.items():
             for kind in next(iter(row.values())):
                 lines.append(f"{name:16s} {kind:26s} " + " / ".join(f"{row[n][kind]:.3f}" for n in row))
+        for n in quality_steps:  # sample quality of moment-matched Gaussian steps with exact κ
+            for name, (mixtures, process) in cases.items():
+                models = MixtureDenoiser(mixtures, process)
+                oracle_ll.setdefault(name, {})[n] = {
+                    kind: oracle_sample_quality(models, process.time_grid(n), kind, oracle_samples, expected[name])
+                    for kind in ("exact trace", "exact")}
+        lines.append(f"\nll of moment-matched Gaussian steps with exact κ ({oracle_samples} samples; exact trace / "
+                     "exact covariance):")
+        for name, row in oracle_ll.items():
+            lines.append(f"{name:32s} " + "   ".join(f"{n} steps {v['exact trace']:+.2f} / {v['exact']:+.2f}"
+                                                    for n, v in row.items()))
         print("\n".join(lines), flush=True)
     embedded_steps = [int(v) for v in (args.embedded_steps or ("4,8" if args.quick else "10,25,50,200")).split(",")
                       if int(v) > 0]
@@ -264,6 +320,7 @@ def main() -> None:
         print(json.dumps({"benchmark": "few_steps", "machine": machine(), "samples": samples, "steps": steps,
                           "quality_steps": quality_steps, "err": err, "ll": ll, "best": best,
                           "composition": composition, "composition_steps": composition_steps, "oracle": oracle,
+                          "oracle_ll": oracle_ll,
                           "embedded": embedded,
                           "seconds": seconds}))
 

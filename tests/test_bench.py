@@ -104,8 +104,13 @@ def test_few_steps_bench_diagnoses_the_8d_remainder_with_exact_covariances():
            "--composition-steps", "2", "--embedded-steps", "0", "--samples", "64", "--oracle-samples", "64", "--json"]
     proc = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    oracle = json.loads(proc.stdout.strip().splitlines()[-1])["oracle"]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    oracle = result["oracle"]
     assert set(oracle) == {"8-D, VP linear", "8-D, VE"}
+    moment_matched = result["oracle_ll"]  # every set-up, at the ll step count (2)
+    assert len(moment_matched) == 6 and all(set(row["2"]) == {"exact trace", "exact"} and
+                                            all(math.isfinite(v) for v in row["2"].values())
+                                            for row in moment_matched.values())
     for row in oracle.values():
         estimate, trace, exact = row["20"].values()
         assert exact < 0.5 * estimate and exact < trace <= estimate * 1.05, row
