@@ -30,8 +30,9 @@ from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import compile_expression, describe
 
 from .calls import pipeline_call_kwargs
+from .composition import check_items, expression_items
 from .errors import BadInput, handle_errors
-from .generate import check_items, expression_items, generation_settings, parse_log_weights
+from .generate import generation_settings, parse_log_weights
 from .limits import images_problem, model_folder_problem, seed_problem, steps_problem
 from .models import DEFAULT_ITEMS, EMBEDDED, LoadedModel, load_model, model_problem, resolve_device, resolve_dtype
 

@@ -10,10 +10,11 @@ import click
 from superdiff.combine import MODES, make_combiner
 from superdiff.density import DEFAULT_DENSITY_VARIANCE
 from superdiff.expression_syntax import parse_expression
-from superdiff.expressions import UNCONDITIONAL, Node, compile_expression, describe, leaf_names
+from superdiff.expressions import Node, compile_expression, describe
 from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
+from .composition import check_items, expression_items
 from .errors import BadInput, handle_errors
 from .limits import (
     MAX_NUM_IMAGES,
@@ -85,39 +86,6 @@ def collect_expression(
         raise BadInput(f"--expr names the prompts and how to compose them (temperature and weights as node options, "
                        f"e.g. or(\"a\", \"b\")[temperature=2]); drop {', '.join(given)}")
     return parse_expression(expression)
-
-
-def expression_items(node: Node, model: str) -> list[str]:
-    """An expression's leaves as the run's prompts (model names for embedded-digits), checked: names
-    in quotes (a bare index is for stacks built in Python), and the empty prompt only where the
-    model has an unconditional branch."""
-    leaves = leaf_names(node)
-    digits = model == "embedded-digits"
-    what = "model name" if digits else "prompt"
-    for leaf in leaves:
-        if isinstance(leaf, int):
-            example = '"a" | "b"' if digits else '"red" & "circle"'
-            raise BadInput(f"the expression's leaf {leaf} is a model index, which only a stack of models built in "
-                           f"Python takes; write each {what} in quotes, e.g. {example}")
-    if digits and UNCONDITIONAL in leaves:
-        raise BadInput('embedded-digits has no unconditional model for "" (NOT\'s default reference); give NOT a '
-                       'reference among a, b and all, e.g. not("b", "all")')
-    items = [str(leaf) for leaf in leaves]
-    check_items(items, what, allow_empty=not digits)
-    return items
-
-
-def check_items(items: list[str], what: str, allow_empty: bool = False) -> None:
-    """Each prompt (model name) non-empty plain text; how many a mode needs is the combiner's check.
-    ``allow_empty``: an expression's leaves, where the empty prompt is the unconditional model."""
-    for i, p in enumerate(items):
-        if allow_empty and p == UNCONDITIONAL:
-            continue
-        if not p.strip():
-            raise BadInput(f"{what} {i + 1} is empty; every {what} must be a non-empty string")
-        problem = control_character_problem(p, f"{what} {i + 1}")
-        if problem:
-            raise BadInput(problem)
 
 
 def check_unconditional_options(guidance: float | None, negative_prompt: str | None, height: int | None,

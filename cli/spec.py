@@ -28,6 +28,7 @@ from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import ExpressionSyntaxError, parse_expression
 from superdiff.expressions import compile_expression, describe
 
+from .composition import expression_items
 from .errors import BadInput
 from .limits import control_character_problem, images_problem, model_folder_problem, seed_problem, steps_problem
 from .models import EMBEDDED, model_problem
@@ -285,7 +286,6 @@ def parse_expression_row(rec: dict[str, Any], model: Any) -> tuple[list[str], st
     except ExpressionSyntaxError as exc:  # one line per problem: no caret picture
         raise LineError(f"expression {text!r}: {exc.problem} at position {exc.position}; correct it there "
                         '(the syntax is in the README, "Expressions")') from None
-    from .generate import expression_items
 
     try:
         prompts = expression_items(node, model)

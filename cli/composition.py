@@ -1,0 +1,42 @@
+"""What a run composes, checked once for every command (generate, sweep lines, the app): its prompts
+(or embedded model names) and an expression's leaves."""
+
+from __future__ import annotations
+
+from superdiff.expressions import UNCONDITIONAL, Node, leaf_names
+
+from .errors import BadInput
+from .limits import control_character_problem
+
+
+def expression_items(node: Node, model: str) -> list[str]:
+    """An expression's leaves as the run's prompts (model names for embedded-digits), checked: names
+    in quotes (a bare index is for stacks built in Python), and the empty prompt only where the
+    model has an unconditional branch."""
+    leaves = leaf_names(node)
+    digits = model == "embedded-digits"
+    what = "model name" if digits else "prompt"
+    for leaf in leaves:
+        if isinstance(leaf, int):
+            example = '"a" | "b"' if digits else '"red" & "circle"'
+            raise BadInput(f"the expression's leaf {leaf} is a model index, which only a stack of models built in "
+                           f"Python takes; write each {what} in quotes, e.g. {example}")
+    if digits and UNCONDITIONAL in leaves:
+        raise BadInput('embedded-digits has no unconditional model for "" (NOT\'s default reference); give NOT a '
+                       'reference among a, b and all, e.g. not("b", "all")')
+    items = [str(leaf) for leaf in leaves]
+    check_items(items, what, allow_empty=not digits)
+    return items
+
+
+def check_items(items: list[str], what: str, allow_empty: bool = False) -> None:
+    """Each prompt (model name) non-empty plain text; how many a mode needs is the combiner's check.
+    ``allow_empty``: an expression's leaves, where the empty prompt is the unconditional model."""
+    for i, p in enumerate(items):
+        if allow_empty and p == UNCONDITIONAL:
+            continue
+        if not p.strip():
+            raise BadInput(f"{what} {i + 1} is empty; every {what} must be a non-empty string")
+        problem = control_character_problem(p, f"{what} {i + 1}")
+        if problem:
+            raise BadInput(problem)
