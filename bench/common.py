@@ -189,15 +189,18 @@ class _OpCounter(TorchDispatchMode):
         return out
 
 
-def operations_per_step(denoiser, combiner, batch: int, latent: tuple, steps: int, device: str) -> float:
+def operations_per_step(denoiser, combiner, batch: int, latent: tuple, steps: int, device: str,
+                        **sample_kwargs) -> float:
     """Computing tensor operations per sampling step outside the network: a run of 2N steps minus
-    one of N (which cancels the per-run set-up), divided by N, with the network's output cached."""
+    one of N (which cancels the per-run set-up), divided by N, with the network's output cached.
+    ``sample_kwargs`` go to ``sample_sde``."""
     counts = []
     for n in (steps, 2 * steps):
         times = denoiser.process.time_grid(n)
         with torch.inference_mode():
             run = sampling_run(
-                network_free(denoiser, batch, latent, times, device), combiner, batch, latent, times, device
+                network_free(denoiser, batch, latent, times, device), combiner, batch, latent, times, device,
+                **sample_kwargs,
             )
             with _OpCounter() as counter:
                 run()

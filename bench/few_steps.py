@@ -101,7 +101,7 @@ def composition_accuracy(models: MixtureDenoiser, times: torch.Tensor, density_v
                          samples: int) -> tuple[float, float, float]:
     """AND's median exact gap |log q₁ − log q₂|, OR's mean exact posterior of model 1 (0.5 for the
     equal mixture), both at the grid's last time, from the same noise, and the share of AND's
-    (sample, step) pairs whose Newton steps converged (1 with one common variance)."""
+    (sample, step) pairs whose quadratic condition was solved (1 with one common variance)."""
     out = {}
     converged = 1.0
     for name, combiner in (("and", And()), ("or", Or())):
@@ -110,8 +110,8 @@ def composition_accuracy(models: MixtureDenoiser, times: torch.Tensor, density_v
         run = sample_sde(models, x, times, combiner, log_q_init=models.log_prob(x, times[0]), generator=g,
                          density_variance=density_variance)
         out[name] = models.log_prob(run.samples, times[-1])
-        if run.newton_converged is not None:
-            converged = float(run.newton_converged.double().mean())
+        if run.and_converged is not None:
+            converged = float(run.and_converged.double().mean())
     gap = (out["and"][:, 0] - out["and"][:, 1]).abs().median()
     return float(gap), float(torch.softmax(out["or"], -1)[:, 0].mean()), converged
 
@@ -275,7 +275,7 @@ def main() -> None:
                 gap, share, converged = composition_accuracy(models, process.time_grid(n), density_variance, samples)
                 values = {f"AND exact gap, {density_variance}": gap, f"OR share of model 1, {density_variance}": share}
                 if density_variance == "tweedie":
-                    values["AND Newton steps converged, tweedie"] = converged
+                    values["AND quadratic condition solved, tweedie"] = converged
                 for title, value in values.items():
                     composition.setdefault(title, {}).setdefault(name, {})[n] = value
     for title, rows in composition.items():

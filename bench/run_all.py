@@ -76,6 +76,12 @@ ROWS = [
         "tensor operations per step outside the network (views excluded; GPU kernel launches), AND, by M",
         "—",
     ),
+    (
+        "scaling.py",
+        "operations_per_step_forward",
+        "the same with density_variance=\"forward\" (one variance for all models: AND's system stays linear)",
+        "—",
+    ),
 ]
 
 

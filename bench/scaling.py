@@ -11,7 +11,9 @@ measured twice:
   cached output, timed in rounds interleaved with the real runs; the same work on a warm machine.
 
 ``operations_per_step`` counts the tensor operations (views excluded) that work issues per step:
-on a GPU each is a kernel launch, which costs about the same whatever the latent size.
+on a GPU each is a kernel launch, which costs about the same whatever the latent size; with the
+default ``density_variance="tweedie"`` AND solves a quadratic condition, and
+``operations_per_step_forward`` is the same count with the common-variance ``"forward"``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def main() -> None:
     steps = args.steps or (10 if args.quick else 30)
     batch = 1 if args.quick else 2
     repeats = args.repeats or 5
-    per_step, in_place, isolated, operations = {}, {}, {}, {}
+    per_step, in_place, isolated, operations, operations_forward = {}, {}, {}, {}, {}
     for m in (2, 4, 8):
         denoiser, _, latent, params = sd_denoiser(size, m, args.device, dtype)
         times = denoiser.process.time_grid(steps)
@@ -64,6 +66,8 @@ def main() -> None:
         in_place[str(m)] = round(statistics.median(fractions_in_place[1:]), 4)  # [0]: the warm-up run
         isolated[str(m)] = round(median_ratio(timed["combine_only"], timed["full"]) / NETWORK_FREE_RUNS, 4)
         operations[str(m)] = operations_per_step(denoiser, And(), batch, latent, steps, args.device)
+        operations_forward[str(m)] = operations_per_step(denoiser, And(), batch, latent, steps, args.device,
+                                                         density_variance="forward")
     emit(
         {
             "benchmark": "scaling",
@@ -78,6 +82,7 @@ def main() -> None:
             "combiner_fraction_isolated_by_m": isolated,
             "combiner_fraction_isolated": max(isolated.values()),
             "operations_per_step": operations,
+            "operations_per_step_forward": operations_forward,
         },
         args.json,
     )

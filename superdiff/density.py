@@ -52,7 +52,10 @@ __all__ = [
     "jacobian_rayleigh_quotient",
     "tweedie_density_variance",
     "ito_increment_system",
-    "ito_increment_system_linearised",
+    "QuadraticIncrementSystem",
+    "ito_quadratic_increment_system",
+    "StepMoments",
+    "step_moments",
     "ito_final_step_system",
     "ode_log_density_rate",
     "ode_increment_system",
@@ -250,6 +253,25 @@ def ito_log_density_increment(
     return (reverse - forward[None]).transpose(0, 1)
 
 
+@dataclass(frozen=True)
+class StepMoments:
+    """The inner products of one step that AND's systems need, formed once per step (no d-sized work
+    after): ``gram`` (B, M, M) ⟨eᵢ, eⱼ⟩ of the offsets ``eᵢ = x̂₀ⁱ − base``, ``offset_noise`` (B, M)
+    ⟨eᵢ, w⟩, ``noise_norm2`` (B,) ‖w‖², and ``dim`` d, all float64."""
+
+    gram: Tensor
+    offset_noise: Tensor
+    noise_norm2: Tensor
+    dim: int
+
+
+def step_moments(denoised: Tensor, base: Tensor, noise: Tensor) -> StepMoments:
+    """:class:`StepMoments` of a step from each model's x̂₀ⁱ (M, B, *shape), the common ``base`` and the noise w."""
+    e = _offsets(denoised, base)
+    w = noise.reshape(base.shape[0], -1).to(torch.float64)
+    return StepMoments(e @ e.transpose(1, 2), (e @ w[:, :, None])[..., 0], _bdot(w, w), e.shape[-1])
+
+
 def ito_increment_system(
     denoised: Tensor,
     base: Tensor,
@@ -257,6 +279,7 @@ def ito_increment_system(
     noise: Tensor,
     coef: TransitionCoefficients,
     density_var: Tensor | None = None,
+    moments: StepMoments | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The AND system (Eqs. 75–77) for :func:`ito_log_density_increment`.
 
@@ -267,55 +290,80 @@ def ito_increment_system(
 
         Aᵢⱼ = 2 K scale ⟨eᵢ, eⱼ⟩,     bᵢ = c_0/V ⟨eᵢ, w⟩ − K ‖eᵢ‖².
 
-    ``base`` is the unconditional x̂₀ under guidance, else any common point. Returns (A, b) as
-    ((B, M, M), (B, M)) float64, in nats for this step. With one variance per model the increments
-    are quadratic in κ: :func:`ito_increment_system_linearised`.
+    ``base`` is the unconditional x̂₀ under guidance, else any common point; ``moments``: the step's
+    :func:`step_moments`, where the caller has them. Returns (A, b) as ((B, M, M), (B, M)) float64, in
+    nats for this step. With one variance per model the increments are quadratic in κ:
+    :func:`ito_increment_system_linearised`.
     """
-    e = _offsets(denoised, base)
-    w = noise.reshape(base.shape[0], -1).to(torch.float64)
+    mo = step_moments(denoised, base, noise) if moments is None else moments
+    return _common_variance_system(mo, scale, coef, density_var)
+
+
+def _common_variance_system(
+    mo: StepMoments, scale: float, coef: TransitionCoefficients, density_var: Tensor | None
+) -> tuple[Tensor, Tensor]:
     c = coef
-    var = e.new_full((e.shape[0], 1), c.density_var) if density_var is None else density_var.to(torch.float64)[:, None]
+    batch = mo.gram.shape[0]
+    if density_var is None:
+        var = mo.gram.new_full((batch, 1), c.density_var)
+    else:
+        var = density_var.to(torch.float64)[:, None]
     k = c.c_0**2 / (2 * var)  # (B, 1)
-    gram = e @ e.transpose(1, 2)
-    a_mat = 2 * k[..., None] * scale * gram
-    b_vec = c.c_0 / var * (e @ w[:, :, None])[..., 0] - k * torch.diagonal(gram, dim1=1, dim2=2)
+    a_mat = 2 * k[..., None] * scale * mo.gram
+    b_vec = c.c_0 / var * mo.offset_noise - k * torch.diagonal(mo.gram, dim1=1, dim2=2)
     return a_mat, b_vec
 
 
-def ito_increment_system_linearised(
-    denoised: Tensor,
-    base: Tensor,
-    scale: float,
-    noise: Tensor,
-    coef: TransitionCoefficients,
-    density_var: Tensor,
-    kappa: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """AND's system with one estimator variance per model, ``density_var`` (M, B), linearised at ``kappa`` (B, M).
+@dataclass(frozen=True)
+class QuadraticIncrementSystem:
+    """AND's system when every model has its own estimator variance: for Σκ = 1,
 
-    Model i's increment is ``Δᵢ(κ) = −‖uᵢ(κ)‖²/(2Vᵢ) − (d/2) log 2πVᵢ − log k(x | y(κ))`` with the residual
-    ``uᵢ(κ) = c_0 (scale Σⱼ κⱼ eⱼ − eᵢ) + w``. Against the system at one common variance V̄ (the harmonic
-    mean of the Vᵢ per sample, :func:`ito_increment_system`), which is exact for V̄ and whose c(κ) takes
-    the common terms, it differs by ``Eᵢ(κ) = −(δᵢ/2) ‖uᵢ(κ)‖² − (d/2) log(Vᵢ/V̄)`` with
-    ``δᵢ = 1/Vᵢ − 1/V̄``: quadratic in κ, so the equal-density condition is no longer linear. The rows
-    returned are its tangent at κ⁰ = ``kappa``: ``A = A(V̄) + J``, ``b = b(V̄) + E(κ⁰) − J κ⁰`` with
-    ``Jᵢⱼ = −δᵢ c_0 scale ⟨uᵢ(κ⁰), eⱼ⟩``. Solving them is one Newton step on the exact condition; E is
-    exactly quadratic, so a few steps from the common-variance solution converge. Same shapes as
-    :func:`ito_increment_system`.
+        Δᵢ(κ) = Σⱼ Aᵢⱼ κⱼ + bᵢ + rᵢ φ(κ) + c(κ),     φ(κ) = κᵀ Q κ + vᵀ κ,
+
+    one scalar quadratic φ shared by every row, weighted per row by ``row_weights`` r (B, M); A
+    ``increment_matrix`` (B, M, M), b ``increment_offset`` (B, M), Q ``phi_matrix`` (B, M, M), v
+    ``phi_vector`` (B, M). For a fixed value t of φ the system is linear, so a combiner that solves
+    linear systems solves it at t, and t = φ(κ(t)) is one scalar equation
+    (:func:`superdiff.sampling.sample_sde` solves it)."""
+
+    increment_matrix: Tensor
+    increment_offset: Tensor
+    row_weights: Tensor
+    phi_matrix: Tensor
+    phi_vector: Tensor
+
+    def phi(self, kappa: Tensor) -> Tensor:
+        """φ(κ) per sample (B,)."""
+        k = kappa.to(torch.float64)
+        return (k * (self.phi_matrix @ k[:, :, None])[..., 0]).sum(-1) + (self.phi_vector * k).sum(-1)
+
+
+def ito_quadratic_increment_system(
+    moments: StepMoments, scale: float, coef: TransitionCoefficients, density_var: Tensor
+) -> QuadraticIncrementSystem:
+    """:class:`QuadraticIncrementSystem` of :func:`ito_log_density_increment` with ``density_var`` (M, B).
+
+    Model i's increment is ``−‖uᵢ(κ)‖²/(2Vᵢ) − (d/2) log 2πVᵢ − log k(x | y(κ))`` with the residual
+    ``uᵢ(κ) = c_0 (scale Σⱼ κⱼ eⱼ − eᵢ) + w``. Against the system at one common variance V̄ (the
+    harmonic mean of the Vᵢ per sample, :func:`ito_increment_system`), whose c(κ) takes the common
+    terms, it differs by ``−(δᵢ/2) ‖uᵢ(κ)‖² − (d/2) log(Vᵢ/V̄)`` with ``δᵢ = 1/Vᵢ − 1/V̄``, and with the
+    step's :func:`step_moments` (G, h = ⟨e, w⟩, ‖w‖²)
+
+        ‖uᵢ(κ)‖² = φ(κ) − 2 c_0² scale (Gκ)ᵢ + c_0² Gᵢᵢ − 2 c_0 hᵢ + ‖w‖²,
+        φ(κ) = c_0² scale² κᵀGκ + 2 c_0 scale κ·h:
+
+    so ``A = A(V̄) + c_0² scale diag(δ) G``, ``b = b(V̄) − (δ/2)(c_0² diag G − 2 c_0 h + ‖w‖²) − (d/2)
+    log(V/V̄)`` and ``r = −δ/2``. Nothing of the sample's size is touched.
     """
     var = density_var.to(torch.float64).transpose(0, 1)  # (B, M)
     mean_var = 1.0 / (1.0 / var).mean(-1)  # (B,) the harmonic mean V̄
-    a_mat, b_vec = ito_increment_system(denoised, base, scale, noise, coef, mean_var)
-    e = _offsets(denoised, base)  # (B, M, d)
-    w = noise.reshape(base.shape[0], -1).to(torch.float64)
-    k0 = kappa.to(torch.float64)
-    mix_offset = scale * (k0[:, None, :] @ e)[:, 0]  # (B, d): x̂₀ᵐⁱˣ(κ⁰) − base
-    u = coef.c_0 * (mix_offset[:, None] - e) + w[:, None]  # (B, M, d)
+    a_mat, b_vec = _common_variance_system(moments, scale, coef, mean_var)
+    gram, h, c0 = moments.gram, moments.offset_noise, coef.c_0
     delta = 1.0 / var - 1.0 / mean_var[:, None]  # (B, M)
-    d = e.shape[-1]
-    extra = -0.5 * delta * _bdot(u, u) - 0.5 * d * torch.log(var / mean_var[:, None])  # Eᵢ(κ⁰)
-    jac = -(delta * coef.c_0 * scale)[..., None] * (u @ e.transpose(1, 2))  # (B, M, M)
-    return a_mat + jac, b_vec + extra - (jac @ k0[:, :, None])[..., 0]
+    a_mat = a_mat + (c0**2 * scale * delta)[..., None] * gram
+    constant = c0**2 * torch.diagonal(gram, dim1=1, dim2=2) - 2 * c0 * h + moments.noise_norm2[:, None]
+    b_vec = b_vec - 0.5 * delta * constant - 0.5 * moments.dim * torch.log(var / mean_var[:, None])
+    return QuadraticIncrementSystem(a_mat, b_vec, -0.5 * delta, c0**2 * scale**2 * gram, 2 * c0 * scale * h)
 
 
 def ito_final_step_system(denoised: Tensor, base: Tensor, scale: float) -> tuple[Tensor, Tensor]:

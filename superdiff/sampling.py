@@ -23,18 +23,20 @@ from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
     DEFAULT_DENSITY_VARIANCE,
     VARIANCES,
+    QuadraticIncrementSystem,
     TransitionCoefficients,
     divergence_exact,
     divergence_hutchinson,
     divergence_hutchinson_vjp,
     ito_final_step_system,
     ito_increment_system,
-    ito_increment_system_linearised,
     ito_log_density_increment,
+    ito_quadratic_increment_system,
     jacobian_rayleigh_quotient,
     model_residuals,
     ode_increment_system,
     ode_log_density_rate,
+    step_moments,
     transition_coefficients,
     tweedie_density_variance,
 )
@@ -61,9 +63,9 @@ class SamplerOutput:
     one (steps, B, children) tensor per internal node. With resampling, every trace follows each
     final particle's ancestry.
 
-    ``newton_converged`` (steps, B) bool, for AND under ``density_variance="tweedie"``: whether the
-    Newton steps on each step's equal-density condition converged (where not, that step kept the
-    common-variance κ and scored with the common variance); True on steps that need none.
+    ``and_converged`` (steps, B) bool, for AND under ``density_variance="tweedie"``: whether each
+    step's quadratic equal-density condition was solved (where not, that step kept the
+    common-variance κ and scored with the common variance); True on steps that need no solve.
     """
 
     samples: Tensor
@@ -75,7 +77,7 @@ class SamplerOutput:
     ess_trace: Tensor | None = None
     resample_counts: Tensor | None = None
     node_weight_trace: tuple[Tensor, ...] | None = None
-    newton_converged: Tensor | None = None
+    and_converged: Tensor | None = None
 
 
 @dataclass
@@ -90,9 +92,6 @@ class StepInfo:
     kappa: Tensor
     log_q: Tensor
 
-
-#: Newton steps on AND's equal-density condition when every model has its own estimator variance.
-AND_NEWTON_STEPS = 8
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -339,29 +338,51 @@ def _weigh(combiner: Combiner, inputs: CombineInputs) -> tuple[Tensor, Tensor | 
     return combiner(inputs).to(torch.float64), None, ()
 
 
-def _newton_weights(
-    combiner: Combiner,
-    inputs: CombineInputs,
-    start: tuple[Tensor, Tensor | None, tuple[Tensor, ...]],
-    linearised: Callable[[Tensor], tuple[Tensor, Tensor]],
+def _quadratic_system_weights(
+    combiner: Combiner, inputs: CombineInputs, system: QuadraticIncrementSystem
 ) -> tuple[tuple[Tensor, Tensor | None, tuple[Tensor, ...]], Tensor]:
-    """Newton steps on a system that is not linear in κ (AND with one estimator variance per model).
+    """κ for increments ``A κ + b + r φ(κ)`` (:class:`~superdiff.density.QuadraticIncrementSystem`), from
+    a combiner that solves linear systems and never learns which system it was given.
 
-    ``linearised(κ)`` gives the system's tangent at κ; the combiner solves it, which is one Newton step
-    from κ, and never learns which system it was given. Returns the last iterate and, per sample,
-    whether it converged (its last step moved κ by at most 1e-8 of its size). Where the exact
-    condition has no solution near the start (its quadratic terms dominate when κ is large, as on
-    ill-conditioned steps of three similar models) it does not, and the caller falls back.
+    At a fixed value t of φ the system ``(A, b + t r)`` is linear; its solution is affine in t,
+    ``κ(t) = κ₀ + t κ₁``, so ``t = φ(κ(t))`` is the scalar quadratic ``p₂ t² + (p₁ − 1) t + p₀ = 0``, whose
+    root that tends to φ(κ₀) as the variances meet is taken (``t = 2 p₀ / ((1 − p₁) + √((1 − p₁)² −
+    4 p₂ p₀))``). κ at t = 0 and t = 1 come from one call of the combiner on the rows stacked twice; a
+    second call at ``t = φ(κ(t))`` gives the κ, Feynman–Kac term and node weights returned, and checks
+    them: a sample is solved where that call reproduced κ(t) to 1e-8 of its size (a combiner whose
+    solve is not affine in b, such as an AND of mixtures inside an expression, may not) and where the
+    quadratic has a real root (it need not when κ is large on ill-conditioned steps). Nothing here
+    waits for the device.
     """
-    current = start
-    move = torch.full_like(start[0][:, 0], torch.inf)
-    for _ in range(AND_NEWTON_STEPS):
-        a_mat, b_vec = linearised(current[0])
-        step = _weigh(combiner, replace(inputs, increment_matrix=a_mat, increment_offset=b_vec))
-        move = (step[0] - current[0]).norm(dim=-1) / (1.0 + current[0].norm(dim=-1))
-        current = step
-    converged = (move <= 1e-8) & torch.isfinite(current[0]).all(-1)
-    return current, converged
+    batch = system.row_weights.shape[0]
+    stacked = _stacked_inputs(inputs, system.increment_matrix,
+                              torch.cat([system.increment_offset, system.increment_offset + system.row_weights]))
+    both = _weigh(combiner, stacked)[0]
+    k0, k1 = both[:batch], both[batch:] - both[:batch]
+    q = system.phi_matrix
+    p0 = system.phi(k0)
+    p1 = 2 * (k0 * (q @ k1[:, :, None])[..., 0]).sum(-1) + (system.phi_vector * k1).sum(-1)
+    p2 = (k1 * (q @ k1[:, :, None])[..., 0]).sum(-1)
+    discriminant = (1 - p1) ** 2 - 4 * p2 * p0
+    t = 2 * p0 / ((1 - p1) + discriminant.clamp_min(0).sqrt())
+    kappa_t = k0 + t[:, None] * k1
+    offset = system.increment_offset + torch.nan_to_num(system.phi(kappa_t))[:, None] * system.row_weights
+    result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix, increment_offset=offset))
+    move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
+    solved = (discriminant >= 0) & (move <= 1e-8) & torch.isfinite(result[0]).all(-1)
+    return result, solved
+
+
+def _stacked_inputs(inputs: CombineInputs, matrix: Tensor, offsets: Tensor) -> CombineInputs:
+    """``inputs`` for the rows stacked ``offsets.shape[0] // B`` times, each copy with its own offsets:
+    combiners weigh every sample on its own, so one call solves them all."""
+    copies = offsets.shape[0] // inputs.log_q.shape[0]
+
+    def tile(v: Tensor | None) -> Tensor | None:
+        return None if v is None else v.repeat(copies, *([1] * (v.dim() - 1)))
+
+    return replace(inputs, log_q=tile(inputs.log_q), increment_matrix=tile(matrix), increment_offset=offsets,
+                   score_gram=tile(inputs.score_gram))
 
 
 def _where_rows(mask: Tensor, chosen: Tensor, other: Tensor) -> Tensor:
@@ -446,10 +467,10 @@ def sample_sde(
             the previous step's residual and the x̂₀ this step computes anyway
             (:func:`~superdiff.density.tweedie_density_variance`); the first step, and any step
             from α = 0, uses ``"forward"``. 3–10× smaller errors at 20–50 steps
-            (``bench/few_steps.py``). With AND the equal-density condition is then quadratic in κ:
-            :data:`AND_NEWTON_STEPS` Newton steps from the common-variance solution
-            (:func:`~superdiff.density.ito_increment_system_linearised`); a sample where they do
-            not converge keeps that κ and scores the step with one common variance, so the tracked
+            (``bench/few_steps.py``). With AND the equal-density condition is then quadratic in κ
+            (:func:`~superdiff.density.ito_quadratic_increment_system`), solved by three calls of
+            the combiner and one scalar quadratic; a sample where that fails keeps the
+            common-variance κ and scores the step with one common variance, so the tracked
             densities stay equal. ``"forward"``, ``"posterior"``, ``"euler"``: one variance for all
             models (:func:`superdiff.density.reverse_kernel_variance`; ``"forward"`` was the default
             before, the smaller error in 32 of ``bench/variance.py``'s 35 cells).
@@ -571,22 +592,21 @@ def sample_sde(
             if combiner.needs_system:
                 base = _system_base(denoised64, unconditional64, guidance_scale)
                 mean_var = None if density_var is None else 1.0 / (1.0 / density_var).mean(0)
-                system = ito_increment_system(denoised64, *base, noise64, c, mean_var)
+                moments = step_moments(denoised64, base[0], noise64)
+                system = ito_increment_system(denoised64, *base, noise64, c, mean_var, moments)
             # Feynman–Kac corrections (superdiff.expressions) read the models' score Gram and g²dτ ≈ S².
             gram = _score_gram(denoised64, x, c.alpha_s, c.sigma_s) if needs_scores else None
             inputs = CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps, gram, c.S2)
             kappa, fk, node_weights = _weigh(combiner, inputs)
             if combiner.needs_system and density_var is not None:
-                # One variance per model makes the increments quadratic in κ: Newton's method on the exact
-                # condition from the common-variance κ. A sample where it does not converge keeps that κ
-                # and scores this step with the common variance V̄, for which that κ is exact.
-                newton, converged = _newton_weights(
-                    combiner, inputs, (kappa, fk, node_weights),
-                    lambda k: ito_increment_system_linearised(denoised64, *base, noise64, c, density_var, k),
-                )
-                kappa = _where_rows(converged, newton[0], kappa)
-                fk = None if fk is None else _where_rows(converged, newton[1], fk)
-                node_weights = tuple(_where_rows(converged, n, o) for n, o in zip(newton[2], node_weights))
+                # One variance per model makes the increments quadratic in κ (one scalar quadratic shared
+                # by every row). A sample where its solution fails keeps the common-variance κ and scores
+                # this step with the common variance V̄, for which that κ is exact.
+                quadratic = ito_quadratic_increment_system(moments, base[1], c, density_var)
+                solved, converged = _quadratic_system_weights(combiner, inputs, quadratic)
+                kappa = _where_rows(converged, solved[0], kappa)
+                fk = None if fk is None else _where_rows(converged, solved[1], fk)
+                node_weights = tuple(_where_rows(converged, n, o) for n, o in zip(solved[2], node_weights))
                 density_var = torch.where(converged[None], density_var, mean_var[None])
                 step_converged = converged
             # The mixed (and guided) x̂₀: x̂₀ᵘ + w_cfg(Σκⱼx̂₀ʲ − x̂₀ᵘ), or Σκⱼx̂₀ʲ.
@@ -637,7 +657,7 @@ def sample_sde(
         for n, h in zip(nodes, head_n):
             n[: len(ancestors)] = h
         node_trace = list(zip(*nodes)) if nodes else node_trace
-    newton = tweedie and combiner.needs_system  # AND's condition under one variance per model
+    quadratic_and = tweedie and combiner.needs_system  # AND's condition under one variance per model
     kappas = torch.stack(kappa_trace) if kappa_trace else log_q.new_empty(0, batch, plan.num_models)
     node_weight_trace = None
     if isinstance(combiner, CompiledExpression) and node_trace:
@@ -652,7 +672,7 @@ def sample_sde(
         ess_trace=torch.stack(ess_trace) if ess_trace else None,
         resample_counts=resample_counts if particles > 1 else None,
         node_weight_trace=node_weight_trace,
-        newton_converged=torch.stack(converged_trace) if newton and converged_trace else None,
+        and_converged=torch.stack(converged_trace) if quadratic_and and converged_trace else None,
     )
 
 

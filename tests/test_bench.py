@@ -90,7 +90,7 @@ def test_few_steps_bench_runs_and_reports_every_variant():
     shares = [row["25"] for title, rows in composition.items() if "OR share" in title for row in rows.values()]
     gaps = [row["25"] for title, rows in composition.items() if "AND exact gap" in title for row in rows.values()]
     assert len(shares) == len(gaps) == 12 and all(0 < s < 1 for s in shares) and all(g >= 0 for g in gaps)
-    assert all(0.9 <= v["25"] <= 1 for v in composition["AND Newton steps converged, tweedie"].values())
+    assert all(0.9 <= v["25"] <= 1 for v in composition["AND quadratic condition solved, tweedie"].values())
     embedded = result["embedded"]  # --quick: the embedded models at 4 and 8 steps
     assert len(embedded) == 6 and all(set(row) == {"4", "8"} for row in embedded.values()), embedded
     assert all(0 <= v <= 1 for title, row in embedded.items() if "both-rate" in title for v in row.values())
