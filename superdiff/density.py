@@ -302,16 +302,16 @@ def ito_increment_system(
 def _common_variance_system(
     mo: StepMoments, scale: float, coef: TransitionCoefficients, density_var: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    c = coef
-    batch = mo.gram.shape[0]
+    """(A, b) of :func:`ito_increment_system` from the moments: ``A = c_0² scale G / V``,
+    ``b = (c_0 / V)(h − (c_0/2) diag G)``, with V ``coef.density_var`` or one per sample (B,)."""
+    c0 = coef.c_0
+    diagonal = torch.diagonal(mo.gram, dim1=1, dim2=2)
     if density_var is None:
-        var = mo.gram.new_full((batch, 1), c.density_var)
-    else:
-        var = density_var.to(torch.float64)[:, None]
-    k = c.c_0**2 / (2 * var)  # (B, 1)
-    a_mat = 2 * k[..., None] * scale * mo.gram
-    b_vec = c.c_0 / var * mo.offset_noise - k * torch.diagonal(mo.gram, dim1=1, dim2=2)
-    return a_mat, b_vec
+        inverse = 1.0 / coef.density_var
+        return (c0 * c0 * scale * inverse) * mo.gram, (c0 * inverse) * (mo.offset_noise - (0.5 * c0) * diagonal)
+    inverse = (1.0 / density_var.to(torch.float64))[:, None]  # (B, 1)
+    a_mat = (c0 * c0 * scale) * inverse[..., None] * mo.gram
+    return a_mat, inverse * (c0 * mo.offset_noise - (0.5 * c0 * c0) * diagonal)
 
 
 @dataclass(frozen=True)

@@ -330,7 +330,10 @@ def _score_gram(denoised: Tensor, x: Tensor, alpha: float, sigma: float) -> Tens
     return scores @ scores.mT
 
 
-def _weigh(combiner: Combiner, inputs: CombineInputs) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+_Weights = tuple[Tensor, Tensor | None, tuple[Tensor, ...]]  # κ, Feynman–Kac increment, node weights
+
+
+def _weigh(combiner: Combiner, inputs: CombineInputs) -> _Weights:
     """κ, the Feynman–Kac log-weight increment (expressions that correct) and the node weights."""
     if isinstance(combiner, CompiledExpression):
         step = combiner.step(inputs)
@@ -340,48 +343,52 @@ def _weigh(combiner: Combiner, inputs: CombineInputs) -> tuple[Tensor, Tensor | 
 
 def _quadratic_system_weights(
     combiner: Combiner, inputs: CombineInputs, system: QuadraticIncrementSystem
-) -> tuple[tuple[Tensor, Tensor | None, tuple[Tensor, ...]], Tensor]:
+) -> tuple[tuple[_Weights, _Weights], Tensor]:
     """κ for increments ``A κ + b + r φ(κ)`` (:class:`~superdiff.density.QuadraticIncrementSystem`), from
     a combiner that solves linear systems and never learns which system it was given.
 
     At a fixed value t of φ the system ``(A, b + t r)`` is linear; its solution is affine in t,
     ``κ(t) = κ₀ + t κ₁``, so ``t = φ(κ(t))`` is the scalar quadratic ``p₂ t² + (p₁ − 1) t + p₀ = 0``, whose
     root that tends to φ(κ₀) as the variances meet is taken (``t = 2 p₀ / ((1 − p₁) + √((1 − p₁)² −
-    4 p₂ p₀))``). κ at t = 0 and t = 1 come from one call of the combiner on the rows stacked twice; a
-    second call at ``t = φ(κ(t))`` gives the κ, Feynman–Kac term and node weights returned, and checks
-    them: a sample is solved where that call reproduced κ(t) to 1e-8 of its size (a combiner whose
-    solve is not affine in b, such as an AND of mixtures inside an expression, may not) and where the
-    quadratic has a real root (it need not when κ is large on ill-conditioned steps). Nothing here
-    waits for the device.
+    4 p₂ p₀))``). One call of the combiner, on the rows stacked three times, solves ``inputs``' own
+    (common-variance) system and the ones at t = 0 and t = 1; a second call at ``t = φ(κ(t))`` gives the
+    κ, Feynman–Kac term and node weights, and checks them: a sample is solved where that call
+    reproduced κ(t) to 1e-8 of its size (a combiner whose solve is not affine in b, such as an AND of
+    mixtures inside an expression, may not) and where the quadratic has a real root (it need not when
+    κ is large on ill-conditioned steps). Returns ((solved, common-variance) weights, solved mask).
+    Nothing here waits for the device.
     """
     batch = system.row_weights.shape[0]
-    stacked = _stacked_inputs(inputs, system.increment_matrix,
-                              torch.cat([system.increment_offset, system.increment_offset + system.row_weights]))
-    both = _weigh(combiner, stacked)[0]
-    k0, k1 = both[:batch], both[batch:] - both[:batch]
-    q = system.phi_matrix
+    b = system.increment_offset
+    stacked = _stacked_inputs(inputs, torch.cat([inputs.increment_matrix, system.increment_matrix,
+                                                 system.increment_matrix]),
+                              torch.cat([inputs.increment_offset, b, b + system.row_weights]))
+    kappas, fks, nodes = _weigh(combiner, stacked)
+    common = (kappas[:batch], None if fks is None else fks[:batch], tuple(n[:batch] for n in nodes))
+    k0, k1 = kappas[batch:2 * batch], kappas[2 * batch:] - kappas[batch:2 * batch]
+    qk = system.phi_matrix @ torch.stack([k0, k1], -1)  # (B, M, 2): Q κ₀, Q κ₁
     p0 = system.phi(k0)
-    p1 = 2 * (k0 * (q @ k1[:, :, None])[..., 0]).sum(-1) + (system.phi_vector * k1).sum(-1)
-    p2 = (k1 * (q @ k1[:, :, None])[..., 0]).sum(-1)
+    p1 = 2 * (k0 * qk[..., 1]).sum(-1) + (system.phi_vector * k1).sum(-1)
+    p2 = (k1 * qk[..., 1]).sum(-1)
     discriminant = (1 - p1) ** 2 - 4 * p2 * p0
     t = 2 * p0 / ((1 - p1) + discriminant.clamp_min(0).sqrt())
     kappa_t = k0 + t[:, None] * k1
-    offset = system.increment_offset + torch.nan_to_num(system.phi(kappa_t))[:, None] * system.row_weights
+    offset = b + torch.nan_to_num(system.phi(kappa_t))[:, None] * system.row_weights
     result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix, increment_offset=offset))
     move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
     solved = (discriminant >= 0) & (move <= 1e-8) & torch.isfinite(result[0]).all(-1)
-    return result, solved
+    return (result, common), solved
 
 
-def _stacked_inputs(inputs: CombineInputs, matrix: Tensor, offsets: Tensor) -> CombineInputs:
-    """``inputs`` for the rows stacked ``offsets.shape[0] // B`` times, each copy with its own offsets:
-    combiners weigh every sample on its own, so one call solves them all."""
+def _stacked_inputs(inputs: CombineInputs, matrices: Tensor, offsets: Tensor) -> CombineInputs:
+    """``inputs`` for the rows stacked ``offsets.shape[0] // B`` times, each copy with its own system
+    (``matrices``, ``offsets``): combiners weigh every sample on its own, so one call solves them all."""
     copies = offsets.shape[0] // inputs.log_q.shape[0]
 
     def tile(v: Tensor | None) -> Tensor | None:
         return None if v is None else v.repeat(copies, *([1] * (v.dim() - 1)))
 
-    return replace(inputs, log_q=tile(inputs.log_q), increment_matrix=tile(matrix), increment_offset=offsets,
+    return replace(inputs, log_q=tile(inputs.log_q), increment_matrix=matrices, increment_offset=offsets,
                    score_gram=tile(inputs.score_gram))
 
 
@@ -597,18 +604,19 @@ def sample_sde(
             # Feynman–Kac corrections (superdiff.expressions) read the models' score Gram and g²dτ ≈ S².
             gram = _score_gram(denoised64, x, c.alpha_s, c.sigma_s) if needs_scores else None
             inputs = CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps, gram, c.S2)
-            kappa, fk, node_weights = _weigh(combiner, inputs)
             if combiner.needs_system and density_var is not None:
                 # One variance per model makes the increments quadratic in κ (one scalar quadratic shared
                 # by every row). A sample where its solution fails keeps the common-variance κ and scores
                 # this step with the common variance V̄, for which that κ is exact.
                 quadratic = ito_quadratic_increment_system(moments, base[1], c, density_var)
-                solved, converged = _quadratic_system_weights(combiner, inputs, quadratic)
-                kappa = _where_rows(converged, solved[0], kappa)
-                fk = None if fk is None else _where_rows(converged, solved[1], fk)
-                node_weights = tuple(_where_rows(converged, n, o) for n, o in zip(solved[2], node_weights))
+                (solved, common), converged = _quadratic_system_weights(combiner, inputs, quadratic)
+                kappa = _where_rows(converged, solved[0], common[0])
+                fk = None if common[1] is None else _where_rows(converged, solved[1], common[1])
+                node_weights = tuple(_where_rows(converged, n, o) for n, o in zip(solved[2], common[2]))
                 density_var = torch.where(converged[None], density_var, mean_var[None])
                 step_converged = converged
+            else:
+                kappa, fk, node_weights = _weigh(combiner, inputs)
             # The mixed (and guided) x̂₀: x̂₀ᵘ + w_cfg(Σκⱼx̂₀ʲ − x̂₀ᵘ), or Σκⱼx̂₀ʲ.
             x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
             # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
