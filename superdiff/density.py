@@ -19,7 +19,7 @@ clean. Among the variances common to all models the estimator's best is the forw
 the variance-preserving frame ``S² (α_t² + σ_t²)/(α_s² + σ_s²)`` (DDPM's β on VP processes), the
 smaller density error in 32 of the bench's 35 cells; by default it uses each model's own
 (:func:`tweedie_density_variance`, ``bench/few_steps.py``), its exact transition's variance to
-first order, with which AND's condition is quadratic in κ (:func:`ito_increment_system_linearised`).
+first order, with which AND's condition is quadratic in κ (:func:`ito_quadratic_increment_system`).
 
 The estimator is the discrete detailed balance of Eq. 89,
 ``log q_t(y) − log q_s(x) ≈ −log k(x | y) + log r̃ᵢ(y | x)``, which is Theorem 1 discretised:
@@ -293,7 +293,7 @@ def ito_increment_system(
     ``base`` is the unconditional x̂₀ under guidance, else any common point; ``moments``: the step's
     :func:`step_moments`, where the caller has them. Returns (A, b) as ((B, M, M), (B, M)) float64, in
     nats for this step. With one variance per model the increments are quadratic in κ:
-    :func:`ito_increment_system_linearised`.
+    :func:`ito_quadratic_increment_system`.
     """
     mo = step_moments(denoised, base, noise) if moments is None else moments
     return _common_variance_system(mo, scale, coef, density_var)
