@@ -475,8 +475,8 @@ def sample_sde(
             (:func:`~superdiff.density.tweedie_density_variance`); the first step, and any step
             from α = 0, uses ``"forward"``. 3–10× smaller errors at 20–50 steps
             (``bench/few_steps.py``). With AND the equal-density condition is then quadratic in κ
-            (:func:`~superdiff.density.ito_quadratic_increment_system`), solved by three calls of
-            the combiner and one scalar quadratic; a sample where that fails keeps the
+            (:func:`~superdiff.density.ito_quadratic_increment_system`), solved by two calls of
+            the combiner (one on stacked rows) and one scalar quadratic; a sample where that fails keeps the
             common-variance κ and scores the step with one common variance, so the tracked
             densities stay equal. ``"forward"``, ``"posterior"``, ``"euler"``: one variance for all
             models (:func:`superdiff.density.reverse_kernel_variance`; ``"forward"`` was the default
