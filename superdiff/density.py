@@ -324,13 +324,18 @@ class QuadraticIncrementSystem:
     ``increment_matrix`` (B, M, M), b ``increment_offset`` (B, M), Q ``phi_matrix`` (B, M, M), v
     ``phi_vector`` (B, M). For a fixed value t of φ the system is linear, so a combiner that solves
     linear systems solves it at t, and t = φ(κ(t)) is one scalar equation
-    (:func:`superdiff.sampling.sample_sde` solves it)."""
+    (:func:`superdiff.sampling.sample_sde` solves it). ``common_variance`` (B,) is the harmonic mean V̄
+    of the models' variances and ``common_matrix`` / ``common_offset`` the linear system of scoring the
+    step with V̄ for every model (:func:`ito_increment_system`), the fallback where t has no solution."""
 
     increment_matrix: Tensor
     increment_offset: Tensor
     row_weights: Tensor
     phi_matrix: Tensor
     phi_vector: Tensor
+    common_variance: Tensor
+    common_matrix: Tensor
+    common_offset: Tensor
 
     def phi(self, kappa: Tensor) -> Tensor:
         """φ(κ) per sample (B,)."""
@@ -357,13 +362,14 @@ def ito_quadratic_increment_system(
     """
     var = density_var.to(torch.float64).transpose(0, 1)  # (B, M)
     mean_var = 1.0 / (1.0 / var).mean(-1)  # (B,) the harmonic mean V̄
-    a_mat, b_vec = _common_variance_system(moments, scale, coef, mean_var)
+    common_matrix, common_offset = _common_variance_system(moments, scale, coef, mean_var)
     gram, h, c0 = moments.gram, moments.offset_noise, coef.c_0
     delta = 1.0 / var - 1.0 / mean_var[:, None]  # (B, M)
-    a_mat = a_mat + (c0**2 * scale * delta)[..., None] * gram
+    a_mat = common_matrix + (c0**2 * scale * delta)[..., None] * gram
     constant = c0**2 * torch.diagonal(gram, dim1=1, dim2=2) - 2 * c0 * h + moments.noise_norm2[:, None]
-    b_vec = b_vec - 0.5 * delta * constant - 0.5 * moments.dim * torch.log(var / mean_var[:, None])
-    return QuadraticIncrementSystem(a_mat, b_vec, -0.5 * delta, c0**2 * scale**2 * gram, 2 * c0 * scale * h)
+    b_vec = common_offset - 0.5 * delta * constant - 0.5 * moments.dim * torch.log(var / mean_var[:, None])
+    return QuadraticIncrementSystem(a_mat, b_vec, -0.5 * delta, c0**2 * scale**2 * gram, 2 * c0 * scale * h,
+                                    mean_var, common_matrix, common_offset)
 
 
 def ito_final_step_system(denoised: Tensor, base: Tensor, scale: float) -> tuple[Tensor, Tensor]:

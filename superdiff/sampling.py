@@ -553,6 +553,7 @@ def sample_sde(
     log_q_trace = [log_q]
     kappa_trace: list[Tensor] = []
     converged_trace: list[Tensor] = []
+    no_solve_needed = torch.ones(batch, dtype=torch.bool, device=x.device)  # and_converged where no step solves
     # "tweedie": each model's x̂₀ⁱ and residual uᵢ of the previous step, (M, B, d) float64.
     previous: tuple[Tensor, Tensor] | None = None
     # variance="tweedie": the mixed x̂₀ that drove the previous step, its noise w and κ.
@@ -566,7 +567,7 @@ def sample_sde(
         # so Σκᵢx̂₀ⁱ is never formed in fp16/bf16.
         denoised64, unconditional64 = _split(denoiser(x, times[i]).to(torch.float64), plan)
         system = (None, None)
-        step_converged = torch.ones(batch, dtype=torch.bool, device=x.device)
+        step_converged = no_solve_needed
         if c.final:
             # Last step onto σ = 0: deterministic, no density. AND lands equally far from every x̂₀ⁱ,
             # the limit of Prop. 6's condition as the step's noise vanishes.
@@ -598,9 +599,12 @@ def sample_sde(
             # κ: OR's softmax of the tracked log-densities (Algorithm 1), AND's linear system (Eqs. 75–78).
             if combiner.needs_system:
                 base = _system_base(denoised64, unconditional64, guidance_scale)
-                mean_var = None if density_var is None else 1.0 / (1.0 / density_var).mean(0)
                 moments = step_moments(denoised64, base[0], noise64)
-                system = ito_increment_system(denoised64, *base, noise64, c, mean_var, moments)
+                if density_var is None:
+                    system = ito_increment_system(denoised64, *base, noise64, c, moments=moments)
+                else:  # one variance per model: the quadratic system, and the common-variance one beside it
+                    quadratic = ito_quadratic_increment_system(moments, base[1], c, density_var)
+                    system = (quadratic.common_matrix, quadratic.common_offset)
             # Feynman–Kac corrections (superdiff.expressions) read the models' score Gram and g²dτ ≈ S².
             gram = _score_gram(denoised64, x, c.alpha_s, c.sigma_s) if needs_scores else None
             inputs = CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps, gram, c.S2)
@@ -608,12 +612,11 @@ def sample_sde(
                 # One variance per model makes the increments quadratic in κ (one scalar quadratic shared
                 # by every row). A sample where its solution fails keeps the common-variance κ and scores
                 # this step with the common variance V̄, for which that κ is exact.
-                quadratic = ito_quadratic_increment_system(moments, base[1], c, density_var)
                 (solved, common), converged = _quadratic_system_weights(combiner, inputs, quadratic)
                 kappa = _where_rows(converged, solved[0], common[0])
                 fk = None if common[1] is None else _where_rows(converged, solved[1], common[1])
                 node_weights = tuple(_where_rows(converged, n, o) for n, o in zip(solved[2], common[2]))
-                density_var = torch.where(converged[None], density_var, mean_var[None])
+                density_var = torch.where(converged[None], density_var, quadratic.common_variance[None])
                 step_converged = converged
             else:
                 kappa, fk, node_weights = _weigh(combiner, inputs)
