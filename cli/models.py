@@ -12,9 +12,21 @@ import torch
 
 from .errors import BadInput
 
-EMBEDDED = ("embedded-shapes", "embedded-digits")
+EMBEDDED = ("embedded-shapes", "embedded-scenes", "embedded-digits")
+#: The embedded models composed by prompts (SuperDiffPipeline folders); their words are their captions'.
+PROMPTED_EMBEDDED = ("embedded-shapes", "embedded-scenes")
 #: What an embedded model composes when no prompts (model names) are given: known before loading it.
-DEFAULT_ITEMS = {"embedded-shapes": ("red", "circle"), "embedded-digits": ("a", "b")}
+DEFAULT_ITEMS = {"embedded-shapes": ("red", "circle"), "embedded-scenes": ("a red circle", "a yellow square"),
+                 "embedded-digits": ("a", "b")}
+
+
+def caption_words(spec: str) -> tuple[str, ...]:
+    """The words an embedded prompted model's captions use (others its tokenizer would spell letter by letter)."""
+    if spec == "embedded-scenes":
+        from superdiff.zoo.scenes import CAPTION_WORDS
+    else:
+        from superdiff.zoo.tokenizer import CAPTION_WORDS
+    return CAPTION_WORDS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -152,13 +164,13 @@ def model_problem(
     component names embedded-digits lacks, a pipeline class superdiff has no pipeline for, pickle
     weights without ``allow_pickle``, words the embedded shapes model never saw), as "problem; fix";
     None where nothing is known to be wrong."""
-    if spec == "embedded-shapes":
-        from superdiff.zoo.tokenizer import CAPTION_WORDS
-
-        unknown = sorted({w for p in (items or ()) for w in p.lower().split() if w not in CAPTION_WORDS})
+    if spec in PROMPTED_EMBEDDED:
+        words = caption_words(spec)
+        unknown = sorted({w for p in (items or ()) for w in p.lower().split() if w not in words})
         if unknown:  # its tokenizer would spell them letter by letter: prompts it was never trained on
-            return (f"embedded-shapes knows only the words {', '.join(CAPTION_WORDS)}; got {', '.join(unknown)}; "
-                    f"compose those words, e.g. --and red --and circle")
+            example = " ".join(f"--and {p!r}" if " " in p else f"--and {p}" for p in DEFAULT_ITEMS[spec])
+            return (f"{spec} knows only the words {', '.join(words)}; got {', '.join(unknown)}; "
+                    f"compose those words, e.g. {example}")
         return None
     if spec == "embedded-digits":
         unknown = [n for n in (items or ()) if n not in DIGIT_MODELS]
@@ -213,11 +225,11 @@ def load_model(
     problem = model_problem(spec, items, allow_pickle)
     if problem:
         raise BadInput(problem)
-    if spec == "embedded-shapes":
+    if spec in PROMPTED_EMBEDDED:
         from superdiff.pipelines import SuperDiffPipeline
         from superdiff.zoo.registry import embedded_path
 
-        pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=dtype)
+        pipe = SuperDiffPipeline.from_pretrained(embedded_path(spec.removeprefix("embedded-")), dtype=dtype)
         return LoadedModel(spec, pipe.to(device), "prompts", DEFAULT_ITEMS[spec], 5.0)
     if spec == "embedded-digits":
         from superdiff.zoo.registry import load_digit_pipeline
