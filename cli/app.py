@@ -152,8 +152,8 @@ def check_run_request(model: str, composition: Composition, steps: Any, guidance
         problem = problem or (f"particles {particles} weight an expression's Feynman–Kac corrections; write an "
                               "expression (e.g. \"red\" * \"circle\"), or set particles to 1")
     problem = (problem or steps_problem(steps, model, items, option="steps") or seed_problem(seed, option="seed")
-               or images_problem(num_images * particles, None, None, model, items,
-                                 options=("number of images", "height", "width")))
+               or images_problem(num_images, None, None, model, items, options=("number of images", "height", "width"),
+                                 particles=particles, particles_option="particles"))
     if problem:
         raise BadInput(problem)
     # embedded-digits composes unconditional models: no guidance (the form hides the slider).
