@@ -28,6 +28,27 @@ def _fail(argument: str, given: Any, works: str) -> None:
     raise ValueError(f"{argument}={given!r} is not valid: {works}")
 
 
+def unguided_flow_problem(combiner: Any, guidance_fix: str) -> str | None:
+    """Why ``combiner`` cannot run without guidance on a flow model, naming the composition (its
+    expression and degree, or its weights), or None where it can: weights that do not sum to 1 have
+    no denoised form at σ = 1, where flow sampling starts. ``guidance_fix`` says how to guide instead."""
+    if getattr(combiner, "affine", True):
+        return None
+    if hasattr(combiner, "expression") and hasattr(combiner, "degree"):
+        from ..expressions import describe
+
+        name = f"expression {describe(combiner.expression)!r} has degree {combiner.degree:g}"
+    elif getattr(combiner, "weights", None) is not None:
+        weights = tuple(combiner.weights)
+        name = f"combiner's weights {weights} sum to {sum(weights):g}"
+    else:
+        name = f"combiner {combiner!r} has weights that do not sum to 1"
+    return (f"the {name}: without guidance, weights that do not sum to 1 (mode='sum', or an expression whose "
+            "degree is not 1, such as a product of two) have no denoised form at σ = 1, where flow sampling starts; "
+            "use mode 'and', 'or' or 'average' (or an expression of degree 1: an or, a softmin, exponents summing "
+            f"to 1), or {guidance_fix}")
+
+
 def prompts_argument(prompts: Any, prompt: Any) -> Any:
     """``prompts``, or diffusers' name for them, ``prompt`` (a string becomes a one-prompt list)."""
     if prompt is None:
