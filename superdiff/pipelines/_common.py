@@ -15,7 +15,7 @@ from ..density import DEFAULT_DENSITY_VARIANCE
 from ..expressions import NODE_TYPES, compile_expression, leaf_names
 from ..particles import check_particles, select_particles
 from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
-from .denoisers import Schedule
+from .denoisers import Schedule, steps_problem
 from .output import SuperDiffPipelineOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -185,10 +185,12 @@ class SamplingOptions:
         return float(w) if w is not None and w > 1 else None
 
 
-def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt") -> None:
+def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt",
+                  scheduler: Any = None) -> None:
     """The checks of the options that the combiner and the sampler do not make before the first
     network call, with the argument, the value and what works. ``batch_argument`` names the batch
-    size as the caller spelled it (the unconditional pipeline's ``batch_size``)."""
+    size as the caller spelled it (the unconditional pipeline's ``batch_size``); ``scheduler``, the
+    pipeline's, bounds the steps by its training timesteps before any prompt is encoded."""
     guidance_scale, steps, batch = options.guidance_scale, options.num_inference_steps, options.num_images_per_prompt
     # The sampler checks guidance_scale too, but only once the prompts are encoded: this one comes first.
     if guidance_scale is not None and (
@@ -198,6 +200,8 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
               "without guidance, as in diffusers)")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         _fail("num_inference_steps", steps, "use a positive integer, e.g. 50")
+    if scheduler is not None and (problem := steps_problem(scheduler, int(steps))):
+        raise ValueError(problem)
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         _fail(batch_argument, batch, "use a positive integer")
     if options.output_type not in OUTPUT_TYPES:

@@ -130,7 +130,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call:
         the options, the negative prompt, the image size and T5's sequence length (the combiner
         checked itself)."""
-        check_options(options)
+        check_options(options, scheduler=self.scheduler)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name guidance_scale.
         if options.guidance is None and (problem := unguided_flow_problem(

@@ -218,7 +218,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
             _fail("negative_prompt", negative_prompt, f"it is the unconditional branch of true classifier-free "
                   f"guidance, which true_cfg_scale={true_cfg_scale!r} turns off (it runs for true_cfg_scale > 1, as "
                   "in diffusers' FluxPipeline); pass true_cfg_scale above 1 (e.g. 4.0) or no negative_prompt")
-        check_options(options)
+        check_options(options, scheduler=self.scheduler)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name true_cfg_scale.
         if options.guidance is None and (problem := unguided_flow_problem(
