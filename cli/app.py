@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import click
 
+from superdiff._text import escape_invisible
 from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.density import DEFAULT_DENSITY_VARIANCE
 from superdiff.expression_syntax import parse_expression
@@ -324,7 +325,7 @@ class Studio:
                 yield {"status": f"Error: {exc.message}"}
                 return
             except ValueError as exc:
-                yield {"status": f"Error: {exc}"}
+                yield {"status": f"Error: {escape_invisible(str(exc), keep=chr(10))}"}
                 return
             if stop.is_set():
                 yield {"status": "Stopped before it started."}
@@ -444,8 +445,8 @@ def failure_text(error: BaseException) -> str:
     if isinstance(error, click.UsageError):
         return error.message
     if isinstance(error, ValueError):
-        return str(error)
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return escape_invisible(str(error), keep="\n")
+    text = escape_invisible(str(error).strip().splitlines()[0]) if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

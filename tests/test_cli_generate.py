@@ -373,6 +373,7 @@ def no_loading(monkeypatch):
             "--negative-prompt 'purple blob': embedded-shapes knows only the words",
         ),
         (["--negative-prompt", "blue\x07"], r"holds the control character '\x07'"),
+        (["--and", "red\u200b", "--and", "circle"], r"got red\u200b;"),  # a zero-width space, shown escaped
         (  # the cap names the option that made the batch too large
             ["--expr", '"red" * "circle"', "--particles", "25000"],
             "--num-images 4 x --particles 25000 is 100000 samples in one batch, more than 1024; use --particles 256",
