@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..combine import Combiner
-from ..density import DEFAULT_DENSITY_VARIANCE
+from ..options import SamplerOptions
 from ..sampling import randn
 from ._common import (
     SamplingOptions,
@@ -283,9 +283,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         combiner: Combiner | None = None,
         expression: Any = None,
-        particles: int = 1,
-        resample_threshold: float = 0.5,
-        density_variance: str = DEFAULT_DENSITY_VARIANCE,
+        **sampler_options: Any,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
         ``FluxPipeline``'s arguments and defaults (28 steps, 1024² pixels, T5 length 512); an
@@ -314,8 +312,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
                                                 "prompts", default_mode="and")
         m = len(prompts)
         options = SamplingOptions(
-            combiner=combiner, particles=particles, resample_threshold=resample_threshold,
-            density_variance=density_variance,
+            combiner=combiner, sampler=SamplerOptions.from_kwargs(**sampler_options),
             num_inference_steps=num_inference_steps, guidance_scale=true_cfg_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
             return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,
