@@ -164,21 +164,10 @@ def model_problem(
     component names embedded-digits lacks, a pipeline class superdiff has no pipeline for, pickle
     weights without ``allow_pickle``, words the embedded shapes model never saw), as "problem; fix";
     None where nothing is known to be wrong."""
-    if spec in PROMPTED_EMBEDDED:
-        words = caption_words(spec)
-        unknown = sorted({w for p in (items or ()) for w in p.lower().split() if w not in words})
-        if unknown:  # its tokenizer would spell them letter by letter: prompts it was never trained on
-            example = " ".join(f"--and {p!r}" if " " in p else f"--and {p}" for p in DEFAULT_ITEMS[spec])
-            return (f"{spec} knows only the words {', '.join(words)}; got {', '.join(unknown)}; "
-                    f"compose those words, e.g. {example}")
-        return None
-    if spec == "embedded-digits":
-        unknown = [n for n in (items or ()) if n not in DIGIT_MODELS]
-        if unknown:
-            return (
-                f"embedded-digits composes the models a (digits 0-4), b (5-9) and all; got {unknown}; use a, b or all"
-            )
-        return None
+    if spec in EMBEDDED:
+        from .composition import vocabulary_problem
+
+        return vocabulary_problem(spec, items or ())
     path = Path(spec).expanduser()
     if looks_local(spec) and not path.is_dir():
         return (f"{option} {spec!r}: no such folder; pass a diffusers model folder (with model_index.json or unet/), "
