@@ -164,6 +164,24 @@ class SamplingOptions:
         return float(w) if w is not None and w > 1 else None
 
 
+#: The sampler's options a pipeline call takes as keyword arguments (forwarded into :class:`SamplingOptions`).
+SAMPLER_OPTION_NAMES = ("particles", "resample_threshold", "density_variance")
+
+
+def resolve_sampler_options(options: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The sampler's options of a call: the keyword arguments ``given`` (``TypeError`` naming any that is
+    not one, as Python names an unexpected keyword), over ``options`` (a mapping of them) where given."""
+    unknown = sorted(set(given) - set(SAMPLER_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}; the sampling options are "
+                        f"{list(SAMPLER_OPTION_NAMES)}, besides the pipeline's own arguments")
+    if options is None:
+        return dict(given)
+    if not isinstance(options, dict):
+        _fail("options", options, f"pass a dict of the sampling options {list(SAMPLER_OPTION_NAMES)}, or None")
+    return resolve_sampler_options(None, options) | given
+
+
 def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt") -> None:
     """The checks of the options that the combiner and the sampler do not make before the first
     network call, with the argument, the value and what works. ``batch_argument`` names the batch
