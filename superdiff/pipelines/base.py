@@ -27,6 +27,7 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from ..combine import Combiner
+from ..options import SamplerOptions
 from ._common import (
     SamplingOptions,
     SuperDiffMixin,
@@ -290,7 +291,7 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         combiner: Combiner | None = None,
         expression: Any = None,
-        options: Any = None,
+        options: SamplerOptions | None = None,
         **sampler_options: Any,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode`` (or ``combiner``,
@@ -321,8 +322,9 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
         ``prepare_latents`` scales user latents (so a call with ``latents=z`` equals one whose
         generator drew z). The generator then drives only the steps' noise. ``prompt_embeds`` and
         the other precomputed embeddings are refused by name.
-        The sampling options (``particles``, ``resample_threshold``, ``density_variance``, ...: see
-        :func:`~._common.resolve_sampler_options`) are keyword arguments, or ``options=`` whole.
+        The sampling options (the fields of :class:`superdiff.options.SamplerOptions`: ``particles``,
+        ``resample_threshold``, ``variance``, ``density_variance``, ...) are keyword arguments, or
+        ``options=SamplerOptions(...)`` whole (keyword arguments then replace its fields).
         Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
         """
         arguments = dict(locals())
@@ -342,7 +344,7 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
                                                 temperature, log_weights, "prompts", default_mode="and")
         cfg = {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale}[self.cfg_argument]
         sampling = SamplingOptions(combiner=combiner, guidance_scale=cfg, **arguments,
-                                   **resolve_sampler_options(options, sampler_options))
+                                   sampler=resolve_sampler_options(options, sampler_options))
         return self._run(PipelineCall(sampling, list(prompts), negative_prompt, height, width, guidance_scale,
                                       true_cfg_scale, max_sequence_length))
 

@@ -23,6 +23,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from ..combine import Combiner
 from ..models import stack_denoisers
+from ..options import SamplerOptions
 from ._common import (
     SamplingOptions,
     _fail,
@@ -172,7 +173,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffLoop):
         guidance_scale: Any = None,
         combiner: Combiner | None = None,
         expression: Any = None,
-        options: Any = None,
+        options: SamplerOptions | None = None,
         **sampler_options: Any,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``batch_size`` images from the composition of the models (see
@@ -205,7 +206,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffLoop):
             generator=generator, latents=latents, output_type=output_type, return_dict=return_dict,
             progress=progress, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            **resolve_sampler_options(options, sampler_options),
+            sampler=resolve_sampler_options(options, sampler_options),
         )
         return self._run(PipelineCall(sampling, batch_argument=batch_argument))
 
