@@ -24,8 +24,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from options_values import other_value
 from superdiff.options import SamplerOptions, option_fields
-from test_options import other_value
 
 CORRECTED = '"red" * "circle"'  # an expression that corrects: particles > 1 apply to it
 
@@ -124,16 +124,27 @@ def check_sweep(monkeypatch, tmp_path: Path, cls=SamplerOptions) -> None:
         assert recorder.calls[-1][name] == default, name
 
 
+class FakeGradio:
+    """gradio's component constructors, recording (kind, keyword arguments) instead of building."""
+
+    def __getattr__(self, kind: str):
+        return lambda *args, **kwargs: (kind, dict(kwargs, args=args))
+
+
 def check_app(monkeypatch, tmp_path: Path, cls=SamplerOptions) -> None:
     """Each field is a field of the app's form (a component with the field's name as elem_id); its
     value reaches the pipeline call and the files the run writes."""
-    gradio = pytest.importorskip("gradio")
     import superdiff_cli.output as output
     from superdiff_cli.app import Studio, app_fields
     from superdiff_cli.models import LoadedModel
 
-    components = app_fields(gradio)
+    components = app_fields(FakeGradio())  # the real gradio builds them in test_app.py's browser tests
     assert set(components) == {f.name for f, _ in option_fields(cls)}
+    for f, spec in option_fields(cls):
+        kind, kwargs = components[f.name]
+        assert kwargs["elem_id"] == f.name.replace("_", "-") and kwargs["info"] == spec.help
+        expected = "Dropdown" if spec.choices else "Checkbox" if spec.kind is bool else ("Slider", "Number")
+        assert kind in expected, (f.name, kind)
     recorder = Recorder()
     loaded = LoadedModel("embedded-shapes", recorder, "prompts", ("red", "circle"), 5.0)
     studio = Studio("embedded-shapes", loaded, torch.float32, "cpu", tmp_path / "app")

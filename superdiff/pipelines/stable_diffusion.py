@@ -237,6 +237,10 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         ``prepare_latents`` scales user latents (so z is standard normal noise, and a call with
         ``latents=z`` equals one whose generator drew z). The generator then drives only the
         steps' noise. ``prompt_embeds`` and the other precomputed embeddings are refused by name.
+        ``**sampler_options``: the sampling options (:class:`superdiff.options.SamplerOptions`:
+        ``particles``, ``resample_threshold``, ``variance``, ``density_variance``, ``time_grid``,
+        ``final_denoise``) as keyword arguments, or ``options=SamplerOptions(...)`` whole; each is
+        checked when the call starts, and ``particles`` above 1 needs an ``expression`` that corrects.
         Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
         """
         # 1. Check inputs: the prompts, the one combiner of the call, then the options
