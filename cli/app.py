@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import click
 
+from superdiff._text import escape_invisible
 from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import compile_expression, describe
@@ -156,8 +157,8 @@ def check_run_request(model: str, composition: Composition, steps: Any, guidance
     if num_images < 1:
         problem = problem or f"number of images {num_images} must be at least 1"
     problem = (problem or steps_problem(steps, model, items, option="steps") or seed_problem(seed, option="seed")
-               or images_problem(num_images * particles, None, None, model, items,
-                                 options=("number of images", "height", "width")))
+               or images_problem(num_images, None, None, model, items, options=("number of images", "height", "width"),
+                                 particles=particles, particles_option="particles"))
     if problem:
         raise BadInput(problem)
     # embedded-digits composes unconditional models: no guidance (the form hides the slider).
@@ -330,7 +331,7 @@ class Studio:
                 yield {"status": f"Error: {exc.message}"}
                 return
             except ValueError as exc:
-                yield {"status": f"Error: {exc}"}
+                yield {"status": f"Error: {escape_invisible(str(exc), keep=chr(10))}"}
                 return
             if stop.is_set():
                 yield {"status": "Stopped before it started."}
@@ -448,8 +449,8 @@ def failure_text(error: BaseException) -> str:
     if isinstance(error, click.UsageError):
         return error.message
     if isinstance(error, ValueError):
-        return str(error)
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return escape_invisible(str(error), keep="\n")
+    text = escape_invisible(str(error).strip().splitlines()[0]) if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

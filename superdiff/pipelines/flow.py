@@ -38,7 +38,6 @@ from ..options import SamplerOptions
 from ._common import (
     SamplingOptions,
     SuperDiffMixin,
-    _fail,
     check_latents,
     check_options,
     check_text_inputs,
@@ -48,6 +47,7 @@ from ._common import (
     prompts_argument,
     refuse_embeddings,
     resolve_composition,
+    unguided_flow_problem,
 )
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
@@ -130,14 +130,13 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call:
         the options, the negative prompt, the image size and T5's sequence length (the combiner
         checked itself)."""
-        check_options(options)
+        check_options(options, scheduler=self.scheduler)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name guidance_scale.
-        if options.guidance is None and not getattr(options.combiner, "affine", True):
-            _fail("guidance_scale", options.guidance_scale, "weights that do not sum to 1 (mode='sum', or an "
-                  "expression whose degree is not 1, such as a product of two) have no denoised form at σ = 1, where "
-                  "flow sampling starts; pass a guidance_scale above 1 (e.g. 7.0) or use mode 'and', 'or' or "
-                  "'average' (or an expression of degree 1: an or, a softmin, exponents summing to 1)")
+        if options.guidance is None and (problem := unguided_flow_problem(
+            options.combiner, f"guide it: guidance_scale above 1 (e.g. 7.0; it is {options.guidance_scale!r})",
+        )):
+            raise ValueError(problem)
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
             raise ValueError(
                 f"max_sequence_length={max_sequence_length!r} is not valid: use an integer in 1..512 (SD3 uses 256)"

@@ -153,7 +153,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
     def check_inputs(self, negative_prompt: Any, height: Any, width: Any, options: SamplingOptions) -> None:
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call:
         the options, the negative prompt and the image size (the combiner checked itself)."""
-        check_options(options)
+        check_options(options, scheduler=self.scheduler)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
 
     @torch.no_grad()

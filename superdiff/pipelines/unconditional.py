@@ -214,7 +214,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         the models' compatibility and the options (the combiner checked itself). ``batch_argument``
         names the batch size as the caller passed it (``batch_size`` or ``num_images_per_prompt``)."""
         self.check_models()
-        check_options(options, batch_argument)
+        check_options(options, batch_argument, self.scheduler)
 
     @torch.no_grad()
     def __call__(
