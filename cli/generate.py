@@ -123,17 +123,21 @@ def check_true_cfg(true_cfg_scale: float | None, model: str) -> None:
         index = model_index(model)
         name = pipeline_class_name(index.get("_class_name") if index else None)
     if name != "SuperDiffFluxPipeline":
+        guidance = ("it composes unconditional models, which take no guidance" if model == "embedded-digits"
+                    else "--guidance is this model's classifier-free guidance")
         raise BadInput(f"--true-cfg-scale applies to FLUX.1 models (a FluxPipeline folder), and {model} runs on "
-                       f"{name}; drop it (--guidance is this model's classifier-free guidance)")
+                       f"{name}; drop it ({guidance})")
 
 
 def check_limits(
-    model: str, items: list[str], steps: int, num_images: int, height: int | None, width: int | None
+    model: str, items: list[str], steps: int, num_images: int, height: int | None, width: int | None,
+    particles: int = 1,
 ) -> None:
     """The ranges that depend on the model, read from its config files without loading it: steps up
-    to the scheduler's training timesteps, and one batch of images within the caps of cli/limits.py."""
+    to the scheduler's training timesteps, and one batch of images (× particles) within the caps of
+    cli/limits.py."""
     problem = steps_problem(steps, model, items or None) or images_problem(
-        num_images, height, width, model, items or None
+        num_images, height, width, model, items or None, particles=particles
     )
     if problem:
         raise BadInput(problem)
@@ -281,7 +285,7 @@ def generate(
     if problem:
         raise BadInput(problem)
     check_true_cfg(true_cfg_scale, model)
-    check_limits(model, items, steps, num_images * options.particles, height, width)
+    check_limits(model, items, steps, num_images, height, width, options.particles)
     if plot:
         try:
             require_matplotlib()

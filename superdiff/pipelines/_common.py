@@ -15,7 +15,7 @@ from ..expressions import NODE_TYPES, compile_expression, leaf_names
 from ..options import DENSITY_VARIANCES, SamplerOptions, check_particles_apply  # noqa: F401 (the old name)
 from ..particles import select_particles
 from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
-from .denoisers import Schedule
+from .denoisers import Schedule, steps_problem
 from .output import SuperDiffPipelineOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -26,6 +26,27 @@ CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "kappa", "log_densities")
 
 def _fail(argument: str, given: Any, works: str) -> None:
     raise ValueError(f"{argument}={given!r} is not valid: {works}")
+
+
+def unguided_flow_problem(combiner: Any, guidance_fix: str) -> str | None:
+    """Why ``combiner`` cannot run without guidance on a flow model, naming the composition (its
+    expression and degree, or its weights), or None where it can: weights that do not sum to 1 have
+    no denoised form at σ = 1, where flow sampling starts. ``guidance_fix`` says how to guide instead."""
+    if getattr(combiner, "affine", True):
+        return None
+    if hasattr(combiner, "expression") and hasattr(combiner, "degree"):
+        from ..expressions import describe
+
+        name = f"expression {describe(combiner.expression)!r} has degree {combiner.degree:g}"
+    elif getattr(combiner, "weights", None) is not None:
+        weights = tuple(combiner.weights)
+        name = f"combiner's weights {weights} sum to {sum(weights):g}"
+    else:
+        name = f"combiner {combiner!r} has weights that do not sum to 1"
+    return (f"the {name}: without guidance, weights that do not sum to 1 (mode='sum', or an expression whose "
+            "degree is not 1, such as a product of two) have no denoised form at σ = 1, where flow sampling starts; "
+            "use mode 'and', 'or' or 'average' (or an expression of degree 1: an or, a softmin, exponents summing "
+            f"to 1), or {guidance_fix}")
 
 
 def prompts_argument(prompts: Any, prompt: Any) -> Any:
@@ -172,22 +193,12 @@ class SamplingOptions:
         return float(w) if w is not None and w > 1 else None
 
 
-def resolve_sampler_options(options: Any, given: dict[str, Any]) -> SamplerOptions:
-    """The sampling options of a call: ``options`` (a :class:`~superdiff.options.SamplerOptions`, or None
-    for the defaults) with the keyword arguments ``given`` over it; an unknown name is a ``TypeError``
-    naming the nearest known one, a bad value a ``ValueError`` from the field's own check."""
-    if options is None:
-        return SamplerOptions.from_kwargs(**given)
-    if not isinstance(options, SamplerOptions):
-        _fail("options", options, "pass a superdiff.options.SamplerOptions (e.g. SamplerOptions(particles=4)), or "
-              "None; or the sampling options as keyword arguments")
-    return options.replace(**given) if given else options
-
-
-def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt") -> None:
+def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt",
+                  scheduler: Any = None) -> None:
     """The checks of the options that the combiner and the sampler do not make before the first
     network call, with the argument, the value and what works. ``batch_argument`` names the batch
-    size as the caller spelled it (the unconditional pipeline's ``batch_size``)."""
+    size as the caller spelled it (the unconditional pipeline's ``batch_size``); ``scheduler``, the
+    pipeline's, bounds the steps by its training timesteps before any prompt is encoded."""
     guidance_scale, steps, batch = options.guidance_scale, options.num_inference_steps, options.num_images_per_prompt
     # The sampler checks guidance_scale too, but only once the prompts are encoded: this one comes first.
     if guidance_scale is not None and (
@@ -197,6 +208,8 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
               "without guidance, as in diffusers)")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         _fail("num_inference_steps", steps, "use a positive integer, e.g. 50")
+    if scheduler is not None and (problem := steps_problem(scheduler, int(steps))):
+        raise ValueError(problem)
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         _fail(batch_argument, batch, "use a positive integer")
     if options.output_type not in OUTPUT_TYPES:

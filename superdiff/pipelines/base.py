@@ -40,7 +40,6 @@ from ._common import (
     prompts_argument,
     refuse_embeddings,
     resolve_composition,
-    resolve_sampler_options,
 )
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .loading import PIPELINE_CLASS_NAMES, check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
@@ -230,7 +229,7 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
 
     def check_inputs(self, call: PipelineCall) -> None:
         """The options, the negative prompt and the image size (the combiner checked itself)."""
-        check_options(call.options)
+        check_options(call.options, scheduler=self.scheduler)
         check_text_inputs(call.negative_prompt, call.height, call.width, self.size_multiple, call.options)
 
     # ------------------------------------------------------------------------------------------------
@@ -344,7 +343,7 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
                                                 temperature, log_weights, "prompts", default_mode="and")
         cfg = {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale}[self.cfg_argument]
         sampling = SamplingOptions(combiner=combiner, guidance_scale=cfg, **arguments,
-                                   sampler=resolve_sampler_options(options, sampler_options))
+                                   sampler=SamplerOptions.from_kwargs(options, **sampler_options))
         return self._run(PipelineCall(sampling, list(prompts), negative_prompt, height, width, guidance_scale,
                                       true_cfg_scale, max_sequence_length))
 

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ._common import _fail
+from ._common import _fail, unguided_flow_problem
 from .base import PipelineCall, SuperDiffBasePipeline, clip_states, tokenize
 from .denoisers import Schedule, schedule_from_scheduler
 
@@ -41,15 +41,12 @@ def _calculate_shift(image_seq_len: int, config: Any) -> float:
     return image_seq_len * m + base_shift - m * base_len
 
 
-def check_flow_inputs(call: PipelineCall, argument: str, remedy: str, lengths: str) -> None:
-    """What flow sampling adds to the checks: unguided weights that sum to 1 (``argument`` names the
-    guidance weight, ``remedy`` how to turn it on), and T5's ``max_sequence_length`` (``lengths``: the
-    family's usual ones). The sampler refuses the weights too, but only after the prompts are encoded."""
-    if call.options.guidance is None and not getattr(call.options.combiner, "affine", True):
-        _fail(argument, getattr(call, argument), "weights that do not sum to 1 (mode='sum', or an expression whose "
-              "degree is not 1, such as a product of two) have no denoised form at σ = 1, where flow sampling "
-              f"starts; pass {remedy}, or use mode 'and', 'or' or 'average' (or an expression of degree 1: an or, a "
-              "softmin, exponents summing to 1)")
+def check_flow_inputs(call: PipelineCall, guidance_fix: str, lengths: str) -> None:
+    """What flow sampling adds to the checks: unguided weights that sum to 1 (``guidance_fix``: how to
+    guide instead; the sampler refuses them too, but only after the prompts are encoded), and T5's
+    ``max_sequence_length`` (``lengths``: the family's usual ones)."""
+    if call.options.guidance is None and (problem := unguided_flow_problem(call.options.combiner, guidance_fix)):
+        raise ValueError(problem)
     n = call.max_sequence_length
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 512:
         _fail("max_sequence_length", n, f"use an integer in 1..512 ({lengths})")
@@ -100,7 +97,8 @@ class SuperDiffFlowPipeline(SuperDiffBasePipeline):
 
     def check_inputs(self, call: PipelineCall) -> None:
         super().check_inputs(call)
-        check_flow_inputs(call, "guidance_scale", "a guidance_scale above 1 (e.g. 7.0)", "SD3 uses 256")
+        fix = f"guide it: guidance_scale above 1 (e.g. 7.0; it is {call.guidance_scale!r})"
+        check_flow_inputs(call, fix, "SD3 uses 256")
 
     @torch.no_grad()
     def encode_prompts(

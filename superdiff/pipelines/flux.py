@@ -161,8 +161,9 @@ class SuperDiffFluxPipeline(SuperDiffBasePipeline):
                   f"guidance, which true_cfg_scale={true_cfg!r} turns off (it runs for true_cfg_scale > 1, as "
                   "in diffusers' FluxPipeline); pass true_cfg_scale above 1 (e.g. 4.0) or no negative_prompt")
         super().check_inputs(call)
-        check_flow_inputs(call, "true_cfg_scale", "true_cfg_scale above 1 with a negative_prompt",
-                          "FLUX.1-dev uses 512, schnell 256")
+        fix = (f"guide it: true_cfg_scale above 1 (e.g. 4.0; it is {true_cfg!r}) with a negative_prompt ('' for the "
+               "empty prompt)")
+        check_flow_inputs(call, fix, "FLUX.1-dev uses 512, schnell 256")
 
     @torch.no_grad()
     def encode_prompts(self, texts: Sequence[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,6 @@ from ._common import (
     check_options,
     model_expression,
     resolve_combiner,
-    resolve_sampler_options,
 )
 from .base import PipelineCall, SuperDiffLoop
 from .denoisers import DiffusersDenoiser, Schedule, process_of_scheduler
@@ -206,7 +205,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffLoop):
             generator=generator, latents=latents, output_type=output_type, return_dict=return_dict,
             progress=progress, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            sampler=resolve_sampler_options(options, sampler_options),
+            sampler=SamplerOptions.from_kwargs(options, **sampler_options),
         )
         return self._run(PipelineCall(sampling, batch_argument=batch_argument))
 
@@ -227,7 +226,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffLoop):
     def check_inputs(self, call: PipelineCall) -> None:
         """The models' compatibility and the options (the combiner checked itself)."""
         self.check_models()
-        check_options(call.options, call.batch_argument)
+        check_options(call.options, call.batch_argument, self.scheduler)
 
     def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
         c = self.unets[0].config
