@@ -114,7 +114,7 @@ def test_the_app_form_refuses_what_cannot_work_with_the_message(expression, guid
 
     with pytest.raises((BadInput, ValueError)) as error:
         composition = composition_from_expression("embedded-shapes", expression)
-        check_run_request("embedded-shapes", composition, 3, guidance, 0, 16, particles)
+        check_run_request("embedded-shapes", composition, 3, guidance, 0, 16, {"particles": particles})
     message = error.value.message if isinstance(error.value, BadInput) else str(error.value)
     assert needle in message
 
