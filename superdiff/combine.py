@@ -21,6 +21,8 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from .limits import gain_problem, log_weight_problem, scale_problem
+
 __all__ = [
     "CombineInputs",
     "Combiner",
@@ -107,11 +109,19 @@ def _number_tuple(name: str, values: Sequence[float] | Tensor | None) -> tuple[f
 
 
 def _check_temperature(temperature: object) -> None:
-    """The one check of OR's temperature T: a finite number > 0."""
+    """The one check of OR's temperature T: a finite number > 0, in :func:`superdiff.limits.scale_problem`'s range."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
         math.isfinite(temperature) and temperature > 0
     ):
         _refuse("temperature", temperature, "use a finite number > 0 (1.0 samples the exact mixture for mode='or')")
+    _in_range([scale_problem("temperature", temperature)])
+
+
+def _in_range(problems: Sequence[str | None]) -> None:
+    """Raise the first range problem of :mod:`superdiff.limits`, if any."""
+    for problem in problems:
+        if problem:
+            raise ValueError(problem)
 
 
 def _check_count(name: str, values: tuple[float, ...] | None, num_models: int, what: str) -> None:
@@ -293,6 +303,7 @@ class Or:
     def __post_init__(self) -> None:
         _check_temperature(self.temperature)
         object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
+        _in_range([log_weight_problem(f"log_weights[{i}]", v) for i, v in enumerate(self.log_weights or ())])
 
     def check_num_models(self, num_models: int, what: str = "models") -> None:
         """Raise ``ValueError`` unless OR can weigh ``num_models`` models: 2 or more, one log-weight each."""
@@ -324,6 +335,7 @@ class And:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
+        _in_range([log_weight_problem(f"log_weights[{i}]", v) for i, v in enumerate(self.log_weights or ())])
         if not (0 < self.rtol < 1):
             _refuse("rtol", self.rtol, "use a number in (0, 1), e.g. 1e-8")
 
@@ -352,6 +364,7 @@ class Fixed:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _number_tuple("weights", self.weights))
+        _in_range([gain_problem(f"weights[{i}]", v) for i, v in enumerate(self.weights or ())])
 
     def check_num_models(self, num_models: int, what: str = "models") -> None:
         """Raise ``ValueError`` unless there is one weight per model (and at least one model)."""

@@ -59,11 +59,12 @@ from torch import Tensor
 
 from ._text import shorten
 from .combine import CombineInputs, _device_constant, and_weights
+from .limits import MAX_DEPTH, MAX_GAIN, gain_problem, log_weight_problem, scale_problem
 
 __all__ = [
     "UNCONDITIONAL", "Leaf", "Or", "And", "Product", "SoftMax", "SoftMin", "Not", "Anneal", "Node",
     "leaf_names", "conjunctive", "uncorrected", "describe", "CompiledExpression", "ExpressionStep",
-    "compile_expression",
+    "compile_expression", "expression_depth",
 ]  # fmt: skip
 
 
@@ -80,7 +81,23 @@ def _finite(name: str, value: object, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _finite_tuple(name: str, values: Sequence[float] | None, count: int) -> tuple[float, ...] | None:
+def _in_range(problem: str | None) -> None:
+    """Raise the range problem of :mod:`superdiff.limits`, if any."""
+    if problem:
+        raise ValueError(problem)
+
+
+def _scale(name: str, value: object) -> float:
+    """A sharpness or temperature: finite, > 0 and within :func:`superdiff.limits.scale_problem`'s range."""
+    out = _finite(name, value, positive=True)
+    _in_range(scale_problem(name, out))
+    return out
+
+
+def _finite_tuple(name: str, values: Sequence[float] | None, count: int, log_weights: bool = False,
+                  ) -> tuple[float, ...] | None:
+    """``count`` finite numbers (None stays None), each within the range of a gain (exponents) or,
+    with ``log_weights``, of a log-weight (:mod:`superdiff.limits`)."""
     if values is None:
         return None
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
@@ -88,6 +105,9 @@ def _finite_tuple(name: str, values: Sequence[float] | None, count: int) -> tupl
     out = tuple(_finite(f"{name}[{i}]", v) for i, v in enumerate(values))
     if len(out) != count:
         _refuse(name, tuple(values), f"pass {count} numbers, one for each of the {count} children")
+    check = log_weight_problem if log_weights else gain_problem
+    for i, v in enumerate(out):
+        _in_range(check(f"{name}[{i}]", v))
     return out
 
 
@@ -137,8 +157,9 @@ class Or:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("Or", self.children, 1))
-        object.__setattr__(self, "temperature", _finite("temperature", self.temperature, positive=True))
-        object.__setattr__(self, "log_weights", _finite_tuple("log_weights", self.log_weights, len(self.children)))
+        object.__setattr__(self, "temperature", _scale("temperature", self.temperature))
+        object.__setattr__(self, "log_weights",
+                           _finite_tuple("log_weights", self.log_weights, len(self.children), log_weights=True))
 
 
 @dataclass(frozen=True)
@@ -154,7 +175,8 @@ class And:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("And", self.children, 1))
-        object.__setattr__(self, "log_weights", _finite_tuple("log_weights", self.log_weights, len(self.children)))
+        object.__setattr__(self, "log_weights",
+                           _finite_tuple("log_weights", self.log_weights, len(self.children), log_weights=True))
 
 
 @dataclass(frozen=True)
@@ -185,7 +207,7 @@ class SoftMax:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("SoftMax", self.children, 1))
-        object.__setattr__(self, "sharpness", _finite("sharpness", self.sharpness, positive=True))
+        object.__setattr__(self, "sharpness", _scale("sharpness", self.sharpness))
 
 
 @dataclass(frozen=True)
@@ -198,7 +220,7 @@ class SoftMin:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("SoftMin", self.children, 1))
-        object.__setattr__(self, "sharpness", _finite("sharpness", self.sharpness, positive=True))
+        object.__setattr__(self, "sharpness", _scale("sharpness", self.sharpness))
 
 
 @dataclass(frozen=True)
@@ -216,6 +238,7 @@ class Not:
             if not isinstance(getattr(self, name), NODE_TYPES):
                 _refuse(f"Not.{name}", getattr(self, name), "pass a node: Leaf('a prompt'), Or(...), ...")
         object.__setattr__(self, "strength", _finite("strength", self.strength, positive=True))
+        _in_range(gain_problem("strength", self.strength))
 
     @property
     def children(self) -> tuple["Node", "Node"]:
@@ -420,6 +443,7 @@ class CompiledExpression:
     needs_system: bool
     needs_scores: bool
     nodes: tuple[Node, ...] = field(repr=False)
+    gain: float = 1.0
 
     @property
     def affine(self) -> bool:
@@ -429,6 +453,11 @@ class CompiledExpression:
     def check_num_models(self, num_models: int, what: str = "models") -> None:
         """Raise ``ValueError`` unless the denoiser has one output per leaf."""
         if num_models != len(self.leaves):
+            if self.leaves == tuple(range(len(self.leaves))):
+                _refuse(what, f"<{num_models} given>",
+                        f"the expression's leaves are model indices up to {len(self.leaves) - 1}, so it is bound to "
+                        f"the {len(self.leaves)} models 0 … {len(self.leaves) - 1}; pass a denoiser with exactly "
+                        "those models (or compile with leaves=range(M) to leave the models it does not name unused)")
             _refuse(what, f"<{num_models} given>",
                     f"the expression has {len(self.leaves)} leaves {list(self.leaves)}; pass one model per leaf, "
                     "in that order")
@@ -664,25 +693,74 @@ def _without_single_child_nodes(node: Node) -> Node:
     return type(node)(kids, node.sharpness, node.correct)
 
 
+def expression_depth(node: Node) -> int:
+    """The nodes on the longest path from ``node`` to a leaf (a leaf: 0), walked without recursion, so a
+    tree built in Python as deep as memory allows is measured, not a RecursionError."""
+    deepest, stack = 0, [(node, 0)]
+    while stack:
+        n, depth = stack.pop()
+        if isinstance(n, Leaf):
+            deepest = max(deepest, depth)
+        elif depth < MAX_DEPTH + 1:  # deeper than that is refused whatever lies below
+            stack.extend((c, depth + 1) for c in n.children)
+        else:
+            deepest = max(deepest, depth)
+    return deepest
+
+
+def _gain(node: Node) -> tuple[float, Node]:
+    """The largest ``Σ|κ|`` the tree's weights can give the leaves (a product multiplies its
+    children's by ``Σ|β_c|``; the other nodes weigh their children by weights summing to 1, taken as a
+    convex combination), and the node where it is largest."""
+    if isinstance(node, Leaf):
+        return 1.0, node
+    kids = [_gain(c) for c in node.children]
+    if isinstance(node, (Product, Not)):
+        return sum(abs(b) * g for b, (g, _) in zip(node.exponents, kids)), node
+    return max(kids, key=lambda k: k[0])
+
+
+def _bind_leaves(names: tuple[str | int, ...]) -> tuple[int, ...]:
+    """The default binding: a bare index ``i`` is the denoiser's output ``i``, so the expression is
+    bound to the outputs 0 … max index. Prompts or names need ``leaves=`` (their order is the denoiser's)."""
+    named = [n for n in names if not isinstance(n, int)]
+    if named:
+        if UNCONDITIONAL in named and len(named) == 1:
+            raise ValueError('the expression uses "", the unconditional model (NOT\'s default reference, as in !0 or '
+                             "not(0)), which a stack of models does not have; give NOT a reference by index, e.g. "
+                             'not(0, 1), or pass leaves= naming every output ("" included)')
+        _refuse("leaves", None, f"the expression names models {named} rather than indexing them, and only the "
+                "denoiser knows their order; pass leaves=(the name of each denoiser output, in order), or write the "
+                "models as indices 0, 1, ...")
+    return tuple(range(max(names) + 1))
+
+
 def compile_expression(expression: Node, leaves: Sequence[str | int] | None = None) -> CompiledExpression:
     """Check ``expression`` and bind it to the denoiser's outputs.
 
     Args:
-        expression: a tree of nodes.
-        leaves: the name of each denoiser output in order (prompts, model names or indices); by
-            default the expression's own leaves in order of first appearance (:func:`leaf_names`).
+        expression: a tree of nodes, at most :data:`~superdiff.limits.MAX_DEPTH` nodes deep.
+        leaves: the name of each denoiser output in order (prompts, model names or indices). By
+            default a leaf's index is its output (``Leaf(i)`` is output i, so the denoiser has the
+            outputs 0 … the largest index); an expression that names its leaves needs ``leaves``.
 
     Returns:
         A :class:`CompiledExpression`, a combiner for :func:`superdiff.sampling.sample_sde`.
 
     Raises:
-        ValueError: for a leaf the denoiser does not have, mixture-type nodes over children of
-            different degrees, or a corrected node inside an And.
+        ValueError: for a tree nested too deeply, a leaf the denoiser does not have (or names
+            without ``leaves``), mixture-type nodes over children of different degrees, a corrected
+            node inside an And, or weights whose product exceeds :data:`~superdiff.limits.MAX_GAIN`.
     """
     if not isinstance(expression, NODE_TYPES):
         _refuse("expression", expression, "pass a node such as And((Leaf('red'), Leaf('circle')))")
+    depth = expression_depth(expression)
+    if depth > MAX_DEPTH:
+        raise ValueError(f"expression=<a tree more than {MAX_DEPTH} nodes deep> is not valid; nest at most "
+                         f"{MAX_DEPTH} nodes (superdiff.limits.MAX_DEPTH), e.g. by writing a product of products as "
+                         "one product")
     names = leaf_names(expression)
-    leaves = tuple(names if leaves is None else leaves)
+    leaves = _bind_leaves(names) if leaves is None else tuple(leaves)
     if len(set(leaves)) != len(leaves):
         _refuse("leaves", leaves, "name every denoiser output once")
     missing = [n for n in names if n not in leaves]
@@ -690,6 +768,11 @@ def compile_expression(expression: Node, leaves: Sequence[str | int] | None = No
         _refuse("expression", describe(expression), f"its leaves {missing} are not among the models {list(leaves)}")
     degree = _degree(expression)
     _check_no_correction_under_and(expression)
+    gain, where = _gain(expression)
+    if gain > MAX_GAIN:
+        raise ValueError(f"expression={describe(expression)!r} is not valid: its weights multiply the predictions by "
+                         f"up to {gain:g} (at {describe(where)[:80]}), more than 2**23 = {MAX_GAIN:.0f}, where the "
+                         "networks' float32 rounding is as large as their outputs; use smaller exponents or strengths")
     expression = _without_single_child_nodes(expression)
     nodes: list[Node] = []
 
@@ -707,4 +790,5 @@ def compile_expression(expression: Node, leaves: Sequence[str | int] | None = No
         needs_system=any(isinstance(n, And) and len(n.children) > 1 for n in nodes),
         needs_scores=any(_corrects(n) for n in nodes),
         nodes=tuple(nodes),
+        gain=gain,
     )

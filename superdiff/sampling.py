@@ -40,6 +40,7 @@ from .density import (
     tweedie_density_variance,
 )
 from .expressions import CompiledExpression
+from .limits import FiniteWatch, check_call_limits
 from .models import Denoiser
 from .options import option_spec
 from .particles import check_particles, group_uniforms, resample_step, warn_if_collapsed
@@ -229,6 +230,7 @@ def _check_call(
             f"log_q_init must have shape (batch, models) = {(x.shape[0], m)}, got {tuple(log_q_init.shape)}"
         )
     check_combiner(combiner, m)
+    check_call_limits(guidance_scale, combiner, x.shape[0], denoiser.num_outputs)
     return m, guided
 
 
@@ -562,6 +564,7 @@ def sample_sde(
     previous: tuple[Tensor, Tensor] | None = None
     # variance="tweedie": the mixed x̂₀ that drove the previous step, its noise w and κ.
     previous_step: tuple[Tensor, Tensor, Tensor] | None = None
+    watch = FiniteWatch()  # non-finite values, recorded on the device and read once after the loop
     for i in tqdm(range(steps), disable=not progress, desc="superdiff"):
         if interrupt is not None and interrupt():
             break
@@ -642,6 +645,7 @@ def sample_sde(
             x = c.c_x * x + c.c_0 * x0_mix + noise
         if fk is not None:
             log_w = log_w + fk_scale * fk
+        watch.step(x, log_q, log_w, kappa, node_weights)
         if particles > 1 and i < steps - 1:
             # Weighted particles: resample each group whose ESS fell below the threshold (a mask, no sync).
             u = group_uniforms(groups, particles, generator, x.device)
@@ -662,6 +666,7 @@ def sample_sde(
         node_trace.append(node_weights)
         if callback is not None:
             x = _state_from_callback(callback(StepInfo(i, times_host[i + 1], x, x0_mix, kappa, log_q)), x)
+    watch.check(getattr(combiner, "nodes", ()), getattr(combiner, "leaves", None))
     taken = len(kappa_trace)
     if ancestors:
         nodes = [list(ws) for ws in zip(*node_trace)] if node_trace and node_trace[0] else []

@@ -33,6 +33,7 @@ from ._common import (
     SuperDiffMixin,
     check_latents,
     check_options,
+    check_rows,
     check_text_inputs,
     decode,
     guided_conditions,
@@ -80,6 +81,7 @@ class SuperDiffLoop(SuperDiffMixin):
     def _run(self, call: PipelineCall) -> SuperDiffPipelineOutput | tuple:
         # 1. Check inputs (the combiner checked itself): everything before any network call
         self.check_inputs(call)
+        check_rows(call.options, self.num_models(call), call.batch_argument)
         # 2. Define call parameters: the image size and the shape of the latents
         shape = self.latents_shape(call)
         check_latents(call.options.latents, shape, self.latents_layout)
@@ -105,6 +107,10 @@ class SuperDiffLoop(SuperDiffMixin):
     def check_inputs(self, call: PipelineCall) -> None:
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
         check_options(call.options, call.batch_argument)
+
+    def num_models(self, call: PipelineCall) -> int:
+        """The number of models composed: the prompts (a stack: its networks)."""
+        return len(call.prompts)
 
     def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
         """The shape of the sampled latents, (B, C, H/f, W/f); fills in ``call.height`` / ``call.width``."""

@@ -46,6 +46,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..limits import check_guidance
 from ..sampling import randn
 from ._common import SamplingOptions, _fail
 from .base import PipelineCall, SuperDiffBasePipeline, tokenize
@@ -139,6 +140,7 @@ class SuperDiffFluxPipeline(SuperDiffBasePipeline):
             _fail("negative_prompt", negative, f"it is the unconditional branch of true classifier-free "
                   f"guidance, which true_cfg_scale={true_cfg!r} turns off (it runs for true_cfg_scale > 1, as "
                   "in diffusers' FluxPipeline); pass true_cfg_scale above 1 (e.g. 4.0) or no negative_prompt")
+        check_guidance(call.options.guidance, call.options.combiner, "true_cfg_scale")
         super().check_inputs(call)
         fix = (f"guide it: true_cfg_scale above 1 (e.g. 4.0; it is {true_cfg!r}) with a negative_prompt ('' for the "
                "empty prompt)")

@@ -193,6 +193,9 @@ class SuperDiffUnconditionalPipeline(SuperDiffLoop):
         self.check_models()
         check_options(call.options, call.batch_argument, self.scheduler)
 
+    def num_models(self, call: PipelineCall) -> int:
+        return len(self.unets)
+
     def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
         c = self.unets[0].config
         size = tuple(c.sample_size) if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
