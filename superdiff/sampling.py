@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
     DEFAULT_DENSITY_VARIANCE,
-    VARIANCES,
     QuadraticIncrementSystem,
     TransitionCoefficients,
     divergence_exact,
@@ -42,6 +41,7 @@ from .density import (
 )
 from .expressions import CompiledExpression
 from .models import Denoiser
+from .options import option_spec
 from .particles import check_particles, group_uniforms, resample_step, warn_if_collapsed
 from .processes import Process
 
@@ -508,8 +508,7 @@ def sample_sde(
     if variance is None:
         variance = "forward" if getattr(combiner, "needs_scores", False) else "posterior"
     for name, value in (("variance", variance), ("density_variance", density_variance)):
-        if value not in (*VARIANCES, "tweedie"):
-            raise ValueError(f"{name}={value!r} is not valid; use one of {(*VARIANCES, 'tweedie')}")
+        option_spec(name).check(name, value)  # declared with the options (superdiff.options)
     tweedie = density_variance == "tweedie"
     density_variance = "forward" if tweedie else density_variance  # the first step's, and the fallback's
     tweedie_step = variance == "tweedie"
