@@ -8,9 +8,9 @@ from typing import Any
 import click
 
 from superdiff.combine import MODES, make_combiner
-from superdiff.density import DEFAULT_DENSITY_VARIANCE
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import Node, compile_expression, describe
+from superdiff.options import check_particles_apply
 from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
@@ -40,6 +40,7 @@ from .models import (
     resolve_dtype,
     silence_library_logs,
 )
+from .options import options_from_params, sampler_click_options
 from .output import check_fresh_dir, ensure_writable_dir, save_generation
 
 
@@ -161,15 +162,6 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--expr", "expression", default=None, metavar="EXPRESSION",
               help='A composition expression instead of --prompt/--mode, e.g. \'("red" | "blue") & "circle"\' or '
                    '\'"red" * not("circle")\' (the syntax is in the README, "Expressions").')
-@click.option("--particles", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Weighted particles per image (Feynman–Kac-corrected nodes of --expr); each image is one drawn "
-                   "by weight from its group, and costs that many samples.")
-@click.option("--resample-threshold", type=FiniteFloat(min=0, max=1, min_open=True), default=0.5, show_default=True,
-              help="A group of particles resamples when its effective sample size falls below this x particles.")
-@click.option("--density-variance", type=click.Choice(("forward", "tweedie")), default=DEFAULT_DENSITY_VARIANCE,
-              show_default=True,
-              help="The density estimator's kernel variance: tweedie reads each prompt's own from the steps (3-10x "
-                   "smaller few-step errors on exact mixtures); forward: one variance for all, the earlier default.")
 @click.option("--negative-prompt", default=None, help="Replaces the empty unconditional prompt.")
 @click.option(
     "--steps",
@@ -222,6 +214,7 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--channels-last", is_flag=True,
               help="Store the network in channels-last memory format (faster fp16/bf16 convolutions on CUDA).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
+@sampler_click_options()
 @handle_errors
 def generate(
     model: str,
@@ -230,9 +223,6 @@ def generate(
     and_: tuple[str, ...],
     or_: tuple[str, ...],
     expression: str | None,
-    particles: int,
-    resample_threshold: float,
-    density_variance: str,
     negative_prompt: str | None,
     steps: int,
     guidance: float | None,
@@ -252,6 +242,7 @@ def generate(
     compile_mode: str | None,
     channels_last: bool,
     quiet: bool,
+    **sampler_options: Any,
 ) -> None:
     """Generate images composing prompts with SuperDiff AND / OR (or the baselines).
 
@@ -269,6 +260,7 @@ def generate(
     """
     if quiet:
         silence_library_logs()
+    options = options_from_params(sampler_options)
     node = collect_expression(expression, prompts, mode, and_, or_, temperature, log_weights)
     items, mode = collect_prompts(prompts, mode, and_, or_)
     lw = parse_log_weights(log_weights)
@@ -283,6 +275,7 @@ def generate(
         items = items or list(DEFAULT_ITEMS.get(model, ()))
         check_items(items, what)
         combiner = make_combiner(mode, len(items), temperature, lw, what=f"{what}s")
+    check_particles_apply(options.particles, combiner)
     if model == "embedded-digits":
         check_unconditional_options(guidance, negative_prompt, height, width)
     check_negative_prompt(negative_prompt, model)
@@ -292,7 +285,7 @@ def generate(
     if problem:
         raise BadInput(problem)
     check_true_cfg(true_cfg_scale, model)
-    check_limits(model, items, steps, num_images, height, width, particles)
+    check_limits(model, items, steps, num_images, height, width, options.particles)
     if plot:
         try:
             require_matplotlib()
@@ -304,10 +297,9 @@ def generate(
     apply_speed_options(loaded.pipeline, channels_last, compile_mode)
     call, scale = pipeline_call_kwargs(loaded, items, combiner, steps, guidance, seed, num_images, progress=not quiet,
                                        negative_prompt=negative_prompt, height=height, width=width,
-                                       particles=particles, resample_threshold=resample_threshold)
+                                       options=options)
     if true_cfg_scale is not None:
         call["true_cfg_scale"] = true_cfg_scale
-    call["density_variance"] = density_variance
     result = loaded.pipeline(**call)
     settings = generation_settings(
         model=model,
@@ -315,8 +307,6 @@ def generate(
         prompts=items,
         mode=mode,
         expression=None if node is None else describe(node),
-        particles=particles,
-        resample_threshold=resample_threshold if particles > 1 else None,
         steps=steps,
         guidance=scale,
         temperature=temperature,
@@ -330,7 +320,7 @@ def generate(
         compile=compile_mode,
         channels_last=channels_last,
         **({} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}),
-        density_variance=density_variance,
+        **options.record(),
     )
     files = save_generation(out_dir, result, settings, plot=plot, replacing=stale)
     if not quiet:

@@ -114,8 +114,9 @@ class SamplerOptions:
     )
     variance: str | None = _option(
         None, "The step's kernel variance: posterior (DDPM's β̃), forward, euler (Thm. 2) or tweedie (per sample, "
-              "the exact transition's to first order); by default posterior, forward for an expression that corrects.",
-        choices=DENSITY_VARIANCES, none="the default: 'posterior', or 'forward' for an expression that corrects",
+              "the exact transition's to first order).",
+        choices=DENSITY_VARIANCES,
+        none="the sampler's choice: 'posterior', or 'forward' for an expression that corrects",
     )
     density_variance: str = _option(
         "tweedie", "The density estimator's kernel variance: tweedie reads each model's own from the steps "

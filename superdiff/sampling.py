@@ -42,7 +42,7 @@ from .density import (
 from .expressions import CompiledExpression
 from .models import Denoiser
 from .options import option_spec
-from .particles import check_particles, group_uniforms, resample_step
+from .particles import check_particles, group_uniforms, resample_step, warn_if_collapsed
 from .processes import Process
 
 __all__ = ["SamplerOutput", "StepInfo", "sample_sde", "sample_ode", "mix_denoised", "prior_sample", "randn"]
@@ -65,7 +65,10 @@ class SamplerOutput:
 
     ``and_converged`` (steps, B) bool, for AND under ``density_variance="tweedie"``: whether each
     step's quadratic equal-density condition was solved (where not, that step kept the
-    common-variance κ and scored with the common variance); True on steps that need no solve.
+    common-variance κ and scored with the common variance); True on steps that need no solve. For an
+    expression with an And over mixture-type children (``(0 | 1) & 2``) also whether that And's
+    condition was met to 1e-6 nats (:meth:`~superdiff.expressions.CompiledExpression.and_gap`); where
+    it has no root the step left the children's potentials that far apart.
     """
 
     samples: Tensor
@@ -491,7 +494,8 @@ def sample_sde(
             carries a log-weight, and a group whose effective sample size falls below
             ``resample_threshold · K`` after a step is resampled (systematic), reindexing the
             state, the tracked densities and the traces. 1: no resampling.
-        resample_threshold: in (0, 1].
+        resample_threshold: in (0, 1]. A group's ESS never falls below 1, so with ``threshold · K ≤ 1``
+            (K = 2 at the default 0.5) it never resamples and the correction is the final weight alone.
 
     Returns:
         :class:`SamplerOutput`: samples (B, *shape), float64 log-densities (B, M) and their trace
@@ -515,6 +519,7 @@ def sample_sde(
     batch = x.shape[0]
     groups = batch // particles
     needs_scores = bool(getattr(combiner, "needs_scores", False))
+    nonlinear_and = bool(getattr(combiner, "nonlinear_and", False))
     weighted = needs_scores or particles > 1
     # Guidance is an uncorrected product q_u^(1−wD)·e^(wφ): the expression's corrections enter times w.
     fk_scale = 1.0 if guidance_scale is None else float(guidance_scale)
@@ -623,7 +628,11 @@ def sample_sde(
             x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
             # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
             residuals = model_residuals(denoised64, x0_mix64, noise64, c)
+            log_q_before = log_q
             log_q = log_q + ito_log_density_increment(denoised64, x0_mix64, x, noise64, c, density_var, residuals)
+            if nonlinear_and:  # an And over mixtures is solved iteratively: report where it was not met
+                gap = combiner.and_gap(log_q_before, log_q, 1.0 / tracked_steps)
+                step_converged = step_converged & (gap <= 1e-6)
             if tweedie:
                 previous = (denoised64, residuals)
             if tweedie_step:
@@ -668,7 +677,12 @@ def sample_sde(
             n[: len(ancestors)] = h
         node_trace = list(zip(*nodes)) if nodes else node_trace
     quadratic_and = tweedie and combiner.needs_system  # AND's condition under one variance per model
+    quadratic_and = quadratic_and or nonlinear_and
     kappas = torch.stack(kappa_trace) if kappa_trace else log_q.new_empty(0, batch, plan.num_models)
+    if needs_scores and len(ess_trace) > 1:
+        # After sampling, one read: the weights' sign of a target that does not exist (step 0 carries the
+        # prior's initial weight, which in many dimensions alone can hold a group's ESS near 1).
+        warn_if_collapsed(torch.stack(ess_trace[1:]), particles)
     node_weight_trace = None
     if isinstance(combiner, CompiledExpression) and node_trace:
         node_weight_trace = tuple(torch.stack(ws) for ws in zip(*node_trace))

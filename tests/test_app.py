@@ -233,7 +233,7 @@ def test_the_particles_cap_names_the_particles_field():
     composition = composition_from_expression("embedded-shapes", '"red" * "circle"')
     with pytest.raises(BadInput, match="number of images 4 x particles 300 is 1200 samples in one batch, more than "
                                        "1024; use particles 256 or fewer"):
-        check_run_request("embedded-shapes", composition, 50, 5, 0, 4, 300)
+        check_run_request("embedded-shapes", composition, 50, 5, 0, 4, {"particles": 300})
 
 
 # --- serving: logins, the address, the network warning (no browser) ------------------------------
