@@ -8,7 +8,7 @@ Every figure is against exact log-densities or exact targets, seed 0, float64, V
 
 * **AND's exact gap** |log q₁ − log q₂| at AND's samples (the grid's last time) on asymmetric pairs:
   median, mean, 90th percentile and the signed mean, the tracked gap (0 for the exact solve), and the
-  tracked densities' own error (median |tracked − exact| log q); for the exact solve under the estimator
+  tracked densities' own error (median |tracked − exact| log q per model); for the exact solve under the estimator
   variances ``"tweedie"`` (default) and ``"forward"``, and ``And(feedback=ρ)`` under ``"tweedie"``.
 * **Particles at small K**: the Feynman–Kac-corrected product of two mixtures (the tests' pair) with
   K particles per group and the same total number of particles: the relative error of E[x₁²] (2-D; the
@@ -63,7 +63,7 @@ def and_gap(models: MixtureDenoiser, steps: int, combiner: And, density_variance
     tracked = out.log_densities + models.log_prob(x, times[0])
     return {"median": med, "mean": mean, "p90": p90, "signed_mean": float(gap.mean()),
             "tracked_gap": float((out.log_densities[:, 0] - out.log_densities[:, 1]).abs().median()),
-            "tracked_error": float((tracked - exact).abs().median())}
+            "tracked_error": [float(v) for v in (tracked - exact).abs().median(0).values]}
 
 
 def nested_and(steps: int, samples: int) -> dict:
@@ -139,6 +139,25 @@ def softmin_recovery(particles: int, total: int, steps: int) -> dict:
             "resamples_per_group": float(corrected.resample_counts.double().mean())}
 
 
+def log_weight_spread(expression, mixtures, steps: int, samples: int, fractions=(0.5, 0.8, 0.9, 0.95)) -> dict:
+    """Where along the path the particles' log-weights spread: the variance of the accumulated log-weight
+    after each share of the steps over its final variance (one particle per group, no resampling; each
+    share is the same run stopped there by ``interrupt``). Returns {share: ratio, "final_sd": sd}."""
+    models = MixtureDenoiser(tuple(mixtures), VP)
+    combiner = compile_expression(expression)
+
+    def run(stop: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        x = prior_sample(models, samples, models.sample_shape, g, dtype=torch.float64)
+        taken = iter(range(steps + 1))
+        out = sample_sde(models, x, VP.time_grid(steps), combiner, generator=g, interrupt=lambda: next(taken) >= stop)
+        return out.log_weights
+
+    final = float(run(steps).var())
+    row = {f: float(run(round(f * steps)).var()) / final for f in fractions}
+    return row | {"final_sd": math.sqrt(final)}
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     quick = args.quick
@@ -149,7 +168,8 @@ def main() -> None:
           "exact Gaussian mixtures, VP linear (β 0.1–20)", flush=True)
 
     print("\nAND's exact gap |log q₁ − log q₂| at its samples (tracked densities start equal)")
-    print("| pair | steps | AND | estimator | median | mean | p90 | signed mean | tracked gap | tracked error |")
+    print("| pair | steps | AND | estimator | median | mean | p90 | signed mean | tracked gap "
+          "| tracked error, model 1 / 2 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     variants = (("exact solve", And(), "tweedie"), ("exact solve", And(), "forward"),
                 ("feedback 0.5", And(feedback=0.5), "tweedie"), ("feedback 0.2", And(feedback=0.2), "tweedie"))
@@ -160,7 +180,7 @@ def main() -> None:
                 r = and_gap(models, steps, combiner, estimator, samples)
                 print(f"| {name} | {steps} | {label} | {estimator} | {r['median']:.3f} | {r['mean']:.3f} "
                       f"| {r['p90']:.3f} | {r['signed_mean']:+.3f} | {r['tracked_gap']:.3f} "
-                      f"| {r['tracked_error']:.3f} |", flush=True)
+                      f"| {' / '.join(f'{v:.3f}' for v in r['tracked_error'])} |", flush=True)
 
     print("\nNested AND (0 | 1) & 2, two-component third model: share of (sample, step) pairs not met; largest "
           "step gap where met; largest tracked drift")
@@ -187,6 +207,17 @@ def main() -> None:
     for k in (2, 4, 8, 64):
         r = softmin_recovery(k, total, 100)
         print(f"| {k} | {r['recovered']:.3f} ± {r['recovered_se']:.3f} | {r['resamples_per_group']:.1f} |", flush=True)
+
+    print("\nWhere the log-weights spread (100 steps, one particle per group): variance of the accumulated "
+          "log-weight after a share of the steps / its final variance")
+    print("| expression | 50% | 80% | 90% | 95% | final sd (nats) |")
+    print("|---|---|---|---|---|---|")
+    soft = (GaussianMixture.create([[-1.0, 0.0]], 0.6), GaussianMixture.create([[1.0, 0.0]], 0.6))
+    for label, expression, mixtures in (("soft-min λ = 4", SoftMin((Leaf(0), Leaf(1)), 4.0), soft),
+                                        ("product (2-D)", Product((Leaf(0), Leaf(1))), two_mixtures(2))):
+        r = log_weight_spread(expression, mixtures, 100, samples)
+        print(f"| {label} | " + " | ".join(f"{r[f]:.3f}" for f in (0.5, 0.8, 0.9, 0.95))
+              + f" | {r['final_sd']:.2f} |", flush=True)
     print(f"\n({time.time() - start:.0f} s)")
 
 
