@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -21,6 +21,7 @@ import click
 from .errors import BadInput, handle_errors
 from .limits import output_folder
 from .models import EMBEDDED, resolve_device, silence_library_logs
+from .options import recorded_options
 from .output import atomic_write_text, ensure_writable_dir
 
 EVAL_FILE = "eval.json"
@@ -39,11 +40,15 @@ class Generated:
     prompts: tuple[str, ...]
     seed: int | None
     expression: str | None = None  # an expression's canonical text; its leaves are the prompts
+    options: dict = field(default_factory=dict)  # the sampling options it ran with (superdiff.options)
 
     @property
-    def group(self) -> tuple[str, str, tuple[str, ...]]:
-        """Images of one composition: the mode names it, or, for an expression, its text."""
-        return self.model, self.expression or self.mode, self.prompts
+    def group(self) -> tuple:
+        """Images of one composition sampled alike: the mode names it, or, for an expression, its text;
+        and every sampling option's value (K = 1, 2, 3 particles are three groups)."""
+        options = tuple((k, v if isinstance(v, (str, int, float, bool, type(None))) else repr(v))
+                        for k, v in self.options.items())  # a hand-edited sidecar's list stays hashable
+        return self.model, self.expression or self.mode, self.prompts, options
 
 
 def _json_kind(value: object) -> str:
@@ -140,7 +145,7 @@ def find_generated(root: Path) -> list[Generated]:
             seed, expression = meta.get("seed"), meta.get("expression")
             found.append(Generated(png, png.relative_to(root).as_posix(), str(meta["model"]), str(meta["mode"]),
                                    tuple(meta["prompts"]), seed if isinstance(seed, int) else None,
-                                   expression if isinstance(expression, str) else None))
+                                   expression if isinstance(expression, str) else None, recorded_options(meta)))
     if len(problems) == 1:
         raise BadInput(problems[0])
     if problems:
@@ -301,7 +306,8 @@ def score_digits(gens: list[Generated], device: str, notes: list[str]) -> dict[P
 
 
 def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
-    """One entry per (model, mode, prompts): n, mean ± std of CLIP min and mean, attribute rates, digit summary."""
+    """One entry per (model, mode, prompts, sampling options): n, mean ± std of CLIP min and mean,
+    attribute rates, digit summary; ``options`` holds the sampling options of the group."""
     from superdiff.expression_syntax import parse_expression
     from superdiff.expressions import conjunctive
     from superdiff.metrics import attribute_rates, digit_summary, mean_std, prompt_attributes
@@ -311,8 +317,9 @@ def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
     for g in gens:
         groups.setdefault(g.group, []).append(records[g.path])
     out = []
-    for (model, mode, prompts), recs in groups.items():
-        entry: dict = {"model": model, "mode": mode, "prompts": list(prompts), "n": len(recs)}
+    for (model, mode, prompts, options), recs in groups.items():
+        entry: dict = {"model": model, "mode": mode, "prompts": list(prompts), "options": dict(options),
+                       "n": len(recs)}
         clip = [r["clip"] for r in recs if "clip" in r]
         if clip:
             entry["clip_min"] = mean_std([c["min"] for c in clip])
@@ -344,9 +351,12 @@ def _pm(stat: dict) -> str:
 def format_tables(groups: list[dict], clip_model: str | None) -> str:
     """The printed summary: one table per kind of metric present."""
     parts = []
+    # The options that tell groups apart (those not the same in every group) label each row's mode.
+    differ = [k for k in (groups[0]["options"] if groups else {}) if len({repr(g["options"][k]) for g in groups}) > 1]
 
     def head(g: dict) -> list[str]:
-        return [g["model"], g["mode"], " | ".join(g["prompts"]), str(g["n"])]
+        mode = g["mode"] + "".join(f" {k}={g['options'][k]}" for k in differ)
+        return [g["model"], mode, " | ".join(g["prompts"]), str(g["n"])]
 
     rows = [head(g) + [_pm(g["clip_min"]), _pm(g["clip_mean"])] for g in groups if "clip_min" in g]
     if rows:
@@ -397,7 +407,8 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
     against each of its prompts, reported per image as min and mean over the prompts (needs --clip).
     embedded-shapes: the attribute checker (both / neither rate of the named colour and shape).
     embedded-digits: the digit classifier (class fractions, class entropy, confidence). Groups are
-    (model, mode, prompts); the table shows mean ± std, and DIR/eval.json has every number.
+    (model, mode, prompts) and every sampling option (particles, density variance, ...); the table
+    shows mean ± std, and DIR/eval.json has every number.
 
     \b
     Examples:
@@ -470,7 +481,7 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
         "notes": notes,
         "groups": groups,
         "images": [{"file": g.file, "model": g.model, "mode": g.mode, "prompts": list(g.prompts), "seed": g.seed,
-                    **records[g.path]} for g in gens],
+                    "options": g.options, **records[g.path]} for g in gens],
     }
     atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
     tables = format_tables(groups, clip_model)
