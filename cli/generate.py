@@ -16,7 +16,7 @@ from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
 from .composition import check_items, expression_items
-from .errors import BadInput, handle_errors
+from .errors import BadInput, handle_errors, surface_warnings
 from .limits import (
     MAX_NUM_IMAGES,
     SEED_MAX,
@@ -33,6 +33,7 @@ from .models import (
     COMPILE_MODES,
     DEFAULT_ITEMS,
     EMBEDDED,
+    PROMPTED_EMBEDDED,
     apply_speed_options,
     load_model,
     model_index,
@@ -109,8 +110,8 @@ def check_negative_prompt(negative_prompt: str | None, model: str) -> None:
     if negative_prompt is None:
         return
     problem = control_character_problem(negative_prompt, "--negative-prompt")
-    if problem is None and model == "embedded-shapes":
-        problem = caption_words_problem(negative_prompt, "--negative-prompt")
+    if problem is None and model in PROMPTED_EMBEDDED:
+        problem = caption_words_problem(negative_prompt, "--negative-prompt", model)
     if problem:
         raise BadInput(problem)
 
@@ -308,7 +309,8 @@ def generate(
                                        options=options)
     if true_cfg_scale is not None:
         call["true_cfg_scale"] = true_cfg_scale
-    result = loaded.pipeline(**call)
+    with surface_warnings():
+        result = loaded.pipeline(**call)
     settings = generation_settings(
         model=model,
         pipeline=type(loaded.pipeline).__name__,

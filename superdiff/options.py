@@ -119,8 +119,8 @@ class SamplerOptions:
         none="the sampler's choice: 'posterior', or 'forward' for an expression that corrects",
     )
     density_variance: str = _option(
-        "tweedie", "The density estimator's kernel variance: tweedie reads each model's own from the steps "
-                   "(3-10x smaller few-step errors on exact mixtures); forward, posterior, euler: one for all.",
+        "tweedie", "The density estimator's kernel variance: tweedie reads each model's own from the steps; "
+                   "forward, posterior, euler: one for all.",
         choices=DENSITY_VARIANCES,
         note=" ('tweedie' gives each model its own variance, read for free from the steps)",
     )
