@@ -143,15 +143,16 @@ def summary(out) -> dict[str, torch.Tensor]:
     return record
 
 
-def load_fixture() -> dict[str, dict[str, torch.Tensor]]:
-    """The stored records, case name → field → tensor."""
+def flat(record: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A record as one float64 vector, its fields in name order (the fixture stores one per case)."""
+    return torch.cat([record[field].double().reshape(-1) for field in sorted(record)])
+
+
+def load_fixture() -> dict[str, torch.Tensor]:
+    """The stored records, case name → :func:`flat` record."""
     from safetensors.torch import load_file
 
-    records: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(FIXTURE).items():
-        name, field = key.split("/")
-        records.setdefault(name, {})[field] = value
-    return records
+    return load_file(FIXTURE)
 
 
 def record_all() -> dict[str, dict[str, torch.Tensor]]:
@@ -172,7 +173,5 @@ if __name__ == "__main__":
     os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
     from safetensors.torch import save_file
 
-    flat = {f"{name}/{field}": value.contiguous() for name, record in record_all().items()
-            for field, value in record.items()}
-    save_file(flat, FIXTURE)
+    save_file({name: flat(record) for name, record in record_all().items()}, FIXTURE)
     print(f"wrote {FIXTURE} ({os.path.getsize(FIXTURE)} bytes, {len(CASES)} cases)")
