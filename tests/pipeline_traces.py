@@ -1,9 +1,9 @@
 """Recorded outputs of every pipeline family in every mode, for tests/test_pipeline_traces.py.
 
 ``CASES`` names one call per (family, mode, option) on tiny seeded float64 models; :func:`run_case`
-makes it and :func:`summary` keeps what the fixture stores: the κ and log-density traces whole
-(a few numbers each), and the samples (latents or decoded images) and Feynman–Kac log-weights as a
-fixed seeded random projection onto 8 numbers (any change to the samples moves it).
+makes it and :func:`summary` keeps what the fixture stores: the κ and log-density traces, the
+timesteps and the particles' Feynman–Kac log-weights whole (a few numbers each), and the samples
+(latents or decoded images) as a fixed seeded random projection onto 8 numbers (any change moves it).
 
 Run as a script at a commit whose pipelines are the reference, to write tests/data/pipeline_traces.safetensors:
 
