@@ -40,7 +40,7 @@ from .density import (
     transition_coefficients,
     tweedie_density_variance,
 )
-from .expressions import CompiledExpression
+from .expressions import CompiledExpression, bind_combiner
 from .models import Denoiser
 from .particles import check_particles, group_uniforms, resample_step
 from .processes import Process
@@ -183,6 +183,7 @@ class _Plan:
     guided: bool
     alphas: list[float]
     sigmas: list[float]
+    combiner: CompiledExpression  # bound to the models (superdiff.expressions.bind_combiner)
 
 
 def _check_call(
@@ -279,7 +280,7 @@ def _plan(
             "a combiner whose weights do not sum to 1 (e.g. 'sum') has no denoised form where α = 0; "
             "start below t = 1 or use guidance"
         )
-    return _Plan(m, guided, alphas, sigmas)
+    return _Plan(m, guided, alphas, sigmas, bind_combiner(combiner, m))
 
 
 def _check_variances(process: Process, variance: str, density_variance: str) -> None:
@@ -333,16 +334,14 @@ def _score_gram(denoised: Tensor, x: Tensor, alpha: float, sigma: float) -> Tens
 _Weights = tuple[Tensor, Tensor | None, tuple[Tensor, ...]]  # κ, Feynman–Kac increment, node weights
 
 
-def _weigh(combiner: Combiner, inputs: CombineInputs) -> _Weights:
+def _weigh(combiner: CompiledExpression, inputs: CombineInputs) -> _Weights:
     """κ, the Feynman–Kac log-weight increment (expressions that correct) and the node weights."""
-    if isinstance(combiner, CompiledExpression):
-        step = combiner.step(inputs)
-        return step.kappa.to(torch.float64), step.log_weight_increment, step.node_weights
-    return combiner(inputs).to(torch.float64), None, ()
+    step = combiner.step(inputs)
+    return step.kappa.to(torch.float64), step.log_weight_increment, step.node_weights
 
 
 def _quadratic_system_weights(
-    combiner: Combiner, inputs: CombineInputs, system: QuadraticIncrementSystem
+    combiner: CompiledExpression, inputs: CombineInputs, system: QuadraticIncrementSystem
 ) -> tuple[tuple[_Weights, _Weights], Tensor]:
     """κ for increments ``A κ + b + r φ(κ)`` (:class:`~superdiff.density.QuadraticIncrementSystem`), from
     a combiner that solves linear systems and never learns which system it was given.
@@ -426,7 +425,7 @@ class SdePlan:
     times: Tensor  # (steps+1,) float64
     times_host: list[float]  # read once: the loop itself never reads a tensor back to the host
     coefs: list[TransitionCoefficients]
-    combiner: Combiner
+    combiner: CompiledExpression  # bound to the models
     guidance_scale: float | None
     tracked_steps: int  # steps with a finite density increment (all but a last step onto σ = 0)
     model_variances: bool  # density_variance="tweedie": one kernel variance per model and sample
@@ -504,7 +503,7 @@ def _plan_sde(denoiser: Denoiser, x: Tensor, times: Tensor, combiner: Combiner, 
     """Every check before the first network call, and the transition coefficients of every step."""
     plan = _plan(denoiser, x, times, combiner, guidance_scale, log_q_init, generator, last_may_be_data=True,
                  final_denoise=final_denoise)
-    needs_scores = bool(getattr(combiner, "needs_scores", False))
+    needs_scores = plan.combiner.needs_scores
     if variance is None:
         variance = "forward" if needs_scores else "posterior"
     for name, value in (("variance", variance), ("density_variance", density_variance)):
@@ -524,7 +523,7 @@ def _plan_sde(denoiser: Denoiser, x: Tensor, times: Tensor, combiner: Combiner, 
         for i in range(steps)
     ]  # fmt: skip
     return SdePlan(
-        plan, times, times.tolist(), coefs, combiner, guidance_scale, max(steps - (1 if final_zero else 0), 1),
+        plan, times, times.tolist(), coefs, plan.combiner, guidance_scale, max(steps - (1 if final_zero else 0), 1),
         model_variances, kernel_tweedie, needs_scores, needs_scores or particles > 1,
         1.0 if guidance_scale is None else float(guidance_scale), particles, resample_threshold,
     )  # fmt: skip
@@ -688,9 +687,7 @@ def _finish(p: SdePlan, state: SdeState, traces: _SdeTraces) -> SamplerOutput:
             ws[:n] = h
     batch = state.x.shape[0]
     kappas = torch.stack(traces.kappa) if traces.kappa else state.log_q.new_empty(0, batch, p.plan.num_models)
-    node_weight_trace = None
-    if isinstance(p.combiner, CompiledExpression) and traces.nodes:
-        node_weight_trace = tuple(torch.stack(ws) for ws in nodes)
+    node_weight_trace = tuple(torch.stack(ws) for ws in nodes) if nodes else None
     quadratic_and = p.model_variances and p.combiner.needs_system  # AND's condition under one variance per model
     return SamplerOutput(
         state.x, state.log_q, torch.stack(traces.log_q), kappas, p.times[: taken + 1],
@@ -895,7 +892,7 @@ def sample_ode(
     def rates(z: Tensor, lq: Tensor, t: float, probe: Tensor | None) -> _OdeRates:
         if probe is None and divergence != "exact":
             probe = _rademacher(z, generator)
-        return _ode_rates(denoiser, z, lq, t, combiner, plan, guidance_scale, divergence, probe, span)
+        return _ode_rates(denoiser, z, lq, t, plan.combiner, plan, guidance_scale, divergence, probe, span)
 
     if method == "dopri5":
         return _sample_odeint(rates, x, log_q, times, generator, divergence, rtol, atol)
