@@ -107,7 +107,6 @@ def main() -> None:
                    help="seeds are first-seed, first-seed+1, ...; with --resume-dir, run seeds in parallel processes, "
                         "then once more over all of them to aggregate")
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     p.add_argument(
         "--resume-dir",
         type=Path,
@@ -151,7 +150,7 @@ def main() -> None:
     real_confidence = digit_rows[0][0]["real_confidence"]
     digits = aggregate(digit_rows, lambda r: r["method"], DIGIT_KEYS)
     shapes = aggregate(shape_rows, lambda r: f"{'+'.join(r['prompts'])}|{r['method']}", SHAPE_KEYS)
-    if args.markdown or not args.json:
+    if args.markdown is not None or not args.json:
         print(markdown(digits, shapes))
     emit(
         {
@@ -171,4 +170,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import markdown_output
+
+    with markdown_output("composition_quality"):
+        main()

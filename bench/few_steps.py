@@ -371,4 +371,7 @@ def embedded_table(rows: dict, steps: list[int]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from common import markdown_output
+
+    with markdown_output("few_steps"):
+        main()

@@ -94,10 +94,13 @@ def run(script: str, extra: list[str]) -> dict:
 
 
 def main() -> None:
+    from common import add_markdown_option
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="also write all results as one JSON file")
+    add_markdown_option(p)
     args = p.parse_args()
     extra = (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
     results, start = {}, time.perf_counter()
@@ -119,4 +122,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import markdown_output
+
+    with markdown_output("run_all"):
+        main()

@@ -121,4 +121,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import markdown_output
+
+    with markdown_output("variance"):
+        main()

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import click
 
+from superdiff._text import escape_invisible
 from superdiff.combine import MODES, Combiner, make_combiner
-from superdiff.density import DEFAULT_DENSITY_VARIANCE
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import compile_expression, describe
+from superdiff.options import SamplerOptions, check_particles_apply
 
 from .calls import pipeline_call_kwargs
 from .composition import check_items, expression_items
@@ -35,6 +36,7 @@ from .errors import BadInput, handle_errors
 from .generate import generation_settings, parse_log_weights
 from .limits import images_problem, model_folder_problem, seed_problem, steps_problem
 from .models import DEFAULT_ITEMS, EMBEDDED, LoadedModel, load_model, model_problem, resolve_device, resolve_dtype
+from .options import app_fields, options_from_app
 
 if TYPE_CHECKING:  # gradio and torch are imported when the app starts, not with the command group
     import torch
@@ -88,7 +90,11 @@ class RunRequest:
     guidance: float | None
     seed: int
     num_images: int
-    particles: int = 1
+    options: SamplerOptions = field(default_factory=SamplerOptions)
+
+    @property
+    def particles(self) -> int:
+        return self.options.particles
 
 
 def whole_number(value: Any, name: str) -> int:
@@ -134,31 +140,30 @@ def composition_from_expression(model: str, text: str) -> Composition:
 
 
 def check_run_request(model: str, composition: Composition, steps: Any, guidance: Any, seed: Any,
-                      num_images: Any, particles: Any = 1) -> RunRequest:
-    """The sampling options against the model, read from its config files (as ``generate`` does)."""
+                      num_images: Any, options: dict[str, Any] | None = None) -> RunRequest:
+    """The sampling options against the model, read from its config files (as ``generate`` does).
+    ``options``: the form's sampling option fields by name (:func:`~superdiff_cli.options.app_fields`),
+    each checked by :class:`~superdiff.options.SamplerOptions`."""
     items = composition.items
     problem = model_problem(model, items)
     steps = whole_number(steps, "steps")
     seed = whole_number(seed, "seed")
     num_images = whole_number(num_images, "number of images")
-    particles = whole_number(particles, "particles")
+    sampler = options_from_app(options or {})
+    check_particles_apply(sampler.particles, composition.combiner)
+    particles = sampler.particles
     if steps < 1:
         problem = problem or f"steps {steps} must be at least 1"
     if num_images < 1:
         problem = problem or f"number of images {num_images} must be at least 1"
-    if particles < 1:
-        problem = problem or f"particles {particles} must be at least 1"
-    if particles > 1 and composition.expression is None:
-        problem = problem or (f"particles {particles} weight an expression's Feynman–Kac corrections; write an "
-                              "expression (e.g. \"red\" * \"circle\"), or set particles to 1")
     problem = (problem or steps_problem(steps, model, items, option="steps") or seed_problem(seed, option="seed")
-               or images_problem(num_images * particles, None, None, model, items,
-                                 options=("number of images", "height", "width")))
+               or images_problem(num_images, None, None, model, items, options=("number of images", "height", "width"),
+                                 particles=particles, particles_option="particles"))
     if problem:
         raise BadInput(problem)
     # embedded-digits composes unconditional models: no guidance (the form hides the slider).
     scale = None if model == "embedded-digits" or guidance is None else float(guidance)
-    return RunRequest(composition, steps, scale, seed, num_images, particles)
+    return RunRequest(composition, steps, scale, seed, num_images, sampler)
 
 
 # --- what the worker thread tells the handler ---------------------------------------------------
@@ -300,18 +305,20 @@ class Studio:
 
     def parse(self, rows: Sequence[str], mode: str, temperature: Any, log_weights: str | None, steps: Any,
               guidance: Any, seed: Any, num_images: Any, expression: str | None = None,
-              particles: Any = 1) -> RunRequest:
+              options: dict[str, Any] | None = None) -> RunRequest:
         """The form as a checked request; BadInput or the library's ValueError on a mistake. A
-        non-blank ``expression`` replaces the prompt rows, the mode, temperature and log-weights."""
+        non-blank ``expression`` replaces the prompt rows, the mode, temperature and log-weights;
+        ``options``: the sampling option fields by name."""
         if expression is not None and expression.strip():
             composition = composition_from_expression(self.model, expression)
         else:
             composition = composition_from_rows(self.model, rows, mode, temperature, log_weights)
-        return check_run_request(self.model, composition, steps, guidance, seed, num_images, particles)
+        return check_run_request(self.model, composition, steps, guidance, seed, num_images, options)
 
     def run(self, rows: Sequence[str], mode: str, temperature: Any, log_weights: str | None, steps: Any,
             guidance: Any, seed: Any, num_images: Any, session: str,
-            progress: Any = None, expression: str | None = None, particles: Any = 1) -> Iterator[dict[str, Any]]:
+            progress: Any = None, expression: str | None = None,
+            options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """One Generate, as a generator of updates: ``status`` (text), ``plot`` (a Figure), and at
         the end ``images`` (PIL) and ``files`` (paths). ``progress(fraction, desc)``, if given, is
         told each step. Closing the generator (gradio does when the tab goes away) stops the run."""
@@ -319,12 +326,12 @@ class Studio:
         try:
             try:
                 request = self.parse(rows, mode, temperature, log_weights, steps, guidance, seed, num_images,
-                                     expression, particles)
+                                     expression, options)
             except click.UsageError as exc:
                 yield {"status": f"Error: {exc.message}"}
                 return
             except ValueError as exc:
-                yield {"status": f"Error: {exc}"}
+                yield {"status": f"Error: {escape_invisible(str(exc), keep=chr(10))}"}
                 return
             if stop.is_set():
                 yield {"status": "Stopped before it started."}
@@ -391,8 +398,7 @@ class Studio:
                 loaded = self.pipeline_for(request.composition.items)
                 call, _ = pipeline_call_kwargs(loaded, request.composition.items, request.composition.combiner,
                                                request.steps, request.guidance, request.seed, request.num_images,
-                                               particles=request.particles,
-                                               progress=False)
+                                               options=request.options, progress=False)
                 call |= dict(callback_on_step_end=on_step,
                              callback_on_step_end_tensor_inputs=["kappa", "log_densities"])
                 result = loaded.pipeline(**call)
@@ -420,13 +426,12 @@ class Studio:
         settings = generation_settings(
             model=self.model, pipeline=type(self.pipeline_for(composition.items).pipeline).__name__,
             prompts=composition.items, mode=composition.mode, expression=composition.expression,
-            particles=request.particles, resample_threshold=0.5 if request.particles > 1 else None,
             steps=request.steps,
             guidance=None if self.loaded.items != "prompts" else (
                 self.loaded.default_guidance if request.guidance is None else request.guidance),
             temperature=composition.temperature, log_weights=composition.log_weights, seed=request.seed,
             dtype=str(self.dtype).replace("torch.", ""), device=self.device, negative_prompt=None, height=None,
-            width=None, compile=None, channels_last=False, density_variance=DEFAULT_DENSITY_VARIANCE,
+            width=None, compile=None, channels_last=False, **request.options.record(),
         )
         folder = self.out_root / f"run-{number:04d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -444,8 +449,8 @@ def failure_text(error: BaseException) -> str:
     if isinstance(error, click.UsageError):
         return error.message
     if isinstance(error, ValueError):
-        return str(error)
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return escape_invisible(str(error), keep="\n")
+    text = escape_invisible(str(error).strip().splitlines()[0]) if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -481,8 +486,7 @@ def build_blocks(studio: Studio) -> Any:
                 expression = gr.Textbox(value="", label="expression (replaces the prompts and mode when set)",
                                         placeholder='e.g. ("red" | "blue") & "circle"  or  "red" * !"circle"',
                                         elem_id="expression", max_lines=1)
-                particles = gr.Number(value=1, precision=0, minimum=1, label="particles per image (expressions' "
-                                      "Feynman–Kac corrections)", elem_id="particles")
+                sampler = app_fields(gr)  # one field per sampling option, built from its declaration
                 mode = gr.Radio(list(MODES), value="or" if unconditional else "and", label="mode", elem_id="mode")
                 guidance = gr.Slider(0, 20, value=loaded.default_guidance, step=0.5, label="guidance",
                                      visible=not unconditional, elem_id="guidance")
@@ -521,7 +525,7 @@ def build_blocks(studio: Studio) -> Any:
             texts = [form[box] for box in rows[:form[count]]]
             updates = studio.run(texts, form[mode], form[temperature], form[log_weights], form[steps],
                                  form[guidance], form[seed], form[num_images], request.session_hash, progress,
-                                 form[expression], form[particles])
+                                 form[expression], {name: form[box] for name, box in sampler.items()})
             for update in updates:
                 yield {outputs[k]: v for k, v in update.items()}
 
@@ -536,7 +540,7 @@ def build_blocks(studio: Studio) -> Any:
             handler.__annotations__["request"] = gr.Request
 
         inputs = {count, *rows, mode, guidance, steps, seed, num_images, temperature, log_weights, expression,
-                  particles}
+                  *sampler.values()}
         generate.click(arm, None, status, queue=False).then(
             run, inputs, list(outputs.values()), show_progress_on=[gallery], concurrency_id="sample")
         stop.click(halt, None, None, queue=False)

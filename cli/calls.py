@@ -11,6 +11,7 @@ import click
 
 from superdiff.combine import Combiner
 from superdiff.expressions import CompiledExpression
+from superdiff.options import SamplerOptions
 
 from .models import LoadedModel
 
@@ -39,20 +40,19 @@ def pipeline_call_kwargs(
     negative_prompt: str | None = None,
     height: int | None = None,
     width: int | None = None,
-    particles: int = 1,
-    resample_threshold: float = 0.5,
+    options: SamplerOptions | None = None,
 ) -> tuple[dict[str, Any], float | None]:
     """The keyword arguments of ``loaded.pipeline(...)`` for one generation, and the guidance scale
     it uses (the model's default where ``guidance`` is None; None for unconditional models, which
     take none and compose their component models, not prompts). A compiled expression goes to a
     text pipeline as ``expression=`` (its leaves are the prompts, the empty one included), to an
-    unconditional stack as its combiner over the models ``items`` names."""
+    unconditional stack as its combiner over the models ``items`` names. ``options``: the sampling
+    options, every field passed as the pipeline's keyword argument of that name."""
     import torch
 
     call: dict[str, Any] = dict(combiner=combiner, num_inference_steps=steps, output_type="pil", progress=progress,
                                 generator=torch.Generator("cpu").manual_seed(seed))
-    if particles > 1:
-        call |= dict(particles=particles, resample_threshold=resample_threshold)
+    call |= (SamplerOptions() if options is None else options).kwargs()
     if loaded.items != "prompts":
         return call | dict(batch_size=num_images), None
     scale = loaded.default_guidance if guidance is None else guidance

@@ -1,5 +1,5 @@
 """What a run composes, checked once for every command (generate, sweep lines, the app): its prompts
-(or embedded model names) and an expression's leaves."""
+(or embedded model names), an expression's leaves, and the words an embedded model knows."""
 
 from __future__ import annotations
 
@@ -40,3 +40,26 @@ def check_items(items: list[str], what: str, allow_empty: bool = False) -> None:
         problem = control_character_problem(p, f"{what} {i + 1}")
         if problem:
             raise BadInput(problem)
+
+
+def vocabulary_problem(model: str, items: list[str] | tuple[str, ...]) -> str | None:
+    """What an embedded model cannot compose in ``items``, as "problem; fix": words the embedded
+    shapes model's captions never had (its tokenizer would spell them letter by letter), or names
+    that are not embedded-digits' models; None for every other model. The one vocabulary check of
+    generate, sweep lines and the app (through :func:`~superdiff_cli.models.model_problem`)."""
+    if model == "embedded-shapes":
+        from superdiff.zoo.tokenizer import CAPTION_WORDS
+
+        unknown = sorted({w for p in items for w in p.lower().split() if w not in CAPTION_WORDS})
+        if unknown:
+            return (f"embedded-shapes knows only the words {', '.join(CAPTION_WORDS)}; got {', '.join(unknown)}; "
+                    f"compose those words, e.g. --and red --and circle")
+    elif model == "embedded-digits":
+        from .models import DIGIT_MODELS
+
+        unknown = [n for n in items if n not in DIGIT_MODELS]
+        if unknown:
+            return (
+                f"embedded-digits composes the models a (digits 0-4), b (5-9) and all; got {unknown}; use a, b or all"
+            )
+    return None

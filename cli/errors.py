@@ -8,11 +8,18 @@ from typing import Any, Callable
 
 import click
 
+from superdiff._text import escape_invisible
+
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 class BadInput(click.UsageError):
-    """A user's mistake: exit code 2, a message naming the problem and the fix, no traceback."""
+    """A user's mistake: exit code 2, a message naming the problem and the fix, no traceback. The
+    message's invisible characters (zero-width, controls; not its own newlines) are escaped as
+    ``repr`` writes them, so text a user typed is shown as typed."""
+
+    def __init__(self, message: str, ctx: click.Context | None = None) -> None:
+        super().__init__(escape_invisible(message, keep="\n"), ctx)
 
 
 class CommandFailed(RuntimeError):
@@ -47,12 +54,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except CommandFailed as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {escape_invisible(str(exc), keep=chr(10))}", err=True)
             ctx.exit(1)
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if debug:
                 traceback.print_exc()
-            click.echo(f"Error: {type(exc).__name__}: {exc}".splitlines()[0], err=True)
+            click.echo(escape_invisible(f"Error: {type(exc).__name__}: {exc}".splitlines()[0]), err=True)
             ctx.exit(1)
 
     return wrapper

@@ -8,9 +8,9 @@ from typing import Any
 import click
 
 from superdiff.combine import MODES, make_combiner
-from superdiff.density import DEFAULT_DENSITY_VARIANCE
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import Node, compile_expression, describe
+from superdiff.options import check_particles_apply
 from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
@@ -40,6 +40,7 @@ from .models import (
     resolve_dtype,
     silence_library_logs,
 )
+from .options import options_from_params, sampler_click_options
 from .output import check_fresh_dir, ensure_writable_dir, save_generation
 
 
@@ -122,17 +123,21 @@ def check_true_cfg(true_cfg_scale: float | None, model: str) -> None:
         index = model_index(model)
         name = pipeline_class_name(index.get("_class_name") if index else None)
     if name != "SuperDiffFluxPipeline":
+        guidance = ("it composes unconditional models, which take no guidance" if model == "embedded-digits"
+                    else "--guidance is this model's classifier-free guidance")
         raise BadInput(f"--true-cfg-scale applies to FLUX.1 models (a FluxPipeline folder), and {model} runs on "
-                       f"{name}; drop it (--guidance is this model's classifier-free guidance)")
+                       f"{name}; drop it ({guidance})")
 
 
 def check_limits(
-    model: str, items: list[str], steps: int, num_images: int, height: int | None, width: int | None
+    model: str, items: list[str], steps: int, num_images: int, height: int | None, width: int | None,
+    particles: int = 1,
 ) -> None:
     """The ranges that depend on the model, read from its config files without loading it: steps up
-    to the scheduler's training timesteps, and one batch of images within the caps of cli/limits.py."""
+    to the scheduler's training timesteps, and one batch of images (× particles) within the caps of
+    cli/limits.py."""
     problem = steps_problem(steps, model, items or None) or images_problem(
-        num_images, height, width, model, items or None
+        num_images, height, width, model, items or None, particles=particles
     )
     if problem:
         raise BadInput(problem)
@@ -157,15 +162,6 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--expr", "expression", default=None, metavar="EXPRESSION",
               help='A composition expression instead of --prompt/--mode, e.g. \'("red" | "blue") & "circle"\' or '
                    '\'"red" * not("circle")\' (the syntax is in the README, "Expressions").')
-@click.option("--particles", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Weighted particles per image (Feynman–Kac-corrected nodes of --expr); each image is one drawn "
-                   "by weight from its group, and costs that many samples.")
-@click.option("--resample-threshold", type=FiniteFloat(min=0, max=1, min_open=True), default=0.5, show_default=True,
-              help="A group of particles resamples when its effective sample size falls below this x particles.")
-@click.option("--density-variance", type=click.Choice(("forward", "tweedie")), default=DEFAULT_DENSITY_VARIANCE,
-              show_default=True,
-              help="The density estimator's kernel variance: tweedie reads each prompt's own from the steps (3-10x "
-                   "smaller few-step errors on exact mixtures); forward: one variance for all, the earlier default.")
 @click.option("--negative-prompt", default=None, help="Replaces the empty unconditional prompt.")
 @click.option(
     "--steps",
@@ -218,6 +214,7 @@ def generation_settings(**kwargs: Any) -> dict:
 @click.option("--channels-last", is_flag=True,
               help="Store the network in channels-last memory format (faster fp16/bf16 convolutions on CUDA).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
+@sampler_click_options()
 @handle_errors
 def generate(
     model: str,
@@ -226,9 +223,6 @@ def generate(
     and_: tuple[str, ...],
     or_: tuple[str, ...],
     expression: str | None,
-    particles: int,
-    resample_threshold: float,
-    density_variance: str,
     negative_prompt: str | None,
     steps: int,
     guidance: float | None,
@@ -248,6 +242,7 @@ def generate(
     compile_mode: str | None,
     channels_last: bool,
     quiet: bool,
+    **sampler_options: Any,
 ) -> None:
     """Generate images composing prompts with SuperDiff AND / OR (or the baselines).
 
@@ -265,6 +260,7 @@ def generate(
     """
     if quiet:
         silence_library_logs()
+    options = options_from_params(sampler_options)
     node = collect_expression(expression, prompts, mode, and_, or_, temperature, log_weights)
     items, mode = collect_prompts(prompts, mode, and_, or_)
     lw = parse_log_weights(log_weights)
@@ -279,6 +275,7 @@ def generate(
         items = items or list(DEFAULT_ITEMS.get(model, ()))
         check_items(items, what)
         combiner = make_combiner(mode, len(items), temperature, lw, what=f"{what}s")
+    check_particles_apply(options.particles, combiner)
     if model == "embedded-digits":
         check_unconditional_options(guidance, negative_prompt, height, width)
     check_negative_prompt(negative_prompt, model)
@@ -288,7 +285,7 @@ def generate(
     if problem:
         raise BadInput(problem)
     check_true_cfg(true_cfg_scale, model)
-    check_limits(model, items, steps, num_images * particles, height, width)
+    check_limits(model, items, steps, num_images, height, width, options.particles)
     if plot:
         try:
             require_matplotlib()
@@ -300,10 +297,9 @@ def generate(
     apply_speed_options(loaded.pipeline, channels_last, compile_mode)
     call, scale = pipeline_call_kwargs(loaded, items, combiner, steps, guidance, seed, num_images, progress=not quiet,
                                        negative_prompt=negative_prompt, height=height, width=width,
-                                       particles=particles, resample_threshold=resample_threshold)
+                                       options=options)
     if true_cfg_scale is not None:
         call["true_cfg_scale"] = true_cfg_scale
-    call["density_variance"] = density_variance
     result = loaded.pipeline(**call)
     settings = generation_settings(
         model=model,
@@ -311,8 +307,6 @@ def generate(
         prompts=items,
         mode=mode,
         expression=None if node is None else describe(node),
-        particles=particles,
-        resample_threshold=resample_threshold if particles > 1 else None,
         steps=steps,
         guidance=scale,
         temperature=temperature,
@@ -326,7 +320,7 @@ def generate(
         compile=compile_mode,
         channels_last=channels_last,
         **({} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}),
-        density_variance=density_variance,
+        **options.record(),
     )
     files = save_generation(out_dir, result, settings, plot=plot, replacing=stale)
     if not quiet:

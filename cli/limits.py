@@ -135,12 +135,18 @@ def size_multiple(spec: str, items: list[str] | None = None) -> int:
 
 
 def images_problem(num_images: int, height: int | None, width: int | None, spec: str, items: list[str] | None = None,
-                   options: tuple[str, str, str] = ("--num-images", "--height", "--width")) -> str | None:
+                   options: tuple[str, str, str] = ("--num-images", "--height", "--width"), particles: int = 1,
+                   particles_option: str = "--particles") -> str | None:
     """Whether one batch of ``num_images`` images of ``height`` × ``width`` (the model's default
-    where None) passes the caps of this module (:data:`MAX_NUM_IMAGES`, :data:`MAX_SIDE`,
-    :data:`MAX_IMAGE_PIXELS`)."""
+    where None), each drawn from ``particles`` samples, passes the caps of this module
+    (:data:`MAX_NUM_IMAGES`, :data:`MAX_SIDE`, :data:`MAX_IMAGE_PIXELS`); the message names the
+    option given (``particles_option`` where the particles make the batch too large)."""
     count, tall, wide = options
-    if num_images > MAX_NUM_IMAGES:
+    if num_images * particles > MAX_NUM_IMAGES:
+        if particles > 1:
+            return (f"{count} {num_images} x {particles_option} {particles} is {num_images * particles} samples in "
+                    f"one batch, more than {MAX_NUM_IMAGES}; use {particles_option} "
+                    f"{max(1, MAX_NUM_IMAGES // num_images)} or fewer, or fewer images")
         return (f"{count} {num_images} is more than {MAX_NUM_IMAGES} images in one batch; use {count} "
                 f"{MAX_NUM_IMAGES} or fewer and more seeds (superdiff sweep) for more images")
     for name, value in ((tall, height), (wide, width)):
@@ -154,9 +160,13 @@ def images_problem(num_images: int, height: int | None, width: int | None, spec:
     default = default_image_size(spec, items)
     h = height if height is not None else (default[0] if default else None)
     w = width if width is not None else (default[1] if default else None)
-    if h is None or w is None or num_images * h * w <= MAX_IMAGE_PIXELS:
+    if h is None or w is None or num_images * particles * h * w <= MAX_IMAGE_PIXELS:
         return None
-    fits = max(1, MAX_IMAGE_PIXELS // (h * w))
+    fits = max(1, MAX_IMAGE_PIXELS // (h * w * particles))
+    if particles > 1:
+        return (f"{count} {num_images} x {particles_option} {particles} samples of {h}x{w} pixels is "
+                f"{num_images * particles * h * w:,} pixels in one batch, more than the cap of {MAX_IMAGE_PIXELS:,} "
+                f"(2**26); use fewer particles or images (e.g. {count} {fits}), or smaller images")
     return (f"{count} {num_images} images of {h}x{w} pixels is {num_images * h * w:,} pixels in one batch, more than "
             f"the cap of {MAX_IMAGE_PIXELS:,} (2**26); use {count} {fits} or fewer at this size, or smaller images")
 

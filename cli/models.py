@@ -152,21 +152,10 @@ def model_problem(
     component names embedded-digits lacks, a pipeline class superdiff has no pipeline for, pickle
     weights without ``allow_pickle``, words the embedded shapes model never saw), as "problem; fix";
     None where nothing is known to be wrong."""
-    if spec == "embedded-shapes":
-        from superdiff.zoo.tokenizer import CAPTION_WORDS
+    if spec in EMBEDDED:
+        from .composition import vocabulary_problem
 
-        unknown = sorted({w for p in (items or ()) for w in p.lower().split() if w not in CAPTION_WORDS})
-        if unknown:  # its tokenizer would spell them letter by letter: prompts it was never trained on
-            return (f"embedded-shapes knows only the words {', '.join(CAPTION_WORDS)}; got {', '.join(unknown)}; "
-                    f"compose those words, e.g. --and red --and circle")
-        return None
-    if spec == "embedded-digits":
-        unknown = [n for n in (items or ()) if n not in DIGIT_MODELS]
-        if unknown:
-            return (
-                f"embedded-digits composes the models a (digits 0-4), b (5-9) and all; got {unknown}; use a, b or all"
-            )
-        return None
+        return vocabulary_problem(spec, items or ())
     path = Path(spec).expanduser()
     if looks_local(spec) and not path.is_dir():
         return (f"{option} {spec!r}: no such folder; pass a diffusers model folder (with model_index.json or unet/), "

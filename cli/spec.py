@@ -6,9 +6,12 @@ A row names its prompts (JSONL: ``"prompts": [...]``; CSV: a ``prompts`` column 
 ``num_images``, ``log_weights``). Command-line options give the defaults.
 
 A row may give an ``expression`` (the syntax of :mod:`superdiff.expression_syntax`) instead of
-prompts and modes: its leaves are the item's prompts, its mode is "expression", and ``particles``
-(weighted particles per image, default 1) applies to it. Temperature and log-weights are then node
-options of the expression, so a row giving them beside it is refused.
+prompts and modes: its leaves are the item's prompts, its mode is "expression". Temperature and
+log-weights are then node options of the expression, so a row giving them beside it is refused.
+
+A row may also set any sampling option by its name (``particles``, ``resample_threshold``,
+``density_variance``, ...: the fields of :class:`superdiff.options.SamplerOptions`, whose flags
+give the defaults); ``particles`` above 1 needs an expression that corrects (Feynman–Kac).
 """
 
 from __future__ import annotations
@@ -20,20 +23,22 @@ import io
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import ExpressionSyntaxError, parse_expression
 from superdiff.expressions import compile_expression, describe
+from superdiff.options import SamplerOptions, check_particles_apply
 
-from .composition import expression_items
+from .composition import expression_items, vocabulary_problem
 from .errors import BadInput
 from .limits import control_character_problem, images_problem, model_folder_problem, seed_problem, steps_problem
 from .models import EMBEDDED, model_problem
+from .options import sweep_keys, sweep_options
 
-SETTINGS = ("model", "steps", "guidance", "temperature", "num_images", "log_weights", "particles")
+SETTINGS = ("model", "steps", "guidance", "temperature", "num_images", "log_weights", *sweep_keys())
 KEYS = ("prompts", "modes", "mode", "expression", "seeds", "seed", *SETTINGS)
 PROMPT_COLUMN = re.compile(r"prompt_[0-9]+")
 
@@ -53,18 +58,33 @@ class SweepItem:
     num_images: int
     log_weights: tuple[float, ...] | None
     expression: str | None = None  # its canonical text (describe); the prompts are its leaves
-    particles: int = 1
+    options: SamplerOptions = field(default_factory=SamplerOptions)
+
+    @property
+    def particles(self) -> int:
+        return self.options.particles
+
+    def _fields(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "options"}
 
     @property
     def item_id(self) -> str:
-        fields = asdict(self)
+        """Stable across runs and releases: an item without an expression and with the default options
+        has the id of the release before expressions; ``particles`` enters with an expression (as it
+        did), every other option only where it is not its default."""
+        fields = self._fields()
         if self.expression is None and self.particles == 1:  # the ids of items from before expressions
-            del fields["expression"], fields["particles"]
+            del fields["expression"]
+        else:
+            fields["particles"] = self.particles
+        defaults = SamplerOptions().record()
+        fields |= {k: v for k, v in self.options.record().items() if k != "particles" and v != defaults[k]}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.row:04d}-{self.mode}-s{self.seed}-{digest}"
 
     def settings(self) -> dict[str, Any]:
-        return asdict(self) | {"item_id": self.item_id}
+        """What the item's sidecars and manifest line record: its fields, every sampling option, its id."""
+        return self._fields() | self.options.record() | {"item_id": self.item_id}
 
     def combiner(self) -> Combiner:
         """The item's combiner (its line was checked by building it: :func:`parse_row`)."""
@@ -246,7 +266,8 @@ def check_defaults(defaults: dict[str, Any]) -> None:
             model_folder_problem(model)
             or model_problem(model, allow_pickle=defaults.get("allow_pickle", False))
             or steps_problem(int(defaults["steps"]), model, None)
-            or images_problem(int(defaults["num_images"]), None, None, model, options=("--num-images", "", ""))
+            or images_problem(int(defaults["num_images"]) * defaults.get("options", SamplerOptions()).particles,
+                              None, None, model, options=("--num-images", "", ""))
         )
         if problem:
             raise BadInput(problem)
@@ -306,10 +327,14 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
         temperature = _parsed("temperature", rec.get("temperature", defaults["temperature"]))
         log_weights = parse_log_weights(rec.get("log_weights", defaults.get("log_weights")))
         check_combiners(prompts, modes, temperature, log_weights)
-    particles = _integer("particles", rec.get("particles", 1), 1)
-    if particles > 1 and expression is None:
-        raise LineError(f"particles {particles} weight an expression's Feynman–Kac corrections; give the line an "
-                        "expression, or drop particles")
+    try:
+        options = sweep_options(rec, defaults.get("options", SamplerOptions()))
+        combiner = (compile_expression(parse_expression(expression), prompts) if expression is not None
+                    else make_combiner(modes[0], len(prompts), temperature, log_weights, what="prompts"))
+        check_particles_apply(options.particles, combiner)
+    except ValueError as exc:
+        raise LineError(str(exc).replace("=", " ", 1) if str(exc).startswith("particles=") else str(exc)) from None
+    particles = options.particles
     seeds = parse_seeds(rec.get("seeds", rec.get("seed", defaults["seeds"])))
     steps = _integer("steps", rec.get("steps", defaults["steps"]), 1)
     num_images = _integer("num_images", rec.get("num_images", defaults["num_images"]), 1)
@@ -325,13 +350,15 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
             model_folder_problem(model, option="model")  # first: no need to look inside a folder that is no model
             or model_problem(model, prompts, defaults.get("allow_pickle", False), option="model")
         )
-        if problem:
-            raise LineError(problem)
+    else:  # the default model, checked once as --model: the line's words, as generate checks them
+        problem = vocabulary_problem(model, prompts)
+    if problem:
+        raise LineError(problem)
     problem = model_limit_problem(model, prompts, steps, num_images * particles, rec, defaults)
     if problem:
         raise LineError(problem)
     return [SweepItem(n, tuple(prompts), mode, seed, model, steps, guidance, temperature, num_images, log_weights,
-                      expression, particles)
+                      expression, options)
             for mode in modes for seed in seeds]
 
 

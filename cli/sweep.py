@@ -31,7 +31,6 @@ from pathlib import Path
 
 import click
 
-from superdiff.density import DEFAULT_DENSITY_VARIANCE
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import conjunctive
 
@@ -39,6 +38,7 @@ from .calls import FiniteFloat, pipeline_call_kwargs
 from .errors import BadInput, CommandFailed, handle_errors
 from .limits import output_folder
 from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype, silence_library_logs
+from .options import option_columns, options_from_params, recorded_options, sampler_click_options
 from .output import atomic_write_text, ensure_writable_dir, make_temp_dir, save_generation
 from .spec import SweepItem, load_spec
 
@@ -361,7 +361,7 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
     extra = sorted({k for r in records for k in r.get("metrics", {})})
     expressions = any(r["settings"].get("expression") for r in records)  # the column only where one is
     writer.writerow(["item_id", "prompts", "mode", *(["expression"] if expressions else []), "seed", "model", "steps",
-                     "num_images", *extra])
+                     "num_images", *option_columns(), *extra])
     for r in records:
         s = r["settings"]
         writer.writerow(
@@ -374,6 +374,7 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
                 s["model"],
                 s["steps"],
                 s["num_images"],
+                *recorded_options(s).values(),  # a line from before an option: the default it ran with
                 *[_csv_value(r["metrics"].get(k)) for k in extra],
             ]
         )
@@ -404,11 +405,15 @@ def merge_and_summarise(out_dir: Path) -> list[dict]:
               help="torch.compile each model's network with this mode (paid once per model and batch shape).")
 @click.option("--channels-last", is_flag=True, help="Store each model's network in channels-last memory format.")
 @click.option("--quiet", is_flag=True)
+@sampler_click_options()
 @handle_errors
 def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: int, guidance: float | None,
           temperature: float, num_images: int, dtype: str, device: str, limit: int | None, allow_pickle: bool,
-          compile_mode: str | None, channels_last: bool, quiet: bool) -> None:
+          compile_mode: str | None, channels_last: bool, quiet: bool, **sampler_options: object) -> None:
     """Run every prompt set × mode × seed of SPEC (CSV or JSONL); resumable and data-parallel.
+
+    The sampling options (--particles, --density-variance, ...) are the defaults of the lines, which
+    may set each by its name (e.g. {"expression": "\"red\" * \"circle\"", "particles": 4}).
 
     \b
     Examples:
@@ -418,7 +423,7 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
     if quiet:
         silence_library_logs()
     defaults = dict(model=model, modes=modes, seeds=seeds, steps=steps, guidance=guidance, temperature=temperature,
-                    num_images=num_images, allow_pickle=allow_pickle)
+                    num_images=num_images, allow_pickle=allow_pickle, options=options_from_params(sampler_options))
     items = load_spec(spec, defaults)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -472,15 +477,14 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 item.seed,
                 item.num_images,
                 progress=False,
-                particles=item.particles,
+                options=item.options,
             )
             result = loaded.pipeline(**call)
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = make_temp_dir(final.parent, prefix=f"{TMP_PREFIX}{owner}.{item.item_id}.")
             settings = item.settings() | {"pipeline": type(loaded.pipeline).__name__, "guidance": scale,
-                                          "compile": compile_mode, "channels_last": channels_last,
-                                          "density_variance": DEFAULT_DENSITY_VARIANCE}
+                                          "compile": compile_mode, "channels_last": channels_last}
             files = save_generation(tmp, result, settings)
             if final.exists():  # left by an interrupted run before its manifest line: replace it
                 shutil.rmtree(final)

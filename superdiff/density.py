@@ -43,6 +43,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .options import DEFAULT_DENSITY_VARIANCE, KERNEL_VARIANCES
+
 __all__ = [
     "DEFAULT_DENSITY_VARIANCE",
     "TransitionCoefficients",
@@ -90,10 +92,9 @@ class TransitionCoefficients:
         return self.sigma_t == 0.0
 
 
-VARIANCES = ("posterior", "forward", "euler")
-#: The estimator's variance unless one is named: each model's own (:func:`tweedie_density_variance`), read
-#: from the steps; ``"forward"`` was the default before it (README, "Few-step accuracy").
-DEFAULT_DENSITY_VARIANCE = "tweedie"
+#: The kernel variances by name, and the estimator's default (each model's own,
+#: :func:`tweedie_density_variance`): declared with the sampling options (:mod:`superdiff.options`).
+VARIANCES = KERNEL_VARIANCES
 
 
 def reverse_kernel_variance(alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float, variance: str) -> float:

@@ -45,6 +45,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from ._text import escape_invisible, excerpt, shorten
 from .expressions import UNCONDITIONAL, And, Leaf, Node, Not, Or, Product, SoftMax, SoftMin
 
 __all__ = ["ExpressionSyntaxError", "parse_expression", "FUNCTIONS"]
@@ -54,12 +55,13 @@ class ExpressionSyntaxError(ValueError):
     """A composition expression that does not parse, or whose node options are not valid.
 
     ``position`` is the 0-based character offset of the problem in ``expression``; the message
-    shows the expression with a caret under it."""
+    shows the expression (a window of it around the position when long, invisible characters
+    escaped) with a caret under the position."""
 
     def __init__(self, expression: str, position: int, problem: str) -> None:
         self.expression, self.position, self.problem = expression, position, problem
-        line = expression.replace("\n", " ").replace("\t", " ")
-        super().__init__(f"{problem} (at position {position}):\n  {line}\n  {' ' * position}^")
+        line, column = excerpt(expression, position)
+        super().__init__(f"{escape_invisible(problem)} (at position {position}):\n  {line}\n  {' ' * column}^")
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class _Parser:
         return self.tokens[self.at]
 
     def fail(self, token: _Token, expected: str) -> None:
-        found = "the end of the expression" if token.kind == "end" else repr(token.text)
+        found = "the end of the expression" if token.kind == "end" else shorten(token.text)
         raise ExpressionSyntaxError(self.text, token.position, f"expected {expected}, found {found}")
 
     def take(self, kind: str, expected: str) -> _Token:
@@ -220,7 +222,8 @@ class _Parser:
     def finite(self, token: _Token, what: str) -> float:
         value = float(token.value)  # type: ignore[arg-type]
         if not math.isfinite(value):
-            raise ExpressionSyntaxError(self.text, token.position, f"{what} must be a finite number, got {token.text}")
+            raise ExpressionSyntaxError(self.text, token.position,
+                                        f"{what} must be a finite number, got {shorten(token.text, quote=False)}")
         return value
 
     def primary(self) -> Node:
@@ -233,7 +236,8 @@ class _Parser:
             if not re.fullmatch(r"\d+", token.text):
                 raise ExpressionSyntaxError(
                     self.text, token.position,
-                    f"a bare number is a model index (a whole number >= 0, e.g. 0), got {token.text}; "
+                    "a bare number is a model index (a whole number >= 0, e.g. 0), got "
+                    f"{shorten(token.text, quote=False)}; "
                     "put a prompt in quotes",
                 )
             return Leaf(int(token.text))
@@ -246,9 +250,9 @@ class _Parser:
             return node
         if token.kind == "name":
             if token.text.lower() not in FUNCTIONS:
-                hint = (f'prompts go in quotes ("{token.text}")' if self.tokens[self.at + 1].kind != "("
-                        else f"the functions are {', '.join(FUNCTIONS)}")
-                raise ExpressionSyntaxError(self.text, token.position, f"unknown name {token.text!r}: {hint}")
+                hint = ('prompts go in quotes ("' + (token.text if len(token.text) <= 60 else "...") + '")'
+                        if self.tokens[self.at + 1].kind != "(" else f"the functions are {', '.join(FUNCTIONS)}")
+                raise ExpressionSyntaxError(self.text, token.position, f"unknown name {shorten(token.text)}: {hint}")
             return self.call(token)
         self.fail(token, _PRIMARY)
         raise AssertionError  # unreachable: fail raises

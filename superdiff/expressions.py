@@ -58,6 +58,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from ._text import shorten
 from .combine import CombineInputs, _check_at_least_two, _check_count, _device_constant, and_weights
 
 __all__ = [
@@ -68,7 +69,8 @@ __all__ = [
 
 
 def _refuse(argument: str, given: object, works: str) -> None:
-    raise ValueError(f"{argument}={given!r} is not valid; {works}")
+    shown = shorten(given) if isinstance(given, str) else repr(given)  # a long prompt is not echoed whole
+    raise ValueError(f"{argument}={shown} is not valid; {works}")
 
 
 def _finite(name: str, value: object, *, positive: bool = False) -> float:

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .options import option_spec
+
 __all__ = [
     "check_particles", "effective_sample_size", "systematic_ancestors", "resample_step", "select_particles",
     "group_uniforms",
@@ -23,17 +25,8 @@ __all__ = [
 def check_particles(particles: object, resample_threshold: object, batch: int | None = None) -> None:
     """Raise ``ValueError`` unless ``particles`` is an integer ≥ 1 (dividing ``batch``, when given) and
     ``resample_threshold`` a number in (0, 1]."""
-    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
-        raise ValueError(f"particles={particles!r} is not valid; use an integer >= 1 (1: no weighted particles)")
-    if (
-        isinstance(resample_threshold, bool)
-        or not isinstance(resample_threshold, (int, float))
-        or not (0 < resample_threshold <= 1)
-    ):
-        raise ValueError(
-            f"resample_threshold={resample_threshold!r} is not valid; use a number in (0, 1]: a group resamples "
-            "when its effective sample size falls below threshold × particles (e.g. 0.5)"
-        )
+    option_spec("particles").check("particles", particles)  # the checks declared with the options
+    option_spec("resample_threshold").check("resample_threshold", resample_threshold)
     if batch is not None and batch % particles:
         raise ValueError(
             f"particles={particles} does not divide the batch of {batch} samples; pass a batch of "

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
     DEFAULT_DENSITY_VARIANCE,
-    VARIANCES,
     QuadraticIncrementSystem,
     TransitionCoefficients,
     divergence_exact,
@@ -42,6 +41,7 @@ from .density import (
 )
 from .expressions import CompiledExpression, bind_combiner
 from .models import Denoiser
+from .options import option_spec
 from .particles import check_particles, group_uniforms, resample_step
 from .processes import Process
 
@@ -507,8 +507,7 @@ def _plan_sde(denoiser: Denoiser, x: Tensor, times: Tensor, combiner: Combiner, 
     if variance is None:
         variance = "forward" if needs_scores else "posterior"
     for name, value in (("variance", variance), ("density_variance", density_variance)):
-        if value not in (*VARIANCES, "tweedie"):
-            raise ValueError(f"{name}={value!r} is not valid; use one of {(*VARIANCES, 'tweedie')}")
+        option_spec(name).check(name, value)  # declared with the options (superdiff.options)
     model_variances, kernel_tweedie = density_variance == "tweedie", variance == "tweedie"
     density_variance = "forward" if model_variances else density_variance  # the first step's, and the fallback's
     variance = "posterior" if kernel_tweedie else variance  # β̃: the first step's, and the base of Tweedie's

@@ -222,3 +222,14 @@ def test_two_tabs_at_once_queue_and_keep_their_own_outputs(browser, served):
     finally:
         first.close()
         second.close()
+
+
+def test_the_particles_cap_names_the_particles_field():
+    """The form's cap counts images x particles and names the field to lower, not a number of images
+    the user never entered."""
+    from superdiff_cli.app import check_run_request, composition_from_expression
+
+    composition = composition_from_expression("embedded-shapes", '"red" * "circle"')
+    with pytest.raises(BadInput, match="number of images 4 x particles 300 is 1200 samples in one batch, more than "
+                                       "1024; use particles 256 or fewer"):
+        check_run_request("embedded-shapes", composition, 50, 5, 0, 4, 300)

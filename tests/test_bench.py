@@ -114,3 +114,47 @@ def test_few_steps_bench_diagnoses_the_8d_remainder_with_exact_covariances():
     for row in oracle.values():
         estimate, trace, exact = row["20"].values()
         assert exact < 0.5 * estimate and exact < trace <= estimate * 1.05, row
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common
+
+
+def test_markdown_option_writes_the_printed_tables_into_the_page_and_keeps_its_prose(tmp_path, monkeypatch, capsys):
+    """``--markdown PAGE``: what the run prints lands between the script's markers, tables as tables,
+    other lines verbatim, headed by the command; the page's own text stays, a rerun replaces the block."""
+    common = _common()
+    page = tmp_path / "demo.md"
+    begin, end = common.generated_markers("demo")
+    page.write_text(f"# Demo\n\nProse before.\n\n{begin}\nold figures\n{end}\n\nProse after.\n")
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--quick", "--markdown", str(page)])
+    for value in ("1.5", "2.5"):
+        with common.markdown_output("demo"):
+            print(f"machine: a CPU; err = median |tracked − exact|\n\nerr, forward\n| set-up | 20 |\n|---|---|\n"
+                  f"| 3-D | {value} |")
+            print(json.dumps({"err": value}))
+    assert "| 3-D | 2.5 |" in capsys.readouterr().out  # the output still reaches the terminal
+    text = page.read_text()
+    assert text.startswith("# Demo\n\nProse before.\n\n" + begin) and text.endswith(end + "\n\nProse after.\n")
+    assert text.count(begin) == 1 and "old figures" not in text and "| 3-D | 1.5 |" not in text
+    block = text.split(begin)[1].split(end)[0]
+    assert f"Command: `python bench/demo.py --quick --markdown {page}`" in block
+    assert "err, forward\n\n| set-up | 20 |\n|---|---|\n| 3-D | 2.5 |\n" in block
+    assert "```text\nmachine: a CPU; err = median |tracked − exact|\n```" in block
+    assert '"err"' not in block  # the --json line is not part of the page
+
+
+def test_without_the_markdown_option_no_page_is_written(tmp_path, monkeypatch):
+    common = _common()
+    monkeypatch.setattr(common, "DOCS_BENCHMARKS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--quick"])
+    with common.markdown_output("demo"):
+        print("| a |\n|---|\n| 1 |")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--markdown"])  # no PAGE: docs/benchmarks/<script>.md
+    with common.markdown_output("demo"):
+        print("| a |\n|---|\n| 1 |")
+    assert "| a |\n|---|\n| 1 |" in (tmp_path / "demo.md").read_text()

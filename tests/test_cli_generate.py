@@ -373,13 +373,26 @@ def no_loading(monkeypatch):
             "--negative-prompt 'purple blob': embedded-shapes knows only the words",
         ),
         (["--negative-prompt", "blue\x07"], r"holds the control character '\x07'"),
+        (["--and", "red\u200b", "--and", "circle"], r"got red\u200b;"),  # a zero-width space, shown escaped
+        (  # the cap names the option that made the batch too large
+            ["--expr", '"red" * "circle"', "--particles", "25000"],
+            "--num-images 4 x --particles 25000 is 100000 samples in one batch, more than 1024; use --particles 256",
+        ),
+        (
+            ["--expr", '"red" * "circle"', "--particles", "20", "--height", "4096", "--width", "4096"],
+            "--num-images 4 x --particles 20 samples of 4096x4096 pixels",
+        ),
+        (  # embedded-digits refuses --guidance too: the message must not suggest it
+            ["--model", "embedded-digits", "--or", "a", "--or", "b", "--true-cfg-scale", "2"],
+            "drop it (it composes unconditional models, which take no guidance)",
+        ),
     ],
 )
 def test_limits_are_checked_before_loading_or_creating_out(tmp_path, monkeypatch, no_loading, args, needle):
     """Ranges read from the model's config files, torch's seed range, the batch caps and plain-text
     prompts: exit 2 with the limit and its fix, no traceback, nothing loaded and --out not created."""
     monkeypatch.chdir(tmp_path)  # tmp_path is deeper than four folders: ../../../../etc is /etc
-    prompts = [] if "--and" in args else ["--and", "red", "--and", "circle"]
+    prompts = [] if {"--and", "--or", "--expr"} & set(args) else ["--and", "red", "--and", "circle"]
     r = invoke("generate", *prompts, "--out", str(tmp_path / "out"), "--quiet", *args)
     assert r.exit_code == 2, r.output
     assert needle in " ".join(r.output.split()) and "Traceback" not in r.output

@@ -135,8 +135,13 @@ MALFORMED = [
     ('{"expression": "\\"red\\" & \\"circle\\"", "modes": ["or"]}', "expression names the prompts"),
     ('{"expression": "\\"red\\" | \\"circle\\"", "temperature": 2}', "how to compose them"),
     ('{"expression": ""}', "must be a non-empty string"),
-    ('{"expression": "\\"red\\" * \\"circle\\"", "particles": 0}', "particles must be >= 1"),
+    ('{"expression": "\\"red\\" * \\"circle\\"", "particles": 0}', "particles 0 is not valid; use an integer >= 1"),
     ('{"prompts": ["red", "circle"], "particles": 4}', "particles 4 weight an expression's"),
+    ('{"expression": "\\"red\\" & \\"circle\\"", "particles": 2}', "particles 2 weight an expression's"),
+    ('{"prompts": ["purple", "circle"]}', "embedded-shapes knows only the words"),  # generate's vocabulary check
+    ('{"expression": "\\"purple\\" * \\"circle\\""}', "embedded-shapes knows only the words"),
+    ('{"prompts": ["red", "circle"], "density_variance": "exact"}', "density_variance 'exact' is not valid"),
+    ('{"prompts": ["red", "circle"], "resample_threshold": "half"}', "resample_threshold 'half' is not a number"),
     ('{"expression": "\\"a\\" * !\\"b\\"", "model": "embedded-digits"}', "no unconditional model for"),
 ]
 
@@ -321,8 +326,10 @@ def test_sweep_barrier_counts_only_this_launchs_markers(tmp_path, monkeypatch):
 def test_item_ids_of_lines_without_an_expression_are_the_ones_earlier_releases_wrote():
     """A sweep from before expressions resumes: its items keep their ids (the id of this item as the
     release before expressions computed it), while an expression or particles make a new one."""
+    from superdiff.options import SamplerOptions
     from superdiff_cli.spec import SweepItem
 
     args = (1, ("a red circle", "a blue square"), "and", 0, "embedded-shapes", 3, None, 1.0, 1, None)
     assert SweepItem(*args).item_id == "0001-and-s0-16a888bc"
-    assert SweepItem(*args, particles=2).item_id != SweepItem(*args).item_id
+    assert SweepItem(*args, options=SamplerOptions(particles=2)).item_id != SweepItem(*args).item_id
+    assert SweepItem(*args, options=SamplerOptions(time_grid="edm")).item_id != SweepItem(*args).item_id

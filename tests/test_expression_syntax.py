@@ -99,3 +99,45 @@ def test_errors_name_the_problem_and_point_at_it(text, position, words):
 def test_a_non_string_is_a_value_error():
     with pytest.raises(ValueError, match="pass a string"):
         parse_expression(Leaf("a"))  # type: ignore[arg-type]
+
+
+def shown_under_caret(err: ExpressionSyntaxError) -> str:
+    """The text of the message's expression line from the caret's column on (columns counted as a
+    terminal shows them: East Asian wide characters take two)."""
+    import unicodedata
+
+    *_, line, caret = str(err).splitlines()
+    column, i = caret.index("^"), 0
+    while column > 0:
+        column -= 2 if unicodedata.east_asian_width(line[i]) in "WF" else 1
+        i += 1
+    return line[i:]
+
+
+@pytest.mark.parametrize("text, position, shown", [
+    ('"a\u200b\u200b" & & "b"', 8, r'"a\u200b\u200b" & & "b"'),  # zero-width spaces in a prompt
+    ('"red\x1b[31m" & & "b"', 13, r'"red\x1b[31m" & & "b"'),  # a terminal escape
+    ('"a" &\n&\t"b"', 6, r'"a" &\n&\t"b"'),  # newline and tab: one line, the caret still under the '&'
+    ('"紅色" & | "b"', 7, '"紅色" & | "b"'),  # wide characters take two columns
+])
+def test_invisible_characters_are_escaped_and_the_caret_stays_under_the_place(text, position, shown):
+    with pytest.raises(ExpressionSyntaxError) as info:
+        parse_expression(text)
+    err = info.value
+    assert err.position == position and str(err).splitlines()[-2] == "  " + shown
+    assert shown_under_caret(err).startswith(text[position])
+    assert not any(c in str(err) for c in "\u200b\x1b\t")
+
+
+@pytest.mark.parametrize("text, position, found", [
+    ('"a" & ' * 20000 + '& "b"', 120000, "&"),  # the problem far inside a long expression
+    ('"red" * (' + "x" * 100000, 9, "x"),  # a 100k-character name, echoed in the problem too
+    ('"a" | "' + "y" * 100000, 6, '"'),  # a prompt never closed
+    ("1" * 100000 + ".5", 0, "1"),  # a 100k-digit number
+])
+def test_a_long_expression_is_shown_around_the_problem_only(text, position, found):
+    with pytest.raises(ExpressionSyntaxError) as info:
+        parse_expression(text)
+    err = info.value
+    assert err.position == position and len(str(err)) < 500
+    assert shown_under_caret(err).startswith(found) and f"(at position {position})" in str(err)

@@ -68,7 +68,10 @@ def test_an_image_s_particles_depend_on_its_generator_only(pipe):
         (dict(expression="not an expression object".split()), "expression"),
         (dict(prompts=PROMPTS, particles=0), "particles"),
         (dict(prompts=PROMPTS, particles=2, resample_threshold=0.0), "resample_threshold"),
-        (dict(prompts=PROMPTS, particles=2, latents=torch.zeros(1, 4, 8, 8)), "latents"),
+        (dict(expression=Product((A, B)), particles=2, latents=torch.zeros(1, 4, 8, 8)), "latents"),
+        # Particles weigh Feynman–Kac corrections: a mode, or an expression that corrects nothing, has none.
+        (dict(prompts=PROMPTS, particles=2), "particles=2 weight an expression's Feynman–Kac corrections"),
+        (dict(expression=Or((A, B)), particles=3), "particles=3 weight an expression's Feynman–Kac corrections"),
         (dict(expression=Or((Product((A, B)), A))), "degree"),
     ],
 )
@@ -121,6 +124,6 @@ def test_the_pipelines_default_to_the_tweedie_density_variance_and_take_forward(
     gap = and_tweedie.log_density_trace[..., 0] - and_tweedie.log_density_trace[..., 1]
     assert float(gap.abs().max()) < 1e-6 * (1 + float(and_tweedie.log_density_trace.abs().max()))
     text_calls = count_calls(pipe.text_encoder)
-    with pytest.raises(ValueError, match="density_variance='exact' is not valid: use one of"):
+    with pytest.raises(ValueError, match="density_variance='exact' is not valid; use one of"):
         _call(pipe, prompts=PROMPTS, mode="or", density_variance="exact")
     assert text_calls == []

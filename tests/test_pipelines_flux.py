@@ -204,7 +204,8 @@ def test_sizes_and_packed_latents_as_diffusers_takes_them(tmp_path):
     (dict(true_cfg_scale=float("nan"), negative_prompt="a cat"), "true_cfg_scale"),
     (dict(guidance_scale=None), "guidance_scale"),  # the distilled transformer needs its guidance input
     (dict(guidance_scale=-2.0), "guidance_scale"),
-    (dict(mode="sum"), "true_cfg_scale"),  # unguided weights that do not sum to 1 at σ = 1
+    # unguided weights that do not sum to 1 at σ = 1: named by the composition, not by the default true_cfg_scale
+    (dict(mode="sum"), r"the combiner's weights \(1.0, 1.0\) sum to 2: without guidance"),
     (dict(max_sequence_length=513), "max_sequence_length"),
     (dict(width=10), "width"),
     (dict(prompt_embeds=torch.zeros(1, 8, 32)), "prompt_embeds"),
@@ -214,7 +215,7 @@ def test_bad_arguments_are_refused_before_any_network_call(bad, argument, tmp_pa
     ours, _ = flux_pipes(tmp_path)
     networks = [ours.transformer, ours.text_encoder, ours.text_encoder_2]
     calls = [count_calls(n) for n in networks]
-    with pytest.raises(ValueError, match=f"^{argument}="):
+    with pytest.raises(ValueError, match=f"^{argument}" + ("" if argument.startswith("the ") else "=")):
         ours(**(dict(prompts=PROMPTS3[:2]) | KW | bad))
     assert all(c == [] for c in calls)
 
@@ -301,8 +302,12 @@ def test_expressions_and_particles_on_flux(tmp_path):
     tree = pipe(expression=f'"{PROMPTS3[0]}" & "{PROMPTS3[1]}"', generator=torch.Generator().manual_seed(3), **common)
     assert torch.equal(flat.images, tree.images) and torch.equal(flat.kappa_trace, tree.kappa_trace)
 
-    with pytest.raises(ValueError, match="an expression whose degree is not 1, such as a product of two"):
+    with pytest.raises(ValueError, match="an expression whose degree is not 1, such as a product of two") as caught:
         pipe(expression=f'"{PROMPTS3[0]}" * "{PROMPTS3[1]}"', **common)  # unguided flow starts at σ = 1
+    # The message names what is wrong (the composition), not the true_cfg_scale the user left at its default.
+    product = f'product("{PROMPTS3[0]}", "{PROMPTS3[1]}")'
+    assert str(caught.value).startswith(f"the expression {product!r} has degree 2:")
+    assert "true_cfg_scale above 1 (e.g. 4.0; it is 1.0)" in str(caught.value)
     text = f'softmin("{PROMPTS3[0]}", "{PROMPTS3[1]}")[sharpness=4]'  # degree 1, corrected: weighted particles
     gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
     both = pipe(expression=text, particles=3, num_images_per_prompt=2, generator=gens, **common)

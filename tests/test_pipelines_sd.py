@@ -408,6 +408,28 @@ def test_sd_bad_inputs_raise_before_any_network_call(sd_pipe, kwargs, argument):
         hooks.clear()
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_sd_steps_beyond_the_training_timesteps_are_refused_before_encoding(sd_pipe, spacing):
+    """A grid finer than the scheduler's training timesteps repeats them ("trailing", the embedded
+    models' spacing, fails in the sampler) or falls between them ("linspace"): refused, with the
+    limit, before the text encoder runs."""
+    from diffusers import EulerDiscreteScheduler
+
+    original = sd_pipe.scheduler
+    sd_pipe.scheduler = EulerDiscreteScheduler.from_config(original.config, timestep_spacing=spacing)
+    unet_calls, text_calls = count_calls(sd_pipe.unet), count_calls(sd_pipe.text_encoder)
+    try:
+        with pytest.raises(ValueError, match=r"^num_inference_steps=5000 is not valid: the network was trained at "
+                                             r"1000 timesteps \(EulerDiscreteScheduler.config.num_train_timesteps\).*"
+                                             r"use 1000 or fewer"):
+            sd_pipe(PROMPTS, num_inference_steps=5000, progress=False, output_type="latent")
+    finally:
+        sd_pipe.scheduler = original
+        for hooks in (sd_pipe.unet._forward_pre_hooks, sd_pipe.text_encoder._forward_pre_hooks):
+            hooks.clear()
+    assert unet_calls == [] and text_calls == []
+
+
 def test_sd_save_load_round_trip_and_from_pipe(sd_pipe, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -109,6 +109,7 @@ def test_unconditional_bad_inputs_and_incompatible_models():
         (dict(temperature=float("nan")), "temperature"),
         (dict(batch_size=0), "batch_size"),
         (dict(generator=123), "generator"),
+        (dict(num_inference_steps=5000), "num_inference_steps"),  # more than DDPM's 1000 training timesteps
     ]:
         with pytest.raises(ValueError, match=f"^{argument}="):
             pipe(progress=False, **kwargs)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
 
 from ..combine import Combiner, check_combiner, make_combiner
-from ..density import DEFAULT_DENSITY_VARIANCE
 from ..expressions import NODE_TYPES, compile_expression, leaf_names
-from ..particles import check_particles, select_particles
+from ..options import DENSITY_VARIANCES, SamplerOptions, check_particles_apply  # noqa: F401 (the old name)
+from ..particles import select_particles
 from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
-from .denoisers import Schedule
+from .denoisers import Schedule, steps_problem
 from .output import SuperDiffPipelineOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -26,6 +26,27 @@ CALLBACK_TENSOR_INPUTS = ("latents", "denoised", "kappa", "log_densities")
 
 def _fail(argument: str, given: Any, works: str) -> None:
     raise ValueError(f"{argument}={given!r} is not valid: {works}")
+
+
+def unguided_flow_problem(combiner: Any, guidance_fix: str) -> str | None:
+    """Why ``combiner`` cannot run without guidance on a flow model, naming the composition (its
+    expression and degree, or its weights), or None where it can: weights that do not sum to 1 have
+    no denoised form at σ = 1, where flow sampling starts. ``guidance_fix`` says how to guide instead."""
+    if getattr(combiner, "affine", True):
+        return None
+    if hasattr(combiner, "expression") and hasattr(combiner, "degree"):
+        from ..expressions import describe
+
+        name = f"expression {describe(combiner.expression)!r} has degree {combiner.degree:g}"
+    elif getattr(combiner, "weights", None) is not None:
+        weights = tuple(combiner.weights)
+        name = f"combiner's weights {weights} sum to {sum(weights):g}"
+    else:
+        name = f"combiner {combiner!r} has weights that do not sum to 1"
+    return (f"the {name}: without guidance, weights that do not sum to 1 (mode='sum', or an expression whose "
+            "degree is not 1, such as a product of two) have no denoised form at σ = 1, where flow sampling starts; "
+            "use mode 'and', 'or' or 'average' (or an expression of degree 1: an or, a softmin, exponents summing "
+            f"to 1), or {guidance_fix}")
 
 
 def prompts_argument(prompts: Any, prompt: Any) -> Any:
@@ -131,14 +152,12 @@ def _expression_node(expression: Any) -> Any:
     return expression
 
 
-#: The estimator variances a pipeline call takes (:func:`superdiff.sampling.sample_sde`'s ``density_variance``).
-DENSITY_VARIANCES = ("forward", "posterior", "euler", "tweedie")
-
-
 @dataclass(frozen=True, eq=False)
 class SamplingOptions:
     """The options of one pipeline call, resolved once at the top of ``__call__`` (the combiner
-    from ``combiner=`` or ``mode=``) and passed whole to :func:`check_options` and the sampler."""
+    from ``combiner=`` or ``mode=``) and passed whole to :func:`check_options` and the sampler.
+    ``sampler``: the sampling options (:class:`superdiff.options.SamplerOptions`), each checked
+    when built from the call's keyword arguments."""
 
     combiner: Combiner
     num_inference_steps: int
@@ -151,9 +170,19 @@ class SamplingOptions:
     progress: bool = True
     callback_on_step_end: Callable | None = None
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
-    particles: int = 1
-    resample_threshold: float = 0.5
-    density_variance: str = DEFAULT_DENSITY_VARIANCE
+    sampler: SamplerOptions = field(default_factory=SamplerOptions)
+
+    @property
+    def particles(self) -> int:
+        return self.sampler.particles
+
+    @property
+    def resample_threshold(self) -> float:
+        return self.sampler.resample_threshold
+
+    @property
+    def density_variance(self) -> str:
+        return self.sampler.density_variance
 
     @property
     def guidance(self) -> float | None:
@@ -164,10 +193,12 @@ class SamplingOptions:
         return float(w) if w is not None and w > 1 else None
 
 
-def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt") -> None:
+def check_options(options: SamplingOptions, batch_argument: str = "num_images_per_prompt",
+                  scheduler: Any = None) -> None:
     """The checks of the options that the combiner and the sampler do not make before the first
     network call, with the argument, the value and what works. ``batch_argument`` names the batch
-    size as the caller spelled it (the unconditional pipeline's ``batch_size``)."""
+    size as the caller spelled it (the unconditional pipeline's ``batch_size``); ``scheduler``, the
+    pipeline's, bounds the steps by its training timesteps before any prompt is encoded."""
     guidance_scale, steps, batch = options.guidance_scale, options.num_inference_steps, options.num_images_per_prompt
     # The sampler checks guidance_scale too, but only once the prompts are encoded: this one comes first.
     if guidance_scale is not None and (
@@ -177,14 +208,13 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
               "without guidance, as in diffusers)")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         _fail("num_inference_steps", steps, "use a positive integer, e.g. 50")
+    if scheduler is not None and (problem := steps_problem(scheduler, int(steps))):
+        raise ValueError(problem)
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         _fail(batch_argument, batch, "use a positive integer")
     if options.output_type not in OUTPUT_TYPES:
         _fail("output_type", options.output_type, f"use one of {OUTPUT_TYPES}")
-    check_particles(options.particles, options.resample_threshold)
-    if options.density_variance not in DENSITY_VARIANCES:
-        _fail("density_variance", options.density_variance, f"use one of {DENSITY_VARIANCES} (sample_sde's: "
-              "'tweedie' gives each model its own variance, read for free from the steps)")
+    check_particles_apply(options.particles, options.combiner)  # each field was checked in SamplerOptions
     if options.particles > 1 and options.latents is not None:
         _fail("latents", "<a tensor>", f"latents give one starting point per image, and particles={options.particles} "
               "draws that many per image; pass latents=None (the generator draws them) or particles=1")
@@ -386,6 +416,7 @@ class SuperDiffMixin:
         x = prior_sample(
             denoiser, shape[0] * k, shape[1:], generator, device, dtype, std=schedule.init_noise_sigma, z=latents
         )
+        schedule = sampling_schedule(schedule, options.sampler)
         times = schedule.times
         self._guidance_scale = options.guidance_scale
         self._num_timesteps = len(times) - 1
@@ -410,10 +441,11 @@ class SuperDiffMixin:
                 guidance_scale=options.guidance,
                 generator=generator,
                 callback=callback if bar is not None or on_step is not None else None,
-                final_denoise=True,
+                final_denoise=options.sampler.final_denoise,
                 interrupt=lambda: self.interrupt,
                 particles=k,
                 resample_threshold=options.resample_threshold,
+                variance=options.sampler.variance,
                 density_variance=options.density_variance,
             )
         finally:
@@ -437,6 +469,32 @@ class SuperDiffMixin:
             node_weight_trace=result.node_weight_trace,
         )
         return out if options.return_dict else out.to_tuple()
+
+
+def sampling_schedule(schedule: Schedule, sampler: SamplerOptions) -> Schedule:
+    """``schedule`` with the times the sampling options ask for. ``time_grid``: the scheduler's own
+    ("scheduler"), or a grid of :data:`superdiff.time_grids.GRIDS` on its process between the same
+    first and last network times, closed by the same final time (the same network evaluations either
+    way). ``final_denoise=False``: the last step lands on that final time instead of σ = 0, so a
+    closing time equal to the last network time (a grid that reaches timestep 0) is dropped."""
+    times = schedule.times
+    if sampler.time_grid != "scheduler" and times.numel() >= 3:  # one step: nothing to space
+        from ..time_grids import GRIDS
+
+        try:
+            grid = GRIDS[sampler.time_grid](schedule.process, times.numel() - 2, t_start=float(times[0]),
+                                            t_end=float(times[-2]))
+        except ValueError as exc:
+            process = type(schedule.process).__name__
+            raise ValueError(f"time_grid={sampler.time_grid!r} does not apply to this scheduler's {process} "
+                             f"process ({exc}); use time_grid='scheduler', 'uniform' or 'quadratic'") from None
+        times = torch.cat([grid.to(times), times[-1:]])
+    if not sampler.final_denoise and times.numel() >= 2 and float(times[-1]) >= float(times[-2]):
+        times = times[:-1]
+        if times.numel() < 2:
+            raise ValueError("final_denoise=False is not valid with one step that ends at the network's last "
+                             "timestep: there is no step left; use num_inference_steps >= 2 or final_denoise=True")
+    return schedule if times is schedule.times else replace(schedule, times=times)
 
 
 def one_particle_per_image(result: SamplerOutput, particles: int, generator: Any) -> SamplerOutput:

@@ -151,6 +151,19 @@ class Schedule:
     prediction: str
 
 
+def steps_problem(scheduler: Any, num_inference_steps: int) -> str | None:
+    """Whether a discrete-time scheduler's grid of ``num_inference_steps`` is finer than the
+    ``num_train_timesteps`` its network was trained at: such a grid repeats timesteps (which the
+    sampler cannot step between) or falls between them (DDIM and DDPM refuse it in ``set_timesteps``).
+    Flow-matching schedulers take any number of steps (σ is continuous)."""
+    n_train = scheduler.config.get("num_train_timesteps") if hasattr(scheduler, "config") else None
+    if _is_flow(scheduler) or not isinstance(n_train, int) or num_inference_steps <= n_train:
+        return None
+    return (f"num_inference_steps={num_inference_steps!r} is not valid: the network was trained at {n_train} "
+            f"timesteps ({type(scheduler).__name__}.config.num_train_timesteps), and a finer grid repeats them; use "
+            f"{n_train} or fewer")
+
+
 def schedule_from_scheduler(scheduler: Any, num_inference_steps: int, **set_timesteps_kwargs: Any) -> Schedule:
     """Call ``scheduler.set_timesteps`` and map its grid onto the scheduler's core process.
 

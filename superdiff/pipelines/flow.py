@@ -34,11 +34,10 @@ from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..combine import Combiner
-from ..density import DEFAULT_DENSITY_VARIANCE
+from ..options import SamplerOptions
 from ._common import (
     SamplingOptions,
     SuperDiffMixin,
-    _fail,
     check_latents,
     check_options,
     check_text_inputs,
@@ -48,6 +47,7 @@ from ._common import (
     prompts_argument,
     refuse_embeddings,
     resolve_composition,
+    unguided_flow_problem,
 )
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
@@ -130,14 +130,13 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call:
         the options, the negative prompt, the image size and T5's sequence length (the combiner
         checked itself)."""
-        check_options(options)
+        check_options(options, scheduler=self.scheduler)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name guidance_scale.
-        if options.guidance is None and not getattr(options.combiner, "affine", True):
-            _fail("guidance_scale", options.guidance_scale, "weights that do not sum to 1 (mode='sum', or an "
-                  "expression whose degree is not 1, such as a product of two) have no denoised form at σ = 1, where "
-                  "flow sampling starts; pass a guidance_scale above 1 (e.g. 7.0) or use mode 'and', 'or' or "
-                  "'average' (or an expression of degree 1: an or, a softmin, exponents summing to 1)")
+        if options.guidance is None and (problem := unguided_flow_problem(
+            options.combiner, f"guide it: guidance_scale above 1 (e.g. 7.0; it is {options.guidance_scale!r})",
+        )):
+            raise ValueError(problem)
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
             raise ValueError(
                 f"max_sequence_length={max_sequence_length!r} is not valid: use an integer in 1..512 (SD3 uses 256)"
@@ -204,9 +203,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         combiner: Combiner | None = None,
         expression: Any = None,
-        particles: int = 1,
-        resample_threshold: float = 0.5,
-        density_variance: str = DEFAULT_DENSITY_VARIANCE,
+        **sampler_options: Any,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`,
         with SD3's defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros).
@@ -226,8 +223,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
                                                 "prompts", default_mode="and")
         m = len(prompts)
         options = SamplingOptions(
-            combiner=combiner, particles=particles, resample_threshold=resample_threshold,
-            density_variance=density_variance,
+            combiner=combiner, sampler=SamplerOptions.from_kwargs(**sampler_options),
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
             return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,

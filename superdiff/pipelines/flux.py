@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..combine import Combiner
-from ..density import DEFAULT_DENSITY_VARIANCE
+from ..options import SamplerOptions
 from ..sampling import randn
 from ._common import (
     SamplingOptions,
@@ -44,6 +44,7 @@ from ._common import (
     prompts_argument,
     refuse_embeddings,
     resolve_composition,
+    unguided_flow_problem,
 )
 from .denoisers import DiffusersDenoiser, schedule_from_scheduler
 from .loading import check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
@@ -217,14 +218,14 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
             _fail("negative_prompt", negative_prompt, f"it is the unconditional branch of true classifier-free "
                   f"guidance, which true_cfg_scale={true_cfg_scale!r} turns off (it runs for true_cfg_scale > 1, as "
                   "in diffusers' FluxPipeline); pass true_cfg_scale above 1 (e.g. 4.0) or no negative_prompt")
-        check_options(options)
+        check_options(options, scheduler=self.scheduler)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name true_cfg_scale.
-        if options.guidance is None and not getattr(options.combiner, "affine", True):
-            _fail("true_cfg_scale", true_cfg_scale, "weights that do not sum to 1 (mode='sum', or an expression whose "
-                  "degree is not 1, such as a product of two) have no denoised form at σ = 1, where flow sampling "
-                  "starts; pass true_cfg_scale above 1 with a negative_prompt, or use mode 'and', 'or' or 'average' "
-                  "(or an expression of degree 1: an or, a softmin, exponents summing to 1)")
+        if options.guidance is None and (problem := unguided_flow_problem(
+            options.combiner, f"guide it: true_cfg_scale above 1 (e.g. 4.0; it is {true_cfg_scale!r}) with a "
+            "negative_prompt ('' for the empty prompt)",
+        )):
+            raise ValueError(problem)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not (
             1 <= max_sequence_length <= 512
         ):
@@ -282,9 +283,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         combiner: Combiner | None = None,
         expression: Any = None,
-        particles: int = 1,
-        resample_threshold: float = 0.5,
-        density_variance: str = DEFAULT_DENSITY_VARIANCE,
+        **sampler_options: Any,
     ) -> SuperDiffPipelineOutput | tuple:
         """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
         ``FluxPipeline``'s arguments and defaults (28 steps, 1024² pixels, T5 length 512); an
@@ -313,8 +312,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
                                                 "prompts", default_mode="and")
         m = len(prompts)
         options = SamplingOptions(
-            combiner=combiner, particles=particles, resample_threshold=resample_threshold,
-            density_variance=density_variance,
+            combiner=combiner, sampler=SamplerOptions.from_kwargs(**sampler_options),
             num_inference_steps=num_inference_steps, guidance_scale=true_cfg_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
             return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,

@@ -22,7 +22,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..combine import Combiner
-from ..density import DEFAULT_DENSITY_VARIANCE
+from ..options import SamplerOptions
 from ._common import (
     SamplingOptions,
     SuperDiffMixin,
@@ -153,7 +153,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
     def check_inputs(self, negative_prompt: Any, height: Any, width: Any, options: SamplingOptions) -> None:
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call:
         the options, the negative prompt and the image size (the combiner checked itself)."""
-        check_options(options)
+        check_options(options, scheduler=self.scheduler)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
 
     @torch.no_grad()
@@ -211,9 +211,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         combiner: Combiner | None = None,
         expression: Any = None,
-        particles: int = 1,
-        resample_threshold: float = 0.5,
-        density_variance: str = DEFAULT_DENSITY_VARIANCE,
+        **sampler_options: Any,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode`` (or ``combiner``).
 
@@ -253,8 +251,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
                                                 "prompts", default_mode="and")
         m = len(prompts)
         options = SamplingOptions(
-            combiner=combiner, particles=particles, resample_threshold=resample_threshold,
-            density_variance=density_variance,
+            combiner=combiner, sampler=SamplerOptions.from_kwargs(**sampler_options),
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, output_type=output_type,
             return_dict=return_dict, progress=progress, callback_on_step_end=callback_on_step_end,

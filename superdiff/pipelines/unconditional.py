@@ -24,8 +24,8 @@ from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
 from ..combine import Combiner
-from ..density import DEFAULT_DENSITY_VARIANCE
 from ..models import stack_denoisers
+from ..options import SamplerOptions
 from ._common import (
     SamplingOptions,
     SuperDiffMixin,
@@ -214,7 +214,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         the models' compatibility and the options (the combiner checked itself). ``batch_argument``
         names the batch size as the caller passed it (``batch_size`` or ``num_images_per_prompt``)."""
         self.check_models()
-        check_options(options, batch_argument)
+        check_options(options, batch_argument, self.scheduler)
 
     @torch.no_grad()
     def __call__(
@@ -238,9 +238,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
         guidance_scale: Any = None,
         combiner: Combiner | None = None,
         expression: Any = None,
-        particles: int = 1,
-        resample_threshold: float = 0.5,
-        density_variance: str = DEFAULT_DENSITY_VARIANCE,
+        **sampler_options: Any,
     ) -> SuperDiffPipelineOutput | tuple:
         """Sample ``batch_size`` images from the composition of the models (see
         :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>` for the
@@ -272,9 +270,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             combiner=resolve_combiner(
                 combiner, mode, temperature, log_weights, len(self.unets), "unets", default_mode="or"
             ),
-            particles=particles,
-            resample_threshold=resample_threshold,
-            density_variance=density_variance,
+            sampler=SamplerOptions.from_kwargs(**sampler_options),
             num_inference_steps=num_inference_steps,
             guidance_scale=None,
             num_images_per_prompt=batch_size,

@@ -3,6 +3,7 @@
     python -m superdiff.zoo.train digits --out superdiff/zoo/weights
     python -m superdiff.zoo.train classifier --out superdiff/zoo/weights
     python -m superdiff.zoo.train shapes --out superdiff/zoo/weights
+    python -m superdiff.zoo.train scenes --out superdiff/zoo/weights   # see superdiff.zoo.train_scenes
 
 The defaults (3000 digit steps, 2500 shapes steps) are those of the shipped weights. The digits
 a and b weights were written by an earlier, uncommitted revision of this script (their logs lack
@@ -279,12 +280,14 @@ def _write_model_index(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["digits", "classifier", "shapes"])
+    p.add_argument("what", choices=["digits", "classifier", "shapes", "scenes"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--models", default="a,b,all", help="digits: which of a, b, all")
+    p.add_argument("--stage", choices=["all", "vae", "diffusion"], default="all",
+                   help="scenes: train the VAE, the text encoder and UNet on a saved VAE, or both")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -298,6 +301,13 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models.split(","):
             train_digit_model(name, args.out, cfg, args.device)
             print(f"digits-{name} done", flush=True)
+    elif args.what == "scenes":
+        from .train_scenes import ScenesConfig, train_scenes
+
+        cfg = TrainConfig(steps=args.steps or 3000, batch_size=args.batch_size or 64, lr=args.lr or 1e-3,
+                          log_every=100)
+        train_scenes(args.out, cfg, ScenesConfig(), args.device, args.stage)
+        print(f"scenes ({args.stage}) done", flush=True)
     else:
         cfg = TrainConfig(
             steps=args.steps or 2500, batch_size=args.batch_size or 64, lr=args.lr or 1e-3, log_every=100

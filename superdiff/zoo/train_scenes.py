@@ -1,0 +1,207 @@
+"""Train the embedded latent scene model (``embedded-scenes``) with fixed seeds, CPU or CUDA.
+
+    python -m superdiff.zoo.train scenes --out superdiff/zoo/weights
+
+Three stages, each logged to ``scenes/training_log.json``:
+
+1. an ``AutoencoderKL`` (32×32×3 ↔ 8×8×4) on fresh procedural scenes (L1 + a small KL term, as
+   Stable Diffusion's VAE), its ``scaling_factor`` set to 1 / std of the training latents;
+2. a fixed set of scenes encoded once to latents (posterior means), so the diffusion stage does not
+   run the encoder at every step;
+3. a small ``CLIPTextModel`` and a cross-attention ``UNet2DConditionModel`` on those latents,
+   trained jointly (as the shapes model) on incomplete captions with 10% empty ones for
+   classifier-free guidance; the captions are redrawn at every step.
+
+The result is a standard diffusers ``StableDiffusionPipeline`` folder (float16 safetensors, an
+``EulerDiscreteScheduler``), loadable by ``diffusers.StableDiffusionPipeline.from_pretrained`` and
+by ``SuperDiffPipeline.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .scenes import CAPTION_WORDS, HELD_OUT_BINDING, HELD_OUT_PAIRS, MAX_LENGTH, sample_scenes, scene_captions
+from .tokenizer import build_tokenizer
+from .train import SD_BETAS, TrainConfig, _ema_update, _log, _lr_at, _machine, _noised
+
+__all__ = ["ScenesConfig", "vae_config", "scenes_unet_config", "train_vae", "encode_scenes", "train_scenes"]
+
+
+@dataclass(frozen=True)
+class ScenesConfig:
+    """The stages' sizes: VAE steps and batch, scenes encoded for the diffusion stage, text width."""
+
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    encoded_scenes: int = 30_000
+    text_hidden: int = 64
+
+
+def vae_config() -> dict:
+    """``AutoencoderKL`` arguments: 32×32×3 images, two downsamplings to 8×8×4 latents."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
+        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+    )
+
+
+def scenes_unet_config(cross_attention_dim: int) -> dict:
+    """``UNet2DConditionModel`` arguments: 8×8×4 latents, cross-attention at 8×8 and 4×4."""
+    return dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def train_vae(cfg: ScenesConfig, seed: int, device: str, log: dict):
+    """Train the autoencoder on fresh scenes; returns it in eval mode with its scaling factor set."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_config()).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    schedule = TrainConfig(steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, warmup=100)
+    g = torch.Generator().manual_seed(seed)
+    losses, start = [], time.perf_counter()
+    for step in range(cfg.vae_steps):
+        x = sample_scenes(cfg.vae_batch_size, seed=10_000_019 * (seed + 1) + step).images.to(device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+        recon = vae.decode(z).sample
+        loss = (recon - x).abs().mean() + cfg.kl_weight * posterior.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, schedule)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            losses.append((step, round(float(loss.detach()), 5)))
+            print(f"vae step {step + 1}/{cfg.vae_steps} loss {losses[-1][1]:.4f} "
+                  f"{time.perf_counter() - start:.0f}s", flush=True)
+    vae.eval()
+    with torch.no_grad():
+        held = sample_scenes(512, seed=999).images.to(device)
+        latents = vae.encode(held).latent_dist.mean
+        error = (vae.decode(latents).sample.clamp(-1, 1) - held).abs()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    log["vae"] = {"steps": cfg.vae_steps, "batch_size": cfg.vae_batch_size, "lr": cfg.vae_lr,
+                  "kl_weight": cfg.kl_weight, "seconds": round(time.perf_counter() - start, 1),
+                  "parameters": sum(p.numel() for p in vae.parameters()),
+                  "scaling_factor": vae.config.scaling_factor,
+                  "held_out_mean_abs_error": round(float(error.mean()), 5),
+                  "held_out_max_abs_error": round(float(error.max()), 4), "loss_curve": losses}
+    return vae
+
+
+def encode_scenes(vae, n: int, seed: int, device: str, chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` scenes' scaled latents (n, 4, 8, 8) (posterior means × scaling factor) and objects (n, 2)."""
+    scenes = sample_scenes(n, seed=seed)
+    with torch.no_grad():
+        latents = torch.cat([
+            vae.encode(x.to(device)).latent_dist.mean.cpu() for x in scenes.images.split(chunk)
+        ]) * vae.config.scaling_factor
+    return latents, scenes.objects
+
+
+def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: str, stage: str = "all") -> None:
+    """The stages into ``out/scenes``: "vae" (stage 1, saved to ``out/scenes/vae``), "diffusion"
+    (stages 2 and 3 on that saved VAE) or "all"; checkpoints every ``cfg.checkpoint_every`` UNet steps.
+    The VAE is stored in float16 and reloaded before encoding, so both routes encode alike."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = out / "scenes"
+    folder.mkdir(parents=True, exist_ok=True)
+    total = time.perf_counter()
+    if stage in ("all", "vae"):
+        log: dict = {"model": "scenes", "stages": asdict(scenes_cfg), "machine": _machine(device),
+                     "held_out_binding": " ".join(HELD_OUT_BINDING),
+                     "held_out_pairs": [f"{' '.join(a)} + {' '.join(b)}" for a, b in HELD_OUT_PAIRS],
+                     "caption_dropout": 0.1, "both_named": 0.5}
+        vae = train_vae(scenes_cfg, cfg.seed, device, log)
+        copy.deepcopy(vae).to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
+        _log(folder / "training_log.json", log)
+        if stage == "vae":
+            return
+    log = json.loads((folder / "training_log.json").read_text())
+    log["config"] = asdict(cfg)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval()
+    start = time.perf_counter()
+    latents, objects = encode_scenes(vae, scenes_cfg.encoded_scenes, seed=cfg.seed * 7 + 123, device=device)
+    log["encoding_seconds"] = round(time.perf_counter() - start, 1)
+    print(f"encoded {len(latents)} scenes in {log['encoding_seconds']}s; latent std {float(latents.std()):.3f}",
+          flush=True)
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(folder / "tokenizer", CAPTION_WORDS, MAX_LENGTH)
+    hidden = scenes_cfg.text_hidden
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
+    )
+    text_encoder = CLIPTextModel(text_config).to(device)
+    unet = UNet2DConditionModel(**scenes_unet_config(hidden)).to(device)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    abar = DDPMScheduler(**SD_BETAS).alphas_cumprod
+    g = torch.Generator().manual_seed(cfg.seed)
+    losses, start = [], time.perf_counter()
+    log |= {"unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters())}
+    for step in range(cfg.steps):
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
+        captions = scene_captions(objects[idx], seed=cfg.seed * 1_000_003 + step)
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids
+        xt, t, noise = _noised(latents[idx], abar, g)
+        emb = text_encoder(ids.to(device))[0]
+        pred = unet(xt.to(device), t.to(device), encoder_hidden_states=emb).sample
+        loss = torch.mean((pred - noise.to(device)) ** 2)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _ema_update(ema_unet, unet, cfg.ema_decay)
+        _ema_update(ema_text, text_encoder, cfg.ema_decay)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            losses.append((step, round(float(loss.detach()), 5)))
+        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+            seconds = time.perf_counter() - start
+            print(f"scenes step {step + 1}/{cfg.steps} loss {losses[-1][1]:.4f} {seconds:.0f}s", flush=True)
+            log |= {"steps_done": step + 1, "unet_seconds": round(seconds, 1),
+                    "seconds_this_run": round(time.perf_counter() - total, 1),
+                    "final_loss_mean_last_10": float(sum(v for _, v in losses[-10:]) / len(losses[-10:])),
+                    "loss_curve": losses}
+            save_scenes(folder, vae, ema_unet, ema_text, tokenizer)
+            _log(folder / "training_log.json", log)
+
+
+def save_scenes(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
+    """Save a ``StableDiffusionPipeline`` folder (float16 safetensors, Euler scheduler, no safety checker)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).to(torch.float16), text_encoder=copy.deepcopy(text_encoder).to(torch.float16),
+        tokenizer=tokenizer, unet=copy.deepcopy(unet).to(torch.float16),
+        scheduler=EulerDiscreteScheduler(**SD_BETAS, steps_offset=1, timestep_spacing="trailing"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+

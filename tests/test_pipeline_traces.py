@@ -1,0 +1,40 @@
+"""Every pipeline family, in every mode, samples what the pipelines sampled before they moved onto one
+loop: κ and log-density traces, timesteps, samples (or decoded images) and particle log-weights agree to
+1e-12 with the outputs recorded by tests/pipeline_traces.py at the branch point (tests/data/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline_traces import CASES, load_fixture, pipeline, run_case, summary
+
+RECORDED = load_fixture()
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    built: dict = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = pipeline(family, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return get
+
+
+def test_the_fixture_holds_every_case():
+    assert sorted(RECORDED) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_traces_equal_the_recorded_pipelines(name, pipes):
+    family, args = CASES[name]
+    got, expected = summary(run_case(pipes(family), args)), RECORDED[name]
+    assert sorted(got) == sorted(expected)
+    for field, want in expected.items():
+        have = got[field]
+        assert have.shape == want.shape, field
+        scale = 1.0 + float(want.abs().max()) if want.numel() else 1.0
+        torch.testing.assert_close(have.to(want.dtype), want, rtol=0, atol=1e-12 * scale, msg=f"{name}: {field}")
