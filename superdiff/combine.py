@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from .limits import gain_problem, scale_problem
+
 if TYPE_CHECKING:
     from .expressions import And, Or, Product  # noqa: F401 - And and Or are served by __getattr__
 
@@ -114,11 +116,19 @@ def _number_tuple(name: str, values: Sequence[float] | Tensor | None) -> tuple[f
 
 
 def _check_temperature(temperature: object) -> None:
-    """The one check of OR's temperature T: a finite number > 0."""
+    """The one check of OR's temperature T: a finite number > 0, in :func:`superdiff.limits.scale_problem`'s range."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
         math.isfinite(temperature) and temperature > 0
     ):
         _refuse("temperature", temperature, "use a finite number > 0 (1.0 samples the exact mixture for mode='or')")
+    _in_range([scale_problem("temperature", temperature)])
+
+
+def _in_range(problems: Sequence[str | None]) -> None:
+    """Raise the first range problem of :mod:`superdiff.limits`, if any."""
+    for problem in problems:
+        if problem:
+            raise ValueError(problem)
 
 
 def _check_count(name: str, values: tuple[float, ...] | None, num_models: int, what: str) -> None:
@@ -293,7 +303,9 @@ def Fixed(weights: Sequence[float]) -> "Product":  # noqa: N802 - a constructor,
     the models with these exponents, ``Product(exponents=weights, correct=False)``."""
     from .expressions import Product
 
-    return Product(None, _number_tuple("weights", weights), correct=False)
+    numbers = _number_tuple("weights", weights)
+    _in_range([gain_problem(f"weights[{i}]", v) for i, v in enumerate(numbers or ())])
+    return Product(None, numbers, correct=False)
 
 
 def Average(num_models: int) -> "Product":  # noqa: N802 - a constructor, named like the paper's baseline

@@ -60,11 +60,12 @@ from torch import Tensor
 
 from ._text import shorten
 from .combine import CombineInputs, _check_at_least_two, _check_count, _device_constant, and_weights
+from .limits import MAX_DEPTH, MAX_GAIN, gain_problem, log_weight_problem, scale_problem
 
 __all__ = [
     "UNCONDITIONAL", "Leaf", "Or", "And", "Product", "SoftMax", "SoftMin", "Not", "Anneal", "Node",
     "leaf_names", "conjunctive", "uncorrected", "describe", "CompiledExpression", "ExpressionStep",
-    "compile_expression", "bind_combiner",
+    "compile_expression", "bind_combiner", "expression_depth",
 ]  # fmt: skip
 
 
@@ -81,8 +82,24 @@ def _finite(name: str, value: object, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _finite_tuple(name: str, values: Sequence[float] | None, count: int | None) -> tuple[float, ...] | None:
-    """``values`` as finite floats, one per child (``count``; None: the models, counted when bound)."""
+def _in_range(problem: str | None) -> None:
+    """Raise the range problem of :mod:`superdiff.limits`, if any."""
+    if problem:
+        raise ValueError(problem)
+
+
+def _scale(name: str, value: object) -> float:
+    """A sharpness or temperature: finite, > 0 and within :func:`superdiff.limits.scale_problem`'s range."""
+    out = _finite(name, value, positive=True)
+    _in_range(scale_problem(name, out))
+    return out
+
+
+def _finite_tuple(name: str, values: Sequence[float] | None, count: int | None, log_weights: bool = False,
+                  ) -> tuple[float, ...] | None:
+    """``count`` finite numbers (None stays None; ``count`` None: one per model, counted when bound),
+    each within the range of a gain (exponents) or, with ``log_weights``, of a log-weight
+    (:mod:`superdiff.limits`)."""
     if values is None:
         return None
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
@@ -91,6 +108,9 @@ def _finite_tuple(name: str, values: Sequence[float] | None, count: int | None) 
     out = tuple(_finite(f"{name}[{i}]", v) for i, v in enumerate(values))
     if count is not None and len(out) != count:
         _refuse(name, tuple(values), f"pass {count} numbers, one for each of the {count} children")
+    check = log_weight_problem if log_weights else gain_problem
+    for i, v in enumerate(out):
+        _in_range(check(f"{name}[{i}]", v))
     return out
 
 
@@ -179,8 +199,9 @@ class Or(_Composable):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("Or", self.children, 1))
-        object.__setattr__(self, "temperature", _finite("temperature", self.temperature, positive=True))
-        object.__setattr__(self, "log_weights", _finite_tuple("log_weights", self.log_weights, _count(self)))
+        object.__setattr__(self, "temperature", _scale("temperature", self.temperature))
+        object.__setattr__(self, "log_weights",
+                           _finite_tuple("log_weights", self.log_weights, _count(self), log_weights=True))
 
 
 @dataclass(frozen=True)
@@ -199,7 +220,8 @@ class And(_Composable):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("And", self.children, 1))
-        object.__setattr__(self, "log_weights", _finite_tuple("log_weights", self.log_weights, _count(self)))
+        object.__setattr__(self, "log_weights",
+                           _finite_tuple("log_weights", self.log_weights, _count(self), log_weights=True))
         if isinstance(self.rtol, bool) or not isinstance(self.rtol, numbers.Real) or not (0 < self.rtol < 1):
             _refuse("rtol", self.rtol, "use a number in (0, 1), e.g. 1e-8")
 
@@ -245,7 +267,7 @@ class SoftMax:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("SoftMax", self.children, 1))
-        object.__setattr__(self, "sharpness", _finite("sharpness", self.sharpness, positive=True))
+        object.__setattr__(self, "sharpness", _scale("sharpness", self.sharpness))
 
 
 @dataclass(frozen=True)
@@ -258,7 +280,7 @@ class SoftMin:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("SoftMin", self.children, 1))
-        object.__setattr__(self, "sharpness", _finite("sharpness", self.sharpness, positive=True))
+        object.__setattr__(self, "sharpness", _scale("sharpness", self.sharpness))
 
 
 @dataclass(frozen=True)
@@ -276,6 +298,7 @@ class Not:
             if not isinstance(getattr(self, name), NODE_TYPES):
                 _refuse(f"Not.{name}", getattr(self, name), "pass a node: Leaf('a prompt'), Or(...), ...")
         object.__setattr__(self, "strength", _finite("strength", self.strength, positive=True))
+        _in_range(gain_problem("strength", self.strength))
 
     @property
     def children(self) -> tuple["Node", "Node"]:
@@ -436,12 +459,14 @@ def _check_no_correction_under_and(node: Node, under_and: bool = False, path: st
 
 
 def _walk(node: Node):
-    """The internal nodes of a tree in pre-order (a node over all the models has no others)."""
-    if isinstance(node, Leaf):
-        return
-    yield node
-    for c in node.children or ():
-        yield from _walk(c)
+    """The internal nodes of a tree in pre-order (a node over all the models has no others), walked
+    without recursion (a tree built in Python may be deeper than the interpreter's stack)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, Leaf):
+            yield n
+            stack.extend(reversed(n.children or ()))
 
 
 def _needs_system(node: Node) -> bool:
@@ -525,6 +550,7 @@ class CompiledExpression:
     needs_system: bool
     needs_scores: bool
     nodes: tuple[Node, ...] = field(repr=False)
+    gain: float = 1.0
     #: built from a node over all the models (a flat combiner: ``And()``, ``Or()``, ``Fixed``): its one
     #: node's weights are κ, so no node weights are reported.
     flat: bool = False
@@ -536,9 +562,22 @@ class CompiledExpression:
         """True when the leaves' weights sum to 1 (the tree has degree 1): a mixture, not a product."""
         return abs(self.degree - 1.0) < 1e-12
 
+    @property
+    def affine_in_offset(self) -> bool:
+        """True when κ is an affine function of the increment offset b and nothing else depends on it: a
+        flat And of two leaves, whose closed-form solve is linear in b (no Newton steps, no Feynman–Kac
+        term, no node weights reported; for M > 2 the solve picks a damped or an exact solution per
+        row, which is not affine). A sampler may then move along κ(b) without solving again."""
+        return self.flat and self.needs_system and len(self.leaves) == 2 and id(self.expression) in self.over_leaves
+
     def check_num_models(self, num_models: int, what: str = "models") -> None:
         """Raise ``ValueError`` unless the denoiser has one output per leaf."""
         if num_models != len(self.leaves):
+            if self.leaves == tuple(range(len(self.leaves))):
+                _refuse(what, f"<{num_models} given>",
+                        f"the expression's leaves are model indices up to {len(self.leaves) - 1}, so it is bound to "
+                        f"the {len(self.leaves)} models 0 … {len(self.leaves) - 1}; pass a denoiser with exactly "
+                        "those models (or compile with leaves=range(M) to leave the models it does not name unused)")
             _refuse(what, f"<{num_models} given>",
                     f"the expression has {len(self.leaves)} leaves {list(self.leaves)}; pass one model per leaf, "
                     "in that order")
@@ -596,7 +635,7 @@ class CompiledExpression:
             kappa = _device_constant(one_hot, log_q.dtype, log_q.device).expand(batch, m)
             return _Value(kappa, log_q[:, i], log_q.new_zeros(batch))
         slot = len(weights)
-        weights.append(log_q.new_empty(0))  # pre-order: this node's slot before its children's
+        weights.append(None)  # pre-order: this node's slot before its children's
         if id(node) in self.over_leaves:  # children = the leaves in order: κ_c, φ_c are one-hot, log q
             k_mat, potentials, child_fk = None, log_q, None
         else:
@@ -695,6 +734,7 @@ class _CallableCombiner:
 
     combiner: object
     needs_scores: bool = False
+    affine_in_offset: bool = False
 
     @property
     def needs_system(self) -> bool:
@@ -742,20 +782,64 @@ def _without_single_child_nodes(node: Node) -> Node:
     return type(node)(kids, node.sharpness, node.correct)
 
 
+def expression_depth(node: Node) -> int:
+    """The nodes on the longest path from ``node`` to a leaf (a leaf: 0), walked without recursion, so a
+    tree built in Python as deep as memory allows is measured, not a RecursionError."""
+    deepest, stack = 0, [(node, 0)]
+    while stack:
+        n, depth = stack.pop()
+        if isinstance(n, Leaf):
+            deepest = max(deepest, depth)
+        elif depth < MAX_DEPTH + 1:  # deeper than that is refused whatever lies below
+            stack.extend((c, depth + 1) for c in n.children or ())
+        else:
+            deepest = max(deepest, depth)
+    return deepest
+
+
+def _gain(node: Node) -> tuple[float, Node]:
+    """The largest ``Σ|κ|`` the tree's weights can give the leaves (a product multiplies its
+    children's by ``Σ|β_c|``; the other nodes weigh their children by weights summing to 1, taken as a
+    convex combination), and the node where it is largest."""
+    if isinstance(node, Leaf):
+        return 1.0, node
+    kids = [_gain(c) for c in node.children]
+    if isinstance(node, (Product, Not)):
+        return sum(abs(b) * g for b, (g, _) in zip(node.exponents, kids)), node
+    return max(kids, key=lambda k: k[0])
+
+
+def _bind_leaves(names: tuple[str | int, ...]) -> tuple[int, ...]:
+    """The default binding: a bare index ``i`` is the denoiser's output ``i``, so the expression is
+    bound to the outputs 0 … max index. Prompts or names need ``leaves=`` (their order is the denoiser's)."""
+    named = [n for n in names if not isinstance(n, int)]
+    if named:
+        if UNCONDITIONAL in named and len(named) == 1:
+            raise ValueError('the expression uses "", the unconditional model (NOT\'s default reference, as in !0 or '
+                             "not(0)), which a stack of models does not have; give NOT a reference by index, e.g. "
+                             'not(0, 1), or pass leaves= naming every output ("" included)')
+        _refuse("leaves", None, f"the expression names models {named} rather than indexing them, and only the "
+                "denoiser knows their order; pass leaves=(the name of each denoiser output, in order), or write the "
+                "models as indices 0, 1, ...")
+    return tuple(range(max(names) + 1))
+
+
 def compile_expression(expression: Node, leaves: Sequence[str | int] | None = None) -> CompiledExpression:
     """Check ``expression`` and bind it to the denoiser's outputs.
 
     Args:
-        expression: a tree of nodes.
-        leaves: the name of each denoiser output in order (prompts, model names or indices); by
-            default the expression's own leaves in order of first appearance (:func:`leaf_names`).
+        expression: a tree of nodes, at most :data:`~superdiff.limits.MAX_DEPTH` nodes deep.
+        leaves: the name of each denoiser output in order (prompts, model names or indices). By
+            default a leaf's index is its output (``Leaf(i)`` is output i, so the denoiser has the
+            outputs 0 … the largest index); an expression that names its leaves needs ``leaves``.
 
     Returns:
         A :class:`CompiledExpression`, a combiner for :func:`superdiff.sampling.sample_sde`.
 
     Raises:
-        ValueError: for a leaf the denoiser does not have, mixture-type nodes over children of
-            different degrees, or a corrected node inside an And.
+        ValueError: for a tree nested too deeply, a leaf the denoiser does not have (or names
+            without ``leaves``), mixture-type nodes over children of different degrees, a corrected
+            node inside an And, or weights whose product exceeds :data:`~superdiff.limits.MAX_GAIN`.
     """
     if not isinstance(expression, NODE_TYPES):
         _refuse("expression", expression, "pass a node such as And((Leaf('red'), Leaf('circle')))")
@@ -764,8 +848,13 @@ def compile_expression(expression: Node, leaves: Sequence[str | int] | None = No
         if leaves is None:
             _refuse("leaves", None, "a node over all the models (no children) needs the models' names")
         expression = _with_leaves(expression, tuple(leaves))
+    depth = expression_depth(expression)
+    if depth > MAX_DEPTH:
+        raise ValueError(f"expression=<a tree more than {MAX_DEPTH} nodes deep> is not valid; nest at most "
+                         f"{MAX_DEPTH} nodes (superdiff.limits.MAX_DEPTH), e.g. by writing a product of products as "
+                         "one product")
     names = leaf_names(expression)
-    leaves = tuple(names if leaves is None else leaves)
+    leaves = _bind_leaves(names) if leaves is None else tuple(leaves)
     if len(set(leaves)) != len(leaves):
         _refuse("leaves", leaves, "name every denoiser output once")
     missing = [n for n in names if n not in leaves]
@@ -773,6 +862,11 @@ def compile_expression(expression: Node, leaves: Sequence[str | int] | None = No
         _refuse("expression", describe(expression), f"its leaves {missing} are not among the models {list(leaves)}")
     degree = _degree(expression)
     _check_no_correction_under_and(expression)
+    gain, where = _gain(expression)
+    if gain > MAX_GAIN:
+        raise ValueError(f"expression={describe(expression)!r} is not valid: its weights multiply the predictions by "
+                         f"up to {gain:g} (at {describe(where)[:80]}), more than 2**23 = {MAX_GAIN:.0f}, where the "
+                         "networks' float32 rounding is as large as their outputs; use smaller exponents or strengths")
     expression = _without_single_child_nodes(expression)
     nodes: list[Node] = []
 
@@ -793,4 +887,5 @@ def compile_expression(expression: Node, leaves: Sequence[str | int] | None = No
         nodes=tuple(nodes),
         flat=flat,
         over_leaves=frozenset(id(n) for n in nodes if not isinstance(n, Not) and n.children == in_order),
+        gain=gain,
     )

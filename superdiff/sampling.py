@@ -40,8 +40,9 @@ from .density import (
     tweedie_density_variance,
 )
 from .expressions import CompiledExpression, bind_combiner
+from .limits import FiniteWatch, check_call_limits
 from .models import Denoiser
-from .options import option_spec
+from .options import SamplerOptions, option_spec
 from .particles import check_particles, group_uniforms, resample_step
 from .processes import Process
 
@@ -227,6 +228,7 @@ def _check_call(
             f"log_q_init must have shape (batch, models) = {(x.shape[0], m)}, got {tuple(log_q_init.shape)}"
         )
     check_combiner(combiner, m)
+    check_call_limits(guidance_scale, combiner, x.shape[0], denoiser.num_outputs)
     return m, guided
 
 
@@ -365,18 +367,28 @@ def _quadratic_system_weights(
     kappas, fks, nodes = _weigh(combiner, stacked)
     common = (kappas[:batch], None if fks is None else fks[:batch], tuple(n[:batch] for n in nodes))
     k0, k1 = kappas[batch:2 * batch], kappas[2 * batch:] - kappas[batch:2 * batch]
+    t, discriminant = _quadratic_root(system, k0, k1)
+    kappa_t = k0 + t[:, None] * k1
+    phi_t = torch.nan_to_num(system.phi(kappa_t))
+    if combiner.affine_in_offset:  # κ(b) is affine: the solve at φ(κ(t)) is κ(φ(κ(t))), with nothing else
+        result = (k0 + phi_t[:, None] * k1, None, ())
+        return (result, common), (discriminant >= 0) & torch.isfinite(result[0]).all(-1)
+    result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
+                                      increment_offset=b + phi_t[:, None] * system.row_weights))
+    move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
+    solved = (discriminant >= 0) & (move <= 1e-8) & torch.isfinite(result[0]).all(-1)
+    return (result, common), solved
+
+
+def _quadratic_root(system: QuadraticIncrementSystem, k0: Tensor, k1: Tensor) -> tuple[Tensor, Tensor]:
+    """The root t of ``t = φ(κ₀ + t κ₁)`` that tends to φ(κ₀) as the variances meet, and the discriminant
+    of ``p₂ t² + (p₁ − 1) t + p₀ = 0`` (B,) (no real root where it is negative)."""
     qk = system.phi_matrix @ torch.stack([k0, k1], -1)  # (B, M, 2): Q κ₀, Q κ₁
     p0 = system.phi(k0)
     p1 = 2 * (k0 * qk[..., 1]).sum(-1) + (system.phi_vector * k1).sum(-1)
     p2 = (k1 * qk[..., 1]).sum(-1)
     discriminant = (1 - p1) ** 2 - 4 * p2 * p0
-    t = 2 * p0 / ((1 - p1) + discriminant.clamp_min(0).sqrt())
-    kappa_t = k0 + t[:, None] * k1
-    offset = b + torch.nan_to_num(system.phi(kappa_t))[:, None] * system.row_weights
-    result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix, increment_offset=offset))
-    move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
-    solved = (discriminant >= 0) & (move <= 1e-8) & torch.isfinite(result[0]).all(-1)
-    return (result, common), solved
+    return 2 * p0 / ((1 - p1) + discriminant.clamp_min(0).sqrt()), discriminant
 
 
 def _stacked_inputs(inputs: CombineInputs, matrices: Tensor, offsets: Tensor) -> CombineInputs:
@@ -698,6 +710,24 @@ def _finish(p: SdePlan, state: SdeState, traces: _SdeTraces) -> SamplerOutput:
     )  # fmt: skip
 
 
+_SDE_OPTION_DEFAULTS = {"variance": None, "density_variance": DEFAULT_DENSITY_VARIANCE, "final_denoise": False,
+                        "particles": 1, "resample_threshold": 0.5}  # sample_sde's keyword defaults
+
+
+def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
+    """The sampler's option values: the keywords as given, or, with ``options``, its fields (a keyword
+    moved from its default beside ``options`` is refused: which one was meant is unclear)."""
+    if options is None:
+        return tuple(keywords.values())
+    if not isinstance(options, SamplerOptions):
+        raise ValueError(f"options={options!r} is not valid; pass a superdiff.options.SamplerOptions or None")
+    for name, value in keywords.items():
+        if value != _SDE_OPTION_DEFAULTS[name]:
+            raise ValueError(f"{name}={value!r} is given beside options=SamplerOptions(...); pass it in the options "
+                             f"(options.replace({name}=...)) or as a keyword without options, not both")
+    return tuple(getattr(options, name) for name in keywords)
+
+
 @torch.no_grad()
 def sample_sde(
     denoiser: Denoiser,
@@ -716,6 +746,7 @@ def sample_sde(
     interrupt: Callable[[], bool] | None = None,
     particles: int = 1,
     resample_threshold: float = 0.5,
+    options: SamplerOptions | None = None,
 ) -> SamplerOutput:
     """Superposed reverse-SDE sampling with Itô log-densities (Algorithm 1, Theorem 1).
 
@@ -762,22 +793,31 @@ def sample_sde(
             ``resample_threshold · K`` after a step is resampled (systematic), reindexing the
             state, the tracked densities and the traces. 1: no resampling.
         resample_threshold: in (0, 1].
+        options: the sampling options as one :class:`~superdiff.options.SamplerOptions` instead of
+            the five keywords above (its ``final_denoise`` defaults to True, as in the pipelines; its
+            ``time_grid`` is the pipelines', ``times`` are given here). Passing a keyword away from its
+            default beside ``options`` is a ``ValueError``.
 
     Returns:
         :class:`SamplerOutput`: samples (B, *shape), float64 log-densities (B, M) and their trace
         (steps+1, B, M), κ trace (steps, B, M), the times reached, and for weighted particles their
         log-weights, ESS trace and resampling counts.
     """
+    variance, density_variance, final_denoise, particles, resample_threshold = _with_options(
+        options, variance=variance, density_variance=density_variance, final_denoise=final_denoise,
+        particles=particles, resample_threshold=resample_threshold)
     times = torch.as_tensor(times, dtype=torch.float64)
     p = _plan_sde(denoiser, x, times, combiner, guidance_scale, log_q_init, generator, variance, density_variance,
                   final_denoise, particles, resample_threshold)
     state = _initial_state(p, x, log_q_init)
     traces = _SdeTraces([state.log_q])
     traces.resample_counts = torch.zeros(x.shape[0] // particles, dtype=torch.long, device=x.device)
+    watch = FiniteWatch()  # non-finite values, recorded on the device and read once after the loop
     for i in tqdm(range(p.steps), disable=not progress, desc="superdiff"):
         if interrupt is not None and interrupt():
             break
         state = _step(p, denoiser, state, i, generator)
+        watch.step(state.x, state.log_q, state.log_w, state.kappa, state.node_weights)
         if p.particles > 1 and i < p.steps - 1:
             state, ancestors, ess, resampled = _resample(p, state, generator)
             traces.record_resampling(ancestors, ess, resampled)
@@ -785,6 +825,7 @@ def sample_sde(
         if callback is not None:
             info = StepInfo(i, p.times_host[i + 1], state.x, state.x0_mix, state.kappa, state.log_q)
             state = replace(state, x=_state_from_callback(callback(info), state.x))
+    watch.check(getattr(p.combiner, "nodes", ()), getattr(p.combiner, "leaves", None))
     return _finish(p, state, traces)
 
 

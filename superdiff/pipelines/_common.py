@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 
 from ..combine import Combiner, check_combiner, make_combiner
 from ..expressions import NODE_TYPES, compile_expression, leaf_names
+from ..limits import check_guidance, rows_problem
 from ..options import DENSITY_VARIANCES, SamplerOptions, check_particles_apply  # noqa: F401 (the old name)
 from ..particles import select_particles
 from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
@@ -206,6 +207,7 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
     ):
         _fail("guidance_scale", guidance_scale, "use a finite number >= 0 (e.g. 7.5; 1 or less, or None, samples "
               "without guidance, as in diffusers)")
+    check_guidance(options.guidance, options.combiner)  # w times the composition's gain: superdiff.limits
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         _fail("num_inference_steps", steps, "use a positive integer, e.g. 50")
     if scheduler is not None and (problem := steps_problem(scheduler, int(steps))):
@@ -237,6 +239,16 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
         or any(n not in CALLBACK_TENSOR_INPUTS for n in names)
     ):
         _fail("callback_on_step_end_tensor_inputs", names, f"pass a list of names from {list(CALLBACK_TENSOR_INPUTS)}")
+
+
+def check_rows(options: SamplingOptions, num_models: int, batch_argument: str = "num_images_per_prompt") -> None:
+    """Refuse a call whose one network call per step would hold more than
+    :data:`superdiff.limits.MAX_NETWORK_ROWS` rows: images × particles × (``num_models`` + the
+    unconditional row under guidance); the message names the argument to lower. After :func:`check_options`."""
+    problem = rows_problem(int(options.num_images_per_prompt), int(options.particles), num_models,
+                           options.guidance is not None, names=(batch_argument, "particles"))
+    if problem:
+        raise ValueError(problem)
 
 
 def check_text_inputs(negative_prompt: Any, height: Any, width: Any, multiple: int, options: SamplingOptions) -> None:

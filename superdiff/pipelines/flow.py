@@ -40,6 +40,7 @@ from ._common import (
     SuperDiffMixin,
     check_latents,
     check_options,
+    check_rows,
     check_text_inputs,
     decode,
     guided_conditions,
@@ -230,6 +231,7 @@ class SuperDiffFlowPipeline(DiffusionPipeline, SuperDiffMixin):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_inputs(negative_prompt, height, width, max_sequence_length, options)
+        check_rows(options, m)
 
         # 2. Define call parameters: the image size and the shape of the latents
         config = self.transformer.config

@@ -29,6 +29,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..combine import Combiner
+from ..limits import check_guidance
 from ..options import SamplerOptions
 from ..sampling import randn
 from ._common import (
@@ -37,6 +38,7 @@ from ._common import (
     _fail,
     check_latents,
     check_options,
+    check_rows,
     check_text_inputs,
     decode,
     guided_conditions,
@@ -218,6 +220,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
             _fail("negative_prompt", negative_prompt, f"it is the unconditional branch of true classifier-free "
                   f"guidance, which true_cfg_scale={true_cfg_scale!r} turns off (it runs for true_cfg_scale > 1, as "
                   "in diffusers' FluxPipeline); pass true_cfg_scale above 1 (e.g. 4.0) or no negative_prompt")
+        check_guidance(options.guidance, options.combiner, "true_cfg_scale")
         check_options(options, scheduler=self.scheduler)
         check_text_inputs(negative_prompt, height, width, self.size_multiple, options)
         # The sampler refuses this too, but only after the prompts are encoded; and it cannot name true_cfg_scale.
@@ -319,6 +322,7 @@ class SuperDiffFluxPipeline(DiffusionPipeline, SuperDiffMixin):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_inputs(negative_prompt, height, width, max_sequence_length, guidance_scale, true_cfg_scale, options)
+        check_rows(options, m)
 
         # 2. Define call parameters: the image size, the packed latents' shape and their position ids
         f = self.vae_scale_factor

@@ -28,6 +28,7 @@ from ._common import (
     SuperDiffMixin,
     check_latents,
     check_options,
+    check_rows,
     check_text_inputs,
     decode,
     guided_conditions,
@@ -258,6 +259,7 @@ class SuperDiffPipeline(DiffusionPipeline, SuperDiffMixin):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_inputs(negative_prompt, height, width, options)
+        check_rows(options, m)
 
         # 2. Define call parameters: the image size and the shape of the latents
         f = self.vae_scale_factor

@@ -32,6 +32,7 @@ from ._common import (
     _fail,
     check_latents,
     check_options,
+    check_rows,
     decode,
     model_expression,
     resolve_combiner,
@@ -283,6 +284,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffMixin):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_inputs(options, batch_argument)
+        check_rows(options, len(self.unets), batch_argument)
 
         # 2. Define call parameters: the shape of the samples
         c = self.unets[0].config
