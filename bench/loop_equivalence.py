@@ -130,10 +130,13 @@ def _gap(a, b) -> float:
     return float(d.max()) if d.numel() else 0.0
 
 
-def compare(atol: float) -> dict:
+def compare(atol: float, only: tuple[str, ...] | None = None) -> dict:
+    """Run every case (or those whose name is in ``only``) with both samplers; the largest gap per case."""
     results = {}
     extras = [{}, {"generators": True}]
     for name, models, build, steps, kw in cases():
+        if only is not None and name not in only:
+            continue
         for extra_name, extra in (("", {}), ("/gens", extras[1])):
             old = _run(old_sample_sde, models, build(old_combine, old_expr), steps, dict(kw), 7, extra)
             new = _run(sample_sde, models, build(new_combine, new_expr), steps, dict(kw), 7, extra)

@@ -694,7 +694,7 @@ class CompiledExpression:
         common to every child of one degree). For leaves that is linear, ``κ_cᵀ(A κ + b)``, and the
         C × C system ``(K A Kᵀ, K b)`` is solved once by :func:`and_weights`: flat AND exactly. For
         a mixture-type child it is not (log Σ e^{ℓᵢ + Δᵢ} has an Itô term ½ Var_π(Δ) that a
-        first-order row misses; it left 0.5 nats between (A | B) and C at 400 steps), so two Newton
+        first-order row misses), so two Newton
         steps follow, each linearising every child at the current κ. Over the leaves in order
         (``k_mat`` None: K = I) the system is (A, b) itself.
         """

@@ -289,8 +289,7 @@ def _check_variances(process: Process, variance: str, density_variance: str) -> 
     """Refuse Thm. 2's Euler variance on processes whose α vanishes at t = 1 (rectified flow, VP cosine).
 
     There ``g² = 2σ² ∂_t log(σ/α)`` is not integrable, S²/a² grows without bound on the noisiest
-    steps, and the densities did not converge with the steps (an 8-D mixture under rectified flow
-    stayed 10 nats off at 1000 steps).
+    steps, and the densities do not converge with the steps.
     """
     for name, value in (("variance", variance), ("density_variance", density_variance)):
         if value == "euler" and not (float(process.alpha(1.0)) > 1e-12):

@@ -390,3 +390,19 @@ def test_options_object_drives_the_sampler_like_its_keywords():
         run(models, And(), 12, n=16, options=opts, density_variance="posterior")
     with pytest.raises(ValueError, match="^options="):
         run(models, And(), 12, n=16, options={"particles": 2})
+
+
+def test_the_loop_gives_the_traces_of_the_sampler_before_its_rewrite():
+    """A few of ``bench/loop_equivalence.py``'s cases (the frozen pre-rewrite sampler against this one,
+    same seeds): AND on the default estimator, guided AND, OR, and corrected expressions whose
+    particles resample every step; every returned tensor equal to 1e-12."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import loop_equivalence
+
+    only = ("and/M=2/dv=tweedie", "and_lw/M=3/dv=tweedie", "or_t/M=3/dv=forward", "and/guided",
+            "expr:product_of_and/K=4/threshold=1", "expr:softmin/K=4/threshold=1", "expr:not/K=4/dv=tweedie")
+    result = loop_equivalence.compare(1e-12, only)
+    assert result["cases"] == 2 * len(only) + 2 and result["ok"], result["failures"]
