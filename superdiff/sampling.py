@@ -749,58 +749,46 @@ def sample_sde(
 ) -> SamplerOutput:
     """Superposed reverse-SDE sampling with Itô log-densities (Algorithm 1, Theorem 1).
 
-    Each step from s to t draws the Gaussian increment first, builds κ (for AND from the system
-    that uses this very increment), then moves to ``y = c_x x + c_0 x̂₀ᵐⁱˣ + w``; the same
-    ``w`` enters every model's density update. A last time with σ = 0 is a deterministic step onto
-    the mixed x̂₀; there AND lands equally far from every model's x̂₀ (the limit of its condition
-    as the step's noise vanishes: :func:`~superdiff.density.ito_final_step_system`), and the
-    densities, which have no finite increment onto σ = 0, stay at their last value.
+    Plan (every check, before any network call), then per step: one network call, κ, the kernel
+    move, the Itô increment of every model's density, the Feynman–Kac weight, and resampling of
+    weighted particles (:class:`SdeState`, :func:`_step`, :func:`_resample`). A last time with σ = 0
+    is a deterministic step onto the mixed x̂₀, where the densities stay at their last value.
 
     Args:
         denoiser: M models (plus an unconditional output when ``denoiser.unconditional``), called
             as ``denoiser(x, t) -> (num_outputs, B, *shape)`` once per step.
         x: (B, *shape) the starting noise (e.g. from :func:`prior_sample`).
         times: (steps+1,) process times from noise to data.
-        combiner: turns the tracked densities (and AND's system) into κ (B, M).
+        combiner: an expression node or a flat combiner (``And()``, ``Or()``, ``Fixed(...)``, a
+            compiled expression, or a callable ``CombineInputs -> κ`` with ``needs_system``).
         guidance_scale: classifier-free guidance w (needs an unconditional output); None: unguided.
         log_q_init: (B, M) log-densities at ``times[0]``; zeros by default (they cancel in κ).
         generator: one generator, or one per sample (a sample's noise then does not depend on the
             rest of its batch).
         callback: called with a :class:`StepInfo` after every step; may return a new state.
-        variance: the variance of the step's kernel: ``"posterior"`` (DDPM's β̃), ``"forward"`` or
-            ``"euler"`` (Thm. 2), or ``"tweedie"`` (per sample, β̃ + c₀² Cov[x₀ | x] with the mixed
-            x̂₀'s Jacobian read from the previous step; the first step uses β̃). By default
-            ``"posterior"``, and ``"forward"`` for an expression that corrects (Feynman–Kac), whose
-            weights are derived for the SDE whose diffusion is g².
-        density_variance: the variance the estimator scores each step with. ``"tweedie"`` (the
-            default): each model's own variance per sample, β̃ plus its x̂₀'s posterior covariance
-            (:func:`~superdiff.density.tweedie_density_variance`, the Jacobian trace read from the
-            previous step); the first step, and any step from α = 0, uses ``"forward"``. With AND the
-            equal-density condition is then quadratic in κ
-            (:func:`~superdiff.density.ito_quadratic_increment_system`); a sample where it has no
-            solution keeps the common-variance κ and scores the step with one common variance.
-            ``"forward"``, ``"posterior"``, ``"euler"``: one variance for all models
-            (:func:`superdiff.density.reverse_kernel_variance`).
-        final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says (as diffusers'
-            Euler schedulers do), so N steps cost N network calls.
+        variance: the step's kernel variance: ``"posterior"`` (DDPM's β̃), ``"forward"``, ``"euler"``
+            (Thm. 2) or ``"tweedie"`` (per sample, β̃ + c₀² Cov[x₀ | x]); None: ``"posterior"``, or
+            ``"forward"`` for an expression that corrects (its weights assume the diffusion g²).
+        density_variance: the estimator's kernel variance: ``"tweedie"`` (each model's own per sample,
+            :func:`~superdiff.density.tweedie_density_variance`; AND's condition is then quadratic in
+            κ, and a sample where it has no solution keeps the common-variance κ), or one variance for
+            all models (``"forward"``, ``"posterior"``, ``"euler"``).
+        final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says, as diffusers' Euler
+            schedulers do.
         progress: show a tqdm bar.
-        interrupt: asked before every step (as diffusers pipelines read ``pipe.interrupt``); once
-            it returns True the sampler stops, returning the steps taken and the current state.
-        particles: K, the size of each group of weighted particles (x holds images × K rows, group
-            g in rows gK … gK+K−1). With an expression that corrects (Feynman–Kac), every particle
-            carries a log-weight, and a group whose effective sample size falls below
-            ``resample_threshold · K`` after a step is resampled (systematic), reindexing the
-            state, the tracked densities and the traces. 1: no resampling.
+        interrupt: asked before every step; once it returns True the sampler stops and returns the
+            steps taken.
+        particles: K, the size of each group of weighted particles (group g is rows gK … gK+K−1); a
+            group whose effective sample size falls below ``resample_threshold · K`` is resampled.
         resample_threshold: in (0, 1].
-        options: the sampling options as one :class:`~superdiff.options.SamplerOptions` instead of
-            the five keywords above (its ``final_denoise`` defaults to True, as in the pipelines; its
-            ``time_grid`` is the pipelines', ``times`` are given here). Passing a keyword away from its
-            default beside ``options`` is a ``ValueError``.
+        options: the five options above as one :class:`~superdiff.options.SamplerOptions` (its
+            ``final_denoise`` defaults to True, as in the pipelines; its ``time_grid`` is the
+            pipelines'). A keyword moved from its default beside ``options`` is a ``ValueError``.
 
     Returns:
         :class:`SamplerOutput`: samples (B, *shape), float64 log-densities (B, M) and their trace
         (steps+1, B, M), κ trace (steps, B, M), the times reached, and for weighted particles their
-        log-weights, ESS trace and resampling counts.
+        log-weights, ESS trace and resampling counts; every trace follows each final particle's ancestry.
     """
     variance, density_variance, final_denoise, particles, resample_threshold = _with_options(
         options, variance=variance, density_variance=density_variance, final_denoise=final_denoise,
