@@ -32,6 +32,12 @@ from superdiff import expressions as new_expr  # noqa: E402
 from superdiff.processes import VarianceExploding  # noqa: E402
 from superdiff.sampling import prior_sample, sample_sde  # noqa: E402
 
+#: Cases whose behaviour a merged branch changed on purpose since the freeze, and why; they are run and
+#: reported, but not held to ``--atol``.
+CHANGED_SINCE_FREEZE = {
+    "expr:and_of_or": "an And over mixture-type children: Newton with a line search and and_converged (branch math)",
+}
+
 FIELDS = ("samples", "log_densities", "log_density_trace", "kappa_trace", "times", "log_weights", "ess_trace",
           "resample_counts", "node_weight_trace", "and_converged")
 
@@ -160,9 +166,11 @@ def compare(atol: float, only: tuple[str, ...] | None = None) -> dict:
         new = _run(sample_sde, _models(2), new_combine.And(), 10, dict(dtype=torch.float32), 3, extra)
         results[f"and/{label}/float32"] = max(_gap(getattr(old, f), getattr(new, f)) for f in FIELDS
                                                if f != "node_weight_trace")
-    worst = max(results.values())
-    return {"cases": len(results), "worst_gap": worst, "atol": atol, "ok": worst <= atol,
-            "failures": {k: v for k, v in results.items() if v > atol}}
+    changed = {k: v for k, v in results.items() if k.split("/")[0] in CHANGED_SINCE_FREEZE}
+    held = {k: v for k, v in results.items() if k not in changed}
+    worst = max(held.values())
+    return {"cases": len(held), "worst_gap": worst, "atol": atol, "ok": worst <= atol,
+            "failures": {k: v for k, v in held.items() if v > atol}, "changed_since_freeze": changed}
 
 
 def main() -> None:
@@ -175,7 +183,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['cases']} cases, worst gap {result['worst_gap']:.3g} (atol {args.atol:g})")
+        print(f"{result['cases']} cases, worst gap {result['worst_gap']:.3g} (atol {args.atol:g}); "
+              f"{len(result['changed_since_freeze'])} changed on purpose since the freeze ({CHANGED_SINCE_FREEZE})")
         for k, v in result["failures"].items():
             print(f"  MISMATCH {k}: {v:.3g}")
     sys.exit(0 if result["ok"] else 1)

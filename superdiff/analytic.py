@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .processes import Process
 
-__all__ = ["GaussianMixture", "MixtureDenoiser", "product_of_mixtures", "tempered_mixture"]
+__all__ = ["GaussianMixture", "MixtureDenoiser", "product_of_mixtures", "tempered_mixture", "soft_min_log_density",
+           "grid_moments"]
 
 
 @dataclass(frozen=True)
@@ -188,3 +189,23 @@ def tempered_mixture(mixture: GaussianMixture, beta: float) -> GaussianMixture:
         - 0.5 * d * math.log(beta)
     log_w = beta * torch.log(mixture.weights) + log_mass
     return GaussianMixture.create(mixture.means, (var / beta).sqrt(), torch.softmax(log_w, 0))
+
+
+def soft_min_log_density(mixtures: tuple[GaussianMixture, ...], sharpness: float, x: Tensor) -> Tensor:
+    """The unnormalised log-density of the soft-min ``−(1/λ) log Σᵢ qᵢ(x)^{−λ}`` of mixtures at t = 0
+    (the target of :class:`superdiff.expressions.SoftMin`), exact at points x (B, d); returns (B,)."""
+    if not (math.isfinite(sharpness) and sharpness > 0):
+        raise ValueError(f"sharpness must be a finite number > 0, got {sharpness}")
+    logs = torch.stack([m.log_prob(x, 1.0, 0.0) for m in mixtures], -1)
+    return -torch.logsumexp(-sharpness * logs, -1) / sharpness
+
+
+def grid_moments(log_density, low: float, high: float, points: int, dim: int = 2) -> tuple[Tensor, Tensor]:
+    """Mean (d,) and second moments E[xₖ²] (d,) of the normalised density ``exp(log_density(x))`` by
+    the midpoint rule on the cube [low, high]^d with ``points`` per axis (for d ≤ 2: a reference for
+    targets with no closed form). ``log_density`` maps (B, d) float64 to (B,)."""
+    h = (high - low) / points
+    axis = low + h * (torch.arange(points, dtype=torch.float64) + 0.5)
+    grid = torch.stack(torch.meshgrid(*([axis] * dim), indexing="ij"), -1).reshape(-1, dim)
+    w = torch.softmax(log_density(grid), 0)
+    return (w[:, None] * grid).sum(0), (w[:, None] * grid * grid).sum(0)

@@ -39,11 +39,11 @@ from .density import (
     transition_coefficients,
     tweedie_density_variance,
 )
-from .expressions import CompiledExpression, bind_combiner
+from .expressions import CompiledExpression, _where_rows, bind_combiner
 from .limits import FiniteWatch, check_call_limits
 from .models import Denoiser
 from .options import SamplerOptions, option_spec
-from .particles import check_particles, group_uniforms, resample_step
+from .particles import check_particles, group_uniforms, resample_step, warn_if_collapsed
 from .processes import Process
 
 __all__ = ["SamplerOutput", "StepInfo", "sample_sde", "sample_ode", "mix_denoised", "prior_sample", "randn"]
@@ -66,7 +66,10 @@ class SamplerOutput:
 
     ``and_converged`` (steps, B) bool, for AND under ``density_variance="tweedie"``: whether each
     step's quadratic equal-density condition was solved (where not, that step kept the
-    common-variance κ and scored with the common variance); True on steps that need no solve.
+    common-variance κ and scored with the common variance); True on steps that need no solve. For an
+    expression with an And over mixture-type children (``(0 | 1) & 2``) also whether that And's
+    condition was met to 1e-6 nats (:meth:`~superdiff.expressions.CompiledExpression.and_gap`); where
+    it has no root the step left the children's potentials that far apart.
     """
 
     samples: Tensor
@@ -370,7 +373,8 @@ def _quadratic_system_weights(
     kappa_t = k0 + t[:, None] * k1
     phi_t = torch.nan_to_num(system.phi(kappa_t))
     if combiner.affine_in_offset:  # κ(b) is affine: the solve at φ(κ(t)) is κ(φ(κ(t))), with nothing else
-        result = (k0 + phi_t[:, None] * k1, None, ())
+        step = combiner.at_kappa(k0 + phi_t[:, None] * k1)
+        result = (step.kappa, step.log_weight_increment, step.node_weights)
         return (result, common), (discriminant >= 0) & torch.isfinite(result[0]).all(-1)
     result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
                                       increment_offset=b + phi_t[:, None] * system.row_weights))
@@ -400,11 +404,6 @@ def _stacked_inputs(inputs: CombineInputs, matrices: Tensor, offsets: Tensor) ->
 
     return replace(inputs, log_q=tile(inputs.log_q), increment_matrix=matrices, increment_offset=offsets,
                    score_gram=tile(inputs.score_gram))
-
-
-def _where_rows(mask: Tensor, chosen: Tensor, other: Tensor) -> Tensor:
-    """Rows (dim 0) of ``chosen`` where ``mask`` (B,), else of ``other``."""
-    return torch.where(mask.reshape(-1, *([1] * (chosen.dim() - 1))), chosen, other)
 
 
 def _follow_ancestry(traces: list[list[Tensor]], initial: list[Tensor], ancestors: list[Tensor]) -> None:
@@ -442,6 +441,7 @@ class SdePlan:
     model_variances: bool  # density_variance="tweedie": one kernel variance per model and sample
     kernel_tweedie: bool  # variance="tweedie": the step's own kernel per sample
     needs_scores: bool  # the combiner corrects (Feynman–Kac) and reads the score Gram matrix
+    nonlinear_and: bool  # an And over mixture-type children, solved iteratively: report where it was met
     weighted: bool  # particles carry log-weights
     fk_scale: float  # the corrections enter times w under guidance
     particles: int
@@ -534,7 +534,8 @@ def _plan_sde(denoiser: Denoiser, x: Tensor, times: Tensor, combiner: Combiner, 
     ]  # fmt: skip
     return SdePlan(
         plan, times, times.tolist(), coefs, plan.combiner, guidance_scale, max(steps - (1 if final_zero else 0), 1),
-        model_variances, kernel_tweedie, needs_scores, needs_scores or particles > 1,
+        model_variances, kernel_tweedie, needs_scores, bool(getattr(plan.combiner, "nonlinear_and", False)),
+        needs_scores or particles > 1,
         1.0 if guidance_scale is None else float(guidance_scale), particles, resample_threshold,
     )  # fmt: skip
 
@@ -609,6 +610,8 @@ def _noisy_step(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised
     # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
     residuals = model_residuals(denoised, x0_mix64, noise64, c)
     log_q = state.log_q + ito_log_density_increment(denoised, x0_mix64, x, noise64, c, density_var, residuals)
+    if p.nonlinear_and:  # an And over mixtures is solved iteratively: report where its condition was not met
+        converged = converged & (p.combiner.and_gap(state.log_q, log_q, 1.0 / p.tracked_steps) <= 1e-6)
     previous = (denoised, residuals) if p.model_variances else None
     previous_step = (x0_mix64, noise64.reshape(x.shape[0], -1), kappa) if p.kernel_tweedie else None
     # The move (Thm. 2's mean, Tweedie's E[x_t | x_s]): y = c_x x + c_0 x̂₀ᵐⁱˣ + w.
@@ -698,7 +701,8 @@ def _finish(p: SdePlan, state: SdeState, traces: _SdeTraces) -> SamplerOutput:
     batch = state.x.shape[0]
     kappas = torch.stack(traces.kappa) if traces.kappa else state.log_q.new_empty(0, batch, p.plan.num_models)
     node_weight_trace = tuple(torch.stack(ws) for ws in nodes) if nodes else None
-    quadratic_and = p.model_variances and p.combiner.needs_system  # AND's condition under one variance per model
+    # AND's condition under one variance per model, or an And over mixtures: where each step met it
+    quadratic_and = (p.model_variances and p.combiner.needs_system) or p.nonlinear_and
     return SamplerOutput(
         state.x, state.log_q, torch.stack(traces.log_q), kappas, p.times[: taken + 1],
         log_weights=state.log_w if p.weighted else None,
@@ -813,6 +817,10 @@ def sample_sde(
             info = StepInfo(i, p.times_host[i + 1], state.x, state.x0_mix, state.kappa, state.log_q)
             state = replace(state, x=_state_from_callback(callback(info), state.x))
     watch.check(getattr(p.combiner, "nodes", ()), getattr(p.combiner, "leaves", None))
+    if p.needs_scores and len(traces.ess) > 1:
+        # One read, after sampling: the weights' sign of a target that does not exist (step 0 carries the
+        # prior's initial weight, which in many dimensions alone can hold a group's ESS near 1).
+        warn_if_collapsed(torch.stack(traces.ess[1:]), p.particles)
     return _finish(p, state, traces)
 
 
