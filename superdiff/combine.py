@@ -40,6 +40,7 @@ __all__ = [
     "Fixed",
     "or_weights",
     "and_weights",
+    "and_feedback_offsets",
     "make_combiner",
     "check_combiner",
     "MODES",
@@ -306,6 +307,31 @@ def Fixed(weights: Sequence[float]) -> "Product":  # noqa: N802 - a constructor,
     numbers = _number_tuple("weights", weights)
     _in_range([gain_problem(f"weights[{i}]", v) for i, v in enumerate(numbers or ())])
     return Product(None, numbers, correct=False)
+
+
+def and_feedback_offsets(log_q: Tensor, feedback: float, log_weights: Tensor | None = None,
+                         step_fraction: float = 1.0) -> Tensor:
+    """The prescribed differences of one step for AND with feedback: ``−ρ ((ℓ_i − w_i) − mean_j(ℓ_j − w_j))``.
+
+    Solved by :func:`and_weights` as ``target_offsets``, they take the share ρ off the tracked gap of
+    ``log q_i − w_i`` at this step (on the expected increments, so the gap left is the step's noise). On a
+    last step onto σ = 0 (``step_fraction`` 0) there is no increment to steer, and none is prescribed.
+
+    Args:
+        log_q: (B, M) tracked log-densities.
+        feedback: ρ in (0, 1].
+        log_weights: (M,) Eq. 18's offsets w, or None.
+        step_fraction: the step's share of the trajectory; 0 on a step onto σ = 0.
+
+    Returns:
+        (B, M) float64.
+    """
+    gap = log_q.to(torch.float64)
+    if log_weights is not None:
+        gap = gap - log_weights.to(torch.float64)
+    if step_fraction == 0.0:
+        return torch.zeros_like(gap)
+    return -feedback * (gap - gap.mean(-1, keepdim=True))
 
 
 def Average(num_models: int) -> "Product":  # noqa: N802 - a constructor, named like the paper's baseline

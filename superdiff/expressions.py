@@ -59,7 +59,14 @@ import torch
 from torch import Tensor
 
 from ._text import shorten
-from .combine import CombineInputs, _check_at_least_two, _check_count, _device_constant, and_weights
+from .combine import (
+    CombineInputs,
+    _check_at_least_two,
+    _check_count,
+    _device_constant,
+    and_feedback_offsets,
+    and_weights,
+)
 from .limits import MAX_DEPTH, MAX_GAIN, gain_problem, log_weight_problem, scale_problem
 
 __all__ = [
@@ -166,6 +173,12 @@ class _Composable:
     def needs_scores(self) -> bool:
         return any(_corrects(n) for n in _walk(self))
 
+    @property
+    def expected_system(self) -> bool:
+        """True when an And solves κ from the expected increments (``feedback``): the sampler then builds
+        the system without the step's noise (:func:`superdiff.density.expected_step_moments`)."""
+        return any(isinstance(n, And) and n.feedback is not None for n in _walk(self))
+
     def bind(self, num_models: int) -> "CompiledExpression":
         """The node compiled over the denoiser's ``num_models`` outputs (leaves 0 … M−1)."""
         return _bind(self, num_models)
@@ -212,11 +225,18 @@ class And(_Composable):
     potential of its own: a parent reads the mean of its children's. Without ``children``
     (``And()``, ``And(log_weights=(1.0, 0.0))``) it is AND over all the models; ``rtol`` says what
     counts as a singular system (:func:`superdiff.combine.and_weights`).
+
+    ``feedback`` ρ in (0, 1] (None: off) solves κ from each child's *expected* increment over the step's
+    noise instead of the increment of the noise drawn, and removes the share ρ of the tracked gap
+    ``(φ_c − ℓ_c) − mean`` at every step (:func:`superdiff.combine.and_feedback_offsets`): the tracked
+    densities are then only close, but κ no longer follows each step's noise (``docs/guarantees.md``).
+    Start the tracked values equal (``log_q_init`` None).
     """
 
     children: tuple["Node", ...] | None = None
     log_weights: tuple[float, ...] | None = None
     rtol: float = 1e-8
+    feedback: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("And", self.children, 1))
@@ -224,6 +244,11 @@ class And(_Composable):
                            _finite_tuple("log_weights", self.log_weights, _count(self), log_weights=True))
         if isinstance(self.rtol, bool) or not isinstance(self.rtol, numbers.Real) or not (0 < self.rtol < 1):
             _refuse("rtol", self.rtol, "use a number in (0, 1), e.g. 1e-8")
+        if self.feedback is not None and (
+            isinstance(self.feedback, bool) or not isinstance(self.feedback, numbers.Real)
+            or not 0 < self.feedback <= 1
+        ):
+            _refuse("feedback", self.feedback, "use None (solve each step exactly) or a share in (0, 1], e.g. 0.5")
 
 
 @dataclass(frozen=True)
@@ -571,6 +596,11 @@ class CompiledExpression:
         return (self.needs_system and not self.needs_scores and len(self.leaves) == 2
                 and isinstance(self.expression, And) and id(self.expression) in self.over_leaves)
 
+    @property
+    def expected_system(self) -> bool:
+        """True when an And solves κ from the expected increments (``feedback``)."""
+        return any(isinstance(n, And) and n.feedback is not None for n in self.nodes)
+
     def at_kappa(self, kappa: Tensor) -> ExpressionStep:
         """The step of an :attr:`affine_in_offset` tree whose solve gave ``kappa`` (B, 2): its one node's
         weights are κ (reported unless the tree is a flat combiner)."""
@@ -750,7 +780,11 @@ class CompiledExpression:
         a = inputs.increment_matrix.to(torch.float64)
         b = inputs.increment_offset.to(torch.float64)
         target = None
-        if node.log_weights is not None:
+        if node.feedback is not None:  # the share ρ of the tracked gap of φ_c − ℓ_c, on the expected increments
+            lw = None if node.log_weights is None else _device_constant(node.log_weights, potentials.dtype,
+                                                                         potentials.device)
+            target = and_feedback_offsets(potentials, node.feedback, lw, inputs.step_fraction)
+        elif node.log_weights is not None:
             offsets = _device_constant(node.log_weights, potentials.dtype, potentials.device)
             target = (offsets * inputs.step_fraction).expand(batch, c)
         if k_mat is None:

@@ -27,6 +27,7 @@ from .density import (
     divergence_exact,
     divergence_hutchinson,
     divergence_hutchinson_vjp,
+    expected_step_moments,
     ito_final_step_system,
     ito_increment_system,
     ito_log_density_increment,
@@ -601,11 +602,11 @@ def _noisy_step(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised
     """A step from s to t > 0: draw w, weigh (κ), track every model's density (Thm. 1), move."""
     x = state.x
     # The Gaussian increment w ~ N(0, V), drawn before κ: AND's κ is solved for this very w (Prop. 6).
-    noise = _draw_increment(p, state, c, denoised, unconditional, generator)
+    noise, noise_var = _draw_increment(p, state, c, denoised, unconditional, generator)
     noise64 = noise.to(torch.float64)
     density_var = _model_variances(p, state, c, denoised)
     kappa, fk, nodes, density_var, converged = _step_weights(p, state, c, denoised, unconditional, noise64,
-                                                             density_var)
+                                                             noise_var, density_var)
     x0_mix64 = _mix(p, denoised, kappa, x, c, unconditional)
     # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
     residuals = model_residuals(denoised, x0_mix64, noise64, c)
@@ -621,19 +622,20 @@ def _noisy_step(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised
 
 
 def _draw_increment(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised: Tensor,
-                    unconditional: Tensor | None, generator: Generators) -> Tensor:
+                    unconditional: Tensor | None, generator: Generators) -> tuple[Tensor, float | Tensor]:
     """w ~ N(0, V): V from Thm. 2's kernel (``variance``), or under ``variance="tweedie"`` the step's own
     kernel β̃ + c₀² Cov[x₀ | x], with the mixed x̂₀'s Jacobian read, as the estimator's, from the last step
-    (mixed with its κ, so it is known before this κ); the first step uses β̃."""
+    (mixed with its κ, so it is known before this κ); the first step uses β̃. Returns w and V (a number,
+    or (B,) per sample)."""
     x = state.x
     if not (p.kernel_tweedie and state.previous_step is not None):
-        return math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
+        return math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype), c.var
     last_mix, last_noise, last_kappa = state.previous_step
     mixed_now = _mix(p, denoised, last_kappa, x, c, unconditional)
     lam = jacobian_rayleigh_quotient(last_noise[None], last_mix[None], mixed_now[None])
     step_var = tweedie_density_variance(c, lam)[0]  # (B,)
     scale = step_var.sqrt().to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    return scale * randn(tuple(x.shape), generator, x.device, x.dtype)
+    return scale * randn(tuple(x.shape), generator, x.device, x.dtype), step_var
 
 
 def _model_variances(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised: Tensor) -> Tensor | None:
@@ -647,7 +649,8 @@ def _model_variances(p: SdePlan, state: SdeState, c: TransitionCoefficients, den
 
 
 def _step_weights(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised: Tensor,
-                  unconditional: Tensor | None, noise64: Tensor, density_var: Tensor | None):
+                  unconditional: Tensor | None, noise64: Tensor, noise_var: float | Tensor,
+                  density_var: Tensor | None):
     """κ (B, M), the Feynman–Kac increment, the node weights, the variances the step is scored with, and
     whether AND's condition was solved (B,): OR's softmax of the tracked log-densities (Algorithm 1), AND's
     system of this step's increments (Eqs. 75–78), an expression's tree (with its scores' Gram matrix)."""
@@ -655,6 +658,8 @@ def _step_weights(p: SdePlan, state: SdeState, c: TransitionCoefficients, denois
     if p.combiner.needs_system:
         base = _system_base(denoised, unconditional, p.guidance_scale)
         moments = step_moments(denoised, base[0], noise64)
+        if getattr(p.combiner, "expected_system", False):  # κ from the expected increments, not this w
+            moments = expected_step_moments(moments, noise_var)
         if density_var is None:
             system = ito_increment_system(denoised, *base, noise64, c, moments=moments)
         else:  # one variance per model: the quadratic system, and the common-variance one beside it
