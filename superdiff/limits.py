@@ -130,8 +130,8 @@ def rows_problem(images: int, particles: int, outputs: int, unconditional: bool 
         return None
     image_option, particle_option = names
     what = f"{outputs} models" + (" + the unconditional row" if unconditional else "")
-    head = (f"{images} images x {particles} particles x ({what}) = {rows} rows in one network call, more than the cap "
-            f"of {MAX_NETWORK_ROWS} (superdiff.limits.MAX_NETWORK_ROWS); ")
+    head = (f"{images} image{'s' * (images != 1)} x {particles} particle{'s' * (particles != 1)} x ({what}) = {rows} "
+            f"rows in one network call, more than the cap of {MAX_NETWORK_ROWS} (superdiff.limits.MAX_NETWORK_ROWS); ")
     if particles > 1 and images * per_sample <= MAX_NETWORK_ROWS:
         return head + f"lower {particle_option} to {MAX_NETWORK_ROWS // (images * per_sample)} or fewer"
     if particles * per_sample <= MAX_NETWORK_ROWS:
