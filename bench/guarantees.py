@@ -3,6 +3,7 @@
     python bench/guarantees.py            # 1024 samples / 4096 particles, AND up to 3000 steps
     python bench/guarantees.py --quick    # 256 samples / 1024 particles, AND at 100, 1000 and 3000 steps
     python bench/guarantees.py --quick --markdown   # and write docs/benchmarks/guarantees.md
+    python bench/guarantees.py --quick --particles 8192 --markdown   # the docs' figures: particle rows at 8192
 
 Every figure is against exact log-densities or exact targets, seed 0, float64, VP linear (β 0.1–20):
 
@@ -159,9 +160,13 @@ def log_weight_spread(expression, mixtures, steps: int, samples: int, fractions=
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--particles", type=int, default=None,
+                   help="particles in all for the particle rows (1024; full size 4096)")
+    args = p.parse_args()
     quick = args.quick
     samples, total = (256, 1024) if quick else (1024, 4096)
+    total = args.particles or total
     and_steps = (100, 1000, 3000) if quick else (100, 300, 1000, 3000)
     start = time.time()
     print(f"machine: {machine()}; seed 0, {samples} samples ({total} particles in all for the particle rows), "
