@@ -35,7 +35,7 @@ from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import conjunctive
 
 from .calls import FiniteFloat, pipeline_call_kwargs
-from .errors import BadInput, CommandFailed, handle_errors
+from .errors import BadInput, CommandFailed, handle_errors, surface_warnings
 from .limits import output_folder
 from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype, silence_library_logs
 from .options import option_columns, options_from_params, recorded_options, sampler_click_options
@@ -479,7 +479,14 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 progress=False,
                 options=item.options,
             )
-            result = loaded.pipeline(**call)
+            try:
+                with surface_warnings(f" (item {item.item_id})"):
+                    result = loaded.pipeline(**call)
+            except ValueError as exc:  # the library refused the item: bad input, named
+                raise ValueError(f"item {item.item_id} (spec line {item.row}): {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - a runtime failure (e.g. NonFiniteError), named
+                raise CommandFailed(f"item {item.item_id} (spec line {item.row}) failed, {finished} item(s) of this "
+                                    f"run are saved: {type(exc).__name__}: {exc}") from exc
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = make_temp_dir(final.parent, prefix=f"{TMP_PREFIX}{owner}.{item.item_id}.")

@@ -12,14 +12,14 @@ Gaussian transition kernels (App. D):
 
 The step and the estimator need not use the same V. Eq. 89 holds exactly for each model's true
 reverse kernel whatever point y the step reached, so the estimator's r̃ᵢ should approximate that
-kernel, while the step's V decides the samples. The defaults are measured on exact mixtures
-(``bench/variance.py``): steps use the posterior variance ``σ_t² S²/σ_s²`` (DDPM's β̃, diffusers'
-ancestral samplers), the exact reverse kernel of a point mass, which keeps 8- to 12-step samples
-clean. Among the variances common to all models the estimator's best is the forward variance in
-the variance-preserving frame ``S² (α_t² + σ_t²)/(α_s² + σ_s²)`` (DDPM's β on VP processes), the
-smaller density error in 32 of the bench's 35 cells; by default it uses each model's own
-(:func:`tweedie_density_variance`, ``bench/few_steps.py``), its exact transition's variance to
-first order, with which AND's condition is quadratic in κ (:func:`ito_quadratic_increment_system`).
+kernel, while the step's V decides the samples. By default steps use the posterior variance
+``σ_t² S²/σ_s²`` (DDPM's β̃, diffusers' ancestral samplers), the exact reverse kernel of a point
+mass, which keeps few-step samples clean. Among the variances common to all models the
+estimator's is the forward variance in the variance-preserving frame ``S² (α_t² + σ_t²)/(α_s² +
+σ_s²)`` (DDPM's β on VP processes); by default it uses each model's own
+(:func:`tweedie_density_variance`), its exact transition's variance to first order, with which
+AND's condition is quadratic in κ (:func:`ito_quadratic_increment_system`). The measurements
+behind these choices are in ``bench/variance.py`` and ``bench/few_steps.py``.
 
 The estimator is the discrete detailed balance of Eq. 89,
 ``log q_t(y) − log q_s(x) ≈ −log k(x | y) + log r̃ᵢ(y | x)``, which is Theorem 1 discretised:
@@ -58,6 +58,7 @@ __all__ = [
     "ito_quadratic_increment_system",
     "StepMoments",
     "step_moments",
+    "expected_step_moments",
     "ito_final_step_system",
     "ode_log_density_rate",
     "ode_increment_system",
@@ -271,6 +272,16 @@ def step_moments(denoised: Tensor, base: Tensor, noise: Tensor) -> StepMoments:
     e = _offsets(denoised, base)
     w = noise.reshape(base.shape[0], -1).to(torch.float64)
     return StepMoments(e @ e.transpose(1, 2), (e @ w[:, :, None])[..., 0], _bdot(w, w), e.shape[-1])
+
+
+def expected_step_moments(moments: StepMoments, noise_var: float | Tensor) -> StepMoments:
+    """The step's :class:`StepMoments` averaged over its noise w ~ N(0, noise_var I): ⟨eᵢ, w⟩ → 0 and
+    ‖w‖² → d·noise_var (a number, or (B,) one per sample). The systems built from them give each model's
+    *expected* increment as a function of κ, so a κ solved from them does not depend on the step's own noise
+    (:class:`superdiff.combine.And` with ``feedback``)."""
+    norm2 = moments.dim * (noise_var.to(torch.float64) if isinstance(noise_var, Tensor)
+                           else torch.full_like(moments.noise_norm2, noise_var))
+    return StepMoments(moments.gram, torch.zeros_like(moments.offset_noise), norm2, moments.dim)
 
 
 def ito_increment_system(

@@ -1,17 +1,19 @@
 """Recorded outputs of every pipeline family in every mode, for tests/test_pipeline_traces.py.
 
 ``CASES`` names one call per (family, mode, option) on tiny seeded float64 models; :func:`run_case`
-makes it and :func:`summary` keeps what the fixture stores: the κ and log-density traces whole
-(a few numbers each), and the samples (latents or decoded images) and Feynman–Kac log-weights as a
-fixed seeded random projection onto 8 numbers (any change to the samples moves it).
+makes it and :func:`summary` keeps what the fixture stores: the κ and log-density traces, the
+timesteps and the particles' Feynman–Kac log-weights whole (a few numbers each), and the samples
+(latents or decoded images) as a fixed seeded random projection onto 8 numbers (any change moves it).
 
 Run as a script at a commit whose pipelines are the reference, to write tests/data/pipeline_traces.safetensors:
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python tests/pipeline_traces.py
 
-The stored file was written from the pipelines as they stood at 9541c97 (before the family
-adapters of superdiff/pipelines/base.py), so the test checks that moving them onto one loop
-changed nothing.
+The stored file was written from the library as it stood at 9541c97 (before the family adapters
+of superdiff/pipelines/base.py), so the test checks that moving them onto one loop changed nothing:
+
+    git archive 9541c97 superdiff | tar -x -C /tmp/base
+    PYTHONPATH=/tmp/base OMP_NUM_THREADS=1 .venv/bin/python tests/pipeline_traces.py
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "data", "pipeline_traces.safetensors")
 STEPS = 3
 TWO = ["a red circle", "a blue square"]
+#: Compositions with Feynman–Kac corrections (particles weigh them): a product, and a geometric mean (degree 1).
+PRODUCT = '"a red circle" * "a blue square"'
+GEOMETRIC = '"a red circle" ^ 0.5 * "a blue square" ^ 0.5'
 
 #: name → (family, call arguments). Each call samples from generator seed 7.
 CASES: dict[str, tuple[str, dict]] = {
@@ -36,8 +41,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "sd-unguided-or": ("sd", dict(prompts=TWO, mode="or", guidance_scale=None)),
     "sd-negative": ("sd", dict(prompt=TWO, mode="and", negative_prompt="a cat")),
     "sd-expression": ("sd", dict(expression='("a red circle" & "a blue square") | "a cat"')),
-    "sd-particles": ("sd", dict(prompts=TWO, mode="or", particles=3, resample_threshold=1.0,
-                                num_images_per_prompt=2)),
+    "sd-particles": ("sd", dict(expression=PRODUCT, particles=3, resample_threshold=1.0, num_images_per_prompt=2)),
     "sd-forward-and": ("sd", dict(prompts=TWO, mode="and", density_variance="forward")),
     "sd-batch-generators": ("sd", dict(prompts=TWO, mode="or", num_images_per_prompt=2, generator="list")),
     "sd-latents": ("sd", dict(prompts=TWO, mode="and", latents="draw")),
@@ -49,20 +53,20 @@ CASES: dict[str, tuple[str, dict]] = {
     "flow-and": ("flow", dict(prompts=TWO, mode="and", max_sequence_length=8)),
     "flow-or-pt": ("flow", dict(prompts=TWO, mode="or", max_sequence_length=8, output_type="pt")),
     "flow-unguided-average": ("flow", dict(prompts=TWO, mode="average", guidance_scale=None, max_sequence_length=8)),
-    "flow-t5-particles": ("flow-t5", dict(prompts=TWO, mode="and", max_sequence_length=8, particles=2,
+    "flow-t5-particles": ("flow-t5", dict(expression=PRODUCT, max_sequence_length=8, particles=2,
                                           resample_threshold=1.0)),
     "flux-and": ("flux", dict(prompts=TWO, mode="and", height=16, width=16, max_sequence_length=8)),
     "flux-or-true-cfg-pt": ("flux", dict(prompts=TWO, mode="or", true_cfg_scale=4.0, negative_prompt="a cat",
                                          height=16, width=16, max_sequence_length=8, output_type="pt")),
     "flux-schnell-average": ("flux-schnell", dict(prompts=TWO, mode="average", height=16, width=16,
                                                   max_sequence_length=8, num_images_per_prompt=2)),
-    "flux-particles": ("flux", dict(prompts=TWO, mode="or", height=16, width=16, max_sequence_length=8,
+    "flux-particles": ("flux", dict(expression=GEOMETRIC, height=16, width=16, max_sequence_length=8,
                                     particles=2, resample_threshold=1.0)),
     "unconditional-or": ("unconditional", dict(mode="or", batch_size=2)),
     "unconditional-and": ("unconditional", dict(mode="and")),
     "unconditional-sum-pt": ("unconditional", dict(mode="sum", output_type="pt")),
     "unconditional-expression": ("unconditional", dict(expression="(0 & 1) | 0")),
-    "unconditional-particles": ("unconditional", dict(mode="or", num_images_per_prompt=2, particles=2,
+    "unconditional-particles": ("unconditional", dict(expression="0 * 1", num_images_per_prompt=2, particles=2,
                                                       resample_threshold=1.0)),
 }
 
@@ -139,15 +143,16 @@ def summary(out) -> dict[str, torch.Tensor]:
     return record
 
 
-def load_fixture() -> dict[str, dict[str, torch.Tensor]]:
-    """The stored records, case name → field → tensor."""
+def flat(record: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A record as one float64 vector, its fields in name order (the fixture stores one per case)."""
+    return torch.cat([record[field].double().reshape(-1) for field in sorted(record)])
+
+
+def load_fixture() -> dict[str, torch.Tensor]:
+    """The stored records, case name → :func:`flat` record."""
     from safetensors.torch import load_file
 
-    records: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(FIXTURE).items():
-        name, field = key.split("/")
-        records.setdefault(name, {})[field] = value
-    return records
+    return load_file(FIXTURE)
 
 
 def record_all() -> dict[str, dict[str, torch.Tensor]]:
@@ -168,7 +173,5 @@ if __name__ == "__main__":
     os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
     from safetensors.torch import save_file
 
-    flat = {f"{name}/{field}": value.contiguous() for name, record in record_all().items()
-            for field, value in record.items()}
-    save_file(flat, FIXTURE)
+    save_file({name: flat(record) for name, record in record_all().items()}, FIXTURE)
     print(f"wrote {FIXTURE} ({os.path.getsize(FIXTURE)} bytes, {len(CASES)} cases)")
