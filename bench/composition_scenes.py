@@ -198,12 +198,14 @@ def main() -> None:
                           f"({time.perf_counter() - start:.0f} s)", flush=True)
     table = aggregate(rows)
     gates = checks(table, step_counts)
+    reused = (f"rows reused from {args.resume_dir} (computed there by per-seed runs with --first-seed)"
+              if args.resume_dir else f"{time.perf_counter() - start:.0f} s in all")
     header = (f"# Composition on embedded-scenes (GenEval-style)\n\n"
               f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}` on {machine()}: "
               f"{samples} images per method, pair and seed; seeds {seeds}; guidance {args.guidance:g}; pairs per "
-              f"group: " + ", ".join(f"{g} {len(ps)}" for g, ps in plan.items()) +
-              f"; {time.perf_counter() - start:.0f} s in all. Each cell: mean over the group's pairs, ± standard "
-              f"error over seeds; time per image: median over seeds (a K-particle image costs about K images).")
+              f"group: {', '.join(f'{g} {len(ps)}' for g, ps in plan.items())}; {reused}. Each cell: mean over the "
+              f"group's pairs, ± standard error over seeds; time per image: median over seeds (a K-particle image "
+              f"costs about K images).")
     text = markdown(table, step_counts, header, gates)
     if not args.json:
         print(text)
