@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--extra-methods", default="joint prompt,superdiff AND",
                    help="the AND methods run at the further step counts (comma-separated)")
     p.add_argument("--pairs", type=int, default=None, help="pairs per group (default: all in the file; --quick 1)")
+    p.add_argument("--held-out-pairs", type=int, default=None, help="pairs of the held-out group (default: --pairs)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--groups", nargs="+", default=["seen", "held-out"], choices=["seen", "held-out"])
@@ -163,7 +164,8 @@ def main() -> None:
             continue
         pairs = plan.setdefault(e["group"], {})
         pair = tuple(e["parts"])
-        if e["task"] in args.tasks and (pair in pairs or pairs_per_group is None or len(pairs) < pairs_per_group):
+        limit = args.held_out_pairs if e["group"] == "held-out" and args.held_out_pairs else pairs_per_group
+        if e["task"] in args.tasks and (pair in pairs or limit is None or len(pairs) < limit):
             pairs.setdefault(pair, []).append(e["task"])
     extra = [m.strip() for m in args.extra_methods.split(",")]
     from superdiff.zoo.registry import load_scenes_pipeline
