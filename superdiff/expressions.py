@@ -588,23 +588,9 @@ class CompiledExpression:
         return abs(self.degree - 1.0) < 1e-12
 
     @property
-    def affine_in_offset(self) -> bool:
-        """True when the tree is one And over two leaves in order: its κ is the closed-form solve, an
-        affine function of the increment offset b, and nothing else depends on b (no Newton steps, no
-        Feynman–Kac term; for M > 2 the solve picks a damped or an exact solution per row, which is not
-        affine). A sampler may then move along κ(b) without solving again (:meth:`at_kappa`)."""
-        return (self.needs_system and not self.needs_scores and len(self.leaves) == 2
-                and isinstance(self.expression, And) and id(self.expression) in self.over_leaves)
-
-    @property
     def expected_system(self) -> bool:
         """True when an And solves κ from the expected increments (``feedback``)."""
         return any(isinstance(n, And) and n.feedback is not None for n in self.nodes)
-
-    def at_kappa(self, kappa: Tensor) -> ExpressionStep:
-        """The step of an :attr:`affine_in_offset` tree whose solve gave ``kappa`` (B, 2): its one node's
-        weights are κ (reported unless the tree is a flat combiner)."""
-        return ExpressionStep(kappa, None, () if self.flat else (kappa,))
 
     def check_num_models(self, num_models: int, what: str = "models") -> None:
         """Raise ``ValueError`` unless the denoiser has one output per leaf."""
@@ -856,7 +842,6 @@ class _CallableCombiner:
 
     combiner: object
     needs_scores: bool = False
-    affine_in_offset: bool = False
 
     @property
     def needs_system(self) -> bool:
