@@ -30,13 +30,14 @@ from superdiff._text import escape_invisible
 from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import compile_expression, describe
+from superdiff.limits import guidance_problem
 from superdiff.options import SamplerOptions, check_particles_apply
 
 from .calls import pipeline_call_kwargs
 from .composition import check_items, expression_items
 from .errors import BadInput, handle_errors
 from .generate import generation_settings, parse_log_weights
-from .limits import images_problem, model_folder_problem, seed_problem, steps_problem
+from .limits import images_problem, model_folder_problem, network_rows_problem, seed_problem, steps_problem
 from .models import DEFAULT_ITEMS, EMBEDDED, LoadedModel, load_model, model_problem, resolve_device, resolve_dtype
 from .options import app_fields, options_from_app
 from .serving import Login, network_warning, parse_logins, serving_port
@@ -166,6 +167,11 @@ def check_run_request(model: str, composition: Composition, steps: Any, guidance
         raise BadInput(problem)
     # embedded-digits composes unconditional models: no guidance (the form hides the slider).
     scale = None if model == "embedded-digits" or guidance is None else float(guidance)
+    problem = guidance_problem(scale, float(getattr(composition.combiner, "gain", 1.0)), "guidance") or (
+        network_rows_problem(model, num_images, particles, len(items), scale,
+                             options=("number of images", "particles")))
+    if problem:
+        raise BadInput(problem)
     return RunRequest(composition, steps, scale, seed, num_images, sampler)
 
 

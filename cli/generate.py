@@ -10,6 +10,7 @@ import click
 from superdiff.combine import MODES, make_combiner
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import Node, compile_expression, describe
+from superdiff.limits import check_guidance
 from superdiff.options import check_particles_apply
 from superdiff.plotting import require_matplotlib
 
@@ -24,6 +25,7 @@ from .limits import (
     control_character_problem,
     images_problem,
     model_folder_problem,
+    network_rows_problem,
     output_folder,
     steps_problem,
 )
@@ -287,6 +289,12 @@ def generate(
         raise BadInput(problem)
     check_true_cfg(true_cfg_scale, model)
     check_limits(model, items, steps, num_images, height, width, options.particles)
+    # The library's ranges (superdiff.limits), before loading: guidance times the composition's gain, and rows.
+    check_guidance(guidance, combiner, "--guidance")
+    check_guidance(true_cfg_scale, combiner, "--true-cfg-scale")
+    problem = network_rows_problem(model, num_images, options.particles, len(items), guidance, true_cfg_scale)
+    if problem:
+        raise BadInput(problem)
     if plot:
         try:
             require_matplotlib()

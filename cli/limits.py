@@ -171,6 +171,21 @@ def images_problem(num_images: int, height: int | None, width: int | None, spec:
             f"the cap of {MAX_IMAGE_PIXELS:,} (2**26); use {count} {fits} or fewer at this size, or smaller images")
 
 
+def network_rows_problem(model: str, images: int, particles: int, leaves: int, guidance: float | None,
+                         true_cfg_scale: float | None = None,
+                         options: tuple[str, str] = ("--num-images", "--particles")) -> str | None:
+    """The library's cap on the rows of one network call (:func:`superdiff.limits.rows_problem`:
+    images × particles × (leaves + the unconditional row)), checked before loading. The unconditional
+    row is counted wherever guidance may add it: text models whose guidance is left at its default
+    (above 1) or set above 1, and FLUX's true CFG above 1."""
+    from superdiff.limits import rows_problem
+
+    unconditional = model != "embedded-digits" and (
+        guidance is None or guidance > 1 or (true_cfg_scale is not None and true_cfg_scale > 1)
+    )
+    return rows_problem(images, particles, leaves, unconditional, names=options)
+
+
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 """What ``superdiff.pipelines.loading`` loads a folder without model_index.json from, named here
 because importing the pipelines (diffusers) takes seconds, more than every other check together."""

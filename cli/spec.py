@@ -30,11 +30,19 @@ from typing import Any
 from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import ExpressionSyntaxError, parse_expression
 from superdiff.expressions import compile_expression, describe
+from superdiff.limits import guidance_problem
 from superdiff.options import SamplerOptions, check_particles_apply
 
 from .composition import expression_items, vocabulary_problem
 from .errors import BadInput
-from .limits import control_character_problem, images_problem, model_folder_problem, seed_problem, steps_problem
+from .limits import (
+    control_character_problem,
+    images_problem,
+    model_folder_problem,
+    network_rows_problem,
+    seed_problem,
+    steps_problem,
+)
 from .models import EMBEDDED, model_problem
 from .options import sweep_keys, sweep_options
 
@@ -313,7 +321,19 @@ def parse_expression_row(rec: dict[str, Any], model: Any) -> tuple[list[str], st
         prompts = expression_items(node, model)
     except BadInput as exc:
         raise LineError(exc.message) from None
+    try:  # the library's checks of the tree (degrees, corrections under an And, its gain), as generate makes them
+        compile_expression(node, prompts)
+    except ValueError as exc:
+        raise LineError(f"expression {text!r}: {exc}") from None
     return prompts, describe(node)
+
+
+def limits_problem(item: SweepItem) -> str | None:
+    """The library's ranges for one line's item (:mod:`superdiff.limits`): guidance times the
+    composition's gain, and the rows of one network call."""
+    problem = guidance_problem(item.guidance, float(getattr(item.combiner(), "gain", 1.0)), "guidance")
+    return problem or network_rows_problem(item.model, item.num_images, item.particles, len(item.prompts),
+                                           item.guidance, options=("num_images", "particles"))
 
 
 def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[SweepItem]:
@@ -358,9 +378,14 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
     problem = model_limit_problem(model, prompts, steps, num_images, rec, defaults, particles)
     if problem:
         raise LineError(problem)
-    return [SweepItem(n, tuple(prompts), mode, seed, model, steps, guidance, temperature, num_images, log_weights,
-                      expression, options)
-            for mode in modes for seed in seeds]
+    items = [SweepItem(n, tuple(prompts), mode, seed, model, steps, guidance, temperature, num_images, log_weights,
+                       expression, options)
+             for mode in modes for seed in seeds]
+    for item in items[:: len(seeds)]:  # one per mode: the seed changes neither check
+        problem = limits_problem(item)
+        if problem:
+            raise LineError(problem)
+    return items
 
 
 def _csv_rows(path: Path, text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:

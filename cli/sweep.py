@@ -479,8 +479,14 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 progress=False,
                 options=item.options,
             )
-            with surface_warnings(f" (item {item.item_id})"):
-                result = loaded.pipeline(**call)
+            try:
+                with surface_warnings(f" (item {item.item_id})"):
+                    result = loaded.pipeline(**call)
+            except ValueError as exc:  # the library refused the item: bad input, named
+                raise ValueError(f"item {item.item_id} (spec line {item.row}): {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - a runtime failure (e.g. NonFiniteError), named
+                raise CommandFailed(f"item {item.item_id} (spec line {item.row}) failed, {finished} item(s) of this "
+                                    f"run are saved: {type(exc).__name__}: {exc}") from exc
             final = out_dir / "items" / item.item_id
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = make_temp_dir(final.parent, prefix=f"{TMP_PREFIX}{owner}.{item.item_id}.")

@@ -34,7 +34,9 @@ Examples: ``("a dog" | "a cat") & "a hat"``, ``"red" * !"circle"``, ``"red"^2 * 
 parsing its text gives the same tree.
 
 Errors are :class:`ExpressionSyntaxError` (a ``ValueError``) with the position, what was expected,
-and the expression with a caret under the place.
+and the expression with a caret under the place. An expression nests at most
+:data:`~superdiff.limits.MAX_DEPTH` (64) levels: parentheses, calls and ``!`` in the text, and nodes
+from the root to a leaf in the tree it makes.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Callable
 
 from ._text import escape_invisible, excerpt, shorten
 from .expressions import UNCONDITIONAL, And, Leaf, Node, Not, Or, Product, SoftMax, SoftMin
+from .limits import MAX_DEPTH
 
 __all__ = ["ExpressionSyntaxError", "parse_expression", "FUNCTIONS"]
 
@@ -137,6 +140,8 @@ _PRIMARY = "a prompt in quotes, a model index, '(' or a function such as or(...)
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text, self.tokens, self.at = text, _tokens(text), 0
+        self.nesting = 0  # open parentheses, calls and '!' around the current token
+        self.depths: dict[int, tuple[Node, int]] = {}  # id → (node, nodes from it to its deepest leaf)
 
     # -- tokens --------------------------------------------------------------------------------
     @property
@@ -161,11 +166,32 @@ class _Parser:
         return None
 
     def build(self, position: int, make: Callable[[], Node]) -> Node:
-        """A node from its constructor; its ValueError (a bad option value) points at ``position``."""
+        """A node from its constructor; its ValueError (a bad option value) points at ``position``, as
+        does a tree deeper than :data:`~superdiff.limits.MAX_DEPTH` nodes."""
         try:
-            return make()
+            node = make()
         except ValueError as exc:
             raise ExpressionSyntaxError(self.text, position, str(exc)) from None
+        if not isinstance(node, Leaf):
+            depth = 1 + max(self.depth_of(c) for c in node.children)
+            if depth > MAX_DEPTH:
+                raise ExpressionSyntaxError(self.text, position, f"this expression nests more than {MAX_DEPTH} "
+                                            "operations inside each other here; nest at most "
+                                            f"{MAX_DEPTH} (e.g. write a product of products as one product)")
+            self.depths[id(node)] = (node, depth)
+        return node
+
+    def depth_of(self, node: Node) -> int:
+        known = self.depths.get(id(node))
+        return known[1] if known is not None and known[0] is node else 0
+
+    def enter(self, token: _Token) -> None:
+        """One more level of parentheses, call or '!' at ``token``: at most MAX_DEPTH, so the recursive
+        descent stays far inside Python's recursion limit."""
+        self.nesting += 1
+        if self.nesting > MAX_DEPTH:
+            raise ExpressionSyntaxError(self.text, token.position, f"more than {MAX_DEPTH} levels of parentheses, "
+                                        f"calls and '!' are open here; nest at most {MAX_DEPTH}")
 
     # -- grammar -------------------------------------------------------------------------------
     def parse(self) -> Node:
@@ -207,7 +233,9 @@ class _Parser:
         bang = self.accept("!")
         if bang is None:
             return self.power()
+        self.enter(bang)
         node, exponent = self.unary()
+        self.nesting -= 1
         if exponent is not None:
             node = self.build(bang.position, lambda: Product((node,), (exponent,)))
         return self.build(bang.position, lambda: Not(node, Leaf(UNCONDITIONAL))), None
@@ -243,8 +271,10 @@ class _Parser:
             return Leaf(int(token.text))
         if token.kind == "(":
             self.at += 1
+            self.enter(token)
             node = self.or_expr()
             self.take(")", "')' to close the '(' at position " + str(token.position) + ", or an operator (| & * ^)")
+            self.nesting -= 1
             if self.token.kind == "[":
                 return self.group_options(node, token)
             return node
@@ -261,10 +291,12 @@ class _Parser:
         function = name.text.lower()
         self.at += 1
         self.take("(", f"'(' after {function}")
+        self.enter(name)
         args = [self.or_expr()]
         while self.accept(","):
             args.append(self.or_expr())
         self.take(")", f"',' or ')' to close {function}(...) at position {name.position}")
+        self.nesting -= 1
         options = self.options(function) if self.token.kind == "[" else {}
         return self.build(name.position, lambda: self.make(function, args, options, name))
 
