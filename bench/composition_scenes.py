@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--extra-methods", default="joint prompt,superdiff AND",
                    help="the AND methods run at the further step counts (comma-separated)")
     p.add_argument("--pairs", type=int, default=None, help="pairs per group (default: all in the file; --quick 1)")
+    p.add_argument("--held-out-pairs", type=int, default=None, help="pairs of the held-out group (default: --pairs)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--groups", nargs="+", default=["seen", "held-out"], choices=["seen", "held-out"])
@@ -163,7 +164,8 @@ def main() -> None:
             continue
         pairs = plan.setdefault(e["group"], {})
         pair = tuple(e["parts"])
-        if e["task"] in args.tasks and (pair in pairs or pairs_per_group is None or len(pairs) < pairs_per_group):
+        limit = args.held_out_pairs if e["group"] == "held-out" and args.held_out_pairs else pairs_per_group
+        if e["task"] in args.tasks and (pair in pairs or limit is None or len(pairs) < limit):
             pairs.setdefault(pair, []).append(e["task"])
     extra = [m.strip() for m in args.extra_methods.split(",")]
     from superdiff.zoo.registry import load_scenes_pipeline
@@ -198,12 +200,14 @@ def main() -> None:
                           f"({time.perf_counter() - start:.0f} s)", flush=True)
     table = aggregate(rows)
     gates = checks(table, step_counts)
+    reused = (f"rows reused from {args.resume_dir} (computed there by per-seed runs with --first-seed)"
+              if args.resume_dir else f"{time.perf_counter() - start:.0f} s in all")
     header = (f"# Composition on embedded-scenes (GenEval-style)\n\n"
               f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}` on {machine()}: "
               f"{samples} images per method, pair and seed; seeds {seeds}; guidance {args.guidance:g}; pairs per "
-              f"group: " + ", ".join(f"{g} {len(ps)}" for g, ps in plan.items()) +
-              f"; {time.perf_counter() - start:.0f} s in all. Each cell: mean over the group's pairs, ± standard "
-              f"error over seeds; time per image: median over seeds (a K-particle image costs about K images).")
+              f"group: {', '.join(f'{g} {len(ps)}' for g, ps in plan.items())}; {reused}. Each cell: mean over the "
+              f"group's pairs, ± standard error over seeds; time per image: median over seeds (a K-particle image "
+              f"costs about K images).")
     text = markdown(table, step_counts, header, gates)
     if not args.json:
         print(text)

@@ -151,3 +151,19 @@ def test_geneval_scores_follow_include_and_exclude():
     assert geneval_correct([(None, "square")], {"include": [square]})  # a shape without a colour still counts
     assert not geneval_correct([(None, "square")], {"include": [square | {"color": "blue"}]})
     assert not geneval_correct([("blue", "square")], {"include": [square | {"count": 2}]})
+
+
+def test_scene_methods_compose_the_pair_and_the_scores_follow_the_tasks():
+    from superdiff.zoo.scene_experiments import pair_metadata, scene_methods, scene_scores
+
+    a, b = ("red", "circle"), ("yellow", "square")
+    methods = scene_methods(4)
+    assert methods["and: superdiff AND"].compose(a, b) == {"expression": '"a red circle" & "a yellow square"'}
+    assert methods["and: joint prompt"].compose(a, b) == {"prompts": ["a red circle and a yellow square"],
+                                                          "mode": "average"}
+    assert methods["and: product, corrected, K=4"].compose(a, b)["particles"] == 4
+    read = [[("red", "circle"), ("yellow", "square")], [("blue", "circle"), ("green", "square")], None,
+            [("red", "circle")]]
+    assert scene_scores(read, pair_metadata(a, b, "and")) == {"two_objects": 0.5, "colour_attribution": 0.25}
+    assert scene_scores(read, pair_metadata(a, b, "not")) == {"not": 0.25}
+    assert scene_scores(read, pair_metadata(a, b, "or")) == {"or": 0.5, "both": 0.25}
