@@ -7,6 +7,8 @@ goes, then the images and the same PNG + JSON sidecar files ``superdiff generate
 (:func:`~superdiff_cli.output.save_generation`). Runs queue one at a time (gradio's queue), so two
 tabs never share the pipeline and never see each other's outputs. Stop, and a closed browser tab
 (gradio then closes the generator), set the pipeline's interrupt through the step callback.
+Where it serves, and for whom (the address checked before loading, ``--auth``, the warning for a
+network host), is :mod:`~superdiff_cli.serving`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .generate import generation_settings, parse_log_weights
 from .limits import images_problem, model_folder_problem, network_rows_problem, seed_problem, steps_problem
 from .models import DEFAULT_ITEMS, EMBEDDED, LoadedModel, load_model, model_problem, resolve_device, resolve_dtype
 from .options import app_fields, options_from_app
+from .serving import Login, network_warning, parse_logins, serving_port
 
 if TYPE_CHECKING:  # gradio and torch are imported when the app starts, not with the command group
     import torch
@@ -554,15 +557,17 @@ def build_blocks(studio: Studio) -> Any:
 
 
 def launch(blocks: Any, host: str = "127.0.0.1", port: int | None = None, block: bool = True,
-           allowed: Sequence[Path] = ()) -> Any:
+           allowed: Sequence[Path] = (), auth: Sequence[Login] = ()) -> Any:
     """Serve ``blocks`` on ``host:port`` with one run at a time (gradio's queue); returns once the
-    server stops, or at once with ``block=False`` (the server then runs in a thread: ``blocks.close()``)."""
+    server stops, or at once with ``block=False`` (the server then runs in a thread: ``blocks.close()``).
+    ``auth``: (user, password) logins gradio asks for before the page or its API answers; none, no login."""
     gr = require_gradio()
     blocks.queue(default_concurrency_limit=1)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
     blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-                  show_error=False, allowed_paths=[str(p) for p in allowed], theme=theme, footer_links=[])
+                  show_error=False, allowed_paths=[str(p) for p in allowed], theme=theme, footer_links=[],
+                  auth=list(auth) or None)
     return blocks
 
 
@@ -570,15 +575,22 @@ def launch(blocks: Any, host: str = "127.0.0.1", port: int | None = None, block:
 @click.option("--model", default="embedded-shapes", show_default=True,
               help=f"A diffusers folder, a cached hub id, or one of {', '.join(EMBEDDED)}.")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to serve on (0.0.0.0 makes the app reachable from other machines).")
+              help="Address to serve on. Any but a loopback one (0.0.0.0: every interface) lets other machines "
+                   "run jobs and download every run's files: a warning says so; see --auth.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Port to serve on [default: gradio's, 7860 or the next free one].")
+@click.option("--auth", "logins", multiple=True, metavar="USER:PASSWORD",
+              help="Ask for this login before the page or its API answers (repeat for more users; gradio's auth).")
+@click.option("--auth-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Logins from a file, one USER:PASSWORD a line (# comments and blank lines skipped): keeps "
+                   "passwords out of the shell's history and the process list.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep each run's files in DIR/run-NNNN [default: a new temporary folder].")
 @click.option("--allow-pickle", is_flag=True, help="Also read non-safetensors weights (only for models you trust).")
 @handle_errors
-def app(model: str, host: str, port: int | None, device: str, out_dir: Path | None, allow_pickle: bool) -> None:
+def app(model: str, host: str, port: int | None, logins: tuple[str, ...], auth_file: Path | None, device: str,
+        out_dir: Path | None, allow_pickle: bool) -> None:
     """Open the composition studio in the browser: prompts, mode, guidance, steps, seed; images,
     live κ / log-density plots, and the PNG + JSON sidecar files `generate` writes.
 
@@ -588,8 +600,17 @@ def app(model: str, host: str, port: int | None, device: str, out_dir: Path | No
     Examples:
       superdiff app
       superdiff app --model embedded-digits --port 7861
+      superdiff app --host 0.0.0.0 --auth-file logins.txt
     """
     require_gradio()
+    # The logins and the address are checked before the model loads (seconds to minutes).
+    auth = parse_logins(logins, auth_file)
+    from gradio.http_server import INITIAL_PORT_VALUE, TRY_NUM_PORTS
+
+    port = serving_port(host, port, INITIAL_PORT_VALUE, TRY_NUM_PORTS)
+    warning = network_warning(host, port, auth)
+    if warning:
+        click.echo(warning, err=True)
     studio = Studio.load(model, device, out_dir, allow_pickle)
     click.echo(f"superdiff app: {model} loaded; runs write to {studio.out_root}", err=True)
-    launch(build_blocks(studio), host, port, block=True, allowed=[studio.out_root])
+    launch(build_blocks(studio), host, port, block=True, allowed=[studio.out_root], auth=auth)

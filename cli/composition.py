@@ -44,16 +44,18 @@ def check_items(items: list[str], what: str, allow_empty: bool = False) -> None:
 
 def vocabulary_problem(model: str, items: list[str] | tuple[str, ...]) -> str | None:
     """What an embedded model cannot compose in ``items``, as "problem; fix": words the embedded
-    shapes model's captions never had (its tokenizer would spell them letter by letter), or names
+    shapes or scenes model's captions never had (its tokenizer would spell them letter by letter), or names
     that are not embedded-digits' models; None for every other model. The one vocabulary check of
     generate, sweep lines and the app (through :func:`~superdiff_cli.models.model_problem`)."""
-    if model == "embedded-shapes":
-        from superdiff.zoo.tokenizer import CAPTION_WORDS
+    from .models import DEFAULT_ITEMS, PROMPTED_EMBEDDED, caption_words
 
-        unknown = sorted({w for p in items for w in p.lower().split() if w not in CAPTION_WORDS})
+    if model in PROMPTED_EMBEDDED:
+        words = caption_words(model)
+        unknown = sorted({w for p in items for w in p.lower().split() if w not in words})
         if unknown:
-            return (f"embedded-shapes knows only the words {', '.join(CAPTION_WORDS)}; got {', '.join(unknown)}; "
-                    f"compose those words, e.g. --and red --and circle")
+            example = " ".join(f"--and {p!r}" if " " in p else f"--and {p}" for p in DEFAULT_ITEMS[model])
+            return (f"{model} knows only the words {', '.join(words)}; got {', '.join(unknown)}; "
+                    f"compose those words, e.g. {example}")
     elif model == "embedded-digits":
         from .models import DIGIT_MODELS
 

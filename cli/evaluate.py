@@ -1,7 +1,10 @@
 """``superdiff eval DIR``: score the images of a ``generate`` or ``sweep`` output folder.
 
 Images are the PNGs with a JSON sidecar (or, failing that, superdiff PNG metadata) in DIR and in
-DIR/items/*/; grids and trace plots have neither and are ignored. Prompt compositions get the CLIP
+DIR/items/*/; grids and trace plots have neither and are ignored. A sidecar (or metadata) that is
+there but does not describe a generation (not an object, prompts that are not a list of strings, an
+expression that does not parse, ...) is bad input naming the file and the reason, before any
+scoring: dropping its image would change the groups' counts without a word. Prompt compositions get the CLIP
 score (with ``--clip``), embedded-shapes images the attribute checker, embedded-digits images the
 digit classifier; the metrics themselves live in :mod:`superdiff.metrics`.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -18,6 +21,7 @@ import click
 from .errors import BadInput, handle_errors
 from .limits import output_folder
 from .models import EMBEDDED, resolve_device, silence_library_logs
+from .options import recorded_options
 from .output import atomic_write_text, ensure_writable_dir
 
 EVAL_FILE = "eval.json"
@@ -35,36 +39,87 @@ class Generated:
     prompts: tuple[str, ...]
     seed: int | None
     expression: str | None = None  # an expression's canonical text; its leaves are the prompts
+    options: dict = field(default_factory=dict)  # the sampling options it ran with (superdiff.options)
 
     @property
-    def group(self) -> tuple[str, str, tuple[str, ...]]:
-        """Images of one composition: the mode names it, or, for an expression, its text."""
-        return self.model, self.expression or self.mode, self.prompts
+    def group(self) -> tuple:
+        """Images of one composition sampled alike: the mode names it, or, for an expression, its text;
+        and every sampling option's value (K = 1, 2, 3 particles are three groups)."""
+        options = tuple((k, v if isinstance(v, (str, int, float, bool, type(None))) else repr(v))
+                        for k, v in self.options.items())  # a hand-edited sidecar's list stays hashable
+        return self.model, self.expression or self.mode, self.prompts, options
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def sidecar_problem(meta: object) -> str | None:
+    """Why the JSON of a sidecar (or of a PNG's superdiff text) does not describe a generation that
+    eval can score and group: an object with the model and mode (strings), the prompts (a list of
+    strings), the seed (a whole number, or absent) and, for an expression, its text, which must parse."""
+    from superdiff._text import shorten
+    from superdiff.expression_syntax import parse_expression
+
+    if not isinstance(meta, dict):
+        return f"it holds {_json_kind(meta)}, where a generation's sidecar holds an object"
+    missing = [k for k in ("model", "mode", "prompts") if k not in meta]
+    if missing:
+        return f"it has no {' and no '.join(missing)}"
+    for key in ("model", "mode"):
+        if not isinstance(meta[key], str):
+            return f"its {key} is {_json_kind(meta[key])}, not a string"
+    if not isinstance(meta["prompts"], list) or not all(isinstance(p, str) for p in meta["prompts"]):
+        what = _json_kind(meta["prompts"]) if not isinstance(meta["prompts"], list) else "a list holding a non-string"
+        return f"its prompts are {what}, not a list of strings"
+    seed = meta.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        return f"its seed is {_json_kind(seed)}, not a whole number"
+    expression = meta.get("expression")
+    if expression is None:
+        return "its mode is 'expression' but it has no expression" if meta["mode"] == "expression" else None
+    if not isinstance(expression, str):
+        return f"its expression is {_json_kind(expression)}, not a string"
+    try:
+        parse_expression(expression)
+    except ValueError as exc:
+        problem = getattr(exc, "problem", str(exc).splitlines()[0])
+        return f"its expression {shorten(expression)} does not parse ({problem})"
+    return None
 
 
 def _metadata(png: Path) -> dict | None:
-    """The sidecar of ``png`` (or its superdiff PNG text) if it describes a generation, else None."""
+    """What made ``png``: its sidecar (or, without one, its superdiff PNG text); None for a PNG with
+    neither (a grid, a trace plot). Bad input naming the file where either is there but does not
+    describe a generation (:func:`sidecar_problem`): the images it stands for cannot be grouped, so
+    no summary is trusted."""
     sidecar = png.with_suffix(".json")
+    fix = f"regenerate it, or remove {png.name} and its sidecar"
     if sidecar.is_file():
+        where = str(sidecar)
         try:
             meta = json.loads(sidecar.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadInput(
-                f"{sidecar} is not valid JSON ({exc}); regenerate it, or remove {png.name} and its sidecar"
-            ) from None
+            raise BadInput(f"{sidecar} is not valid JSON ({exc}); {fix}") from None
     else:
         from PIL import Image
 
+        where, fix = f"{png} (its superdiff PNG text)", f"regenerate it, or remove {png.name}"
         try:
             with Image.open(png) as im:
                 text = getattr(im, "text", {}).get("superdiff")
-            meta = json.loads(text) if text else None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return None  # without a sidecar, a file PIL cannot read is not known to be ours
-    if not isinstance(meta, dict) or not {"model", "mode", "prompts"} <= meta.keys():
-        return None
-    if not isinstance(meta["prompts"], list) or not all(isinstance(p, str) for p in meta["prompts"]):
-        return None
+        if text is None:
+            return None
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{where} is not valid JSON ({exc}); {fix}") from None
+    problem = sidecar_problem(meta)
+    if problem:
+        raise BadInput(f"{where}: {problem}; {fix}")
     return meta
 
 
@@ -84,7 +139,7 @@ def find_generated(root: Path) -> list[Generated]:
             seed, expression = meta.get("seed"), meta.get("expression")
             found.append(Generated(png, png.relative_to(root).as_posix(), str(meta["model"]), str(meta["mode"]),
                                    tuple(meta["prompts"]), seed if isinstance(seed, int) else None,
-                                   expression if isinstance(expression, str) else None))
+                                   expression if isinstance(expression, str) else None, recorded_options(meta)))
     return found
 
 
@@ -238,7 +293,8 @@ def score_digits(gens: list[Generated], device: str, notes: list[str]) -> dict[P
 
 
 def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
-    """One entry per (model, mode, prompts): n, mean ± std of CLIP min and mean, attribute rates, digit summary."""
+    """One entry per (model, mode, prompts, sampling options): n, mean ± std of CLIP min and mean,
+    attribute rates, digit summary; ``options`` holds the sampling options of the group."""
     from superdiff.expression_syntax import parse_expression
     from superdiff.expressions import conjunctive
     from superdiff.metrics import attribute_rates, digit_summary, mean_std, prompt_attributes
@@ -248,8 +304,9 @@ def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
     for g in gens:
         groups.setdefault(g.group, []).append(records[g.path])
     out = []
-    for (model, mode, prompts), recs in groups.items():
-        entry: dict = {"model": model, "mode": mode, "prompts": list(prompts), "n": len(recs)}
+    for (model, mode, prompts, options), recs in groups.items():
+        entry: dict = {"model": model, "mode": mode, "prompts": list(prompts), "options": dict(options),
+                       "n": len(recs)}
         clip = [r["clip"] for r in recs if "clip" in r]
         if clip:
             entry["clip_min"] = mean_std([c["min"] for c in clip])
@@ -281,9 +338,12 @@ def _pm(stat: dict) -> str:
 def format_tables(groups: list[dict], clip_model: str | None) -> str:
     """The printed summary: one table per kind of metric present."""
     parts = []
+    # The options that tell groups apart (those not the same in every group) label each row's mode.
+    differ = [k for k in (groups[0]["options"] if groups else {}) if len({repr(g["options"][k]) for g in groups}) > 1]
 
     def head(g: dict) -> list[str]:
-        return [g["model"], g["mode"], " | ".join(g["prompts"]), str(g["n"])]
+        mode = g["mode"] + "".join(f" {k}={g['options'][k]}" for k in differ)
+        return [g["model"], mode, " | ".join(g["prompts"]), str(g["n"])]
 
     rows = [head(g) + [_pm(g["clip_min"]), _pm(g["clip_mean"])] for g in groups if "clip_min" in g]
     if rows:
@@ -334,7 +394,8 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
     against each of its prompts, reported per image as min and mean over the prompts (needs --clip).
     embedded-shapes: the attribute checker (both / neither rate of the named colour and shape).
     embedded-digits: the digit classifier (class fractions, class entropy, confidence). Groups are
-    (model, mode, prompts); the table shows mean ± std, and DIR/eval.json has every number.
+    (model, mode, prompts) and every sampling option (particles, density variance, ...); the table
+    shows mean ± std, and DIR/eval.json has every number.
 
     \b
     Examples:
@@ -407,7 +468,7 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
         "notes": notes,
         "groups": groups,
         "images": [{"file": g.file, "model": g.model, "mode": g.mode, "prompts": list(g.prompts), "seed": g.seed,
-                    **records[g.path]} for g in gens],
+                    "options": g.options, **records[g.path]} for g in gens],
     }
     atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
     tables = format_tables(groups, clip_model)

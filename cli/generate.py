@@ -33,6 +33,7 @@ from .models import (
     COMPILE_MODES,
     DEFAULT_ITEMS,
     EMBEDDED,
+    PROMPTED_EMBEDDED,
     apply_speed_options,
     load_model,
     model_index,
@@ -109,8 +110,8 @@ def check_negative_prompt(negative_prompt: str | None, model: str) -> None:
     if negative_prompt is None:
         return
     problem = control_character_problem(negative_prompt, "--negative-prompt")
-    if problem is None and model == "embedded-shapes":
-        problem = caption_words_problem(negative_prompt, "--negative-prompt")
+    if problem is None and model in PROMPTED_EMBEDDED:
+        problem = caption_words_problem(negative_prompt, "--negative-prompt", model)
     if problem:
         raise BadInput(problem)
 

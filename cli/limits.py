@@ -12,7 +12,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from .models import EMBEDDED, looks_local
+from .models import EMBEDDED, PROMPTED_EMBEDDED, caption_words, looks_local
 
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
 """``torch.Generator.manual_seed`` takes -2⁶³ … 2⁶⁴-1 and wraps negatives modulo 2⁶⁴ (-1 is the
@@ -33,11 +33,11 @@ Below the caps a batch can still exceed a device's memory; the runtime then repo
 
 
 def embedded_folders(spec: str, items: list[str] | None) -> list[Path]:
-    """The folders of an embedded model: the shapes folder, or one per composed digits model."""
+    """The folders of an embedded model: the shapes or scenes folder, or one per composed digits model."""
     from superdiff.zoo.registry import WEIGHTS
 
-    if spec == "embedded-shapes":
-        return [WEIGHTS / "shapes"]
+    if spec in PROMPTED_EMBEDDED:
+        return [WEIGHTS / spec.removeprefix("embedded-")]
     return [WEIGHTS / f"digits-{name}" for name in (items or ("a", "b"))]
 
 
@@ -217,14 +217,13 @@ def control_character_problem(text: str, what: str) -> str | None:
     return None
 
 
-def caption_words_problem(text: str, option: str) -> str | None:
-    """Whether ``text`` uses words the embedded shapes model's captions never had (its tokenizer
-    would spell them letter by letter): the rule ``model_problem`` applies to prompts."""
-    from superdiff.zoo.tokenizer import CAPTION_WORDS
-
-    unknown = sorted({w for w in text.lower().split() if w not in CAPTION_WORDS})
+def caption_words_problem(text: str, option: str, model: str = "embedded-shapes") -> str | None:
+    """Whether ``text`` uses words the embedded prompted ``model``'s captions never had (its
+    tokenizer would spell them letter by letter): the rule ``model_problem`` applies to prompts."""
+    words = caption_words(model)
+    unknown = sorted({w for w in text.lower().split() if w not in words})
     if unknown:
-        return (f"{option} {text!r}: embedded-shapes knows only the words {', '.join(CAPTION_WORDS)}; got "
+        return (f"{option} {text!r}: {model} knows only the words {', '.join(words)}; got "
                 f"{', '.join(unknown)}; use those words (e.g. {option} blue) or drop {option}")
     return None
 

@@ -12,9 +12,21 @@ import torch
 
 from .errors import BadInput
 
-EMBEDDED = ("embedded-shapes", "embedded-digits")
+EMBEDDED = ("embedded-shapes", "embedded-scenes", "embedded-digits")
+#: The embedded models composed by prompts (SuperDiffPipeline folders); their words are their captions'.
+PROMPTED_EMBEDDED = ("embedded-shapes", "embedded-scenes")
 #: What an embedded model composes when no prompts (model names) are given: known before loading it.
-DEFAULT_ITEMS = {"embedded-shapes": ("red", "circle"), "embedded-digits": ("a", "b")}
+DEFAULT_ITEMS = {"embedded-shapes": ("red", "circle"), "embedded-scenes": ("a red circle", "a yellow square"),
+                 "embedded-digits": ("a", "b")}
+
+
+def caption_words(spec: str) -> tuple[str, ...]:
+    """The words an embedded prompted model's captions use (others its tokenizer would spell letter by letter)."""
+    if spec == "embedded-scenes":
+        from superdiff.zoo.scenes import CAPTION_WORDS
+    else:
+        from superdiff.zoo.tokenizer import CAPTION_WORDS
+    return CAPTION_WORDS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -202,11 +214,11 @@ def load_model(
     problem = model_problem(spec, items, allow_pickle)
     if problem:
         raise BadInput(problem)
-    if spec == "embedded-shapes":
+    if spec in PROMPTED_EMBEDDED:
         from superdiff.pipelines import SuperDiffPipeline
         from superdiff.zoo.registry import embedded_path
 
-        pipe = SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=dtype)
+        pipe = SuperDiffPipeline.from_pretrained(embedded_path(spec.removeprefix("embedded-")), dtype=dtype)
         return LoadedModel(spec, pipe.to(device), "prompts", DEFAULT_ITEMS[spec], 5.0)
     if spec == "embedded-digits":
         from superdiff.zoo.registry import load_digit_pipeline

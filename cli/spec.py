@@ -274,15 +274,15 @@ def check_defaults(defaults: dict[str, Any]) -> None:
             model_folder_problem(model)
             or model_problem(model, allow_pickle=defaults.get("allow_pickle", False))
             or steps_problem(int(defaults["steps"]), model, None)
-            or images_problem(int(defaults["num_images"]) * defaults.get("options", SamplerOptions()).particles,
-                              None, None, model, options=("--num-images", "", ""))
+            or images_problem(int(defaults["num_images"]), None, None, model, options=("--num-images", "", ""),
+                              particles=defaults.get("options", SamplerOptions()).particles)
         )
         if problem:
             raise BadInput(problem)
 
 
 def model_limit_problem(model: str, prompts: list[str], steps: int, num_images: int, rec: dict[str, Any],
-                        defaults: dict[str, Any]) -> str | None:
+                        defaults: dict[str, Any], particles: int = 1) -> str | None:
     """The checks of a line's model that need its config files (steps up to its scheduler's
     training timesteps, one batch of images within the caps), made where the line sets the model or
     the value: the defaults' own were made once, as options, by check_defaults."""
@@ -293,7 +293,8 @@ def model_limit_problem(model: str, prompts: list[str], steps: int, num_images: 
         if problem:
             return problem
     if own_model or "num_images" in rec or "particles" in rec:
-        return images_problem(num_images, None, None, model, items, options=("num_images", "", ""))
+        return images_problem(num_images, None, None, model, items, options=("num_images", "", ""),
+                              particles=particles, particles_option="particles")
     return None
 
 
@@ -374,7 +375,7 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
         problem = vocabulary_problem(model, prompts)
     if problem:
         raise LineError(problem)
-    problem = model_limit_problem(model, prompts, steps, num_images * particles, rec, defaults)
+    problem = model_limit_problem(model, prompts, steps, num_images, rec, defaults, particles)
     if problem:
         raise LineError(problem)
     items = [SweepItem(n, tuple(prompts), mode, seed, model, steps, guidance, temperature, num_images, log_weights,

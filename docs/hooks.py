@@ -4,7 +4,11 @@ so a new generated table is in the nav and a missing optional page breaks no str
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+#: The docstrings' Sphinx roles (:func:`x`, :class:`~a.b.C`) as mkdocstrings renders them: the role stays as text.
+ROLE = re.compile(r":(?:py:)?(?:mod|func|class|meth|attr|data|exc|obj|const):(<code>)~?([^<]*?)(</code>)")
 
 
 def _prune(nav: list, present, optional: set[str]) -> list:
@@ -38,3 +42,13 @@ def on_config(config):
             item["Benchmarks"].extend(extra)
     config["nav"] = nav
     return config
+
+
+def _short(match: re.Match) -> str:
+    name = match[2]
+    return f"{match[1]}{name}{match[3]}"
+
+
+def on_page_content(html, page, config, files):
+    """Drop the Sphinx role prefix of the docstrings' cross-references, keeping the name in code."""
+    return ROLE.sub(_short, html)

@@ -217,8 +217,8 @@ def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     Writing ``κ = 1/M + U y`` with ``U`` an orthonormal basis of ``Σκ = 0`` and projecting the rows on
     ``U`` (which removes the common λ) gives ``Uᵀ A U y = Uᵀ (rhs − A 1/M)``. An LU solve of this small
     system is backward stable whatever its condition number (2e11 occurs in AND of three 3-D mixtures),
-    so the increments come out equal to float64 rounding; squaring the condition number, as the normal
-    equations of the full (M+1)×(M+1) system do, had left 0.03 nats per step there. Where the system is
+    so the increments come out equal to float64 rounding (the normal equations of the full
+    (M+1)×(M+1) system would square the condition number). Where the system is
     truly singular (indistinguishable models) the minimum-norm solution of :func:`_min_norm_solve`
     solves it too, and is used, splitting the weight evenly; where it solves the system no better than
     LU would (a regular, ill-conditioned system), LU's solution is used. Nothing here waits for the device.

@@ -12,13 +12,12 @@ Gaussian transition kernels (App. D):
 
 The step and the estimator need not use the same V. Eq. 89 holds exactly for each model's true
 reverse kernel whatever point y the step reached, so the estimator's r̃ᵢ should approximate that
-kernel, while the step's V decides the samples. The defaults are measured on exact mixtures
-(``bench/variance.py``): steps use the posterior variance ``σ_t² S²/σ_s²`` (DDPM's β̃, diffusers'
+kernel, while the step's V decides the samples. By default steps use the posterior variance
+``σ_t² S²/σ_s²`` (DDPM's β̃, diffusers'
 ancestral samplers), the exact reverse kernel of a point mass, which keeps 8- to 12-step samples
 clean. Among the variances common to all models the estimator's best is the forward variance in
-the variance-preserving frame ``S² (α_t² + σ_t²)/(α_s² + σ_s²)`` (DDPM's β on VP processes), the
-smaller density error in 32 of the bench's 35 cells; by default it uses each model's own
-(:func:`tweedie_density_variance`, ``bench/few_steps.py``), its exact transition's variance to
+the variance-preserving frame ``S² (α_t² + σ_t²)/(α_s² + σ_s²)`` (DDPM's β on VP processes); by
+default it uses each model's own (:func:`tweedie_density_variance`), its exact transition's variance to
 first order, with which AND's condition is quadratic in κ (:func:`ito_quadratic_increment_system`).
 
 The estimator is the discrete detailed balance of Eq. 89,

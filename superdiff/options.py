@@ -119,8 +119,8 @@ class SamplerOptions:
         none="the sampler's choice: 'posterior', or 'forward' for an expression that corrects",
     )
     density_variance: str = _option(
-        "tweedie", "The density estimator's kernel variance: tweedie reads each model's own from the steps "
-                   "(3-10x smaller few-step errors on exact mixtures); forward, posterior, euler: one for all.",
+        "tweedie", "The density estimator's kernel variance: tweedie reads each model's own from the steps; "
+                   "forward, posterior, euler: one for all.",
         choices=DENSITY_VARIANCES,
         note=" ('tweedie' gives each model its own variance, read for free from the steps)",
     )
@@ -140,9 +140,15 @@ class SamplerOptions:
             spec.check(f.name, getattr(self, f.name))
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "SamplerOptions":
-        """The options from keyword arguments (the others at their defaults); an unknown name is a
-        ``TypeError`` naming the nearest known one."""
+    def from_kwargs(cls, options: "SamplerOptions | None" = None, **kwargs: Any) -> "SamplerOptions":
+        """The options from keyword arguments, the others from ``options`` (the object whole; a
+        pipeline's ``options=``) or at their defaults; an unknown name is a ``TypeError`` naming the
+        nearest known one."""
+        if options is not None:
+            if not isinstance(options, cls):
+                raise TypeError(f"options={options!r} is not a {cls.__name__}; pass {cls.__name__}(...) or the "
+                                f"options as keyword arguments ({', '.join(cls.names())})")
+            return options.replace(**kwargs)
         names = cls.names()
         for key in kwargs:
             if key not in names:
@@ -153,7 +159,7 @@ class SamplerOptions:
 
     def replace(self, **changes: Any) -> "SamplerOptions":
         """A copy with ``changes`` (checked as at construction)."""
-        self.from_kwargs(**changes)  # names checked first, with their hint
+        type(self).from_kwargs(**changes)  # names checked first, with their hint
         return replace(self, **changes)
 
     @classmethod

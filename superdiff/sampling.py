@@ -291,8 +291,7 @@ def _check_variances(process: Process, variance: str, density_variance: str) -> 
     """Refuse Thm. 2's Euler variance on processes whose α vanishes at t = 1 (rectified flow, VP cosine).
 
     There ``g² = 2σ² ∂_t log(σ/α)`` is not integrable, S²/a² grows without bound on the noisiest
-    steps, and the densities did not converge with the steps (an 8-D mixture under rectified flow
-    stayed 10 nats off at 1000 steps).
+    steps, and the densities do not converge with the steps.
     """
     for name, value in (("variance", variance), ("density_variance", density_variance)):
         if value == "euler" and not (float(process.alpha(1.0)) > 1e-12):
@@ -464,28 +463,24 @@ def sample_sde(
         variance: the variance of the step's kernel, ``"posterior"`` (DDPM's β̃: clean samples from
             8 steps on), ``"forward"`` or ``"euler"`` (Thm. 2). By default ``"posterior"``, and
             ``"forward"`` for an expression that corrects (Feynman–Kac): its weights are derived for
-            the SDE whose diffusion is g², which β̃ departs from on the last steps of a grid (a
-            corrected product of 2-D mixtures kept a standard deviation of 0.252 against the exact
-            0.283 with β̃, and 0.278 with ``"forward"``, at 200 steps). ``"tweedie"``: per sample,
+            the SDE whose diffusion is g², which β̃ departs from on the last steps of a grid.
+            ``"tweedie"``: per sample,
             the exact transition's variance to first order, β̃ + c₀² Cov[x₀ | x] with the mixed
             x̂₀'s Jacobian trace read as ``density_variance="tweedie"`` reads each model's (from the
             previous step's noise, mixed with the previous κ, so it is known before this step's κ);
-            the first step uses β̃. On exact mixtures its 50-step samples are the closest to the
-            data's log-likelihood on every set-up of ``bench/few_steps.py``, but its 12-step ones
-            are more spread than β̃'s on VE/EDM processes, so it is not the default.
+            the first step uses β̃; not the default, as it spreads few-step samples on VE/EDM
+            processes.
         density_variance: the variance the estimator scores each step with. ``"tweedie"`` (the
             default): each model's own variance per sample, β̃ plus its x̂₀'s posterior covariance
             (Tweedie's second-order identity, isotropic), whose Jacobian trace is read for free from
             the previous step's residual and the x̂₀ this step computes anyway
             (:func:`~superdiff.density.tweedie_density_variance`); the first step, and any step
-            from α = 0, uses ``"forward"``. 3–10× smaller errors at 20–50 steps
-            (``bench/few_steps.py``). With AND the equal-density condition is then quadratic in κ
+            from α = 0, uses ``"forward"``. With AND the equal-density condition is then quadratic in κ
             (:func:`~superdiff.density.ito_quadratic_increment_system`), solved by two calls of
             the combiner (one on stacked rows) and one scalar quadratic; a sample where that fails keeps the
             common-variance κ and scores the step with one common variance, so the tracked
             densities stay equal. ``"forward"``, ``"posterior"``, ``"euler"``: one variance for all
-            models (:func:`superdiff.density.reverse_kernel_variance`; ``"forward"`` was the default
-            before, the smaller error in 32 of ``bench/variance.py``'s 35 cells).
+            models (:func:`superdiff.density.reverse_kernel_variance`).
         final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says (as diffusers'
             Euler schedulers do), so N steps cost N network calls.
         progress: show a tqdm bar.

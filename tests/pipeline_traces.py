@@ -9,9 +9,11 @@ Run as a script at a commit whose pipelines are the reference, to write tests/da
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python tests/pipeline_traces.py
 
-The stored file was written from the pipelines as they stood at 9541c97 (before the family
-adapters of superdiff/pipelines/base.py), so the test checks that moving them onto one loop
-changed nothing.
+The stored file was written from the library as it stood at 9541c97 (before the family adapters
+of superdiff/pipelines/base.py), so the test checks that moving them onto one loop changed nothing:
+
+    git archive 9541c97 superdiff | tar -x -C /tmp/base
+    PYTHONPATH=/tmp/base OMP_NUM_THREADS=1 .venv/bin/python tests/pipeline_traces.py
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "data", "pipeline_traces.safetensors")
 STEPS = 3
 TWO = ["a red circle", "a blue square"]
+#: Compositions with Feynman–Kac corrections (particles weigh them): a product, and a geometric mean (degree 1).
+PRODUCT = '"a red circle" * "a blue square"'
+GEOMETRIC = '"a red circle" ^ 0.5 * "a blue square" ^ 0.5'
 
 #: name → (family, call arguments). Each call samples from generator seed 7.
 CASES: dict[str, tuple[str, dict]] = {
@@ -36,8 +41,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "sd-unguided-or": ("sd", dict(prompts=TWO, mode="or", guidance_scale=None)),
     "sd-negative": ("sd", dict(prompt=TWO, mode="and", negative_prompt="a cat")),
     "sd-expression": ("sd", dict(expression='("a red circle" & "a blue square") | "a cat"')),
-    "sd-particles": ("sd", dict(prompts=TWO, mode="or", particles=3, resample_threshold=1.0,
-                                num_images_per_prompt=2)),
+    "sd-particles": ("sd", dict(expression=PRODUCT, particles=3, resample_threshold=1.0, num_images_per_prompt=2)),
     "sd-forward-and": ("sd", dict(prompts=TWO, mode="and", density_variance="forward")),
     "sd-batch-generators": ("sd", dict(prompts=TWO, mode="or", num_images_per_prompt=2, generator="list")),
     "sd-latents": ("sd", dict(prompts=TWO, mode="and", latents="draw")),
@@ -49,20 +53,20 @@ CASES: dict[str, tuple[str, dict]] = {
     "flow-and": ("flow", dict(prompts=TWO, mode="and", max_sequence_length=8)),
     "flow-or-pt": ("flow", dict(prompts=TWO, mode="or", max_sequence_length=8, output_type="pt")),
     "flow-unguided-average": ("flow", dict(prompts=TWO, mode="average", guidance_scale=None, max_sequence_length=8)),
-    "flow-t5-particles": ("flow-t5", dict(prompts=TWO, mode="and", max_sequence_length=8, particles=2,
+    "flow-t5-particles": ("flow-t5", dict(expression=PRODUCT, max_sequence_length=8, particles=2,
                                           resample_threshold=1.0)),
     "flux-and": ("flux", dict(prompts=TWO, mode="and", height=16, width=16, max_sequence_length=8)),
     "flux-or-true-cfg-pt": ("flux", dict(prompts=TWO, mode="or", true_cfg_scale=4.0, negative_prompt="a cat",
                                          height=16, width=16, max_sequence_length=8, output_type="pt")),
     "flux-schnell-average": ("flux-schnell", dict(prompts=TWO, mode="average", height=16, width=16,
                                                   max_sequence_length=8, num_images_per_prompt=2)),
-    "flux-particles": ("flux", dict(prompts=TWO, mode="or", height=16, width=16, max_sequence_length=8,
+    "flux-particles": ("flux", dict(expression=GEOMETRIC, height=16, width=16, max_sequence_length=8,
                                     particles=2, resample_threshold=1.0)),
     "unconditional-or": ("unconditional", dict(mode="or", batch_size=2)),
     "unconditional-and": ("unconditional", dict(mode="and")),
     "unconditional-sum-pt": ("unconditional", dict(mode="sum", output_type="pt")),
     "unconditional-expression": ("unconditional", dict(expression="(0 & 1) | 0")),
-    "unconditional-particles": ("unconditional", dict(mode="or", num_images_per_prompt=2, particles=2,
+    "unconditional-particles": ("unconditional", dict(expression="0 * 1", num_images_per_prompt=2, particles=2,
                                                       resample_threshold=1.0)),
 }
 

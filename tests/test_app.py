@@ -9,6 +9,7 @@ import re
 import sys
 import time
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -232,4 +233,137 @@ def test_the_particles_cap_names_the_particles_field():
     composition = composition_from_expression("embedded-shapes", '"red" * "circle"')
     with pytest.raises(BadInput, match="number of images 4 x particles 300 is 1200 samples in one batch, more than "
                                        "1024; use particles 256 or fewer"):
-        check_run_request("embedded-shapes", composition, 50, 5, 0, 4, 300)
+        check_run_request("embedded-shapes", composition, 50, 5, 0, 4, {"particles": 300})
+
+
+# --- serving: logins, the address, the network warning (no browser) ------------------------------
+
+@pytest.fixture
+def no_studio(monkeypatch):
+    """Loading a model fails the test: the serving options are checked before one loads."""
+    import superdiff_cli.app as app_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the serving options were checked")
+
+    monkeypatch.setattr(app_module.Studio, "load", staticmethod(refuse))
+
+
+@pytest.mark.parametrize("args, file_text, needle", [
+    (["--auth", "alice"], None, "--auth value 1 has no ':'; write USER:PASSWORD"),
+    (["--auth", "alice:s3cret", "--auth", ":s3cret"], None, "--auth value 2 has an empty user name"),
+    (["--auth", "alice:"], None, "--auth value 1 gives user 'alice' an empty password"),
+    (["--auth", "alice:s3cret", "--auth", "alice:s3cret2"], None, "name user 'alice' more than once"),
+    ([], "# logins\nalice:s3cret\n\nbob s3cret\n", "line 4 has no ':'"),
+    ([], "# only a comment\n", "holds no USER:PASSWORD line"),
+    ([], b"alice:\xff\n", "cannot be read"),
+])
+def test_malformed_logins_exit_2_before_loading(tmp_path, no_studio, args, file_text, needle):
+    if file_text is not None:
+        path = tmp_path / "logins.txt"
+        path.write_bytes(file_text if isinstance(file_text, bytes) else file_text.encode())
+        args = [*args, "--auth-file", str(path)]
+    r = CliRunner().invoke(cli, ["app", *args])
+    assert r.exit_code == 2, r.output
+    assert needle in " ".join(r.output.split()) and "Traceback" not in r.output
+    assert "s3cret" not in r.output  # a password is never echoed
+
+
+def test_a_busy_port_or_a_host_not_of_this_machine_exits_2_before_loading(no_studio):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = CliRunner().invoke(cli, ["app", "--port", str(port)])
+    assert r.exit_code == 2 and f"--port {port} is in use on 127.0.0.1" in r.output, r.output
+    for host, needle in [("999.1.1.1", "is neither an IP address nor a name that resolves here"),
+                         ("192.0.2.1", "is not an address of this machine")]:  # 192.0.2.0/24: documentation only
+        r = CliRunner().invoke(cli, ["app", "--host", host])
+        assert r.exit_code == 2 and f"--host {host!r} {needle}" in r.output, r.output
+        assert "Cannot find empty port" not in r.output and "Traceback" not in r.output
+
+
+@pytest.fixture
+def fake_launch(monkeypatch, tmp_path):
+    """Studio.load, build_blocks and launch stand-ins: what launch was given, and the stderr lines
+    written before the model loaded."""
+    import superdiff_cli.app as app_module
+
+    seen: dict = {}
+
+    class FakeStudio:
+        out_root = tmp_path
+
+    def load(*args, **kwargs):
+        click.echo("LOADING", err=True)
+        return FakeStudio()
+
+    monkeypatch.setattr(app_module.Studio, "load", staticmethod(load))
+    monkeypatch.setattr(app_module, "build_blocks", lambda studio: "blocks")
+    monkeypatch.setattr(app_module, "launch", lambda blocks, host, port, **kw: seen.update(host=host, port=port, **kw))
+    return seen
+
+
+def test_a_network_host_is_warned_about_and_the_logins_reach_gradio(tmp_path, fake_launch):
+    port = free_port()
+    r = CliRunner().invoke(cli, ["app", "--port", str(port)])
+    assert r.exit_code == 0, r.output
+    assert "Warning" not in r.stderr and fake_launch["auth"] == [] and fake_launch["port"] == port
+
+    r = CliRunner().invoke(cli, ["app", "--host", "0.0.0.0", "--port", str(port)])
+    assert r.exit_code == 0, r.output
+    warning, loading = r.stderr.index("Warning: --host 0.0.0.0"), r.stderr.index("LOADING")
+    assert warning < loading  # said before the model loads, not lost above its logs
+    text = " ".join(r.stderr.split())
+    assert "with no login: anyone who can reach this machine on port" in text
+    assert "download every run's images and sidecars" in text and "--auth USER:PASSWORD or --auth-file PATH" in text
+    assert fake_launch["auth"] == [] and fake_launch["host"] == "0.0.0.0"
+
+    logins = tmp_path / "logins.txt"
+    logins.write_text("# team\nbob : pass word \n\n")
+    r = CliRunner().invoke(cli, ["app", "--host", "0.0.0.0", "--port", str(port), "--auth", "alice:a:b",
+                                 "--auth-file", str(logins)])
+    assert r.exit_code == 0, r.output
+    assert fake_launch["auth"] == [("alice", "a:b"), ("bob", " pass word")]  # the name is stripped, as gradio does
+    assert "over plain HTTP" in r.stderr and "with no login" not in r.stderr
+
+
+def test_gradio_asks_the_login_before_the_page_s_config_answers():
+    """launch(auth=...) on a loopback port: the config (the page and its API read it) answers only after
+    a login with the right password."""
+    import http.cookiejar
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    require_app_packages()
+    offline_env()
+    import gradio as gr
+
+    from superdiff_cli.app import launch
+
+    with gr.Blocks() as blocks:
+        gr.Markdown("hello")
+    port = free_port()
+    launch(blocks, "127.0.0.1", port, block=False, auth=[("alice", "s3cret")])
+    try:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        url = f"http://127.0.0.1:{port}"
+
+        def status(path: str, form: dict | None = None) -> int:
+            data = None if form is None else urllib.parse.urlencode(form).encode()
+            try:
+                with opener.open(url + path, data=data, timeout=20) as response:
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert status("/config") == 401
+        assert status("/login", {"username": "alice", "password": "wrong"}) == 400
+        assert status("/config") == 401
+        assert status("/login", {"username": "alice", "password": "s3cret"}) == 200
+        assert status("/config") == 200
+    finally:
+        blocks.close()

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from superdiff_cli.evaluate import find_generated
 from superdiff_cli.main import cli
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -397,3 +398,57 @@ def test_an_unreadable_image_is_named_before_any_scoring(tmp_path, monkeypatch, 
     assert r.exit_code == 2, r.output
     assert f"{bad}: " in r.output and needle in r.output and "Traceback" not in r.output
     assert not (folder / "eval.json").exists()
+
+
+SHAPES = dict(model="embedded-shapes", prompts=["red", "circle"], mode="and")
+
+
+@pytest.mark.parametrize("sidecar, reason", [
+    ([SHAPES], "it holds a list, where a generation's sidecar holds an object"),
+    (SHAPES | {"prompts": None}, "its prompts are null, not a list of strings"),
+    (SHAPES | {"prompts": ["red", 3]}, "its prompts are a list holding a non-string, not a list of strings"),
+    ({"prompts": ["red", "circle"], "seed": 0}, "it has no model and no mode"),
+    (SHAPES | {"model": None}, "its model is null, not a string"),
+    (SHAPES | {"seed": "0"}, "its seed is a string, not a whole number"),
+    (SHAPES | {"mode": "expression"}, "its mode is 'expression' but it has no expression"),
+    (SHAPES | {"mode": "expression", "expression": ["red"]}, "its expression is a list, not a string"),
+    (SHAPES | {"mode": "expression", "expression": 'product("red", "circle"'},
+     "its expression 'product(\"red\", \"circle\"' does not parse (expected ',' or ')' to close product"),
+])
+def test_a_sidecar_that_describes_no_generation_is_named_with_the_reason(tmp_path, monkeypatch, sidecar, reason):
+    """A sidecar beside a PNG claims the image; one eval cannot read is refused (exit 2) with its file
+    and why, before any scoring, not dropped from the groups (nor reported without its file)."""
+    import superdiff_cli.evaluate as evaluate_module
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("images were scored before every sidecar was read")
+
+    monkeypatch.setattr(evaluate_module, "score_shapes", no_scoring)
+    folder = tmp_path / "out"
+    write_image(folder, 0, Image.new("RGB", (32, 32), (255, 0, 0)), **SHAPES)  # a good image beside the bad one
+    write_image(folder, 1, Image.new("RGB", (32, 32), (0, 0, 255)), **SHAPES)
+    (folder / "image_001.json").write_text(json.dumps(sidecar))
+    r = invoke("eval", folder)
+    assert r.exit_code == 2, r.output
+    message = " ".join(r.output.split())
+    assert f"{folder / 'image_001.json'}: {reason}" in message, r.output
+    assert "remove image_001.png and its sidecar" in message and "Traceback" not in r.output
+    assert not (folder / "eval.json").exists()
+
+
+def test_superdiff_png_text_that_describes_no_generation_is_named(tmp_path):
+    """Without a sidecar, a PNG's superdiff text is its record: read by the same rule, naming the PNG;
+    a PNG with neither (a grid) is still no generation."""
+    from PIL import PngImagePlugin
+
+    folder = tmp_path / "out"
+    write_image(folder, 0, Image.new("RGB", (32, 32), (255, 0, 0)), **SHAPES)
+    Image.new("RGB", (64, 32)).save(folder / "grid.png")
+    assert [g.file for g in find_generated(folder)] == ["image_000.png"]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("superdiff", json.dumps(SHAPES | {"prompts": None}))
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(folder / "image_001.png", pnginfo=info)
+    r = invoke("eval", folder)
+    assert r.exit_code == 2, r.output
+    assert (f"{folder / 'image_001.png'} (its superdiff PNG text): its prompts are null, not a list of strings"
+            in " ".join(r.output.split())), r.output

@@ -4,45 +4,19 @@ each field reaching the sampler through a pipeline call (tiny SD, CPU, offline).
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
+from options_values import bad_values, other_value
 from pipeline_reference import PROMPTS, seeded
 from superdiff.expressions import Leaf, Product
-from superdiff.options import Option, SamplerOptions, option_fields
+from superdiff.options import SamplerOptions, option_fields
 from superdiff.pipelines import SuperDiffPipeline
 from superdiff.testing import tiny_sd_components
 from superdiff.time_grids import GRIDS
 
 CORRECTED = Product(tuple(Leaf(p) for p in PROMPTS), correct=True)  # particles need Feynman–Kac weights
-
-
-def other_value(spec: Option, default):
-    """A valid value of a field other than its default, read from its declared choices or range."""
-    if spec.choices is not None:
-        return next(c for c in reversed(spec.choices) if c != default)  # the last: edm, not uniform (= linspace)
-    if spec.kind is bool:
-        return not default
-    low = spec.low if spec.low is not None else default
-    high = spec.high if spec.high is not None else low + 3
-    value = spec.kind((low + high) / 2) if spec.kind is float else int(low) + 1
-    return value if value != default else spec.kind(high)
-
-
-def bad_values(spec: Option) -> list:
-    """Values outside a field's declared kind, choices or range."""
-    if spec.choices is not None:
-        return ["no-such-choice", 1]
-    if spec.kind is bool:
-        return [1, "yes"]
-    bad = ["1", True, math.nan, math.inf]
-    if spec.low is not None:
-        bad.append(spec.kind(spec.low) if spec.low_open else spec.low - 1)
-    if spec.high is not None:
-        bad.append(spec.kind(spec.high) if spec.high_open else spec.high + 1)
-    return bad
 
 
 FIELDS = [(f.name, f.default, spec) for f, spec in option_fields()]
@@ -69,6 +43,9 @@ def test_from_kwargs_names_an_unknown_option_and_record_is_json():
     assert json.loads(json.dumps(record)) == record and record["particles"] == 3
     assert set(record) == {f.name for f, _ in option_fields()}
     assert SamplerOptions.from_kwargs(**record) == options
+    assert SamplerOptions.from_kwargs(options=options, particles=5) == options.replace(particles=5)
+    with pytest.raises(TypeError, match="options=.* is not a SamplerOptions"):
+        SamplerOptions.from_kwargs(options={"particles": 2})
 
 
 def test_the_old_names_are_the_declared_ones():
@@ -105,10 +82,15 @@ def test_each_field_reaches_the_sampler_from_a_pipeline_call(pipe, monkeypatch, 
     monkeypatch.setattr(common, "sample_sde", spy)
     value = other_value(spec, default)
     steps = 4
-    out = pipe(expression=CORRECTED, num_inference_steps=steps, output_type="pt", progress=False,
-               guidance_scale=5.0, generator=seeded(0), **{name: value})
+    call = dict(expression=CORRECTED, num_inference_steps=steps, output_type="pt", progress=False,
+                guidance_scale=5.0)
+    out = pipe(**call, generator=seeded(0), **{name: value})
+    whole = pipe(**call, generator=seeded(0), options=SamplerOptions(**{name: value}))  # the object whole
+    torch.testing.assert_close(whole.images, out.images, rtol=0, atol=0)
     assert torch.isfinite(out.images).all()
-    (kwargs,) = seen
+    kwargs, again = seen
+    assert {k: v for k, v in kwargs.items() if k not in ("times", "generator", "callback", "interrupt")} == {
+        k: v for k, v in again.items() if k not in ("times", "generator", "callback", "interrupt")}
     if name == "time_grid":
         pipe.scheduler.set_timesteps(steps)
         scheduler = torch.cat([pipe.scheduler.timesteps.double() / 999, torch.zeros(1, dtype=torch.float64)])

@@ -1,14 +1,19 @@
 """``combiner=`` in every pipeline family: a combiner object samples exactly what the equivalent
 ``mode=`` call samples, any combiner (``Fixed`` weights, ``And(rtol=...)``) travels to the sampler
 whole, and a combiner that conflicts with ``mode=``/``temperature=``/``log_weights=`` or does not fit
-the number of prompts (unets) is refused before any network call."""
+the number of prompts (unets) is refused before any network call. The sampling options: each field
+of :class:`~superdiff.options.SamplerOptions`, given to each pipeline as a keyword argument or in
+``options=``, reaches ``sample_sde``."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
 
-from superdiff import And, Average, Fixed, Or, Sum
+from superdiff import And, Average, Fixed, Or, Sum, sample_sde
+from superdiff.options import SamplerOptions, option_spec
 from superdiff.pipelines import (
     SuperDiffFlowPipeline,
     SuperDiffPipeline,
@@ -138,10 +143,109 @@ def test_flow_refuses_a_non_affine_combiner_unguided_as_it_refuses_mode_sum(tmp_
     pipe = SuperDiffFlowPipeline(**tiny_sd3_components(vae=True, tokenizer_dir=tmp_path, t5=False))
     calls = count_calls(pipe.transformer)
     for combiner in (Sum(2), Fixed((0.7, 0.7))):
-        with pytest.raises(ValueError, match="^guidance_scale=None is not valid"):
+        with pytest.raises(ValueError, match=r"^the combiner's weights \(.*\) sum to (2|1\.4): without guidance, "
+                           r".* guidance_scale above 1 \(e\.g\. 7\.0; it is None\)$"):
             pipe(PROMPTS, combiner=combiner, guidance_scale=None, max_sequence_length=8, **KW)
     assert calls == []
     assert (
         pipe(PROMPTS, combiner=Fixed((0.7, 0.3)), guidance_scale=None, max_sequence_length=8, **KW).images.shape[0]
         == 1
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Every sampling option (a field of SamplerOptions) passed to every pipeline reaches sample_sde
+# ------------------------------------------------------------------------------------------------
+
+PRODUCT = '"a red circle" * "a blue square"'  # corrects, so particles > 1 apply
+
+
+def other_values(spec, default) -> list:
+    """Valid values of an option other than its default, read from the field's own spec (choices last
+    first: the first non-default grid, "uniform", may coincide with a scheduler's evenly spaced one)."""
+    if spec.choices is not None:
+        return [c for c in spec.choices if c != default][::-1]
+    if spec.kind is bool:
+        return [not default]
+    if spec.kind is int:
+        return [default + 1]
+    return [(default + spec.high) / 2 if spec.high is not None else default + 1.0]
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl", "flow", "flux", "unconditional"])
+def every_family(request, tmp_path_factory):
+    """(pipeline, call arguments of a correcting composition) for each family."""
+    tok = tmp_path_factory.mktemp("tok")
+    text = dict(expression=PRODUCT)
+    if request.param == "sd":
+        return SuperDiffPipeline(**tiny_sd_components(tokenizer_dir=tok)), text
+    if request.param == "sdxl":
+        return SuperDiffXLPipeline(**tiny_sdxl_components(tokenizer_dir=tok)), text
+    if request.param == "flow":
+        return SuperDiffFlowPipeline(**tiny_sd3_components(tokenizer_dir=tok)), dict(text, max_sequence_length=8)
+    if request.param == "flux":
+        from superdiff.pipelines import SuperDiffFluxPipeline
+        from test_pipelines_flux import tiny_flux_components
+
+        pipe = SuperDiffFluxPipeline(**tiny_flux_components(tok))
+        # unguided flow sampling needs weights that sum to 1: a geometric mean, which corrects too
+        return pipe, dict(expression='"a red circle" ^ 0.5 * "a blue square" ^ 0.5', height=16, width=16,
+                          max_sequence_length=8)
+    return SuperDiffUnconditionalPipeline(**tiny_unconditional_components(num_models=2)), dict(expression="0 * 1")
+
+
+@pytest.fixture
+def sampler_calls(monkeypatch):
+    """The arguments of every sample_sde call the pipelines make that the (real) sampler accepts."""
+    import superdiff.pipelines._common as common
+
+    calls, real = [], common.sample_sde
+
+    def recording(denoiser, x, times, combiner, **kwargs):
+        out = real(denoiser, x, times, combiner, **kwargs)
+        calls.append(dict(kwargs, times=times.clone()))  # the calls the sampler accepted
+        return out
+
+    monkeypatch.setattr(common, "sample_sde", recording)
+    return calls
+
+
+def reached(call: dict, default: dict, name: str, value) -> bool:
+    """Whether option ``name`` = ``value`` reached the sampler: as its argument of that name, or (an
+    option of the time grid) as the times it visits."""
+    if name in inspect.signature(sample_sde).parameters:
+        return call[name] == value and default[name] != value
+    return call["times"].shape != default["times"].shape or not torch.equal(call["times"], default["times"])
+
+
+@pytest.mark.parametrize("name", SamplerOptions.names())
+def test_every_sampling_option_given_to_every_pipeline_reaches_sample_sde(every_family, sampler_calls, name):
+    pipe, args = every_family
+    three = dict(args, num_inference_steps=3)  # three steps: a time grid other than the scheduler's differs
+    three |= {k: v for k, v in KW.items() if k not in three}
+    pipe(**three, generator=seeded(3))
+    for value in other_values(option_spec(name), SamplerOptions.__dataclass_fields__[name].default):
+        try:  # some values do not apply to a family's process (e.g. the EDM grid to a flow, which has α = 0)
+            pipe(**three, generator=seeded(3), **{name: value})
+        except ValueError as exc:
+            assert "does not" in str(exc) and name in str(exc)
+            continue
+        pipe(**three, generator=seeded(3), options=SamplerOptions(**{name: value}))
+        break
+    default, keyword, whole = sampler_calls
+    assert reached(keyword, default, name, value), f"{name}={value!r} as a keyword argument"
+    assert reached(whole, default, name, value), f"{name}={value!r} in options="
+
+
+def test_options_whole_with_keywords_over_it_and_unknown_or_bad_options_refused(every_family, sampler_calls):
+    pipe, args = every_family
+    run(pipe, args, options=SamplerOptions(density_variance="forward", resample_threshold=0.75), particles=2)
+    (call,) = sampler_calls
+    assert (call["density_variance"], call["resample_threshold"], call["particles"]) == ("forward", 0.75, 2)
+    with pytest.raises(TypeError, match=r"^'particle' is not a sampling option; did you mean 'particles'\?"):
+        run(pipe, args, particle=2)
+    with pytest.raises(TypeError, match=r"^options=\{'particles': 2\} is not a SamplerOptions; pass SamplerOptions"):
+        run(pipe, args, options={"particles": 2})
+    with pytest.raises(ValueError, match=r"^density_variance='exact' is not valid; use one of"):
+        run(pipe, args, density_variance="exact")
+    assert len(sampler_calls) == 1

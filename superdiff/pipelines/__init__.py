@@ -2,6 +2,7 @@
 (Stable Diffusion 1.x/2.x, SDXL, SD3 / SD3.5 flow transformers, FLUX.1) or separately trained unconditional
 UNets, with OR / AND / average / sum, in diffusers' conventions."""
 
+from .base import SuperDiffBasePipeline, compose, superdiff_class_of
 from .compile import compile_networks, to_channels_last
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .flow import SuperDiffFlowPipeline
@@ -13,6 +14,9 @@ from .stable_diffusion import SuperDiffPipeline
 from .unconditional import SuperDiffUnconditionalPipeline
 
 __all__ = [
+    "compose",
+    "superdiff_class_of",
+    "SuperDiffBasePipeline",
     "compile_networks",
     "pipeline_class_for",
     "to_channels_last",

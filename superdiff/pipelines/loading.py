@@ -341,3 +341,97 @@ def check_loading_class(path: str, superdiff_class: str, kwargs: dict[str, Any],
         )
     check_components(path, config, pipeline_class)
     check_safetensors_files(path)
+
+
+#: ``from_pretrained`` options a folder of component subfolders (no ``model_index.json``) honours,
+#: besides ``dtype`` (or its deprecated name ``torch_dtype``).
+SUBFOLDER_KWARGS = ("use_safetensors", "variant", "local_files_only")
+
+
+def load_sd_subfolders(cls: type, path: str, dtype: Any = None, **kwargs: Any) -> Any:
+    """A Stable Diffusion pipeline ``cls`` from a folder of ``unet/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/`` [, ``vae/``] without ``model_index.json``, each component loaded with the options
+    diffusers would pass it (``use_safetensors=True`` refuses pickle weights, as it does with
+    ``model_index.json``). The scheduler class comes from diffusers' schedulers only
+    (:func:`scheduler_class`): a config naming a pipeline there would load its weights without these options."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unknown = sorted(set(kwargs) - set(SUBFOLDER_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"{unknown} are not supported when loading {path!r}, a folder without model_index.json; "
+            f"pass only dtype and {list(SUBFOLDER_KWARGS)}, or save the pipeline with save_pretrained to use "
+            "diffusers' other options"
+        )
+    missing = missing_sd_subfolders(path)
+    if missing:
+        raise bare_folder_error(path, missing)
+    scheduler_cls = scheduler_class(os.path.join(path, "scheduler"))
+    check_safetensors_files(path)
+    files = {k: kwargs[k] for k in ("local_files_only",) if k in kwargs}
+    weights = files | {k: kwargs[k] for k in ("use_safetensors", "variant") if k in kwargs}
+    networks, text = weights | diffusers_dtype(dtype), weights | transformers_dtype(dtype)
+    vae_dir = os.path.join(path, "vae")
+    return cls(
+        vae=AutoencoderKL.from_pretrained(vae_dir, **networks) if os.path.isdir(vae_dir) else None,
+        text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), **text),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"), **files),
+        unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), **networks),
+        scheduler=scheduler_cls.from_pretrained(os.path.join(path, "scheduler"), **files),
+    )
+
+
+#: ``from_pretrained`` options a scheduler folder honours (it has a config, no weights).
+SCHEDULER_KWARGS = ("local_files_only", "cache_dir", "revision", "token", "force_download", "proxies")
+
+
+def _load_scheduler(folder: str, kwargs: dict[str, Any]) -> Any:
+    """The scheduler of ``folder``: a diffusers scheduler class only (:func:`scheduler_class`; a
+    pipeline named there would load weights without the loading options), with the file options."""
+    return scheduler_class(folder).from_pretrained(folder, **{k: kwargs[k] for k in SCHEDULER_KWARGS if k in kwargs})
+
+
+def load_unconditional(paths: Any, scheduler: Any, dtype: Any, kwargs: dict[str, Any]) -> tuple[list, list, Any, Any]:
+    """(unets, the schedulers to check against each other, the scheduler, prediction types) of an
+    unconditional stack: a folder written by ``SuperDiffUnconditionalPipeline.save_pretrained``, or a list
+    of ``DDPMPipeline`` / ``DDIMPipeline`` folders (``unet/`` + ``scheduler/``) or bare ``UNet2DModel``
+    folders (then ``scheduler`` is needed);
+    the schedulers of a list must define one process (checked by the caller's ``check_schedulers``)."""
+    from diffusers import UNet2DModel
+
+    cast = diffusers_dtype(dtype)
+    if isinstance(paths, (str, os.PathLike)):
+        root = os.fspath(paths)
+        with open(os.path.join(root, UNCONDITIONAL_INDEX)) as f:
+            index = json.load(f)
+        loaded = _load_scheduler(os.path.join(root, "scheduler"), kwargs)
+        check_safetensors_files(root)
+        unets = [UNet2DModel.from_pretrained(os.path.join(root, name), **cast, **kwargs) for name in index["unets"]]
+        return unets, [], loaded, index.get("prediction_types")
+    unets, schedulers = [], []
+    for p in map(os.fspath, paths):
+        check_safetensors_files(p)
+        if os.path.isdir(os.path.join(p, "unet")):
+            schedulers.append(_load_scheduler(os.path.join(p, "scheduler"), kwargs))
+            unets.append(UNet2DModel.from_pretrained(p, subfolder="unet", **cast, **kwargs))
+        else:
+            unets.append(UNet2DModel.from_pretrained(p, **cast, **kwargs))
+    if scheduler is None and not schedulers:
+        raise ValueError("scheduler=None is not valid: pass a scheduler when loading bare UNet2DModel folders")
+    predictions = (
+        [s.config.get("prediction_type", "epsilon") for s in schedulers] if len(schedulers) == len(unets) else None
+    )
+    chosen = scheduler if scheduler is not None else schedulers[0]
+    return unets, schedulers + ([scheduler] if schedulers and scheduler is not None else []), chosen, predictions
+
+
+def save_unconditional(root: str, unets: list, scheduler: Any, prediction_types: list, **kwargs: Any) -> None:
+    """Write an unconditional stack: one ``unet_i/`` folder per model, ``scheduler/`` and the index."""
+    os.makedirs(root, exist_ok=True)
+    names = [f"unet_{i}" for i in range(len(unets))]
+    for name, unet in zip(names, unets):
+        unet.save_pretrained(os.path.join(root, name), **kwargs)
+    scheduler.save_pretrained(os.path.join(root, "scheduler"))
+    with open(os.path.join(root, UNCONDITIONAL_INDEX), "w") as f:
+        json.dump({"unets": names, "prediction_types": prediction_types}, f, indent=2)

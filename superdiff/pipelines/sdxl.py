@@ -9,7 +9,6 @@ states of both CLIP encoders, the pooled projection of the second, and SDXL's mi
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import torch
@@ -18,7 +17,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .loading import check_loading_class, diffusers_dtype, pop_loading_dtype
+from .base import PipelineCall, clip_states
 from .stable_diffusion import SuperDiffPipeline
 
 __all__ = ["SuperDiffXLPipeline"]
@@ -54,16 +53,6 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "SuperDiffXLPipeline":
-        """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names a Stable Diffusion
-        1.x/2.x, SD3 or Flux pipeline is refused (``ValueError`` naming the superdiff class that loads it).
-        ``dtype=`` casts the weights (``torch_dtype=``: its deprecated name, with diffusers' warning)."""
-        dtype = pop_loading_dtype(kwargs)
-        path = os.fspath(pretrained_model_name_or_path)
-        check_loading_class(path, "SuperDiffXLPipeline", kwargs, cls)
-        return DiffusionPipeline.from_pretrained.__func__(cls, path, **kwargs, **diffusers_dtype(dtype))
-
     @torch.no_grad()
     def encode_prompts(
         self, prompts: Sequence[str], negative_prompt: str | None = None
@@ -71,19 +60,11 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
         """(embeddings (M+1, L, D₁+D₂), pooled (M+1, P)) for the prompts and the unconditional branch,
         one call per text encoder."""
         texts = list(prompts) + [negative_prompt or ""]
-        device = self._execution_device
         hidden, pooled = [], None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             if encoder is None:
                 continue
-            ids = tokenizer(
-                texts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            out = encoder(ids.input_ids.to(device), output_hidden_states=True)
+            out = clip_states(tokenizer, encoder, texts, self._execution_device)
             if out[0].ndim == 2:
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
@@ -93,12 +74,11 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
             pooled[-1] = 0.0
         return embeddings.to(self.unet.dtype), pooled.to(self.unet.dtype)
 
-    def _conditions(self, prompts: Sequence[str], negative_prompt: str | None, height: int, width: int) -> dict:
-        embeddings, pooled = self.encode_prompts(prompts, negative_prompt)
-        k = embeddings.shape[0]
-        time_ids = torch.tensor(
-            [[height, width, 0, 0, height, width]], dtype=self.unet.dtype, device=embeddings.device
-        )
+    def encode(self, call: PipelineCall) -> dict[str, Any]:
+        """The prompts' embeddings, pooled embeddings and time ids ``(H, W, 0, 0, H, W)``, M+1 rows each."""
+        embeddings, pooled = self.encode_prompts(call.prompts, call.negative_text)
+        height, width = call.height, call.width
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.unet.dtype, device=pooled.device)
         expected = self.unet.add_embedding.linear_1.in_features
         given = self.unet.config.addition_time_embed_dim * 6 + pooled.shape[-1]
         if expected != given:
@@ -108,5 +88,5 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
             )
         return {
             "encoder_hidden_states": embeddings,
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(k, -1)},
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(embeddings.shape[0], -1)},
         }

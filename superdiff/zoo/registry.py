@@ -9,14 +9,14 @@ import torch
 from .digits import DigitClassifier
 
 WEIGHTS = Path(__file__).parent / "weights"
-NAMES = ("shapes", "digits-a", "digits-b", "digits-all", "digit-classifier")
+NAMES = ("shapes", "scenes", "digits-a", "digits-b", "digits-all", "digit-classifier")
 
 __all__ = ["WEIGHTS", "NAMES", "embedded_path", "load_digit_model", "load_digit_classifier", "load_digit_pipeline",
-           "load_shapes_pipeline"]
+           "load_shapes_pipeline", "load_scenes_pipeline"]
 
 
 def embedded_path(name: str) -> str:
-    """Folder of the embedded model ``name`` ("shapes", "digits-a", "digits-b", "digits-all")."""
+    """Folder of the embedded model ``name`` ("shapes", "scenes", "digits-a", "digits-b", "digits-all")."""
     key = name if name in NAMES else f"digits-{name}"
     if key not in NAMES:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(NAMES)}")
@@ -65,3 +65,10 @@ def load_shapes_pipeline(torch_dtype: torch.dtype = torch.float32):
     from ..pipelines import SuperDiffPipeline
 
     return SuperDiffPipeline.from_pretrained(embedded_path("shapes"), dtype=torch_dtype)
+
+
+def load_scenes_pipeline(torch_dtype: torch.dtype = torch.float32):
+    """The composition pipeline (``SuperDiffPipeline``) over the embedded latent scene model (VAE included)."""
+    from ..pipelines import SuperDiffPipeline
+
+    return SuperDiffPipeline.from_pretrained(embedded_path("scenes"), dtype=torch_dtype)

@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--models", default="a,b,all", help="digits: which of a, b, all")
-    p.add_argument("--stage", choices=["all", "vae", "diffusion"], default="all",
-                   help="scenes: train the VAE, the text encoder and UNet on a saved VAE, or both")
+    p.add_argument("--stage", choices=["all", "vae", "vae-refine", "diffusion"], default="all",
+                   help="scenes: train the VAE (vae-refine: its phase 2 on the saved phase 1), the text encoder "
+                        "and UNet on a saved VAE, or all")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -304,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "scenes":
         from .train_scenes import ScenesConfig, train_scenes
 
-        cfg = TrainConfig(steps=args.steps or 3000, batch_size=args.batch_size or 64, lr=args.lr or 1e-3,
-                          log_every=100)
+        cfg = TrainConfig(steps=args.steps or 1200, batch_size=args.batch_size or 64, lr=args.lr or 1e-3,
+                          ema_decay=0.995, log_every=50, checkpoint_every=200)
         train_scenes(args.out, cfg, ScenesConfig(), args.device, args.stage)
         print(f"scenes ({args.stage}) done", flush=True)
     else:

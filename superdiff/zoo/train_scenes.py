@@ -41,6 +41,9 @@ class ScenesConfig:
     vae_steps: int = 1000
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
+    vae_refine_steps: int = 500
+    vae_refine_lr: float = 5e-4
+    foreground_weight: float = 1.0
     kl_weight: float = 1e-6
     encoded_scenes: int = 30_000
     text_hidden: int = 64
@@ -65,44 +68,64 @@ def scenes_unet_config(cross_attention_dim: int) -> dict:
     )
 
 
-def train_vae(cfg: ScenesConfig, seed: int, device: str, log: dict):
-    """Train the autoencoder on fresh scenes; returns it in eval mode with its scaling factor set."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**vae_config()).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    schedule = TrainConfig(steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, warmup=100)
-    g = torch.Generator().manual_seed(seed)
+def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, foreground_weight: float, seed: int, device: str,
+               phase: int) -> list:
+    """Optimise ``vae`` for ``steps`` on fresh scenes: L1 (plus ``foreground_weight`` × the L1 over
+    the objects' pixels, which the black background otherwise outweighs) + a small KL term."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = TrainConfig(steps=steps, batch_size=cfg.vae_batch_size, lr=lr, warmup=100)
+    g = torch.Generator().manual_seed(seed + phase)
     losses, start = [], time.perf_counter()
-    for step in range(cfg.vae_steps):
-        x = sample_scenes(cfg.vae_batch_size, seed=10_000_019 * (seed + 1) + step).images.to(device)
+    vae.train()
+    for step in range(steps):
+        x = sample_scenes(cfg.vae_batch_size, seed=10_000_019 * (seed + 1) + 1_000_000 * phase + step).images
+        x = x.to(device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
-        recon = vae.decode(z).sample
-        loss = (recon - x).abs().mean() + cfg.kl_weight * posterior.kl().mean()
+        error = (vae.decode(z).sample - x).abs()
+        foreground = (x > -1).any(1, keepdim=True).float()
+        loss = (error.mean() + foreground_weight * (error * foreground).sum() / (3 * foreground.sum()).clamp_min(1)
+                + cfg.kl_weight * posterior.kl().mean())
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, schedule)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == cfg.vae_steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             losses.append((step, round(float(loss.detach()), 5)))
-            print(f"vae step {step + 1}/{cfg.vae_steps} loss {losses[-1][1]:.4f} "
+            print(f"vae phase {phase} step {step + 1}/{steps} loss {losses[-1][1]:.4f} "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
+    return losses
+
+
+def train_vae(cfg: ScenesConfig, seed: int, device: str, log: dict, vae=None):
+    """Train the autoencoder on fresh scenes: phase 1 (``cfg.vae_steps``, plain L1), phase 2
+    (``cfg.vae_refine_steps``, objects' pixels weighted up). With ``vae`` given (the saved phase-1
+    model) only phase 2 runs. Returns it in eval mode with its scaling factor set."""
+    from diffusers import AutoencoderKL
+
+    start = time.perf_counter()
+    if vae is None:
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**vae_config()).to(device)
+        log["vae"] = {"steps": cfg.vae_steps, "batch_size": cfg.vae_batch_size, "lr": cfg.vae_lr,
+                      "kl_weight": cfg.kl_weight, "parameters": sum(p.numel() for p in vae.parameters()),
+                      "loss_curve": _vae_phase(vae, cfg, cfg.vae_steps, cfg.vae_lr, 0.0, seed, device, 1)}
+    log["vae"] |= {"refine_steps": cfg.vae_refine_steps, "refine_lr": cfg.vae_refine_lr,
+                   "refine_foreground_weight": cfg.foreground_weight,
+                   "refine_loss_curve": _vae_phase(vae, cfg, cfg.vae_refine_steps, cfg.vae_refine_lr,
+                                                   cfg.foreground_weight, seed, device, 2)}
     vae.eval()
     with torch.no_grad():
         held = sample_scenes(512, seed=999).images.to(device)
         latents = vae.encode(held).latent_dist.mean
         error = (vae.decode(latents).sample.clamp(-1, 1) - held).abs()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    log["vae"] = {"steps": cfg.vae_steps, "batch_size": cfg.vae_batch_size, "lr": cfg.vae_lr,
-                  "kl_weight": cfg.kl_weight, "seconds": round(time.perf_counter() - start, 1),
-                  "parameters": sum(p.numel() for p in vae.parameters()),
-                  "scaling_factor": vae.config.scaling_factor,
-                  "held_out_mean_abs_error": round(float(error.mean()), 5),
-                  "held_out_max_abs_error": round(float(error.max()), 4), "loss_curve": losses}
+    log["vae"] |= {"seconds": round(log["vae"].get("seconds", 0.0) + time.perf_counter() - start, 1),
+                   "scaling_factor": vae.config.scaling_factor,
+                   "held_out_mean_abs_error": round(float(error.mean()), 5),
+                   "held_out_max_abs_error": round(float(error.max()), 4)}
     return vae
 
 
@@ -126,19 +149,23 @@ def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: 
     folder = out / "scenes"
     folder.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()
-    if stage in ("all", "vae"):
-        log: dict = {"model": "scenes", "stages": asdict(scenes_cfg), "machine": _machine(device),
+    if stage in ("all", "vae", "vae-refine"):
+        log: dict = {"model": "scenes", "machine": _machine(device),
                      "held_out_binding": " ".join(HELD_OUT_BINDING),
                      "held_out_pairs": [f"{' '.join(a)} + {' '.join(b)}" for a, b in HELD_OUT_PAIRS],
                      "caption_dropout": 0.1, "both_named": 0.5}
-        vae = train_vae(scenes_cfg, cfg.seed, device, log)
+        phase1 = None
+        if stage == "vae-refine":  # phase 2 on the saved phase-1 VAE (float16-rounded)
+            log = json.loads((folder / "training_log.json").read_text()) | {"vae_refined_from_saved_phase_1": True}
+            phase1 = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device)
+        vae = train_vae(scenes_cfg, cfg.seed, device, log, phase1)
         copy.deepcopy(vae).to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
-        _log(folder / "training_log.json", log)
-        if stage == "vae":
+        _log(folder / "training_log.json", log | {"stages": asdict(scenes_cfg)})
+        if stage != "all":
             return
-    log = json.loads((folder / "training_log.json").read_text())
+    log = json.loads((folder / "training_log.json").read_text()) | {"stages": asdict(scenes_cfg)}
     log["config"] = asdict(cfg)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device).eval()
     start = time.perf_counter()
     latents, objects = encode_scenes(vae, scenes_cfg.encoded_scenes, seed=cfg.seed * 7 + 123, device=device)
     log["encoding_seconds"] = round(time.perf_counter() - start, 1)

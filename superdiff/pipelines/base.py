@@ -1,0 +1,399 @@
+"""The one pipeline loop every superdiff pipeline runs, and the base of the text-to-image families.
+
+:class:`SuperDiffLoop` owns a call's steps (check → encode → prepare latents → sample → decode →
+output), the progress bar, the diffusers-style step callback, interruption and the particles'
+one-per-image draw (through :class:`~._common.SuperDiffMixin`). A model family is an adapter of a
+few hooks: :meth:`~SuperDiffLoop.check_inputs`, :meth:`~SuperDiffLoop.latents_shape`,
+:meth:`~SuperDiffLoop.encode` (the prompts into the rows of one batched network call),
+:meth:`~SuperDiffLoop.time_grid`, :meth:`~SuperDiffLoop.denoiser` (the network on those rows, its
+output converted to x̂₀ by :class:`~.denoisers.DiffusersDenoiser`), :meth:`~SuperDiffLoop.starting_noise`
+and :meth:`~SuperDiffLoop.decode`.
+
+:class:`SuperDiffBasePipeline` adds what the text-to-image families share: diffusers'
+``from_pretrained`` / ``from_pipe`` / ``save_pretrained``, and one ``__call__`` whose signature each
+family derives from the template below with its own defaults (``call_defaults``) and arguments, so
+the diffusers-named arguments are spelled once and stay explicit in every family's signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+from tqdm.auto import tqdm
+
+from ..combine import Combiner
+from ..options import SamplerOptions
+from ._common import (
+    SamplingOptions,
+    SuperDiffMixin,
+    check_latents,
+    check_options,
+    check_rows,
+    check_text_inputs,
+    decode,
+    guided_conditions,
+    negative_text,
+    prompts_argument,
+    refuse_embeddings,
+    resolve_composition,
+)
+from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
+from .loading import PIPELINE_CLASS_NAMES, check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
+from .output import SuperDiffPipelineOutput
+
+__all__ = ["PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop", "compose", "superdiff_class_of"]
+
+
+@dataclass
+class PipelineCall:
+    """One call's resolved arguments, handed to the family hooks. ``prompts``: the composed
+    conditions (none for an unconditional stack); ``height`` / ``width``: as given, then filled in by
+    :meth:`SuperDiffLoop.latents_shape`; ``guidance_scale``: as given (FLUX.1's distilled guidance;
+    the sampler's classifier-free guidance is ``options.guidance``)."""
+
+    options: SamplingOptions
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: Any = None
+    height: Any = None
+    width: Any = None
+    guidance_scale: Any = None
+    true_cfg_scale: Any = None
+    max_sequence_length: Any = None
+    batch_argument: str = "num_images_per_prompt"
+
+    @property
+    def negative_text(self) -> str | None:
+        """The one negative prompt (checked: a string, or a one-element list of it), or None."""
+        return negative_text(self.negative_prompt)
+
+
+class SuperDiffLoop(SuperDiffMixin):
+    """The loop of a superdiff pipeline call over the family hooks (see the module docstring)."""
+
+    #: How the ``latents=`` argument is laid out, for its error message.
+    latents_layout: ClassVar[str] = ""
+
+    def _run(self, call: PipelineCall) -> SuperDiffPipelineOutput | tuple:
+        # 1. Check inputs (the combiner checked itself): everything before any network call
+        self.check_inputs(call)
+        check_rows(call.options, self.composed_models(call), call.batch_argument)  # superdiff.limits
+        # 2. Define call parameters: the image size and the shape of the latents
+        shape = self.latents_shape(call)
+        check_latents(call.options.latents, shape, self.latents_layout)
+        # 3. Encode prompts: the M prompts and the unconditional (negative) one, rows of one batched call
+        conditions = self.encode(call)
+        # 4. Prepare timesteps
+        schedule = self.time_grid(call)
+        # 5. Prepare the denoiser: the network on all rows, its output converted to x̂₀
+        denoiser = self.denoiser(call, conditions, schedule)
+        # 6. Denoising loop, from the starting noise (drawn inside unless the family draws it)
+        options = self.starting_noise(call, shape)
+        network = self.network
+        result = self._superdiff_sample(denoiser, schedule, shape, options, self._execution_device, network.dtype)
+        # 7. Decode
+        images = self.decode(call, result.samples)
+        self.maybe_free_model_hooks()
+        return self._superdiff_output(images, result, schedule, options)
+
+    # ------------------------------------------------------------------------------------------------
+    # The hooks (defaults: a text-to-image latent family with one network)
+    # ------------------------------------------------------------------------------------------------
+
+    def check_inputs(self, call: PipelineCall) -> None:
+        """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
+        check_options(call.options, call.batch_argument)
+
+    def composed_models(self, call: PipelineCall) -> int:
+        """M, the models composed (each a row of the network call per sample): the prompts."""
+        return len(call.prompts)
+
+    def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
+        """The shape of the sampled latents, (B, C, H/f, W/f); fills in ``call.height`` / ``call.width``."""
+        f = self.vae_scale_factor
+        call.height = call.height or self.default_sample_size * f
+        call.width = call.width or self.default_sample_size * f
+        return (call.options.num_images_per_prompt, self.network.config.in_channels, call.height // f, call.width // f)
+
+    def encode(self, call: PipelineCall) -> dict[str, Any]:
+        """The network's keyword conditions, each with a leading dim of M+1 (prompts, then unconditional)."""
+        return {}
+
+    def time_grid(self, call: PipelineCall) -> Schedule:
+        """The scheduler's grid of ``num_inference_steps`` mapped onto its process."""
+        return schedule_from_scheduler(self.scheduler, call.options.num_inference_steps)
+
+    def network_inputs(self, call: PipelineCall, schedule: Schedule) -> tuple[Callable[..., Any], Callable]:
+        """The network as the denoiser calls it, and its timestep input of a process time."""
+        return self.network, schedule.timestep
+
+    def denoiser(self, call: PipelineCall, conditions: dict[str, Any], schedule: Schedule) -> Any:
+        """The network on the rows of all conditions (with guidance, the unconditional row last), one call a step."""
+        m, guidance = len(call.prompts), call.options.guidance
+        network, timestep = self.network_inputs(call, schedule)
+        return DiffusersDenoiser(
+            network, schedule.process, schedule.prediction, timestep,
+            conditions=guided_conditions(conditions, m, guidance), num_outputs=m + (guidance is not None),
+            scale_input=schedule.scale_input, dtype=self.network.dtype, unconditional=guidance is not None,
+        )
+
+    def starting_noise(self, call: PipelineCall, shape: tuple[int, ...]) -> SamplingOptions:
+        """The options the sampler starts from (``latents`` None: it draws the prior noise itself)."""
+        return call.options
+
+    def decode(self, call: PipelineCall, samples: torch.Tensor) -> Any:
+        """Latents → images of ``output_type`` (the VAE's scaling, and shift where the family uses one)."""
+        vae = getattr(self, "vae", None)
+        shift = (vae.config.get("shift_factor") or 0.0) if self.uses_shift_factor and vae is not None else 0.0
+        return decode(vae, samples, self.image_processor, call.options.output_type, shift=shift)
+
+    #: Whether the VAE's ``shift_factor`` is subtracted from its latents (SD3, FLUX.1), as in diffusers.
+    uses_shift_factor: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------------------------------------
+    # diffusers' plumbing, for pipelines that are not a DiffusionPipeline
+    # ------------------------------------------------------------------------------------------------
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm options for the sampling bar (``desc``, ``disable``, ``file``, ...), as in diffusers."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, total: int) -> tqdm:
+        """A tqdm bar of ``total`` steps with the options of :meth:`set_progress_bar_config` (diffusers' rule)."""
+        return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
+
+    def maybe_free_model_hooks(self) -> None:
+        """Nothing to free (a DiffusionPipeline frees its offloading hooks here)."""
+
+
+def _family_call(cls: type) -> Callable[..., Any]:
+    """``cls.__call__``: the template :meth:`SuperDiffBasePipeline.__call__` with the family's defaults
+    (``call_defaults``); the template's family-only arguments that ``cls`` does not name are left out."""
+    template = inspect.signature(SuperDiffBasePipeline.__call__)
+    parameters = [
+        p.replace(default=cls.call_defaults.get(p.name, p.default))
+        for p in template.parameters.values()
+        if p.name not in SuperDiffBasePipeline.FAMILY_ARGUMENTS or p.name in cls.call_defaults
+    ]
+    signature = template.replace(parameters=parameters)
+
+    @torch.no_grad()
+    def __call__(self: SuperDiffBasePipeline, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        return SuperDiffBasePipeline._compose(**bound.arguments)
+
+    __call__.__signature__ = signature  # type: ignore[attr-defined]
+    __call__.__doc__ = cls.call_doc or SuperDiffBasePipeline.__call__.__doc__
+    __call__.__qualname__ = f"{cls.__name__}.__call__"
+    return __call__
+
+
+class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
+    """A diffusers text-to-image pipeline composing M prompts (subclassed by each model family).
+
+    Load like any diffusers pipeline: ``from_pretrained(path, dtype=...)`` (``torch_dtype=`` is its
+    deprecated name, with diffusers' ``FutureWarning``; both at once is a ``ValueError``), or
+    ``from_pipe(pipe)`` to share an already loaded pipeline's modules; called on this base class,
+    ``from_pipe`` picks the family from the pipeline's class.
+    """
+
+    #: The denoising network's attribute (``unet`` or ``transformer``).
+    network_name: ClassVar[str] = "unet"
+    #: The family's defaults of the template's arguments, and the family-only arguments it takes.
+    call_defaults: ClassVar[dict[str, Any]] = {}
+    #: The family's ``__call__`` docstring (None: the template's).
+    call_doc: ClassVar[str | None] = None
+    #: The argument that is the sampler's classifier-free guidance weight.
+    cfg_argument: ClassVar[str] = "guidance_scale"
+    #: Template arguments only some families take (each lists them in ``call_defaults``).
+    FAMILY_ARGUMENTS: ClassVar[tuple[str, ...]] = ("true_cfg_scale", "max_sequence_length")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" not in cls.__dict__:
+            cls.__call__ = _family_call(cls)
+
+    @property
+    def network(self) -> Any:
+        """The denoising network, called once per step on every row."""
+        return getattr(self, self.network_name)
+
+    @property
+    def default_sample_size(self) -> int:
+        """The latent size sampled when no height / width is given: the network's ``sample_size``."""
+        return self.network.config.sample_size
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE factor, as in diffusers."""
+        return self.vae_scale_factor
+
+    def check_inputs(self, call: PipelineCall) -> None:
+        """The options, the negative prompt and the image size (the combiner checked itself)."""
+        check_options(call.options, scheduler=self.scheduler)
+        check_text_inputs(call.negative_prompt, call.height, call.width, self.size_multiple, call.options)
+
+    # ------------------------------------------------------------------------------------------------
+    # Loading
+    # ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """diffusers' ``from_pretrained``; a model whose ``model_index.json`` names another family's
+        pipeline is refused (``ValueError`` naming the superdiff class that loads it). ``dtype=`` casts
+        the weights (``torch.float32`` where none is given)."""
+        return cls._load_pretrained(os.fspath(pretrained_model_name_or_path), pop_loading_dtype(kwargs), kwargs)
+
+    @classmethod
+    def _load_pretrained(cls, path: str, dtype: Any, kwargs: dict[str, Any]) -> Any:
+        family = next(c.__name__ for c in cls.__mro__ if c.__name__ in PIPELINE_CLASS_NAMES)
+        check_loading_class(path, family, kwargs, cls)
+        return DiffusionPipeline.from_pretrained.__func__(cls, path, **kwargs, **diffusers_dtype(dtype))
+
+    @classmethod
+    def from_pipe(cls, pipeline: Any, **kwargs: Any) -> Any:
+        """diffusers' ``from_pipe`` (the modules are shared, not copied), with ``dtype=`` as in
+        :meth:`from_pretrained`; on :class:`SuperDiffBasePipeline` itself, the family of ``pipeline``."""
+        if cls is SuperDiffBasePipeline:
+            return superdiff_class_of(pipeline).from_pipe(pipeline, **kwargs)
+        dtype = pop_dtype(kwargs)
+        return DiffusionPipeline.from_pipe.__func__(cls, pipeline, **kwargs, **diffusers_dtype(dtype))
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompts: Sequence[str] | None = None,
+        mode: str | None = None,
+        guidance_scale: float | None = 7.5,
+        num_inference_steps: int = 50,
+        temperature: float | None = None,
+        log_weights: Sequence[float] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        true_cfg_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable | None = None,
+        progress: bool = True,
+        return_dict: bool = True,
+        max_sequence_length: int | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt: str | Sequence[str] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        combiner: Combiner | None = None,
+        expression: Any = None,
+        options: SamplerOptions | None = None,
+        **sampler_options: Any,
+    ) -> SuperDiffPipelineOutput | tuple:
+        """Sample ``num_images_per_prompt`` images composing ``prompts`` with ``mode`` (or ``combiner``,
+        or ``expression``).
+
+        ``mode``: ``"and"`` (the default: equal densities, Prop. 6; ``log_weights`` ℓ offsets them,
+        Eq. 18), ``"or"`` (the mixture, κ = softmax(T·log q + ℓ)), ``"average"`` (κ = 1/M, Liu et al.)
+        or ``"sum"`` (κ = 1, Composable Diffusion). ``temperature`` T (default 1) applies to OR.
+        ``combiner``: any combiner object instead (``And(rtol=1e-10)``, ``Or(temperature=2.0)``,
+        ``Fixed((0.7, 0.3))``, ...); not together with ``mode``, ``temperature`` or ``log_weights``.
+        ``expression``: a composition in :mod:`superdiff.expression_syntax` (or a node tree), whose
+        leaves are the prompts (``""`` the empty one); not together with ``prompts`` or a combiner.
+        ``negative_prompt``: the unconditional branch's text (one string, or a one-element list).
+        ``guidance_scale``: classifier-free guidance w on the κ-mixture, ``x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − x̂₀ᵘ)``;
+        ``None`` or a value ≤ 1 samples the prompt-conditional models unguided, as diffusers does
+        (no unconditional branch: M·B rows per network call). The densities tracked (and the κ of
+        OR/AND) are those of the unguided prompt-conditional models (paper §4.2).
+        ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` is called after every step
+        with the tensors named in ``callback_on_step_end_tensor_inputs`` (default ``["latents"]``; also
+        ``"denoised"``, ``"kappa"``, ``"log_densities"``), as in diffusers: it returns
+        ``callback_kwargs`` (or None), and a new ``"latents"`` there replaces the state for the next
+        step (the tracked densities are not adjusted for the edit); ``pipe._interrupt = True`` stops
+        after the current step (:attr:`interrupt`). ``generator``: one for the whole batch, or a list
+        with one per image (image k is then the image a single-image call with generator k gives).
+        ``prompt`` is diffusers' name for ``prompts`` (pass one of them).
+        ``latents``: the starting noise z, (``num_images_per_prompt``, C, height/f, width/f) with f
+        the VAE factor; sampling starts at ``init_noise_sigma · latents``, exactly as diffusers'
+        ``prepare_latents`` scales user latents (so a call with ``latents=z`` equals one whose
+        generator drew z). The generator then drives only the steps' noise. ``prompt_embeds`` and
+        the other precomputed embeddings are refused by name.
+        The sampling options (the fields of :class:`superdiff.options.SamplerOptions`: ``particles``,
+        ``resample_threshold``, ``variance``, ``density_variance``, ...) are keyword arguments, or
+        ``options=SamplerOptions(...)`` whole (keyword arguments then replace its fields).
+        Returns :class:`SuperDiffPipelineOutput` (or a tuple with ``return_dict=False``).
+        """
+        arguments = dict(locals())
+        return self._compose(**{k: v for k, v in arguments.items() if k != "self"})
+
+    def _compose(
+        self, prompts: Any, mode: Any, temperature: Any, log_weights: Any, negative_prompt: Any, prompt: Any,
+        combiner: Any, expression: Any, height: Any, width: Any, guidance_scale: Any, options: Any,
+        sampler_options: dict[str, Any], true_cfg_scale: Any = None, max_sequence_length: Any = None,
+        **arguments: Any,
+    ) -> SuperDiffPipelineOutput | tuple:
+        """The resolved call: the prompts and their one combiner, the options, then :meth:`_run`.
+        ``arguments``: the diffusers-named options (steps, batch, generator, latents, output, callback)."""
+        refuse_embeddings(**{name: arguments.pop(name) for name in (
+            "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")})
+        prompts, combiner = resolve_composition(expression, prompts_argument(prompts, prompt), combiner, mode,
+                                                temperature, log_weights, "prompts", default_mode="and")
+        cfg = {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale}[self.cfg_argument]
+        sampling = SamplingOptions(combiner=combiner, guidance_scale=cfg, **arguments,
+                                   sampler=SamplerOptions.from_kwargs(options, **sampler_options))
+        return self._run(PipelineCall(sampling, list(prompts), negative_prompt, height, width, guidance_scale,
+                                      true_cfg_scale, max_sequence_length))
+
+
+def superdiff_class_of(pipeline: Any) -> type:
+    """The superdiff pipeline class that composes an already loaded diffusers ``pipeline``, by its class
+    (:data:`~.loading.PIPELINE_CLASS_NAMES`; a list of ``DDPMPipeline`` / ``DDIMPipeline`` s: the
+    unconditional stack). ``ValueError`` naming the class where superdiff has none."""
+    import superdiff.pipelines as pipelines
+
+    from .loading import SUPPORTED, superdiff_class_name
+
+    if isinstance(pipeline, (list, tuple)):
+        return pipelines.SuperDiffUnconditionalPipeline
+    for klass in type(pipeline).__mro__:
+        target = superdiff_class_name(klass.__name__)
+        if target is not None:
+            return getattr(pipelines, target)
+    raise ValueError(
+        f"pipe=<a {type(pipeline).__name__}> is not valid: superdiff composes {SUPPORTED}, or a list of "
+        "DDPMPipeline / DDIMPipeline (separately trained unconditional models)"
+    )
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None = None, **kwargs: Any) -> Any:
+    """``texts`` padded (and truncated) to ``max_length`` tokens (the tokenizer's ``model_max_length``)."""
+    length = tokenizer.model_max_length if max_length is None else max_length
+    return tokenizer(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt",
+                     **kwargs)
+
+
+def clip_states(tokenizer: Any, encoder: Any, texts: Sequence[str], device: Any, max_length: int | None = None) -> Any:
+    """A CLIP text encoder's output on ``texts`` with every hidden state (SDXL and SD3 read the
+    penultimate one, and the pooled projection ``[0]`` of an encoder with projection)."""
+    ids = tokenize(tokenizer, texts, max_length).input_ids
+    return encoder(ids.to(device), output_hidden_states=True)
+
+
+def compose(pipe: Any, *args: Any, **kwargs: Any) -> SuperDiffPipelineOutput | tuple:
+    """Compose with an already loaded diffusers pipeline of any supported family: ``compose(sd_pipe,
+    prompts=["a red circle", "a blue square"], mode="and")``. The superdiff pipeline of ``pipe``'s class
+    (:func:`superdiff_class_of`) shares its modules (``from_pipe``: no copies) and is called with
+    ``args`` / ``kwargs``; a superdiff pipeline is called as it is, and a list of ``DDPMPipeline`` /
+    ``DDIMPipeline`` s is composed as an unconditional stack."""
+    if not isinstance(pipe, SuperDiffLoop):
+        pipe = superdiff_class_of(pipe).from_pipe(pipe)
+    return pipe(*args, **kwargs)

@@ -1,0 +1,82 @@
+"""``superdiff.compose(pipe, ...)`` and ``SuperDiffBasePipeline.from_pipe(pipe)``: an already loaded diffusers
+pipeline of each supported family is composed by that family's superdiff pipeline, sharing its modules, and
+samples exactly what that pipeline built from the same components samples; other pipelines are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import superdiff
+from superdiff.pipelines import (
+    SuperDiffBasePipeline,
+    SuperDiffFlowPipeline,
+    SuperDiffFluxPipeline,
+    SuperDiffPipeline,
+    SuperDiffUnconditionalPipeline,
+    SuperDiffXLPipeline,
+)
+
+TWO = ["a red circle", "a blue square"]
+KW = dict(num_inference_steps=2, output_type="latent", progress=False)
+
+
+def families(tmp_path):
+    """(diffusers pipeline, the superdiff class that composes it, its components, call arguments) per family."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    import superdiff.testing as t
+    from test_pipelines_flux import tiny_flux_components
+
+    sd = t.tiny_sd_components(tokenizer_dir=tmp_path)
+    xl = t.tiny_sdxl_components(tokenizer_dir=tmp_path)
+    sd3 = t.tiny_sd3_components(tokenizer_dir=tmp_path)
+    flux = tiny_flux_components(tmp_path)
+    text = dict(prompts=TWO, mode="and")
+    return [
+        (StableDiffusionPipeline(**sd, safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+         SuperDiffPipeline, sd, text),
+        (StableDiffusionXLPipeline(**xl), SuperDiffXLPipeline, xl, text),
+        (StableDiffusion3Pipeline(**sd3), SuperDiffFlowPipeline, sd3, dict(text, max_sequence_length=8)),
+        (FluxPipeline(**flux), SuperDiffFluxPipeline, flux, dict(text, height=16, width=16, max_sequence_length=8)),
+    ]
+
+
+def test_compose_picks_the_family_shares_the_modules_and_samples_what_the_family_pipeline_samples(tmp_path):
+    for pipe, family, components, args in families(tmp_path):
+        composed = SuperDiffBasePipeline.from_pipe(pipe)
+        assert type(composed) is family
+        assert composed.text_encoder is pipe.text_encoder and composed.scheduler is pipe.scheduler
+        out = superdiff.compose(pipe, generator=torch.Generator().manual_seed(5), **args, **KW)
+        expected = family(**components)(generator=torch.Generator().manual_seed(5), **args, **KW)
+        torch.testing.assert_close(out.images, expected.images, rtol=0, atol=0)
+        torch.testing.assert_close(out.kappa_trace, expected.kappa_trace, rtol=0, atol=0)
+
+
+def test_compose_of_ddpm_pipelines_is_the_unconditional_stack_and_a_superdiff_pipeline_is_called_as_is(tmp_path):
+    from diffusers import DDPMPipeline
+
+    import superdiff.testing as t
+
+    comps = t.tiny_unconditional_components(num_models=2)
+    pipes = [DDPMPipeline(unet=u, scheduler=comps["scheduler"]) for u in comps["unets"]]
+    assert type(SuperDiffBasePipeline.from_pipe(pipes)) is SuperDiffUnconditionalPipeline
+    out = superdiff.compose(pipes, mode="or", generator=torch.Generator().manual_seed(2), **KW)
+    expected = SuperDiffUnconditionalPipeline(**comps)(mode="or", generator=torch.Generator().manual_seed(2), **KW)
+    torch.testing.assert_close(out.images, expected.images, rtol=0, atol=0)
+    ours = SuperDiffPipeline(**t.tiny_sd_components(tokenizer_dir=tmp_path))
+    again = superdiff.compose(ours, TWO, generator=torch.Generator().manual_seed(1), **KW)
+    torch.testing.assert_close(again.images, ours(TWO, generator=torch.Generator().manual_seed(1), **KW).images)
+
+
+def test_compose_refuses_a_pipeline_it_has_no_family_for_by_name():
+    from diffusers import DDPMPipeline
+
+    import superdiff.testing as t
+
+    comps = t.tiny_unconditional_components(num_models=1)
+    with pytest.raises(ValueError, match=r"^pipe=<a DDPMPipeline> is not valid: superdiff composes .*"
+                                         r"StableDiffusionPipeline.*a list of DDPMPipeline"):
+        superdiff.compose(DDPMPipeline(unet=comps["unets"][0], scheduler=comps["scheduler"]), mode="or")
+    with pytest.raises(ValueError, match=r"^pipe=<a dict> is not valid"):
+        SuperDiffBasePipeline.from_pipe({})
