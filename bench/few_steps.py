@@ -2,6 +2,7 @@
 
     python bench/few_steps.py             # every table: 2048 samples, 20–1000 steps, about 4 minutes on one thread
     python bench/few_steps.py --quick     # 256 samples, 20 and 50 steps, quality at 2 and 12, composition at 25
+    python bench/few_steps.py --quick --markdown   # and write docs/benchmarks/few_steps.md
 
 Exact Gaussian mixtures (``bench/variance.py``'s set-ups), so every figure is checked against true
 log-densities. A variant is a time grid (:mod:`superdiff.time_grids`) and the pair step variance /
@@ -18,6 +19,11 @@ OR is sampled from the same noise:
 
 Goal of the issue: err ≤ 1 nat at 20 steps and ≤ 0.3 at 50 on every set-up, with the same network
 evaluations per step (every variant here makes one call per step).
+
+``err`` beyond the median: for the old default, the bare ``"euler"`` (Thm. 2's S²/a² for step and
+estimator, where the few-step work started) and today's default, the same runs' mean and 90th percentile,
+and the same three for the error in log q₁ − log q₂, which κ reads. bf16 (``--bf16-steps``, default
+200,3000): the default estimator's error on Figure 2 when the exact x̂₀ is rounded to bfloat16.
 
 Composition at few steps (``--composition-steps``, default 25,100,1000; ``--quick`` 25), uniform grid,
 ``"forward"`` against ``"tweedie"``: AND's median exact gap |log q₁ − log q₂| of its samples at the
@@ -50,9 +56,11 @@ from superdiff.time_grids import GRIDS
 from variance import figure2, random_mixtures, target_log_prob
 
 #: (name, grid, step variance, estimator variance); the first is the samplers' default before issue 16,
+#: the second the bare Thm. 2 variance S²/a² for step and estimator the few-step work started from,
 #: "uniform, posterior/tweedie" today's.
 VARIANTS = (
     ("uniform, posterior/forward (old default)", "uniform", "posterior", "forward"),
+    ("uniform, euler/euler (bare S², the start)", "uniform", "euler", "euler"),
     ("quadratic, posterior/forward", "quadratic", "posterior", "forward"),
     ("log-SNR, posterior/forward", "log_snr", "posterior", "forward"),
     ("EDM ρ=7, posterior/forward", "edm", "posterior", "forward"),
@@ -85,6 +93,29 @@ def density_error(models: MixtureDenoiser, times: torch.Tensor, variance: str, d
     out = sample_sde(models, x, times, Or(), log_q_init=models.log_prob(x, times[0]), generator=g,
                      variance=variance, density_variance=density_variance)
     return float((out.log_densities - models.log_prob(out.samples, times[-1])).abs().median())
+
+
+def density_error_spread(models: MixtureDenoiser, times: torch.Tensor, variance: str, density_variance: str,
+                         samples: int) -> dict:
+    """:func:`density_error`'s run, summarised beyond its median: median, mean and 90th percentile of
+    |tracked − exact| log q, and of the error in log q₁ − log q₂ (what OR's and AND's κ read)."""
+    g = torch.Generator().manual_seed(0)
+    x = prior_sample(models, samples, models.sample_shape, generator=g, dtype=torch.float64)
+    out = sample_sde(models, x, times, Or(), log_q_init=models.log_prob(x, times[0]), generator=g,
+                     variance=variance, density_variance=density_variance)
+    error = out.log_densities - models.log_prob(out.samples, times[-1])
+    summary = {}
+    for key, values in (("", error.abs().flatten()), ("Δ ", (error[:, 0] - error[:, 1]).abs())):
+        summary |= {f"{key}median": float(values.median()), f"{key}mean": float(values.mean()),
+                    f"{key}p90": float(torch.quantile(values, 0.9))}
+    return summary
+
+
+class Bf16Outputs(MixtureDenoiser):
+    """The exact denoisers with their outputs rounded to bfloat16, as a network run in bf16 returns them."""
+
+    def __call__(self, x, t):
+        return super().__call__(x, t).to(torch.bfloat16).to(x.dtype)
 
 
 def sample_quality(models: MixtureDenoiser, times: torch.Tensor, variance: str, density_variance: str,
@@ -221,6 +252,8 @@ def main() -> None:
                    help="samples for the exact-covariance diagnosis of the 8-D rows (512; --quick 0: skipped)")
     p.add_argument("--embedded-steps", default=None,
                    help="comma-separated step counts for the embedded models (10,25,50,200; --quick 4,8; 0 skips)")
+    p.add_argument("--bf16-steps", default="200,3000",
+                   help="comma-separated step counts for the bf16-output rows (Figure 2; 0 skips)")
     args = p.parse_args()
     samples = args.samples or (256 if args.quick else 2048)
     if args.steps:
@@ -265,6 +298,35 @@ def main() -> None:
                          f"{'meets' if value <= GOAL[n] else 'misses'} ≤ {GOAL[n]}")
     print("\n".join(lines))
     print("(on VE the log-SNR grid is the uniform one, on EDM the EDM ρ=7 grid is, to float rounding)")
+    # Beyond the median: the same runs' mean and 90th percentile, and the error in log q₁ − log q₂.
+    spread_variants = [VARIANTS[1], VARIANTS[0], next(v for v in VARIANTS if v[0].endswith("(default)"))]
+    spread: dict = {}
+    lines = ["\nerr beyond the median (uniform grid): median / mean / p90 of |tracked − exact| log q, and of the "
+             "error in log q₁ − log q₂ (Δ)",
+             "| set-up | steps | variant | median | mean | p90 | Δ median | Δ mean | Δ p90 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, (mixtures, process) in cases.items():
+        models = MixtureDenoiser(mixtures, process)
+        for n in steps:
+            for variant, grid_name, variance, density_variance in spread_variants:
+                row = density_error_spread(models, GRIDS[grid_name](process, n), variance, density_variance, samples)
+                spread.setdefault(name, {}).setdefault(n, {})[variant] = row
+                lines.append(f"| {name} | {n} | {variant} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+    print("\n".join(lines), flush=True)
+    # bf16 network outputs: the default estimator's error as the steps grow (Figure 2 set-up).
+    bf16_steps = [args.steps] if args.steps else [int(v) for v in args.bf16_steps.split(",") if int(v) > 0]
+    bf16: dict = {}
+    if bf16_steps:
+        mixtures, process = cases["Figure 2, VP linear"]
+        lines = ["\nbf16 network outputs (exact x̂₀ rounded to bfloat16), Figure 2, default estimator: err median "
+                 "/ mean / p90", "| steps | float64 outputs | bf16 outputs |", "|---|---|---|"]
+        for n in bf16_steps:
+            rows = [density_error_spread(cls(mixtures, process), process.time_grid(n), "posterior", "tweedie", samples)
+                    for cls in (MixtureDenoiser, Bf16Outputs)]
+            bf16[n] = {"float64": rows[0], "bf16": rows[1]}
+            lines.append(f"| {n} | " + " | ".join(f"{r['median']:.3f} / {r['mean']:.3f} / {r['p90']:.3f}"
+                                                  for r in rows) + " |")
+        print("\n".join(lines), flush=True)
     composition_default = "25" if args.quick else "25,100,1000"
     composition_steps = [int(v) for v in (args.composition_steps or composition_default).split(",")]
     composition: dict = {}
@@ -319,7 +381,8 @@ def main() -> None:
     if args.json:
         print(json.dumps({"benchmark": "few_steps", "machine": machine(), "samples": samples, "steps": steps,
                           "quality_steps": quality_steps, "err": err, "ll": ll, "best": best,
-                          "composition": composition, "composition_steps": composition_steps, "oracle": oracle,
+                          "composition": composition, "err_spread": spread, "bf16": bf16,
+                          "composition_steps": composition_steps, "oracle": oracle,
                           "oracle_ll": oracle_ll,
                           "embedded": embedded,
                           "seconds": seconds}))

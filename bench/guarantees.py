@@ -1,39 +1,40 @@
-"""What the estimator and the combiners guarantee, measured on exact Gaussian mixtures (issue 28, items 13–17).
+"""What the estimator and the combiners guarantee, measured on exact Gaussian mixtures (issue 28, items 13–16).
 
-    python bench/guarantees.py            # 1024 samples / 4096 particles, steps up to 3000 (about 20 minutes)
-    python bench/guarantees.py --quick    # 256 samples / 1024 particles, steps up to 1000 (a few minutes)
+    python bench/guarantees.py            # 1024 samples / 4096 particles, AND up to 3000 steps
+    python bench/guarantees.py --quick    # 256 samples / 1024 particles, AND at 100, 1000 and 3000 steps
+    python bench/guarantees.py --quick --markdown   # and write docs/benchmarks/guarantees.md
+    python bench/guarantees.py --quick --particles 8192 --markdown   # the docs' figures: particle rows at 8192
 
-Writes ``docs/benchmarks/guarantees.md`` (``--quick``: ``guarantees-quick.md``). Every figure is against
-exact log-densities or exact targets, seed 0, float64 unless said:
+Every figure is against exact log-densities or exact targets, seed 0, float64, VP linear (β 0.1–20):
 
-* **AND's exact gap** |log q₁ − log q₂| at AND's samples (the grid's last time) on asymmetric pairs, for
-  the estimator variances ``"tweedie"`` (default) and ``"forward"``: median, mean, 90th percentile and
-  the signed mean; and the tracked densities' own error (median |tracked − exact| log q).
+* **AND's exact gap** |log q₁ − log q₂| at AND's samples (the grid's last time) on asymmetric pairs:
+  median, mean, 90th percentile and the signed mean, the tracked gap (0 for the exact solve), and the
+  tracked densities' own error (median |tracked − exact| log q per model); for the exact solve under the estimator
+  variances ``"tweedie"`` (default) and ``"forward"``, and ``And(feedback=ρ)`` under ``"tweedie"``.
 * **Particles at small K**: the Feynman–Kac-corrected product of two mixtures (the tests' pair) with
   K particles per group and the same total number of particles: the relative error of E[x₁²] (2-D; the
   within-mode spread) and of the main component's proportion (8-D), each ± its standard error over groups.
   K = 1 is the uncorrected score sum (no weights act on one particle).
 * **Soft-min at small K**: share of the correction recovered, (est − plain)/(exact − plain) for E[x₀²].
-* **Few-step density error** of OR: median, mean and 90th percentile of |tracked − exact| log q, and the
-  same for log q₁ − log q₂ (what κ reads), for ``"tweedie"``, ``"forward"`` and bare ``"euler"`` (Thm.
-  2's S²/a² for step and estimator: where the few-step work started).
-* **bf16 network outputs**: the default estimator's median error on Figure 2 when the exact x̂₀ is
-  rounded to bfloat16, at 200 and 3000 steps (1000 with ``--quick``), beside float64.
+* **Nested AND** ``(0 | 1) & 2`` with a two-component third model: the share of (sample, step) pairs where
+  the condition was not met (``SamplerOutput.and_converged``), and the largest tracked drift.
+
+Few-step density errors beyond the median and bf16 outputs are in ``bench/few_steps.py``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from common import machine, parser
-from superdiff import And, GaussianMixture, MixtureDenoiser, Or, VarianceExploding, VPLinear, prior_sample, sample_sde
+from superdiff import And, GaussianMixture, MixtureDenoiser, VPLinear, prior_sample, sample_sde
 from superdiff.analytic import grid_moments, product_of_mixtures, soft_min_log_density
-from superdiff.expressions import Leaf, Product, SoftMin, compile_expression, uncorrected
-from variance import figure2, random_mixtures
+from superdiff.expressions import And as AndNode
+from superdiff.expressions import Leaf, Or, Product, SoftMin, compile_expression, uncorrected
+from variance import random_mixtures
 
 VP = VPLinear(0.1, 20.0)
 
@@ -50,17 +51,40 @@ def and_pairs() -> dict:
             "3-D Gaussian vs mixture": (gaussian, random_mixtures(3)[0])}
 
 
-def and_gap(models: MixtureDenoiser, steps: int, density_variance: str, samples: int) -> dict:
+def and_gap(models: MixtureDenoiser, steps: int, combiner: And, density_variance: str, samples: int) -> dict:
+    """AND from the prior with equal tracked densities at the start (the default ``log_q_init``)."""
     g = torch.Generator().manual_seed(0)
     x = prior_sample(models, samples, models.sample_shape, generator=g, dtype=torch.float64)
     times = models.process.time_grid(steps)
-    out = sample_sde(models, x, times, And(), log_q_init=models.log_prob(x, times[0]), generator=g,
-                     density_variance=density_variance)
+    out = sample_sde(models, x, times, combiner, generator=g, density_variance=density_variance)
     exact = models.log_prob(out.samples, times[-1])
     gap = exact[:, 0] - exact[:, 1]
     med, mean, p90 = _stats(gap.abs())
+    # log q_init = 0 for both, so the tracked values are relative to the exact ones at times[0]
+    tracked = out.log_densities + models.log_prob(x, times[0])
     return {"median": med, "mean": mean, "p90": p90, "signed_mean": float(gap.mean()),
-            "tracked_error": float((out.log_densities - exact).abs().median())}
+            "tracked_gap": float((out.log_densities[:, 0] - out.log_densities[:, 1]).abs().median()),
+            "tracked_error": [float(v) for v in (tracked - exact).abs().median(0).values]}
+
+
+def nested_and(steps: int, samples: int) -> dict:
+    """``(0 | 1) & 2`` (tests/test_expressions.py's models, the third with two components): the share of
+    (sample, step) pairs whose condition was not met, and the largest drift of the tracked potentials."""
+    models = MixtureDenoiser((GaussianMixture.create([[-2.0, 0.0]], 0.6), GaussianMixture.create([[2.0, 0.0]], 0.6),
+                              GaussianMixture.create([[0.0, 2.0], [0.0, -2.0]], 0.6)), VP)
+    row = {}
+    for density_variance in ("tweedie", "forward"):
+        g = torch.Generator().manual_seed(0)
+        x = prior_sample(models, samples, (2,), g, dtype=torch.float64)
+        times = VP.time_grid(steps)
+        out = sample_sde(models, x, times, compile_expression(AndNode((Or((Leaf(0), Leaf(1))), Leaf(2)))),
+                         generator=g, density_variance=density_variance)
+        tracked = torch.logsumexp(out.log_density_trace[..., :2], -1) - out.log_density_trace[..., 2]
+        step_gap = tracked.diff(dim=0).abs()
+        row[density_variance] = {"unmet": float((~out.and_converged).double().mean()),
+                                 "met_max": float(step_gap[out.and_converged].max()),
+                                 "drift_max": float((tracked - tracked[0]).abs().max())}
+    return row
 
 
 def two_mixtures(dim: int) -> tuple[GaussianMixture, GaussianMixture]:
@@ -116,103 +140,94 @@ def softmin_recovery(particles: int, total: int, steps: int) -> dict:
             "resamples_per_group": float(corrected.resample_counts.double().mean())}
 
 
-def few_step_error(models: MixtureDenoiser, steps: int, estimator: str, samples: int) -> dict:
-    """OR from exact log q at the grid's first time; "euler" is Thm. 2's S²/a² for step and estimator."""
-    g = torch.Generator().manual_seed(0)
-    x = prior_sample(models, samples, models.sample_shape, generator=g, dtype=torch.float64)
-    times = models.process.time_grid(steps)
-    kw = ({"variance": "euler", "density_variance": "euler"} if estimator == "euler"
-          else {"density_variance": estimator})
-    out = sample_sde(models, x, times, Or(), log_q_init=models.log_prob(x, times[0]), generator=g, **kw)
-    error = out.log_densities - models.log_prob(out.samples, times[-1])
-    med, mean, p90 = _stats(error.abs())
-    dmed, dmean, dp90 = _stats((error[:, 0] - error[:, 1]).abs())
-    return {"median": med, "mean": mean, "p90": p90, "diff_median": dmed, "diff_mean": dmean, "diff_p90": dp90}
+def log_weight_spread(expression, mixtures, steps: int, samples: int, fractions=(0.5, 0.8, 0.9, 0.95)) -> dict:
+    """Where along the path the particles' log-weights spread: the variance of the accumulated log-weight
+    after each share of the steps over its final variance (one particle per group, no resampling; each
+    share is the same run stopped there by ``interrupt``). Returns {share: ratio, "final_sd": sd}."""
+    models = MixtureDenoiser(tuple(mixtures), VP)
+    combiner = compile_expression(expression)
 
+    def run(stop: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        x = prior_sample(models, samples, models.sample_shape, g, dtype=torch.float64)
+        taken = iter(range(steps + 1))
+        out = sample_sde(models, x, VP.time_grid(steps), combiner, generator=g, interrupt=lambda: next(taken) >= stop)
+        return out.log_weights
 
-class Bf16Outputs(MixtureDenoiser):
-    """The exact denoisers with their outputs rounded to bfloat16, as a network run in bf16 returns them."""
-
-    def __call__(self, x, t):
-        return super().__call__(x, t).to(torch.bfloat16).to(x.dtype)
-
-
-def bf16_error(steps: int, bf16: bool, samples: int) -> float:
-    cls = Bf16Outputs if bf16 else MixtureDenoiser
-    models = cls(figure2(), VP)
-    return few_step_error(models, steps, "tweedie", samples)["median"]
+    final = float(run(steps).var())
+    row = {f: float(run(round(f * steps)).var()) / final for f in fractions}
+    return row | {"final_sd": math.sqrt(final)}
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--particles", type=int, default=None,
+                   help="particles in all for the particle rows (1024; full size 4096)")
+    args = p.parse_args()
     quick = args.quick
     samples, total = (256, 1024) if quick else (1024, 4096)
-    and_steps = (100, 1000) if quick else (100, 1000, 3000)
-    bf16_steps = (200, 1000) if quick else (200, 3000)
+    total = args.particles or total
+    and_steps = (100, 1000, 3000) if quick else (100, 300, 1000, 3000)
     start = time.time()
-    lines = ["# What the estimator and the combiners guarantee: measurements", "",
-             f"Written by `python bench/guarantees.py{' --quick' if quick else ''}` on {machine()}; seed 0, "
-             f"{samples} samples ({total} particles in all for the particle rows), exact Gaussian mixtures, "
-             "VP linear (β 0.1–20) unless said. See docs/guarantees.md for what the figures mean.", ""]
+    print(f"machine: {machine()}; seed 0, {samples} samples ({total} particles in all for the particle rows), "
+          "exact Gaussian mixtures, VP linear (β 0.1–20)", flush=True)
 
-    lines += ["## AND's exact gap |log q₁ − log q₂| at its samples", "",
-              "| pair | steps | estimator | median | mean | p90 | signed mean | tracked error (median) |",
-              "|---|---|---|---|---|---|---|---|"]
+    print("\nAND's exact gap |log q₁ − log q₂| at its samples (tracked densities start equal)")
+    print("| pair | steps | AND | estimator | median | mean | p90 | signed mean | tracked gap "
+          "| tracked error, model 1 / 2 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    variants = (("exact solve", And(), "tweedie"), ("exact solve", And(), "forward"),
+                ("feedback 0.5", And(feedback=0.5), "tweedie"), ("feedback 0.2", And(feedback=0.2), "tweedie"))
     for name, pair in and_pairs().items():
         models = MixtureDenoiser(pair, VP)
         for steps in and_steps:
-            for estimator in ("tweedie", "forward"):
-                r = and_gap(models, steps, estimator, samples)
-                lines.append(f"| {name} | {steps} | {estimator} | {r['median']:.3f} | {r['mean']:.3f} "
-                             f"| {r['p90']:.3f} | {r['signed_mean']:+.3f} | {r['tracked_error']:.3f} |")
-                print(lines[-1], flush=True)
+            for label, combiner, estimator in variants:
+                r = and_gap(models, steps, combiner, estimator, samples)
+                print(f"| {name} | {steps} | {label} | {estimator} | {r['median']:.3f} | {r['mean']:.3f} "
+                      f"| {r['p90']:.3f} | {r['signed_mean']:+.3f} | {r['tracked_gap']:.3f} "
+                      f"| {' / '.join(f'{v:.3f}' for v in r['tracked_error'])} |", flush=True)
 
-    lines += ["", "## Corrected product at K particles (200 steps, same total particles)", "",
-              "K = 1 is the uncorrected score sum. Errors are estimate − exact, ± one standard error over groups.", "",
-              "| K | 2-D: E[x₁²] relative error | 8-D: main proportion error | resamplings per group (2-D) |",
-              "|---|---|---|---|"]
+    print("\nNested AND (0 | 1) & 2, two-component third model: share of (sample, step) pairs not met; largest "
+          "step gap where met; largest tracked drift")
+    print("| steps | tweedie: unmet | met max | drift max | forward: unmet | met max | drift max |")
+    print("|---|---|---|---|---|---|---|")
+    for steps in (25, 200):
+        r = nested_and(steps, samples)
+        print(f"| {steps} | " + " | ".join(f"{r[v]['unmet']:.4f} | {r[v]['met_max']:.1e} | {r[v]['drift_max']:.3f}"
+                                            for v in ("tweedie", "forward")) + " |", flush=True)
+
+    print("\nCorrected product at K particles per group (200 steps, the same total particles); K = 1 is the "
+          "uncorrected score sum (no weights act); estimate − exact ± one standard error over groups")
+    print("| K | 2-D: E[x₁²] relative error | 8-D: main proportion error | 2-D resamplings per group |")
+    print("|---|---|---|---|")
     for k in (1, 2, 4, 8, 16, 64):
         two, eight = product_bias(2, k, total, 200), product_bias(8, k, total, 200)
-        lines.append(f"| {k} | {two['spread_rel_error']:+.3f} ± {two['spread_se']:.3f} | "
-                     f"{eight['proportion_error']:+.3f} ± {eight['proportion_se']:.3f} | "
-                     f"{two['resamples_per_group']:.1f} |")
-        print(lines[-1], flush=True)
+        print(f"| {k} | {two['spread_rel_error']:+.3f} ± {two['spread_se']:.3f} | "
+              f"{eight['proportion_error']:+.3f} ± {eight['proportion_se']:.3f} | "
+              f"{two['resamples_per_group']:.1f} |", flush=True)
 
-    lines += ["", "## Soft-min (λ = 4) at K particles (100 steps)", "",
-              "| K | share of the correction recovered | resamplings per group |", "|---|---|---|"]
+    print("\nSoft-min (λ = 4) at K particles (100 steps): share of the correction to E[x₀²] recovered")
+    print("| K | recovered | resamplings per group |")
+    print("|---|---|---|")
     for k in (2, 4, 8, 64):
         r = softmin_recovery(k, total, 100)
-        lines.append(f"| {k} | {r['recovered']:.3f} ± {r['recovered_se']:.3f} | {r['resamples_per_group']:.1f} |")
-        print(lines[-1], flush=True)
+        print(f"| {k} | {r['recovered']:.3f} ± {r['recovered_se']:.3f} | {r['resamples_per_group']:.1f} |", flush=True)
 
-    lines += ["", "## Few-step density error of OR (|tracked − exact| log q, and of log q₁ − log q₂)", "",
-              "| set-up | steps | estimator | median | mean | p90 | Δ median | Δ mean | Δ p90 |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    few = {"Figure 2, VP linear": MixtureDenoiser(figure2(), VP),
-           "3-D, VE": MixtureDenoiser(random_mixtures(3), VarianceExploding()),
-           "8-D, VP linear": MixtureDenoiser(random_mixtures(8), VP)}
-    for name, models in few.items():
-        for steps in (20, 50, 200):
-            for estimator in ("tweedie", "forward", "euler"):
-                r = few_step_error(models, steps, estimator, samples)
-                lines.append(f"| {name} | {steps} | {estimator} | {r['median']:.3f} | {r['mean']:.3f} "
-                             f"| {r['p90']:.3f} | {r['diff_median']:.3f} | {r['diff_mean']:.3f} "
-                             f"| {r['diff_p90']:.3f} |")
-                print(lines[-1], flush=True)
-
-    lines += ["", "## bf16 network outputs: the default estimator's median error on Figure 2", "",
-              "| steps | float64 outputs | bf16 outputs |", "|---|---|---|"]
-    for steps in bf16_steps:
-        lines.append(f"| {steps} | {bf16_error(steps, False, samples):.3f} | {bf16_error(steps, True, samples):.3f} |")
-        print(lines[-1], flush=True)
-
-    lines += ["", f"Total time {time.time() - start:.0f} s.", ""]
-    out = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / (
-        "guarantees-quick.md" if quick else "guarantees.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print(f"wrote {out}")
+    print("\nWhere the log-weights spread (100 steps, one particle per group): variance of the accumulated "
+          "log-weight after a share of the steps / its final variance")
+    print("| expression | 50% | 80% | 90% | 95% | final sd (nats) |")
+    print("|---|---|---|---|---|---|")
+    soft = (GaussianMixture.create([[-1.0, 0.0]], 0.6), GaussianMixture.create([[1.0, 0.0]], 0.6))
+    for label, expression, mixtures in (("soft-min λ = 4", SoftMin((Leaf(0), Leaf(1)), 4.0), soft),
+                                        ("product (2-D)", Product((Leaf(0), Leaf(1))), two_mixtures(2))):
+        r = log_weight_spread(expression, mixtures, 100, samples)
+        print(f"| {label} | " + " | ".join(f"{r[f]:.3f}" for f in (0.5, 0.8, 0.9, 0.95))
+              + f" | {r['final_sd']:.2f} |", flush=True)
+    print(f"\n({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":
-    main()
+    from common import markdown_output
+
+    with markdown_output("guarantees"):
+        main()

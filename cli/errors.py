@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import traceback
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -25,6 +27,27 @@ class BadInput(click.UsageError):
 class CommandFailed(RuntimeError):
     """A runtime failure whose message already says what failed and why (e.g. which file could not
     be written): printed as is, without the exception's type name, exit code 1."""
+
+
+@contextlib.contextmanager
+def surface_warnings(where: str = "") -> Iterator[list[str]]:
+    """Print the library's warnings about a run's correctness (:class:`superdiff.particles.WeightCollapseWarning`)
+    on stderr as ``Warning: …`` (``where`` names the sweep item), whatever ``--quiet`` says and however often
+    the same warning came before; yields the list of their messages (a sidecar may record them)."""
+    from superdiff.particles import WeightCollapseWarning
+
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WeightCollapseWarning)
+        try:
+            yield messages
+        finally:
+            for w in caught:
+                if issubclass(w.category, WeightCollapseWarning):
+                    messages.append(str(w.message))
+                    click.echo(f"Warning{where}: {escape_invisible(str(w.message))}", err=True)
+                else:  # anything else is shown as Python would have shown it
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -25,6 +25,7 @@ from .options import recorded_options
 from .output import atomic_write_text, ensure_writable_dir
 
 EVAL_FILE = "eval.json"
+MAX_LISTED = 20  # bad sidecars named in one message; the rest are counted
 OFFLINE_VALUES = ("1", "true", "yes", "on")
 
 
@@ -125,21 +126,33 @@ def _metadata(png: Path) -> dict | None:
 
 def find_generated(root: Path) -> list[Generated]:
     """Every generated image in ``root`` (a generate folder) and ``root/items/*/`` (a sweep folder),
-    sorted by path; hidden folders (a sweep's unfinished items) are skipped."""
+    sorted by path; hidden folders (a sweep's unfinished items) are skipped. Bad input listing
+    every sidecar that does not describe a generation (the first :data:`MAX_LISTED`), each with why."""
     folders = [root]
     items = root / "items"
     if items.is_dir():
         folders += sorted(p for p in items.iterdir() if p.is_dir() and not p.name.startswith("."))
-    found = []
+    found, problems = [], []
     for folder in folders:
         for png in sorted(folder.glob("*.png")):
-            meta = _metadata(png)
+            try:
+                meta = _metadata(png)
+            except BadInput as exc:
+                problems.append(exc.message)
+                continue
             if meta is None:
                 continue
             seed, expression = meta.get("seed"), meta.get("expression")
             found.append(Generated(png, png.relative_to(root).as_posix(), str(meta["model"]), str(meta["mode"]),
                                    tuple(meta["prompts"]), seed if isinstance(seed, int) else None,
                                    expression if isinstance(expression, str) else None, recorded_options(meta)))
+    if len(problems) == 1:
+        raise BadInput(problems[0])
+    if problems:
+        more = len(problems) - MAX_LISTED
+        raise BadInput(f"{len(problems)} images in {str(root)!r} have a record that describes no generation, so "
+                       "their groups cannot be trusted:\n" + "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
+                       + (f"\n  ... and {more} more" if more > 0 else ""))
     return found
 
 

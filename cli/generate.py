@@ -16,7 +16,7 @@ from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
 from .composition import check_items, expression_items
-from .errors import BadInput, handle_errors
+from .errors import BadInput, handle_errors, surface_warnings
 from .limits import (
     MAX_NUM_IMAGES,
     SEED_MAX,
@@ -309,7 +309,8 @@ def generate(
                                        options=options)
     if true_cfg_scale is not None:
         call["true_cfg_scale"] = true_cfg_scale
-    result = loaded.pipeline(**call)
+    with surface_warnings():
+        result = loaded.pipeline(**call)
     settings = generation_settings(
         model=model,
         pipeline=type(loaded.pipeline).__name__,

@@ -35,7 +35,7 @@ from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import conjunctive
 
 from .calls import FiniteFloat, pipeline_call_kwargs
-from .errors import BadInput, CommandFailed, handle_errors
+from .errors import BadInput, CommandFailed, handle_errors, surface_warnings
 from .limits import output_folder
 from .models import COMPILE_MODES, apply_speed_options, load_model, resolve_device, resolve_dtype, silence_library_logs
 from .options import option_columns, options_from_params, recorded_options, sampler_click_options
@@ -480,7 +480,8 @@ def sweep(spec: Path, out_dir: Path, model: str, modes: str, seeds: str, steps: 
                 options=item.options,
             )
             try:
-                result = loaded.pipeline(**call)
+                with surface_warnings(f" (item {item.item_id})"):
+                    result = loaded.pipeline(**call)
             except ValueError as exc:  # the library refused the item: bad input, named
                 raise ValueError(f"item {item.item_id} (spec line {item.row}): {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - a runtime failure (e.g. NonFiniteError), named

@@ -33,6 +33,7 @@ __all__ = [
     "Fixed",
     "or_weights",
     "and_weights",
+    "and_feedback_offsets",
     "make_combiner",
     "check_combiner",
     "MODES",
@@ -326,18 +327,38 @@ class And:
     With ``log_weights`` ℓ, the final samples satisfy ``log q_i − ℓ_i`` equal for all i (Eq. 18):
     a larger ℓ_i makes the samples more likely under model i. The offset is spread evenly over the
     steps.
+
+    ``feedback`` ρ in (0, 1] (None: off) solves κ from each model's *expected* increment over the step's
+    noise instead of the increment of the noise drawn, and removes the share ρ of the tracked gap
+    ``(log q_i − ℓ_i) − mean`` at every step (:func:`and_feedback_offsets`): the tracked densities are then
+    only close (their gap is the noise of about 1/ρ steps), but κ no longer follows each step's noise, and
+    the samples' *exact* gap shrinks with the steps, where the exact solve's stays at a floor on asymmetric
+    pairs (``docs/guarantees.md``). The feedback pulls the tracked values themselves together, so start them
+    equal (``log_q_init`` None).
     """
 
     log_weights: tuple[float, ...] | None = None
     rtol: float = 1e-8
     needs_system: bool = True
     affine: bool = True
+    feedback: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
         _in_range([log_weight_problem(f"log_weights[{i}]", v) for i, v in enumerate(self.log_weights or ())])
         if not (0 < self.rtol < 1):
             _refuse("rtol", self.rtol, "use a number in (0, 1), e.g. 1e-8")
+        if self.feedback is not None and (
+            isinstance(self.feedback, bool) or not isinstance(self.feedback, numbers.Real)
+            or not 0 < self.feedback <= 1
+        ):
+            _refuse("feedback", self.feedback, "use None (solve each step exactly) or a share in (0, 1], e.g. 0.5")
+
+    @property
+    def expected_system(self) -> bool:
+        """True when κ is solved from the expected increments (``feedback``): the sampler then builds the
+        system without the step's noise (:func:`superdiff.density.expected_step_moments`)."""
+        return self.feedback is not None
 
     def check_num_models(self, num_models: int, what: str = "models") -> None:
         """Raise ``ValueError`` unless AND can weigh ``num_models`` models: 2 or more, one log-weight each."""
@@ -349,10 +370,38 @@ class And:
             raise ValueError("And needs the sampler's increment system; use a sampler from superdiff.sampling")
         m = inputs.log_q.shape[-1]
         target = None
-        if self.log_weights is not None:
+        if self.feedback is not None:
+            lw = None if self.log_weights is None else _log_weights_tensor(self.log_weights, m, inputs.log_q)
+            target = and_feedback_offsets(inputs.log_q, self.feedback, lw, inputs.step_fraction)
+        elif self.log_weights is not None:
             target = _log_weights_tensor(self.log_weights, m, inputs.increment_offset.to(torch.float64))
             target = (target * inputs.step_fraction).expand(inputs.log_q.shape[0], m)
         return and_weights(inputs.increment_matrix, inputs.increment_offset, target, self.rtol).to(inputs.log_q.dtype)
+
+
+def and_feedback_offsets(log_q: Tensor, feedback: float, log_weights: Tensor | None = None,
+                         step_fraction: float = 1.0) -> Tensor:
+    """The prescribed differences of one step for AND with feedback: ``−ρ ((ℓ_i − w_i) − mean_j(ℓ_j − w_j))``.
+
+    Solved by :func:`and_weights` as ``target_offsets``, they take the share ρ off the tracked gap of
+    ``log q_i − w_i`` at this step (on the expected increments, so the gap left is the step's noise). On a
+    last step onto σ = 0 (``step_fraction`` 0) there is no increment to steer, and none is prescribed.
+
+    Args:
+        log_q: (B, M) tracked log-densities.
+        feedback: ρ in (0, 1].
+        log_weights: (M,) Eq. 18's offsets w, or None.
+        step_fraction: the step's share of the trajectory; 0 on a step onto σ = 0.
+
+    Returns:
+        (B, M) float64.
+    """
+    gap = log_q.to(torch.float64)
+    if log_weights is not None:
+        gap = gap - log_weights.to(torch.float64)
+    if step_fraction == 0.0:
+        return torch.zeros_like(gap)
+    return -feedback * (gap - gap.mean(-1, keepdim=True))
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ __all__ = [
     "ito_quadratic_increment_system",
     "StepMoments",
     "step_moments",
+    "expected_step_moments",
     "ito_final_step_system",
     "ode_log_density_rate",
     "ode_increment_system",
@@ -270,6 +271,16 @@ def step_moments(denoised: Tensor, base: Tensor, noise: Tensor) -> StepMoments:
     e = _offsets(denoised, base)
     w = noise.reshape(base.shape[0], -1).to(torch.float64)
     return StepMoments(e @ e.transpose(1, 2), (e @ w[:, :, None])[..., 0], _bdot(w, w), e.shape[-1])
+
+
+def expected_step_moments(moments: StepMoments, noise_var: float | Tensor) -> StepMoments:
+    """The step's :class:`StepMoments` averaged over its noise w ~ N(0, noise_var I): ⟨eᵢ, w⟩ → 0 and
+    ‖w‖² → d·noise_var (a number, or (B,) one per sample). The systems built from them give each model's
+    *expected* increment as a function of κ, so a κ solved from them does not depend on the step's own noise
+    (:class:`superdiff.combine.And` with ``feedback``)."""
+    norm2 = moments.dim * (noise_var.to(torch.float64) if isinstance(noise_var, Tensor)
+                           else torch.full_like(moments.noise_norm2, noise_var))
+    return StepMoments(moments.gram, torch.zeros_like(moments.offset_noise), norm2, moments.dim)
 
 
 def ito_increment_system(

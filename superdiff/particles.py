@@ -19,39 +19,43 @@ from .options import option_spec
 
 __all__ = [
     "check_particles", "effective_sample_size", "systematic_ancestors", "resample_step", "select_particles",
-    "group_uniforms", "WeightCollapseWarning", "COLLAPSE_FRACTION", "warn_if_collapsed",
+    "group_uniforms", "WeightCollapseWarning", "COLLAPSE_FRACTION", "COLLAPSE_STEPS", "warn_if_collapsed",
 ]  # fmt: skip
 
 #: A group has collapsed when its ESS (before a resampling decision, after the first step) falls below
-#: ``1 + COLLAPSE_FRACTION · (K − 1)``: one particle then holds nearly all its weight. At 200 steps runs
-#: whose corrected target exists stayed above 1 + 0.17 (K − 1) on the mixtures of ``docs/guarantees.md``,
-#: and a not() of a child narrower than its reference fell below 1 + 0.04 (K − 1); at 25 steps products
-#: fell to 1 + 0.01 (K − 1) too: their correction is then also unreliable.
+#: ``1 + COLLAPSE_FRACTION · (K − 1)``: one particle then holds nearly all its weight.
 COLLAPSE_FRACTION = 0.05
+#: The warning needs collapses on this many steps: a product whose target exists collapsed on at most one
+#: step from 50 steps on (none at 200), a not() of a child narrower than its reference on 3–13 (K = 4–64).
+COLLAPSE_STEPS = 2
 
 
 class WeightCollapseWarning(UserWarning):
-    """The particles' weights collapsed onto one particle per group: the corrected target may not be
-    normalisable (a not() whose child is narrower than its reference), so the samples follow no target."""
+    """The particles' weights collapsed onto one particle per group, step after step: the correction is
+    unreliable, and the corrected target may not be normalisable (a not() whose child is narrower than its
+    reference), in which case the samples follow no target."""
 
 
 def warn_if_collapsed(ess_trace: Tensor, particles: int) -> None:
-    """Warn (:class:`WeightCollapseWarning`) when some group's ESS (steps, G) fell below
-    ``1 + COLLAPSE_FRACTION · (K − 1)``; reads the trace back once, after sampling. K = 2 is not checked:
-    at the default threshold it never resamples, so its ESS carries every step's spread."""
+    """Warn (:class:`WeightCollapseWarning`) when groups' ESS (steps, G) fell below
+    ``1 + COLLAPSE_FRACTION · (K − 1)`` on :data:`COLLAPSE_STEPS` steps or more; reads the trace back once,
+    after sampling. K = 2 is not checked: at the default threshold it never resamples, so its ESS carries
+    every step's spread. Measured on exact mixtures (``tests/test_expressions.py``): at 10–25 steps products
+    collapse too, and their correction is then unreliable as well."""
     if particles < 3 or ess_trace.numel() == 0:
         return
     bound = 1.0 + COLLAPSE_FRACTION * (particles - 1)
-    low = ess_trace < bound
-    if not bool(low.any()):
+    collapsed = (ess_trace < bound).any(-1)
+    count = int(collapsed.sum())
+    if count < COLLAPSE_STEPS:
         return
-    steps = low.any(-1).nonzero()[:, 0]
+    first = int(collapsed.nonzero()[0, 0])
     warnings.warn(
         f"the particles' weights collapsed: a group's effective sample size fell below {bound:.3g} of {particles} "
-        f"on {int(steps.numel())} of {ess_trace.shape[0]} steps (first at step {int(steps[0]) + 1}), so the "
-        "correction is unreliable: take more steps or particles. If it persists, the corrected target may not be "
-        "normalisable (e.g. not(child, reference) with a child narrower than its reference, or a strength too "
-        "high) and the samples then follow no target.",
+        f"on {count} of {ess_trace.shape[0]} steps (first at step {first + 1}), so the correction is unreliable: "
+        "take more steps or particles. If it persists, the corrected target may not be normalisable (e.g. "
+        "not(child, reference) with a child narrower than its reference, or a strength too high) and the samples "
+        "then follow no target.",
         WeightCollapseWarning,
         stacklevel=3,
     )

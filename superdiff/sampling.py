@@ -27,6 +27,7 @@ from .density import (
     divergence_exact,
     divergence_hutchinson,
     divergence_hutchinson_vjp,
+    expected_step_moments,
     ito_final_step_system,
     ito_increment_system,
     ito_log_density_increment,
@@ -590,8 +591,10 @@ def sample_sde(
                 step_var = tweedie_density_variance(c, lam)[0]  # (B,)
                 scale = step_var.sqrt().to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
                 noise = scale * randn(tuple(x.shape), generator, x.device, x.dtype)
+                noise_var = step_var
             else:
                 noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
+                noise_var = c.var
             noise64 = noise.to(torch.float64)
             # "tweedie": each model's kernel variance Vᵢ (M, B), from the previous step's residual and this x̂₀.
             density_var = None
@@ -602,6 +605,8 @@ def sample_sde(
             if combiner.needs_system:
                 base = _system_base(denoised64, unconditional64, guidance_scale)
                 moments = step_moments(denoised64, base[0], noise64)
+                if getattr(combiner, "expected_system", False):  # κ from the expected increments, not this w
+                    moments = expected_step_moments(moments, noise_var)
                 if density_var is None:
                     system = ito_increment_system(denoised64, *base, noise64, c, moments=moments)
                 else:  # one variance per model: the quadratic system, and the common-variance one beside it

@@ -85,6 +85,11 @@ def test_few_steps_bench_runs_and_reports_every_variant():
         values = [v for rows in result[table].values() for row in rows.values() for v in row.values()]
         assert len(values) == 6 * len(result[table]) and all(math.isfinite(v) for v in values), (table, result[table])
     assert "uniform, posterior/tweedie (default)" in result["err"]
+    assert "uniform, euler/euler (bare S², the start)" in result["err"]  # the baseline the few-step work began at
+    spread = result["err_spread"]  # median, mean, p90 of the error and of its difference between the models
+    rows = [row for by_steps in spread.values() for variants in by_steps.values() for row in variants.values()]
+    assert len(rows) == 6 * 3 and all(r["median"] <= r["p90"] and r["Δ median"] <= r["Δ p90"] for r in rows)
+    assert set(result["bf16"]) == {"3"} and set(result["bf16"]["3"]) == {"float64", "bf16"}
     composition = result["composition"]  # --quick: AND's exact gap and OR's share at 25 steps, both variances
     assert len(composition) == 5 and all(set(row) == {"25"} for rows in composition.values() for row in rows.values())
     shares = [row["25"] for title, rows in composition.items() if "OR share" in title for row in rows.values()]

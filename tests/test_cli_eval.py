@@ -436,6 +436,23 @@ def test_a_sidecar_that_describes_no_generation_is_named_with_the_reason(tmp_pat
     assert not (folder / "eval.json").exists()
 
 
+def test_every_bad_sidecar_of_a_sweep_folder_is_named_at_once(tmp_path, monkeypatch):
+    import superdiff_cli.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "MAX_LISTED", 2)
+    for item, sidecar in [("a", [SHAPES]), ("b", SHAPES), ("c", SHAPES | {"prompts": None}), ("d", 3)]:
+        write_image(tmp_path / "sweep" / "items" / item, 0, Image.new("RGB", (32, 32)), **SHAPES)
+        (tmp_path / "sweep" / "items" / item / "image_000.json").write_text(json.dumps(sidecar))
+    r = invoke("eval", tmp_path / "sweep")
+    assert r.exit_code == 2, r.output
+    lines = r.output.splitlines()
+    assert "3 images in" in r.output and "have a record that describes no generation" in r.output
+    items = tmp_path / "sweep" / "items"
+    assert f"  {items / 'a' / 'image_000.json'}: it holds a list" in "\n".join(lines)
+    assert f"  {items / 'c' / 'image_000.json'}: its prompts are null" in "\n".join(lines)
+    assert "... and 1 more" in r.output and "items/d" not in r.output and "items/b" not in r.output
+
+
 def test_superdiff_png_text_that_describes_no_generation_is_named(tmp_path):
     """Without a sidecar, a PNG's superdiff text is its record: read by the same rule, naming the PNG;
     a PNG with neither (a grid) is still no generation."""

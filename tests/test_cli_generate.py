@@ -444,3 +444,21 @@ def test_a_size_the_model_cannot_make_is_refused_before_loading(tiny_model, tmp_
     assert r.exit_code == 2, r.output
     assert f"--height {multiple + 1} is not a multiple of {multiple}" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_collapse_of_the_particles_weights_is_printed_as_a_warning(tiny_model, tmp_path, monkeypatch):
+    """The sampler's WeightCollapseWarning reaches the terminal, --quiet or not: the tiny random model's
+    weights collapse on 2 of the 3 checked steps of a 5-step product with a negation (with a bound of ESS < 1,
+    which no group can reach, nothing is printed)."""
+    import superdiff.particles
+
+    text = '"a red circle" * !"a blue square"'
+    args = ["generate", "--model", tiny_model, "--expr", text, "--particles", "3", "--steps", "5", "--seed", "1",
+            "--quiet"]
+    with monkeypatch.context() as patch:
+        patch.setattr(superdiff.particles, "COLLAPSE_FRACTION", 0.0)
+        r = invoke(*args, "--out", str(tmp_path / "a"))
+    assert r.exit_code == 0 and "Warning" not in r.output, r.output
+    r = invoke(*args, "--out", str(tmp_path / "b"))
+    assert r.exit_code == 0, r.output
+    assert "Warning: the particles' weights collapsed" in r.output and "not be normalisable" in r.output

@@ -51,7 +51,7 @@ def _failing_sampler(*args, **kwargs):
 
 
 def test_generate_fails_a_non_finite_run_without_writing_it(tmp_path, monkeypatch):
-    import superdiff.pipelines._common as common
+    import superdiff.pipelines.base as common  # the loop calls sample_sde there
 
     monkeypatch.setattr(common, "sample_sde", _failing_sampler)
     out = tmp_path / "out"
@@ -89,7 +89,7 @@ def test_each_sweep_line_gets_its_own_limit_error_before_any_work(tmp_path, monk
 
 
 def test_a_sweep_item_that_fails_at_run_time_is_named(tmp_path, monkeypatch):
-    import superdiff.pipelines._common as common
+    import superdiff.pipelines.base as common  # the loop calls sample_sde there
 
     monkeypatch.setattr(common, "sample_sde", _failing_sampler)
     spec = tmp_path / "spec.jsonl"

@@ -107,3 +107,28 @@ def test_make_combiner_validates():
         Or(temperature=-1.0)
     assert make_combiner("sum", 3).weights == (1.0, 1.0, 1.0)
     assert make_combiner("average", 4).affine and not make_combiner("sum", 2).affine
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_and_with_feedback_takes_its_share_off_the_tracked_gap_of_a_linear_system(m):
+    """One step of a linear system solved by And(feedback=ρ): the gap of log q − ℓ about its mean shrinks
+    by exactly 1 − ρ (with the offsets ℓ of Eq. 18 as the point the densities are pulled to)."""
+    g = torch.Generator().manual_seed(m)
+    e = torch.randn(5, m, 6, generator=g, dtype=torch.float64)
+    a, b = e @ e.mT, torch.randn(5, m, generator=g, dtype=torch.float64)
+    log_q = 3 * torch.randn(5, m, generator=g, dtype=torch.float64)
+    for log_weights in (None, tuple(float(v) for v in torch.linspace(-1, 1, m))):
+        combiner = And(log_weights=log_weights, feedback=0.3)
+        assert combiner.expected_system
+        kappa = combiner(CombineInputs(log_q, a, b, 0.01))
+        after = log_q + (a @ kappa[..., None])[..., 0] + b
+        shift = torch.zeros(m, dtype=torch.float64) if log_weights is None else torch.tensor(log_weights)
+        gap = lambda lq: (lq - shift) - (lq - shift).mean(-1, keepdim=True)  # noqa: E731
+        torch.testing.assert_close(gap(after), 0.7 * gap(log_q), rtol=0, atol=1e-9)
+    assert not And().expected_system
+
+
+@pytest.mark.parametrize("feedback", [0.0, 1.5, True, float("nan"), "0.5"])
+def test_and_feedback_outside_its_range_is_refused(feedback):
+    with pytest.raises(ValueError, match="feedback"):
+        And(feedback=feedback)

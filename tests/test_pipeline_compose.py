@@ -80,3 +80,27 @@ def test_compose_refuses_a_pipeline_it_has_no_family_for_by_name():
         superdiff.compose(DDPMPipeline(unet=comps["unets"][0], scheduler=comps["scheduler"]), mode="or")
     with pytest.raises(ValueError, match=r"^pipe=<a dict> is not valid"):
         SuperDiffBasePipeline.from_pipe({})
+
+
+def test_each_family_call_spells_the_diffusers_arguments_with_its_own_defaults(tmp_path):
+    import inspect
+
+    import superdiff.testing as t
+
+    def defaults(cls):
+        return {n: p.default for n, p in inspect.signature(cls.__call__).parameters.items()}
+
+    sd, flow, flux = defaults(SuperDiffPipeline), defaults(SuperDiffFlowPipeline), defaults(SuperDiffFluxPipeline)
+    shared = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "generator", "latents",
+              "output_type", "height", "width", "num_images_per_prompt", "callback_on_step_end", "return_dict")
+    assert all(name in family for family in (sd, defaults(SuperDiffXLPipeline), flow, flux) for name in shared)
+    assert (sd["num_inference_steps"], sd["guidance_scale"]) == (50, 7.5)
+    assert (flow["num_inference_steps"], flow["guidance_scale"], flow["max_sequence_length"]) == (28, 7.0, 256)
+    assert (flux["guidance_scale"], flux["true_cfg_scale"], flux["max_sequence_length"]) == (3.5, 1.0, 512)
+    assert "true_cfg_scale" not in sd and "max_sequence_length" not in sd and "true_cfg_scale" not in flow
+    # the positional order of the diffusers pipelines' first arguments
+    assert list(sd)[1:5] == ["prompts", "mode", "guidance_scale", "num_inference_steps"]
+    # an argument of another family is not a sampling option either: refused before any network call
+    pipe = SuperDiffPipeline(**t.tiny_sd_components(tokenizer_dir=tmp_path))
+    with pytest.raises(TypeError, match=r"^'true_cfg_scale' is not a sampling option"):
+        pipe(TWO, true_cfg_scale=4.0, **KW)

@@ -197,16 +197,16 @@ def every_family(request, tmp_path_factory):
 @pytest.fixture
 def sampler_calls(monkeypatch):
     """The arguments of every sample_sde call the pipelines make that the (real) sampler accepts."""
-    import superdiff.pipelines._common as common
+    import superdiff.pipelines.base as loop
 
-    calls, real = [], common.sample_sde
+    calls, real = [], loop.sample_sde
 
     def recording(denoiser, x, times, combiner, **kwargs):
         out = real(denoiser, x, times, combiner, **kwargs)
         calls.append(dict(kwargs, times=times.clone()))  # the calls the sampler accepted
         return out
 
-    monkeypatch.setattr(common, "sample_sde", recording)
+    monkeypatch.setattr(loop, "sample_sde", recording)
     return calls
 
 

@@ -1,4 +1,5 @@
-"""Plumbing shared by the superdiff pipelines: input checks, the sampling call and postprocessing."""
+"""Plumbing shared by the superdiff pipelines: the call's options and their checks, the composition
+of a call, the conditions' rows, the sampling schedule and decoding (the loop is in :mod:`.base`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import DiffusionPipeline
 
 from ..combine import Combiner, check_combiner, make_combiner
 from ..expressions import NODE_TYPES, compile_expression, leaf_names
 from ..limits import check_guidance, rows_problem
 from ..options import DENSITY_VARIANCES, SamplerOptions, check_particles_apply  # noqa: F401 (the old name)
-from ..particles import select_particles
-from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
 from .denoisers import Schedule, steps_problem
-from .output import SuperDiffPipelineOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: What ``callback_on_step_end`` can ask for (``callback_on_step_end_tensor_inputs``): the state after
@@ -335,37 +332,6 @@ def callback_tensor_names(callback_on_step_end: Any, names: Any) -> Any:
     return names
 
 
-def latents_from_callback(returned: Any) -> torch.Tensor | None:
-    """The new state a diffusers-style step callback asks for: its returned dict's ``"latents"``
-    (None: keep the state; the callback may also return None)."""
-    if returned is None:
-        return None
-    if not isinstance(returned, dict):
-        raise ValueError(
-            f"callback_on_step_end returned a {type(returned).__name__}; return the callback_kwargs dict (its "
-            "'latents', if changed, replace the state, as in diffusers) or None"
-        )
-    return returned.get("latents")
-
-
-def step_callback(
-    pipe: Any, schedule: Schedule, callback_on_step_end: Callable | None, tensor_inputs: Sequence[str]
-) -> Callable[[StepInfo], torch.Tensor | None] | None:
-    """The sampler callback that calls a diffusers-style ``callback_on_step_end(pipe, step, timestep,
-    callback_kwargs)`` with the tensors named in ``tensor_inputs`` and returns its new ``"latents"``."""
-    if callback_on_step_end is None:
-        return None
-    names = list(callback_tensor_names(callback_on_step_end, tensor_inputs))
-    times = schedule.times
-
-    def callback(info: StepInfo) -> torch.Tensor | None:
-        timestep = schedule.timestep(times[info.step])
-        tensors = {"latents": info.x, "denoised": info.denoised, "kappa": info.kappa, "log_densities": info.log_q}
-        return latents_from_callback(callback_on_step_end(pipe, info.step, timestep, {n: tensors[n] for n in names}))
-
-    return callback
-
-
 def guided_conditions(conditions: dict[str, Any], num_prompts: int, guidance: float | None) -> dict[str, Any]:
     """The network conditions of a call: with guidance, the prompts' rows and the unconditional
     one; unguided (``guidance`` None: :attr:`SamplingOptions.guidance`), the M prompt-conditional
@@ -380,107 +346,6 @@ def prompt_rows(conditions: dict[str, Any], num_prompts: int) -> dict[str, Any]:
         name: prompt_rows(value, num_prompts) if isinstance(value, dict) else value[:num_prompts]
         for name, value in conditions.items()
     }
-
-
-class SuperDiffMixin:
-    """Sampling and postprocessing for a :class:`~diffusers.DiffusionPipeline` subclass."""
-
-    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
-
-    @property
-    def guidance_scale(self) -> float | None:
-        """The guidance scale of the current (or last) call, as given (None or 1 or less: unguided)."""
-        return getattr(self, "_guidance_scale", None)
-
-    @property
-    def interrupt(self) -> bool:
-        """Set ``pipe._interrupt = True`` (e.g. from ``callback_on_step_end``) to stop after the current
-        step; the call then returns the current, still noisy, latents decoded, as in diffusers."""
-        return getattr(self, "_interrupt", False)
-
-    @property
-    def num_timesteps(self) -> int | None:
-        """The number of sampling steps (network calls) of the current (or last) call."""
-        return getattr(self, "_num_timesteps", None)
-
-    def _superdiff_sample(
-        self: DiffusionPipeline,
-        denoiser: Any,
-        schedule: Schedule,
-        shape: tuple[int, ...],
-        options: SamplingOptions,
-        device: torch.device,
-        network_dtype: torch.dtype = torch.float32,
-    ) -> SamplerOutput:
-        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule with the options'
-        combiner; ``z`` is drawn from ``options.generator`` or is the caller's ``options.latents``
-        (checked by :func:`check_latents`), scaled by ``init_noise_sigma`` as diffusers'
-        ``prepare_latents`` scales them.
-
-        The state is float32 (float64 when the network is float64, as in exactness tests) whatever
-        the network's half precision; one ``generator`` drives the start (unless ``latents`` are
-        given) and every step's noise.
-        """
-        dtype = torch.float64 if network_dtype == torch.float64 else torch.float32
-        generator, latents, k = options.generator, options.latents, options.particles
-        if isinstance(generator, (list, tuple)) and k > 1:  # image i's generator draws its K particles
-            generator = [g for g in generator for _ in range(k)]
-        x = prior_sample(
-            denoiser, shape[0] * k, shape[1:], generator, device, dtype, std=schedule.init_noise_sigma, z=latents
-        )
-        schedule = sampling_schedule(schedule, options.sampler)
-        times = schedule.times
-        self._guidance_scale = options.guidance_scale
-        self._num_timesteps = len(times) - 1
-        self._interrupt = False
-        on_step = step_callback(
-            self, schedule, options.callback_on_step_end, options.callback_on_step_end_tensor_inputs
-        )
-        # The pipeline's own bar (diffusers' progress_bar: set_progress_bar_config applies), advanced per step.
-        bar = self.progress_bar(total=self._num_timesteps) if options.progress else None
-
-        def callback(info: StepInfo) -> torch.Tensor | None:
-            if bar is not None:
-                bar.update()
-            return None if on_step is None else on_step(info)
-
-        try:
-            result = sample_sde(
-                denoiser,
-                x,
-                times,
-                options.combiner,
-                guidance_scale=options.guidance,
-                generator=generator,
-                callback=callback if bar is not None or on_step is not None else None,
-                final_denoise=options.sampler.final_denoise,
-                interrupt=lambda: self.interrupt,
-                particles=k,
-                resample_threshold=options.resample_threshold,
-                variance=options.sampler.variance,
-                density_variance=options.density_variance,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-        return result if k == 1 else one_particle_per_image(result, k, generator)
-
-    def _superdiff_output(
-        self, images: Any, result: SamplerOutput, schedule: Schedule, options: SamplingOptions
-    ) -> SuperDiffPipelineOutput | tuple:
-        timesteps = schedule.timestep(result.times[:-1])  # fewer than planned after an interrupt
-        out = SuperDiffPipelineOutput(
-            images=images,
-            log_densities=result.log_densities,
-            log_density_trace=result.log_density_trace,
-            kappa_trace=result.kappa_trace,
-            timesteps=timesteps,
-            log_weights=result.log_weights,
-            ess_trace=result.ess_trace,
-            resample_counts=result.resample_counts,
-            node_weight_trace=result.node_weight_trace,
-        )
-        return out if options.return_dict else out.to_tuple()
 
 
 def sampling_schedule(schedule: Schedule, sampler: SamplerOptions) -> Schedule:
@@ -507,30 +372,6 @@ def sampling_schedule(schedule: Schedule, sampler: SamplerOptions) -> Schedule:
             raise ValueError("final_denoise=False is not valid with one step that ends at the network's last "
                              "timestep: there is no step left; use num_inference_steps >= 2 or final_denoise=True")
     return schedule if times is schedule.times else replace(schedule, times=times)
-
-
-def one_particle_per_image(result: SamplerOutput, particles: int, generator: Any) -> SamplerOutput:
-    """Each image's particle, drawn with probability ∝ its Feynman–Kac weight from its group of K
-    (:func:`~superdiff.particles.select_particles`), with its traces; the group's ESS trace and
-    resampling count are repeated for it. Log-weights are made relative to the group (its
-    log-sum-exp subtracted), so they say how much of the group's weight the image carried."""
-    log_w = result.log_weights
-    if log_w is None:
-        log_w = torch.zeros(result.samples.shape[0], dtype=torch.float64, device=result.samples.device)
-    pick = select_particles(log_w, particles, generator)
-    relative = log_w.reshape(-1, particles) - torch.logsumexp(log_w.reshape(-1, particles), -1, keepdim=True)
-    return SamplerOutput(
-        samples=result.samples[pick],
-        log_densities=result.log_densities[pick],
-        log_density_trace=result.log_density_trace[:, pick],
-        kappa_trace=result.kappa_trace[:, pick],
-        times=result.times,
-        log_weights=relative.reshape(-1)[pick],
-        ess_trace=result.ess_trace,
-        resample_counts=result.resample_counts,
-        node_weight_trace=None if result.node_weight_trace is None else tuple(w[:, pick]
-                                                                             for w in result.node_weight_trace),
-    )
 
 
 def decode(vae: Any, latents: torch.Tensor, image_processor: Any, output_type: str, shift: float = 0.0) -> Any:

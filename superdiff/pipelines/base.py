@@ -2,12 +2,11 @@
 
 :class:`SuperDiffLoop` owns a call's steps (check → encode → prepare latents → sample → decode →
 output), the progress bar, the diffusers-style step callback, interruption and the particles'
-one-per-image draw (through :class:`~._common.SuperDiffMixin`). A model family is an adapter of a
-few hooks: :meth:`~SuperDiffLoop.check_inputs`, :meth:`~SuperDiffLoop.latents_shape`,
-:meth:`~SuperDiffLoop.encode` (the prompts into the rows of one batched network call),
-:meth:`~SuperDiffLoop.time_grid`, :meth:`~SuperDiffLoop.denoiser` (the network on those rows, its
-output converted to x̂₀ by :class:`~.denoisers.DiffusersDenoiser`), :meth:`~SuperDiffLoop.starting_noise`
-and :meth:`~SuperDiffLoop.decode`.
+one-per-image draw. A model family is an adapter of a few hooks: :meth:`~SuperDiffLoop.check_inputs`,
+:meth:`~SuperDiffLoop.latents_shape`, :meth:`~SuperDiffLoop.encode` (the prompts into the rows of one
+batched network call), :meth:`~SuperDiffLoop.time_grid`, :meth:`~SuperDiffLoop.denoiser` (the network
+on those rows, its output converted to x̂₀ by :class:`~.denoisers.DiffusersDenoiser`),
+:meth:`~SuperDiffLoop.starting_noise` and :meth:`~SuperDiffLoop.decode`.
 
 :class:`SuperDiffBasePipeline` adds what the text-to-image families share: diffusers'
 ``from_pretrained`` / ``from_pipe`` / ``save_pretrained``, and one ``__call__`` whose signature each
@@ -28,9 +27,12 @@ from tqdm.auto import tqdm
 
 from ..combine import Combiner
 from ..options import SamplerOptions
+from ..particles import select_particles
+from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
 from ._common import (
+    CALLBACK_TENSOR_INPUTS,
     SamplingOptions,
-    SuperDiffMixin,
+    callback_tensor_names,
     check_latents,
     check_options,
     check_rows,
@@ -41,6 +43,7 @@ from ._common import (
     prompts_argument,
     refuse_embeddings,
     resolve_composition,
+    sampling_schedule,
 )
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .loading import PIPELINE_CLASS_NAMES, check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
@@ -72,8 +75,106 @@ class PipelineCall:
         return negative_text(self.negative_prompt)
 
 
-class SuperDiffLoop(SuperDiffMixin):
-    """The loop of a superdiff pipeline call over the family hooks (see the module docstring)."""
+class SuperDiffLoop:
+    """The loop of a superdiff pipeline call over the family hooks (see the module docstring), and what
+    every call shares: the progress bar, the step callback, interruption, the particles' draw, the output."""
+
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the current (or last) call, as given (None or 1 or less: unguided)."""
+        return getattr(self, "_guidance_scale", None)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. from ``callback_on_step_end``) to stop after the current
+        step; the call then returns the current, still noisy, latents decoded, as in diffusers."""
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The number of sampling steps (network calls) of the current (or last) call."""
+        return getattr(self, "_num_timesteps", None)
+
+    def _superdiff_sample(
+        self,
+        denoiser: Any,
+        schedule: Schedule,
+        shape: tuple[int, ...],
+        options: SamplingOptions,
+        device: torch.device,
+        network_dtype: torch.dtype = torch.float32,
+    ) -> SamplerOutput:
+        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule with the options'
+        combiner; ``z`` is drawn from ``options.generator`` or is the caller's ``options.latents``
+        (checked by :func:`check_latents`), scaled by ``init_noise_sigma`` as diffusers'
+        ``prepare_latents`` scales them.
+
+        The state is float32 (float64 when the network is float64, as in exactness tests) whatever
+        the network's half precision; one ``generator`` drives the start (unless ``latents`` are
+        given) and every step's noise.
+        """
+        dtype = torch.float64 if network_dtype == torch.float64 else torch.float32
+        generator, latents, k = options.generator, options.latents, options.particles
+        if isinstance(generator, (list, tuple)) and k > 1:  # image i's generator draws its K particles
+            generator = [g for g in generator for _ in range(k)]
+        x = prior_sample(
+            denoiser, shape[0] * k, shape[1:], generator, device, dtype, std=schedule.init_noise_sigma, z=latents
+        )
+        schedule = sampling_schedule(schedule, options.sampler)
+        times = schedule.times
+        self._guidance_scale = options.guidance_scale
+        self._num_timesteps = len(times) - 1
+        self._interrupt = False
+        on_step = step_callback(
+            self, schedule, options.callback_on_step_end, options.callback_on_step_end_tensor_inputs
+        )
+        # The pipeline's own bar (diffusers' progress_bar: set_progress_bar_config applies), advanced per step.
+        bar = self.progress_bar(total=self._num_timesteps) if options.progress else None
+
+        def callback(info: StepInfo) -> torch.Tensor | None:
+            if bar is not None:
+                bar.update()
+            return None if on_step is None else on_step(info)
+
+        try:
+            result = sample_sde(
+                denoiser,
+                x,
+                times,
+                options.combiner,
+                guidance_scale=options.guidance,
+                generator=generator,
+                callback=callback if bar is not None or on_step is not None else None,
+                final_denoise=options.sampler.final_denoise,
+                interrupt=lambda: self.interrupt,
+                particles=k,
+                resample_threshold=options.resample_threshold,
+                variance=options.sampler.variance,
+                density_variance=options.density_variance,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        return result if k == 1 else one_particle_per_image(result, k, generator)
+
+    def _superdiff_output(
+        self, images: Any, result: SamplerOutput, schedule: Schedule, options: SamplingOptions
+    ) -> SuperDiffPipelineOutput | tuple:
+        timesteps = schedule.timestep(result.times[:-1])  # fewer than planned after an interrupt
+        out = SuperDiffPipelineOutput(
+            images=images,
+            log_densities=result.log_densities,
+            log_density_trace=result.log_density_trace,
+            kappa_trace=result.kappa_trace,
+            timesteps=timesteps,
+            log_weights=result.log_weights,
+            ess_trace=result.ess_trace,
+            resample_counts=result.resample_counts,
+            node_weight_trace=result.node_weight_trace,
+        )
+        return out if options.return_dict else out.to_tuple()
 
     #: How the ``latents=`` argument is laid out, for its error message.
     latents_layout: ClassVar[str] = ""
@@ -81,7 +182,7 @@ class SuperDiffLoop(SuperDiffMixin):
     def _run(self, call: PipelineCall) -> SuperDiffPipelineOutput | tuple:
         # 1. Check inputs (the combiner checked itself): everything before any network call
         self.check_inputs(call)
-        check_rows(call.options, self.composed_models(call), call.batch_argument)  # superdiff.limits
+        check_rows(call.options, self.num_models(call), call.batch_argument)
         # 2. Define call parameters: the image size and the shape of the latents
         shape = self.latents_shape(call)
         check_latents(call.options.latents, shape, self.latents_layout)
@@ -108,8 +209,8 @@ class SuperDiffLoop(SuperDiffMixin):
         """Raise ``ValueError`` (naming the argument, the value and what works) before any network call."""
         check_options(call.options, call.batch_argument)
 
-    def composed_models(self, call: PipelineCall) -> int:
-        """M, the models composed (each a row of the network call per sample): the prompts."""
+    def num_models(self, call: PipelineCall) -> int:
+        """The number of models composed: the prompts (a stack: its networks)."""
         return len(call.prompts)
 
     def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
@@ -168,6 +269,61 @@ class SuperDiffLoop(SuperDiffMixin):
 
     def maybe_free_model_hooks(self) -> None:
         """Nothing to free (a DiffusionPipeline frees its offloading hooks here)."""
+
+
+def latents_from_callback(returned: Any) -> torch.Tensor | None:
+    """The new state a diffusers-style step callback asks for: its returned dict's ``"latents"``
+    (None: keep the state; the callback may also return None)."""
+    if returned is None:
+        return None
+    if not isinstance(returned, dict):
+        raise ValueError(
+            f"callback_on_step_end returned a {type(returned).__name__}; return the callback_kwargs dict (its "
+            "'latents', if changed, replace the state, as in diffusers) or None"
+        )
+    return returned.get("latents")
+
+
+def step_callback(
+    pipe: Any, schedule: Schedule, callback_on_step_end: Callable | None, tensor_inputs: Sequence[str]
+) -> Callable[[StepInfo], torch.Tensor | None] | None:
+    """The sampler callback that calls a diffusers-style ``callback_on_step_end(pipe, step, timestep,
+    callback_kwargs)`` with the tensors named in ``tensor_inputs`` and returns its new ``"latents"``."""
+    if callback_on_step_end is None:
+        return None
+    names = list(callback_tensor_names(callback_on_step_end, tensor_inputs))
+    times = schedule.times
+
+    def callback(info: StepInfo) -> torch.Tensor | None:
+        timestep = schedule.timestep(times[info.step])
+        tensors = {"latents": info.x, "denoised": info.denoised, "kappa": info.kappa, "log_densities": info.log_q}
+        return latents_from_callback(callback_on_step_end(pipe, info.step, timestep, {n: tensors[n] for n in names}))
+
+    return callback
+
+
+def one_particle_per_image(result: SamplerOutput, particles: int, generator: Any) -> SamplerOutput:
+    """Each image's particle, drawn with probability ∝ its Feynman–Kac weight from its group of K
+    (:func:`~superdiff.particles.select_particles`), with its traces; the group's ESS trace and
+    resampling count are repeated for it. Log-weights are made relative to the group (its
+    log-sum-exp subtracted), so they say how much of the group's weight the image carried."""
+    log_w = result.log_weights
+    if log_w is None:
+        log_w = torch.zeros(result.samples.shape[0], dtype=torch.float64, device=result.samples.device)
+    pick = select_particles(log_w, particles, generator)
+    relative = log_w.reshape(-1, particles) - torch.logsumexp(log_w.reshape(-1, particles), -1, keepdim=True)
+    return SamplerOutput(
+        samples=result.samples[pick],
+        log_densities=result.log_densities[pick],
+        log_density_trace=result.log_density_trace[:, pick],
+        kappa_trace=result.kappa_trace[:, pick],
+        times=result.times,
+        log_weights=relative.reshape(-1)[pick],
+        ess_trace=result.ess_trace,
+        resample_counts=result.resample_counts,
+        node_weight_trace=None if result.node_weight_trace is None else tuple(w[:, pick]
+                                                                             for w in result.node_weight_trace),
+    )
 
 
 def _family_call(cls: type) -> Callable[..., Any]:

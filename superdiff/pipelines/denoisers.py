@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ __all__ = [
     "Schedule",
     "schedule_from_scheduler",
     "process_of_scheduler",
+    "check_one_process",
+    "check_unet_stack",
+    "WithSharedInputs",
     "prediction_of_scheduler",
 ]
 
@@ -100,6 +103,50 @@ class DiffusersDenoiser:
         return to_denoised(
             out, self.prediction, x_scaled[None], alpha * c_in, sigma * c_in, float(p.d_alpha(t)), float(p.d_sigma(t))
         )
+
+
+@dataclass
+class WithSharedInputs:
+    """``network(x, timestep=..., **conditions, **shared)``: a network with keyword inputs every row
+    shares (FLUX.1's 2-D text and image position ids), so :class:`DiffusersDenoiser` repeats only the
+    per-row conditions over the batch."""
+
+    network: Any
+    shared: dict[str, Any]
+
+    def __call__(self, x: Tensor, timestep: Tensor, return_dict: bool = False, **conditions: Any) -> Any:
+        return self.network(x, timestep=timestep, return_dict=return_dict, **conditions, **self.shared)
+
+
+def check_unet_stack(unets: Any, prediction_types: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the model where a stack of ``UNet2DModel`` s cannot be composed: one
+    sample space, outputs that predict the sample, one output type each (``prediction_types``)."""
+    if not isinstance(unets, list) or not all(hasattr(u, "config") for u in unets):
+        raise ValueError(f"unets={unets!r} is not valid: pass a list of diffusers UNet2DModel")
+    if len(prediction_types) != len(unets):
+        raise ValueError(f"prediction_types={prediction_types!r} is not valid: pass one per model ({len(unets)})")
+    for i, p in enumerate(prediction_types):
+        if p not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_types[{i}]={p!r} is not valid: use 'epsilon', 'v_prediction' or 'sample'")
+    if not unets:
+        return
+    ref = unets[0].config
+    for i, unet in enumerate(unets):
+        c = unet.config
+        mine = (c.in_channels, c.sample_size)
+        theirs = (ref.in_channels, ref.sample_size)
+        if mine != theirs:
+            raise ValueError(
+                f"unets[{i}] samples (channels, size) = {mine} but unets[0] samples {theirs}: models composed by "
+                "superposition must share one sample space; compose models trained on the same data shape"
+            )
+        if c.out_channels not in (c.in_channels, 2 * c.in_channels):
+            raise ValueError(
+                f"unets[{i}] has out_channels={c.out_channels} for in_channels={c.in_channels}: its output is not "
+                f"an ε / v / x̂₀ prediction of the sample (expected {c.in_channels} channels, or "
+                f"{2 * c.in_channels} with a learned variance); compose UNet2DModels trained to denoise their "
+                "input"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,3 +235,17 @@ def schedule_from_scheduler(scheduler: Any, num_inference_steps: int, **set_time
     timesteps = torch.as_tensor(scheduler.timesteps, dtype=torch.float64).flatten()
     times = torch.cat([timesteps / (n - 1), timesteps.new_zeros(1)])
     return Schedule(process, times, process.timestep, isinstance(process, DiscreteSigma), init, prediction)
+
+
+def check_one_process(schedulers: Sequence[Any]) -> None:
+    """Refuse schedulers of models trained under different noise schedules: they define different
+    processes, and superposition needs one."""
+    first = process_of_scheduler(schedulers[0])
+    for i, s in enumerate(schedulers[1:], start=1):
+        if process_of_scheduler(s) != first:
+            raise ValueError(
+                f"model {i}'s scheduler ({type(s).__name__}, {s.config.get('beta_schedule')}) defines a different "
+                f"noise process than model 0's ({type(schedulers[0]).__name__}, "
+                f"{schedulers[0].config.get('beta_schedule')}): superposition needs one process (same "
+                "alphas_cumprod); compose models trained with the same schedule"
+            )

@@ -7,6 +7,28 @@ sampling starts. The plumbing is diffusers' own ``FluxPipeline`` helpers: the st
 latent sequence (B, (h/2)(w/2), 4C) with its image position ids, the σ grid is ``linspace(1, 1/N, N)``
 shifted by ``μ = calculate_shift(image_seq_len, ...)``, and a guidance-distilled transformer takes
 the distilled guidance as an input, one value per row.
+
+Which densities are tracked, and why:
+
+* **Guidance-distilled transformers** (``transformer.config.guidance_embeds``: FLUX.1-dev) have
+  no unconditional branch: the network was trained to output, in one evaluation, the guided
+  velocity at the guidance value it is given. Each prompt's velocity at the distilled
+  embedding ``guidance_scale`` is one model, u_i(x, t) = u(x, t, c_i, g), and κ and the
+  log-densities (Theorem 1, the Itô estimator) are those of these M models. That is the model
+  the estimator needs: the field the sampler follows is built from these M fields alone, and
+  each is what ``FluxPipeline`` samples for prompt i at the same ``guidance_scale``, so OR is
+  the mixture and AND the equal-density point of exactly those per-prompt models. Per step:
+  one transformer call on M·B rows.
+* **Timestep-distilled transformers without a guidance input** (FLUX.1-schnell): the same, with
+  u_i(x, t) = u(x, t, c_i); ``guidance_scale`` is ignored, as in diffusers.
+* **True classifier-free guidance** (``true_cfg_scale`` > 1 with ``negative_prompt``, as in
+  diffusers' ``FluxPipeline``): the negative prompt's velocity at the same distilled embedding
+  is the unconditional row, and guidance with w = ``true_cfg_scale`` is applied to the
+  κ-mixture, ``x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − Σⱼ κⱼ x̂₀ᵘ)``, as the SD pipelines apply it (paper §4.2).
+  The tracked densities stay those of the M prompt models above: the unconditional row only
+  steers, it is not a model being composed. Per step: one call on (M+1)·B rows.
+
+All rows of a step, prompts and unconditional, go through ONE batched transformer call.
 """
 
 from __future__ import annotations
@@ -14,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,30 +50,10 @@ from ..limits import check_guidance
 from ..sampling import randn
 from ._common import SamplingOptions, _fail
 from .base import PipelineCall, SuperDiffBasePipeline, tokenize
-from .denoisers import Schedule, schedule_from_scheduler
+from .denoisers import Schedule, WithSharedInputs, schedule_from_scheduler
 from .flow import check_flow_inputs
 
 __all__ = ["SuperDiffFluxPipeline"]
-
-
-def flux_timestep(t: Tensor) -> Tensor:
-    """The Flux transformer's timestep input: σ itself (``FluxPipeline`` passes ``timestep / 1000``;
-    the transformer scales it, and the guidance, by 1000 inside)."""
-    return t
-
-
-@dataclass
-class FluxTransformerCall:
-    """``transformer(hidden_states, timestep=..., **conditions)`` with the inputs every row shares:
-    the text and image position ids (2-D, not batched), so only the per-row conditions are repeated."""
-
-    transformer: Any
-    txt_ids: Tensor
-    img_ids: Tensor
-
-    def __call__(self, hidden_states: Tensor, timestep: Tensor, return_dict: bool = False, **conditions: Any) -> Any:
-        return self.transformer(hidden_states, timestep=timestep, txt_ids=self.txt_ids, img_ids=self.img_ids,
-                                return_dict=return_dict, **conditions)
 
 
 def _is_number(value: Any) -> bool:
@@ -61,30 +62,8 @@ def _is_number(value: Any) -> bool:
 
 class SuperDiffFluxPipeline(SuperDiffBasePipeline):
     """Superposition of M prompts on FLUX.1. Components are named as in diffusers' ``FluxPipeline``
-    (so ``from_pipe(flux_pipe)`` shares them); ``vae=None`` runs in pixel space.
-
-    Which densities are tracked, and why:
-
-    * **Guidance-distilled transformers** (``transformer.config.guidance_embeds``: FLUX.1-dev) have
-      no unconditional branch: the network was trained to output, in one evaluation, the guided
-      velocity at the guidance value it is given. Each prompt's velocity at the distilled
-      embedding ``guidance_scale`` is one model, u_i(x, t) = u(x, t, c_i, g), and κ and the
-      log-densities (Theorem 1, the Itô estimator) are those of these M models. That is the model
-      the estimator needs: the field the sampler follows is built from these M fields alone, and
-      each is what ``FluxPipeline`` samples for prompt i at the same ``guidance_scale``, so OR is
-      the mixture and AND the equal-density point of exactly those per-prompt models. Per step:
-      one transformer call on M·B rows.
-    * **Timestep-distilled transformers without a guidance input** (FLUX.1-schnell): the same, with
-      u_i(x, t) = u(x, t, c_i); ``guidance_scale`` is ignored, as in diffusers.
-    * **True classifier-free guidance** (``true_cfg_scale`` > 1 with ``negative_prompt``, as in
-      diffusers' ``FluxPipeline``): the negative prompt's velocity at the same distilled embedding
-      is the unconditional row, and guidance with w = ``true_cfg_scale`` is applied to the
-      κ-mixture, ``x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − Σⱼ κⱼ x̂₀ᵘ)``, as the SD pipelines apply it (paper §4.2).
-      The tracked densities stay those of the M prompt models above: the unconditional row only
-      steers, it is not a model being composed. Per step: one call on (M+1)·B rows.
-
-    All rows of a step, prompts and unconditional, go through ONE batched transformer call.
-    """
+    (so ``from_pipe(flux_pipe)`` shares them); ``vae=None`` runs in pixel space. Which densities are
+    tracked, with and without true classifier-free guidance: see the module docstring."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     _optional_components = ["vae"]
@@ -213,7 +192,8 @@ class SuperDiffFluxPipeline(SuperDiffBasePipeline):
         img_ids = FluxPipeline._prepare_latent_image_ids(call.options.num_images_per_prompt, h // 2, w // 2, device,
                                                          dtype)
         txt_ids = torch.zeros(call.max_sequence_length, 3, device=device, dtype=dtype)
-        return FluxTransformerCall(self.transformer, txt_ids, img_ids), flux_timestep
+        # The transformer's timestep input is σ itself (FluxPipeline passes timestep / 1000; it scales by 1000 inside)
+        return WithSharedInputs(self.transformer, {"txt_ids": txt_ids, "img_ids": img_ids}), lambda sigma: sigma
 
     def starting_noise(self, call: PipelineCall, shape: tuple[int, ...]) -> SamplingOptions:
         """The noise drawn as FluxPipeline draws it (unpacked, then packed); with K particles, K per image

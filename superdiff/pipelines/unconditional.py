@@ -32,7 +32,7 @@ from ._common import (
     resolve_combiner,
 )
 from .base import PipelineCall, SuperDiffLoop
-from .denoisers import DiffusersDenoiser, Schedule, process_of_scheduler
+from .denoisers import DiffusersDenoiser, Schedule, check_one_process, check_unet_stack
 from .loading import load_unconditional, pop_dtype, save_unconditional
 from .output import SuperDiffPipelineOutput
 
@@ -59,46 +59,11 @@ class SuperDiffUnconditionalPipeline(SuperDiffLoop):
         self.check_models()
 
     def check_models(self) -> None:
-        """Raise ``ValueError`` if the models cannot be composed (shapes, schedules, output types)."""
-        if not isinstance(self.unets, list) or not all(hasattr(u, "config") for u in self.unets):
-            _fail("unets", self.unets, "pass a list of diffusers UNet2DModel")
-        if len(self.prediction_types) != len(self.unets):
-            _fail("prediction_types", self.prediction_types, f"pass one per model ({len(self.unets)})")
-        for i, p in enumerate(self.prediction_types):
-            if p not in ("epsilon", "v_prediction", "sample"):
-                _fail(f"prediction_types[{i}]", p, "use 'epsilon', 'v_prediction' or 'sample'")
-        if not self.unets:
-            return
-        ref = self.unets[0].config
-        for i, unet in enumerate(self.unets):
-            c = unet.config
-            mine = (c.in_channels, c.sample_size)
-            theirs = (ref.in_channels, ref.sample_size)
-            if mine != theirs:
-                raise ValueError(
-                    f"unets[{i}] samples (channels, size) = {mine} but unets[0] samples {theirs}: models composed by "
-                    "superposition must share one sample space; compose models trained on the same data shape"
-                )
-            if c.out_channels not in (c.in_channels, 2 * c.in_channels):
-                raise ValueError(
-                    f"unets[{i}] has out_channels={c.out_channels} for in_channels={c.in_channels}: its output is not "
-                    f"an ε / v / x̂₀ prediction of the sample (expected {c.in_channels} channels, or "
-                    f"{2 * c.in_channels} with a learned variance); compose UNet2DModels trained to denoise their "
-                    "input"
-                )
+        """Raise ``ValueError`` if the models cannot be composed (shapes, output types)."""
+        check_unet_stack(self.unets, self.prediction_types)
 
-    @staticmethod
-    def check_schedulers(schedulers: Sequence[Any]) -> None:
-        """Models trained under different noise schedules have different processes: refuse them."""
-        first = process_of_scheduler(schedulers[0])
-        for i, s in enumerate(schedulers[1:], start=1):
-            if process_of_scheduler(s) != first:
-                raise ValueError(
-                    f"model {i}'s scheduler ({type(s).__name__}, {s.config.get('beta_schedule')}) defines a different "
-                    f"noise process than model 0's ({type(schedulers[0]).__name__}, "
-                    f"{schedulers[0].config.get('beta_schedule')}): superposition needs one process (same "
-                    "alphas_cumprod); compose models trained with the same schedule"
-                )
+    #: Models trained under different noise schedules have different processes: refuse them.
+    check_schedulers = staticmethod(check_one_process)
 
     @classmethod
     def from_pretrained(
@@ -228,8 +193,7 @@ class SuperDiffUnconditionalPipeline(SuperDiffLoop):
         self.check_models()
         check_options(call.options, call.batch_argument, self.scheduler)
 
-    def composed_models(self, call: PipelineCall) -> int:
-        """M, the unets composed."""
+    def num_models(self, call: PipelineCall) -> int:
         return len(self.unets)
 
     def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
