@@ -890,18 +890,23 @@ def _without_single_child_nodes(node: Node) -> Node:
 
 
 def expression_depth(node: Node) -> int:
-    """The nodes on the longest path from ``node`` to a leaf (a leaf: 0), walked without recursion, so a
-    tree built in Python as deep as memory allows is measured, not a RecursionError."""
-    deepest, stack = 0, [(node, 0)]
+    """The internal nodes on the longest path from ``node`` to a leaf (a leaf: 0), walked without
+    recursion and once per node object, so a tree built in Python as deep as memory allows (or one
+    sharing subtrees) is measured, not a RecursionError."""
+    depth: dict[int, int] = {}
+    stack: list[tuple[Node, bool]] = [(node, False)]
     while stack:
-        n, depth = stack.pop()
+        n, children_done = stack.pop()
+        if id(n) in depth:
+            continue
         if isinstance(n, Leaf):
-            deepest = max(deepest, depth)
-        elif depth < MAX_DEPTH + 1:  # deeper than that is refused whatever lies below
-            stack.extend((c, depth + 1) for c in n.children or ())
+            depth[id(n)] = 0
+        elif children_done:  # a node without children composes all the models: one level
+            depth[id(n)] = 1 + max((depth[id(c)] for c in n.children or ()), default=0)
         else:
-            deepest = max(deepest, depth)
-    return deepest
+            stack.append((n, True))
+            stack.extend((c, False) for c in n.children or () if id(c) not in depth)
+    return depth[id(node)]
 
 
 def _gain(node: Node) -> tuple[float, Node]:
