@@ -2,7 +2,7 @@
 
     python bench/few_steps.py             # every table: 2048 samples, 20–1000 steps, about 4 minutes on one thread
     python bench/few_steps.py --quick     # 256 samples, 20 and 50 steps, quality at 2 and 12, composition at 25
-    python bench/few_steps.py --quick --markdown   # and write docs/benchmarks/few_steps.md
+    python bench/few_steps.py --quick --markdown ../docs/benchmarks/few_steps_quick.md   # from bench/: that page
 
 Exact Gaussian mixtures (``bench/variance.py``'s set-ups), so every figure is checked against true
 log-densities. A variant is a time grid (:mod:`superdiff.time_grids`) and the pair step variance /

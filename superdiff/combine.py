@@ -1,4 +1,8 @@
-"""Superposition weights κ: OR (mixture), AND (equal densities) and the baselines.
+"""Superposition weights κ: the math of OR (mixture) and AND (equal densities), and the flat combiners.
+
+The combiners themselves are expression nodes (:mod:`superdiff.expressions`): ``And()`` and ``Or()``
+without children compose all the models, ``Fixed``/``Average``/``Sum`` build an uncorrected product,
+and :func:`make_combiner` turns a mode name into one of them.
 
 A combiner sees only numbers: the tracked log-densities ``log q_i`` of the current samples and,
 for AND, the linear dependence of this step's log-density increments on κ,
@@ -16,12 +20,15 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from .limits import gain_problem, log_weight_problem, scale_problem
+from .limits import gain_problem, scale_problem
+
+if TYPE_CHECKING:
+    from .expressions import And, Or, Product  # noqa: F401 - And and Or are served by __getattr__
 
 __all__ = [
     "CombineInputs",
@@ -217,9 +224,9 @@ def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
 
     Writing ``κ = 1/M + U y`` with ``U`` an orthonormal basis of ``Σκ = 0`` and projecting the rows on
     ``U`` (which removes the common λ) gives ``Uᵀ A U y = Uᵀ (rhs − A 1/M)``. An LU solve of this small
-    system is backward stable whatever its condition number (2e11 occurs in AND of three 3-D mixtures),
-    so the increments come out equal to float64 rounding (the normal equations of the full
-    (M+1)×(M+1) system would square the condition number). Where the system is
+    system is backward stable whatever its condition number (ill-conditioned systems occur in AND of
+    similar models), so the increments come out equal to float64 rounding, which squaring the condition
+    number, as the normal equations of the full (M+1)×(M+1) system do, would not give. Where the system is
     truly singular (indistinguishable models) the minimum-norm solution of :func:`_min_norm_solve`
     solves it too, and is used, splitting the weight evenly; where it solves the system no better than
     LU would (a regular, ill-conditioned system), LU's solution is used. Nothing here waits for the device.
@@ -292,91 +299,14 @@ def _and_weights_two(a: Tensor, rhs: Tensor, atol: Tensor) -> Tensor:
     return torch.stack([k1, 1.0 - k1], dim=-1)
 
 
-@dataclass(frozen=True)
-class Or:
-    """Logical OR: sample the mixture of the models, with temperature T and log-weights ℓ."""
+def Fixed(weights: Sequence[float]) -> "Product":  # noqa: N802 - a constructor, named like a combiner
+    """Fixed weights κ for every sample and step (they need not sum to 1): the uncorrected product of all
+    the models with these exponents, ``Product(exponents=weights, correct=False)``."""
+    from .expressions import Product
 
-    temperature: float = 1.0
-    log_weights: tuple[float, ...] | None = None
-    needs_system: bool = False
-    affine: bool = True
-
-    def __post_init__(self) -> None:
-        _check_temperature(self.temperature)
-        object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
-        _in_range([log_weight_problem(f"log_weights[{i}]", v) for i, v in enumerate(self.log_weights or ())])
-
-    def check_num_models(self, num_models: int, what: str = "models") -> None:
-        """Raise ``ValueError`` unless OR can weigh ``num_models`` models: 2 or more, one log-weight each."""
-        _check_at_least_two("or", num_models, what)
-        _check_count("log_weights", self.log_weights, num_models, what)
-
-    def __call__(self, inputs: CombineInputs) -> Tensor:
-        lw = (
-            None
-            if self.log_weights is None
-            else _log_weights_tensor(self.log_weights, inputs.log_q.shape[-1], inputs.log_q)
-        )
-        return or_weights(inputs.log_q, self.temperature, lw)
-
-
-@dataclass(frozen=True)
-class And:
-    """Logical AND: keep every model's log-density equal along the trajectory (Prop. 6).
-
-    With ``log_weights`` ℓ, the final samples satisfy ``log q_i − ℓ_i`` equal for all i (Eq. 18):
-    a larger ℓ_i makes the samples more likely under model i. The offset is spread evenly over the
-    steps.
-
-    ``feedback`` ρ in (0, 1] (None: off) solves κ from each model's *expected* increment over the step's
-    noise instead of the increment of the noise drawn, and removes the share ρ of the tracked gap
-    ``(log q_i − ℓ_i) − mean`` at every step (:func:`and_feedback_offsets`): the tracked densities are then
-    only close (their gap is the noise of about 1/ρ steps), but κ no longer follows each step's noise, and
-    the samples' *exact* gap shrinks with the steps, where the exact solve's stays at a floor on asymmetric
-    pairs (``docs/guarantees.md``). The feedback pulls the tracked values themselves together, so start them
-    equal (``log_q_init`` None).
-    """
-
-    log_weights: tuple[float, ...] | None = None
-    rtol: float = 1e-8
-    needs_system: bool = True
-    affine: bool = True
-    feedback: float | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
-        _in_range([log_weight_problem(f"log_weights[{i}]", v) for i, v in enumerate(self.log_weights or ())])
-        if not (0 < self.rtol < 1):
-            _refuse("rtol", self.rtol, "use a number in (0, 1), e.g. 1e-8")
-        if self.feedback is not None and (
-            isinstance(self.feedback, bool) or not isinstance(self.feedback, numbers.Real)
-            or not 0 < self.feedback <= 1
-        ):
-            _refuse("feedback", self.feedback, "use None (solve each step exactly) or a share in (0, 1], e.g. 0.5")
-
-    @property
-    def expected_system(self) -> bool:
-        """True when κ is solved from the expected increments (``feedback``): the sampler then builds the
-        system without the step's noise (:func:`superdiff.density.expected_step_moments`)."""
-        return self.feedback is not None
-
-    def check_num_models(self, num_models: int, what: str = "models") -> None:
-        """Raise ``ValueError`` unless AND can weigh ``num_models`` models: 2 or more, one log-weight each."""
-        _check_at_least_two("and", num_models, what)
-        _check_count("log_weights", self.log_weights, num_models, what)
-
-    def __call__(self, inputs: CombineInputs) -> Tensor:
-        if inputs.increment_matrix is None or inputs.increment_offset is None:
-            raise ValueError("And needs the sampler's increment system; use a sampler from superdiff.sampling")
-        m = inputs.log_q.shape[-1]
-        target = None
-        if self.feedback is not None:
-            lw = None if self.log_weights is None else _log_weights_tensor(self.log_weights, m, inputs.log_q)
-            target = and_feedback_offsets(inputs.log_q, self.feedback, lw, inputs.step_fraction)
-        elif self.log_weights is not None:
-            target = _log_weights_tensor(self.log_weights, m, inputs.increment_offset.to(torch.float64))
-            target = (target * inputs.step_fraction).expand(inputs.log_q.shape[0], m)
-        return and_weights(inputs.increment_matrix, inputs.increment_offset, target, self.rtol).to(inputs.log_q.dtype)
+    numbers = _number_tuple("weights", weights)
+    _in_range([gain_problem(f"weights[{i}]", v) for i, v in enumerate(numbers or ())])
+    return Product(None, numbers, correct=False)
 
 
 def and_feedback_offsets(log_q: Tensor, feedback: float, log_weights: Tensor | None = None,
@@ -404,41 +334,24 @@ def and_feedback_offsets(log_q: Tensor, feedback: float, log_weights: Tensor | N
     return -feedback * (gap - gap.mean(-1, keepdim=True))
 
 
-@dataclass(frozen=True)
-class Fixed:
-    """Fixed weights for every sample and step (κ need not sum to 1)."""
-
-    weights: tuple[float, ...]
-    needs_system: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", _number_tuple("weights", self.weights))
-        _in_range([gain_problem(f"weights[{i}]", v) for i, v in enumerate(self.weights or ())])
-
-    def check_num_models(self, num_models: int, what: str = "models") -> None:
-        """Raise ``ValueError`` unless there is one weight per model (and at least one model)."""
-        if num_models < 1:
-            _refuse(what, [], f"pass at least one of the {what} to compose")
-        _check_count("weights", self.weights, num_models, what)
-
-    @property
-    def affine(self) -> bool:
-        return abs(sum(self.weights) - 1.0) < 1e-12
-
-    def __call__(self, inputs: CombineInputs) -> Tensor:
-        m = inputs.log_q.shape[-1]
-        w = _log_weights_tensor(self.weights, m, inputs.log_q)
-        return w.expand(inputs.log_q.shape[0], m)
-
-
-def Average(num_models: int) -> Fixed:  # noqa: N802 - a constructor, named like the paper's baseline
+def Average(num_models: int) -> "Product":  # noqa: N802 - a constructor, named like the paper's baseline
     """The paper's "average of scores" baseline (Liu et al. 2022): κ = 1/M."""
     return Fixed(tuple([1.0 / num_models] * num_models))
 
 
-def Sum(num_models: int) -> Fixed:  # noqa: N802
+def Sum(num_models: int) -> "Product":  # noqa: N802
     """Sum of scores (product of experts, Composable Diffusion): κ = 1 for every model."""
     return Fixed(tuple([1.0] * num_models))
+
+
+def __getattr__(name: str):
+    # ``superdiff.combine.And`` / ``.Or`` are the expression nodes (one And, one Or): ``And()`` without
+    # children is AND over all the models. Imported on first use: expressions imports this module.
+    if name in ("And", "Or"):
+        from . import expressions
+
+        return getattr(expressions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_combiner(combiner: object, num_models: int, what: str = "models") -> None:
@@ -482,13 +395,15 @@ def make_combiner(
             f"log_weights apply to mode 'or' (a bias) and 'and' (offsets), not {mode!r}; "
             "drop them or use one of those modes",
         )
+    from .expressions import And, Or
+
     if mode == "or":
-        combiner: Combiner = Or(temperature, log_weights)
+        combiner: Combiner = Or(temperature=temperature, log_weights=log_weights)
     elif mode == "and":
-        combiner = And(log_weights)
+        combiner = And(log_weights=log_weights)
     elif num_models >= 1:
         combiner = Average(num_models) if mode == "average" else Sum(num_models)
     else:
-        combiner = Fixed(())  # refused just below, naming the models
+        _refuse(what, [], f"pass at least one of the {what} to compose")
     check_combiner(combiner, num_models, what)
     return combiner

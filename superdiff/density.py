@@ -13,12 +13,13 @@ Gaussian transition kernels (App. D):
 The step and the estimator need not use the same V. Eq. 89 holds exactly for each model's true
 reverse kernel whatever point y the step reached, so the estimator's r̃ᵢ should approximate that
 kernel, while the step's V decides the samples. By default steps use the posterior variance
-``σ_t² S²/σ_s²`` (DDPM's β̃, diffusers'
-ancestral samplers), the exact reverse kernel of a point mass, which keeps 8- to 12-step samples
-clean. Among the variances common to all models the estimator's best is the forward variance in
-the variance-preserving frame ``S² (α_t² + σ_t²)/(α_s² + σ_s²)`` (DDPM's β on VP processes); by
-default it uses each model's own (:func:`tweedie_density_variance`), its exact transition's variance to
-first order, with which AND's condition is quadratic in κ (:func:`ito_quadratic_increment_system`).
+``σ_t² S²/σ_s²`` (DDPM's β̃, diffusers' ancestral samplers), the exact reverse kernel of a point
+mass, which keeps few-step samples clean. Among the variances common to all models the
+estimator's is the forward variance in the variance-preserving frame ``S² (α_t² + σ_t²)/(α_s² +
+σ_s²)`` (DDPM's β on VP processes); by default it uses each model's own
+(:func:`tweedie_density_variance`), its exact transition's variance to first order, with which
+AND's condition is quadratic in κ (:func:`ito_quadratic_increment_system`). The measurements
+behind these choices are in ``bench/variance.py`` and ``bench/few_steps.py``.
 
 The estimator is the discrete detailed balance of Eq. 89,
 ``log q_t(y) − log q_s(x) ≈ −log k(x | y) + log r̃ᵢ(y | x)``, which is Theorem 1 discretised:

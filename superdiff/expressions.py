@@ -49,22 +49,30 @@ enter multiplied by w.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ._text import shorten
-from .combine import CombineInputs, _device_constant, and_weights
+from .combine import (
+    CombineInputs,
+    _check_at_least_two,
+    _check_count,
+    _device_constant,
+    and_feedback_offsets,
+    and_weights,
+)
 from .limits import MAX_DEPTH, MAX_GAIN, gain_problem, log_weight_problem, scale_problem
 
 __all__ = [
     "UNCONDITIONAL", "Leaf", "Or", "And", "Product", "SoftMax", "SoftMin", "Not", "Anneal", "Node",
     "leaf_names", "conjunctive", "uncorrected", "describe", "CompiledExpression", "ExpressionStep",
-    "compile_expression", "expression_depth",
+    "compile_expression", "bind_combiner", "expression_depth",
 ]  # fmt: skip
 
 
@@ -94,16 +102,18 @@ def _scale(name: str, value: object) -> float:
     return out
 
 
-def _finite_tuple(name: str, values: Sequence[float] | None, count: int, log_weights: bool = False,
+def _finite_tuple(name: str, values: Sequence[float] | None, count: int | None, log_weights: bool = False,
                   ) -> tuple[float, ...] | None:
-    """``count`` finite numbers (None stays None), each within the range of a gain (exponents) or,
-    with ``log_weights``, of a log-weight (:mod:`superdiff.limits`)."""
+    """``count`` finite numbers (None stays None; ``count`` None: one per model, counted when bound),
+    each within the range of a gain (exponents) or, with ``log_weights``, of a log-weight
+    (:mod:`superdiff.limits`)."""
     if values is None:
         return None
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        _refuse(name, values, f"pass {count} numbers, one per child")
+        _refuse(name, values, "pass a sequence of numbers, one per model, e.g. (0.0, 1.5)" if count is None else
+                f"pass {count} numbers, one per child")
     out = tuple(_finite(f"{name}[{i}]", v) for i, v in enumerate(values))
-    if len(out) != count:
+    if count is not None and len(out) != count:
         _refuse(name, tuple(values), f"pass {count} numbers, one for each of the {count} children")
     check = log_weight_problem if log_weights else gain_problem
     for i, v in enumerate(out):
@@ -111,7 +121,9 @@ def _finite_tuple(name: str, values: Sequence[float] | None, count: int, log_wei
     return out
 
 
-def _children(kind: str, children: Sequence["Node"], at_least: int = 2) -> tuple["Node", ...]:
+def _children(kind: str, children: Sequence["Node"] | None, at_least: int = 2) -> tuple["Node", ...] | None:
+    if children is None:  # every model of the denoiser, bound by compile_expression: the flat combiner
+        return None
     if isinstance(children, (str, bytes)) or not isinstance(children, Sequence):
         _refuse(f"{kind}.children", children, "pass a sequence of nodes (Leaf, Or, And, ...)")
     out = tuple(children)
@@ -142,15 +154,58 @@ class Leaf:
 UNCONDITIONAL = ""
 
 
+class _Composable:
+    """What the nodes that may stand alone offer as combiners (``combiner=Or()``, ``And(rtol=1e-10)``,
+    ``Fixed((0.7, 0.3))``): without children a node composes every model of the denoiser, and is bound
+    to them (:meth:`bind`) by the sampler; with children it is bound to the leaves it names."""
+
+    @property
+    def needs_system(self) -> bool:
+        """True when an And node with more than one child (or over all the models) needs AND's system."""
+        return _needs_system(self)
+
+    @property
+    def affine(self) -> bool:
+        """True when the leaves' weights sum to 1 (degree 1): a mixture, not a product."""
+        return abs(_degree(self) - 1.0) < 1e-12
+
+    @property
+    def needs_scores(self) -> bool:
+        return any(_corrects(n) for n in _walk(self))
+
+    @property
+    def expected_system(self) -> bool:
+        """True when an And solves κ from the expected increments (``feedback``): the sampler then builds
+        the system without the step's noise (:func:`superdiff.density.expected_step_moments`)."""
+        return any(isinstance(n, And) and n.feedback is not None for n in _walk(self))
+
+    def bind(self, num_models: int) -> "CompiledExpression":
+        """The node compiled over the denoiser's ``num_models`` outputs (leaves 0 … M−1)."""
+        return _bind(self, num_models)
+
+    def check_num_models(self, num_models: int, what: str = "models") -> None:
+        """Raise ``ValueError`` unless the node can weigh ``num_models`` models: OR and AND over all the
+        models need 2 or more, and weights or log-weights one entry per model."""
+        if self.children is None:
+            _check_flat(self, num_models, what)
+        else:
+            _bind(self, num_models).check_num_models(num_models, what)
+
+    def __call__(self, inputs: "CombineInputs") -> Tensor:
+        """κ (B, M) for one step, as the combiner of :func:`superdiff.sampling.sample_sde`."""
+        return _bind(self, inputs.log_q.shape[-1]).step(inputs).kappa
+
+
 @dataclass(frozen=True)
-class Or:
+class Or(_Composable):
     """Mixture (SuperDiff OR): κ over the children is ``softmax(T φ + ℓ)``; T = 1 samples ``Σ e^{ℓ_c} q_c``.
 
     ``correct`` adds the Feynman–Kac weights of the tempered target ``(1/T) log Σ exp(T φ_c + ℓ_c)``
-    (zero at T = 1); off by default, so the temperature sharpens κ as in the paper.
+    (zero at T = 1); off by default, so the temperature sharpens κ as in the paper. Without
+    ``children`` (``Or()``, ``Or(temperature=2.0)``) it is OR over all the models.
     """
 
-    children: tuple["Node", ...]
+    children: tuple["Node", ...] | None = None
     temperature: float = 1.0
     log_weights: tuple[float, ...] | None = None
     correct: bool = False
@@ -159,42 +214,72 @@ class Or:
         object.__setattr__(self, "children", _children("Or", self.children, 1))
         object.__setattr__(self, "temperature", _scale("temperature", self.temperature))
         object.__setattr__(self, "log_weights",
-                           _finite_tuple("log_weights", self.log_weights, len(self.children), log_weights=True))
+                           _finite_tuple("log_weights", self.log_weights, _count(self), log_weights=True))
 
 
 @dataclass(frozen=True)
-class And:
+class And(_Composable):
     """Equal density (SuperDiff AND, Prop. 6): κ keeps ``φ_c − ℓ_c`` changing equally for every child.
 
     Nested, an And solves its own system as if its weights alone drove the step. It has no
-    potential of its own: a parent reads the mean of its children's.
+    potential of its own: a parent reads the mean of its children's. Without ``children``
+    (``And()``, ``And(log_weights=(1.0, 0.0))``) it is AND over all the models; ``rtol`` says what
+    counts as a singular system (:func:`superdiff.combine.and_weights`).
+
+    ``feedback`` ρ in (0, 1] (None: off) solves κ from each child's *expected* increment over the step's
+    noise instead of the increment of the noise drawn, and removes the share ρ of the tracked gap
+    ``(φ_c − ℓ_c) − mean`` at every step (:func:`superdiff.combine.and_feedback_offsets`): the tracked
+    densities are then only close, but κ no longer follows each step's noise (``docs/guarantees.md``).
+    Start the tracked values equal (``log_q_init`` None).
     """
 
-    children: tuple["Node", ...]
+    children: tuple["Node", ...] | None = None
     log_weights: tuple[float, ...] | None = None
+    rtol: float = 1e-8
+    feedback: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("And", self.children, 1))
         object.__setattr__(self, "log_weights",
-                           _finite_tuple("log_weights", self.log_weights, len(self.children), log_weights=True))
+                           _finite_tuple("log_weights", self.log_weights, _count(self), log_weights=True))
+        if isinstance(self.rtol, bool) or not isinstance(self.rtol, numbers.Real) or not (0 < self.rtol < 1):
+            _refuse("rtol", self.rtol, "use a number in (0, 1), e.g. 1e-8")
+        if self.feedback is not None and (
+            isinstance(self.feedback, bool) or not isinstance(self.feedback, numbers.Real)
+            or not 0 < self.feedback <= 1
+        ):
+            _refuse("feedback", self.feedback, "use None (solve each step exactly) or a share in (0, 1], e.g. 0.5")
 
 
 @dataclass(frozen=True)
-class Product:
+class Product(_Composable):
     """Product of experts ``Π q_c^{β_c}`` (exponents default to 1; one child: annealing ``q^β``).
 
     ``correct=True`` (the default) adds the Feynman–Kac weights that make the particles sample the
     normalised product; ``correct=False`` is the plain score sum (Composable Diffusion's AND).
+    Without ``children`` it is the product of all the models with fixed weights κ = β
+    (:func:`superdiff.combine.Fixed`).
     """
 
-    children: tuple["Node", ...]
+    children: tuple["Node", ...] | None = None
     exponents: tuple[float, ...] | None = None
     correct: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "children", _children("Product", self.children, 1))
-        exponents = _finite_tuple("exponents", self.exponents, len(self.children))
+        exponents = _finite_tuple("exponents", self.exponents, _count(self))
+        if self.children is None and exponents is None:
+            _refuse("exponents", None, "a product over all the models needs one exponent per model")
         object.__setattr__(self, "exponents", exponents or (1.0,) * len(self.children))
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The fixed κ of a product over all the models (its exponents)."""
+        return self.exponents
+
+
+def _count(node: "Node") -> int | None:
+    return None if node.children is None else len(node.children)
 
 
 @dataclass(frozen=True)
@@ -266,7 +351,7 @@ def leaf_names(node: Node) -> tuple[str | int, ...]:
         if isinstance(n, Leaf):
             seen.setdefault(n.name, None)
         else:
-            for c in n.children:
+            for c in n.children or ():
                 walk(c)
 
     walk(node)
@@ -278,7 +363,7 @@ def conjunctive(node: Node) -> bool:
     "every leaf's attribute shown" the expression's target (an Or or a Not wants another thing)."""
     if isinstance(node, Leaf):
         return True
-    return isinstance(node, (And, Product, SoftMin)) and all(conjunctive(c) for c in node.children)
+    return isinstance(node, (And, Product, SoftMin)) and all(conjunctive(c) for c in node.children or ())
 
 
 def uncorrected(node: Node) -> Node:
@@ -287,9 +372,11 @@ def uncorrected(node: Node) -> Node:
         return node
     if isinstance(node, Not):
         return Not(uncorrected(node.child), uncorrected(node.reference), node.strength, False)
+    if node.children is None:
+        return node if isinstance(node, And) else replace(node, correct=False)
     kids = tuple(uncorrected(c) for c in node.children)
     if isinstance(node, And):
-        return And(kids, node.log_weights)
+        return replace(node, children=kids)
     if isinstance(node, Or):
         return Or(kids, node.temperature, node.log_weights, False)
     if isinstance(node, Product):
@@ -317,7 +404,7 @@ def describe(node: Node) -> str:
         opts += [] if node.correct else ["correct=false"]
         ref = describe(node.reference)
         return f"not({describe(node.child)}, {ref})" + (f"[{', '.join(opts)}]" if opts else "")
-    kids = ", ".join(describe(c) for c in node.children)
+    kids = ", ".join(describe(c) for c in node.children or ())
     opts: list[str] = []
     if isinstance(node, Or):
         name = "or"
@@ -355,6 +442,8 @@ def _degree(node: Node, path: str = "expression") -> float:
     """``Σᵢ ∂φ/∂ℓᵢ``, constant for every node here; children of a mixture-type node must agree."""
     if isinstance(node, Leaf):
         return 1.0
+    if node.children is None:  # over all the models: leaves of degree 1
+        return sum(node.exponents) if isinstance(node, Product) else 1.0
     degrees = [_degree(c, f"{path}.children[{i}]") for i, c in enumerate(node.children)]
     if isinstance(node, (Product, Not)):
         if isinstance(node, Not) and abs(degrees[0] - degrees[1]) > 1e-12:
@@ -392,6 +481,49 @@ def _check_no_correction_under_and(node: Node, under_and: bool = False, path: st
         return
     for i, c in enumerate(node.children):
         _check_no_correction_under_and(c, under_and or isinstance(node, And), f"{path}.children[{i}]")
+
+
+def _walk(node: Node):
+    """The internal nodes of a tree in pre-order (a node over all the models has no others), walked
+    without recursion (a tree built in Python may be deeper than the interpreter's stack)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, Leaf):
+            yield n
+            stack.extend(reversed(n.children or ()))
+
+
+def _needs_system(node: Node) -> bool:
+    return any(isinstance(n, And) and (n.children is None or len(n.children) > 1) for n in _walk(node))
+
+
+def _check_flat(node: Node, num_models: int, what: str) -> None:
+    """The checks of a node over all the models (the flat combiners): OR and AND compare two or more
+    models, weights and log-weights have one entry per model."""
+    kind = {Or: "or", And: "and"}.get(type(node))
+    if kind is not None:
+        _check_at_least_two(kind, num_models, what)
+    if num_models < 1:
+        _refuse(what, [], f"pass at least one of the {what} to compose")
+    name, values = ("weights", node.exponents) if isinstance(node, Product) else ("log_weights", node.log_weights)
+    _check_count(name, values, num_models, what)
+
+
+def _with_leaves(node: Node, leaves: tuple[str | int, ...]) -> Node:
+    """``node`` with every node over all the models given the leaves ``leaves`` as children."""
+    if isinstance(node, Leaf):
+        return node
+    if node.children is None:
+        return replace(node, children=tuple(Leaf(n) for n in leaves))
+    if isinstance(node, Not):
+        return replace(node, child=_with_leaves(node.child, leaves), reference=_with_leaves(node.reference, leaves))
+    return replace(node, children=tuple(_with_leaves(c, leaves) for c in node.children))
+
+
+@functools.lru_cache(maxsize=256)
+def _bind(node: Node, num_models: int) -> "CompiledExpression":
+    return compile_expression(node, tuple(range(num_models)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,11 +576,35 @@ class CompiledExpression:
     needs_scores: bool
     nodes: tuple[Node, ...] = field(repr=False)
     gain: float = 1.0
+    #: built from a node over all the models (a flat combiner: ``And()``, ``Or()``, ``Fixed``): its one
+    #: node's weights are κ, so no node weights are reported.
+    flat: bool = False
+    #: ids of the nodes whose children are the leaves in order (their κ is their Φ, no matrix products).
+    over_leaves: frozenset[int] = field(default=frozenset(), repr=False)
 
     @property
     def affine(self) -> bool:
         """True when the leaves' weights sum to 1 (the tree has degree 1): a mixture, not a product."""
         return abs(self.degree - 1.0) < 1e-12
+
+    @property
+    def affine_in_offset(self) -> bool:
+        """True when the tree is one And over two leaves in order: its κ is the closed-form solve, an
+        affine function of the increment offset b, and nothing else depends on b (no Newton steps, no
+        Feynman–Kac term; for M > 2 the solve picks a damped or an exact solution per row, which is not
+        affine). A sampler may then move along κ(b) without solving again (:meth:`at_kappa`)."""
+        return (self.needs_system and not self.needs_scores and len(self.leaves) == 2
+                and isinstance(self.expression, And) and id(self.expression) in self.over_leaves)
+
+    @property
+    def expected_system(self) -> bool:
+        """True when an And solves κ from the expected increments (``feedback``)."""
+        return any(isinstance(n, And) and n.feedback is not None for n in self.nodes)
+
+    def at_kappa(self, kappa: Tensor) -> ExpressionStep:
+        """The step of an :attr:`affine_in_offset` tree whose solve gave ``kappa`` (B, 2): its one node's
+        weights are κ (reported unless the tree is a flat combiner)."""
+        return ExpressionStep(kappa, None, () if self.flat else (kappa,))
 
     def check_num_models(self, num_models: int, what: str = "models") -> None:
         """Raise ``ValueError`` unless the denoiser has one output per leaf."""
@@ -464,6 +620,10 @@ class CompiledExpression:
 
     def __call__(self, inputs: CombineInputs) -> Tensor:
         return self.step(inputs).kappa
+
+    def bind(self, num_models: int) -> "CompiledExpression":
+        """Itself: it is bound already (:meth:`check_num_models` checks ``num_models``)."""
+        return self
 
     def initial_log_weight(self, log_prior: Tensor, guidance_scale: float | None = None) -> Tensor | None:
         """The particles' log-weight at the start, ``(D − 1) log p_T(x)`` by the corrected nodes'
@@ -497,9 +657,9 @@ class CompiledExpression:
         if self.needs_scores and inputs.score_gram is None:
             raise ValueError("this expression corrects (Feynman–Kac), which needs the sampler's score Gram matrix")
         weights: list[Tensor] = []
-        value = self._evaluate(self.expression, inputs, weights)
+        value = self._evaluate(self.expression, inputs, weights, root=True)
         fk = value.fk if self.needs_scores else None
-        return ExpressionStep(value.kappa, fk, tuple(weights))
+        return ExpressionStep(value.kappa, fk, () if self.flat else tuple(weights))
 
     def and_gap(self, log_q_before: Tensor, log_q_after: Tensor, step_fraction: float) -> Tensor:
         """How far one step left the tree's Ands from their condition, per sample (B,) float64.
@@ -542,7 +702,8 @@ class CompiledExpression:
             logits = logits + _device_constant(node.log_weights, kids.dtype, kids.device)
         return torch.logsumexp(logits, -1) / signed
 
-    def _evaluate(self, node: Node, inputs: CombineInputs, weights: list[Tensor]) -> _Value:
+    def _evaluate(self, node: Node, inputs: CombineInputs, weights: list[Tensor], root: bool = False) -> _Value:
+        """The node's κ, potential (not at the root, which no one reads) and Feynman–Kac increment."""
         log_q = inputs.log_q.to(torch.float64)
         batch, m = log_q.shape
         if isinstance(node, Leaf):
@@ -551,40 +712,51 @@ class CompiledExpression:
             kappa = _device_constant(one_hot, log_q.dtype, log_q.device).expand(batch, m)
             return _Value(kappa, log_q[:, i], log_q.new_zeros(batch))
         slot = len(weights)
-        weights.append(log_q.new_empty(0))  # pre-order: this node's slot before its children's
-        kids = [self._evaluate(c, inputs, weights) for c in node.children]
-        k_mat = torch.stack([v.kappa for v in kids], 1)  # (B, C, M)
-        potentials = torch.stack([v.potential for v in kids], 1)  # (B, C)
-        child_fk = torch.stack([v.fk for v in kids], 1)  # (B, C)
-        hessian_scale = 0.0  # Φ_cc' = hessian_scale · (diag π − ππᵀ) for the log-sum-exp nodes
-        if isinstance(node, (Product, Not)):
-            phi = _device_constant(node.exponents, log_q.dtype, log_q.device).expand(batch, -1)
-            potential = (phi * potentials).sum(-1)
-        elif isinstance(node, And):
-            phi = self._and_weights(node, k_mat, potentials, inputs)
-            potential = potentials.mean(-1)
+        weights.append(None)  # pre-order: this node's slot before its children's
+        if id(node) in self.over_leaves:  # children = the leaves in order: κ_c, φ_c are one-hot, log q
+            k_mat, potentials, child_fk = None, log_q, None
         else:
-            signed, sharp = _lse_family(node)
-            logits = signed * potentials
-            lw = getattr(node, "log_weights", None)
-            if lw is not None:
-                logits = logits + _device_constant(lw, log_q.dtype, log_q.device)
-            finfo = torch.finfo(logits.dtype)
-            logits = torch.nan_to_num(logits, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
-            phi = torch.softmax(logits, -1)
-            potential = torch.logsumexp(logits, -1) / signed
-            hessian_scale = signed
+            kids = [self._evaluate(c, inputs, weights) for c in node.children]
+            k_mat = torch.stack([v.kappa for v in kids], 1)  # (B, C, M)
+            potentials = torch.stack([v.potential for v in kids], 1)  # (B, C)
+            child_fk = torch.stack([v.fk for v in kids], 1) if self.needs_scores else None  # (B, C)
+        phi, potential, hessian_scale = self._node_weights(node, k_mat, potentials, inputs, root)
         weights[slot] = phi
-        kappa = (phi[:, :, None] * k_mat).sum(1)
-        fk = (phi * child_fk).sum(-1)
-        if _corrects(node):
-            fk = fk + self._local_correction(phi, hessian_scale, k_mat, inputs)
+        kappa = phi if k_mat is None else (phi[:, :, None] * k_mat).sum(1)
+        fk = None
+        if self.needs_scores:
+            fk = log_q.new_zeros(batch) if child_fk is None else (phi * child_fk).sum(-1)
+            if _corrects(node):
+                fk = fk + self._local_correction(phi, hessian_scale, k_mat, inputs)
         return _Value(kappa, potential, fk)
 
+    def _node_weights(self, node: Node, k_mat: Tensor | None, potentials: Tensor, inputs: CombineInputs,
+                      root: bool) -> tuple[Tensor, Tensor | None, float]:
+        """Φ (B, C) over the children, the potential φ (B,) (None at the root) and the Hessian scale of
+        the log-sum-exp nodes (Φ_cc' = scale · (diag π − ππᵀ); 0 for the others)."""
+        batch = potentials.shape[0]
+        if isinstance(node, (Product, Not)):
+            phi = _device_constant(node.exponents, potentials.dtype, potentials.device).expand(batch, -1)
+            return phi, None if root else (phi * potentials).sum(-1), 0.0
+        if isinstance(node, And):
+            phi = self._and_weights(node, k_mat, potentials, inputs)
+            return phi, None if root else potentials.mean(-1), 0.0
+        signed, sharp = _lse_family(node)
+        logits = signed * potentials
+        lw = getattr(node, "log_weights", None)
+        if lw is not None:
+            logits = logits + _device_constant(lw, potentials.dtype, potentials.device)
+        finfo = torch.finfo(logits.dtype)
+        logits = torch.nan_to_num(logits, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
+        phi = torch.softmax(logits, -1)
+        return phi, None if root else torch.logsumexp(logits, -1) / signed, signed
+
     @staticmethod
-    def _local_correction(phi: Tensor, hessian_scale: float, k_mat: Tensor, inputs: CombineInputs) -> Tensor:
+    def _local_correction(phi: Tensor, hessian_scale: float, k_mat: Tensor | None, inputs: CombineInputs) -> Tensor:
         """``g²dτ/2 [ΦᵀΓΦ − Σ_c Φ_c Γ_cc + Σ_cc' Φ_cc' Γ_cc']`` over the children's scores, ``Γ_cc' = ⟨S_c, S_c'⟩``."""
-        gram = k_mat @ inputs.score_gram.to(torch.float64) @ k_mat.mT  # (B, C, C)
+        gram = inputs.score_gram.to(torch.float64)
+        if k_mat is not None:
+            gram = k_mat @ gram @ k_mat.mT  # (B, C, C)
         diag = gram.diagonal(dim1=-2, dim2=-1)
         quad = (phi[:, :, None] * gram * phi[:, None, :]).sum((-2, -1))
         bracket = quad - (phi * diag).sum(-1)
@@ -592,25 +764,32 @@ class CompiledExpression:
             bracket = bracket + hessian_scale * ((phi * diag).sum(-1) - quad)
         return 0.5 * inputs.g2_dt * bracket
 
-    def _and_weights(self, node: And, k_mat: Tensor, potentials: Tensor, inputs: CombineInputs) -> Tensor:
+    def _and_weights(self, node: And, k_mat: Tensor | None, potentials: Tensor, inputs: CombineInputs) -> Tensor:
         """Prop. 6 over the children, as if the node's κ = Σ_c λ_c κ_c alone drove the step.
 
         Each child's potential changes by ``Δφ_c(κ) = φ_c(ℓ + A κ + b) − φ_c(ℓ)`` (up to the term
         common to every child of one degree). For leaves that is linear, ``κ_cᵀ(A κ + b)``, and the
         C × C system ``(K A Kᵀ, K b)`` is solved once by :func:`and_weights`: flat AND exactly. For
         a mixture-type child it is not (log Σ e^{ℓᵢ + Δᵢ} has an Itô term ½ Var_π(Δ) that a
-        first-order row misses), so :func:`_and_newton` solves the nonlinear condition from there.
+        first-order row misses), so :func:`_and_newton` solves the nonlinear condition from there. Over the leaves in
+        order (``k_mat`` None: K = I) the system is (A, b) itself.
         """
-        c = k_mat.shape[1]
+        batch, c = potentials.shape
         if c == 1:
-            return k_mat.new_ones(k_mat.shape[0], 1)
+            return potentials.new_ones(batch, 1)
         a = inputs.increment_matrix.to(torch.float64)
         b = inputs.increment_offset.to(torch.float64)
         target = None
-        if node.log_weights is not None:
-            offsets = _device_constant(node.log_weights, k_mat.dtype, k_mat.device)
-            target = (offsets * inputs.step_fraction).expand(k_mat.shape[0], c)
-        lam = and_weights(k_mat @ a @ k_mat.mT, (k_mat @ b[:, :, None])[..., 0], target)
+        if node.feedback is not None:  # the share ρ of the tracked gap of φ_c − ℓ_c, on the expected increments
+            lw = None if node.log_weights is None else _device_constant(node.log_weights, potentials.dtype,
+                                                                         potentials.device)
+            target = and_feedback_offsets(potentials, node.feedback, lw, inputs.step_fraction)
+        elif node.log_weights is not None:
+            offsets = _device_constant(node.log_weights, potentials.dtype, potentials.device)
+            target = (offsets * inputs.step_fraction).expand(batch, c)
+        if k_mat is None:
+            return and_weights(a, b, target, node.rtol)
+        lam = and_weights(k_mat @ a @ k_mat.mT, (k_mat @ b[:, :, None])[..., 0], target, node.rtol)
         if all(isinstance(child, Leaf) for child in node.children) or inputs.step_fraction == 0.0:
             return lam  # leaves are linear; a last step onto σ = 0 has a system only up to scale
         return self._and_newton(node, k_mat, potentials, inputs, lam, target)
@@ -649,7 +828,7 @@ class CompiledExpression:
             slope = k_after @ a  # (B, C, M): d Δφ_c / dκ, with ∂φ_c/∂ℓ at the moved point
             a_nodes = slope @ k_mat.mT
             b_nodes = value - (slope @ kappa[:, :, None])[..., 0]
-            direction = and_weights(a_nodes, b_nodes, target) - lam
+            direction = and_weights(a_nodes, b_nodes, target, node.rtol) - lam
             best = (lam, value, residual, k_after)
             for fraction in _LINE_SEARCH:
                 trial = lam + fraction * direction
@@ -670,6 +849,38 @@ def _where_rows(mask: Tensor, chosen: Tensor, other: Tensor) -> Tensor:
     return torch.where(mask.reshape(-1, *([1] * (chosen.dim() - 1))), chosen, other)
 
 
+@dataclass(frozen=True)
+class _CallableCombiner:
+    """A user's own combiner (a callable ``inputs -> κ`` with ``needs_system``) seen as an expression
+    step: κ only, no Feynman–Kac increment, no node weights."""
+
+    combiner: object
+    needs_scores: bool = False
+    affine_in_offset: bool = False
+
+    @property
+    def needs_system(self) -> bool:
+        return bool(self.combiner.needs_system)
+
+    @property
+    def affine(self) -> bool:
+        return bool(getattr(self.combiner, "affine", True))
+
+    def __call__(self, inputs: CombineInputs) -> Tensor:
+        return self.combiner(inputs)
+
+    def step(self, inputs: CombineInputs) -> ExpressionStep:
+        return ExpressionStep(self.combiner(inputs).to(torch.float64), None, ())
+
+
+def bind_combiner(combiner: object, num_models: int) -> "CompiledExpression | _CallableCombiner":
+    """The combiner a sampler steps with, over ``num_models`` models: a node or compiled expression
+    bound to the models (``And()`` over all of them), or a user's own callable wrapped to give
+    :meth:`CompiledExpression.step`'s answer. Check it first (:func:`superdiff.combine.check_combiner`)."""
+    bind = getattr(combiner, "bind", None)
+    return bind(num_models) if bind is not None else _CallableCombiner(combiner)
+
+
 def _without_single_child_nodes(node: Node) -> Node:
     """A one-child node is its child: Or / And / SoftMax / SoftMin of one (without log-weights, which
     would shift its potential) and a Product of one with exponent 1."""
@@ -687,7 +898,7 @@ def _without_single_child_nodes(node: Node) -> Node:
     if isinstance(node, Or):
         return Or(kids, node.temperature, node.log_weights, node.correct)
     if isinstance(node, And):
-        return And(kids, node.log_weights)
+        return replace(node, children=kids)
     if isinstance(node, Product):
         return Product(kids, node.exponents, node.correct)
     return type(node)(kids, node.sharpness, node.correct)
@@ -706,10 +917,10 @@ def expression_depth(node: Node) -> int:
         if isinstance(n, Leaf):
             depth[id(n)] = 0
         elif children_done:
-            depth[id(n)] = 1 + max(depth[id(c)] for c in n.children)
+            depth[id(n)] = 1 + max((depth[id(c)] for c in n.children or ()), default=0)
         else:
             stack.append((n, True))
-            stack.extend((c, False) for c in n.children if id(c) not in depth)
+            stack.extend((c, False) for c in n.children or () if id(c) not in depth)
     return depth[id(node)]
 
 
@@ -759,6 +970,11 @@ def compile_expression(expression: Node, leaves: Sequence[str | int] | None = No
     """
     if not isinstance(expression, NODE_TYPES):
         _refuse("expression", expression, "pass a node such as And((Leaf('red'), Leaf('circle')))")
+    flat = not isinstance(expression, Leaf) and expression.children is None
+    if any(n.children is None for n in _walk(expression)):
+        if leaves is None:
+            _refuse("leaves", None, "a node over all the models (no children) needs the models' names")
+        expression = _with_leaves(expression, tuple(leaves))
     depth = expression_depth(expression)
     if depth > MAX_DEPTH:
         raise ValueError(f"expression=<a tree more than {MAX_DEPTH} nodes deep> is not valid; nest at most "
@@ -788,6 +1004,7 @@ def compile_expression(expression: Node, leaves: Sequence[str | int] | None = No
                 walk(c)
 
     walk(expression)
+    in_order = tuple(Leaf(n) for n in leaves)
     return CompiledExpression(
         expression=expression,
         leaves=leaves,
@@ -795,5 +1012,7 @@ def compile_expression(expression: Node, leaves: Sequence[str | int] | None = No
         needs_system=any(isinstance(n, And) and len(n.children) > 1 for n in nodes),
         needs_scores=any(_corrects(n) for n in nodes),
         nodes=tuple(nodes),
+        flat=flat,
+        over_leaves=frozenset(id(n) for n in nodes if not isinstance(n, Not) and n.children == in_order),
         gain=gain,
     )

@@ -12,7 +12,7 @@ tracked are those of the unguided conditional models (paper §4.2 and the author
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -40,10 +40,10 @@ from .density import (
     transition_coefficients,
     tweedie_density_variance,
 )
-from .expressions import CompiledExpression
+from .expressions import CompiledExpression, _where_rows, bind_combiner
 from .limits import FiniteWatch, check_call_limits
 from .models import Denoiser
-from .options import option_spec
+from .options import SamplerOptions, option_spec
 from .particles import check_particles, group_uniforms, resample_step, warn_if_collapsed
 from .processes import Process
 
@@ -188,6 +188,7 @@ class _Plan:
     guided: bool
     alphas: list[float]
     sigmas: list[float]
+    combiner: CompiledExpression  # bound to the models (superdiff.expressions.bind_combiner)
 
 
 def _check_call(
@@ -285,7 +286,7 @@ def _plan(
             "a combiner whose weights do not sum to 1 (e.g. 'sum') has no denoised form where α = 0; "
             "start below t = 1 or use guidance"
         )
-    return _Plan(m, guided, alphas, sigmas)
+    return _Plan(m, guided, alphas, sigmas, bind_combiner(combiner, m))
 
 
 def _check_variances(process: Process, variance: str, density_variance: str) -> None:
@@ -338,16 +339,14 @@ def _score_gram(denoised: Tensor, x: Tensor, alpha: float, sigma: float) -> Tens
 _Weights = tuple[Tensor, Tensor | None, tuple[Tensor, ...]]  # κ, Feynman–Kac increment, node weights
 
 
-def _weigh(combiner: Combiner, inputs: CombineInputs) -> _Weights:
+def _weigh(combiner: CompiledExpression, inputs: CombineInputs) -> _Weights:
     """κ, the Feynman–Kac log-weight increment (expressions that correct) and the node weights."""
-    if isinstance(combiner, CompiledExpression):
-        step = combiner.step(inputs)
-        return step.kappa.to(torch.float64), step.log_weight_increment, step.node_weights
-    return combiner(inputs).to(torch.float64), None, ()
+    step = combiner.step(inputs)
+    return step.kappa.to(torch.float64), step.log_weight_increment, step.node_weights
 
 
 def _quadratic_system_weights(
-    combiner: Combiner, inputs: CombineInputs, system: QuadraticIncrementSystem
+    combiner: CompiledExpression, inputs: CombineInputs, system: QuadraticIncrementSystem
 ) -> tuple[tuple[_Weights, _Weights], Tensor]:
     """κ for increments ``A κ + b + r φ(κ)`` (:class:`~superdiff.density.QuadraticIncrementSystem`), from
     a combiner that solves linear systems and never learns which system it was given.
@@ -371,18 +370,29 @@ def _quadratic_system_weights(
     kappas, fks, nodes = _weigh(combiner, stacked)
     common = (kappas[:batch], None if fks is None else fks[:batch], tuple(n[:batch] for n in nodes))
     k0, k1 = kappas[batch:2 * batch], kappas[2 * batch:] - kappas[batch:2 * batch]
+    t, discriminant = _quadratic_root(system, k0, k1)
+    kappa_t = k0 + t[:, None] * k1
+    phi_t = torch.nan_to_num(system.phi(kappa_t))
+    if combiner.affine_in_offset:  # κ(b) is affine: the solve at φ(κ(t)) is κ(φ(κ(t))), with nothing else
+        step = combiner.at_kappa(k0 + phi_t[:, None] * k1)
+        result = (step.kappa, step.log_weight_increment, step.node_weights)
+        return (result, common), (discriminant >= 0) & torch.isfinite(result[0]).all(-1)
+    result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
+                                      increment_offset=b + phi_t[:, None] * system.row_weights))
+    move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
+    solved = (discriminant >= 0) & (move <= 1e-8) & torch.isfinite(result[0]).all(-1)
+    return (result, common), solved
+
+
+def _quadratic_root(system: QuadraticIncrementSystem, k0: Tensor, k1: Tensor) -> tuple[Tensor, Tensor]:
+    """The root t of ``t = φ(κ₀ + t κ₁)`` that tends to φ(κ₀) as the variances meet, and the discriminant
+    of ``p₂ t² + (p₁ − 1) t + p₀ = 0`` (B,) (no real root where it is negative)."""
     qk = system.phi_matrix @ torch.stack([k0, k1], -1)  # (B, M, 2): Q κ₀, Q κ₁
     p0 = system.phi(k0)
     p1 = 2 * (k0 * qk[..., 1]).sum(-1) + (system.phi_vector * k1).sum(-1)
     p2 = (k1 * qk[..., 1]).sum(-1)
     discriminant = (1 - p1) ** 2 - 4 * p2 * p0
-    t = 2 * p0 / ((1 - p1) + discriminant.clamp_min(0).sqrt())
-    kappa_t = k0 + t[:, None] * k1
-    offset = b + torch.nan_to_num(system.phi(kappa_t))[:, None] * system.row_weights
-    result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix, increment_offset=offset))
-    move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
-    solved = (discriminant >= 0) & (move <= 1e-8) & torch.isfinite(result[0]).all(-1)
-    return (result, common), solved
+    return 2 * p0 / ((1 - p1) + discriminant.clamp_min(0).sqrt()), discriminant
 
 
 def _stacked_inputs(inputs: CombineInputs, matrices: Tensor, offsets: Tensor) -> CombineInputs:
@@ -395,11 +405,6 @@ def _stacked_inputs(inputs: CombineInputs, matrices: Tensor, offsets: Tensor) ->
 
     return replace(inputs, log_q=tile(inputs.log_q), increment_matrix=matrices, increment_offset=offsets,
                    score_gram=tile(inputs.score_gram))
-
-
-def _where_rows(mask: Tensor, chosen: Tensor, other: Tensor) -> Tensor:
-    """Rows (dim 0) of ``chosen`` where ``mask`` (B,), else of ``other``."""
-    return torch.where(mask.reshape(-1, *([1] * (chosen.dim() - 1))), chosen, other)
 
 
 def _follow_ancestry(traces: list[list[Tensor]], initial: list[Tensor], ancestors: list[Tensor]) -> None:
@@ -418,8 +423,317 @@ def _follow_ancestry(traces: list[list[Tensor]], initial: list[Tensor], ancestor
 
 
 # ---------------------------------------------------------------------------------------------
-# Reverse SDE
+# Reverse SDE: plan, then state + step (+ resample), then finish
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SdePlan:
+    """What every step of :func:`sample_sde` reads and no step changes: the checked call, the
+    grid's transition coefficients, and which estimator, kernel and weighting the run uses."""
+
+    plan: _Plan
+    times: Tensor  # (steps+1,) float64
+    times_host: list[float]  # read once: the loop itself never reads a tensor back to the host
+    coefs: list[TransitionCoefficients]
+    combiner: CompiledExpression  # bound to the models
+    guidance_scale: float | None
+    tracked_steps: int  # steps with a finite density increment (all but a last step onto σ = 0)
+    model_variances: bool  # density_variance="tweedie": one kernel variance per model and sample
+    kernel_tweedie: bool  # variance="tweedie": the step's own kernel per sample
+    needs_scores: bool  # the combiner corrects (Feynman–Kac) and reads the score Gram matrix
+    nonlinear_and: bool  # an And over mixture-type children, solved iteratively: report where it was met
+    weighted: bool  # particles carry log-weights
+    fk_scale: float  # the corrections enter times w under guidance
+    particles: int
+    resample_threshold: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.coefs)
+
+
+@dataclass(frozen=True)
+class SdeState:
+    """The rows the loop carries from step to step (a sample, or a particle of a group).
+
+    ``x`` (B, *shape); ``log_q`` (B, M) float64 tracked log-densities; ``log_w`` (B,) float64
+    Feynman–Kac log-weights; ``x0_mix`` (B, *shape), ``kappa`` (B, M), ``converged`` (B,) and
+    ``node_weights`` what the last step used; ``previous`` each model's x̂₀ⁱ and residual uᵢ of the
+    last step (M, B, d) for ``density_variance="tweedie"``; ``previous_step`` the mixed x̂₀, the
+    noise w (B, d) and κ of the last step for ``variance="tweedie"``.
+    """
+
+    x: Tensor
+    log_q: Tensor
+    log_w: Tensor
+    converged: Tensor
+    x0_mix: Tensor | None = None
+    kappa: Tensor | None = None
+    node_weights: tuple[Tensor, ...] = ()
+    previous: tuple[Tensor, Tensor] | None = None
+    previous_step: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def reindexed(self, rows: Tensor) -> "SdeState":
+        """Every row-indexed field taken at ``rows`` (B,): the state of the resampled particles."""
+        prev = None if self.previous is None else (self.previous[0][:, rows], self.previous[1][:, rows])
+        prev_step = None if self.previous_step is None else tuple(v[rows] for v in self.previous_step)
+        return SdeState(
+            self.x[rows], self.log_q[rows], self.log_w[rows], self.converged[rows],
+            None if self.x0_mix is None else self.x0_mix[rows], None if self.kappa is None else self.kappa[rows],
+            tuple(w[rows] for w in self.node_weights), prev, prev_step,
+        )  # fmt: skip
+
+
+@dataclass
+class _SdeTraces:
+    """The per-step records of a run, appended after each step's resampling."""
+
+    log_q: list[Tensor]
+    kappa: list[Tensor] = field(default_factory=list)
+    converged: list[Tensor] = field(default_factory=list)
+    nodes: list[tuple[Tensor, ...]] = field(default_factory=list)
+    ancestors: list[Tensor] = field(default_factory=list)
+    ess: list[Tensor] = field(default_factory=list)
+    resample_counts: Tensor | None = None
+
+    def record(self, state: SdeState) -> None:
+        self.log_q.append(state.log_q)
+        self.kappa.append(state.kappa)
+        self.converged.append(state.converged)
+        self.nodes.append(state.node_weights)
+
+    def record_resampling(self, ancestors: Tensor, ess: Tensor, resampled: Tensor) -> None:
+        self.ancestors.append(ancestors)
+        self.ess.append(ess)
+        self.resample_counts = self.resample_counts + resampled.long()
+
+
+def _plan_sde(denoiser: Denoiser, x: Tensor, times: Tensor, combiner: Combiner, guidance_scale: float | None,
+              log_q_init: Tensor | None, generator: Generators, variance: str | None, density_variance: str,
+              final_denoise: bool, particles: int, resample_threshold: float) -> SdePlan:
+    """Every check before the first network call, and the transition coefficients of every step."""
+    plan = _plan(denoiser, x, times, combiner, guidance_scale, log_q_init, generator, last_may_be_data=True,
+                 final_denoise=final_denoise)
+    needs_scores = plan.combiner.needs_scores
+    if variance is None:
+        variance = "forward" if needs_scores else "posterior"
+    for name, value in (("variance", variance), ("density_variance", density_variance)):
+        option_spec(name).check(name, value)  # declared with the options (superdiff.options)
+    model_variances, kernel_tweedie = density_variance == "tweedie", variance == "tweedie"
+    density_variance = "forward" if model_variances else density_variance  # the first step's, and the fallback's
+    variance = "posterior" if kernel_tweedie else variance  # β̃: the first step's, and the base of Tweedie's
+    _check_variances(denoiser.process, variance, density_variance)
+    check_particles(particles, resample_threshold, x.shape[0])
+    steps = times.numel() - 1
+    final_zero = final_denoise or plan.sigmas[-1] == 0
+    coefs = [
+        transition_coefficients(plan.alphas[i], plan.sigmas[i], plan.alphas[i + 1],
+                                0.0 if (final_zero and i == steps - 1) else plan.sigmas[i + 1], variance,
+                                density_variance)
+        for i in range(steps)
+    ]  # fmt: skip
+    return SdePlan(
+        plan, times, times.tolist(), coefs, plan.combiner, guidance_scale, max(steps - (1 if final_zero else 0), 1),
+        model_variances, kernel_tweedie, needs_scores, bool(getattr(plan.combiner, "nonlinear_and", False)),
+        needs_scores or particles > 1,
+        1.0 if guidance_scale is None else float(guidance_scale), particles, resample_threshold,
+    )  # fmt: skip
+
+
+def _initial_state(p: SdePlan, x: Tensor, log_q_init: Tensor | None) -> SdeState:
+    """The rows at ``times[0]``: tracked densities from ``log_q_init`` (zeros: they cancel in κ), and
+    the particles' initial log-weight when the expression corrects."""
+    batch = x.shape[0]
+    log_w = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    if p.needs_scores:
+        # FKC: the particles start from the prior N(0, (α² + σ²) I) (unit-variance data) while the corrected
+        # target there is e^φ(log p_T, …): their initial log-weight is (D − 1) log p_T(x) + const.
+        prior_var = p.plan.alphas[0] ** 2 + p.plan.sigmas[0] ** 2
+        log_prior = -0.5 * x.reshape(batch, -1).to(torch.float64).square().sum(-1) / prior_var
+        log_w = log_w + p.fk_scale * p.combiner.initial_log_weight(log_prior)
+    log_q = (
+        torch.zeros(batch, p.plan.num_models, dtype=torch.float64, device=x.device)
+        if log_q_init is None
+        else log_q_init.to(device=x.device, dtype=torch.float64)
+    )
+    converged = torch.ones(batch, dtype=torch.bool, device=x.device)  # and_converged where no step solves
+    return SdeState(x, log_q, log_w, converged)
+
+
+def _step(p: SdePlan, denoiser: Denoiser, state: SdeState, i: int, generator: Generators) -> SdeState:
+    """One step of Algorithm 1: the network call, κ, the kernel move, the Itô increment, the Feynman–Kac weight."""
+    c = p.coefs[i]
+    # Every model's x̂₀ⁱ (and the unconditional x̂₀ᵘ) in one batched network call. One float64 copy serves
+    # κ, the mixing and the densities: κ is unbounded (AND of similar models reaches 1e3–1e7), so Σκᵢx̂₀ⁱ
+    # is never formed in fp16/bf16.
+    denoised, unconditional = _split(denoiser(state.x, p.times[i]).to(torch.float64), p.plan)
+    if c.final:
+        state, fk = _final_step(p, state, c, denoised, unconditional)
+    else:
+        state, fk = _noisy_step(p, state, c, denoised, unconditional, generator)
+    if fk is not None:  # Feynman–Kac (Skreta et al., Prop. 3.1): log w += ∫ G dτ, times w under guidance
+        state = replace(state, log_w=state.log_w + p.fk_scale * fk)
+    return state
+
+
+def _final_step(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised: Tensor,
+                unconditional: Tensor | None) -> tuple[SdeState, Tensor | None]:
+    """The last step onto σ = 0: deterministic, onto the mixed x̂₀; no density increment exists there.
+    AND lands equally far from every x̂₀ⁱ, the limit of Prop. 6's condition as the step's noise vanishes."""
+    system = (None, None)
+    if p.combiner.needs_system:
+        system = ito_final_step_system(denoised, *_system_base(denoised, unconditional, p.guidance_scale))
+    gram = _score_gram(denoised, state.x, c.alpha_s, c.sigma_s) if p.needs_scores else None
+    kappa, fk, nodes = _weigh(p.combiner, CombineInputs(state.log_q, system[0], system[1], 0.0, gram, c.S2))
+    x0_mix = _mix(p, denoised, kappa, state.x, c, unconditional).to(state.x.dtype)
+    converged = torch.ones_like(state.converged)
+    return replace(state, x=x0_mix, x0_mix=x0_mix, kappa=kappa, node_weights=nodes, converged=converged), fk
+
+
+def _mix(p: SdePlan, denoised: Tensor, kappa: Tensor, x: Tensor, c: TransitionCoefficients,
+         unconditional: Tensor | None) -> Tensor:
+    """The mixed (and guided) x̂₀ that drives the step (Eq. 15): x̂₀ᵘ + w(Σκⱼx̂₀ʲ − x̂₀ᵘ), or Σκⱼx̂₀ʲ."""
+    return mix_denoised(denoised, kappa, x, c.alpha_s, p.guidance_scale, unconditional, p.combiner.affine)
+
+
+def _noisy_step(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised: Tensor,
+                unconditional: Tensor | None, generator: Generators) -> tuple[SdeState, Tensor | None]:
+    """A step from s to t > 0: draw w, weigh (κ), track every model's density (Thm. 1), move."""
+    x = state.x
+    # The Gaussian increment w ~ N(0, V), drawn before κ: AND's κ is solved for this very w (Prop. 6).
+    noise, noise_var = _draw_increment(p, state, c, denoised, unconditional, generator)
+    noise64 = noise.to(torch.float64)
+    density_var = _model_variances(p, state, c, denoised)
+    kappa, fk, nodes, density_var, converged = _step_weights(p, state, c, denoised, unconditional, noise64,
+                                                             noise_var, density_var)
+    x0_mix64 = _mix(p, denoised, kappa, x, c, unconditional)
+    # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
+    residuals = model_residuals(denoised, x0_mix64, noise64, c)
+    log_q = state.log_q + ito_log_density_increment(denoised, x0_mix64, x, noise64, c, density_var, residuals)
+    if p.nonlinear_and:  # an And over mixtures is solved iteratively: report where its condition was not met
+        converged = converged & (p.combiner.and_gap(state.log_q, log_q, 1.0 / p.tracked_steps) <= 1e-6)
+    previous = (denoised, residuals) if p.model_variances else None
+    previous_step = (x0_mix64, noise64.reshape(x.shape[0], -1), kappa) if p.kernel_tweedie else None
+    # The move (Thm. 2's mean, Tweedie's E[x_t | x_s]): y = c_x x + c_0 x̂₀ᵐⁱˣ + w.
+    x0_mix = x0_mix64.to(x.dtype)
+    x = c.c_x * x + c.c_0 * x0_mix + noise
+    return SdeState(x, log_q, state.log_w, converged, x0_mix, kappa, nodes, previous, previous_step), fk
+
+
+def _draw_increment(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised: Tensor,
+                    unconditional: Tensor | None, generator: Generators) -> tuple[Tensor, float | Tensor]:
+    """w ~ N(0, V): V from Thm. 2's kernel (``variance``), or under ``variance="tweedie"`` the step's own
+    kernel β̃ + c₀² Cov[x₀ | x], with the mixed x̂₀'s Jacobian read, as the estimator's, from the last step
+    (mixed with its κ, so it is known before this κ); the first step uses β̃. Returns w and V (a number,
+    or (B,) per sample)."""
+    x = state.x
+    if not (p.kernel_tweedie and state.previous_step is not None):
+        return math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype), c.var
+    last_mix, last_noise, last_kappa = state.previous_step
+    mixed_now = _mix(p, denoised, last_kappa, x, c, unconditional)
+    lam = jacobian_rayleigh_quotient(last_noise[None], last_mix[None], mixed_now[None])
+    step_var = tweedie_density_variance(c, lam)[0]  # (B,)
+    scale = step_var.sqrt().to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return scale * randn(tuple(x.shape), generator, x.device, x.dtype), step_var
+
+
+def _model_variances(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised: Tensor) -> Tensor | None:
+    """``density_variance="tweedie"``: each model's kernel variance Vᵢ (M, B), β̃ + c₀² Cov[x₀ | x] (Tweedie's
+    second-order identity), its Jacobian trace read from the last step's residual and this x̂₀; None on the
+    first step and for a common variance."""
+    if not (p.model_variances and state.previous is not None):
+        return None
+    trace = jacobian_rayleigh_quotient(state.previous[1], state.previous[0], denoised)
+    return tweedie_density_variance(c, trace)
+
+
+def _step_weights(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised: Tensor,
+                  unconditional: Tensor | None, noise64: Tensor, noise_var: float | Tensor,
+                  density_var: Tensor | None):
+    """κ (B, M), the Feynman–Kac increment, the node weights, the variances the step is scored with, and
+    whether AND's condition was solved (B,): OR's softmax of the tracked log-densities (Algorithm 1), AND's
+    system of this step's increments (Eqs. 75–78), an expression's tree (with its scores' Gram matrix)."""
+    system, quadratic = (None, None), None
+    if p.combiner.needs_system:
+        base = _system_base(denoised, unconditional, p.guidance_scale)
+        moments = step_moments(denoised, base[0], noise64)
+        if getattr(p.combiner, "expected_system", False):  # κ from the expected increments, not this w
+            moments = expected_step_moments(moments, noise_var)
+        if density_var is None:
+            system = ito_increment_system(denoised, *base, noise64, c, moments=moments)
+        else:  # one variance per model: the quadratic system, and the common-variance one beside it
+            quadratic = ito_quadratic_increment_system(moments, base[1], c, density_var)
+            system = (quadratic.common_matrix, quadratic.common_offset)
+    # Feynman–Kac corrections (superdiff.expressions) read the models' score Gram and g²dτ ≈ S².
+    gram = _score_gram(denoised, state.x, c.alpha_s, c.sigma_s) if p.needs_scores else None
+    inputs = CombineInputs(state.log_q, system[0], system[1], 1.0 / p.tracked_steps, gram, c.S2)
+    if quadratic is None:
+        return (*_weigh(p.combiner, inputs), density_var, torch.ones_like(state.converged))
+    # One variance per model makes the increments quadratic in κ (one scalar quadratic shared by every row).
+    # A sample where its solution fails keeps the common-variance κ and scores this step with the common
+    # variance V̄, for which that κ is exact.
+    (solved, common), converged = _quadratic_system_weights(p.combiner, inputs, quadratic)
+    kappa = _where_rows(converged, solved[0], common[0])
+    fk = None if common[1] is None else _where_rows(converged, solved[1], common[1])
+    nodes = tuple(_where_rows(converged, n, o) for n, o in zip(solved[2], common[2]))
+    density_var = torch.where(converged[None], density_var, quadratic.common_variance[None])
+    return kappa, fk, nodes, density_var, converged
+
+
+def _resample(p: SdePlan, state: SdeState, generator: Generators) -> tuple[SdeState, Tensor, Tensor, Tensor]:
+    """Weighted particles: resample (systematic) each group whose ESS fell below the threshold, reindexing
+    the whole state (a mask, no sync). Returns the state, ancestors (B,), ESS (G,) and the resampled mask."""
+    groups = state.x.shape[0] // p.particles
+    u = group_uniforms(groups, p.particles, generator, state.x.device)
+    ancestors, log_w, ess, resampled = resample_step(state.log_w, p.particles, p.resample_threshold, u)
+    return replace(state.reindexed(ancestors), log_w=log_w), ancestors, ess, resampled
+
+
+def _finish(p: SdePlan, state: SdeState, traces: _SdeTraces) -> SamplerOutput:
+    """The output, every trace following each final particle's ancestry."""
+    taken = len(traces.kappa)
+    nodes = [list(ws) for ws in zip(*traces.nodes)]
+    if traces.ancestors:
+        n = len(traces.ancestors)
+        head = [traces.log_q[1 : n + 1], traces.kappa[:n], traces.converged[:n], *(ws[:n] for ws in nodes)]
+        initial = [traces.log_q[0]]
+        _follow_ancestry(head, initial, traces.ancestors)
+        traces.log_q[: n + 1] = initial + head[0]
+        traces.kappa[:n], traces.converged[:n] = head[1], head[2]
+        for ws, h in zip(nodes, head[3:]):
+            ws[:n] = h
+    batch = state.x.shape[0]
+    kappas = torch.stack(traces.kappa) if traces.kappa else state.log_q.new_empty(0, batch, p.plan.num_models)
+    node_weight_trace = tuple(torch.stack(ws) for ws in nodes) if nodes else None
+    # AND's condition under one variance per model, or an And over mixtures: where each step met it
+    quadratic_and = (p.model_variances and p.combiner.needs_system) or p.nonlinear_and
+    return SamplerOutput(
+        state.x, state.log_q, torch.stack(traces.log_q), kappas, p.times[: taken + 1],
+        log_weights=state.log_w if p.weighted else None,
+        ess_trace=torch.stack(traces.ess) if traces.ess else None,
+        resample_counts=traces.resample_counts if p.particles > 1 else None,
+        node_weight_trace=node_weight_trace,
+        and_converged=torch.stack(traces.converged) if quadratic_and and traces.converged else None,
+    )  # fmt: skip
+
+
+_SDE_OPTION_DEFAULTS = {"variance": None, "density_variance": DEFAULT_DENSITY_VARIANCE, "final_denoise": False,
+                        "particles": 1, "resample_threshold": 0.5}  # sample_sde's keyword defaults
+
+
+def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
+    """The sampler's option values: the keywords as given, or, with ``options``, its fields (a keyword
+    moved from its default beside ``options`` is refused: which one was meant is unclear)."""
+    if options is None:
+        return tuple(keywords.values())
+    if not isinstance(options, SamplerOptions):
+        raise ValueError(f"options={options!r} is not valid; pass a superdiff.options.SamplerOptions or None")
+    for name, value in keywords.items():
+        if value != _SDE_OPTION_DEFAULTS[name]:
+            raise ValueError(f"{name}={value!r} is given beside options=SamplerOptions(...); pass it in the options "
+                             f"(options.replace({name}=...)) or as a keyword without options, not both")
+    return tuple(getattr(options, name) for name in keywords)
 
 
 @torch.no_grad()
@@ -440,269 +754,79 @@ def sample_sde(
     interrupt: Callable[[], bool] | None = None,
     particles: int = 1,
     resample_threshold: float = 0.5,
+    options: SamplerOptions | None = None,
 ) -> SamplerOutput:
     """Superposed reverse-SDE sampling with Itô log-densities (Algorithm 1, Theorem 1).
 
-    Each step from s to t draws the Gaussian increment first, builds κ (for AND from the system
-    that uses this very increment), then moves to ``y = c_x x + c_0 x̂₀ᵐⁱˣ + w``; the same
-    ``w`` enters every model's density update. A last time with σ = 0 is a deterministic step onto
-    the mixed x̂₀; there AND lands equally far from every model's x̂₀ (the limit of its condition
-    as the step's noise vanishes: :func:`~superdiff.density.ito_final_step_system`), and the
-    densities, which have no finite increment onto σ = 0, stay at their last value.
+    Plan (every check, before any network call), then per step: one network call, κ, the kernel
+    move, the Itô increment of every model's density, the Feynman–Kac weight, and resampling of
+    weighted particles (:class:`SdeState`, :func:`_step`, :func:`_resample`). A last time with σ = 0
+    is a deterministic step onto the mixed x̂₀, where the densities stay at their last value.
 
     Args:
         denoiser: M models (plus an unconditional output when ``denoiser.unconditional``), called
             as ``denoiser(x, t) -> (num_outputs, B, *shape)`` once per step.
         x: (B, *shape) the starting noise (e.g. from :func:`prior_sample`).
         times: (steps+1,) process times from noise to data.
-        combiner: turns the tracked densities (and AND's system) into κ (B, M).
+        combiner: an expression node or a flat combiner (``And()``, ``Or()``, ``Fixed(...)``, a
+            compiled expression, or a callable ``CombineInputs -> κ`` with ``needs_system``).
         guidance_scale: classifier-free guidance w (needs an unconditional output); None: unguided.
         log_q_init: (B, M) log-densities at ``times[0]``; zeros by default (they cancel in κ).
         generator: one generator, or one per sample (a sample's noise then does not depend on the
             rest of its batch).
         callback: called with a :class:`StepInfo` after every step; may return a new state.
-        variance: the variance of the step's kernel, ``"posterior"`` (DDPM's β̃: clean samples from
-            8 steps on), ``"forward"`` or ``"euler"`` (Thm. 2). By default ``"posterior"``, and
-            ``"forward"`` for an expression that corrects (Feynman–Kac): its weights are derived for
-            the SDE whose diffusion is g², which β̃ departs from on the last steps of a grid.
-            ``"tweedie"``: per sample,
-            the exact transition's variance to first order, β̃ + c₀² Cov[x₀ | x] with the mixed
-            x̂₀'s Jacobian trace read as ``density_variance="tweedie"`` reads each model's (from the
-            previous step's noise, mixed with the previous κ, so it is known before this step's κ);
-            the first step uses β̃; not the default, as it spreads few-step samples on VE/EDM
-            processes.
-        density_variance: the variance the estimator scores each step with. ``"tweedie"`` (the
-            default): each model's own variance per sample, β̃ plus its x̂₀'s posterior covariance
-            (Tweedie's second-order identity, isotropic), whose Jacobian trace is read for free from
-            the previous step's residual and the x̂₀ this step computes anyway
-            (:func:`~superdiff.density.tweedie_density_variance`); the first step, and any step
-            from α = 0, uses ``"forward"``. With AND the equal-density condition is then quadratic in κ
-            (:func:`~superdiff.density.ito_quadratic_increment_system`), solved by two calls of
-            the combiner (one on stacked rows) and one scalar quadratic; a sample where that fails keeps the
-            common-variance κ and scores the step with one common variance, so the tracked
-            densities stay equal. ``"forward"``, ``"posterior"``, ``"euler"``: one variance for all
-            models (:func:`superdiff.density.reverse_kernel_variance`).
-        final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says (as diffusers'
-            Euler schedulers do), so N steps cost N network calls.
+        variance: the step's kernel variance: ``"posterior"`` (DDPM's β̃), ``"forward"``, ``"euler"``
+            (Thm. 2) or ``"tweedie"`` (per sample, β̃ + c₀² Cov[x₀ | x]); None: ``"posterior"``, or
+            ``"forward"`` for an expression that corrects (its weights assume the diffusion g²).
+        density_variance: the estimator's kernel variance: ``"tweedie"`` (each model's own per sample,
+            :func:`~superdiff.density.tweedie_density_variance`; AND's condition is then quadratic in
+            κ, and a sample where it has no solution keeps the common-variance κ), or one variance for
+            all models (``"forward"``, ``"posterior"``, ``"euler"``).
+        final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says, as diffusers' Euler
+            schedulers do.
         progress: show a tqdm bar.
-        interrupt: asked before every step (as diffusers pipelines read ``pipe.interrupt``); once
-            it returns True the sampler stops, returning the steps taken and the current state.
-        particles: K, the size of each group of weighted particles (x holds images × K rows, group
-            g in rows gK … gK+K−1). With an expression that corrects (Feynman–Kac), every particle
-            carries a log-weight, and a group whose effective sample size falls below
-            ``resample_threshold · K`` after a step is resampled (systematic), reindexing the
-            state, the tracked densities and the traces. 1: no resampling.
-        resample_threshold: in (0, 1]. A group's ESS never falls below 1, so with ``threshold · K ≤ 1``
-            (K = 2 at the default 0.5) it never resamples and the correction is the final weight alone.
+        interrupt: asked before every step; once it returns True the sampler stops and returns the
+            steps taken.
+        particles: K, the size of each group of weighted particles (group g is rows gK … gK+K−1); a
+            group whose effective sample size falls below ``resample_threshold · K`` is resampled.
+        resample_threshold: in (0, 1].
+        options: the five options above as one :class:`~superdiff.options.SamplerOptions` (its
+            ``final_denoise`` defaults to True, as in the pipelines; its ``time_grid`` is the
+            pipelines'). A keyword moved from its default beside ``options`` is a ``ValueError``.
 
     Returns:
         :class:`SamplerOutput`: samples (B, *shape), float64 log-densities (B, M) and their trace
         (steps+1, B, M), κ trace (steps, B, M), the times reached, and for weighted particles their
-        log-weights, ESS trace and resampling counts.
+        log-weights, ESS trace and resampling counts; every trace follows each final particle's ancestry.
     """
+    variance, density_variance, final_denoise, particles, resample_threshold = _with_options(
+        options, variance=variance, density_variance=density_variance, final_denoise=final_denoise,
+        particles=particles, resample_threshold=resample_threshold)
     times = torch.as_tensor(times, dtype=torch.float64)
-    plan = _plan(denoiser, x, times, combiner, guidance_scale, log_q_init, generator, last_may_be_data=True,
-                 final_denoise=final_denoise)
-    if variance is None:
-        variance = "forward" if getattr(combiner, "needs_scores", False) else "posterior"
-    for name, value in (("variance", variance), ("density_variance", density_variance)):
-        option_spec(name).check(name, value)  # declared with the options (superdiff.options)
-    tweedie = density_variance == "tweedie"
-    density_variance = "forward" if tweedie else density_variance  # the first step's, and the fallback's
-    tweedie_step = variance == "tweedie"
-    variance = "posterior" if tweedie_step else variance  # β̃: the first step's, and the base of Tweedie's
-    _check_variances(denoiser.process, variance, density_variance)
-    check_particles(particles, resample_threshold, x.shape[0])
-    steps = times.numel() - 1
-    batch = x.shape[0]
-    groups = batch // particles
-    needs_scores = bool(getattr(combiner, "needs_scores", False))
-    nonlinear_and = bool(getattr(combiner, "nonlinear_and", False))
-    weighted = needs_scores or particles > 1
-    # Guidance is an uncorrected product q_u^(1−wD)·e^(wφ): the expression's corrections enter times w.
-    fk_scale = 1.0 if guidance_scale is None else float(guidance_scale)
-    log_w = torch.zeros(batch, dtype=torch.float64, device=x.device)
-    if needs_scores:
-        assert isinstance(combiner, CompiledExpression)
-        # The particles start from the prior N(0, (α² + σ²) I) (unit-variance data) while the corrected
-        # target there is e^φ(log p_T, …): their initial log-weight is (D − 1) log p_T(x) + const.
-        prior_var = plan.alphas[0] ** 2 + plan.sigmas[0] ** 2
-        log_prior = -0.5 * x.reshape(batch, -1).to(torch.float64).square().sum(-1) / prior_var
-        log_w = log_w + fk_scale * combiner.initial_log_weight(log_prior)
-    ancestors: list[Tensor] = []
-    ess_trace: list[Tensor] = []
-    resample_counts = torch.zeros(groups, dtype=torch.long, device=x.device)
-    node_trace: list[tuple[Tensor, ...]] = []
-    log_q = (
-        torch.zeros(batch, plan.num_models, dtype=torch.float64, device=x.device)
-        if log_q_init is None
-        else log_q_init.to(device=x.device, dtype=torch.float64)
-    )
-    final_zero = final_denoise or plan.sigmas[-1] == 0
-    tracked_steps = max(steps - (1 if final_zero else 0), 1)
-    coefs: list[TransitionCoefficients] = [
-        transition_coefficients(
-            plan.alphas[i],
-            plan.sigmas[i],
-            plan.alphas[i + 1],
-            0.0 if (final_zero and i == steps - 1) else plan.sigmas[i + 1],
-            variance,
-            density_variance,
-        )
-        for i in range(steps)
-    ]
-    times_host = times.tolist()  # read once: the loop itself never reads a tensor back to the host
-    log_q_trace = [log_q]
-    kappa_trace: list[Tensor] = []
-    converged_trace: list[Tensor] = []
-    no_solve_needed = torch.ones(batch, dtype=torch.bool, device=x.device)  # and_converged where no step solves
-    # "tweedie": each model's x̂₀ⁱ and residual uᵢ of the previous step, (M, B, d) float64.
-    previous: tuple[Tensor, Tensor] | None = None
-    # variance="tweedie": the mixed x̂₀ that drove the previous step, its noise w and κ.
-    previous_step: tuple[Tensor, Tensor, Tensor] | None = None
+    p = _plan_sde(denoiser, x, times, combiner, guidance_scale, log_q_init, generator, variance, density_variance,
+                  final_denoise, particles, resample_threshold)
+    state = _initial_state(p, x, log_q_init)
+    traces = _SdeTraces([state.log_q])
+    traces.resample_counts = torch.zeros(x.shape[0] // particles, dtype=torch.long, device=x.device)
     watch = FiniteWatch()  # non-finite values, recorded on the device and read once after the loop
-    for i in tqdm(range(steps), disable=not progress, desc="superdiff"):
+    for i in tqdm(range(p.steps), disable=not progress, desc="superdiff"):
         if interrupt is not None and interrupt():
             break
-        c = coefs[i]
-        # Every model's x̂₀ⁱ (and the unconditional x̂₀ᵘ) in one batched network call. One float64 copy
-        # serves κ, the mixing and the densities: κ is unbounded (AND of similar models reaches 1e3–1e7),
-        # so Σκᵢx̂₀ⁱ is never formed in fp16/bf16.
-        denoised64, unconditional64 = _split(denoiser(x, times[i]).to(torch.float64), plan)
-        system = (None, None)
-        step_converged = no_solve_needed
-        if c.final:
-            # Last step onto σ = 0: deterministic, no density. AND lands equally far from every x̂₀ⁱ,
-            # the limit of Prop. 6's condition as the step's noise vanishes.
-            if combiner.needs_system:
-                system = ito_final_step_system(denoised64, *_system_base(denoised64, unconditional64, guidance_scale))
-            gram = _score_gram(denoised64, x, c.alpha_s, c.sigma_s) if needs_scores else None
-            kappa, fk, node_weights = _weigh(combiner, CombineInputs(log_q, system[0], system[1], 0.0, gram, c.S2))
-            x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
-            x = x0_mix = x0_mix64.to(x.dtype)
-        else:
-            # The Gaussian increment w ~ N(0, V), drawn before κ: AND's κ is solved for this very w (Prop. 6).
-            if tweedie_step and previous_step is not None:
-                # The step's own kernel: β̃ + c₀² Cov[x₀ | x] with the mixed x̂₀'s Jacobian read, as the
-                # estimator's, from the last step (mixed with its κ, so it is known before this κ).
-                mixed_now = mix_denoised(denoised64, previous_step[2], x, c.alpha_s, guidance_scale, unconditional64,
-                                         combiner.affine)
-                lam = jacobian_rayleigh_quotient(previous_step[1][None], previous_step[0][None], mixed_now[None])
-                step_var = tweedie_density_variance(c, lam)[0]  # (B,)
-                scale = step_var.sqrt().to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-                noise = scale * randn(tuple(x.shape), generator, x.device, x.dtype)
-                noise_var = step_var
-            else:
-                noise = math.sqrt(c.var) * randn(tuple(x.shape), generator, x.device, x.dtype)
-                noise_var = c.var
-            noise64 = noise.to(torch.float64)
-            # "tweedie": each model's kernel variance Vᵢ (M, B), from the previous step's residual and this x̂₀.
-            density_var = None
-            if tweedie and previous is not None:
-                trace = jacobian_rayleigh_quotient(previous[1], previous[0], denoised64)
-                density_var = tweedie_density_variance(c, trace)
-            # κ: OR's softmax of the tracked log-densities (Algorithm 1), AND's linear system (Eqs. 75–78).
-            if combiner.needs_system:
-                base = _system_base(denoised64, unconditional64, guidance_scale)
-                moments = step_moments(denoised64, base[0], noise64)
-                if getattr(combiner, "expected_system", False):  # κ from the expected increments, not this w
-                    moments = expected_step_moments(moments, noise_var)
-                if density_var is None:
-                    system = ito_increment_system(denoised64, *base, noise64, c, moments=moments)
-                else:  # one variance per model: the quadratic system, and the common-variance one beside it
-                    quadratic = ito_quadratic_increment_system(moments, base[1], c, density_var)
-                    system = (quadratic.common_matrix, quadratic.common_offset)
-            # Feynman–Kac corrections (superdiff.expressions) read the models' score Gram and g²dτ ≈ S².
-            gram = _score_gram(denoised64, x, c.alpha_s, c.sigma_s) if needs_scores else None
-            inputs = CombineInputs(log_q, system[0], system[1], 1.0 / tracked_steps, gram, c.S2)
-            if combiner.needs_system and density_var is not None:
-                # One variance per model makes the increments quadratic in κ (one scalar quadratic shared
-                # by every row). A sample where its solution fails keeps the common-variance κ and scores
-                # this step with the common variance V̄, for which that κ is exact.
-                (solved, common), converged = _quadratic_system_weights(combiner, inputs, quadratic)
-                kappa = _where_rows(converged, solved[0], common[0])
-                fk = None if common[1] is None else _where_rows(converged, solved[1], common[1])
-                node_weights = tuple(_where_rows(converged, n, o) for n, o in zip(solved[2], common[2]))
-                density_var = torch.where(converged[None], density_var, quadratic.common_variance[None])
-                step_converged = converged
-            else:
-                kappa, fk, node_weights = _weigh(combiner, inputs)
-            # The mixed (and guided) x̂₀: x̂₀ᵘ + w_cfg(Σκⱼx̂₀ʲ − x̂₀ᵘ), or Σκⱼx̂₀ʲ.
-            x0_mix64 = mix_denoised(denoised64, kappa, x, c.alpha_s, guidance_scale, unconditional64, combiner.affine)
-            # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
-            residuals = model_residuals(denoised64, x0_mix64, noise64, c)
-            log_q_before = log_q
-            log_q = log_q + ito_log_density_increment(denoised64, x0_mix64, x, noise64, c, density_var, residuals)
-            if nonlinear_and:  # an And over mixtures is solved iteratively: report where it was not met
-                gap = combiner.and_gap(log_q_before, log_q, 1.0 / tracked_steps)
-                step_converged = step_converged & (gap <= 1e-6)
-            if tweedie:
-                previous = (denoised64, residuals)
-            if tweedie_step:
-                previous_step = (x0_mix64, noise64.reshape(batch, -1), kappa)
-            # The step: y = c_x x + c_0 x̂₀ᵐⁱˣ + w, Tweedie's E[x_t | x_s] (Thm. 2's mean) plus the increment.
-            x0_mix = x0_mix64.to(x.dtype)
-            x = c.c_x * x + c.c_0 * x0_mix + noise
-        if fk is not None:
-            log_w = log_w + fk_scale * fk
-        watch.step(x, log_q, log_w, kappa, node_weights)
-        if particles > 1 and i < steps - 1:
-            # Weighted particles: resample each group whose ESS fell below the threshold (a mask, no sync).
-            u = group_uniforms(groups, particles, generator, x.device)
-            anc, log_w, ess, resampled = resample_step(log_w, particles, resample_threshold, u)
-            x, x0_mix, log_q, kappa = x[anc], x0_mix[anc], log_q[anc], kappa[anc]
-            step_converged = step_converged[anc]
-            if previous is not None:
-                previous = (previous[0][:, anc], previous[1][:, anc])
-            if previous_step is not None:
-                previous_step = tuple(v[anc] for v in previous_step)
-            node_weights = tuple(w[anc] for w in node_weights)
-            ancestors.append(anc)
-            ess_trace.append(ess)
-            resample_counts = resample_counts + resampled.long()
-        log_q_trace.append(log_q)
-        kappa_trace.append(kappa)
-        converged_trace.append(step_converged)
-        node_trace.append(node_weights)
+        state = _step(p, denoiser, state, i, generator)
+        watch.step(state.x, state.log_q, state.log_w, state.kappa, state.node_weights)
+        if p.particles > 1 and i < p.steps - 1:
+            state, ancestors, ess, resampled = _resample(p, state, generator)
+            traces.record_resampling(ancestors, ess, resampled)
+        traces.record(state)
         if callback is not None:
-            x = _state_from_callback(callback(StepInfo(i, times_host[i + 1], x, x0_mix, kappa, log_q)), x)
-    watch.check(getattr(combiner, "nodes", ()), getattr(combiner, "leaves", None))
-    taken = len(kappa_trace)
-    if ancestors:
-        nodes = [list(ws) for ws in zip(*node_trace)] if node_trace and node_trace[0] else []
-        head_q, head_k = log_q_trace[1 : len(ancestors) + 1], kappa_trace[: len(ancestors)]
-        head_c = converged_trace[: len(ancestors)]
-        head_n = [n[: len(ancestors)] for n in nodes]
-        initial = [log_q_trace[0]]
-        _follow_ancestry([head_q, head_k, head_c, *head_n], initial, ancestors)
-        log_q_trace[1 : len(ancestors) + 1], kappa_trace[: len(ancestors)] = head_q, head_k
-        converged_trace[: len(ancestors)] = head_c
-        log_q_trace[0] = initial[0]
-        for n, h in zip(nodes, head_n):
-            n[: len(ancestors)] = h
-        node_trace = list(zip(*nodes)) if nodes else node_trace
-    quadratic_and = tweedie and combiner.needs_system  # AND's condition under one variance per model
-    quadratic_and = quadratic_and or nonlinear_and
-    kappas = torch.stack(kappa_trace) if kappa_trace else log_q.new_empty(0, batch, plan.num_models)
-    if needs_scores and len(ess_trace) > 1:
-        # After sampling, one read: the weights' sign of a target that does not exist (step 0 carries the
+            info = StepInfo(i, p.times_host[i + 1], state.x, state.x0_mix, state.kappa, state.log_q)
+            state = replace(state, x=_state_from_callback(callback(info), state.x))
+    watch.check(getattr(p.combiner, "nodes", ()), getattr(p.combiner, "leaves", None))
+    if p.needs_scores and len(traces.ess) > 1:
+        # One read, after sampling: the weights' sign of a target that does not exist (step 0 carries the
         # prior's initial weight, which in many dimensions alone can hold a group's ESS near 1).
-        warn_if_collapsed(torch.stack(ess_trace[1:]), particles)
-    node_weight_trace = None
-    if isinstance(combiner, CompiledExpression) and node_trace:
-        node_weight_trace = tuple(torch.stack(ws) for ws in zip(*node_trace))
-    return SamplerOutput(
-        x,
-        log_q,
-        torch.stack(log_q_trace),
-        kappas,
-        times[: taken + 1],
-        log_weights=log_w if weighted else None,
-        ess_trace=torch.stack(ess_trace) if ess_trace else None,
-        resample_counts=resample_counts if particles > 1 else None,
-        node_weight_trace=node_weight_trace,
-        and_converged=torch.stack(converged_trace) if quadratic_and and converged_trace else None,
-    )
+        warn_if_collapsed(torch.stack(traces.ess[1:]), p.particles)
+    return _finish(p, state, traces)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -808,7 +932,7 @@ def sample_ode(
     def rates(z: Tensor, lq: Tensor, t: float, probe: Tensor | None) -> _OdeRates:
         if probe is None and divergence != "exact":
             probe = _rademacher(z, generator)
-        return _ode_rates(denoiser, z, lq, t, combiner, plan, guidance_scale, divergence, probe, span)
+        return _ode_rates(denoiser, z, lq, t, plan.combiner, plan, guidance_scale, divergence, probe, span)
 
     if method == "dopri5":
         return _sample_odeint(rates, x, log_q, times, generator, divergence, rtol, atol)

@@ -1,9 +1,9 @@
 """Recorded outputs of every pipeline family in every mode, for tests/test_pipeline_traces.py.
 
 ``CASES`` names one call per (family, mode, option) on tiny seeded float64 models; :func:`run_case`
-makes it and :func:`summary` keeps what the fixture stores: the κ and log-density traces whole
-(a few numbers each), and the samples (latents or decoded images) and Feynman–Kac log-weights as a
-fixed seeded random projection onto 8 numbers (any change to the samples moves it).
+makes it and :func:`summary` keeps what the fixture stores: the κ and log-density traces, the
+timesteps and the particles' Feynman–Kac log-weights whole (a few numbers each), and the samples
+(latents or decoded images) as a fixed seeded random projection onto 8 numbers (any change moves it).
 
 Run as a script at a commit whose pipelines are the reference, to write tests/data/pipeline_traces.safetensors:
 
@@ -143,15 +143,16 @@ def summary(out) -> dict[str, torch.Tensor]:
     return record
 
 
-def load_fixture() -> dict[str, dict[str, torch.Tensor]]:
-    """The stored records, case name → field → tensor."""
+def flat(record: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A record as one float64 vector, its fields in name order (the fixture stores one per case)."""
+    return torch.cat([record[field].double().reshape(-1) for field in sorted(record)])
+
+
+def load_fixture() -> dict[str, torch.Tensor]:
+    """The stored records, case name → :func:`flat` record."""
     from safetensors.torch import load_file
 
-    records: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(FIXTURE).items():
-        name, field = key.split("/")
-        records.setdefault(name, {})[field] = value
-    return records
+    return load_file(FIXTURE)
 
 
 def record_all() -> dict[str, dict[str, torch.Tensor]]:
@@ -172,7 +173,5 @@ if __name__ == "__main__":
     os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
     from safetensors.torch import save_file
 
-    flat = {f"{name}/{field}": value.contiguous() for name, record in record_all().items()
-            for field, value in record.items()}
-    save_file(flat, FIXTURE)
+    save_file({name: flat(record) for name, record in record_all().items()}, FIXTURE)
     print(f"wrote {FIXTURE} ({os.path.getsize(FIXTURE)} bytes, {len(CASES)} cases)")

@@ -109,6 +109,19 @@ def test_make_combiner_validates():
     assert make_combiner("average", 4).affine and not make_combiner("sum", 2).affine
 
 
+def test_one_vocabulary_flat_combiners_are_trees():
+    """Mode names and flat combiners build expression trees: one And, one Or, Fixed a plain product."""
+    from superdiff import combine, expressions
+    from superdiff.expressions import Leaf, Product
+
+    assert combine.And is expressions.And and combine.Or is expressions.Or
+    assert combine.Fixed((0.7, 0.3)) == Product(exponents=(0.7, 0.3), correct=False)
+    assert make_combiner("or", 2, temperature=2.0) == expressions.Or(temperature=2.0)
+    leaves = (Leaf(0), Leaf(1), Leaf(2))
+    assert And(log_weights=(1.0, 0.0, 0.0)).bind(3).expression == expressions.And(leaves, (1.0, 0.0, 0.0))
+    assert make_combiner("average", 3).bind(3).expression == Product(leaves, (1 / 3,) * 3, correct=False)
+
+
 @pytest.mark.parametrize("m", [2, 3])
 def test_and_with_feedback_takes_its_share_off_the_tracked_gap_of_a_linear_system(m):
     """One step of a linear system solved by And(feedback=ρ): the gap of log q − ℓ about its mean shrinks

@@ -376,6 +376,40 @@ def test_interrupt_stops_the_sampler_with_the_steps_taken():
     torch.testing.assert_close(out.samples, full.samples)
 
 
+def test_options_object_drives_the_sampler_like_its_keywords():
+    """``options=SamplerOptions(...)`` gives the run its fields give as keywords; a keyword moved
+    from its default beside it is refused before any network call."""
+    from superdiff.options import SamplerOptions
+
+    models = figure2_models()
+    opts = SamplerOptions(density_variance="forward", variance="forward", final_denoise=True)
+    a, _ = run(models, And(), 12, n=16, options=opts)
+    b, _ = run(models, And(), 12, n=16, density_variance="forward", variance="forward", final_denoise=True)
+    c, _ = run(models, And(), 12, n=16)
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.log_density_trace, b.log_density_trace)
+    assert not torch.equal(a.log_density_trace, c.log_density_trace)
+    with pytest.raises(ValueError, match=r"^density_variance='posterior' is given beside options"):
+        run(models, And(), 12, n=16, options=opts, density_variance="posterior")
+    with pytest.raises(ValueError, match="^options="):
+        run(models, And(), 12, n=16, options={"particles": 2})
+
+
+def test_the_loop_gives_the_traces_of_the_sampler_before_its_rewrite():
+    """A few of ``bench/loop_equivalence.py``'s cases (the frozen pre-rewrite sampler against this one,
+    same seeds): AND on the default estimator, guided AND, OR, and corrected expressions whose
+    particles resample every step; every returned tensor equal to 1e-12."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import loop_equivalence
+
+    only = ("and/M=2/dv=tweedie", "and_lw/M=3/dv=tweedie", "or_t/M=3/dv=forward", "and/guided",
+            "expr:product_of_and/K=4/threshold=1", "expr:softmin/K=4/threshold=1", "expr:not/K=4/dv=tweedie")
+    result = loop_equivalence.compare(1e-12, only)
+    assert result["cases"] == 2 * len(only) + 2 and result["ok"], result["failures"]
+
+
 def test_and_exact_gap_on_an_asymmetric_pair_has_a_floor_that_feedback_removes():
     """AND keeps the *tracked* densities equal; the samples' *exact* gap |log q₁ − log q₂| is the
     estimator's error, and on a Gaussian against a 3-D mixture it stays at a floor as the steps grow (κ is

@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--models", default="a,b,all", help="digits: which of a, b, all")
-    p.add_argument("--stage", choices=["all", "vae", "vae-refine", "diffusion"], default="all",
-                   help="scenes: train the VAE (vae-refine: its phase 2 on the saved phase 1), the text encoder "
-                        "and UNet on a saved VAE, or all")
+    p.add_argument("--stage", choices=["all", "vae", "vae-refine", "decoder", "diffusion"], default="all",
+                   help="scenes: train the VAE (vae-refine: its phase 2 on the saved phase 1; decoder: phase 3, "
+                        "the decoder alone), the text encoder and UNet on a saved VAE, or all")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)

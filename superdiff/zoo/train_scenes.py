@@ -1,16 +1,19 @@
 """Train the embedded latent scene model (``embedded-scenes``) with fixed seeds, CPU or CUDA.
 
-    python -m superdiff.zoo.train scenes --out superdiff/zoo/weights
+    python -m superdiff.zoo.train scenes --out superdiff/zoo/weights              # every stage
+    python -m superdiff.zoo.train scenes --stage vae|vae-refine|decoder|diffusion  # one stage
 
-Three stages, each logged to ``scenes/training_log.json``:
+Stages, each logged to ``scenes/training_log.json``:
 
-1. an ``AutoencoderKL`` (32×32×3 ↔ 8×8×4) on fresh procedural scenes (L1 + a small KL term, as
-   Stable Diffusion's VAE), its ``scaling_factor`` set to 1 / std of the training latents;
-2. a fixed set of scenes encoded once to latents (posterior means), so the diffusion stage does not
-   run the encoder at every step;
-3. a small ``CLIPTextModel`` and a cross-attention ``UNet2DConditionModel`` on those latents,
-   trained jointly (as the shapes model) on incomplete captions with 10% empty ones for
-   classifier-free guidance; the captions are redrawn at every step.
+1. an ``AutoencoderKL`` (32×32×3 ↔ 8×8×4) on fresh procedural scenes, as Stable Diffusion's VAE
+   (L1 + a small KL term): phase 1 plain L1, phase 2 with the objects' pixels weighted up (the
+   black background otherwise outweighs them), phase 3 the decoder alone (the encoder, hence the
+   latents and the ``scaling_factor`` = 1 / std of the latents, stay fixed, so phase 3 may run
+   beside stage 2);
+2. a fixed set of scenes encoded once to latents (posterior means), then a small ``CLIPTextModel``
+   and a cross-attention ``UNet2DConditionModel`` on those latents, trained jointly (as the shapes
+   model) on incomplete captions, redrawn at every step, with 10% empty ones for classifier-free
+   guidance.
 
 The result is a standard diffusers ``StableDiffusionPipeline`` folder (float16 safetensors, an
 ``EulerDiscreteScheduler``), loadable by ``diffusers.StableDiffusionPipeline.from_pretrained`` and
@@ -44,6 +47,9 @@ class ScenesConfig:
     vae_refine_steps: int = 500
     vae_refine_lr: float = 5e-4
     foreground_weight: float = 1.0
+    decoder_steps: int = 600
+    decoder_lr: float = 5e-4
+    decoder_foreground_weight: float = 2.0
     kl_weight: float = 1e-6
     encoded_scenes: int = 30_000
     text_hidden: int = 64
@@ -69,10 +75,13 @@ def scenes_unet_config(cross_attention_dim: int) -> dict:
 
 
 def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, foreground_weight: float, seed: int, device: str,
-               phase: int) -> list:
+               phase: int, decoder_only: bool = False) -> list:
     """Optimise ``vae`` for ``steps`` on fresh scenes: L1 (plus ``foreground_weight`` × the L1 over
-    the objects' pixels, which the black background otherwise outweighs) + a small KL term."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    the objects' pixels, which the black background otherwise outweighs) + a small KL term.
+    ``decoder_only`` keeps the encoder (so the latents, and a UNet trained on them) unchanged."""
+    trained = (list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()) if decoder_only
+               else list(vae.parameters()))
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     schedule = TrainConfig(steps=steps, batch_size=cfg.vae_batch_size, lr=lr, warmup=100)
     g = torch.Generator().manual_seed(seed + phase)
     losses, start = [], time.perf_counter()
@@ -80,7 +89,8 @@ def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, foreground_weight:
     for step in range(steps):
         x = sample_scenes(cfg.vae_batch_size, seed=10_000_019 * (seed + 1) + 1_000_000 * phase + step).images
         x = x.to(device)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
         error = (vae.decode(z).sample - x).abs()
         foreground = (x > -1).any(1, keepdim=True).float()
@@ -90,7 +100,7 @@ def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, foreground_weight:
             group["lr"] = _lr_at(step, schedule)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             losses.append((step, round(float(loss.detach()), 5)))
@@ -129,6 +139,23 @@ def train_vae(cfg: ScenesConfig, seed: int, device: str, log: dict, vae=None):
     return vae
 
 
+def refine_decoder(vae, cfg: ScenesConfig, seed: int, device: str, log: dict):
+    """Phase 3: the decoder alone (the encoder, its latents and the scaling factor stay as they are)."""
+    start = time.perf_counter()
+    log["vae"] |= {"decoder_steps": cfg.decoder_steps, "decoder_lr": cfg.decoder_lr,
+                   "decoder_foreground_weight": cfg.decoder_foreground_weight,
+                   "decoder_loss_curve": _vae_phase(vae, cfg, cfg.decoder_steps, cfg.decoder_lr,
+                                                    cfg.decoder_foreground_weight, seed, device, 3, True)}
+    vae.eval()
+    with torch.no_grad():
+        held = sample_scenes(512, seed=999).images.to(device)
+        error = (vae.decode(vae.encode(held).latent_dist.mean).sample.clamp(-1, 1) - held).abs()
+    log["vae"] |= {"decoder_seconds": round(time.perf_counter() - start, 1),
+                   "held_out_mean_abs_error": round(float(error.mean()), 5),
+                   "held_out_max_abs_error": round(float(error.max()), 4)}
+    return vae
+
+
 def encode_scenes(vae, n: int, seed: int, device: str, chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` scenes' scaled latents (n, 4, 8, 8) (posterior means × scaling factor) and objects (n, 2)."""
     scenes = sample_scenes(n, seed=seed)
@@ -159,6 +186,14 @@ def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: 
             log = json.loads((folder / "training_log.json").read_text()) | {"vae_refined_from_saved_phase_1": True}
             phase1 = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device)
         vae = train_vae(scenes_cfg, cfg.seed, device, log, phase1)
+        copy.deepcopy(vae).to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
+        _log(folder / "training_log.json", log | {"stages": asdict(scenes_cfg)})
+        if stage != "all":
+            return
+    if stage in ("all", "decoder"):  # the encoder is frozen: this phase may run before or beside "diffusion"
+        log = json.loads((folder / "training_log.json").read_text())
+        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device)
+        vae = refine_decoder(vae, scenes_cfg, cfg.seed, device, log)
         copy.deepcopy(vae).to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
         _log(folder / "training_log.json", log | {"stages": asdict(scenes_cfg)})
         if stage != "all":

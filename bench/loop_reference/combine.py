@@ -1,0 +1,432 @@
+"""Superposition weights κ: OR (mixture), AND (equal densities) and the baselines.
+
+A combiner sees only numbers: the tracked log-densities ``log q_i`` of the current samples and,
+for AND, the linear dependence of this step's log-density increments on κ,
+
+    Δ log q_i(κ) = Σ_j A_ij κ_j + b_i + c(κ)          (Eq. 77; c is common to every model),
+
+which the sampler derives from the same estimator it uses to track the densities. It returns
+per-sample weights κ (B, M). It knows nothing of networks, prompts or processes, so combiners can
+be reused for separately trained models, prompts of one network, or exact mixtures.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CombineInputs",
+    "Combiner",
+    "Or",
+    "And",
+    "Average",
+    "Sum",
+    "Fixed",
+    "or_weights",
+    "and_weights",
+    "make_combiner",
+    "check_combiner",
+    "MODES",
+]
+
+MODES = ("and", "or", "average", "sum")
+
+
+@dataclass(frozen=True)
+class CombineInputs:
+    """What a combiner may look at during one step.
+
+    ``log_q``: (B, M) tracked log-densities at the pre-step point.
+    ``increment_matrix`` (B, M, M) and ``increment_offset`` (B, M): the linear system above, in
+    nats for this step; None when the sampler was told the combiner does not need it. On a last
+    step onto σ = 0, where no increment is finite, its limit up to a positive factor
+    (:func:`superdiff.density.ito_final_step_system`), with ``step_fraction`` 0.
+    ``step_fraction``: this step's share of the tracked trajectory (1/N for N equal steps).
+    ``score_gram`` (B, M, M): the models' score inner products ``⟨sᵢ, sⱼ⟩`` at the pre-step point,
+    and ``g2_dt`` the step's ``g² dτ``, for a combiner that declares ``needs_scores`` (the
+    Feynman–Kac corrections of :mod:`superdiff.expressions`); None / 0 otherwise.
+    """
+
+    log_q: Tensor
+    increment_matrix: Tensor | None = None
+    increment_offset: Tensor | None = None
+    step_fraction: float = 1.0
+    score_gram: Tensor | None = None
+    g2_dt: float = 0.0
+
+
+class Combiner(Protocol):
+    #: True if the combiner needs ``increment_matrix``/``increment_offset``.
+    needs_system: bool
+    #: True if the weights always sum to 1 (a mixture of models, not a product).
+    affine: bool
+
+    def __call__(self, inputs: CombineInputs) -> Tensor: ...
+
+
+def _device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A constant vector on ``device``, copied there once per (values, dtype, device), not every step."""
+    return _cached_constant(values, dtype, device, torch.is_inference_mode_enabled())
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device, inference: bool) -> Tensor:
+    # ``inference`` keys the cache only: a tensor made under inference_mode cannot enter autograd.
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _refuse(argument: str, given: object, works: str) -> None:
+    raise ValueError(f"{argument}={given!r} is not valid; {works}")
+
+
+def _check_finite(name: str, values: Sequence[float] | None) -> None:
+    if values is not None and not all(math.isfinite(float(v)) for v in values):
+        _refuse(name, tuple(values), "every entry must be a finite number")
+
+
+def _number_tuple(name: str, values: Sequence[float] | Tensor | None) -> tuple[float, ...] | None:
+    """``values`` as a tuple of floats (None stays None); ``ValueError`` naming ``name`` for anything
+    that is not a sequence of finite numbers."""
+    if values is None:
+        return None
+    try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        _refuse(name, values, "pass a sequence of numbers, one per model, e.g. (0.0, 1.5)")
+    _check_finite(name, numbers)
+    return numbers
+
+
+def _check_temperature(temperature: object) -> None:
+    """The one check of OR's temperature T: a finite number > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        _refuse("temperature", temperature, "use a finite number > 0 (1.0 samples the exact mixture for mode='or')")
+
+
+def _check_count(name: str, values: tuple[float, ...] | None, num_models: int, what: str) -> None:
+    """One entry of ``values`` per model (``what`` names the models: "prompts", "unets", "models")."""
+    if values is not None and len(values) != num_models:
+        _refuse(name, values, f"pass {num_models} numbers, one for each of the {num_models} {what}")
+
+
+def _check_at_least_two(mode: str, num_models: int, what: str) -> None:
+    """OR and AND compare models: the one check that they have two or more."""
+    if num_models < 2:
+        raise ValueError(
+            f"{what}=<{num_models} given> is not valid; mode={mode!r} composes at least 2 {what}; pass 2 or more, "
+            "or use mode='average'"
+        )
+
+
+def _log_weights_tensor(log_weights: Sequence[float] | Tensor | None, m: int, like: Tensor) -> Tensor:
+    if log_weights is None:
+        return like.new_zeros(m)
+    if isinstance(log_weights, Tensor):
+        lw = log_weights.to(dtype=like.dtype, device=like.device)
+    else:
+        lw = _device_constant(tuple(float(v) for v in log_weights), like.dtype, like.device)
+    if lw.shape != (m,):
+        raise ValueError(f"log_weights must have one entry per model ({m}), got shape {tuple(lw.shape)}")
+    return lw
+
+
+def or_weights(log_q: Tensor, temperature: float = 1.0, log_weights: Tensor | None = None) -> Tensor:
+    """OR (Algorithm 1): ``κ = softmax(T · log q + ℓ)`` over models, per sample.
+
+    T = 1 and ℓ = log ω samples the mixture ``Σ ω_i q_i`` (Prop. 4). Non-finite log-densities are
+    clamped, so an overflowing or −inf entry never produces NaN.
+
+    Args:
+        log_q: (B, M) tracked log-densities.
+        temperature: T > 0.
+        log_weights: (M,) ℓ, or None.
+
+    Returns:
+        (B, M) weights summing to 1 per sample.
+    """
+    logits = temperature * log_q
+    if log_weights is not None:
+        logits = logits + log_weights
+    finfo = torch.finfo(logits.dtype)
+    logits = torch.nan_to_num(logits, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
+    return torch.softmax(logits, dim=-1)
+
+
+def and_weights(
+    increment_matrix: Tensor,
+    increment_offset: Tensor,
+    target_offsets: Tensor | None = None,
+    rtol: float = 1e-8,
+) -> Tensor:
+    """AND (Prop. 6, Eq. 78): κ with ``Σκ = 1`` making ``Δ log q_i − target_offsets_i`` equal for all i.
+
+    Solves ``[A −1; 1ᵀ 0] [κ; λ] = [target − b; 1]`` per sample in float64: for M = 2 in closed
+    form, for M > 2 as the reduced (M−1)×(M−1) system of :func:`_and_weights_reduced`. Singular
+    systems (for example two identical models) get the minimum-norm solution, which splits the
+    weight evenly between indistinguishable models. ``rtol`` says what counts as singular: for M = 2
+    a slope at or below ``rtol·max|A|``, for M > 2 the damping ``rtol·‖K‖²_F`` of
+    :func:`_min_norm_solve`. Nothing here waits for the device. κ is not constrained to [0, 1].
+
+    Args:
+        increment_matrix: (B, M, M) A, this step's increments' dependence on κ (Eq. 77).
+        increment_offset: (B, M) b.
+        target_offsets: (B, M) prescribed differences (Eq. 18), or None for equal increments.
+        rtol: what counts as singular, in (0, 1).
+
+    Returns:
+        (B, M) float64 κ summing to 1 per sample.
+    """
+    a = increment_matrix.to(torch.float64)
+    b = increment_offset.to(torch.float64)
+    m = a.shape[-1]
+    rhs_top = -b if target_offsets is None else target_offsets.to(torch.float64) - b
+    # Each sample's equations may be rescaled freely (λ absorbs it): the slope for M = 2 is compared
+    # with the largest entry of A, and for M > 2 A is brought to unit size before the solve.
+    scale = a.abs().amax(dim=(-2, -1))
+    if m == 2:
+        return _and_weights_two(a, rhs_top, rtol * scale)
+    a, rhs_top, scale = torch.nan_to_num(a), torch.nan_to_num(rhs_top), torch.nan_to_num(scale)
+    scale = scale.clamp_min(torch.finfo(torch.float64).tiny)
+    return _and_weights_reduced(a / scale[:, None, None], rhs_top / scale[:, None], rtol)
+
+
+def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
+    """κ for M > 2 from the reduced (M−1)×(M−1) system, solved exactly where it is regular.
+
+    Writing ``κ = 1/M + U y`` with ``U`` an orthonormal basis of ``Σκ = 0`` and projecting the rows on
+    ``U`` (which removes the common λ) gives ``Uᵀ A U y = Uᵀ (rhs − A 1/M)``. An LU solve of this small
+    system is backward stable whatever its condition number (2e11 occurs in AND of three 3-D mixtures),
+    so the increments come out equal to float64 rounding; squaring the condition number, as the normal
+    equations of the full (M+1)×(M+1) system do, had left 0.03 nats per step there. Where the system is
+    truly singular (indistinguishable models) the minimum-norm solution of :func:`_min_norm_solve`
+    solves it too, and is used, splitting the weight evenly; where it solves the system no better than
+    LU would (a regular, ill-conditioned system), LU's solution is used. Nothing here waits for the device.
+    """
+    m = a.shape[-1]
+    basis = _sum_zero_basis(m, a.dtype, a.device)  # (M, M−1)
+    centre = a.new_full((m,), 1.0 / m)
+    reduced = basis.mT @ a @ basis  # (B, M−1, M−1)
+    target = ((rhs - a @ centre) @ basis)[..., None]  # (B, M−1, 1)
+    exact, _ = torch.linalg.solve_ex(reduced, target)  # info unchecked: a failed LU gives non-finite values
+    damped = _min_norm_solve(reduced, target, rtol)
+
+    def residual(y: Tensor) -> Tensor:
+        return (reduced @ y - target).abs().amax(dim=(-2, -1))
+
+    bound = torch.finfo(torch.float64).eps * (reduced.abs().amax(dim=(-2, -1)) * damped.abs().amax(dim=(-2, -1)) + 1.0)
+    exact_ok = torch.isfinite(exact).all(dim=(-2, -1))
+    use_damped = (residual(damped) <= 1e3 * bound) | ~exact_ok | (residual(damped) <= residual(exact))
+    y = torch.where(use_damped[:, None, None], damped, exact)
+    kappa = centre + (basis @ y)[..., 0]
+    return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, 1.0 / m)
+
+
+@functools.lru_cache(maxsize=16)
+def _sum_zero_basis(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An orthonormal basis (M, M−1) of the vectors summing to zero, made once per (M, dtype, device)."""
+    helmert = torch.zeros(m, m - 1, dtype=torch.float64)
+    for j in range(1, m):  # column j: j entries 1/j, then −1 (the Helmert contrasts), normalised
+        helmert[:j, j - 1] = 1.0
+        helmert[j, j - 1] = -float(j)
+        helmert[:, j - 1] /= math.sqrt(j * (j + 1))
+    return helmert.to(dtype=dtype, device=device)
+
+
+def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
+    """The minimum-norm least-squares solution of ``system · z = rhs`` (as ``pinv(system) @ rhs``),
+    by iterated Tikhonov regularisation, with nothing that waits for the device.
+
+    ``z ← z + (KᵀK + εI)⁻¹ Kᵀ(r − Kz)`` three times from ``z = 0``, with ``ε = rtol·‖K‖²_F`` and one
+    Cholesky factorisation (``cholesky_ex`` checks no errors, so a CUDA device is not synchronised,
+    whereas torch's ``pinv`` and SVD check theirs). Components along singular values σ of K shrink
+    by ``(ε/(σ² + ε))³``: directions with σ² ≫ ε are solved to float64 accuracy, the null space of a
+    singular K (indistinguishable models) stays at zero up to rounding (about 1e-16/rtol relative),
+    and directions with σ² near ε are damped, which is why :func:`_and_weights_reduced` checks the
+    residual and falls back on an exact solve. A failed factorisation gives NaN.
+    """
+    kt = system.mT
+    normal = kt @ system
+    damping = rtol * normal.diagonal(dim1=-2, dim2=-1).sum(-1)  # rtol · ‖K‖²_F
+    eye = torch.eye(normal.shape[-1], dtype=normal.dtype, device=normal.device)
+    factor, info = torch.linalg.cholesky_ex(normal + damping[..., None, None] * eye)
+    z = torch.cholesky_solve(kt @ rhs, factor)
+    for _ in range(2):  # refinements: each shrinks what the damping took by ε/(σ² + ε)
+        z = z + torch.cholesky_solve(kt @ (rhs - system @ z), factor)
+    return torch.where((info == 0)[..., None, None], z, torch.nan)
+
+
+def _and_weights_two(a: Tensor, rhs: Tensor, atol: Tensor) -> Tensor:
+    """The closed form for M = 2 (the paper's κ): eliminate κ₂ = 1 − κ₁ and λ.
+
+    Row i reads ``Aᵢ₁κ₁ + Aᵢ₂(1 − κ₁) − λ = rhsᵢ``; subtracting the rows gives one linear equation
+    in κ₁. A slope at or below ``atol`` (indistinguishable models), or any non-finite input, gives
+    κ = (½, ½), as the minimum-norm solution of the general case does. No host synchronisation,
+    no matrix factorisation.
+    """
+    row_gap = a[:, 0] - a[:, 1]  # (B, 2)
+    slope = row_gap[:, 0] - row_gap[:, 1]
+    k1 = ((rhs[:, 0] - rhs[:, 1]) - row_gap[:, 1]) / slope
+    k1 = torch.nan_to_num(torch.where(slope.abs() > atol, k1, 0.5), nan=0.5, posinf=0.5, neginf=0.5)
+    return torch.stack([k1, 1.0 - k1], dim=-1)
+
+
+@dataclass(frozen=True)
+class Or:
+    """Logical OR: sample the mixture of the models, with temperature T and log-weights ℓ."""
+
+    temperature: float = 1.0
+    log_weights: tuple[float, ...] | None = None
+    needs_system: bool = False
+    affine: bool = True
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.temperature)
+        object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
+
+    def check_num_models(self, num_models: int, what: str = "models") -> None:
+        """Raise ``ValueError`` unless OR can weigh ``num_models`` models: 2 or more, one log-weight each."""
+        _check_at_least_two("or", num_models, what)
+        _check_count("log_weights", self.log_weights, num_models, what)
+
+    def __call__(self, inputs: CombineInputs) -> Tensor:
+        lw = (
+            None
+            if self.log_weights is None
+            else _log_weights_tensor(self.log_weights, inputs.log_q.shape[-1], inputs.log_q)
+        )
+        return or_weights(inputs.log_q, self.temperature, lw)
+
+
+@dataclass(frozen=True)
+class And:
+    """Logical AND: keep every model's log-density equal along the trajectory (Prop. 6).
+
+    With ``log_weights`` ℓ, the final samples satisfy ``log q_i − ℓ_i`` equal for all i (Eq. 18):
+    a larger ℓ_i makes the samples more likely under model i. The offset is spread evenly over the
+    steps.
+    """
+
+    log_weights: tuple[float, ...] | None = None
+    rtol: float = 1e-8
+    needs_system: bool = True
+    affine: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_weights", _number_tuple("log_weights", self.log_weights))
+        if not (0 < self.rtol < 1):
+            _refuse("rtol", self.rtol, "use a number in (0, 1), e.g. 1e-8")
+
+    def check_num_models(self, num_models: int, what: str = "models") -> None:
+        """Raise ``ValueError`` unless AND can weigh ``num_models`` models: 2 or more, one log-weight each."""
+        _check_at_least_two("and", num_models, what)
+        _check_count("log_weights", self.log_weights, num_models, what)
+
+    def __call__(self, inputs: CombineInputs) -> Tensor:
+        if inputs.increment_matrix is None or inputs.increment_offset is None:
+            raise ValueError("And needs the sampler's increment system; use a sampler from superdiff.sampling")
+        m = inputs.log_q.shape[-1]
+        target = None
+        if self.log_weights is not None:
+            target = _log_weights_tensor(self.log_weights, m, inputs.increment_offset.to(torch.float64))
+            target = (target * inputs.step_fraction).expand(inputs.log_q.shape[0], m)
+        return and_weights(inputs.increment_matrix, inputs.increment_offset, target, self.rtol).to(inputs.log_q.dtype)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Fixed weights for every sample and step (κ need not sum to 1)."""
+
+    weights: tuple[float, ...]
+    needs_system: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", _number_tuple("weights", self.weights))
+
+    def check_num_models(self, num_models: int, what: str = "models") -> None:
+        """Raise ``ValueError`` unless there is one weight per model (and at least one model)."""
+        if num_models < 1:
+            _refuse(what, [], f"pass at least one of the {what} to compose")
+        _check_count("weights", self.weights, num_models, what)
+
+    @property
+    def affine(self) -> bool:
+        return abs(sum(self.weights) - 1.0) < 1e-12
+
+    def __call__(self, inputs: CombineInputs) -> Tensor:
+        m = inputs.log_q.shape[-1]
+        w = _log_weights_tensor(self.weights, m, inputs.log_q)
+        return w.expand(inputs.log_q.shape[0], m)
+
+
+def Average(num_models: int) -> Fixed:  # noqa: N802 - a constructor, named like the paper's baseline
+    """The paper's "average of scores" baseline (Liu et al. 2022): κ = 1/M."""
+    return Fixed(tuple([1.0 / num_models] * num_models))
+
+
+def Sum(num_models: int) -> Fixed:  # noqa: N802
+    """Sum of scores (product of experts, Composable Diffusion): κ = 1 for every model."""
+    return Fixed(tuple([1.0] * num_models))
+
+
+def check_combiner(combiner: object, num_models: int, what: str = "models") -> None:
+    """Raise ``ValueError`` unless ``combiner`` is a combiner object that can weigh ``num_models``
+    models (``what`` names them in the message: "prompts", "unets"): OR and AND need 2 or more, and
+    weights or log-weights need one entry per model. A combiner without ``check_num_models`` (a
+    user's own) is taken as it is."""
+    if isinstance(combiner, (str, type)) or not callable(combiner) or not hasattr(combiner, "needs_system"):
+        _refuse(
+            "combiner",
+            combiner,
+            "pass a combiner object such as And(), Or(temperature=2.0) or Fixed((0.7, 0.3)), "
+            "or build one from a mode name with make_combiner(mode, num_models)",
+        )
+    check = getattr(combiner, "check_num_models", None)
+    if check is not None:
+        check(num_models, what)
+
+
+def make_combiner(
+    mode: str,
+    num_models: int,
+    temperature: float = 1.0,
+    log_weights: Sequence[float] | None = None,
+    *,
+    what: str = "models",
+) -> Combiner:
+    """The combiner for a mode name (one of :data:`MODES`), checked for ``num_models`` models.
+
+    Pure (no model needed), so callers build it before loading anything. ``temperature`` applies to
+    OR and is checked for every mode (a mistake there is a mistake whatever the mode);
+    ``log_weights`` to OR and AND. ``what`` names the models in messages ("prompts", "unets").
+    """
+    if mode not in MODES:
+        _refuse("mode", mode, f"use one of {MODES}")
+    _check_temperature(temperature)
+    if log_weights is not None and mode not in ("and", "or"):
+        _refuse(
+            "log_weights",
+            log_weights,
+            f"log_weights apply to mode 'or' (a bias) and 'and' (offsets), not {mode!r}; "
+            "drop them or use one of those modes",
+        )
+    if mode == "or":
+        combiner: Combiner = Or(temperature, log_weights)
+    elif mode == "and":
+        combiner = And(log_weights)
+    elif num_models >= 1:
+        combiner = Average(num_models) if mode == "average" else Sum(num_models)
+    else:
+        combiner = Fixed(())  # refused just below, naming the models
+    check_combiner(combiner, num_models, what)
+    return combiner
