@@ -588,23 +588,9 @@ class CompiledExpression:
         return abs(self.degree - 1.0) < 1e-12
 
     @property
-    def affine_in_offset(self) -> bool:
-        """True when the tree is one And over two leaves in order: its κ is the closed-form solve, an
-        affine function of the increment offset b, and nothing else depends on b (no Newton steps, no
-        Feynman–Kac term; for M > 2 the solve picks a damped or an exact solution per row, which is not
-        affine). A sampler may then move along κ(b) without solving again (:meth:`at_kappa`)."""
-        return (self.needs_system and not self.needs_scores and len(self.leaves) == 2
-                and isinstance(self.expression, And) and id(self.expression) in self.over_leaves)
-
-    @property
     def expected_system(self) -> bool:
         """True when an And solves κ from the expected increments (``feedback``)."""
         return any(isinstance(n, And) and n.feedback is not None for n in self.nodes)
-
-    def at_kappa(self, kappa: Tensor) -> ExpressionStep:
-        """The step of an :attr:`affine_in_offset` tree whose solve gave ``kappa`` (B, 2): its one node's
-        weights are κ (reported unless the tree is a flat combiner)."""
-        return ExpressionStep(kappa, None, () if self.flat else (kappa,))
 
     def check_num_models(self, num_models: int, what: str = "models") -> None:
         """Raise ``ValueError`` unless the denoiser has one output per leaf."""
@@ -856,7 +842,6 @@ class _CallableCombiner:
 
     combiner: object
     needs_scores: bool = False
-    affine_in_offset: bool = False
 
     @property
     def needs_system(self) -> bool:
@@ -905,18 +890,23 @@ def _without_single_child_nodes(node: Node) -> Node:
 
 
 def expression_depth(node: Node) -> int:
-    """The nodes on the longest path from ``node`` to a leaf (a leaf: 0), walked without recursion, so a
-    tree built in Python as deep as memory allows is measured, not a RecursionError."""
-    deepest, stack = 0, [(node, 0)]
+    """The internal nodes on the longest path from ``node`` to a leaf (a leaf: 0), walked without
+    recursion and once per node object, so a tree built in Python as deep as memory allows (or one
+    sharing subtrees) is measured, not a RecursionError."""
+    depth: dict[int, int] = {}
+    stack: list[tuple[Node, bool]] = [(node, False)]
     while stack:
-        n, depth = stack.pop()
+        n, children_done = stack.pop()
+        if id(n) in depth:
+            continue
         if isinstance(n, Leaf):
-            deepest = max(deepest, depth)
-        elif depth < MAX_DEPTH + 1:  # deeper than that is refused whatever lies below
-            stack.extend((c, depth + 1) for c in n.children or ())
+            depth[id(n)] = 0
+        elif children_done:  # a node without children composes all the models: one level
+            depth[id(n)] = 1 + max((depth[id(c)] for c in n.children or ()), default=0)
         else:
-            deepest = max(deepest, depth)
-    return deepest
+            stack.append((n, True))
+            stack.extend((c, False) for c in n.children or () if id(c) not in depth)
+    return depth[id(node)]
 
 
 def _gain(node: Node) -> tuple[float, Node]:

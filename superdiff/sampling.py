@@ -373,10 +373,6 @@ def _quadratic_system_weights(
     t, discriminant = _quadratic_root(system, k0, k1)
     kappa_t = k0 + t[:, None] * k1
     phi_t = torch.nan_to_num(system.phi(kappa_t))
-    if combiner.affine_in_offset:  # κ(b) is affine: the solve at φ(κ(t)) is κ(φ(κ(t))), with nothing else
-        step = combiner.at_kappa(k0 + phi_t[:, None] * k1)
-        result = (step.kappa, step.log_weight_increment, step.node_weights)
-        return (result, common), (discriminant >= 0) & torch.isfinite(result[0]).all(-1)
     result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
                                       increment_offset=b + phi_t[:, None] * system.row_weights))
     move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))

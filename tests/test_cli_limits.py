@@ -129,3 +129,20 @@ def test_sidecars_of_a_finite_run_hold_no_nan(tmp_path):
     text = (out / "image_000.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     json.loads(text)
+
+
+def test_flux_true_cfg_beyond_the_cap_is_refused_before_loading(tmp_path, monkeypatch):
+    """The issue's `--true-cfg-scale 1e300` overflowed after FLUX loaded; now exit 2 before loading."""
+    import superdiff_cli.generate as generate_module
+    from test_pipelines_flux import flux_pipes
+
+    ours, _ = flux_pipes(tmp_path / "tok")
+    ours.save_pretrained(tmp_path / "flux")
+    monkeypatch.setattr(generate_module, "load_model", _no_loading)
+    r = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "flux"), "--and", "a red circle", "--and",
+                                 "a blue square", "--true-cfg-scale", "1e300", "--negative-prompt", "a cat",
+                                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert "--true-cfg-scale=1e+300 is not valid" in r.output
+    assert "use --true-cfg-scale 8.38861e+06 or less" in r.output
+    assert not (tmp_path / "out").exists()
