@@ -1,7 +1,7 @@
 """Check that ``superdiff.sampling.sample_sde`` gives the traces of the sampler before issue 24's rewrite.
 
-The frozen copy in ``bench/loop_reference/`` (sampler, combiners, expressions, estimator and
-particles as of commit 9541c97) and the library's sampler run the same cases on the same seeds:
+The sampler of commit 9541c97 (sampler, combiners, expressions, estimator and particles, read from
+git history by ``bench/loop_reference.py``) and the library's sampler run the same cases on the same seeds:
 OR, AND (with and without log-weights), fixed weights, expressions with Feynman–Kac particles and
 resampling, guidance, the three density variances, ``variance="tweedie"``, a last step onto σ = 0,
 one generator per sample, a callback that edits the state, and an interruption. Every returned
@@ -23,14 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import loop_reference.combine as old_combine  # noqa: E402
-import loop_reference.expressions as old_expr  # noqa: E402
-from loop_reference.sampling import sample_sde as old_sample_sde  # noqa: E402
+import loop_reference  # noqa: E402
 from superdiff import GaussianMixture, MixtureDenoiser, VPLinear  # noqa: E402
 from superdiff import combine as new_combine  # noqa: E402
 from superdiff import expressions as new_expr  # noqa: E402
 from superdiff.processes import VarianceExploding  # noqa: E402
 from superdiff.sampling import prior_sample, sample_sde  # noqa: E402
+
+_reference = loop_reference.load()
+old_combine, old_expr, old_sample_sde = _reference.combine, _reference.expressions, _reference.sampling.sample_sde
 
 #: Cases whose behaviour a merged branch changed on purpose since the freeze, and why; they are run and
 #: reported, but not held to ``--atol``.
