@@ -288,7 +288,10 @@ def test_the_ranks_of_one_launch_share_the_lock_and_no_other_sweep_does(tmp_path
 
 
 SLOW_SAVES = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as at a terminal: a background job (CI launched with &) starts with SIGINT ignored, which its
+# children inherit and Python then leaves ignored; the user's shell does not.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import superdiff_cli.sweep as sweep
 real_save = sweep.save_generation
 def slow_save(*args, **kwargs):
