@@ -97,6 +97,50 @@ def _noised(
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, noise
 
 
+class TextToImageTraining:
+    """A cross-attention UNet and its CLIP text encoder trained jointly on DDPM's ε loss, with EMA copies
+    (the embedded shapes and scenes models): built once, then one :meth:`step` per batch of images or
+    latents (B, C, H, W) and their captions."""
+
+    def __init__(self, tokenizer, unet_config: dict, hidden: int, max_length: int, cfg: TrainConfig, device: str):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
+        )
+        self.tokenizer, self.max_length, self.cfg, self.device = tokenizer, max_length, cfg, device
+        self.text_encoder = CLIPTextModel(text_config).to(device)
+        self.unet = UNet2DConditionModel(**unet_config).to(device)
+        self.ema_unet, self.ema_text = copy.deepcopy(self.unet).eval(), copy.deepcopy(self.text_encoder).eval()
+        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.abar = DDPMScheduler(**SD_BETAS).alphas_cumprod
+        self.g = torch.Generator().manual_seed(cfg.seed)
+
+    def step(self, step: int, x0: torch.Tensor, captions: list[str]) -> float:
+        """One AdamW step on the ε loss at uniform timesteps (clipped gradients, the step's learning
+        rate), then the EMA updates; returns the loss."""
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        xt, t, noise = _noised(x0, self.abar, self.g)
+        emb = self.text_encoder(ids.to(self.device))[0]
+        pred = self.unet(xt.to(self.device), t.to(self.device), encoder_hidden_states=emb).sample
+        loss = torch.mean((pred - noise.to(self.device)) ** 2)
+        for group in self.opt.param_groups:
+            group["lr"] = _lr_at(step, self.cfg)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        _ema_update(self.ema_unet, self.unet, self.cfg.ema_decay)
+        _ema_update(self.ema_text, self.text_encoder, self.cfg.ema_decay)
+        return round(float(loss.detach()), 5)
+
+
 def _log(path: Path, record: dict) -> None:
     """Write a training log as indented JSON."""
     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -189,52 +233,25 @@ def train_classifier(out: Path, device: str, epochs: int = 40, seed: int = 0) ->
 
 def train_shapes(out: Path, cfg: TrainConfig, device: str, text_hidden: int = 64) -> None:
     """Train the text encoder and the cross-attention UNet jointly; save ``out/shapes``."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(cfg.seed)
     folder = out / "shapes"
     tokenizer = build_tokenizer(folder / "tokenizer", CAPTION_WORDS, MAX_LENGTH)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=text_hidden,
-    )
-    text_encoder = CLIPTextModel(text_config).to(device)
-    unet = UNet2DConditionModel(**shapes_unet_config(text_hidden)).to(device)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    abar = DDPMScheduler(**SD_BETAS).alphas_cumprod
-    g = torch.Generator().manual_seed(cfg.seed)
+    training = TextToImageTraining(tokenizer, shapes_unet_config(text_hidden), text_hidden, MAX_LENGTH, cfg, device)
     losses, start = [], time.perf_counter()
     for step in range(cfg.steps):
         batch = sample_shapes(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
         captions = captions_of(batch, seed=step)
-        ids = tokenizer(
-            captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
-        ).input_ids
-        xt, t, noise = _noised(batch.images, abar, g)
-        emb = text_encoder(ids.to(device))[0]
-        pred = unet(xt.to(device), t.to(device), encoder_hidden_states=emb).sample
-        loss = torch.mean((pred - noise.to(device)) ** 2)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        _ema_update(ema_unet, unet, cfg.ema_decay)
-        _ema_update(ema_text, text_encoder, cfg.ema_decay)
+        loss = training.step(step, batch.images, captions)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            losses.append((step, round(float(loss.detach()), 5)))
+            losses.append((step, loss))
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
             print(
                 f"shapes step {step + 1}/{cfg.steps} loss {losses[-1][1]:.4f} {time.perf_counter() - start:.0f}s",
                 flush=True,
             )
             _save_shapes(
-                folder, ema_unet, ema_text, tokenizer, cfg, losses, time.perf_counter() - start, device, step + 1
+                folder, training.ema_unet, training.ema_text, tokenizer, cfg, losses, time.perf_counter() - start,
+                device, step + 1,
             )
 
 

@@ -32,7 +32,7 @@ import torch
 
 from .scenes import CAPTION_WORDS, HELD_OUT_BINDING, HELD_OUT_PAIRS, MAX_LENGTH, sample_scenes, scene_captions
 from .tokenizer import build_tokenizer
-from .train import SD_BETAS, TrainConfig, _ema_update, _log, _lr_at, _machine, _noised
+from .train import SD_BETAS, TextToImageTraining, TrainConfig, _log, _lr_at, _machine
 
 __all__ = ["ScenesConfig", "vae_config", "scenes_unet_config", "train_vae", "encode_scenes", "train_scenes"]
 
@@ -170,8 +170,7 @@ def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: 
     """The stages into ``out/scenes``: "vae" (stage 1, saved to ``out/scenes/vae``), "diffusion"
     (stages 2 and 3 on that saved VAE) or "all"; checkpoints every ``cfg.checkpoint_every`` UNet steps.
     The VAE is stored in float16 and reloaded before encoding, so both routes encode alike."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL
 
     folder = out / "scenes"
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,41 +208,17 @@ def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: 
 
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(folder / "tokenizer", CAPTION_WORDS, MAX_LENGTH)
-    hidden = scenes_cfg.text_hidden
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
-    )
-    text_encoder = CLIPTextModel(text_config).to(device)
-    unet = UNet2DConditionModel(**scenes_unet_config(hidden)).to(device)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    abar = DDPMScheduler(**SD_BETAS).alphas_cumprod
-    g = torch.Generator().manual_seed(cfg.seed)
+    training = TextToImageTraining(tokenizer, scenes_unet_config(scenes_cfg.text_hidden), scenes_cfg.text_hidden,
+                                   MAX_LENGTH, cfg, device)
     losses, start = [], time.perf_counter()
-    log |= {"unet_parameters": sum(p.numel() for p in unet.parameters()),
-            "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters())}
+    log |= {"unet_parameters": sum(p.numel() for p in training.unet.parameters()),
+            "text_encoder_parameters": sum(p.numel() for p in training.text_encoder.parameters())}
     for step in range(cfg.steps):
-        idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=training.g)
         captions = scene_captions(objects[idx], seed=cfg.seed * 1_000_003 + step)
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                        return_tensors="pt").input_ids
-        xt, t, noise = _noised(latents[idx], abar, g)
-        emb = text_encoder(ids.to(device))[0]
-        pred = unet(xt.to(device), t.to(device), encoder_hidden_states=emb).sample
-        loss = torch.mean((pred - noise.to(device)) ** 2)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        _ema_update(ema_unet, unet, cfg.ema_decay)
-        _ema_update(ema_text, text_encoder, cfg.ema_decay)
+        loss = training.step(step, latents[idx], captions)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            losses.append((step, round(float(loss.detach()), 5)))
+            losses.append((step, loss))
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
             seconds = time.perf_counter() - start
             print(f"scenes step {step + 1}/{cfg.steps} loss {losses[-1][1]:.4f} {seconds:.0f}s", flush=True)
@@ -251,7 +226,7 @@ def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: 
                     "seconds_this_run": round(time.perf_counter() - total, 1),
                     "final_loss_mean_last_10": float(sum(v for _, v in losses[-10:]) / len(losses[-10:])),
                     "loss_curve": losses}
-            save_scenes(folder, vae, ema_unet, ema_text, tokenizer)
+            save_scenes(folder, vae, training.ema_unet, training.ema_text, tokenizer)
             _log(folder / "training_log.json", log)
 
 
