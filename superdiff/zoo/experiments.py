@@ -93,6 +93,17 @@ def _sample_in_chunks(call, num_samples: int, chunk_size: int, seed: int) -> _Ch
     )
 
 
+def _guided_samples(pipe, compose: dict, guidance_scale: float | None, steps: int, num_samples: int, chunk_size: int,
+                    seed: int, on_step) -> _Chunked:
+    """``num_samples`` images (as tensors) of a text-to-image pipeline composing ``compose`` (its prompts
+    and mode, or expression and particles), in chunks from one seeded generator (:func:`_sample_in_chunks`)."""
+    return _sample_in_chunks(
+        lambda n, g: pipe(**compose, guidance_scale=guidance_scale, num_inference_steps=steps, num_images_per_prompt=n,
+                          output_type="pt", generator=g, progress=False, callback_on_step_end=on_step),
+        num_samples, chunk_size, seed,
+    )
+
+
 def digits_or(
     num_samples: int = 200,
     steps: int = 50,
@@ -188,12 +199,8 @@ def shapes_and(
         on_step = step_ticker(bar)
         for colour, shape, method, prompts, mode in runs:
             bar.set_description(f"AND shapes {colour}+{shape}: {method}")
-            out = _sample_in_chunks(
-                lambda n, g: pipe(prompts=prompts, mode=mode, guidance_scale=guidance_scale, num_inference_steps=steps,
-                                  num_images_per_prompt=n, output_type="pt", generator=g, progress=False,
-                                  callback_on_step_end=on_step),
-                num_samples, chunk_size, seed,
-            )
+            out = _guided_samples(pipe, dict(prompts=prompts, mode=mode), guidance_scale, steps, num_samples,
+                                  chunk_size, seed, on_step)
             images = _pixels(out)
             colours, shapes = read_attributes(images)
             has_colour = [c == colour for c in colours]
@@ -308,12 +315,7 @@ def shapes_calculus(
             if method.particles > 1:
                 compose["particles"] = method.particles
             start = time.perf_counter()
-            out = _sample_in_chunks(
-                lambda n, g: pipe(**compose, guidance_scale=guidance_scale, num_inference_steps=steps,
-                                  num_images_per_prompt=n, output_type="pt", generator=g, progress=False,
-                                  callback_on_step_end=on_step),
-                num_samples, chunk_size, seed,
-            )
+            out = _guided_samples(pipe, compose, guidance_scale, steps, num_samples, chunk_size, seed, on_step)
             seconds = time.perf_counter() - start
             colours, shapes = read_attributes(_pixels(out))
             hits = sum(_calculus_hit(method.target, c, s) for c, s in zip(colours, shapes))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .experiments import Sampled, _pixels, _sample_in_chunks, experiment_bar, step_ticker
+from .experiments import Sampled, _guided_samples, _pixels, experiment_bar, step_ticker
 from .scenes import geneval_correct, object_name, pair_caption, read_objects
 
 __all__ = ["SceneMethod", "scene_methods", "pair_metadata", "scene_scores", "scenes_composition"]
@@ -131,12 +131,7 @@ def scenes_composition(
         on_step = step_ticker(bar)
         for (a, b, _), (compose, named) in runs.items():
             start = time.perf_counter()
-            out = _sample_in_chunks(
-                lambda n, g: pipe(**compose, guidance_scale=guidance_scale, num_inference_steps=steps,
-                                  num_images_per_prompt=n, output_type="pt", generator=g, progress=False,
-                                  callback_on_step_end=on_step),
-                num_samples, chunk_size, seed,
-            )
+            out = _guided_samples(pipe, compose, guidance_scale, steps, num_samples, chunk_size, seed, on_step)
             seconds = time.perf_counter() - start
             images = _pixels(out)
             objects = read_objects(images)
