@@ -288,7 +288,7 @@ def test_generate_composes_on_a_flux_folder(tmp_path):
     assert guided["kappa_trace"] != side["kappa_trace"]  # the guided path differs
     r = CliRunner().invoke(cli, ["generate", "--model", "embedded-shapes", "--and", "red", "--and", "circle",
                                  "--true-cfg-scale", "4", "--out", str(tmp_path / "no")])
-    assert r.exit_code == 2 and "--true-cfg-scale applies to FLUX.1 models" in r.output, r.output
+    assert r.exit_code == 2 and "--true-cfg-scale applies to FLUX.1 and Qwen-Image models" in r.output, r.output
     assert len(side["kappa_trace"]) == 2 and (out / "image_000.png").exists() and (out / "grid.png").exists()
 
 
