@@ -166,12 +166,12 @@ def test_bad_arguments_are_refused_before_any_network_call(bad, argument, tmp_pa
 def test_loading_from_pipe_and_generate_on_a_qwenimage_folder(tmp_path):
     """A saved QwenImagePipeline folder is read as Qwen-Image (pipeline_class_for, from_pretrained with
     local_files_only; SuperDiffFluxPipeline refuses it before reading weights); from_pipe shares the modules
-    and samples what the loaded pipeline samples; `superdiff generate --model <folder>` composes on it, with
-    true CFG from --true-cfg-scale and --negative-prompt, its sidecar naming the adapter; a size that is not a
-    multiple of 4 and --guidance are refused before the weights are loaded."""
+    and samples what the loaded pipeline samples, as compose(qwen_pipe, ...) does; `superdiff generate
+    --model <folder>` composes on it, with true CFG from --true-cfg-scale and --negative-prompt, its sidecar
+    naming the adapter; a size that is not a multiple of 4 and --guidance are refused before the weights load."""
     from click.testing import CliRunner
 
-    from superdiff.pipelines import SuperDiffFluxPipeline, SuperDiffQwenImagePipeline, pipeline_class_for
+    from superdiff.pipelines import SuperDiffFluxPipeline, SuperDiffQwenImagePipeline, compose, pipeline_class_for
     from superdiff_cli.main import cli
 
     ours, qwen = qwen_pipes(tmp_path)
@@ -186,6 +186,7 @@ def test_loading_from_pipe_and_generate_on_a_qwenimage_folder(tmp_path):
     kw = dict(num_inference_steps=2, output_type="np", **KW, **true_cfg(True))
     expected = shared(PROMPTS3[:2], generator=seeded(0), **kw).images
     np.testing.assert_array_equal(expected, loaded(PROMPTS3[:2], generator=seeded(0), **kw).images)
+    np.testing.assert_array_equal(expected, compose(qwen, PROMPTS3[:2], generator=seeded(0), **kw).images)
 
     args = ["generate", "--model", str(folder), "--and", "a red circle", "--and", "a blue square", "--steps", "2",
             "--num-images", "2", "--height", "16", "--width", "16", "--dtype", "float32", "--quiet"]

@@ -162,12 +162,13 @@ def test_bad_arguments_are_refused_before_any_network_call(bad, argument, tmp_pa
 
 def test_loading_from_pipe_and_generate_on_a_zimage_folder(tmp_path):
     """A saved ZImagePipeline folder is read as Z-Image (pipeline_class_for, from_pretrained with
-    local_files_only); from_pipe shares the modules and samples what the loaded pipeline samples; `superdiff
-    generate --model <folder>` composes on it (ZImagePipeline's guidance 5 by default, --guidance 0 for Turbo),
-    its sidecar naming the adapter; a size that is not a multiple of 4 is refused before the weights load."""
+    local_files_only); from_pipe shares the modules and samples what the loaded pipeline samples, as
+    compose(z_pipe, ...) does; `superdiff generate --model <folder>` composes on it (ZImagePipeline's guidance
+    5 by default, --guidance 0 for Turbo), its sidecar naming the adapter; a size that is not a multiple of 4
+    and --true-cfg-scale are refused before the weights load."""
     from click.testing import CliRunner
 
-    from superdiff.pipelines import SuperDiffPipeline, SuperDiffZImagePipeline, pipeline_class_for
+    from superdiff.pipelines import SuperDiffPipeline, SuperDiffZImagePipeline, compose, pipeline_class_for
     from superdiff_cli.main import cli
 
     _, z = z_pipes(tmp_path)
@@ -180,8 +181,9 @@ def test_loading_from_pipe_and_generate_on_a_zimage_folder(tmp_path):
     shared = SuperDiffZImagePipeline.from_pipe(z)
     assert shared.transformer is z.transformer and shared.text_encoder is z.text_encoder
     kw = dict(num_inference_steps=2, output_type="np", **KW, **guided(True))
-    np.testing.assert_array_equal(shared(PROMPTS3[:2], generator=seeded(0), **kw).images,
-                                  loaded(PROMPTS3[:2], generator=seeded(0), **kw).images)
+    expected = shared(PROMPTS3[:2], generator=seeded(0), **kw).images
+    np.testing.assert_array_equal(expected, loaded(PROMPTS3[:2], generator=seeded(0), **kw).images)
+    np.testing.assert_array_equal(expected, compose(z, PROMPTS3[:2], generator=seeded(0), **kw).images)
 
     args = ["generate", "--model", str(folder), "--or", "a red circle", "--or", "a blue square", "--steps", "2",
             "--num-images", "2", "--height", "16", "--width", "16", "--dtype", "float32", "--quiet"]
