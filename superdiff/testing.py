@@ -364,10 +364,11 @@ def tiny_qwen25_vl(tokenizer, hidden_size: int = 16, seed: int = 0):
     text model and a one-block vision tower (Qwen-Image's text encoder; the vision tower is never run)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    vocab = len(tokenizer)
+    vocab, quarter = len(tokenizer), hidden_size // 16  # two heads: mrope_section sums to half a head's width
     text = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=2, vocab_size=vocab, rope_theta=1e6, bos_token_id=0, eos_token_id=0,
-                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})
+                rope_scaling={"mrope_section": [quarter, quarter, 2 * quarter], "rope_type": "default",
+                              "type": "default"})
     vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden_size)
     # The image tokens' ids: three ids past the vocabulary's words (never produced by the tokenizer).
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=vocab + 3, image_token_id=vocab,
