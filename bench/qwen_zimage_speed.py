@@ -164,7 +164,20 @@ def main() -> None:
                 f"goal_{key}": goal,
                 f"transformer_ratio_{key}": round(median_ratio(spent[ours][1:], spent[theirs][1:]), 3),
             }
-    emit(result, args.json)
+    if not args.json:
+        print(f"{args.size} transformers ({result['params_qwenimage'] / 1e6:.1f}M Qwen-Image, "
+              f"{result['params_zimage'] / 1e6:.1f}M Z-Image parameters), {result['image_tokens']} image tokens, "
+              f"{args.steps} steps, batch {args.batch}, medians of {repeats} rounds, {args.device}\n")
+        print("| family | mode | diffusers s/image | superdiff s/image | ratio | transformer ratio | evaluation bound "
+              "| goal |\n|---|---|---|---|---|---|---|---|")
+        for family, modes in MODES.items():
+            for mode, _, bound, goal in modes:
+                key = f"{family}_{mode}"
+                print(f"| {family} | {mode} | {result[f'seconds_per_image_diffusers_{key}']} | "
+                      f"{result[f'seconds_per_image_superdiff_{key}']} | {result[f'ratio_{key}']} | "
+                      f"{result[f'transformer_ratio_{key}']} | {bound:g} | ≤ {goal} |")
+    if args.json:
+        emit(result, True)
 
 
 if __name__ == "__main__":
