@@ -160,6 +160,9 @@ def main() -> None:
                 f"seconds_per_image_diffusers_{key}": round(statistics.median(rounds[theirs]) / args.batch, 4),
                 f"seconds_per_image_superdiff_{key}": round(statistics.median(rounds[ours]) / args.batch, 4),
                 f"ratio_{key}": round(median_ratio(rounds[ours], rounds[theirs]), 3),
+                f"ratio_mean_{key}": round(statistics.mean(ratios := [a / b for a, b in zip(rounds[ours],
+                                                                                          rounds[theirs])]), 3),
+                f"ratio_range_{key}": [round(min(ratios), 3), round(max(ratios), 3)],
                 f"evaluation_bound_{key}": bound,
                 f"goal_{key}": goal,
                 f"transformer_ratio_{key}": round(median_ratio(spent[ours][1:], spent[theirs][1:]), 3),
@@ -168,13 +171,14 @@ def main() -> None:
         print(f"{args.size} transformers ({result['params_qwenimage'] / 1e6:.1f}M Qwen-Image, "
               f"{result['params_zimage'] / 1e6:.1f}M Z-Image parameters), {result['image_tokens']} image tokens, "
               f"{args.steps} steps, batch {args.batch}, medians of {repeats} rounds, {args.device}\n")
-        print("| family | mode | diffusers s/image | superdiff s/image | ratio | transformer ratio | evaluation bound "
-              "| goal |\n|---|---|---|---|---|---|---|---|")
+        print("| family | mode | diffusers s/image | superdiff s/image | ratio (median) | mean | range | transformer "
+              "ratio | evaluation bound | goal |\n|---|---|---|---|---|---|---|---|---|---|")
         for family, modes in MODES.items():
             for mode, _, bound, goal in modes:
                 key = f"{family}_{mode}"
                 print(f"| {family} | {mode} | {result[f'seconds_per_image_diffusers_{key}']} | "
                       f"{result[f'seconds_per_image_superdiff_{key}']} | {result[f'ratio_{key}']} | "
+                      f"{result[f'ratio_mean_{key}']} | {'–'.join(map(str, result[f'ratio_range_{key}']))} | "
                       f"{result[f'transformer_ratio_{key}']} | {bound:g} | ≤ {goal} |")
     if args.json:
         emit(result, True)
