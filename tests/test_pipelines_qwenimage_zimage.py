@@ -185,8 +185,8 @@ def test_one_batched_transformer_call_per_step_and_one_text_encoding(family, cfg
 def test_no_nan_from_sigma_one_and_the_guidance_rule(family, tmp_path):
     """From σ = 1 (α = 0) every mode stays finite, guided and not. Unguided calls evaluate no unconditional row
     and are the same call bit for bit: Qwen-Image's true_cfg_scale ≤ 1, or its default 4 without a negative
-    prompt (QwenImagePipeline's rule); Z-Image's guidance_scale 0. Any Z-Image g > 0 guides (ZImagePipeline's
-    rule). Decoded images come from each family's VAE."""
+    prompt (QwenImagePipeline's rule), with any guidance_scale (ignored, as there); Z-Image's guidance_scale 0.
+    Any Z-Image g > 0 guides (ZImagePipeline's rule). Decoded images come from each family's VAE."""
     ours, _ = family.pipes(tmp_path)
     kw = family.kw(num_inference_steps=3, num_images_per_prompt=2, output_type="np")
     for mode, cfg in [("and", False), ("or", False), ("average", False), ("sum", True), ("and", True)]:
@@ -197,7 +197,7 @@ def test_no_nan_from_sigma_one_and_the_guidance_rule(family, tmp_path):
     rows = []
     ours.transformer.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(rows_of(args, kwargs)),
                                                with_kwargs=True)
-    unguided = [family.unguided] + ([dict(true_cfg_scale=0.5), {}] if family is QWEN else [])
+    unguided = [family.unguided] + ([dict(true_cfg_scale=0.5), {}, dict(guidance_scale=7.5)] if family is QWEN else [])
     plain = [ours(PROMPTS3[:2], generator=seeded(0), **kw, **args).images for args in unguided]
     assert all(np.array_equal(plain[0], other) for other in plain[1:]) and rows == [4] * 3 * len(unguided)
     weak = dict(guidance_scale=0.5) if family is ZIMAGE else family.guided
@@ -227,7 +227,7 @@ def test_sizes_as_diffusers_takes_them(family, tmp_path):
     (QWEN, dict(negative_prompt=NEGATIVE, true_cfg_scale=1.0), "negative_prompt"),  # true CFG off
     (QWEN, dict(true_cfg_scale=-1.0, negative_prompt=NEGATIVE), "true_cfg_scale"),
     (QWEN, dict(true_cfg_scale=float("nan"), negative_prompt=NEGATIVE), "true_cfg_scale"),
-    (QWEN, dict(guidance_scale=3.5), "guidance_scale"),  # no distilled guidance input
+    (QWEN, dict(guidance_scale=-3.5), "guidance_scale"),  # ignored (no distilled guidance input), but a number
     (QWEN, dict(max_sequence_length=1025), "max_sequence_length"),
     (QWEN, dict(latents=torch.zeros(1, 4, 8, 8)), "latents"),  # not packed
     (ZIMAGE, dict(negative_prompt=NEGATIVE, guidance_scale=0.0), "negative_prompt"),  # guidance off

@@ -20,8 +20,6 @@ affine in κ, which the rescaled one is not. All rows of a step go through ONE t
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any
 
 import torch
@@ -37,7 +35,7 @@ from ._common import _fail
 from .base import PipelineCall, SuperDiffBasePipeline
 from .denoisers import WithSharedInputs
 from .flow import check_flow_inputs
-from .flux import SuperDiffFluxPipeline
+from .flux import SuperDiffFluxPipeline, _is_number
 
 __all__ = ["SuperDiffQwenImagePipeline"]
 
@@ -56,8 +54,8 @@ class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
         ``QwenImagePipeline``'s arguments and defaults (50 steps, 1024² pixels, text length 512 at most 1024).
         ``true_cfg_scale`` (4.0) with a ``negative_prompt`` (e.g. ``" "``): true classifier-free guidance, one
         unconditional row more per step; without a negative prompt the prompts are sampled unguided, as in
-        diffusers. ``guidance_scale`` must stay None (the transformer takes no distilled guidance). ``latents``:
-        diffusers' packed starting noise (B, (height/2f)·(width/2f), transformer ``in_channels``)."""
+        diffusers. ``guidance_scale`` is ignored, as there (the transformer takes no distilled guidance).
+        ``latents``: diffusers' packed starting noise (B, (height/2f)·(width/2f), transformer ``in_channels``)."""
     latents_layout = ("(num_images_per_prompt, (height / 2f)·(width / 2f), 4 · latent channels): diffusers' packed "
                       "Qwen-Image latents, f the VAE factor (QwenImagePipeline._pack_latents packs them)")
 
@@ -82,14 +80,14 @@ class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
 
     def check_inputs(self, call: PipelineCall) -> None:
         """Guidance as ``QwenImagePipeline`` applies it (true CFG needs a negative prompt), then the shared checks."""
-        true_cfg, negative = call.true_cfg_scale, call.negative_prompt
-        valid = isinstance(true_cfg, numbers.Real) and not isinstance(true_cfg, bool) and math.isfinite(true_cfg)
-        if not valid or true_cfg < 0:
+        true_cfg, negative, ignored = call.true_cfg_scale, call.negative_prompt, call.guidance_scale
+        if not _is_number(true_cfg) or true_cfg < 0:
             _fail("true_cfg_scale", true_cfg, "use a finite number >= 0 (4.0, QwenImagePipeline's default, guides "
                   "with a negative_prompt; 1 or less samples without true classifier-free guidance)")
-        if call.guidance_scale is not None:
-            _fail("guidance_scale", call.guidance_scale, "Qwen-Image's transformer takes no distilled guidance; "
-                  "leave it None (classifier-free guidance is true_cfg_scale with a negative_prompt)")
+        if ignored is not None and (not _is_number(ignored) or ignored < 0):
+            _fail("guidance_scale", ignored, "use None or a finite number >= 0; it is ignored, as in diffusers: "
+                  "Qwen-Image's transformer takes no distilled guidance (guide with true_cfg_scale and a "
+                  "negative_prompt)")
         if negative is not None and true_cfg <= 1:
             _fail("negative_prompt", negative, f"it is the unconditional branch of true classifier-free guidance, "
                   f"which true_cfg_scale={true_cfg!r} turns off; pass true_cfg_scale above 1 (e.g. 4.0) or no "
