@@ -131,10 +131,10 @@ def check_true_cfg(true_cfg_scale: float | None, guidance: float | None, model: 
         raise BadInput(f"--guidance does not apply to {model}, a Qwen-Image model (its transformer takes no "
                        "distilled guidance); guide with --true-cfg-scale (e.g. 4) and --negative-prompt")
     if true_cfg_scale is not None and name not in TRUE_CFG_PIPELINES:
-        guidance = ("it composes unconditional models, which take no guidance" if model == "embedded-digits"
-                    else "--guidance is this model's classifier-free guidance")
+        hint = ("it composes unconditional models, which take no guidance" if model == "embedded-digits"
+                else "--guidance is this model's classifier-free guidance")
         raise BadInput(f"--true-cfg-scale applies to FLUX.1 and Qwen-Image models (a FluxPipeline or "
-                       f"QwenImagePipeline folder), and {model} runs on {name}; drop it ({guidance})")
+                       f"QwenImagePipeline folder), and {model} runs on {name}; drop it ({hint})")
 
 
 def check_limits(
