@@ -1,5 +1,5 @@
 """SuperDiff in Modular Diffusers pipelines (superdiff.pipelines.modular) on tiny seeded components (CPU,
-offline): with the same components and seeds, the modular SDXL and FLUX.1 pipelines with the SuperDiff
+offline): with the same components and seeds, the modular SDXL, SD3 and FLUX.1 pipelines with the SuperDiff
 steps swapped in give the non-modular superdiff pipeline's latents and traces (the prompts encoded by the
 modular pipeline's own text blocks, the latents decoded by its own decode step); one network call per step;
 bad arguments refused before the text encoders run."""
@@ -42,6 +42,17 @@ def sdxl(tmp_path, guidance: float | None):
     return ours, _modular("StableDiffusionXLAutoBlocks", {**components, "guider": guider})
 
 
+def sd3(tmp_path, guidance: float | None):
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from superdiff.pipelines import SuperDiffFlowPipeline
+    from superdiff.testing import tiny_sd3_components
+
+    ours = SuperDiffFlowPipeline(**tiny_sd3_components(tokenizer_dir=tmp_path, t5=True)).to(torch.float64)
+    guider = ClassifierFreeGuidance(guidance_scale=guidance or 7.0, enabled=guidance is not None)
+    return ours, _modular("StableDiffusion3AutoBlocks", {**ours.components, "guider": guider})
+
+
 def flux(tmp_path):
     from superdiff.pipelines import SuperDiffFluxPipeline
     from test_pipelines_flux import tiny_flux_components
@@ -80,6 +91,23 @@ def test_sdxl_modular_equals_the_superdiff_pipeline(composition, guidance, tmp_p
     assert len(calls) == STEPS  # one UNet call per step, all prompts (and the unconditional row) batched
     assert_same_run(out, state, out.images)
     assert state.get("images").shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS[:2] + [dict(expression=EXPRESSION)], ids=str)
+@pytest.mark.parametrize("guidance", [5.0, None])
+def test_sd3_modular_equals_the_superdiff_pipeline(composition, guidance, tmp_path):
+    """SD3's modular text encoder makes the unconditional row only from a negative prompt: the input step
+    passes "" under guidance, the text the superdiff pipeline encodes for it."""
+    ours, pipe = sd3(tmp_path, guidance)
+    prompts = {} if "expression" in composition else {"prompts": PROMPTS}
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2, max_sequence_length=8, output_type="latent",
+              progress=False)
+    out = ours(**prompts, **composition, guidance_scale=guidance, generator=seeded(3), **kw)
+    calls = count_calls(ours.transformer)
+    state = pipe(prompt=prompts.get("prompts"), **composition, generator=seeded(3), **kw)
+    assert len(calls) == STEPS
+    assert (state.get("negative_prompt_embeds") is None) == (guidance is None)
+    assert_same_run(out, state, out.images)
 
 
 def test_sdxl_modular_decodes_with_its_own_step_and_takes_the_sampling_options(tmp_path):
@@ -138,12 +166,12 @@ def test_bad_arguments_are_refused_before_the_text_encoders_run(bad, argument, t
 
 
 def test_the_steps_refuse_what_they_cannot_compose(tmp_path):
-    from diffusers.modular_pipelines import StableDiffusion3AutoBlocks, StableDiffusionXLAutoBlocks
+    from diffusers.modular_pipelines import LTXAutoBlocks, StableDiffusionXLAutoBlocks
 
     from superdiff.pipelines.modular import SuperDiffDenoiseStep, superdiff_blocks
 
-    with pytest.raises(ValueError, match="^model_name='stable-diffusion-3'"):
-        superdiff_blocks(StableDiffusion3AutoBlocks())
+    with pytest.raises(ValueError, match="^model_name='ltx'"):
+        superdiff_blocks(LTXAutoBlocks())
     blocks = StableDiffusionXLAutoBlocks()
     blocks.sub_blocks["denoise"] = SuperDiffDenoiseStep("stable-diffusion-xl")  # without the input step
     ours, _ = sdxl(tmp_path, None)

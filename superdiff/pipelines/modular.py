@@ -47,7 +47,9 @@ class ModularFamily:
     """What a modular family needs beyond its superdiff adapter: the state the text blocks fill, in the
     form the adapter's ``encode_prompts`` returns (``embeddings``), the latents its decode step takes
     (``for_decode``), diffusers' denoise step whose components this one expects, and where guidance comes
-    from (the ``guider`` component, or a distilled ``guidance_scale`` input)."""
+    from (the ``guider`` component, or a distilled ``guidance_scale`` input). ``empty_negative``: the text
+    encoder makes the unconditional row only from a negative prompt, so guidance without one passes ``""``
+    (the superdiff pipeline's unconditional text)."""
 
     adapter: str
     denoise_step: str
@@ -55,9 +57,10 @@ class ModularFamily:
     embeddings: Callable[[Any, bool], Any]
     for_decode: Callable[[Any, PipelineCall, torch.Tensor], torch.Tensor] = lambda adapter, call, latents: latents
     guider: bool = False
+    empty_negative: bool = False
 
 
-def _sdxl_embeddings(state: Any, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _guided_embeddings(state: Any, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(M+1 or M rows of hidden states, of pooled embeddings): the prompts', then under guidance the
     negative (or zero) row the text encoder repeated for each prompt, once."""
     def rows(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
@@ -78,7 +81,12 @@ FAMILIES: dict[str, ModularFamily] = {
     "stable-diffusion-xl": ModularFamily(
         "SuperDiffXLPipeline", "stable_diffusion_xl.denoise.StableDiffusionXLDenoiseStep",
         ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
-        _sdxl_embeddings, guider=True,
+        _guided_embeddings, guider=True,
+    ),
+    "stable-diffusion-3": ModularFamily(
+        "SuperDiffFlowPipeline", "stable_diffusion_3.denoise.StableDiffusion3DenoiseStep",
+        ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+        _guided_embeddings, guider=True, empty_negative=True,
     ),
     "flux": ModularFamily(
         "SuperDiffFluxPipeline", "flux.denoise.FluxDenoiseStep", ("prompt_embeds", "pooled_prompt_embeds"),
@@ -182,6 +190,9 @@ class SuperDiffInputStep(ModularPipelineBlocks):
             InputParam("height"),
             InputParam("width"),
             InputParam("progress", default=True),
+            *([InputParam("max_sequence_length", default=defaults["max_sequence_length"],
+                          description="T5's length (the text encoder's input).")]
+              if "max_sequence_length" in defaults else []),
             *[InputParam(name) for name in OTHER_WORKFLOWS],
         ]
 
@@ -206,20 +217,22 @@ class SuperDiffInputStep(ModularPipelineBlocks):
         given = {f.name: getattr(block, f.name) for f, _ in option_fields(SamplerOptions)
                  if getattr(block, f.name) is not None}
         sampler = SamplerOptions.from_kwargs(block.options, **given)
+        # The guidance scale as the superdiff pipeline takes it: the guider's weight, or FLUX.1's distilled one.
         if self.family.guider:
-            guidance, negative = _guidance_of(getattr(components, "guider", None)), block.negative_prompt
-            distilled = None
+            guidance_scale = _guidance_of(getattr(components, "guider", None))
         else:
-            guidance, negative, distilled = None, None, block.guidance_scale
-        cfg = {"guidance_scale": guidance if self.family.guider else distilled, "true_cfg_scale": None}
+            guidance_scale = block.guidance_scale
+        cfg = {"guidance_scale": guidance_scale, "true_cfg_scale": None}[adapter.cfg_argument]
         options = SamplingOptions(
-            combiner=combiner, guidance_scale=cfg[adapter.cfg_argument], num_inference_steps=block.num_inference_steps,
+            combiner=combiner, guidance_scale=cfg, num_inference_steps=block.num_inference_steps,
             num_images_per_prompt=block.num_images_per_prompt, generator=block.generator, latents=block.latents,
             output_type="latent", progress=block.progress, sampler=sampler,
         )
-        call = PipelineCall(options, list(prompts), negative, block.height, block.width,
-                            guidance if self.family.guider else distilled,
-                            max_sequence_length=state.get("max_sequence_length"))
+        negative = getattr(block, "negative_prompt", None)
+        if self.family.empty_negative and negative is None and options.guidance is not None:
+            block.negative_prompt = ""  # for the text encoder; the call keeps None (the same unconditional text)
+        call = PipelineCall(options, list(prompts), negative, block.height, block.width, guidance_scale,
+                            max_sequence_length=getattr(block, "max_sequence_length", None))
         adapter._checked_shape(call)
         block.prompt, block.superdiff_call = list(prompts), call
         self.set_block_state(state, block)
