@@ -10,14 +10,15 @@ denoise step is replaced:
   every argument before any network call; it hands the pipeline's text encoder the M prompts to encode
   (an expression's leaves) as ``prompt``, a list, which the text blocks encode as a batch of M rows.
 * :class:`SuperDiffDenoiseStep`, in place of the pipeline's ``denoise`` step, reads those M rows (and the
-  negative ones under guidance) from the state and runs the superdiff adapter of the family
-  (:class:`~superdiff.pipelines.SuperDiffXLPipeline`, :class:`~superdiff.pipelines.SuperDiffFluxPipeline`)
-  on the pipeline's own components: the same time grid, starting noise, one batched network call per step
-  and sampler as the non-modular pipeline; only the text encoding is the modular pipeline's. It hands the
-  latents to the pipeline's ``decode`` step and the traces as ``superdiff_output``.
+  negative ones under guidance) from the state and runs the family's superdiff adapter
+  (:class:`~superdiff.pipelines.SuperDiffXLPipeline`, :class:`~superdiff.pipelines.SuperDiffFlowPipeline`
+  for SD3, :class:`~superdiff.pipelines.SuperDiffFluxPipeline`) on the pipeline's own components: the
+  same time grid, starting noise, one batched network call per step and sampler as the non-modular
+  pipeline; only the text encoding is the modular pipeline's. It hands the latents to the pipeline's
+  ``decode`` step and the traces as ``superdiff_output``.
 
 :func:`superdiff_blocks` makes both swaps. Text-to-image only (no image, mask, control image or IP-adapter
-inputs). Classifier-free guidance (SDXL) is the pipeline's ``guider`` (a ``ClassifierFreeGuidance``), whose
+inputs). Classifier-free guidance (SDXL, SD3) is the pipeline's ``guider`` (a ``ClassifierFreeGuidance``), whose
 ``guidance_scale`` weighs the κ-mixture as the pipelines' ``guidance_scale`` does; FLUX.1's distilled
 guidance is the ``guidance_scale`` input, as in ``FluxPipeline``.
 """
@@ -44,30 +45,31 @@ __all__ = ["SuperDiffDenoiseStep", "SuperDiffInputStep", "superdiff_blocks"]
 
 @dataclass(frozen=True)
 class ModularFamily:
-    """What a modular family needs beyond its superdiff adapter: the state the text blocks fill, in the
-    form the adapter's ``encode_prompts`` returns (``embeddings``), the latents its decode step takes
-    (``for_decode``), diffusers' denoise step whose components this one expects, and where guidance comes
-    from (the ``guider`` component, or a distilled ``guidance_scale`` input). ``empty_negative``: the text
-    encoder makes the unconditional row only from a negative prompt, so guidance without one passes ``""``
-    (the superdiff pipeline's unconditional text)."""
+    """What a modular family needs beyond its superdiff adapter: the names of the embeddings its text
+    encoder step writes (``negative_<name>`` too under guidance), in the order the adapter's
+    ``encode_prompts`` returns them; diffusers' denoise step whose components this one expects; where
+    guidance comes from (the ``guider`` component, or a distilled ``guidance_scale`` input); the latents
+    its decode step takes (``for_decode``). ``empty_negative``: the text encoder makes the unconditional
+    row only from a negative prompt, so guidance without one passes ``""`` (the superdiff pipeline's
+    unconditional text)."""
 
     adapter: str
     denoise_step: str
-    embedding_names: tuple[str, ...]
-    embeddings: Callable[[Any, bool], Any]
-    for_decode: Callable[[Any, PipelineCall, torch.Tensor], torch.Tensor] = lambda adapter, call, latents: latents
+    embedding_names: tuple[str, ...] = ("prompt_embeds", "pooled_prompt_embeds")
     guider: bool = False
     empty_negative: bool = False
+    for_decode: Callable[[Any, PipelineCall, torch.Tensor], torch.Tensor] = lambda adapter, call, latents: latents
 
+    def state_names(self) -> list[str]:
+        """The embeddings the denoise step reads from the pipeline state."""
+        negatives = [f"negative_{name}" for name in self.embedding_names] if self.guider else []
+        return [*self.embedding_names, *negatives]
 
-def _guided_embeddings(state: Any, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M+1 or M rows of hidden states, of pooled embeddings): the prompts', then under guidance the
-    negative (or zero) row the text encoder repeated for each prompt, once."""
-    def rows(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
-        return torch.cat([cond, uncond[:1]]) if guided else cond
-
-    return (rows(state.prompt_embeds, state.negative_prompt_embeds),
-            rows(state.pooled_prompt_embeds, state.negative_pooled_prompt_embeds))
+    def embeddings(self, state: Any, guided: bool) -> tuple[torch.Tensor, ...]:
+        """What the adapter's ``encode_prompts`` returns: each embedding's M prompt rows, then under
+        guidance the negative (or zero) row, which the text encoder repeated for each prompt, once."""
+        return tuple(torch.cat([state[name], state[f"negative_{name}"][:1]]) if guided else state[name]
+                     for name in self.embedding_names)
 
 
 def _flux_unpack(adapter: Any, call: PipelineCall, latents: torch.Tensor) -> torch.Tensor:
@@ -79,19 +81,11 @@ def _flux_unpack(adapter: Any, call: PipelineCall, latents: torch.Tensor) -> tor
 #: The modular families by their blocks' ``model_name``.
 FAMILIES: dict[str, ModularFamily] = {
     "stable-diffusion-xl": ModularFamily(
-        "SuperDiffXLPipeline", "stable_diffusion_xl.denoise.StableDiffusionXLDenoiseStep",
-        ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
-        _guided_embeddings, guider=True,
-    ),
+        "SuperDiffXLPipeline", "stable_diffusion_xl.denoise.StableDiffusionXLDenoiseStep", guider=True),
     "stable-diffusion-3": ModularFamily(
-        "SuperDiffFlowPipeline", "stable_diffusion_3.denoise.StableDiffusion3DenoiseStep",
-        ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
-        _guided_embeddings, guider=True, empty_negative=True,
-    ),
-    "flux": ModularFamily(
-        "SuperDiffFluxPipeline", "flux.denoise.FluxDenoiseStep", ("prompt_embeds", "pooled_prompt_embeds"),
-        lambda state, guided: (state.prompt_embeds, state.pooled_prompt_embeds), for_decode=_flux_unpack,
-    ),
+        "SuperDiffFlowPipeline", "stable_diffusion_3.denoise.StableDiffusion3DenoiseStep", guider=True,
+        empty_negative=True),
+    "flux": ModularFamily("SuperDiffFluxPipeline", "flux.denoise.FluxDenoiseStep", for_decode=_flux_unpack),
 }
 
 #: Inputs of other workflows (image-to-image, inpainting, ControlNet, IP-adapter), refused by name.
@@ -266,7 +260,7 @@ class SuperDiffDenoiseStep(ModularPipelineBlocks):
     def inputs(self) -> list[InputParam]:
         return [
             InputParam("superdiff_call", description="The composition and options SuperDiffInputStep checked."),
-            *[InputParam(name) for name in self.family.embedding_names],
+            *[InputParam(name) for name in self.family.state_names()],
         ]
 
     @property
