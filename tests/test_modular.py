@@ -165,6 +165,21 @@ def test_bad_arguments_are_refused_before_the_text_encoders_run(bad, argument, t
     assert calls == [[], [], []]
 
 
+@pytest.mark.parametrize("bad, argument", [
+    (dict(guidance_scale=-1.0), "guidance_scale"),  # the distilled guidance
+    (dict(max_sequence_length=0), "max_sequence_length"),
+    (dict(height=18), "height"),  # not a multiple of 2 × the VAE factor (the 2×2 packing)
+    (dict(mode="sum"), "the combiner's weights"),  # no denoised form at σ = 1 without guidance
+])
+def test_flux_bad_arguments_are_refused_before_the_text_encoders_run(bad, argument, tmp_path):
+    _, pipe = flux(tmp_path)
+    calls = [count_calls(network) for network in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer)]
+    kw = dict(prompt=PROMPTS, height=16, width=16, max_sequence_length=8, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=rf"^{argument}"):
+        pipe(**{**kw, **bad}, output_type="latent")
+    assert calls == [[], [], []]
+
+
 def test_the_steps_refuse_what_they_cannot_compose(tmp_path):
     from diffusers.modular_pipelines import LTXAutoBlocks, StableDiffusionXLAutoBlocks
 
