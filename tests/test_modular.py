@@ -112,10 +112,12 @@ def test_sd3_modular_equals_the_superdiff_pipeline(composition, guidance, tmp_pa
 
 def test_sdxl_modular_decodes_with_its_own_step_and_takes_the_sampling_options(tmp_path):
     """Images decoded by the modular pipeline's decode step equal the superdiff pipeline's; an expression that
-    corrects runs with weighted particles and a non-default sampling option through the modular call."""
+    corrects runs with weighted particles, a non-default sampling option and a negative prompt (as a
+    one-element list, which the modular text encoder takes as a string) through the modular call."""
     ours, pipe = sdxl(tmp_path, 4.0)
     kw = dict(num_inference_steps=STEPS, output_type="np", progress=False)
-    options = dict(expression='"a red circle" * "a blue square"', particles=2, density_variance="forward")
+    options = dict(expression='"a red circle" * "a blue square"', particles=2, density_variance="forward",
+                   negative_prompt=["a cat"])
     out = ours(guidance_scale=4.0, generator=seeded(2), **options, **kw)
     state = pipe(generator=seeded(2), **options, **kw)
     np.testing.assert_allclose(state.get("images"), out.images, rtol=0, atol=1e-6)  # float32 images

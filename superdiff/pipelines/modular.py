@@ -222,12 +222,14 @@ class SuperDiffInputStep(ModularPipelineBlocks):
             num_images_per_prompt=block.num_images_per_prompt, generator=block.generator, latents=block.latents,
             output_type="latent", progress=block.progress, sampler=sampler,
         )
-        negative = getattr(block, "negative_prompt", None)
-        if self.family.empty_negative and negative is None and options.guidance is not None:
-            block.negative_prompt = ""  # for the text encoder; the call keeps None (the same unconditional text)
+        negative, length = getattr(block, "negative_prompt", None), getattr(block, "max_sequence_length", None)
         call = PipelineCall(options, list(prompts), negative, block.height, block.width, guidance_scale,
-                            max_sequence_length=getattr(block, "max_sequence_length", None))
+                            max_sequence_length=length)
         adapter._checked_shape(call)
+        if self.family.guider:  # the text encoder's negative prompt: one string (the checks allow ["text"])
+            block.negative_prompt = call.negative_text
+            if self.family.empty_negative and call.negative_text is None and options.guidance is not None:
+                block.negative_prompt = ""  # the unconditional text the superdiff pipeline encodes
         block.prompt, block.superdiff_call = list(prompts), call
         self.set_block_state(state, block)
         return components, state
