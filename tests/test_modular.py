@@ -85,9 +85,10 @@ def test_sdxl_modular_equals_the_superdiff_pipeline(composition, guidance, tmp_p
     prompts = {} if "expression" in composition else {"prompts": PROMPTS}
     kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2, output_type="latent", progress=False)
     out = ours(**prompts, **composition, guidance_scale=guidance, generator=seeded(4), **kw)
-    calls = count_calls(ours.unet)
+    calls, encoder_calls = count_calls(ours.unet), count_calls(ours.text_encoder_2)
     state = pipe(prompt=prompts.get("prompts"), **composition, generator=seeded(4), **kw)
-    assert state.get("prompt_embeds").shape[0] == 2  # the modular text encoder encoded the two prompts
+    assert state.get("prompt_embeds").shape[0] == 2  # the modular text encoder encoded the two prompts,
+    assert len(encoder_calls) == 1  # and the denoise step used its embeddings, not encoding them again
     assert len(calls) == STEPS  # one UNet call per step, all prompts (and the unconditional row) batched
     assert_same_run(out, state, out.images)
     assert state.get("images").shape == (2, 4, 8, 8)
