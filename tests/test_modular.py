@@ -153,6 +153,7 @@ def test_flux_modular_equals_the_superdiff_pipeline(composition, tmp_path):
     (dict(expression='"a" & "b"', prompt=PROMPTS), "expression"),
     (dict(image=torch.zeros(1, 3, 16, 16)), "image"),
     (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+    (dict(guidance_scale=5.0), "guidance_scale"),  # the guider's, not an input diffusers would only warn about
     (dict(guider=dict(guidance_rescale=0.7)), "guider.guidance_rescale"),
     (dict(guider=dict(stop=0.5)), "guider.stop"),
 ])

@@ -164,7 +164,9 @@ class SuperDiffInputStep(ModularPipelineBlocks):
     @property
     def inputs(self) -> list[InputParam]:
         defaults = _adapter_class(self.family.adapter).call_defaults
-        family_inputs = ([InputParam("negative_prompt")] if self.family.guider else
+        family_inputs = ([InputParam("negative_prompt"), InputParam("guidance_scale", description="Refused: the "
+                                                                      "guider's guidance_scale is the weight.")]
+                         if self.family.guider else
                          [InputParam("guidance_scale", default=defaults["guidance_scale"],
                                      description="The distilled guidance embedding (as FluxPipeline's).")])
         return [
@@ -213,6 +215,9 @@ class SuperDiffInputStep(ModularPipelineBlocks):
         sampler = SamplerOptions.from_kwargs(block.options, **given)
         # The guidance scale as the superdiff pipeline takes it: the guider's weight, or FLUX.1's distilled one.
         if self.family.guider:
+            if block.guidance_scale is not None:  # diffusers would only warn that it is ignored
+                _fail("guidance_scale", block.guidance_scale, "a modular pipeline's guidance weight is its guider's; "
+                      "set it with pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=...))")
             guidance_scale = _guidance_of(getattr(components, "guider", None))
         else:
             guidance_scale = block.guidance_scale
