@@ -41,8 +41,9 @@ class LoadedModel:
     default_guidance: float = 7.5
 
 #: The guidance a pipeline class samples with when --guidance is not given, where it is not 7.5: FLUX.1's
-#: ``guidance_scale`` is its distilled guidance embedding, 3.5 in diffusers' FluxPipeline.
-DEFAULT_GUIDANCE = {"SuperDiffFluxPipeline": 3.5}
+#: ``guidance_scale`` is its distilled guidance embedding, 3.5 in diffusers' FluxPipeline; FLUX.2's is 4 (dev's
+#: distilled embedding, klein's classifier-free guidance), as in diffusers' Flux2Pipeline / Flux2KleinPipeline.
+DEFAULT_GUIDANCE = {"SuperDiffFluxPipeline": 3.5, "SuperDiffFlux2Pipeline": 4.0, "SuperDiffFlux2KleinPipeline": 4.0}
 
 
 DEVICE_HINT = "use auto, cpu, cuda or cuda:N"
@@ -86,7 +87,8 @@ DIGIT_MODELS = ("a", "b", "all")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SUPPORTED_CLASSES = (
     "StableDiffusionPipeline (1.x/2.x) or its Img2Img variant, StableDiffusionXLPipeline (or Img2Img), "
-    "StableDiffusion3Pipeline (SD3 / SD3.5, or Img2Img), or FluxPipeline (FLUX.1, or Img2Img)"
+    "StableDiffusion3Pipeline (SD3 / SD3.5, or Img2Img), FluxPipeline (FLUX.1, or Img2Img), or Flux2Pipeline / "
+    "Flux2KleinPipeline (FLUX.2 dev / klein)"
 )
 
 

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 #: The diffusers pipelines, imported from :mod:`superdiff.pipelines` when first asked for.
 PIPELINES = ("SuperDiffPipeline", "SuperDiffXLPipeline", "SuperDiffFlowPipeline", "SuperDiffFluxPipeline",
+             "SuperDiffFlux2Pipeline", "SuperDiffFlux2KleinPipeline",
              "SuperDiffUnconditionalPipeline", "pipeline_class_for", "compose")
 
 __all__ = [
