@@ -106,6 +106,13 @@ def main() -> None:
             f"ratio_{family}": round(median_ratio(rounds["superdiff"], rounds["diffusers"]), 3),
             f"evaluation_bound_{family}": bound,
         }
+    if not args.json:
+        print("| family | diffusers s/image | superdiff s/image | ratio | evaluation bound |\n|---|---|---|---|---|")
+        for family in ("dev", "klein"):
+            print(f"| {family} | {result[f'seconds_per_image_diffusers_{family}']} | "
+                  f"{result[f'seconds_per_image_superdiff_{family}']} | {result[f'ratio_{family}']} | "
+                  f"{result[f'evaluation_bound_{family}']} |")
+        print()
     emit(result, args.json)
 
 
