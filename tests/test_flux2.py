@@ -252,6 +252,11 @@ def test_generate_composes_on_a_saved_folder(family, tmp_path):
     name = "SuperDiffFlux2Pipeline" if family == "dev" else "SuperDiffFlux2KleinPipeline"
     assert side["pipeline"] == name and side["guidance"] == GUIDANCE and side["mode"] == "and"
     assert len(side["kappa_trace"]) == 2 and (out / "image_000.png").exists() and (out / "grid.png").exists()
+    refused = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "model"), "--and", "a", "--and", "b",
+                                       "--height", "18", "--out", str(tmp_path / "refused"), "--quiet"])
+    # the 2×2 packing, read from the folder before loading it: multiples of 4 with the tiny VAE's factor 2
+    assert refused.exit_code == 2 and "--height 18 is not a multiple of 4" in refused.output, refused.output
+    assert "use e.g. --height 16" in refused.output and not (tmp_path / "refused").exists()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
