@@ -12,8 +12,8 @@ the same size, steps, guidance 4 (diffusers' default) and starting seed, latents
   empty prompt), ours one of (M+1)·B rows, a bound of (M+1)/2 = 1.5 (``evaluation_bound_klein``).
 
 The ratios are medians of per-round ratios (the two pipelines of a family run back to back in each
-round); they are reported, not asserted. CPU runs use one intra-op thread unless ``--threads`` says
-otherwise; ``--device cuda`` runs the "small" transformer in bfloat16.
+round), with their mean and range; they are reported, not asserted. CPU runs use one intra-op thread
+unless ``--threads`` says otherwise; ``--device cuda`` runs the "small" transformer in bfloat16.
 """
 
 from __future__ import annotations
@@ -99,19 +99,24 @@ def main() -> None:
         fns = runners(pipe, ours, steps, args.batch, latent, text_tokens, args.device)
         with torch.inference_mode():
             rounds = interleaved_times(fns, repeats, args.device, warmup=1)
+        ratios = [ours / theirs for ours, theirs in zip(rounds["superdiff"], rounds["diffusers"])]
         result |= {
             f"params_{family}": sum(q.numel() for q in pipe.transformer.parameters()),
             f"seconds_per_image_diffusers_{family}": round(statistics.median(rounds["diffusers"]) / args.batch, 4),
             f"seconds_per_image_superdiff_{family}": round(statistics.median(rounds["superdiff"]) / args.batch, 4),
             f"ratio_{family}": round(median_ratio(rounds["superdiff"], rounds["diffusers"]), 3),
+            f"ratio_{family}_mean": round(statistics.mean(ratios), 3),
+            f"ratio_{family}_range": [round(min(ratios), 3), round(max(ratios), 3)],
             f"evaluation_bound_{family}": bound,
         }
     if not args.json:
-        print("| family | diffusers s/image | superdiff s/image | ratio | evaluation bound |\n|---|---|---|---|---|")
-        for family in ("dev", "klein"):
-            print(f"| {family} | {result[f'seconds_per_image_diffusers_{family}']} | "
-                  f"{result[f'seconds_per_image_superdiff_{family}']} | {result[f'ratio_{family}']} | "
-                  f"{result[f'evaluation_bound_{family}']} |")
+        print("| family | diffusers s/image | superdiff s/image | ratio: median (mean, range) | evaluation bound |\n"
+              "|---|---|---|---|---|")
+        for f in ("dev", "klein"):
+            r = {key[: -len(f) - 1]: value for key, value in result.items() if key.endswith(f"_{f}")}
+            low, high = result[f"ratio_{f}_range"]
+            print(f"| {f} | {r['seconds_per_image_diffusers']} | {r['seconds_per_image_superdiff']} | "
+                  f"{r['ratio']} ({result[f'ratio_{f}_mean']}, {low}–{high}) | {r['evaluation_bound']} |")
         print()
     emit(result, args.json)
 
