@@ -117,6 +117,7 @@ def test_one_batched_transformer_call_per_step(family, guidance, rows):
     for _, g in seen:
         assert g is None if family != "dev" else torch.equal(g, torch.full_like(g, guidance))
     assert out.images.shape == ((3, 16, 16) if family == "dev" else (3, 4, 8, 8))
+    assert ours.guidance_scale == (None if family == "klein-distilled" else guidance)  # as diffusers reports it
 
 
 @pytest.mark.parametrize("family", FAMILIES)

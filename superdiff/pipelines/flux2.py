@@ -149,6 +149,11 @@ class SuperDiffFlux2Pipeline(_Flux2Family):
         ``negative_prompt``. ``latents``: diffusers' starting noise (B, transformer ``in_channels``, height/2f,
         width/2f), used as given. ``output_type="latent"`` returns the packed tokens, as diffusers does."""
 
+    @property
+    def guidance_scale(self) -> float | None:
+        """The distilled guidance embedding of the current (or last) call, as in ``Flux2Pipeline``."""
+        return getattr(self, "_distilled_guidance", None)
+
     def check_inputs(self, call: PipelineCall) -> None:
         """The distilled guidance (a number: the network's input), no negative prompt, then the shared checks."""
         g = call.guidance_scale
@@ -174,6 +179,7 @@ class SuperDiffFlux2Pipeline(_Flux2Family):
         conditions = super().encode(call)
         conditions["guidance"] = torch.full((len(call.prompts),), float(call.guidance_scale),
                                             device=self._execution_device, dtype=torch.float32)
+        self._distilled_guidance = call.guidance_scale
         return conditions
 
 
