@@ -106,7 +106,7 @@ TINY_MODELS = {
     "stabilityai/stable-diffusion-3.5-medium": _save_sd3,
     "black-forest-labs/FLUX.1-dev": _save_flux,
     "black-forest-labs/FLUX.2-dev": _save_flux2,
-    "black-forest-labs/FLUX.2-klein-base-4B": functools.partial(_save_flux2, klein=True),
+    "black-forest-labs/FLUX.2-klein-base-9B": functools.partial(_save_flux2, klein=True),
 }
 
 
