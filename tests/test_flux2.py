@@ -269,6 +269,10 @@ def test_expressions_and_particles(family):
     flat = pipe(prompts=PROMPTS3[:2], mode="and", generator=seeded(3), **common)
     tree = pipe(expression=f'"{PROMPTS3[0]}" & "{PROMPTS3[1]}"', generator=seeded(3), **common)
     assert torch.equal(flat.images, tree.images) and torch.equal(flat.kappa_trace, tree.kappa_trace)
+    if family == "klein":  # the unconditional row is the negative prompt where one is given ("" otherwise)
+        steered = pipe(prompts=PROMPTS3[:2], mode="and", generator=seeded(3), negative_prompt="a cat", **common)
+        empty = pipe(prompts=PROMPTS3[:2], mode="and", generator=seeded(3), negative_prompt="", **common)
+        assert torch.equal(empty.images, flat.images) and not torch.equal(steered.images, flat.images)
     text = f'softmin("{PROMPTS3[0]}", "{PROMPTS3[1]}")[sharpness=4]'  # degree 1, corrected: weighted particles
     both = pipe(expression=text, particles=3, num_images_per_prompt=2, generator=[seeded(5), seeded(6)], **common)
     assert both.images.shape[0] == 2 and torch.isfinite(both.images).all()
