@@ -82,6 +82,18 @@ ROWS = [
         "≤ 2.1 (bound 2)",
     ),
     (
+        "flux2_speed.py",
+        "ratio_dev",
+        "FLUX.2 dev (guidance-distilled): AND of 2 prompts / diffusers Flux2Pipeline with 1 prompt, per image",
+        "≤ 2.1 (bound 2)",
+    ),
+    (
+        "flux2_speed.py",
+        "ratio_klein",
+        "FLUX.2 klein (CFG 4 from the empty prompt): AND of 2 prompts / diffusers Flux2KleinPipeline, per image",
+        "≤ 1.6 (bound 1.5)",
+    ),
+    (
         "scaling.py",
         "combiner_fraction",
         "share of a step spent in SuperDiff's own work (κ, densities), measured between the network calls of real "

@@ -131,13 +131,20 @@ def _vae_factor(spec: str, items: list[str] | None) -> int:
     return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 1
 
 
+#: ``model_index.json`` class names (prefixes) of the pipelines that pack latents in 2×2 patches
+#: (FLUX.1, FLUX.2): their images are multiples of twice the VAE factor.
+PACKED_2X2 = ("Flux", "SuperDiffFlux")
+
+
 def size_multiple(spec: str, items: list[str] | None = None) -> int:
     """What height and width must be multiples of, as the pipelines require: the VAE factor, times
-    the transformer's patch size for SD3-, Qwen-Image- and Z-Image-type models (read from the configs;
-    1 where unknown)."""
+    the transformer's patch size for SD3-, Qwen-Image- and Z-Image-type models, and 2 for FLUX's 2×2 packing
+    (read from the configs; 1 where unknown)."""
     config = read_model_config(spec, "transformer/config.json", items) or {}
     patch = config.get("patch_size", (config.get("all_patch_size") or [None])[0])
-    return _vae_factor(spec, items) * (patch if _positive_int(patch) else 1)
+    name = (read_model_config(spec, "model_index.json", items) or {}).get("_class_name")
+    packed = 2 if isinstance(name, str) and name.startswith(PACKED_2X2) else 1
+    return _vae_factor(spec, items) * (patch if _positive_int(patch) else 1) * packed
 
 
 def images_problem(num_images: int, height: int | None, width: int | None, spec: str, items: list[str] | None = None,

@@ -41,9 +41,11 @@ class LoadedModel:
     default_guidance: float | None = 7.5
 
 #: The guidance a pipeline class samples with when --guidance is not given, where it is not 7.5: FLUX.1's
-#: ``guidance_scale`` is its distilled guidance embedding, 3.5 in diffusers' FluxPipeline; Qwen-Image takes
-#: none (its guidance is --true-cfg-scale); Z-Image's is ZImagePipeline's 5.0 (0 for Z-Image-Turbo).
-DEFAULT_GUIDANCE = {"SuperDiffFluxPipeline": 3.5, "SuperDiffQwenImagePipeline": None, "SuperDiffZImagePipeline": 5.0}
+#: ``guidance_scale`` is its distilled guidance embedding, 3.5 in diffusers' FluxPipeline; FLUX.2's is 4 (dev's
+#: distilled embedding, klein's classifier-free guidance), as in diffusers' Flux2Pipeline / Flux2KleinPipeline;
+#: Qwen-Image takes none (its guidance is --true-cfg-scale); Z-Image's is ZImagePipeline's 5.0 (0 for Turbo).
+DEFAULT_GUIDANCE = {"SuperDiffFluxPipeline": 3.5, "SuperDiffFlux2Pipeline": 4.0, "SuperDiffFlux2KleinPipeline": 4.0,
+                    "SuperDiffQwenImagePipeline": None, "SuperDiffZImagePipeline": 5.0}
 #: The pipelines whose classifier-free guidance is ``true_cfg_scale`` with a negative prompt (--true-cfg-scale).
 TRUE_CFG_PIPELINES = ("SuperDiffFluxPipeline", "SuperDiffQwenImagePipeline")
 
@@ -89,8 +91,9 @@ DIGIT_MODELS = ("a", "b", "all")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SUPPORTED_CLASSES = (
     "StableDiffusionPipeline (1.x/2.x) or its Img2Img variant, StableDiffusionXLPipeline (or Img2Img), "
-    "StableDiffusion3Pipeline (SD3 / SD3.5, or Img2Img), FluxPipeline (FLUX.1, or Img2Img), QwenImagePipeline "
-    "(Qwen-Image, or Img2Img) or ZImagePipeline (Z-Image, or Img2Img)"
+    "StableDiffusion3Pipeline (SD3 / SD3.5, or Img2Img), FluxPipeline (FLUX.1, or Img2Img), Flux2Pipeline / "
+    "Flux2KleinPipeline (FLUX.2 dev / klein), QwenImagePipeline (Qwen-Image, or Img2Img) or ZImagePipeline "
+    "(Z-Image, or Img2Img)"
 )
 
 

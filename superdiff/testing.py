@@ -33,6 +33,8 @@ __all__ = [
     "tiny_qwen25_vl",
     "tiny_qwenimage_components",
     "tiny_zimage_components",
+    "tiny_chat_tokenizer",
+    "tiny_flux2_components",
 ]
 
 #: Words that get whole-word tokens in the tiny vocabulary (others fall back to characters).
@@ -424,3 +426,84 @@ def tiny_zimage_components(seed: int = 0, tokenizer_dir: str | os.PathLike | Non
         vae=tiny_vae(latent_channels=4, seed=seed, scaling_factor=0.3611, shift_factor=0.1159),
         text_encoder=tiny_qwen3(tokenizer, seed=seed), tokenizer=tokenizer, transformer=transformer,
     )
+#: Chat templates of the tiny text encoders' tokenizers: Mistral-3's (system prompt, then the user's
+#: text; content as a list of typed parts, as Flux2Pipeline formats it) and Qwen3's (the user's text,
+#: then the assistant's turn with thinking turned off, as Flux2KleinPipeline asks for it).
+MISTRAL_CHAT_TEMPLATE = (
+    "<s>{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}"
+    "[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}"
+)
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+CHAT_SPECIALS = {
+    "mistral": ("<pad>", "<s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[IMG]"),
+    "qwen3": ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+}
+
+
+def tiny_chat_tokenizer(kind: str, words: Sequence[str] = WORDS):
+    """A word-level :class:`~transformers.PreTrainedTokenizerFast` built in memory (nothing downloaded)
+    with the chat template of ``kind`` ("mistral" or "qwen3", :data:`CHAT_SPECIALS`): the special
+    tokens (the first pads), one token per word of ``words``, every other word one unknown token."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(CHAT_SPECIALS[kind])
+    vocab = {token: i for i, token in enumerate([*specials, "[UNK]", *dict.fromkeys(w.lower() for w in words)])}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    template = MISTRAL_CHAT_TEMPLATE if kind == "mistral" else QWEN3_CHAT_TEMPLATE
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]", pad_token=specials[0],
+                                   additional_special_tokens=specials[1:], chat_template=template)
+
+
+def tiny_flux2_components(klein: bool = False, seed: int = 0, **transformer_config) -> dict:
+    """FLUX.2-shaped components (diffusers' ``Flux2Pipeline``, or ``Flux2KleinPipeline`` with ``klein``),
+    as diffusers' own tests build them: a guidance-distilled :class:`~diffusers.Flux2Transformer2DModel`
+    of one double and one single block (klein: without a guidance embedding), a seeded Mistral-3
+    (:class:`~transformers.Mistral3ForConditionalGeneration`, a tiny Pixtral vision tower included) or
+    Qwen3 text encoder of width 16 over :func:`tiny_chat_tokenizer`, deep enough for the pipelines'
+    default hidden-state layers (10, 20, 30) / (9, 18, 27), stacked to the transformer's 48-wide text
+    input, a two-block :class:`~diffusers.AutoencoderKLFlux2` (factor 2, 4 latent channels: the
+    transformer sees 16 patchified channels) and FLUX.2's dynamically shifted scheduler.
+    ``transformer_config`` overrides the transformer's (the benchmarks' larger sizes)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_chat_tokenizer("qwen3" if klein else "mistral")
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=0)
+    torch.manual_seed(seed + 1)
+    if klein:
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=27, **text))
+    else:
+        vision = dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=16, image_size=16, patch_size=8, head_dim=8)
+        image_token = tokenizer.convert_tokens_to_ids("[IMG]")
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config=dict(model_type="mistral", num_hidden_layers=30, **text), vision_config=vision,
+            image_token_index=image_token))
+    torch.manual_seed(seed)
+    config = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
+                  axes_dims_rope=[4, 4, 4, 4], guidance_embeds=not klein) | transformer_config
+    transformer = Flux2Transformer2DModel(**config).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    with torch.no_grad():  # batch-norm statistics other than (0, 1), so that decoding must apply them
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096, time_shift_type="exponential",
+    )
+    return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                transformer=transformer)

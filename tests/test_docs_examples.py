@@ -9,8 +9,8 @@ source before it runs:
   here from :mod:`superdiff.testing`'s components and saved with ``save_pretrained`` (no download);
 * ``"cuda"`` by ``"cpu"`` and ``torch.float16`` by ``torch.float32`` on a machine without a GPU;
 * ``num_inference_steps=N`` by at most ``STEPS`` steps;
-* and FLUX.1, Qwen-Image and Z-Image pipelines sample at 32×32 pixels by default instead of diffusers'
-  1024×1024.
+* and FLUX.1, FLUX.2, Qwen-Image and Z-Image pipelines sample at 32×32 pixels by default instead of
+  diffusers' 1024×1024.
 
 A block that cannot run here says so on the line before it with ``<!-- skip-example -->``.
 """
@@ -109,6 +109,14 @@ def _save_zimage(folder: Path) -> None:
     ZImagePipeline(**tiny_zimage_components(tokenizer_dir=folder.parent / "z-tokenizer")).save_pretrained(folder)
 
 
+def _save_flux2(folder: Path, klein: bool = False) -> None:
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    from superdiff.testing import tiny_flux2_components
+
+    (Flux2KleinPipeline if klein else Flux2Pipeline)(**tiny_flux2_components(klein)).save_pretrained(folder)
+
+
 #: Hub ids the examples use, and how the test builds a tiny folder of the same family in their place.
 TINY_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": _save_sd,
@@ -117,6 +125,8 @@ TINY_MODELS = {
     "black-forest-labs/FLUX.1-dev": _save_flux,
     "Qwen/Qwen-Image": _save_qwenimage,
     "Tongyi-MAI/Z-Image-Turbo": _save_zimage,
+    "black-forest-labs/FLUX.2-dev": _save_flux2,
+    "black-forest-labs/FLUX.2-klein-base-9B": functools.partial(_save_flux2, klein=True),
 }
 
 
@@ -148,15 +158,17 @@ def substitute(source: str, tiny_models) -> str:
 def small_flux(monkeypatch):
     from superdiff.pipelines import SuperDiffQwenImagePipeline, SuperDiffZImagePipeline
     from superdiff.pipelines.flux import SuperDiffFluxPipeline
+    from superdiff.pipelines.flux2 import SuperDiffFlux2KleinPipeline, SuperDiffFlux2Pipeline
 
-    init = SuperDiffFluxPipeline.__init__
+    for cls in (SuperDiffFluxPipeline, SuperDiffFlux2Pipeline, SuperDiffFlux2KleinPipeline):
+        init = cls.__init__
 
-    @functools.wraps(init)  # diffusers reads the components from __init__'s signature
-    def small(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.default_sample_size = 32 // self.vae_scale_factor
+        @functools.wraps(init)  # diffusers reads the components from __init__'s signature
+        def small(self, *args, init=init, **kwargs):
+            init(self, *args, **kwargs)
+            self.default_sample_size = 32 // self.vae_scale_factor
 
-    monkeypatch.setattr(SuperDiffFluxPipeline, "__init__", small)
+        monkeypatch.setattr(cls, "__init__", small)
     for family in (SuperDiffQwenImagePipeline, SuperDiffZImagePipeline):  # 1024² pixels by default, like FLUX.1
         monkeypatch.setattr(family, "default_sample_size", property(lambda self: 32 // self.vae_scale_factor))
 

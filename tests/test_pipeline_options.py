@@ -172,7 +172,7 @@ def other_values(spec, default) -> list:
     return [(default + spec.high) / 2 if spec.high is not None else default + 1.0]
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl", "flow", "flux", "unconditional"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "flow", "flux", "flux2-dev", "flux2-klein", "unconditional"])
 def every_family(request, tmp_path_factory):
     """(pipeline, call arguments of a correcting composition) for each family."""
     tok = tmp_path_factory.mktemp("tok")
@@ -191,6 +191,14 @@ def every_family(request, tmp_path_factory):
         # unguided flow sampling needs weights that sum to 1: a geometric mean, which corrects too
         return pipe, dict(expression='"a red circle" ^ 0.5 * "a blue square" ^ 0.5', height=16, width=16,
                           max_sequence_length=8)
+    if request.param.startswith("flux2"):
+        from test_flux2 import LENGTH, SIZE, pipes
+
+        pipe, _ = pipes(request.param[len("flux2-"):])
+        size = dict(height=SIZE, width=SIZE, max_sequence_length=LENGTH)
+        if request.param == "flux2-klein":  # classifier-free guidance (4, the default): the product itself
+            return pipe, dict(text, **size)
+        return pipe, dict(expression='"a red circle" ^ 0.5 * "a blue square" ^ 0.5', **size)  # distilled: unguided
     return SuperDiffUnconditionalPipeline(**tiny_unconditional_components(num_models=2)), dict(expression="0 * 1")
 
 

@@ -1,5 +1,6 @@
 """diffusers pipelines built on the superdiff core: compose prompts of one text-to-image model
-(Stable Diffusion 1.x/2.x, SDXL, SD3 / SD3.5 flow transformers, FLUX.1, Qwen-Image, Z-Image) or separately
+(Stable Diffusion 1.x/2.x, SDXL, SD3 / SD3.5 flow transformers, FLUX.1, FLUX.2 dev and klein,
+Qwen-Image, Z-Image) or separately
 trained unconditional UNets, with OR / AND / average / sum, in diffusers' conventions."""
 
 from .base import SuperDiffBasePipeline, compose, superdiff_class_of
@@ -7,6 +8,7 @@ from .compile import compile_networks, to_channels_last
 from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .flow import SuperDiffFlowPipeline
 from .flux import SuperDiffFluxPipeline
+from .flux2 import SuperDiffFlux2KleinPipeline, SuperDiffFlux2Pipeline
 from .loading import pipeline_class_for
 from .output import SuperDiffPipelineOutput
 from .qwenimage import SuperDiffQwenImagePipeline
@@ -26,6 +28,8 @@ __all__ = [
     "SuperDiffFluxPipeline",
     "SuperDiffQwenImagePipeline",
     "SuperDiffZImagePipeline",
+    "SuperDiffFlux2Pipeline",
+    "SuperDiffFlux2KleinPipeline",
     "DiffusersDenoiser",
     "Schedule",
     "schedule_from_scheduler",

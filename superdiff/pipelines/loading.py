@@ -50,6 +50,8 @@ PIPELINE_CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "SuperDiffFluxPipeline": ("SuperDiffFluxPipeline", "FluxPipeline", "FluxImg2ImgPipeline"),
     "SuperDiffQwenImagePipeline": ("SuperDiffQwenImagePipeline", "QwenImagePipeline", "QwenImageImg2ImgPipeline"),
     "SuperDiffZImagePipeline": ("SuperDiffZImagePipeline", "ZImagePipeline", "ZImageImg2ImgPipeline"),
+    "SuperDiffFlux2Pipeline": ("SuperDiffFlux2Pipeline", "Flux2Pipeline"),
+    "SuperDiffFlux2KleinPipeline": ("SuperDiffFlux2KleinPipeline", "Flux2KleinPipeline"),
 }
 SUPPORTED = "; ".join(
     f"{', '.join(names[1:])} or {names[0]} ({target})" for target, names in PIPELINE_CLASS_NAMES.items()
@@ -286,7 +288,8 @@ def pipeline_class_for(pretrained_model_name_or_path: str | os.PathLike, **confi
     A folder or hub id with ``model_index.json`` is read by its ``_class_name``, matched exactly
     (:data:`PIPELINE_CLASS_NAMES`): Stable Diffusion 1.x/2.x → :class:`SuperDiffPipeline`, SDXL →
     :class:`SuperDiffXLPipeline`, SD3 / SD3.5 → :class:`SuperDiffFlowPipeline`, FLUX.1 →
-    :class:`SuperDiffFluxPipeline`, Qwen-Image → :class:`SuperDiffQwenImagePipeline`, Z-Image →
+    :class:`SuperDiffFluxPipeline`, FLUX.2 dev → :class:`SuperDiffFlux2Pipeline`, FLUX.2 klein →
+    :class:`SuperDiffFlux2KleinPipeline`, Qwen-Image → :class:`SuperDiffQwenImagePipeline`, Z-Image →
     :class:`SuperDiffZImagePipeline` (their Img2Img variants and superdiff's own saved pipelines
     too). A local folder without one is a :class:`SuperDiffUnconditionalPipeline` stack
     (``superdiff_unconditional.json``) or Stable Diffusion component subfolders. ``config_kwargs``
