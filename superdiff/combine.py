@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from ._numeric import f64
 from .limits import gain_problem, scale_problem
 
 if TYPE_CHECKING:
@@ -205,10 +206,10 @@ def and_weights(
     Returns:
         (B, M) float64 κ summing to 1 per sample.
     """
-    a = increment_matrix.to(torch.float64)
-    b = increment_offset.to(torch.float64)
+    a = f64(increment_matrix)
+    b = f64(increment_offset)
     m = a.shape[-1]
-    rhs_top = -b if target_offsets is None else target_offsets.to(torch.float64) - b
+    rhs_top = -b if target_offsets is None else f64(target_offsets) - b
     # Each sample's equations may be rescaled freely (λ absorbs it): the slope for M = 2 is compared
     # with the largest entry of A, and for M > 2 A is brought to unit size before the solve.
     scale = a.abs().amax(dim=(-2, -1))
@@ -326,9 +327,9 @@ def and_feedback_offsets(log_q: Tensor, feedback: float, log_weights: Tensor | N
     Returns:
         (B, M) float64.
     """
-    gap = log_q.to(torch.float64)
+    gap = f64(log_q)
     if log_weights is not None:
-        gap = gap - log_weights.to(torch.float64)
+        gap = gap - f64(log_weights)
     if step_fraction == 0.0:
         return torch.zeros_like(gap)
     return -feedback * (gap - gap.mean(-1, keepdim=True))

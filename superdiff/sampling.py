@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._numeric import f64
 from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
     DEFAULT_DENSITY_VARIANCE,
@@ -249,8 +250,8 @@ def _plan_times(
         raise ValueError(f"times must be a 1-D grid of at least 2 points (steps >= 1), got shape {tuple(times.shape)}")
     if not bool(torch.isfinite(times).all()):
         raise ValueError("times contains NaN or inf")
-    alphas = [float(v) for v in process.alpha(times)]
-    sigmas = [float(v) for v in process.sigma(times)]
+    alphas = [float(v) for v in process.alpha(times).tolist()]  # one read each, not one per time
+    sigmas = [float(v) for v in process.sigma(times).tolist()]
     for i in range(len(alphas) - 1):
         if not (sigmas[i] > 0):
             raise ValueError(f"σ must be > 0 before the last time; times[{i}]={float(times[i])} has σ={sigmas[i]}")
@@ -331,7 +332,7 @@ def _system_base(denoised: Tensor, unconditional: Tensor | None, guidance_scale:
 def _score_gram(denoised: Tensor, x: Tensor, alpha: float, sigma: float) -> Tensor:
     """``⟨sᵢ, sⱼ⟩`` (B, M, M) of the models' scores ``sᵢ = (α x̂₀ⁱ − x)/σ²`` at x, in float64."""
     batch = x.shape[0]
-    scores = (alpha * denoised.reshape(denoised.shape[0], batch, -1) - x.reshape(1, batch, -1).to(torch.float64))
+    scores = (alpha * denoised.reshape(denoised.shape[0], batch, -1) - f64(x.reshape(1, batch, -1)))
     scores = (scores / (sigma * sigma)).transpose(0, 1)  # (B, M, d)
     return scores @ scores.mT
 
@@ -342,7 +343,7 @@ _Weights = tuple[Tensor, Tensor | None, tuple[Tensor, ...]]  # κ, Feynman–Kac
 def _weigh(combiner: CompiledExpression, inputs: CombineInputs) -> _Weights:
     """κ, the Feynman–Kac log-weight increment (expressions that correct) and the node weights."""
     step = combiner.step(inputs)
-    return step.kappa.to(torch.float64), step.log_weight_increment, step.node_weights
+    return f64(step.kappa), step.log_weight_increment, step.node_weights
 
 
 def _quadratic_system_weights(
@@ -369,7 +370,8 @@ def _quadratic_system_weights(
                               torch.cat([inputs.increment_offset, b, b + system.row_weights]))
     kappas, fks, nodes = _weigh(combiner, stacked)
     common = (kappas[:batch], None if fks is None else fks[:batch], tuple(n[:batch] for n in nodes))
-    k0, k1 = kappas[batch:2 * batch], kappas[2 * batch:] - kappas[batch:2 * batch]
+    k0 = kappas[batch:2 * batch]
+    k1 = kappas[2 * batch:] - k0
     t, discriminant = _quadratic_root(system, k0, k1)
     kappa_t = k0 + t[:, None] * k1
     phi_t = torch.nan_to_num(system.phi(kappa_t))
@@ -456,7 +458,7 @@ class SdeState:
     ``x`` (B, *shape); ``log_q`` (B, M) float64 tracked log-densities; ``log_w`` (B,) float64
     Feynman–Kac log-weights; ``x0_mix`` (B, *shape), ``kappa`` (B, M), ``converged`` (B,) and
     ``node_weights`` what the last step used; ``previous`` each model's x̂₀ⁱ and residual uᵢ of the
-    last step (M, B, d) for ``density_variance="tweedie"``; ``previous_step`` the mixed x̂₀, the
+    last step (M, B, d) and ‖uᵢ‖² (M, B) for ``density_variance="tweedie"``; ``previous_step`` the mixed x̂₀, the
     noise w (B, d) and κ of the last step for ``variance="tweedie"``.
     """
 
@@ -467,12 +469,12 @@ class SdeState:
     x0_mix: Tensor | None = None
     kappa: Tensor | None = None
     node_weights: tuple[Tensor, ...] = ()
-    previous: tuple[Tensor, Tensor] | None = None
+    previous: tuple[Tensor, Tensor, Tensor] | None = None
     previous_step: tuple[Tensor, Tensor, Tensor] | None = None
 
     def reindexed(self, rows: Tensor) -> "SdeState":
         """Every row-indexed field taken at ``rows`` (B,): the state of the resampled particles."""
-        prev = None if self.previous is None else (self.previous[0][:, rows], self.previous[1][:, rows])
+        prev = None if self.previous is None else tuple(v[:, rows] for v in self.previous)
         prev_step = None if self.previous_step is None else tuple(v[rows] for v in self.previous_step)
         return SdeState(
             self.x[rows], self.log_q[rows], self.log_w[rows], self.converged[rows],
@@ -546,7 +548,7 @@ def _initial_state(p: SdePlan, x: Tensor, log_q_init: Tensor | None) -> SdeState
         # FKC: the particles start from the prior N(0, (α² + σ²) I) (unit-variance data) while the corrected
         # target there is e^φ(log p_T, …): their initial log-weight is (D − 1) log p_T(x) + const.
         prior_var = p.plan.alphas[0] ** 2 + p.plan.sigmas[0] ** 2
-        log_prior = -0.5 * x.reshape(batch, -1).to(torch.float64).square().sum(-1) / prior_var
+        log_prior = -0.5 * f64(x.reshape(batch, -1)).square().sum(-1) / prior_var
         log_w = log_w + p.fk_scale * p.combiner.initial_log_weight(log_prior)
     log_q = (
         torch.zeros(batch, p.plan.num_models, dtype=torch.float64, device=x.device)
@@ -563,7 +565,7 @@ def _step(p: SdePlan, denoiser: Denoiser, state: SdeState, i: int, generator: Ge
     # Every model's x̂₀ⁱ (and the unconditional x̂₀ᵘ) in one batched network call. One float64 copy serves
     # κ, the mixing and the densities: κ is unbounded (AND of similar models reaches 1e3–1e7), so Σκᵢx̂₀ⁱ
     # is never formed in fp16/bf16.
-    denoised, unconditional = _split(denoiser(state.x, p.times[i]).to(torch.float64), p.plan)
+    denoised, unconditional = _split(f64(denoiser(state.x, p.times[i])), p.plan)
     if c.final:
         state, fk = _final_step(p, state, c, denoised, unconditional)
     else:
@@ -599,17 +601,19 @@ def _noisy_step(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised
     x = state.x
     # The Gaussian increment w ~ N(0, V), drawn before κ: AND's κ is solved for this very w (Prop. 6).
     noise, noise_var = _draw_increment(p, state, c, denoised, unconditional, generator)
-    noise64 = noise.to(torch.float64)
+    noise64 = f64(noise)
     density_var = _model_variances(p, state, c, denoised)
     kappa, fk, nodes, density_var, converged = _step_weights(p, state, c, denoised, unconditional, noise64,
                                                              noise_var, density_var)
     x0_mix64 = _mix(p, denoised, kappa, x, c, unconditional)
     # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
     residuals = model_residuals(denoised, x0_mix64, noise64, c)
-    log_q = state.log_q + ito_log_density_increment(denoised, x0_mix64, x, noise64, c, density_var, residuals)
+    norm2 = torch.linalg.vecdot(residuals, residuals)  # ‖uᵢ‖² (M, B): this step's density, the next one's variance
+    log_q = state.log_q + ito_log_density_increment(denoised, x0_mix64, x, noise64, c, density_var, residuals,
+                                                    norm2)
     if p.nonlinear_and:  # an And over mixtures is solved iteratively: report where its condition was not met
         converged = converged & (p.combiner.and_gap(state.log_q, log_q, 1.0 / p.tracked_steps) <= 1e-6)
-    previous = (denoised, residuals) if p.model_variances else None
+    previous = (denoised, residuals, norm2) if p.model_variances else None
     previous_step = (x0_mix64, noise64.reshape(x.shape[0], -1), kappa) if p.kernel_tweedie else None
     # The move (Thm. 2's mean, Tweedie's E[x_t | x_s]): y = c_x x + c_0 x̂₀ᵐⁱˣ + w.
     x0_mix = x0_mix64.to(x.dtype)
@@ -640,7 +644,8 @@ def _model_variances(p: SdePlan, state: SdeState, c: TransitionCoefficients, den
     first step and for a common variance."""
     if not (p.model_variances and state.previous is not None):
         return None
-    trace = jacobian_rayleigh_quotient(state.previous[1], state.previous[0], denoised)
+    last_denoised, last_residuals, last_norm2 = state.previous
+    trace = jacobian_rayleigh_quotient(last_residuals, last_denoised, denoised, last_norm2)
     return tweedie_density_variance(c, trace)
 
 
