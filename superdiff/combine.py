@@ -209,12 +209,14 @@ def and_weights(
     a = f64(increment_matrix)
     b = f64(increment_offset)
     m = a.shape[-1]
-    rhs_top = -b if target_offsets is None else f64(target_offsets) - b
     # Each sample's equations may be rescaled freely (λ absorbs it): the slope for M = 2 is compared
     # with the largest entry of A, and for M > 2 A is brought to unit size before the solve.
     scale = a.abs().amax(dim=(-2, -1))
+    if m == 2 and target_offsets is None:  # rhs = −b: its rows' difference is b₂ − b₁ (the same bits)
+        return _and_weights_two(a, b[:, 1] - b[:, 0], rtol * scale)
+    rhs_top = -b if target_offsets is None else f64(target_offsets) - b
     if m == 2:
-        return _and_weights_two(a, rhs_top, rtol * scale)
+        return _and_weights_two(a, rhs_top[:, 0] - rhs_top[:, 1], rtol * scale)
     a, rhs_top, scale = torch.nan_to_num(a), torch.nan_to_num(rhs_top), torch.nan_to_num(scale)
     scale = scale.clamp_min(torch.finfo(torch.float64).tiny)
     return _and_weights_reduced(a / scale[:, None, None], rhs_top / scale[:, None], rtol)
@@ -245,7 +247,8 @@ def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
 
     bound = torch.finfo(torch.float64).eps * (reduced.abs().amax(dim=(-2, -1)) * damped.abs().amax(dim=(-2, -1)) + 1.0)
     exact_ok = torch.isfinite(exact).all(dim=(-2, -1))
-    use_damped = (residual(damped) <= 1e3 * bound) | ~exact_ok | (residual(damped) <= residual(exact))
+    damped_residual = residual(damped)
+    use_damped = (damped_residual <= 1e3 * bound) | ~exact_ok | (damped_residual <= residual(exact))
     y = torch.where(use_damped[:, None, None], damped, exact)
     kappa = centre + (basis @ y)[..., 0]
     return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, 1.0 / m)
@@ -285,17 +288,18 @@ def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     return torch.where((info == 0)[..., None, None], z, torch.nan)
 
 
-def _and_weights_two(a: Tensor, rhs: Tensor, atol: Tensor) -> Tensor:
+def _and_weights_two(a: Tensor, rhs_gap: Tensor, atol: Tensor) -> Tensor:
     """The closed form for M = 2 (the paper's κ): eliminate κ₂ = 1 − κ₁ and λ.
 
     Row i reads ``Aᵢ₁κ₁ + Aᵢ₂(1 − κ₁) − λ = rhsᵢ``; subtracting the rows gives one linear equation
-    in κ₁. A slope at or below ``atol`` (indistinguishable models), or any non-finite input, gives
+    in κ₁ (``rhs_gap`` = rhs₁ − rhs₂, (B,)). A slope at or below ``atol`` (indistinguishable models),
+    or any non-finite input, gives
     κ = (½, ½), as the minimum-norm solution of the general case does. No host synchronisation,
     no matrix factorisation.
     """
     row_gap = a[:, 0] - a[:, 1]  # (B, 2)
     slope = row_gap[:, 0] - row_gap[:, 1]
-    k1 = ((rhs[:, 0] - rhs[:, 1]) - row_gap[:, 1]) / slope
+    k1 = (rhs_gap - row_gap[:, 1]) / slope
     k1 = torch.nan_to_num(torch.where(slope.abs() > atol, k1, 0.5), nan=0.5, posinf=0.5, neginf=0.5)
     return torch.stack([k1, 1.0 - k1], dim=-1)
 

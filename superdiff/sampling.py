@@ -378,7 +378,7 @@ def _quadratic_system_weights(
     result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
                                       increment_offset=b + phi_t[:, None] * system.row_weights))
     move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
-    solved = (discriminant >= 0) & (move <= 1e-8) & torch.isfinite(result[0]).all(-1)
+    solved = (discriminant >= 0) & (move <= 1e-8)  # a non-finite κ moves by NaN or ∞: never solved
     return (result, common), solved
 
 
