@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from ._numeric import f64
 from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
-    DEFAULT_DENSITY_VARIANCE,
     QuadraticIncrementSystem,
     TransitionCoefficients,
     divergence_exact,
@@ -719,8 +718,10 @@ def _finish(p: SdePlan, state: SdeState, traces: _SdeTraces) -> SamplerOutput:
     )  # fmt: skip
 
 
-_SDE_OPTION_DEFAULTS = {"variance": None, "density_variance": DEFAULT_DENSITY_VARIANCE, "final_denoise": False,
-                        "particles": 1, "resample_threshold": 0.5}  # sample_sde's keyword defaults
+#: The bare sampler's options when none are given: the dataclass's defaults, except that the last step lands on
+#: ``times[-1]`` as the caller gave it (a pipeline's ``final_denoise=True`` lands on σ = 0 because a diffusers
+#: grid stops short of it). :func:`sample_sde`'s keyword defaults are read from here.
+SDE_DEFAULTS = SamplerOptions(final_denoise=False)
 
 
 def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
@@ -731,7 +732,7 @@ def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
     if not isinstance(options, SamplerOptions):
         raise ValueError(f"options={options!r} is not valid; pass a superdiff.options.SamplerOptions or None")
     for name, value in keywords.items():
-        if value != _SDE_OPTION_DEFAULTS[name]:
+        if value != getattr(SDE_DEFAULTS, name):
             raise ValueError(f"{name}={value!r} is given beside options=SamplerOptions(...); pass it in the options "
                              f"(options.replace({name}=...)) or as a keyword without options, not both")
     return tuple(getattr(options, name) for name in keywords)
@@ -748,13 +749,13 @@ def sample_sde(
     log_q_init: Tensor | None = None,
     generator: Generators = None,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
-    variance: str | None = None,
-    density_variance: str = DEFAULT_DENSITY_VARIANCE,
-    final_denoise: bool = False,
+    variance: str | None = SDE_DEFAULTS.variance,
+    density_variance: str = SDE_DEFAULTS.density_variance,
+    final_denoise: bool = SDE_DEFAULTS.final_denoise,
     progress: bool = False,
     interrupt: Callable[[], bool] | None = None,
-    particles: int = 1,
-    resample_threshold: float = 0.5,
+    particles: int = SDE_DEFAULTS.particles,
+    resample_threshold: float = SDE_DEFAULTS.resample_threshold,
     options: SamplerOptions | None = None,
 ) -> SamplerOutput:
     """Superposed reverse-SDE sampling with Itô log-densities (Algorithm 1, Theorem 1).
@@ -784,7 +785,7 @@ def sample_sde(
             κ, and a sample where it has no solution keeps the common-variance κ), or one variance for
             all models (``"forward"``, ``"posterior"``, ``"euler"``).
         final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says, as diffusers' Euler
-            schedulers do.
+            schedulers do. The five options default to :data:`SDE_DEFAULTS`' fields.
         progress: show a tqdm bar.
         interrupt: asked before every step; once it returns True the sampler stops and returns the
             steps taken.

@@ -394,6 +394,27 @@ def test_options_object_drives_the_sampler_like_its_keywords():
         run(models, And(), 12, n=16, options={"particles": 2})
 
 
+def test_the_bare_sampler_defaults_are_the_options_but_final_denoise():
+    """``sample_sde``'s option keywords default to ``SDE_DEFAULTS``' fields, the dataclass's defaults but for
+    ``final_denoise`` (False: the last step lands on the grid's last time), so a call without options is the
+    call with ``options=SDE_DEFAULTS``."""
+    import inspect
+
+    from superdiff.options import SamplerOptions
+    from superdiff.sampling import SDE_DEFAULTS
+
+    assert SDE_DEFAULTS == SamplerOptions().replace(final_denoise=False)
+    parameters = inspect.signature(sample_sde).parameters
+    shared = [name for name in SamplerOptions.names() if name in parameters]
+    assert len(shared) == 5
+    for name in shared:
+        assert parameters[name].default == getattr(SDE_DEFAULTS, name), name
+    models = figure2_models()
+    a, _ = run(models, And(), 6, n=8)
+    b, _ = run(models, And(), 6, n=8, options=SDE_DEFAULTS)
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.log_density_trace, b.log_density_trace)
+
+
 def test_the_loop_gives_the_traces_of_the_sampler_before_its_rewrite():
     """A few of ``bench/loop_equivalence.py``'s cases (the pre-rewrite sampler from git history against this one,
     same seeds): AND on the default estimator, guided AND, OR, and corrected expressions whose
