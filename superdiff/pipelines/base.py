@@ -106,10 +106,10 @@ class SuperDiffLoop:
         device: torch.device,
         network_dtype: torch.dtype = torch.float32,
     ) -> SamplerOutput:
-        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule with the options'
-        combiner; ``z`` is drawn from ``options.generator`` or is the caller's ``options.latents``
-        (checked by :func:`check_latents`), scaled by ``init_noise_sigma`` as diffusers'
-        ``prepare_latents`` scales them.
+        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule (its times those of
+        the options' grid, :func:`sampling_schedule`) with the options' combiner; ``z`` is drawn from
+        ``options.generator`` or is the caller's ``options.latents`` (checked by :func:`check_latents`),
+        scaled by ``init_noise_sigma`` as diffusers' ``prepare_latents`` scales them.
 
         The state is float32 (float64 when the network is float64, as in exactness tests) whatever
         the network's half precision; one ``generator`` drives the start (unless ``latents`` are
@@ -122,7 +122,6 @@ class SuperDiffLoop:
         x = prior_sample(
             denoiser, shape[0] * k, shape[1:], generator, device, dtype, std=schedule.init_noise_sigma, z=latents
         )
-        schedule = sampling_schedule(schedule, options.sampler)
         times = schedule.times
         self._guidance_scale = options.guidance_scale
         self._num_timesteps = len(times) - 1
@@ -186,10 +185,10 @@ class SuperDiffLoop:
         # 2. Define call parameters: the image size and the shape of the latents
         shape = self.latents_shape(call)
         check_latents(call.options.latents, shape, self.latents_layout)
-        # 3. Encode prompts: the M prompts and the unconditional (negative) one, rows of one batched call
+        # 3. Prepare timesteps, with the options' time grid (a grid that does not fit the process is refused here)
+        schedule = sampling_schedule(self.time_grid(call), call.options.sampler)
+        # 4. Encode prompts: the M prompts and the unconditional (negative) one, rows of one batched call
         conditions = self.encode(call)
-        # 4. Prepare timesteps
-        schedule = self.time_grid(call)
         # 5. Prepare the denoiser: the network on all rows, its output converted to x̂₀
         denoiser = self.denoiser(call, conditions, schedule)
         # 6. Denoising loop, from the starting noise (drawn inside unless the family draws it)
