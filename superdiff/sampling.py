@@ -718,10 +718,11 @@ def _finish(p: SdePlan, state: SdeState, traces: _SdeTraces) -> SamplerOutput:
     )  # fmt: skip
 
 
-#: The bare sampler's options when none are given: the dataclass's defaults, except that the last step lands on
+#: The bare samplers' options when none are given: the dataclass's defaults, except that the last step lands on
 #: ``times[-1]`` as the caller gave it (a pipeline's ``final_denoise=True`` lands on σ = 0 because a diffusers
-#: grid stops short of it). :func:`sample_sde`'s keyword defaults are read from here.
-SDE_DEFAULTS = SamplerOptions(final_denoise=False)
+#: grid stops short of it). :func:`sample_sde`'s keyword defaults are read from here; :func:`sample_ode`, which
+#: has no kernel, particles or step onto σ = 0, takes an options object only with these values.
+SAMPLER_DEFAULTS = SamplerOptions(final_denoise=False)
 
 
 def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
@@ -732,7 +733,7 @@ def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
     if not isinstance(options, SamplerOptions):
         raise ValueError(f"options={options!r} is not valid; pass a superdiff.options.SamplerOptions or None")
     for name, value in keywords.items():
-        if value != getattr(SDE_DEFAULTS, name):
+        if value != getattr(SAMPLER_DEFAULTS, name):
             raise ValueError(f"{name}={value!r} is given beside options=SamplerOptions(...); pass it in the options "
                              f"(options.replace({name}=...)) or as a keyword without options, not both")
     return tuple(getattr(options, name) for name in keywords)
@@ -749,13 +750,13 @@ def sample_sde(
     log_q_init: Tensor | None = None,
     generator: Generators = None,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
-    variance: str | None = SDE_DEFAULTS.variance,
-    density_variance: str = SDE_DEFAULTS.density_variance,
-    final_denoise: bool = SDE_DEFAULTS.final_denoise,
+    variance: str | None = SAMPLER_DEFAULTS.variance,
+    density_variance: str = SAMPLER_DEFAULTS.density_variance,
+    final_denoise: bool = SAMPLER_DEFAULTS.final_denoise,
     progress: bool = False,
     interrupt: Callable[[], bool] | None = None,
-    particles: int = SDE_DEFAULTS.particles,
-    resample_threshold: float = SDE_DEFAULTS.resample_threshold,
+    particles: int = SAMPLER_DEFAULTS.particles,
+    resample_threshold: float = SAMPLER_DEFAULTS.resample_threshold,
     options: SamplerOptions | None = None,
 ) -> SamplerOutput:
     """Superposed reverse-SDE sampling with Itô log-densities (Algorithm 1, Theorem 1).
@@ -785,7 +786,7 @@ def sample_sde(
             κ, and a sample where it has no solution keeps the common-variance κ), or one variance for
             all models (``"forward"``, ``"posterior"``, ``"euler"``).
         final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says, as diffusers' Euler
-            schedulers do. The five options default to :data:`SDE_DEFAULTS`' fields.
+            schedulers do. The five options default to :data:`SAMPLER_DEFAULTS`' fields.
         progress: show a tqdm bar.
         interrupt: asked before every step; once it returns True the sampler stops and returns the
             steps taken.
@@ -907,6 +908,7 @@ def sample_ode(
     atol: float = 1e-4,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
     progress: bool = False,
+    options: SamplerOptions | None = None,
 ) -> SamplerOutput:
     """Superposed probability-flow ODE with log-densities from Prop. 5 (Eq. 14 for OR).
 
@@ -915,7 +917,13 @@ def sample_ode(
     mode, cheaper for convolutions on CPU; fresh probes per step for Euler/Heun, fixed for the
     adaptive ``"dopri5"``, which integrates the augmented state ``(x, log q)`` with torchdiffeq
     and reports values at ``times``).
+
+    ``options``: a :class:`~superdiff.options.SamplerOptions` shared with :func:`sample_sde` runs; the ODE
+    has no step kernel, particles or last step onto σ = 0, so each of those fields must be at
+    :data:`SAMPLER_DEFAULTS`' value (``ValueError`` naming the field otherwise). A run that goes
+    non-finite raises :class:`~superdiff.limits.NonFiniteError` naming the step, as :func:`sample_sde` does.
     """
+    _check_ode_options(options)
     if method not in ("euler", "heun", "dopri5"):
         raise ValueError(f"method must be 'euler', 'heun' or 'dopri5', got {method!r}")
     if divergence not in ("exact", "hutchinson", "hutchinson_vjp"):
@@ -940,6 +948,7 @@ def sample_ode(
         return _sample_odeint(rates, x, log_q, times, generator, divergence, rtol, atol)
 
     log_q_trace, kappa_trace = [log_q], []
+    watch, no_weights = FiniteWatch(), log_q.new_zeros(batch)  # as in sample_sde: read once after the loop
     for i in tqdm(range(steps), disable=not progress, desc="superdiff-ode"):
         s, t = float(times[i]), float(times[i + 1])
         h = t - s
@@ -953,11 +962,27 @@ def sample_ode(
             x_next = x + 0.5 * h * (k1.velocity + k2.velocity)
             log_q_next = log_q + 0.5 * h * (k1.log_q_rate + k2.log_q_rate)
         x, log_q = x_next, log_q_next
+        watch.step(x, log_q, no_weights, k1.kappa)
         log_q_trace.append(log_q)
         kappa_trace.append(k1.kappa)
         if callback is not None:
             x = _state_from_callback(callback(StepInfo(i, t, x, k1.denoised_mix, k1.kappa, log_q)), x)
+    watch.check(getattr(plan.combiner, "nodes", ()), getattr(plan.combiner, "leaves", None))
     return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
+
+
+def _check_ode_options(options: SamplerOptions | None) -> None:
+    """Refuse an options object whose fields ask for what the ODE does not do (see :func:`sample_ode`)."""
+    if options is None:
+        return
+    if not isinstance(options, SamplerOptions):
+        raise ValueError(f"options={options!r} is not valid; pass a superdiff.options.SamplerOptions or None")
+    for name in ("variance", "density_variance", "final_denoise", "particles", "resample_threshold"):
+        value, default = getattr(options, name), getattr(SAMPLER_DEFAULTS, name)
+        if value != default:
+            raise ValueError(f"options.{name}={value!r} does not apply to sample_ode, which has no step kernel, "
+                             f"particles or last step onto σ = 0; pass options.replace({name}={default!r}) "
+                             "(superdiff.sampling.SAMPLER_DEFAULTS), or use sample_sde")
 
 
 def _sample_odeint(
@@ -977,4 +1002,8 @@ def _sample_odeint(
     t_grid = times.to(x.device)
     xs, lqs = odeint(func, (x, log_q), t_grid, rtol=rtol, atol=atol, method="dopri5")
     kappas = torch.stack([rates(xs[i], lqs[i], float(times[i]), probe).kappa for i in range(times.numel() - 1)])
+    watch, no_weights = FiniteWatch(), lqs.new_zeros(x.shape[0])
+    for i in range(times.numel() - 1):  # the values reported after step i
+        watch.step(xs[i + 1], lqs[i + 1], no_weights, kappas[i])
+    watch.check()
     return SamplerOutput(xs[-1], lqs[-1], lqs, kappas, times)
