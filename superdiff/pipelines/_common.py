@@ -47,6 +47,35 @@ def unguided_flow_problem(combiner: Any, guidance_fix: str) -> str | None:
             f"to 1), or {guidance_fix}")
 
 
+def is_number(value: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_true_cfg(true_cfg: Any, guidance: Any, negative: Any, options: "SamplingOptions", distilled: bool) -> None:
+    """The checks of a family with diffusers' ``true_cfg_scale`` (true classifier-free guidance from a negative
+    prompt, the sampler's guidance ``options.guidance``) and a distilled ``guidance_scale`` input (``distilled``:
+    the transformer takes one, so None is refused), each naming the argument, the value and what works."""
+    if true_cfg is not None and (not is_number(true_cfg) or true_cfg < 0):
+        _fail("true_cfg_scale", true_cfg, "use a finite number >= 0 (e.g. 4.0 with a negative_prompt; 1 or "
+              "less, or None, samples without true classifier-free guidance, as in diffusers)")
+    if guidance is None and distilled:
+        _fail("guidance_scale", None, "this transformer is guidance-distilled (guidance_embeds, as FLUX.1-dev): "
+              "the distilled guidance is one of its inputs; pass a number, e.g. 3.5 (FluxPipeline's default)")
+    if guidance is not None and (not is_number(guidance) or guidance < 0):
+        _fail("guidance_scale", guidance, "use a finite number >= 0: the distilled guidance embedding, "
+              "e.g. 3.5 (true classifier-free guidance is true_cfg_scale)")
+    if options.guidance is not None and negative is None:
+        _fail("true_cfg_scale", true_cfg, "true classifier-free guidance steers from a negative prompt's "
+              "velocity, and none was given (diffusers' FluxPipeline then skips it); pass negative_prompt=... "
+              "('' for the empty prompt), or true_cfg_scale=1")
+    if options.guidance is None and negative is not None:
+        _fail("negative_prompt", negative, f"it is the unconditional branch of true classifier-free "
+              f"guidance, which true_cfg_scale={true_cfg!r} turns off (it runs for true_cfg_scale > 1, as "
+              "in diffusers' FluxPipeline); pass true_cfg_scale above 1 (e.g. 4.0) or no negative_prompt")
+    check_guidance(options.guidance, options.combiner, "true_cfg_scale")
+
+
 def prompts_argument(prompts: Any, prompt: Any) -> Any:
     """``prompts``, or diffusers' name for them, ``prompt`` (a string becomes a one-prompt list)."""
     if prompt is None:

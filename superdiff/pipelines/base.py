@@ -16,6 +16,7 @@ the diffusers-named arguments are spelled once and stay explicit in every family
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from ..combine import Combiner
 from ..options import SamplerOptions
 from ..particles import select_particles
-from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
+from ..sampling import SamplerOutput, StepInfo, prior_sample, randn, sample_sde
 from ._common import (
     CALLBACK_TENSOR_INPUTS,
     SamplingOptions,
@@ -49,7 +50,7 @@ from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .loading import PIPELINE_CLASS_NAMES, check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
 from .output import SuperDiffPipelineOutput
 
-__all__ = ["PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop", "compose", "superdiff_class_of"]
+__all__ = ["PackedLatents", "PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop", "compose", "superdiff_class_of"]
 
 
 @dataclass
@@ -507,6 +508,63 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
                                    sampler=SamplerOptions.from_kwargs(options, **sampler_options))
         return self._run(PipelineCall(sampling, list(prompts), negative_prompt, height, width, guidance_scale,
                                       true_cfg_scale, max_sequence_length))
+
+
+class PackedLatents:
+    """The hooks of a family whose latents are diffusers' packed 2×2 patches (FLUX.1 and its kin): a state of
+    shape (B, (h/2)·(w/2), 4C), noise drawn unpacked and packed as ``FluxPipeline.prepare_latents`` draws it,
+    ``FluxPipeline``'s σ grid shifted by μ from the image's sequence length, and decoding after unpacking.
+    Put it before :class:`SuperDiffBasePipeline` among the bases."""
+
+    @property
+    def size_multiple(self) -> int:
+        """The VAE factor × 2 (the 2×2 packing); ``FluxPipeline`` rounds other sizes down, here they are refused."""
+        return self.vae_scale_factor * 2
+
+    def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
+        """The packed latents' shape (B, (h/2)·(w/2), 4C), h and w the latent size."""
+        b, channels, h, w = super().latents_shape(call)
+        return (b, (h // 2) * (w // 2), channels)
+
+    def image_seq_len(self, call: PipelineCall) -> int:
+        """The packed sequence length of one image, (h/2)·(w/2)."""
+        f = self.vae_scale_factor
+        return (call.height // f // 2) * (call.width // f // 2)
+
+    def time_grid(self, call: PipelineCall) -> Schedule:
+        """FluxPipeline's σ grid, shifted by μ from the image's sequence length."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        steps, config = call.options.num_inference_steps, self.scheduler.config
+        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(self.image_seq_len(call), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        return schedule_from_scheduler(self.scheduler, steps, sigmas=sigmas, mu=mu)
+
+    def starting_noise(self, call: PipelineCall, shape: tuple[int, ...]) -> SamplingOptions:
+        """The noise drawn as FluxPipeline draws it (unpacked, then packed); with K particles, K per image
+        (image i's generator, if a list, draws its K)."""
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        options = call.options
+        if options.latents is not None:
+            return options
+        f, k, generator = self.vae_scale_factor, options.particles, options.generator
+        h, w, channels, n = call.height // f, call.width // f, shape[-1] // 4, shape[0] * options.particles
+        draws = [g for g in generator for _ in range(k)] if isinstance(generator, (list, tuple)) else generator
+        z = randn((n, channels, h, w), draws, self._execution_device, torch.float32)
+        return dataclasses.replace(options, latents=FluxPipeline._pack_latents(z, n, channels, h, w))
+
+    def decode(self, call: PipelineCall, samples: torch.Tensor) -> Any:
+        """The packed latents (``output_type="latent"``), or unpacked and decoded by the VAE."""
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        if call.options.output_type == "latent":
+            return samples
+        return super().decode(call, FluxPipeline._unpack_latents(samples, call.height, call.width,
+                                                                 self.vae_scale_factor))
 
 
 def superdiff_class_of(pipeline: Any) -> type:
