@@ -76,6 +76,28 @@ def check_true_cfg(true_cfg: Any, guidance: Any, negative: Any, options: "Sampli
     check_guidance(options.guidance, options.combiner, "true_cfg_scale")
 
 
+def refuse_text_arguments(**given: Any) -> None:
+    """An unconditional stack's refusal of the text pipelines' arguments it has no use for, by name."""
+    for name, value in given.items():
+        if value is not None:
+            _fail(name, value, "an unconditional stack has no prompts and no classifier-free guidance: it "
+                  "composes its unets with mode=...; leave it out (num_images_per_prompt / batch_size set the "
+                  "number of images)")
+
+
+def batch_size_argument(batch_size: Any, num_images_per_prompt: Any) -> tuple[Any, str]:
+    """``batch_size``, or the text pipelines' name for it, ``num_images_per_prompt`` (default 1), and the
+    name the caller used (for the messages)."""
+    if batch_size is None:
+        if num_images_per_prompt is None:
+            return 1, "batch_size"
+        return num_images_per_prompt, "num_images_per_prompt"
+    if num_images_per_prompt is not None and num_images_per_prompt != batch_size:
+        _fail("num_images_per_prompt", num_images_per_prompt, f"it is another name for batch_size, given as "
+              f"{batch_size!r}; pass one of them")
+    return batch_size, "batch_size"
+
+
 def prompts_argument(prompts: Any, prompt: Any) -> Any:
     """``prompts``, or diffusers' name for them, ``prompt`` (a string becomes a one-prompt list)."""
     if prompt is None:

@@ -82,6 +82,20 @@ class SuperDiffLoop:
 
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
+    #: The family's defaults of the ``__call__`` template's arguments (:meth:`SuperDiffBasePipeline.__call__`),
+    #: and the family-only arguments it takes; its ``__call__`` is generated from them (:func:`_family_call`).
+    call_defaults: ClassVar[dict[str, Any]] = {}
+    #: The family's ``__call__`` docstring (None: the template's).
+    call_doc: ClassVar[str | None] = None
+    #: Arguments of the template the family does not take, and arguments it takes before the template's.
+    call_without: ClassVar[tuple[str, ...]] = ()
+    call_leading: ClassVar[tuple[inspect.Parameter, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" not in cls.__dict__ and hasattr(cls, "_compose"):
+            cls.__call__ = _family_call(cls)
+
     @property
     def guidance_scale(self) -> float | None:
         """The guidance scale of the current (or last) call, as given (None or 1 or less: unguided)."""
@@ -328,20 +342,23 @@ def one_particle_per_image(result: SamplerOutput, particles: int, generator: Any
 
 def _family_call(cls: type) -> Callable[..., Any]:
     """``cls.__call__``: the template :meth:`SuperDiffBasePipeline.__call__` with the family's defaults
-    (``call_defaults``); the template's family-only arguments that ``cls`` does not name are left out."""
-    template = inspect.signature(SuperDiffBasePipeline.__call__)
-    parameters = [
+    (``call_defaults``), its ``call_leading`` arguments first and without its ``call_without``; the template's
+    family-only arguments that ``cls`` does not name are left out. The call goes to ``cls._compose``."""
+    self_parameter, *template = inspect.signature(SuperDiffBasePipeline.__call__).parameters.values()
+    parameters = [self_parameter, *cls.call_leading] + [
         p.replace(default=cls.call_defaults.get(p.name, p.default))
-        for p in template.parameters.values()
-        if p.name not in SuperDiffBasePipeline.FAMILY_ARGUMENTS or p.name in cls.call_defaults
+        for p in template
+        if (p.name not in SuperDiffBasePipeline.FAMILY_ARGUMENTS or p.name in cls.call_defaults)
+        and p.name not in cls.call_without
     ]
-    signature = template.replace(parameters=parameters)
+    signature = inspect.signature(SuperDiffBasePipeline.__call__).replace(parameters=parameters)
+    compose = cls._compose
 
     @torch.no_grad()
-    def __call__(self: SuperDiffBasePipeline, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self: SuperDiffLoop, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
-        return SuperDiffBasePipeline._compose(**bound.arguments)
+        return compose(**bound.arguments)
 
     __call__.__signature__ = signature  # type: ignore[attr-defined]
     __call__.__doc__ = cls.call_doc or SuperDiffBasePipeline.__call__.__doc__
@@ -360,19 +377,10 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
 
     #: The denoising network's attribute (``unet`` or ``transformer``).
     network_name: ClassVar[str] = "unet"
-    #: The family's defaults of the template's arguments, and the family-only arguments it takes.
-    call_defaults: ClassVar[dict[str, Any]] = {}
-    #: The family's ``__call__`` docstring (None: the template's).
-    call_doc: ClassVar[str | None] = None
     #: The argument that is the sampler's classifier-free guidance weight.
     cfg_argument: ClassVar[str] = "guidance_scale"
     #: Template arguments only some families take (each lists them in ``call_defaults``).
     FAMILY_ARGUMENTS: ClassVar[tuple[str, ...]] = ("true_cfg_scale", "max_sequence_length")
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "__call__" not in cls.__dict__:
-            cls.__call__ = _family_call(cls)
 
     @property
     def network(self) -> Any:
