@@ -236,7 +236,7 @@ def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     """
     m = a.shape[-1]
     basis = _sum_zero_basis(m, a.dtype, a.device)  # (M, M−1)
-    centre = a.new_full((m,), 1.0 / m)
+    centre = _constant(("centre", m), a.dtype, a.device)  # 1/M in every entry
     reduced = basis.mT @ a @ basis  # (B, M−1, M−1)
     target = ((rhs - a @ centre) @ basis)[..., None]  # (B, M−1, 1)
     exact, _ = torch.linalg.solve_ex(reduced, target)  # info unchecked: a failed LU gives non-finite values
@@ -265,6 +265,15 @@ def _sum_zero_basis(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return helmert.to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=32)
+def _constant(key: tuple[str, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant of the solve, made once per (kind, size, dtype, device): ``("centre", M)`` the vector
+    1/M, ``("eye", n)`` the identity."""
+    kind, n = key
+    value = torch.full((n,), 1.0 / n, dtype=torch.float64) if kind == "centre" else torch.eye(n, dtype=torch.float64)
+    return value.to(dtype=dtype, device=device)
+
+
 def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     """The minimum-norm least-squares solution of ``system · z = rhs`` (as ``pinv(system) @ rhs``),
     by iterated Tikhonov regularisation, with nothing that waits for the device.
@@ -280,7 +289,7 @@ def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     kt = system.mT
     normal = kt @ system
     damping = rtol * normal.diagonal(dim1=-2, dim2=-1).sum(-1)  # rtol · ‖K‖²_F
-    eye = torch.eye(normal.shape[-1], dtype=normal.dtype, device=normal.device)
+    eye = _constant(("eye", normal.shape[-1]), normal.dtype, normal.device)
     factor, info = torch.linalg.cholesky_ex(normal + damping[..., None, None] * eye)
     z = torch.cholesky_solve(kt @ rhs, factor)
     for _ in range(2):  # refinements: each shrinks what the damping took by ε/(σ² + ε)
