@@ -146,6 +146,19 @@ def test_the_ode_fails_naming_the_step_as_the_sde_does(method):
                    method=method, divergence="exact")
 
 
+def test_large_finite_values_are_not_taken_for_non_finite_ones():
+    """The per-step record is each tensor's largest magnitude, which cannot overflow where a sum of squares
+    (a 2-norm) of finite float32 values near their limit would."""
+    from superdiff.limits import FiniteWatch
+
+    watch, big = FiniteWatch(), torch.full((4, 3), 3e38)
+    watch.step(big, big.double(), big[:, 0], big)
+    watch.check()  # nothing raised
+    watch.step(big, big.double(), big[:, 0] * math.inf, big)
+    with pytest.raises(NonFiniteError, match="step 2 of 2 .*particle log-weights"):
+        watch.check()
+
+
 def test_a_node_whose_weights_go_non_finite_is_named():
     from superdiff.limits import FiniteWatch
 
