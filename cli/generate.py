@@ -11,7 +11,6 @@ from superdiff.combine import MODES, make_combiner
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import Node, compile_expression, describe
 from superdiff.limits import check_guidance
-from superdiff.options import check_particles_apply
 from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
@@ -278,7 +277,7 @@ def generate(
         items = items or list(DEFAULT_ITEMS.get(model, ()))
         check_items(items, what)
         combiner = make_combiner(mode, len(items), temperature, lw, what=f"{what}s")
-    check_particles_apply(options.particles, combiner)
+    options = options.for_combiner(combiner)  # particles by the composition where not given, else checked
     if model == "embedded-digits":
         check_unconditional_options(guidance, negative_prompt, height, width)
     check_negative_prompt(negative_prompt, model)

@@ -718,11 +718,12 @@ def _finish(p: SdePlan, state: SdeState, traces: _SdeTraces) -> SamplerOutput:
     )  # fmt: skip
 
 
-#: The bare samplers' options when none are given: the dataclass's defaults, except that the last step lands on
-#: ``times[-1]`` as the caller gave it (a pipeline's ``final_denoise=True`` lands on σ = 0 because a diffusers
-#: grid stops short of it). :func:`sample_sde`'s keyword defaults are read from here; :func:`sample_ode`, which
-#: has no kernel, particles or step onto σ = 0, takes an options object only with these values.
-SAMPLER_DEFAULTS = SamplerOptions(final_denoise=False)
+#: The bare samplers' options when none are given: the dataclass's defaults, except one particle per row (the
+#: caller gives the rows and their grouping) and a last step onto ``times[-1]`` as the caller gave it (a
+#: pipeline's ``final_denoise=True`` lands on σ = 0 because a diffusers grid stops short of it).
+#: :func:`sample_sde`'s keyword defaults are read from here; :func:`sample_ode`, which has no kernel,
+#: particles or step onto σ = 0, takes an options object only with these values.
+SAMPLER_DEFAULTS = SamplerOptions(final_denoise=False, particles=1)
 
 
 def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
@@ -736,7 +737,9 @@ def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
         if value != getattr(SAMPLER_DEFAULTS, name):
             raise ValueError(f"{name}={value!r} is given beside options=SamplerOptions(...); pass it in the options "
                              f"(options.replace({name}=...)) or as a keyword without options, not both")
-    return tuple(getattr(options, name) for name in keywords)
+    # particles=None (the pipelines' "by composition") is 1 here: the caller gives the rows and their grouping.
+    return tuple(getattr(options, name) if (name, getattr(options, name)) != ("particles", None) else 1
+                 for name in keywords)
 
 
 @torch.no_grad()
@@ -979,7 +982,7 @@ def _check_ode_options(options: SamplerOptions | None) -> None:
         raise ValueError(f"options={options!r} is not valid; pass a superdiff.options.SamplerOptions or None")
     for name in ("variance", "density_variance", "final_denoise", "particles", "resample_threshold"):
         value, default = getattr(options, name), getattr(SAMPLER_DEFAULTS, name)
-        if value != default:
+        if value != default and not (name == "particles" and value is None):  # None: 1 for the bare samplers
             raise ValueError(f"options.{name}={value!r} does not apply to sample_ode, which has no step kernel, "
                              f"particles or last step onto σ = 0; pass options.replace({name}={default!r}) "
                              "(superdiff.sampling.SAMPLER_DEFAULTS), or use sample_sde")

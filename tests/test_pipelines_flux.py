@@ -204,6 +204,7 @@ def test_sizes_and_packed_latents_as_diffusers_takes_them(tmp_path):
     (dict(true_cfg_scale=float("nan"), negative_prompt="a cat"), "true_cfg_scale"),
     (dict(guidance_scale=None), "guidance_scale"),  # the distilled transformer needs its guidance input
     (dict(guidance_scale=-2.0), "guidance_scale"),
+    (dict(guidance_scale=1e300), "guidance_scale"),  # the embedding of guidance × 1000 loses its phase, then overflows
     # unguided weights that do not sum to 1 at σ = 1: named by the composition, not by the default true_cfg_scale
     (dict(mode="sum"), r"the combiner's weights \(1.0, 1.0\) sum to 2: without guidance"),
     (dict(max_sequence_length=513), "max_sequence_length"),

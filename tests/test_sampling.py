@@ -396,14 +396,14 @@ def test_options_object_drives_the_sampler_like_its_keywords():
 
 def test_the_bare_sampler_defaults_are_the_options_but_final_denoise():
     """``sample_sde``'s option keywords default to ``SAMPLER_DEFAULTS``' fields, the dataclass's defaults but for
-    ``final_denoise`` (False: the last step lands on the grid's last time), so a call without options is the
-    call with ``options=SAMPLER_DEFAULTS``."""
+    ``final_denoise`` (False: the last step lands on the grid's last time) and ``particles`` (1), so a call
+    without options is the call with ``options=SAMPLER_DEFAULTS``."""
     import inspect
 
     from superdiff.options import SamplerOptions
     from superdiff.sampling import SAMPLER_DEFAULTS
 
-    assert SAMPLER_DEFAULTS == SamplerOptions().replace(final_denoise=False)
+    assert SAMPLER_DEFAULTS == SamplerOptions().replace(final_denoise=False, particles=1)
     parameters = inspect.signature(sample_sde).parameters
     shared = [name for name in SamplerOptions.names() if name in parameters]
     assert len(shared) == 5

@@ -69,6 +69,7 @@ class PipelineCall:
     true_cfg_scale: Any = None
     max_sequence_length: Any = None
     batch_argument: str = "num_images_per_prompt"
+    schedule: Any = None  # the time grid, once steps 1–3 (SuperDiffLoop._checked_shape) have run
 
     @property
     def negative_text(self) -> str | None:
@@ -193,7 +194,10 @@ class SuperDiffLoop:
     #: How the ``latents=`` argument is laid out, for its error message.
     latents_layout: ClassVar[str] = ""
 
-    def _run(self, call: PipelineCall) -> SuperDiffPipelineOutput | tuple:
+    def _checked_shape(self, call: PipelineCall) -> tuple[int, ...]:
+        """Steps 1–3 of a call: every check before any network call, the shape of the latents, and the
+        time grid (``call.schedule``; a Modular Diffusers pipeline runs them before its text encoders:
+        :mod:`.modular`)."""
         # 1. Check inputs (the combiner checked itself): everything before any network call
         self.check_inputs(call)
         check_rows(call.options, self.num_models(call), call.batch_argument)
@@ -201,7 +205,11 @@ class SuperDiffLoop:
         shape = self.latents_shape(call)
         check_latents(call.options.latents, shape, self.latents_layout)
         # 3. Prepare timesteps, with the options' time grid (a grid that does not fit the process is refused here)
-        schedule = sampling_schedule(self.time_grid(call), call.options.sampler)
+        call.schedule = sampling_schedule(self.time_grid(call), call.options.sampler)
+        return shape
+
+    def _run(self, call: PipelineCall) -> SuperDiffPipelineOutput | tuple:
+        shape, schedule = self._checked_shape(call), call.schedule
         # 4. Encode prompts: the M prompts and the unconditional (negative) one, rows of one batched call
         conditions = self.encode(call)
         # 5. Prepare the denoiser: the network on all rows, its output converted to x̂₀

@@ -17,6 +17,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..limits import distilled_guidance_problem
 from ._common import check_true_cfg, is_number
 from .base import PackedLatents, PipelineCall, SuperDiffBasePipeline, tokenize
 from .denoisers import Schedule, WithSharedInputs
@@ -85,8 +86,10 @@ class SuperDiffFluxPipeline(PackedLatents, SuperDiffBasePipeline):
 
     def check_inputs(self, call: PipelineCall) -> None:
         """The distilled guidance and true CFG (the sampler's guidance) first, then the shared checks."""
-        true_cfg = call.true_cfg_scale
-        check_true_cfg(true_cfg, call.guidance_scale, call.negative_prompt, call.options, self.guidance_distilled)
+        true_cfg, guidance = call.true_cfg_scale, call.guidance_scale
+        check_true_cfg(true_cfg, guidance, call.negative_prompt, call.options, self.guidance_distilled)
+        if self.guidance_distilled and (problem := distilled_guidance_problem(guidance, self.transformer.dtype)):
+            raise ValueError(problem)
         super().check_inputs(call)
         fix = (f"guide it: true_cfg_scale above 1 (e.g. 4.0; it is {true_cfg!r}) with a negative_prompt ('' for the "
                "empty prompt)")
