@@ -6,8 +6,11 @@ from pathlib import Path
 
 import click
 
+from superdiff.options import option_spec
+
 from .errors import BadInput, handle_errors
 from .models import resolve_device
+from .options import click_type, flag
 from .output import ensure_writable_dir
 
 
@@ -26,8 +29,8 @@ from .output import ensure_writable_dir
 @click.option("--shapes-samples", type=int, default=32, show_default=True, help="Samples per shapes method and pair.")
 @click.option("--calculus-samples", type=int, default=16, show_default=True,
               help="Samples per method of the composition-calculus experiment (0 skips it).")
-@click.option("--particles", type=int, default=4, show_default=True,
-              help="Weighted particles per image for the calculus' corrected methods.")
+@click.option(flag("particles"), type=click_type(option_spec("particles")), default=4, show_default=True,
+              help=f"{option_spec('particles').help} Here: for the calculus' corrected methods.")
 @click.option("--guidance", type=float, default=5.0, show_default=True, help="Guidance scale for the shapes model.")
 @click.option(
     "--pair", nargs=2, default=("red", "circle"), show_default=True, help="Colour and shape prompts for AND."
@@ -55,7 +58,6 @@ def demo(out_dir: Path, steps: int, digits_samples: int, shapes_samples: int, ca
         ("--digits-samples", digits_samples, 2),
         ("--shapes-samples", shapes_samples, 1),
         ("--calculus-samples", calculus_samples, 0),
-        ("--particles", particles, 1),
     ):
         if value < least:
             why = " (the Fréchet distance fits a covariance to the samples)" if name == "--digits-samples" else ""

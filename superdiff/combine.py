@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from ._numeric import f64
 from .limits import gain_problem, scale_problem
 
 if TYPE_CHECKING:
@@ -205,15 +206,17 @@ def and_weights(
     Returns:
         (B, M) float64 κ summing to 1 per sample.
     """
-    a = increment_matrix.to(torch.float64)
-    b = increment_offset.to(torch.float64)
+    a = f64(increment_matrix)
+    b = f64(increment_offset)
     m = a.shape[-1]
-    rhs_top = -b if target_offsets is None else target_offsets.to(torch.float64) - b
     # Each sample's equations may be rescaled freely (λ absorbs it): the slope for M = 2 is compared
     # with the largest entry of A, and for M > 2 A is brought to unit size before the solve.
     scale = a.abs().amax(dim=(-2, -1))
+    if m == 2 and target_offsets is None:  # rhs = −b: its rows' difference is b₂ − b₁ (the same bits)
+        return _and_weights_two(a, b[:, 1] - b[:, 0], rtol * scale)
+    rhs_top = -b if target_offsets is None else f64(target_offsets) - b
     if m == 2:
-        return _and_weights_two(a, rhs_top, rtol * scale)
+        return _and_weights_two(a, rhs_top[:, 0] - rhs_top[:, 1], rtol * scale)
     a, rhs_top, scale = torch.nan_to_num(a), torch.nan_to_num(rhs_top), torch.nan_to_num(scale)
     scale = scale.clamp_min(torch.finfo(torch.float64).tiny)
     return _and_weights_reduced(a / scale[:, None, None], rhs_top / scale[:, None], rtol)
@@ -233,7 +236,7 @@ def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     """
     m = a.shape[-1]
     basis = _sum_zero_basis(m, a.dtype, a.device)  # (M, M−1)
-    centre = a.new_full((m,), 1.0 / m)
+    centre = _constant(("centre", m), a.dtype, a.device)  # 1/M in every entry
     reduced = basis.mT @ a @ basis  # (B, M−1, M−1)
     target = ((rhs - a @ centre) @ basis)[..., None]  # (B, M−1, 1)
     exact, _ = torch.linalg.solve_ex(reduced, target)  # info unchecked: a failed LU gives non-finite values
@@ -244,7 +247,8 @@ def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
 
     bound = torch.finfo(torch.float64).eps * (reduced.abs().amax(dim=(-2, -1)) * damped.abs().amax(dim=(-2, -1)) + 1.0)
     exact_ok = torch.isfinite(exact).all(dim=(-2, -1))
-    use_damped = (residual(damped) <= 1e3 * bound) | ~exact_ok | (residual(damped) <= residual(exact))
+    damped_residual = residual(damped)
+    use_damped = (damped_residual <= 1e3 * bound) | ~exact_ok | (damped_residual <= residual(exact))
     y = torch.where(use_damped[:, None, None], damped, exact)
     kappa = centre + (basis @ y)[..., 0]
     return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, 1.0 / m)
@@ -259,6 +263,15 @@ def _sum_zero_basis(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         helmert[j, j - 1] = -float(j)
         helmert[:, j - 1] /= math.sqrt(j * (j + 1))
     return helmert.to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _constant(key: tuple[str, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant of the solve, made once per (kind, size, dtype, device): ``("centre", M)`` the vector
+    1/M, ``("eye", n)`` the identity."""
+    kind, n = key
+    value = torch.full((n,), 1.0 / n, dtype=torch.float64) if kind == "centre" else torch.eye(n, dtype=torch.float64)
+    return value.to(dtype=dtype, device=device)
 
 
 def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
@@ -276,7 +289,7 @@ def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     kt = system.mT
     normal = kt @ system
     damping = rtol * normal.diagonal(dim1=-2, dim2=-1).sum(-1)  # rtol · ‖K‖²_F
-    eye = torch.eye(normal.shape[-1], dtype=normal.dtype, device=normal.device)
+    eye = _constant(("eye", normal.shape[-1]), normal.dtype, normal.device)
     factor, info = torch.linalg.cholesky_ex(normal + damping[..., None, None] * eye)
     z = torch.cholesky_solve(kt @ rhs, factor)
     for _ in range(2):  # refinements: each shrinks what the damping took by ε/(σ² + ε)
@@ -284,17 +297,18 @@ def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     return torch.where((info == 0)[..., None, None], z, torch.nan)
 
 
-def _and_weights_two(a: Tensor, rhs: Tensor, atol: Tensor) -> Tensor:
+def _and_weights_two(a: Tensor, rhs_gap: Tensor, atol: Tensor) -> Tensor:
     """The closed form for M = 2 (the paper's κ): eliminate κ₂ = 1 − κ₁ and λ.
 
     Row i reads ``Aᵢ₁κ₁ + Aᵢ₂(1 − κ₁) − λ = rhsᵢ``; subtracting the rows gives one linear equation
-    in κ₁. A slope at or below ``atol`` (indistinguishable models), or any non-finite input, gives
+    in κ₁ (``rhs_gap`` = rhs₁ − rhs₂, (B,)). A slope at or below ``atol`` (indistinguishable models),
+    or any non-finite input, gives
     κ = (½, ½), as the minimum-norm solution of the general case does. No host synchronisation,
     no matrix factorisation.
     """
     row_gap = a[:, 0] - a[:, 1]  # (B, 2)
     slope = row_gap[:, 0] - row_gap[:, 1]
-    k1 = ((rhs[:, 0] - rhs[:, 1]) - row_gap[:, 1]) / slope
+    k1 = (rhs_gap - row_gap[:, 1]) / slope
     k1 = torch.nan_to_num(torch.where(slope.abs() > atol, k1, 0.5), nan=0.5, posinf=0.5, neginf=0.5)
     return torch.stack([k1, 1.0 - k1], dim=-1)
 
@@ -326,9 +340,9 @@ def and_feedback_offsets(log_q: Tensor, feedback: float, log_weights: Tensor | N
     Returns:
         (B, M) float64.
     """
-    gap = log_q.to(torch.float64)
+    gap = f64(log_q)
     if log_weights is not None:
-        gap = gap - log_weights.to(torch.float64)
+        gap = gap - f64(log_weights)
     if step_fraction == 0.0:
         return torch.zeros_like(gap)
     return -feedback * (gap - gap.mean(-1, keepdim=True))

@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._numeric import f64
 from .options import DEFAULT_DENSITY_VARIANCE, KERNEL_VARIANCES
 
 __all__ = [
@@ -173,22 +174,25 @@ def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def _gaussian_log_pdf(residual: Tensor, var: float | Tensor) -> Tensor:
-    """``log N(r; 0, var I)`` of residuals (..., d), in float64; ``var`` a number or one per residual."""
+def _gaussian_log_pdf(residual: Tensor, var: float | Tensor, norm2: Tensor | None = None) -> Tensor:
+    """``log N(r; 0, var I)`` of residuals (..., d), in float64; ``var`` a number or one per residual;
+    ``norm2`` ‖r‖², where the caller has it."""
     d = residual.shape[-1]
     log_var = torch.log(var) if isinstance(var, Tensor) else math.log(var)
-    return -0.5 * _bdot(residual, residual) / var - 0.5 * d * (math.log(2 * math.pi) + log_var)
+    norm2 = _bdot(residual, residual) if norm2 is None else norm2
+    return -0.5 * norm2 / var - 0.5 * d * (math.log(2 * math.pi) + log_var)
 
 
 def model_residuals(denoised: Tensor, denoised_mix: Tensor, noise: Tensor, coef: TransitionCoefficients) -> Tensor:
     """Each model's residual ``uᵢ = y − E_r̃ᵢ[y] = c_0 (x̂₀ᵐⁱˣ − x̂₀ⁱ) + w`` of the step, (M, B, d) float64."""
     batch = denoised_mix.shape[0]
-    x0 = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64)
-    w = noise.reshape(batch, -1).to(torch.float64)
-    return coef.c_0 * (denoised_mix.reshape(batch, -1).to(torch.float64)[None] - x0) + w[None]
+    x0 = f64(denoised.reshape(denoised.shape[0], batch, -1))
+    w = f64(noise.reshape(batch, -1))
+    return coef.c_0 * (f64(denoised_mix.reshape(batch, -1))[None] - x0) + w[None]
 
 
-def jacobian_rayleigh_quotient(residual: Tensor, denoised_before: Tensor, denoised_after: Tensor) -> Tensor:
+def jacobian_rayleigh_quotient(residual: Tensor, denoised_before: Tensor, denoised_after: Tensor,
+                               residual_norm2: Tensor | None = None) -> Tensor:
     """A free estimate of ``tr(∂x̂₀ⁱ/∂x)/d`` at the end of a step, per model and sample, (M, B).
 
     ``λ̂ᵢ = ⟨uᵢ, x̂₀ⁱ(y) − x̂₀ⁱ(x)⟩ / ‖uᵢ‖²``, clamped at 0, from the step's own residual
@@ -196,13 +200,14 @@ def jacobian_rayleigh_quotient(residual: Tensor, denoised_before: Tensor, denois
     gives the second). Under model i's reverse process x̂₀ⁱ(x_t) is a martingale, so the drift and
     the change of time cancel to first order and ``x̂₀ⁱ(y) − x̂₀ⁱ(x) ≈ Jᵢ uᵢ``: λ̂ is the Rayleigh
     quotient of Jᵢ along the isotropic Gaussian uᵢ, whose mean is ``tr Jᵢ / d``; dividing by ‖uᵢ‖²
-    rather than its expectation removes the χ² noise. No network evaluation is added.
+    rather than its expectation removes the χ² noise. No network evaluation is added. ``residual_norm2``:
+    ‖uᵢ‖² (M, B), where the caller kept it from the step's density increment.
     """
     batch = residual.shape[1]
-    delta = (denoised_after.reshape(denoised_after.shape[0], batch, -1).to(torch.float64)
-             - denoised_before.reshape(denoised_before.shape[0], batch, -1).to(torch.float64))
-    norm2 = _bdot(residual, residual)
-    quotient = _bdot(residual, delta) / torch.where(norm2 > 0, norm2, torch.ones_like(norm2))
+    delta = (f64(denoised_after.reshape(denoised_after.shape[0], batch, -1))
+             - f64(denoised_before.reshape(denoised_before.shape[0], batch, -1)))
+    norm2 = _bdot(residual, residual) if residual_norm2 is None else residual_norm2
+    quotient = _bdot(residual, delta) / torch.where(norm2 > 0, norm2, 1.0)
     return quotient.clamp_min(0.0)
 
 
@@ -228,6 +233,7 @@ def ito_log_density_increment(
     coef: TransitionCoefficients,
     density_var: Tensor | None = None,
     residuals: Tensor | None = None,
+    residual_norm2: Tensor | None = None,
 ) -> Tensor:
     """Itô estimate of ``log qᵢ_t(y) − log qᵢ_s(x)`` for the step ``y = c_x x + c_0 x̂₀ᵐⁱˣ + w``.
 
@@ -235,13 +241,14 @@ def ito_log_density_increment(
     or ``density_var`` (M, B), one per model and sample (:func:`tweedie_density_variance`).
     ``denoised``: (M, B, *shape) each model's x̂₀ at x; ``denoised_mix``: (B, *shape) the x̂₀ that
     drove the step; ``noise``: (B, *shape) the Gaussian increment w actually added; ``residuals``:
-    :func:`model_residuals` of the same step, where the caller has them already. Returns (B, M)
+    :func:`model_residuals` of the same step, and ``residual_norm2`` their ‖uᵢ‖² (M, B), where the
+    caller has them already. Returns (B, M)
     in float64.
     """
     batch = x.shape[0]
-    x0_mix = denoised_mix.reshape(batch, -1).to(torch.float64)
-    w = noise.reshape(batch, -1).to(torch.float64)
-    xf = x.reshape(batch, -1).to(torch.float64)
+    x0_mix = f64(denoised_mix.reshape(batch, -1))
+    w = f64(noise.reshape(batch, -1))
+    xf = f64(x.reshape(batch, -1))
     c = coef
     # Both residuals are formed from their parts, not by subtracting from y, so that float64 keeps
     # them exact when they are small beside x: y − E_r̃ᵢ[y] = c_0 (x̂₀ᵐⁱˣ − x̂₀ⁱ) + w, and, since
@@ -249,7 +256,7 @@ def ito_log_density_increment(
     if residuals is None:
         residuals = model_residuals(denoised, denoised_mix, noise, c)
     var = c.density_var if density_var is None else density_var
-    reverse = _gaussian_log_pdf(residuals, var)  # log r̃ᵢ(y | x), (M, B)
+    reverse = _gaussian_log_pdf(residuals, var, residual_norm2)  # log r̃ᵢ(y | x), (M, B)
     eps_mix = (xf - c.alpha_s * x0_mix) / c.sigma_s
     forward = _gaussian_log_pdf(c.S2 / c.sigma_s * eps_mix - c.a * w, c.S2)  # log k(x | y), (B,)
     return (reverse - forward[None]).transpose(0, 1)
@@ -270,7 +277,7 @@ class StepMoments:
 def step_moments(denoised: Tensor, base: Tensor, noise: Tensor) -> StepMoments:
     """:class:`StepMoments` of a step from each model's x̂₀ⁱ (M, B, *shape), the common ``base`` and the noise w."""
     e = _offsets(denoised, base)
-    w = noise.reshape(base.shape[0], -1).to(torch.float64)
+    w = f64(noise.reshape(base.shape[0], -1))
     return StepMoments(e @ e.transpose(1, 2), (e @ w[:, :, None])[..., 0], _bdot(w, w), e.shape[-1])
 
 
@@ -279,7 +286,7 @@ def expected_step_moments(moments: StepMoments, noise_var: float | Tensor) -> St
     ‖w‖² → d·noise_var (a number, or (B,) one per sample). The systems built from them give each model's
     *expected* increment as a function of κ, so a κ solved from them does not depend on the step's own noise
     (:class:`superdiff.combine.And` with ``feedback``)."""
-    norm2 = moments.dim * (noise_var.to(torch.float64) if isinstance(noise_var, Tensor)
+    norm2 = moments.dim * (f64(noise_var) if isinstance(noise_var, Tensor)
                            else torch.full_like(moments.noise_norm2, noise_var))
     return StepMoments(moments.gram, torch.zeros_like(moments.offset_noise), norm2, moments.dim)
 
@@ -321,7 +328,7 @@ def _common_variance_system(
     if density_var is None:
         inverse = 1.0 / coef.density_var
         return (c0 * c0 * scale * inverse) * mo.gram, (c0 * inverse) * (mo.offset_noise - (0.5 * c0) * diagonal)
-    inverse = (1.0 / density_var.to(torch.float64))[:, None]  # (B, 1)
+    inverse = f64(density_var).reciprocal()[:, None]  # (B, 1); reciprocal() is 1.0 / V in one operation
     a_mat = (c0 * c0 * scale) * inverse[..., None] * mo.gram
     return a_mat, inverse * (c0 * mo.offset_noise - (0.5 * c0 * c0) * diagonal)
 
@@ -351,7 +358,7 @@ class QuadraticIncrementSystem:
 
     def phi(self, kappa: Tensor) -> Tensor:
         """φ(κ) per sample (B,)."""
-        k = kappa.to(torch.float64)
+        k = f64(kappa)
         return (k * (self.phi_matrix @ k[:, :, None])[..., 0]).sum(-1) + (self.phi_vector * k).sum(-1)
 
 
@@ -372,11 +379,12 @@ def ito_quadratic_increment_system(
     so ``A = A(V̄) + c_0² scale diag(δ) G``, ``b = b(V̄) − (δ/2)(c_0² diag G − 2 c_0 h + ‖w‖²) − (d/2)
     log(V/V̄)`` and ``r = −δ/2``. Nothing of the sample's size is touched.
     """
-    var = density_var.to(torch.float64).transpose(0, 1)  # (B, M)
-    mean_var = 1.0 / (1.0 / var).mean(-1)  # (B,) the harmonic mean V̄
+    var = f64(density_var).transpose(0, 1)  # (B, M)
+    inverse = var.reciprocal()  # 1/Vᵢ, formed once (as 1.0 / V would be, in one operation rather than two)
+    mean_var = inverse.mean(-1).reciprocal()  # (B,) the harmonic mean V̄
     common_matrix, common_offset = _common_variance_system(moments, scale, coef, mean_var)
     gram, h, c0 = moments.gram, moments.offset_noise, coef.c_0
-    delta = 1.0 / var - 1.0 / mean_var[:, None]  # (B, M)
+    delta = inverse - mean_var.reciprocal()[:, None]  # (B, M)
     a_mat = common_matrix + (c0**2 * scale * delta)[..., None] * gram
     constant = c0**2 * torch.diagonal(gram, dim1=1, dim2=2) - 2 * c0 * h + moments.noise_norm2[:, None]
     b_vec = common_offset - 0.5 * delta * constant - 0.5 * moments.dim * torch.log(var / mean_var[:, None])
@@ -403,8 +411,8 @@ def _offsets(denoised: Tensor, base: Tensor) -> Tensor:
     """``eᵢ = x̂₀ⁱ − base`` per sample, as (B, M, d) float64."""
     batch = base.shape[0]
     e = (
-        denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64)
-        - base.reshape(batch, -1).to(torch.float64)[None]
+        f64(denoised.reshape(denoised.shape[0], batch, -1))
+        - f64(base.reshape(batch, -1))[None]
     )
     return e.transpose(0, 1)
 
@@ -431,13 +439,13 @@ def ode_log_density_rate(
     ``vᵢ − u = (α̇ − σ̇ α/σ)(x̂₀ⁱ − x̂₀ᵐⁱˣ)``. Returns (B, M) float64 per unit time.
     """
     batch = x.shape[0]
-    x0 = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64)
-    x0_mix = denoised_mix.reshape(batch, -1).to(torch.float64)
-    xf = x.reshape(batch, -1).to(torch.float64)
+    x0 = f64(denoised.reshape(denoised.shape[0], batch, -1))
+    x0_mix = f64(denoised_mix.reshape(batch, -1))
+    xf = f64(x.reshape(batch, -1))
     d = xf.shape[-1]
     rate = d_alpha - d_sigma * alpha / sigma
     score = -(xf[None] - alpha * x0) / (sigma * sigma)
-    div_v = d * d_sigma / sigma + rate * divergence_denoised.to(torch.float64)
+    div_v = d * d_sigma / sigma + rate * f64(divergence_denoised)
     out = -div_v - rate * _bdot(score, x0 - x0_mix[None])
     return out.transpose(0, 1)
 
@@ -456,14 +464,14 @@ def ode_increment_system(
     """The AND system for :func:`ode_log_density_rate` per unit time, with
     ``x̂₀ᵐⁱˣ(κ) = base + scale Σⱼ κⱼ (x̂₀ʲ − base)``: ``rateᵢ = Σⱼ Aᵢⱼ κⱼ + bᵢ``."""
     batch = x.shape[0]
-    x0 = denoised.reshape(denoised.shape[0], batch, -1).to(torch.float64)
-    basef = base.reshape(batch, -1).to(torch.float64)
-    xf = x.reshape(batch, -1).to(torch.float64)
+    x0 = f64(denoised.reshape(denoised.shape[0], batch, -1))
+    basef = f64(base.reshape(batch, -1))
+    xf = f64(x.reshape(batch, -1))
     d = xf.shape[-1]
     rate = d_alpha - d_sigma * alpha / sigma
     score = (-(xf[None] - alpha * x0) / (sigma * sigma)).transpose(0, 1)  # (B, M, d)
     e = (x0 - basef[None]).transpose(0, 1)  # (B, M, d)
-    div_v = d * d_sigma / sigma + rate * divergence_denoised.to(torch.float64).transpose(0, 1)
+    div_v = d * d_sigma / sigma + rate * f64(divergence_denoised).transpose(0, 1)
     a_mat = rate * scale * (score @ e.transpose(1, 2))  # −rate⟨sᵢ, eᵢ − scale Σⱼκⱼeⱼ⟩ gives +rate·scale⟨sᵢ, eⱼ⟩κⱼ
     b_vec = -div_v - rate * _bdot(score, x0.transpose(0, 1) - basef[:, None])
     return a_mat, b_vec
@@ -496,7 +504,7 @@ def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, probe: Tens
     batch = x.shape[0]
     value, jvp = torch.func.jvp(fn, (x,), (probe.to(x.dtype),))
     estimate = (
-        jvp.reshape(jvp.shape[0], batch, -1).to(torch.float64) * probe.reshape(1, batch, -1).to(torch.float64)
+        f64(jvp.reshape(jvp.shape[0], batch, -1)) * f64(probe.reshape(1, batch, -1))
     ).sum(-1)
     return value, estimate
 
@@ -513,5 +521,5 @@ def divergence_hutchinson_vjp(fn: Callable[[Tensor], Tensor], x: Tensor, probe: 
     cotangents = eye * probe.to(value.dtype)[None, None]  # (M, M, B, *shape): output i gets the probe
     (rows,) = torch.func.vmap(vjp_fn)(cotangents)  # (M, B, *shape): εᵀ Jᵢ
     batch = x.shape[0]
-    estimate = (rows.reshape(m, batch, -1).to(torch.float64) * probe.reshape(1, batch, -1).to(torch.float64)).sum(-1)
+    estimate = (f64(rows.reshape(m, batch, -1)) * f64(probe.reshape(1, batch, -1))).sum(-1)
     return value, estimate

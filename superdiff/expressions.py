@@ -58,6 +58,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from ._numeric import f64
 from ._text import shorten
 from .combine import (
     CombineInputs,
@@ -655,7 +656,7 @@ class CompiledExpression:
         prescribed share; the largest over the nodes. Zero (to rounding) where each And's condition
         was met; an And over mixture-type children can miss it where the condition has no root.
         """
-        before, after = log_q_before.to(torch.float64), log_q_after.to(torch.float64)
+        before, after = f64(log_q_before), f64(log_q_after)
         gap = before.new_zeros(before.shape[0])
         for node in self.nodes:
             if not isinstance(node, And) or len(node.children) < 2:
@@ -690,7 +691,7 @@ class CompiledExpression:
 
     def _evaluate(self, node: Node, inputs: CombineInputs, weights: list[Tensor], root: bool = False) -> _Value:
         """The node's κ, potential (not at the root, which no one reads) and Feynman–Kac increment."""
-        log_q = inputs.log_q.to(torch.float64)
+        log_q = f64(inputs.log_q)
         batch, m = log_q.shape
         if isinstance(node, Leaf):
             i = self.leaves.index(node.name)
@@ -740,7 +741,7 @@ class CompiledExpression:
     @staticmethod
     def _local_correction(phi: Tensor, hessian_scale: float, k_mat: Tensor | None, inputs: CombineInputs) -> Tensor:
         """``g²dτ/2 [ΦᵀΓΦ − Σ_c Φ_c Γ_cc + Σ_cc' Φ_cc' Γ_cc']`` over the children's scores, ``Γ_cc' = ⟨S_c, S_c'⟩``."""
-        gram = inputs.score_gram.to(torch.float64)
+        gram = f64(inputs.score_gram)
         if k_mat is not None:
             gram = k_mat @ gram @ k_mat.mT  # (B, C, C)
         diag = gram.diagonal(dim1=-2, dim2=-1)
@@ -763,8 +764,8 @@ class CompiledExpression:
         batch, c = potentials.shape
         if c == 1:
             return potentials.new_ones(batch, 1)
-        a = inputs.increment_matrix.to(torch.float64)
-        b = inputs.increment_offset.to(torch.float64)
+        a = f64(inputs.increment_matrix)
+        b = f64(inputs.increment_offset)
         target = None
         if node.feedback is not None:  # the share ρ of the tracked gap of φ_c − ℓ_c, on the expected increments
             lw = None if node.log_weights is None else _device_constant(node.log_weights, potentials.dtype,
@@ -793,9 +794,9 @@ class CompiledExpression:
         zero) the search settles where the residual is smallest. A fixed number of iterations, so
         nothing waits for the device.
         """
-        a = inputs.increment_matrix.to(torch.float64)
-        b = inputs.increment_offset.to(torch.float64)
-        log_q = inputs.log_q.to(torch.float64)
+        a = f64(inputs.increment_matrix)
+        b = f64(inputs.increment_offset)
+        log_q = f64(inputs.log_q)
         goal = 0.0 if target is None else target
 
         def evaluate(lam_: Tensor) -> tuple[Tensor, Tensor, Tensor]:

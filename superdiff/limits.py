@@ -157,19 +157,22 @@ def rows_problem(images: int, particles: int, outputs: int, unconditional: bool 
 class FiniteWatch:
     """Whether a run stayed finite, recorded on the device step by step and read once at the end.
 
-    :meth:`step` queues four reductions per step (no host read); :meth:`check` reads their record
-    once, and only on failure looks further to name the step and the node."""
+    :meth:`step` queues one fused reduction per step, the largest magnitude of each recorded tensor
+    (NaN or ∞ where one is non-finite; a maximum cannot overflow as a sum of squares could), and no
+    host read; :meth:`check` reads the record once, and only on failure looks further to name the
+    step and the node."""
 
     KINDS = ("samples", "log-densities", "particle log-weights", "model weights κ")
 
     def __init__(self) -> None:
-        self._flags: list[Tensor] = []
+        self._peaks: list[Tensor] = []  # 4 per step, flat: one stack (one operation) reads them all
         self._kept: list[tuple[Tensor, tuple[Tensor, ...]]] = []  # references the sampler keeps anyway
 
     def step(self, x: Tensor, log_q: Tensor, log_w: Tensor, kappa: Tensor,
              node_weights: Sequence[Tensor] = ()) -> None:
         """Record one step: the state after it, the log-densities, log-weights and κ of the step."""
-        self._flags.append(torch.stack([torch.isfinite(t).all() for t in (x, log_q, log_w, kappa)]))
+        # One foreach call for the four tensors (as clip_grad_norm_ does): one kernel, not eight.
+        self._peaks.extend(torch._foreach_norm([x, log_q, log_w, kappa], math.inf))
         self._kept.append((log_q, tuple(node_weights)))
 
     def check(self, nodes: Sequence[Any] = (), leaves: Sequence[Any] | None = None) -> None:
@@ -177,9 +180,9 @@ class FiniteWatch:
         went non-finite, and where: the innermost node of an expression (``nodes``, in the order of
         the recorded node weights) whose weights did, else the models (``leaves``: their names)
         whose log-densities did."""
-        if not self._flags:
+        if not self._peaks:
             return
-        finite = torch.stack(self._flags)  # (steps, 4)
+        finite = torch.isfinite(torch.stack(self._peaks)).reshape(-1, len(self.KINDS))  # (steps, 4)
         if bool(finite.all()):  # the one host read of the run
             return
         step = int((~finite).any(1).long().argmax())
@@ -197,7 +200,7 @@ class FiniteWatch:
             names = [repr(leaves[i]) if leaves is not None and i < len(leaves) else str(i) for i in bad_models]
             where = f" (the log-densities of model{'s' if len(names) > 1 else ''} {', '.join(names)})"
         raise NonFiniteError(
-            f"step {step + 1} of {len(self._flags)} produced non-finite (NaN or infinite) {', '.join(kinds)}{where}; "
+            f"step {step + 1} of {len(self._kept)} produced non-finite (NaN or infinite) {', '.join(kinds)}{where}; "
             "nothing was returned. The inputs were within the library's ranges (superdiff.limits), so the model "
             "or the precision overflowed: try float32, smaller exponents, strengths or guidance, or fewer steps"
         )

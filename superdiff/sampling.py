@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._numeric import f64
 from .combine import CombineInputs, Combiner, check_combiner
 from .density import (
-    DEFAULT_DENSITY_VARIANCE,
     QuadraticIncrementSystem,
     TransitionCoefficients,
     divergence_exact,
@@ -249,8 +249,8 @@ def _plan_times(
         raise ValueError(f"times must be a 1-D grid of at least 2 points (steps >= 1), got shape {tuple(times.shape)}")
     if not bool(torch.isfinite(times).all()):
         raise ValueError("times contains NaN or inf")
-    alphas = [float(v) for v in process.alpha(times)]
-    sigmas = [float(v) for v in process.sigma(times)]
+    alphas = [float(v) for v in process.alpha(times).tolist()]  # one read each, not one per time
+    sigmas = [float(v) for v in process.sigma(times).tolist()]
     for i in range(len(alphas) - 1):
         if not (sigmas[i] > 0):
             raise ValueError(f"σ must be > 0 before the last time; times[{i}]={float(times[i])} has σ={sigmas[i]}")
@@ -331,7 +331,7 @@ def _system_base(denoised: Tensor, unconditional: Tensor | None, guidance_scale:
 def _score_gram(denoised: Tensor, x: Tensor, alpha: float, sigma: float) -> Tensor:
     """``⟨sᵢ, sⱼ⟩`` (B, M, M) of the models' scores ``sᵢ = (α x̂₀ⁱ − x)/σ²`` at x, in float64."""
     batch = x.shape[0]
-    scores = (alpha * denoised.reshape(denoised.shape[0], batch, -1) - x.reshape(1, batch, -1).to(torch.float64))
+    scores = (alpha * denoised.reshape(denoised.shape[0], batch, -1) - f64(x.reshape(1, batch, -1)))
     scores = (scores / (sigma * sigma)).transpose(0, 1)  # (B, M, d)
     return scores @ scores.mT
 
@@ -342,7 +342,7 @@ _Weights = tuple[Tensor, Tensor | None, tuple[Tensor, ...]]  # κ, Feynman–Kac
 def _weigh(combiner: CompiledExpression, inputs: CombineInputs) -> _Weights:
     """κ, the Feynman–Kac log-weight increment (expressions that correct) and the node weights."""
     step = combiner.step(inputs)
-    return step.kappa.to(torch.float64), step.log_weight_increment, step.node_weights
+    return f64(step.kappa), step.log_weight_increment, step.node_weights
 
 
 def _quadratic_system_weights(
@@ -369,14 +369,15 @@ def _quadratic_system_weights(
                               torch.cat([inputs.increment_offset, b, b + system.row_weights]))
     kappas, fks, nodes = _weigh(combiner, stacked)
     common = (kappas[:batch], None if fks is None else fks[:batch], tuple(n[:batch] for n in nodes))
-    k0, k1 = kappas[batch:2 * batch], kappas[2 * batch:] - kappas[batch:2 * batch]
+    k0 = kappas[batch:2 * batch]
+    k1 = kappas[2 * batch:] - k0
     t, discriminant = _quadratic_root(system, k0, k1)
     kappa_t = k0 + t[:, None] * k1
     phi_t = torch.nan_to_num(system.phi(kappa_t))
     result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
                                       increment_offset=b + phi_t[:, None] * system.row_weights))
     move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
-    solved = (discriminant >= 0) & (move <= 1e-8) & torch.isfinite(result[0]).all(-1)
+    solved = (discriminant >= 0) & (move <= 1e-8)  # a non-finite κ moves by NaN or ∞: never solved
     return (result, common), solved
 
 
@@ -456,7 +457,7 @@ class SdeState:
     ``x`` (B, *shape); ``log_q`` (B, M) float64 tracked log-densities; ``log_w`` (B,) float64
     Feynman–Kac log-weights; ``x0_mix`` (B, *shape), ``kappa`` (B, M), ``converged`` (B,) and
     ``node_weights`` what the last step used; ``previous`` each model's x̂₀ⁱ and residual uᵢ of the
-    last step (M, B, d) for ``density_variance="tweedie"``; ``previous_step`` the mixed x̂₀, the
+    last step (M, B, d) and ‖uᵢ‖² (M, B) for ``density_variance="tweedie"``; ``previous_step`` the mixed x̂₀, the
     noise w (B, d) and κ of the last step for ``variance="tweedie"``.
     """
 
@@ -467,12 +468,12 @@ class SdeState:
     x0_mix: Tensor | None = None
     kappa: Tensor | None = None
     node_weights: tuple[Tensor, ...] = ()
-    previous: tuple[Tensor, Tensor] | None = None
+    previous: tuple[Tensor, Tensor, Tensor] | None = None
     previous_step: tuple[Tensor, Tensor, Tensor] | None = None
 
     def reindexed(self, rows: Tensor) -> "SdeState":
         """Every row-indexed field taken at ``rows`` (B,): the state of the resampled particles."""
-        prev = None if self.previous is None else (self.previous[0][:, rows], self.previous[1][:, rows])
+        prev = None if self.previous is None else tuple(v[:, rows] for v in self.previous)
         prev_step = None if self.previous_step is None else tuple(v[rows] for v in self.previous_step)
         return SdeState(
             self.x[rows], self.log_q[rows], self.log_w[rows], self.converged[rows],
@@ -546,7 +547,7 @@ def _initial_state(p: SdePlan, x: Tensor, log_q_init: Tensor | None) -> SdeState
         # FKC: the particles start from the prior N(0, (α² + σ²) I) (unit-variance data) while the corrected
         # target there is e^φ(log p_T, …): their initial log-weight is (D − 1) log p_T(x) + const.
         prior_var = p.plan.alphas[0] ** 2 + p.plan.sigmas[0] ** 2
-        log_prior = -0.5 * x.reshape(batch, -1).to(torch.float64).square().sum(-1) / prior_var
+        log_prior = -0.5 * f64(x.reshape(batch, -1)).square().sum(-1) / prior_var
         log_w = log_w + p.fk_scale * p.combiner.initial_log_weight(log_prior)
     log_q = (
         torch.zeros(batch, p.plan.num_models, dtype=torch.float64, device=x.device)
@@ -563,7 +564,7 @@ def _step(p: SdePlan, denoiser: Denoiser, state: SdeState, i: int, generator: Ge
     # Every model's x̂₀ⁱ (and the unconditional x̂₀ᵘ) in one batched network call. One float64 copy serves
     # κ, the mixing and the densities: κ is unbounded (AND of similar models reaches 1e3–1e7), so Σκᵢx̂₀ⁱ
     # is never formed in fp16/bf16.
-    denoised, unconditional = _split(denoiser(state.x, p.times[i]).to(torch.float64), p.plan)
+    denoised, unconditional = _split(f64(denoiser(state.x, p.times[i])), p.plan)
     if c.final:
         state, fk = _final_step(p, state, c, denoised, unconditional)
     else:
@@ -599,17 +600,19 @@ def _noisy_step(p: SdePlan, state: SdeState, c: TransitionCoefficients, denoised
     x = state.x
     # The Gaussian increment w ~ N(0, V), drawn before κ: AND's κ is solved for this very w (Prop. 6).
     noise, noise_var = _draw_increment(p, state, c, denoised, unconditional, generator)
-    noise64 = noise.to(torch.float64)
+    noise64 = f64(noise)
     density_var = _model_variances(p, state, c, denoised)
     kappa, fk, nodes, density_var, converged = _step_weights(p, state, c, denoised, unconditional, noise64,
                                                              noise_var, density_var)
     x0_mix64 = _mix(p, denoised, kappa, x, c, unconditional)
     # Itô densities (Thm. 1 discretised as Eq. 89): Δ log qᵢ = log r̃ᵢ(y | x) − log k(x | y).
     residuals = model_residuals(denoised, x0_mix64, noise64, c)
-    log_q = state.log_q + ito_log_density_increment(denoised, x0_mix64, x, noise64, c, density_var, residuals)
+    norm2 = torch.linalg.vecdot(residuals, residuals)  # ‖uᵢ‖² (M, B): this step's density, the next one's variance
+    log_q = state.log_q + ito_log_density_increment(denoised, x0_mix64, x, noise64, c, density_var, residuals,
+                                                    norm2)
     if p.nonlinear_and:  # an And over mixtures is solved iteratively: report where its condition was not met
         converged = converged & (p.combiner.and_gap(state.log_q, log_q, 1.0 / p.tracked_steps) <= 1e-6)
-    previous = (denoised, residuals) if p.model_variances else None
+    previous = (denoised, residuals, norm2) if p.model_variances else None
     previous_step = (x0_mix64, noise64.reshape(x.shape[0], -1), kappa) if p.kernel_tweedie else None
     # The move (Thm. 2's mean, Tweedie's E[x_t | x_s]): y = c_x x + c_0 x̂₀ᵐⁱˣ + w.
     x0_mix = x0_mix64.to(x.dtype)
@@ -640,7 +643,8 @@ def _model_variances(p: SdePlan, state: SdeState, c: TransitionCoefficients, den
     first step and for a common variance."""
     if not (p.model_variances and state.previous is not None):
         return None
-    trace = jacobian_rayleigh_quotient(state.previous[1], state.previous[0], denoised)
+    last_denoised, last_residuals, last_norm2 = state.previous
+    trace = jacobian_rayleigh_quotient(last_residuals, last_denoised, denoised, last_norm2)
     return tweedie_density_variance(c, trace)
 
 
@@ -714,8 +718,12 @@ def _finish(p: SdePlan, state: SdeState, traces: _SdeTraces) -> SamplerOutput:
     )  # fmt: skip
 
 
-_SDE_OPTION_DEFAULTS = {"variance": None, "density_variance": DEFAULT_DENSITY_VARIANCE, "final_denoise": False,
-                        "particles": 1, "resample_threshold": 0.5}  # sample_sde's keyword defaults
+#: The bare samplers' options when none are given: the dataclass's defaults, except one particle per row (the
+#: caller gives the rows and their grouping) and a last step onto ``times[-1]`` as the caller gave it (a
+#: pipeline's ``final_denoise=True`` lands on σ = 0 because a diffusers grid stops short of it).
+#: :func:`sample_sde`'s keyword defaults are read from here; :func:`sample_ode`, which has no kernel,
+#: particles or step onto σ = 0, takes an options object only with these values.
+SAMPLER_DEFAULTS = SamplerOptions(final_denoise=False, particles=1)
 
 
 def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
@@ -726,7 +734,7 @@ def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
     if not isinstance(options, SamplerOptions):
         raise ValueError(f"options={options!r} is not valid; pass a superdiff.options.SamplerOptions or None")
     for name, value in keywords.items():
-        if value != _SDE_OPTION_DEFAULTS[name]:
+        if value != getattr(SAMPLER_DEFAULTS, name):
             raise ValueError(f"{name}={value!r} is given beside options=SamplerOptions(...); pass it in the options "
                              f"(options.replace({name}=...)) or as a keyword without options, not both")
     # particles=None (the pipelines' "by composition") is 1 here: the caller gives the rows and their grouping.
@@ -745,13 +753,13 @@ def sample_sde(
     log_q_init: Tensor | None = None,
     generator: Generators = None,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
-    variance: str | None = None,
-    density_variance: str = DEFAULT_DENSITY_VARIANCE,
-    final_denoise: bool = False,
+    variance: str | None = SAMPLER_DEFAULTS.variance,
+    density_variance: str = SAMPLER_DEFAULTS.density_variance,
+    final_denoise: bool = SAMPLER_DEFAULTS.final_denoise,
     progress: bool = False,
     interrupt: Callable[[], bool] | None = None,
-    particles: int = 1,
-    resample_threshold: float = 0.5,
+    particles: int = SAMPLER_DEFAULTS.particles,
+    resample_threshold: float = SAMPLER_DEFAULTS.resample_threshold,
     options: SamplerOptions | None = None,
 ) -> SamplerOutput:
     """Superposed reverse-SDE sampling with Itô log-densities (Algorithm 1, Theorem 1).
@@ -781,7 +789,7 @@ def sample_sde(
             κ, and a sample where it has no solution keeps the common-variance κ), or one variance for
             all models (``"forward"``, ``"posterior"``, ``"euler"``).
         final_denoise: land the last step on σ = 0 whatever ``times[-1]`` says, as diffusers' Euler
-            schedulers do.
+            schedulers do. The five options default to :data:`SAMPLER_DEFAULTS`' fields.
         progress: show a tqdm bar.
         interrupt: asked before every step; once it returns True the sampler stops and returns the
             steps taken.
@@ -903,6 +911,7 @@ def sample_ode(
     atol: float = 1e-4,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
     progress: bool = False,
+    options: SamplerOptions | None = None,
 ) -> SamplerOutput:
     """Superposed probability-flow ODE with log-densities from Prop. 5 (Eq. 14 for OR).
 
@@ -911,7 +920,13 @@ def sample_ode(
     mode, cheaper for convolutions on CPU; fresh probes per step for Euler/Heun, fixed for the
     adaptive ``"dopri5"``, which integrates the augmented state ``(x, log q)`` with torchdiffeq
     and reports values at ``times``).
+
+    ``options``: a :class:`~superdiff.options.SamplerOptions` shared with :func:`sample_sde` runs; the ODE
+    has no step kernel, particles or last step onto σ = 0, so each of those fields must be at
+    :data:`SAMPLER_DEFAULTS`' value (``ValueError`` naming the field otherwise). A run that goes
+    non-finite raises :class:`~superdiff.limits.NonFiniteError` naming the step, as :func:`sample_sde` does.
     """
+    _check_ode_options(options)
     if method not in ("euler", "heun", "dopri5"):
         raise ValueError(f"method must be 'euler', 'heun' or 'dopri5', got {method!r}")
     if divergence not in ("exact", "hutchinson", "hutchinson_vjp"):
@@ -936,6 +951,7 @@ def sample_ode(
         return _sample_odeint(rates, x, log_q, times, generator, divergence, rtol, atol)
 
     log_q_trace, kappa_trace = [log_q], []
+    watch, no_weights = FiniteWatch(), log_q.new_zeros(batch)  # as in sample_sde: read once after the loop
     for i in tqdm(range(steps), disable=not progress, desc="superdiff-ode"):
         s, t = float(times[i]), float(times[i + 1])
         h = t - s
@@ -949,11 +965,27 @@ def sample_ode(
             x_next = x + 0.5 * h * (k1.velocity + k2.velocity)
             log_q_next = log_q + 0.5 * h * (k1.log_q_rate + k2.log_q_rate)
         x, log_q = x_next, log_q_next
+        watch.step(x, log_q, no_weights, k1.kappa)
         log_q_trace.append(log_q)
         kappa_trace.append(k1.kappa)
         if callback is not None:
             x = _state_from_callback(callback(StepInfo(i, t, x, k1.denoised_mix, k1.kappa, log_q)), x)
+    watch.check(getattr(plan.combiner, "nodes", ()), getattr(plan.combiner, "leaves", None))
     return SamplerOutput(x, log_q, torch.stack(log_q_trace), torch.stack(kappa_trace), times)
+
+
+def _check_ode_options(options: SamplerOptions | None) -> None:
+    """Refuse an options object whose fields ask for what the ODE does not do (see :func:`sample_ode`)."""
+    if options is None:
+        return
+    if not isinstance(options, SamplerOptions):
+        raise ValueError(f"options={options!r} is not valid; pass a superdiff.options.SamplerOptions or None")
+    for name in ("variance", "density_variance", "final_denoise", "particles", "resample_threshold"):
+        value, default = getattr(options, name), getattr(SAMPLER_DEFAULTS, name)
+        if value != default and not (name == "particles" and value is None):  # None: 1 for the bare samplers
+            raise ValueError(f"options.{name}={value!r} does not apply to sample_ode, which has no step kernel, "
+                             f"particles or last step onto σ = 0; pass options.replace({name}={default!r}) "
+                             "(superdiff.sampling.SAMPLER_DEFAULTS), or use sample_sde")
 
 
 def _sample_odeint(
@@ -973,4 +1005,8 @@ def _sample_odeint(
     t_grid = times.to(x.device)
     xs, lqs = odeint(func, (x, log_q), t_grid, rtol=rtol, atol=atol, method="dopri5")
     kappas = torch.stack([rates(xs[i], lqs[i], float(times[i]), probe).kappa for i in range(times.numel() - 1)])
+    watch, no_weights = FiniteWatch(), lqs.new_zeros(x.shape[0])
+    for i in range(times.numel() - 1):  # the values reported after step i
+        watch.step(xs[i + 1], lqs[i + 1], no_weights, kappas[i])
+    watch.check()
     return SamplerOutput(xs[-1], lqs[-1], lqs, kappas, times)

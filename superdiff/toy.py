@@ -17,22 +17,38 @@ from torch import Tensor
 
 from .analytic import GaussianMixture, MixtureDenoiser
 from .combine import And, Average, Combiner, Fixed, Or
-from .density import DEFAULT_DENSITY_VARIANCE
+from .options import SamplerOptions
 from .plotting import ScatterPanel, scatter_panels
 from .processes import VPLinear
-from .sampling import SamplerOutput, prior_sample, sample_sde
+from .sampling import SAMPLER_DEFAULTS, SamplerOutput, prior_sample, sample_sde
 
 __all__ = ["ToyConfig", "figure2_models", "run_toy"]
 
 
 @dataclass(frozen=True)
 class ToyConfig:
+    """A Figure 2 run: samples per method, steps, the estimator study's step counts, the seed, and the
+    sampler's options (the bare sampler's, :data:`~superdiff.sampling.SAMPLER_DEFAULTS`, with the
+    posterior step variance named)."""
+
     num_samples: int = 2000
     steps: int = 1000
     estimator_steps: tuple[int, ...] = (100, 300, 1000)
     seed: int = 0
-    variance: str = "posterior"
-    density_variance: str = DEFAULT_DENSITY_VARIANCE
+    sampler: SamplerOptions = SAMPLER_DEFAULTS.replace(variance="posterior")
+
+    @property
+    def variance(self) -> str | None:
+        return self.sampler.variance
+
+    @property
+    def density_variance(self) -> str:
+        return self.sampler.density_variance
+
+
+def _config_record(config: ToyConfig) -> dict:
+    """The run's settings for metrics.json, the sampler's options as their own fields (SamplerOptions.record)."""
+    return {k: v for k, v in asdict(config).items() if k != "sampler"} | config.sampler.record()
 
 
 def figure2_models() -> MixtureDenoiser:
@@ -49,7 +65,7 @@ def _run(
     x = prior_sample(models, cfg.num_samples, models.sample_shape, generator=g, dtype=torch.float64)
     times = models.process.time_grid(steps)
     out = sample_sde(models, x, times, combiner, log_q_init=models.log_prob(x, times[0]), generator=g,
-                     variance=cfg.variance, density_variance=cfg.density_variance)
+                     options=cfg.sampler)
     return out, models.log_prob(out.samples, times[-1])
 
 
@@ -90,7 +106,7 @@ def run_toy(out_dir: str | Path, config: ToyConfig = ToyConfig()) -> dict:
         res, exact = results["or"] if n == config.steps else _run(models, Or(), config, n, config.seed)
         errors[str(n)] = float((res.log_densities - exact).abs().median())
     metrics["estimator"] = {"median_abs_error": errors, "combiner": "or", "started_from": "exact log q at t=1"}
-    metrics["config"] = asdict(config) | {"process": "VPLinear(0.1, 20)", "t_end": models.process.t_min}
+    metrics["config"] = _config_record(config) | {"process": "VPLinear(0.1, 20)", "t_end": models.process.t_min}
     metrics["seconds"] = round(time.perf_counter() - start, 2)
 
     both = torch.cat([results["model_a"][0].samples, results["model_b"][0].samples])

@@ -84,6 +84,18 @@ def test_demo_needs_two_digit_samples_for_the_frechet_distance(tmp_path):
         frechet_distance(torch.zeros(1, 4), torch.zeros(5, 4))
 
 
+def test_demo_particles_is_the_options_field_with_its_own_default(tmp_path):
+    """``--particles`` takes the type, range and help of SamplerOptions' ``particles`` (its default, 4, is the
+    demo's): a value out of the field's range is click's usage error, before any work."""
+    from superdiff.options import option_spec
+
+    param = next(p for p in cli.commands["demo"].params if p.name == "particles")
+    assert param.default == 4 and param.help.startswith(option_spec("particles").help)
+    r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--particles", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--particles': 0 is not in the range x>=1" in r.output
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_demo_pair_equal_to_the_held_out_pair_is_run_once():
     from superdiff.zoo.demo import DemoConfig, demo_pairs
 

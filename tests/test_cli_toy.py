@@ -26,3 +26,18 @@ def test_toy_bad_input_exits_2_without_traceback(tmp_path):
     blocker.write_text("x")
     unwritable = runner.invoke(cli, ["toy", "--out", str(blocker / "sub")])
     assert unwritable.exit_code == 2 and "--out" in unwritable.output
+
+
+def test_the_toy_config_holds_the_sampler_options_and_records_them(tmp_path):
+    """ToyConfig carries a SamplerOptions (the bare sampler's, with the posterior step variance), which the runs
+    use and metrics.json records field by field."""
+    from superdiff.options import SamplerOptions
+    from superdiff.sampling import SAMPLER_DEFAULTS
+    from superdiff.toy import ToyConfig, run_toy
+
+    assert ToyConfig().sampler == SAMPLER_DEFAULTS.replace(variance="posterior")
+    config = ToyConfig(num_samples=50, steps=20, estimator_steps=(20,),
+                       sampler=SamplerOptions(variance="forward", density_variance="forward", final_denoise=False))
+    metrics = run_toy(tmp_path, config)
+    assert {k: metrics["config"][k] for k in SamplerOptions.names()} == config.sampler.record()
+    assert (config.variance, config.density_variance) == ("forward", "forward")

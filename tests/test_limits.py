@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from superdiff import GaussianMixture, MixtureDenoiser, VPLinear, prior_sample, sample_sde
+from superdiff import GaussianMixture, MixtureDenoiser, VPLinear, prior_sample, sample_ode, sample_sde
 from superdiff.combine import CombineInputs
 from superdiff.expression_syntax import ExpressionSyntaxError, parse_expression
 from superdiff.expressions import And, Leaf, Not, Product, compile_expression
@@ -134,6 +134,29 @@ def test_a_run_that_goes_non_finite_fails_naming_the_step_and_the_node():
     with pytest.raises(NonFiniteError, match="step 3 of 6 .*samples, log-densities, particle log-weights"):
         sample_sde(Counting(nan_from=3), x, PROCESS.time_grid(6), compile_expression(Product((Leaf(0), Leaf(1)))),
                    particles=2)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_the_ode_fails_naming_the_step_as_the_sde_does(method):
+    x = prior_sample(Counting(), 8, (2,), torch.Generator().manual_seed(0), dtype=torch.float64)
+    # the exact divergence of a 2-D model: 2 calls per evaluation; Heun evaluates twice a step
+    denoiser = Counting(nan_from=5 if method == "euler" else 9)
+    with pytest.raises(NonFiniteError, match=r"step 3 of 6 .*samples, log-densities.*of models 0, 1"):
+        sample_ode(denoiser, x, PROCESS.time_grid(6), compile_expression(And((Leaf(0), Leaf(1)))),
+                   method=method, divergence="exact")
+
+
+def test_large_finite_values_are_not_taken_for_non_finite_ones():
+    """The per-step record is each tensor's largest magnitude, which cannot overflow where a sum of squares
+    (a 2-norm) of finite float32 values near their limit would."""
+    from superdiff.limits import FiniteWatch
+
+    watch, big = FiniteWatch(), torch.full((4, 3), 3e38)
+    watch.step(big, big.double(), big[:, 0], big)
+    watch.check()  # nothing raised
+    watch.step(big, big.double(), big[:, 0] * math.inf, big)
+    with pytest.raises(NonFiniteError, match="step 2 of 2 .*particle log-weights"):
+        watch.check()
 
 
 def test_a_node_whose_weights_go_non_finite_is_named():

@@ -82,6 +82,27 @@ def test_compose_refuses_a_pipeline_it_has_no_family_for_by_name():
         SuperDiffBasePipeline.from_pipe({})
 
 
+def test_the_unconditional_call_is_the_template_with_batch_size_first():
+    """The unconditional stack's ``__call__`` is generated from the same template as the text families': every
+    argument it shares has the template's kind and annotation and the template's default unless the family
+    names its own; what it leaves out is the image size, the embeddings and the other families' arguments."""
+    import inspect
+
+    cls = SuperDiffUnconditionalPipeline
+    template = inspect.signature(SuperDiffBasePipeline.__call__).parameters
+    ours = inspect.signature(cls.__call__).parameters
+    assert list(ours)[:3] == ["self", "batch_size", "prompts"]
+    for name, p in ours.items():
+        if name in ("self", "batch_size"):
+            continue
+        t = template[name]
+        assert (p.kind, p.annotation) == (t.kind, t.annotation), name
+        assert p.default == cls.call_defaults.get(name, t.default), name
+    left_out = set(template) - set(ours)
+    assert left_out == set(cls.call_without) | set(SuperDiffBasePipeline.FAMILY_ARGUMENTS)
+    assert (ours["num_images_per_prompt"].default, ours["guidance_scale"].default) == (None, None)
+
+
 def test_each_family_call_spells_the_diffusers_arguments_with_its_own_defaults(tmp_path):
     import inspect
 

@@ -139,6 +139,18 @@ def test_or_and_and_objects_need_two_prompts_like_their_modes(tmp_path):
     assert one.kappa_trace.shape == (2, 1, 1)
 
 
+@pytest.mark.parametrize("grid", ["log_snr", "edm"])
+def test_a_time_grid_that_does_not_fit_a_flow_is_refused_before_the_text_encoders_run(tmp_path, grid):
+    """A flow's α vanishes at its first time, where a log-SNR grid has no end: refused in step 3 of the loop,
+    before any prompt is encoded."""
+    pipe = SuperDiffFlowPipeline(**tiny_sd3_components(vae=True, tokenizer_dir=tmp_path, t5=False))
+    networks = [pipe.text_encoder, pipe.text_encoder_2, pipe.transformer]
+    calls = [count_calls(n) for n in networks]
+    with pytest.raises(ValueError, match=rf"^time_grid='{grid}' does not apply to this scheduler's"):
+        pipe(prompts=PROMPTS, max_sequence_length=8, time_grid=grid, **KW)
+    assert all(c == [] for c in calls)
+
+
 def test_flow_refuses_a_non_affine_combiner_unguided_as_it_refuses_mode_sum(tmp_path):
     pipe = SuperDiffFlowPipeline(**tiny_sd3_components(vae=True, tokenizer_dir=tmp_path, t5=False))
     calls = count_calls(pipe.transformer)

@@ -394,6 +394,44 @@ def test_options_object_drives_the_sampler_like_its_keywords():
         run(models, And(), 12, n=16, options={"particles": 2})
 
 
+def test_the_bare_sampler_defaults_are_the_options_but_final_denoise():
+    """``sample_sde``'s option keywords default to ``SAMPLER_DEFAULTS``' fields, the dataclass's defaults but for
+    ``final_denoise`` (False: the last step lands on the grid's last time) and ``particles`` (1), so a call
+    without options is the call with ``options=SAMPLER_DEFAULTS``."""
+    import inspect
+
+    from superdiff.options import SamplerOptions
+    from superdiff.sampling import SAMPLER_DEFAULTS
+
+    assert SAMPLER_DEFAULTS == SamplerOptions().replace(final_denoise=False, particles=1)
+    parameters = inspect.signature(sample_sde).parameters
+    shared = [name for name in SamplerOptions.names() if name in parameters]
+    assert len(shared) == 5
+    for name in shared:
+        assert parameters[name].default == getattr(SAMPLER_DEFAULTS, name), name
+    models = figure2_models()
+    a, _ = run(models, And(), 6, n=8)
+    b, _ = run(models, And(), 6, n=8, options=SAMPLER_DEFAULTS)
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.log_density_trace, b.log_density_trace)
+
+
+def test_sample_ode_takes_an_options_object_whose_fields_it_does_not_use_are_the_defaults():
+    """One options object can drive either sampler; a field the ODE has no use for (kernel, particles, a last
+    step onto σ = 0) moved from ``SAMPLER_DEFAULTS`` is refused by name before any network call."""
+    from superdiff.sampling import SAMPLER_DEFAULTS
+
+    models = figure2_models()
+    x = prior_sample(models, 8, models.sample_shape, torch.Generator().manual_seed(0), dtype=torch.float64)
+    times = models.process.time_grid(4)
+    a = sample_ode(models, x, times, Or(), divergence="exact", options=SAMPLER_DEFAULTS)
+    b = sample_ode(models, x, times, Or(), divergence="exact")
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.log_density_trace, b.log_density_trace)
+    for name, value in (("particles", 2), ("final_denoise", True), ("density_variance", "forward"),
+                        ("variance", "forward"), ("resample_threshold", 0.9)):
+        with pytest.raises(ValueError, match=rf"^options\.{name}=.* does not apply to sample_ode"):
+            sample_ode(models, x, times, Or(), options=SAMPLER_DEFAULTS.replace(**{name: value}))
+
+
 def test_the_loop_gives_the_traces_of_the_sampler_before_its_rewrite():
     """A few of ``bench/loop_equivalence.py``'s cases (the pre-rewrite sampler from git history against this one,
     same seeds): AND on the default estimator, guided AND, OR, and corrected expressions whose

@@ -47,6 +47,57 @@ def unguided_flow_problem(combiner: Any, guidance_fix: str) -> str | None:
             f"to 1), or {guidance_fix}")
 
 
+def is_number(value: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_true_cfg(true_cfg: Any, guidance: Any, negative: Any, options: "SamplingOptions", distilled: bool) -> None:
+    """The checks of a family with diffusers' ``true_cfg_scale`` (true classifier-free guidance from a negative
+    prompt, the sampler's guidance ``options.guidance``) and a distilled ``guidance_scale`` input (``distilled``:
+    the transformer takes one, so None is refused), each naming the argument, the value and what works."""
+    if true_cfg is not None and (not is_number(true_cfg) or true_cfg < 0):
+        _fail("true_cfg_scale", true_cfg, "use a finite number >= 0 (e.g. 4.0 with a negative_prompt; 1 or "
+              "less, or None, samples without true classifier-free guidance, as in diffusers)")
+    if guidance is None and distilled:
+        _fail("guidance_scale", None, "this transformer is guidance-distilled (guidance_embeds, as FLUX.1-dev): "
+              "the distilled guidance is one of its inputs; pass a number, e.g. 3.5 (FluxPipeline's default)")
+    if guidance is not None and (not is_number(guidance) or guidance < 0):
+        _fail("guidance_scale", guidance, "use a finite number >= 0: the distilled guidance embedding, "
+              "e.g. 3.5 (true classifier-free guidance is true_cfg_scale)")
+    if options.guidance is not None and negative is None:
+        _fail("true_cfg_scale", true_cfg, "true classifier-free guidance steers from a negative prompt's "
+              "velocity, and none was given (diffusers' FluxPipeline then skips it); pass negative_prompt=... "
+              "('' for the empty prompt), or true_cfg_scale=1")
+    if options.guidance is None and negative is not None:
+        _fail("negative_prompt", negative, f"it is the unconditional branch of true classifier-free "
+              f"guidance, which true_cfg_scale={true_cfg!r} turns off (it runs for true_cfg_scale > 1, as "
+              "in diffusers' FluxPipeline); pass true_cfg_scale above 1 (e.g. 4.0) or no negative_prompt")
+    check_guidance(options.guidance, options.combiner, "true_cfg_scale")
+
+
+def refuse_text_arguments(**given: Any) -> None:
+    """An unconditional stack's refusal of the text pipelines' arguments it has no use for, by name."""
+    for name, value in given.items():
+        if value is not None:
+            _fail(name, value, "an unconditional stack has no prompts and no classifier-free guidance: it "
+                  "composes its unets with mode=...; leave it out (num_images_per_prompt / batch_size set the "
+                  "number of images)")
+
+
+def batch_size_argument(batch_size: Any, num_images_per_prompt: Any) -> tuple[Any, str]:
+    """``batch_size``, or the text pipelines' name for it, ``num_images_per_prompt`` (default 1), and the
+    name the caller used (for the messages)."""
+    if batch_size is None:
+        if num_images_per_prompt is None:
+            return 1, "batch_size"
+        return num_images_per_prompt, "num_images_per_prompt"
+    if num_images_per_prompt is not None and num_images_per_prompt != batch_size:
+        _fail("num_images_per_prompt", num_images_per_prompt, f"it is another name for batch_size, given as "
+              f"{batch_size!r}; pass one of them")
+    return batch_size, "batch_size"
+
+
 def prompts_argument(prompts: Any, prompt: Any) -> Any:
     """``prompts``, or diffusers' name for them, ``prompt`` (a string becomes a one-prompt list)."""
     if prompt is None:

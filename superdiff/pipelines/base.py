@@ -16,6 +16,7 @@ the diffusers-named arguments are spelled once and stay explicit in every family
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from ..combine import Combiner
 from ..options import SamplerOptions
 from ..particles import select_particles
-from ..sampling import SamplerOutput, StepInfo, prior_sample, sample_sde
+from ..sampling import SamplerOutput, StepInfo, prior_sample, randn, sample_sde
 from ._common import (
     CALLBACK_TENSOR_INPUTS,
     SamplingOptions,
@@ -49,7 +50,7 @@ from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .loading import PIPELINE_CLASS_NAMES, check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
 from .output import SuperDiffPipelineOutput
 
-__all__ = ["PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop", "compose", "superdiff_class_of"]
+__all__ = ["PackedLatents", "PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop", "compose", "superdiff_class_of"]
 
 
 @dataclass
@@ -68,6 +69,7 @@ class PipelineCall:
     true_cfg_scale: Any = None
     max_sequence_length: Any = None
     batch_argument: str = "num_images_per_prompt"
+    schedule: Any = None  # the time grid, once steps 1–3 (SuperDiffLoop._checked_shape) have run
 
     @property
     def negative_text(self) -> str | None:
@@ -80,6 +82,20 @@ class SuperDiffLoop:
     every call shares: the progress bar, the step callback, interruption, the particles' draw, the output."""
 
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
+
+    #: The family's defaults of the ``__call__`` template's arguments (:meth:`SuperDiffBasePipeline.__call__`),
+    #: and the family-only arguments it takes; its ``__call__`` is generated from them (:func:`_family_call`).
+    call_defaults: ClassVar[dict[str, Any]] = {}
+    #: The family's ``__call__`` docstring (None: the template's).
+    call_doc: ClassVar[str | None] = None
+    #: Arguments of the template the family does not take, and arguments it takes before the template's.
+    call_without: ClassVar[tuple[str, ...]] = ()
+    call_leading: ClassVar[tuple[inspect.Parameter, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" not in cls.__dict__ and hasattr(cls, "_compose"):
+            cls.__call__ = _family_call(cls)
 
     @property
     def guidance_scale(self) -> float | None:
@@ -106,10 +122,10 @@ class SuperDiffLoop:
         device: torch.device,
         network_dtype: torch.dtype = torch.float32,
     ) -> SamplerOutput:
-        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule with the options'
-        combiner; ``z`` is drawn from ``options.generator`` or is the caller's ``options.latents``
-        (checked by :func:`check_latents`), scaled by ``init_noise_sigma`` as diffusers'
-        ``prepare_latents`` scales them.
+        """Start at ``init_noise_sigma · z`` and run the reverse SDE on the schedule (its times those of
+        the options' grid, :func:`sampling_schedule`) with the options' combiner; ``z`` is drawn from
+        ``options.generator`` or is the caller's ``options.latents`` (checked by :func:`check_latents`),
+        scaled by ``init_noise_sigma`` as diffusers' ``prepare_latents`` scales them.
 
         The state is float32 (float64 when the network is float64, as in exactness tests) whatever
         the network's half precision; one ``generator`` drives the start (unless ``latents`` are
@@ -122,7 +138,6 @@ class SuperDiffLoop:
         x = prior_sample(
             denoiser, shape[0] * k, shape[1:], generator, device, dtype, std=schedule.init_noise_sigma, z=latents
         )
-        schedule = sampling_schedule(schedule, options.sampler)
         times = schedule.times
         self._guidance_scale = options.guidance_scale
         self._num_timesteps = len(times) - 1
@@ -180,22 +195,23 @@ class SuperDiffLoop:
     latents_layout: ClassVar[str] = ""
 
     def _checked_shape(self, call: PipelineCall) -> tuple[int, ...]:
-        """Steps 1–2 of a call: every check before any network call, then the shape of the latents
-        (a Modular Diffusers pipeline runs them before its text encoders: :mod:`.modular`)."""
+        """Steps 1–3 of a call: every check before any network call, the shape of the latents, and the
+        time grid (``call.schedule``; a Modular Diffusers pipeline runs them before its text encoders:
+        :mod:`.modular`)."""
         # 1. Check inputs (the combiner checked itself): everything before any network call
         self.check_inputs(call)
         check_rows(call.options, self.num_models(call), call.batch_argument)
         # 2. Define call parameters: the image size and the shape of the latents
         shape = self.latents_shape(call)
         check_latents(call.options.latents, shape, self.latents_layout)
+        # 3. Prepare timesteps, with the options' time grid (a grid that does not fit the process is refused here)
+        call.schedule = sampling_schedule(self.time_grid(call), call.options.sampler)
         return shape
 
     def _run(self, call: PipelineCall) -> SuperDiffPipelineOutput | tuple:
-        shape = self._checked_shape(call)
-        # 3. Encode prompts: the M prompts and the unconditional (negative) one, rows of one batched call
+        shape, schedule = self._checked_shape(call), call.schedule
+        # 4. Encode prompts: the M prompts and the unconditional (negative) one, rows of one batched call
         conditions = self.encode(call)
-        # 4. Prepare timesteps
-        schedule = self.time_grid(call)
         # 5. Prepare the denoiser: the network on all rows, its output converted to x̂₀
         denoiser = self.denoiser(call, conditions, schedule)
         # 6. Denoising loop, from the starting noise (drawn inside unless the family draws it)
@@ -334,20 +350,23 @@ def one_particle_per_image(result: SamplerOutput, particles: int, generator: Any
 
 def _family_call(cls: type) -> Callable[..., Any]:
     """``cls.__call__``: the template :meth:`SuperDiffBasePipeline.__call__` with the family's defaults
-    (``call_defaults``); the template's family-only arguments that ``cls`` does not name are left out."""
-    template = inspect.signature(SuperDiffBasePipeline.__call__)
-    parameters = [
+    (``call_defaults``), its ``call_leading`` arguments first and without its ``call_without``; the template's
+    family-only arguments that ``cls`` does not name are left out. The call goes to ``cls._compose``."""
+    self_parameter, *template = inspect.signature(SuperDiffBasePipeline.__call__).parameters.values()
+    parameters = [self_parameter, *cls.call_leading] + [
         p.replace(default=cls.call_defaults.get(p.name, p.default))
-        for p in template.parameters.values()
-        if p.name not in SuperDiffBasePipeline.FAMILY_ARGUMENTS or p.name in cls.call_defaults
+        for p in template
+        if (p.name not in SuperDiffBasePipeline.FAMILY_ARGUMENTS or p.name in cls.call_defaults)
+        and p.name not in cls.call_without
     ]
-    signature = template.replace(parameters=parameters)
+    signature = inspect.signature(SuperDiffBasePipeline.__call__).replace(parameters=parameters)
+    compose = cls._compose
 
     @torch.no_grad()
-    def __call__(self: SuperDiffBasePipeline, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self: SuperDiffLoop, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
-        return SuperDiffBasePipeline._compose(**bound.arguments)
+        return compose(**bound.arguments)
 
     __call__.__signature__ = signature  # type: ignore[attr-defined]
     __call__.__doc__ = cls.call_doc or SuperDiffBasePipeline.__call__.__doc__
@@ -366,19 +385,10 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
 
     #: The denoising network's attribute (``unet`` or ``transformer``).
     network_name: ClassVar[str] = "unet"
-    #: The family's defaults of the template's arguments, and the family-only arguments it takes.
-    call_defaults: ClassVar[dict[str, Any]] = {}
-    #: The family's ``__call__`` docstring (None: the template's).
-    call_doc: ClassVar[str | None] = None
     #: The argument that is the sampler's classifier-free guidance weight.
     cfg_argument: ClassVar[str] = "guidance_scale"
     #: Template arguments only some families take (each lists them in ``call_defaults``).
     FAMILY_ARGUMENTS: ClassVar[tuple[str, ...]] = ("true_cfg_scale", "max_sequence_length")
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "__call__" not in cls.__dict__:
-            cls.__call__ = _family_call(cls)
 
     @property
     def network(self) -> Any:
@@ -514,6 +524,63 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
                                    sampler=SamplerOptions.from_kwargs(options, **sampler_options))
         return self._run(PipelineCall(sampling, list(prompts), negative_prompt, height, width, guidance_scale,
                                       true_cfg_scale, max_sequence_length))
+
+
+class PackedLatents:
+    """The hooks of a family whose latents are diffusers' packed 2×2 patches (FLUX.1 and its kin): a state of
+    shape (B, (h/2)·(w/2), 4C), noise drawn unpacked and packed as ``FluxPipeline.prepare_latents`` draws it,
+    ``FluxPipeline``'s σ grid shifted by μ from the image's sequence length, and decoding after unpacking.
+    Put it before :class:`SuperDiffBasePipeline` among the bases."""
+
+    @property
+    def size_multiple(self) -> int:
+        """The VAE factor × 2 (the 2×2 packing); ``FluxPipeline`` rounds other sizes down, here they are refused."""
+        return self.vae_scale_factor * 2
+
+    def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
+        """The packed latents' shape (B, (h/2)·(w/2), 4C), h and w the latent size."""
+        b, channels, h, w = super().latents_shape(call)
+        return (b, (h // 2) * (w // 2), channels)
+
+    def image_seq_len(self, call: PipelineCall) -> int:
+        """The packed sequence length of one image, (h/2)·(w/2)."""
+        f = self.vae_scale_factor
+        return (call.height // f // 2) * (call.width // f // 2)
+
+    def time_grid(self, call: PipelineCall) -> Schedule:
+        """FluxPipeline's σ grid, shifted by μ from the image's sequence length."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        steps, config = call.options.num_inference_steps, self.scheduler.config
+        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(self.image_seq_len(call), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        return schedule_from_scheduler(self.scheduler, steps, sigmas=sigmas, mu=mu)
+
+    def starting_noise(self, call: PipelineCall, shape: tuple[int, ...]) -> SamplingOptions:
+        """The noise drawn as FluxPipeline draws it (unpacked, then packed); with K particles, K per image
+        (image i's generator, if a list, draws its K)."""
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        options = call.options
+        if options.latents is not None:
+            return options
+        f, k, generator = self.vae_scale_factor, options.particles, options.generator
+        h, w, channels, n = call.height // f, call.width // f, shape[-1] // 4, shape[0] * options.particles
+        draws = [g for g in generator for _ in range(k)] if isinstance(generator, (list, tuple)) else generator
+        z = randn((n, channels, h, w), draws, self._execution_device, torch.float32)
+        return dataclasses.replace(options, latents=FluxPipeline._pack_latents(z, n, channels, h, w))
+
+    def decode(self, call: PipelineCall, samples: torch.Tensor) -> Any:
+        """The packed latents (``output_type="latent"``), or unpacked and decoded by the VAE."""
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        if call.options.output_type == "latent":
+            return samples
+        return super().decode(call, FluxPipeline._unpack_latents(samples, call.height, call.width,
+                                                                 self.vae_scale_factor))
 
 
 def superdiff_class_of(pipeline: Any) -> type:

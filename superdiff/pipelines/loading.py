@@ -31,6 +31,7 @@ __all__ = [
     "scheduler_class",
     "superdiff_class_name",
     "transformers_dtype",
+    "UnconditionalStackIO",
 ]
 
 UNCONDITIONAL_INDEX = "superdiff_unconditional.json"
@@ -441,3 +442,49 @@ def save_unconditional(root: str, unets: list, scheduler: Any, prediction_types:
     scheduler.save_pretrained(os.path.join(root, "scheduler"))
     with open(os.path.join(root, UNCONDITIONAL_INDEX), "w") as f:
         json.dump({"unets": names, "prediction_types": prediction_types}, f, indent=2)
+
+
+class UnconditionalStackIO:
+    """diffusers' loading conventions for a stack of separately trained ``UNet2DModel`` s under one scheduler
+    (``from_pretrained``, ``from_pipe``, ``save_pretrained``, ``.to``), for a class built as
+    ``cls(unets, scheduler, prediction_types)`` with ``unets``, ``scheduler`` and ``prediction_types``."""
+
+    @staticmethod
+    def check_schedulers(schedulers: Any) -> None:
+        """Models trained under different noise schedules have different processes: refuse them."""
+        from .denoisers import check_one_process
+
+        check_one_process(schedulers)
+
+    @classmethod
+    def from_pretrained(
+        cls, paths: Any, scheduler: Any = None,
+        dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None, **kwargs: Any,
+    ) -> Any:
+        """Load from a folder written by :meth:`save_pretrained`, or from a list of diffusers
+        ``DDPMPipeline``/``DDIMPipeline`` folders (``unet/`` + ``scheduler/``) or bare ``UNet2DModel``
+        folders (then pass ``scheduler``). ``dtype`` casts the weights (``torch_dtype``: its deprecated
+        name, with diffusers' ``FutureWarning``; not both). ``local_files_only`` and other kwargs go to
+        diffusers."""
+        cast = pop_dtype({"dtype": dtype, "torch_dtype": torch_dtype})
+        unets, to_check, chosen, predictions = load_unconditional(paths, scheduler, cast, kwargs)
+        if to_check:
+            cls.check_schedulers(to_check)
+        return cls(unets, chosen, predictions)
+
+    @classmethod
+    def from_pipe(cls, pipes: Any, **kwargs: Any) -> Any:
+        """Share the UNets of already loaded ``DDPMPipeline``/``DDIMPipeline`` s (no copies)."""
+        schedulers = [p.scheduler for p in pipes]
+        cls.check_schedulers(schedulers)
+        predictions = [s.config.get("prediction_type", "epsilon") for s in schedulers]
+        return cls([p.unet for p in pipes], kwargs.pop("scheduler", schedulers[0]), predictions)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        save_unconditional(os.fspath(save_directory), self.unets, self.scheduler, self.prediction_types, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        for unet in self.unets:
+            unet.to(*args, **kwargs)
+        return self
+
