@@ -47,7 +47,7 @@ def write_prompts(path: Path = PROMPTS) -> None:
     asked on seen pairs only: a held-out pair never shares a training image, so "A without B" is
     met by A alone, and OR asks nothing of a pair that AND does not."""
     lines = []
-    for group, pairs, tasks in (("seen", SEEN_PAIRS, TASKS), ("held-out", HELD_OUT_PAIRS[:4], ("and",))):
+    for group, pairs, tasks in (("seen", SEEN_PAIRS, TASKS), ("held-out", HELD_OUT_PAIRS, ("and",))):
         for a, b in pairs:
             for task in tasks:
                 lines.append(json.dumps({"group": group, "task": task, "parts": [object_name(a), object_name(b)]}
