@@ -26,7 +26,7 @@ from .output import ensure_writable_dir
 @click.option("--shapes-samples", type=int, default=32, show_default=True, help="Samples per shapes method and pair.")
 @click.option("--calculus-samples", type=int, default=16, show_default=True,
               help="Samples per method of the composition-calculus experiment (0 skips it).")
-@click.option("--scenes-samples", type=int, default=16, show_default=True,
+@click.option("--scenes-samples", type=int, default=12, show_default=True,
               help="Samples per method of the two-object scenes experiment (0 skips it).")
 @click.option("--particles", type=int, default=4, show_default=True,
               help="Weighted particles per image for the calculus' corrected methods.")

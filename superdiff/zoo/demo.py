@@ -30,7 +30,7 @@ class DemoConfig:
     shown: int = 12
     calculus_samples: int = 16  # 0: no calculus experiment
     particles: int = 4
-    scenes_samples: int = 16  # 0: no scenes experiment
+    scenes_samples: int = 12  # 0: no scenes experiment
     scenes_pair: tuple[tuple[str, str], tuple[str, str]] = HELD_OUT_PAIRS[0]  # never together in training
 
 
