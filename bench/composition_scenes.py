@@ -200,7 +200,8 @@ def main() -> None:
                           f"({time.perf_counter() - start:.0f} s)", flush=True)
     table = aggregate(rows)
     gates = checks(table, step_counts)
-    reused = (f"rows reused from {args.resume_dir} (computed there by per-seed runs with --first-seed)"
+    reused = (f"rows kept in {args.resume_dir} (each computed by this command or an earlier run of it, "
+              f"e.g. one per seed with --first-seed; {time.perf_counter() - start:.0f} s this run)"
               if args.resume_dir else f"{time.perf_counter() - start:.0f} s in all")
     header = (f"# Composition on embedded-scenes (GenEval-style)\n\n"
               f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}` on {machine()}: "
