@@ -57,6 +57,31 @@ ROWS = [
         "≤ 1.6 (bound 1.5)",
     ),
     (
+        "qwen_zimage_speed.py",
+        "ratio_qwenimage_true_cfg",
+        "Qwen-Image true CFG (true_cfg_scale 4, negative prompt): AND of 2 prompts / diffusers QwenImagePipeline with "
+        "1 prompt, per image",
+        "≤ 1.6 (bound 1.5)",
+    ),
+    (
+        "qwen_zimage_speed.py",
+        "ratio_qwenimage_unguided",
+        "Qwen-Image without a negative prompt: AND of 2 prompts / diffusers QwenImagePipeline, per image",
+        "≤ 2.1 (bound 2)",
+    ),
+    (
+        "qwen_zimage_speed.py",
+        "ratio_zimage_cfg",
+        "Z-Image guided (guidance_scale 5): AND of 2 prompts / diffusers ZImagePipeline with 1 prompt, per image",
+        "≤ 1.6 (bound 1.5)",
+    ),
+    (
+        "qwen_zimage_speed.py",
+        "ratio_zimage_turbo",
+        "Z-Image-Turbo (guidance_scale 0): AND of 2 prompts / diffusers ZImagePipeline, per image",
+        "≤ 2.1 (bound 2)",
+    ),
+    (
         "scaling.py",
         "combiner_fraction",
         "share of a step spent in SuperDiff's own work (κ, densities), measured between the network calls of real "

@@ -31,11 +31,11 @@ from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import compile_expression, describe
 from superdiff.limits import guidance_problem
-from superdiff.options import SamplerOptions, check_particles_apply
+from superdiff.options import SamplerOptions
 
 from .calls import pipeline_call_kwargs
 from .composition import check_items, expression_items
-from .errors import BadInput, handle_errors
+from .errors import BadInput, handle_errors, recorded_warnings
 from .generate import generation_settings, parse_log_weights
 from .limits import images_problem, model_folder_problem, network_rows_problem, seed_problem, steps_problem
 from .models import DEFAULT_ITEMS, EMBEDDED, LoadedModel, load_model, model_problem, resolve_device, resolve_dtype
@@ -154,7 +154,7 @@ def check_run_request(model: str, composition: Composition, steps: Any, guidance
     seed = whole_number(seed, "seed")
     num_images = whole_number(num_images, "number of images")
     sampler = options_from_app(options or {})
-    check_particles_apply(sampler.particles, composition.combiner)
+    sampler = sampler.for_combiner(composition.combiner)
     particles = sampler.particles
     if steps < 1:
         problem = problem or f"steps {steps} must be at least 1"
@@ -189,6 +189,7 @@ class StepFrame:
 @dataclass(frozen=True)
 class RunFinished:
     result: Any  # SuperDiffPipelineOutput (fewer steps than asked after an interrupt)
+    warnings: tuple[str, ...] = ()  # the library's warnings about the run's correctness (WeightCollapseWarning)
 
 
 @dataclass(frozen=True)
@@ -385,8 +386,9 @@ class Studio:
             return
         files = self._save(request, result, number)
         count = len(result.images)
+        warned = "".join(f"\nWarning: {escape_invisible(text)}" for text in message.warnings)
         yield {"status": f"Done: {count} image{'' if count == 1 else 's'}, {steps} steps, seed {request.seed}; "
-                         f"files in {files[-1].parent}",
+                         f"files in {files[-1].parent}{warned}",
                "images": images, "plot": figure, "files": [str(p) for p in files]}
 
     def _work(self, request: RunRequest, session: str, number: int, stop: threading.Event,
@@ -410,7 +412,8 @@ class Studio:
                                                options=request.options, progress=False)
                 call |= dict(callback_on_step_end=on_step,
                              callback_on_step_end_tensor_inputs=["kappa", "log_densities"])
-                result = loaded.pipeline(**call)
+                with recorded_warnings() as warned:  # one run at a time (the lock): these are its warnings
+                    result = loaded.pipeline(**call)
         except BaseException as exc:  # noqa: BLE001 - reported in the page, never a traceback there
             if not isinstance(exc, ValueError):
                 logger.exception("superdiff app: run %d failed", number)
@@ -420,7 +423,7 @@ class Studio:
         taken = int(result.kappa_trace.shape[0])
         self._record(RunRecord(number, session, request.steps, taken, "finished" if taken == request.steps
                                else "stopped"))
-        frames.put(RunFinished(result))
+        frames.put(RunFinished(result, tuple(warned)))
 
     def _record(self, record: RunRecord) -> None:
         with self._state_lock:

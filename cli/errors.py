@@ -30,24 +30,37 @@ class CommandFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def surface_warnings(where: str = "") -> Iterator[list[str]]:
-    """Print the library's warnings about a run's correctness (:class:`superdiff.particles.WeightCollapseWarning`)
-    on stderr as ``Warning: …`` (``where`` names the sweep item), whatever ``--quiet`` says and however often
-    the same warning came before; yields the list of their messages (a sidecar may record them)."""
+def recorded_warnings() -> Iterator[list[str]]:
+    """Collect the library's warnings about a run's correctness
+    (:class:`superdiff.particles.WeightCollapseWarning`), every one however often it came before, into the
+    yielded list; anything else is shown as Python would have shown it."""
     from superdiff.particles import WeightCollapseWarning
 
     messages: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", WeightCollapseWarning)
-        try:
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", WeightCollapseWarning)
             yield messages
-        finally:
-            for w in caught:
-                if issubclass(w.category, WeightCollapseWarning):
-                    messages.append(str(w.message))
-                    click.echo(f"Warning{where}: {escape_invisible(str(w.message))}", err=True)
-                else:  # anything else is shown as Python would have shown it
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    finally:  # outside the recording: there showwarning would append to ``caught`` as it is read
+        for w in caught:
+            if issubclass(w.category, WeightCollapseWarning):
+                messages.append(str(w.message))
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+@contextlib.contextmanager
+def surface_warnings(where: str = "") -> Iterator[list[str]]:
+    """:func:`recorded_warnings`, each printed on stderr as ``Warning: …`` (``where`` names the sweep item)
+    whatever ``--quiet`` says; yields the list of their messages (a sidecar may record them)."""
+    messages: list[str] = []
+    try:
+        with recorded_warnings() as messages:
+            yield messages
+    finally:  # a run that then fails still shows what it warned
+        for message in messages:
+            click.echo(f"Warning{where}: {escape_invisible(message)}", err=True)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,7 +11,6 @@ from superdiff.combine import MODES, make_combiner
 from superdiff.expression_syntax import parse_expression
 from superdiff.expressions import Node, compile_expression, describe
 from superdiff.limits import check_guidance
-from superdiff.options import check_particles_apply
 from superdiff.plotting import require_matplotlib
 
 from .calls import FiniteFloat, pipeline_call_kwargs
@@ -34,6 +33,7 @@ from .models import (
     DEFAULT_ITEMS,
     EMBEDDED,
     PROMPTED_EMBEDDED,
+    TRUE_CFG_PIPELINES,
     apply_speed_options,
     load_model,
     model_index,
@@ -116,20 +116,24 @@ def check_negative_prompt(negative_prompt: str | None, model: str) -> None:
         raise BadInput(problem)
 
 
-def check_true_cfg(true_cfg_scale: float | None, model: str) -> None:
-    """``--true-cfg-scale`` only for a FLUX.1 folder, read from its model_index.json before loading."""
-    if true_cfg_scale is None:
+def check_true_cfg(true_cfg_scale: float | None, guidance: float | None, model: str) -> None:
+    """``--true-cfg-scale`` only for a FLUX.1 or Qwen-Image folder, and no ``--guidance`` for Qwen-Image (its
+    transformer takes no distilled guidance), read from its model_index.json before loading."""
+    if true_cfg_scale is None and guidance is None:
         return
     if model in EMBEDDED:
         name = "SuperDiffUnconditionalPipeline" if model == "embedded-digits" else "SuperDiffPipeline"
     else:
         index = model_index(model)
         name = pipeline_class_name(index.get("_class_name") if index else None)
-    if name != "SuperDiffFluxPipeline":
-        guidance = ("it composes unconditional models, which take no guidance" if model == "embedded-digits"
-                    else "--guidance is this model's classifier-free guidance")
-        raise BadInput(f"--true-cfg-scale applies to FLUX.1 models (a FluxPipeline folder), and {model} runs on "
-                       f"{name}; drop it ({guidance})")
+    if name == "SuperDiffQwenImagePipeline" and guidance is not None:
+        raise BadInput(f"--guidance does not apply to {model}, a Qwen-Image model (its transformer takes no "
+                       "distilled guidance); guide with --true-cfg-scale (e.g. 4) and --negative-prompt")
+    if true_cfg_scale is not None and name not in TRUE_CFG_PIPELINES:
+        hint = ("it composes unconditional models, which take no guidance" if model == "embedded-digits"
+                else "--guidance is this model's classifier-free guidance")
+        raise BadInput(f"--true-cfg-scale applies to FLUX.1 and Qwen-Image models (a FluxPipeline or "
+                       f"QwenImagePipeline folder), and {model} runs on {name}; drop it ({hint})")
 
 
 def check_limits(
@@ -183,8 +187,9 @@ def generation_settings(**kwargs: Any) -> dict:
     "--true-cfg-scale",
     type=FiniteFloat(min=0),
     default=None,
-    help="FLUX.1 only: true classifier-free guidance from --negative-prompt, on above 1 (diffusers' FluxPipeline); "
-         "--guidance is then the distilled guidance embedding.",
+    help="FLUX.1 and Qwen-Image only: true classifier-free guidance from --negative-prompt, on above 1 (diffusers' "
+         "FluxPipeline, QwenImagePipeline; Qwen-Image's default 4); FLUX.1's --guidance is then its distilled "
+         "guidance embedding.",
 )
 @click.option(
     "--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True, help="OR temperature T."
@@ -278,7 +283,7 @@ def generate(
         items = items or list(DEFAULT_ITEMS.get(model, ()))
         check_items(items, what)
         combiner = make_combiner(mode, len(items), temperature, lw, what=f"{what}s")
-    check_particles_apply(options.particles, combiner)
+    options = options.for_combiner(combiner)  # particles by the composition where not given, else checked
     if model == "embedded-digits":
         check_unconditional_options(guidance, negative_prompt, height, width)
     check_negative_prompt(negative_prompt, model)
@@ -287,7 +292,7 @@ def generate(
     )  # no need to look into a non-model
     if problem:
         raise BadInput(problem)
-    check_true_cfg(true_cfg_scale, model)
+    check_true_cfg(true_cfg_scale, guidance, model)
     check_limits(model, items, steps, num_images, height, width, options.particles)
     # The library's ranges (superdiff.limits), before loading: guidance times the composition's gain, and rows.
     check_guidance(guidance, combiner, "--guidance")

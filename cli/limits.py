@@ -122,15 +122,21 @@ def default_image_size(spec: str, items: list[str] | None = None) -> tuple[int, 
 
 
 def _vae_factor(spec: str, items: list[str] | None) -> int:
-    """The VAE's downsampling, 2^(blocks-1) as diffusers' pipelines compute it; 1 without a VAE."""
-    blocks = (read_model_config(spec, "vae/config.json", items) or {}).get("block_out_channels")
+    """The VAE's downsampling as diffusers' pipelines compute it: 2^(blocks-1), or for Qwen-Image's 3-D
+    VAE 2^(its temporal downsampling levels); 1 without a VAE."""
+    config = read_model_config(spec, "vae/config.json", items) or {}
+    blocks, levels = config.get("block_out_channels"), config.get("temperal_downsample")
+    if isinstance(levels, list) and not blocks:
+        return 2 ** len(levels)
     return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 1
 
 
 def size_multiple(spec: str, items: list[str] | None = None) -> int:
     """What height and width must be multiples of, as the pipelines require: the VAE factor, times
-    the transformer's patch size for SD3-type models (read from the configs; 1 where unknown)."""
-    patch = (read_model_config(spec, "transformer/config.json", items) or {}).get("patch_size")
+    the transformer's patch size for SD3-, Qwen-Image- and Z-Image-type models (read from the configs;
+    1 where unknown)."""
+    config = read_model_config(spec, "transformer/config.json", items) or {}
+    patch = config.get("patch_size", (config.get("all_patch_size") or [None])[0])
     return _vae_factor(spec, items) * (patch if _positive_int(patch) else 1)
 
 

@@ -38,11 +38,14 @@ class LoadedModel:
     pipeline: Any
     items: str  # "prompts" or "models"
     default_items: tuple[str, ...] = ()
-    default_guidance: float = 7.5
+    default_guidance: float | None = 7.5
 
 #: The guidance a pipeline class samples with when --guidance is not given, where it is not 7.5: FLUX.1's
-#: ``guidance_scale`` is its distilled guidance embedding, 3.5 in diffusers' FluxPipeline.
-DEFAULT_GUIDANCE = {"SuperDiffFluxPipeline": 3.5}
+#: ``guidance_scale`` is its distilled guidance embedding, 3.5 in diffusers' FluxPipeline; Qwen-Image takes
+#: none (its guidance is --true-cfg-scale); Z-Image's is ZImagePipeline's 5.0 (0 for Z-Image-Turbo).
+DEFAULT_GUIDANCE = {"SuperDiffFluxPipeline": 3.5, "SuperDiffQwenImagePipeline": None, "SuperDiffZImagePipeline": 5.0}
+#: The pipelines whose classifier-free guidance is ``true_cfg_scale`` with a negative prompt (--true-cfg-scale).
+TRUE_CFG_PIPELINES = ("SuperDiffFluxPipeline", "SuperDiffQwenImagePipeline")
 
 
 DEVICE_HINT = "use auto, cpu, cuda or cuda:N"
@@ -86,7 +89,8 @@ DIGIT_MODELS = ("a", "b", "all")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SUPPORTED_CLASSES = (
     "StableDiffusionPipeline (1.x/2.x) or its Img2Img variant, StableDiffusionXLPipeline (or Img2Img), "
-    "StableDiffusion3Pipeline (SD3 / SD3.5, or Img2Img), or FluxPipeline (FLUX.1, or Img2Img)"
+    "StableDiffusion3Pipeline (SD3 / SD3.5, or Img2Img), FluxPipeline (FLUX.1, or Img2Img), QwenImagePipeline "
+    "(Qwen-Image, or Img2Img) or ZImagePipeline (Z-Image, or Img2Img)"
 )
 
 
@@ -209,8 +213,9 @@ def load_model(
     spec: str, dtype: torch.dtype, device: str, allow_pickle: bool = False, items: list[str] | None = None
 ) -> LoadedModel:
     """Load ``spec``: an embedded model name, a local diffusers folder (Stable Diffusion, SDXL, SD3 /
-    SD3.5 or FLUX.1, read from its model_index.json), or a hub id (cached only when offline). Only
-    safetensors weights are read unless ``allow_pickle``; ``dtype`` goes to ``from_pretrained(dtype=)``."""
+    SD3.5, FLUX.1, Qwen-Image or Z-Image, read from its model_index.json), or a hub id (cached only when
+    offline). Only safetensors weights are read unless ``allow_pickle``; ``dtype`` goes to
+    ``from_pretrained(dtype=)``."""
     problem = model_problem(spec, items, allow_pickle)
     if problem:
         raise BadInput(problem)

@@ -178,6 +178,6 @@ def recorded_options(settings: dict[str, Any], cls: type = SamplerOptions) -> di
     default it then ran with."""
     out = {}
     for f, spec in option_fields(cls):
-        value = settings.get(f.name, f.default)
+        value = settings.get(f.name, f.default if spec.absent is None else spec.absent)
         out[f.name] = f.default if value is None and spec.none is None else value  # None: not in use then
     return out

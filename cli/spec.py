@@ -31,7 +31,7 @@ from superdiff.combine import MODES, Combiner, make_combiner
 from superdiff.expression_syntax import ExpressionSyntaxError, parse_expression
 from superdiff.expressions import compile_expression, describe
 from superdiff.limits import guidance_problem
-from superdiff.options import SamplerOptions, check_particles_apply
+from superdiff.options import SamplerOptions
 
 from .composition import expression_items, vocabulary_problem
 from .errors import BadInput
@@ -67,6 +67,10 @@ class SweepItem:
     log_weights: tuple[float, ...] | None
     expression: str | None = None  # its canonical text (describe); the prompts are its leaves
     options: SamplerOptions = field(default_factory=SamplerOptions)
+
+    def __post_init__(self) -> None:  # particles=None: the composition's K, so the id and the run agree
+        if self.options.particles is None:
+            object.__setattr__(self, "options", self.options.for_combiner(self.combiner()))
 
     @property
     def particles(self) -> int:
@@ -275,7 +279,7 @@ def check_defaults(defaults: dict[str, Any]) -> None:
             or model_problem(model, allow_pickle=defaults.get("allow_pickle", False))
             or steps_problem(int(defaults["steps"]), model, None)
             or images_problem(int(defaults["num_images"]), None, None, model, options=("--num-images", "", ""),
-                              particles=defaults.get("options", SamplerOptions()).particles)
+                              particles=defaults.get("options", SamplerOptions()).particles or 1)
         )
         if problem:
             raise BadInput(problem)
@@ -292,7 +296,7 @@ def model_limit_problem(model: str, prompts: list[str], steps: int, num_images: 
         problem = steps_problem(steps, model, items, option="steps")
         if problem:
             return problem
-    if own_model or "num_images" in rec or "particles" in rec:
+    if own_model or "num_images" in rec or "particles" in rec or particles > 1:  # > 1: given or by the expression
         return images_problem(num_images, None, None, model, items, options=("num_images", "", ""),
                               particles=particles, particles_option="particles")
     return None
@@ -352,7 +356,7 @@ def parse_row(n: int, rec: dict[str, Any], defaults: dict[str, Any]) -> list[Swe
         options = sweep_options(rec, defaults.get("options", SamplerOptions()))
         combiner = (compile_expression(parse_expression(expression), prompts) if expression is not None
                     else make_combiner(modes[0], len(prompts), temperature, log_weights, what="prompts"))
-        check_particles_apply(options.particles, combiner)
+        options = options.for_combiner(combiner)
     except ValueError as exc:
         raise LineError(str(exc).replace("=", " ", 1) if str(exc).startswith("particles=") else str(exc)) from None
     particles = options.particles

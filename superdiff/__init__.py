@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 #: The diffusers pipelines, imported from :mod:`superdiff.pipelines` when first asked for.
 PIPELINES = ("SuperDiffPipeline", "SuperDiffXLPipeline", "SuperDiffFlowPipeline", "SuperDiffFluxPipeline",
-             "SuperDiffUnconditionalPipeline", "pipeline_class_for", "compose")
+             "SuperDiffQwenImagePipeline", "SuperDiffZImagePipeline", "SuperDiffUnconditionalPipeline",
+             "pipeline_class_for", "compose")
 
 __all__ = [
     "sample_sde", "sample_ode", "prior_sample", "SamplerOutput",

@@ -79,6 +79,14 @@ class GaussianMixture:
         log_det = torch.log(var).sum(-1)
         return torch.log(self.weights)[None] - 0.5 * (quad + log_det[None] + self.dim * math.log(2 * math.pi))
 
+    def responsibilities(self, x: Tensor, alpha: Tensor | float = 1.0, sigma: Tensor | float = 0.0) -> Tensor:
+        """(B, K): each component's posterior probability at x (B, d) under ``q_t`` (the data at the
+        defaults). Their mean under the mixture is exactly its weights: an unbiased proportion to test
+        samples with, where the nearest mean is biased by overlapping components."""
+        x = x.to(torch.float64)
+        a, s = torch.as_tensor(alpha, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
+        return torch.softmax(self._component_log_probs(x, a, s), dim=-1)
+
     def log_prob(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
         """Exact ``log q_t(x)`` for x of shape (B, d); returns (B,) in float64."""
         x = x.to(torch.float64)

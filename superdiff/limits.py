@@ -90,6 +90,21 @@ def log_weight_problem(name: str, value: float) -> str | None:
     return None
 
 
+def distilled_guidance_problem(guidance: float | None, dtype: Any) -> str | None:
+    """Whether a distilled guidance embedding (FLUX's ``guidance_scale``) is out of range: the transformer
+    embeds guidance × 1000 sinusoidally in its ``dtype``, so the product must be a finite number there, and
+    below 2²³ × 1000, past which float32 cannot resolve the embedding's phase."""
+    if guidance is None or not _number(guidance) or not math.isfinite(guidance):
+        return None
+    limit = min(MAX_GAIN, torch.finfo(dtype).max / 1000 if dtype.is_floating_point else MAX_GAIN)
+    if guidance <= limit:
+        return None
+    where = "it overflows" if limit < MAX_GAIN else "float32 no longer resolves its phase"
+    return (f"guidance_scale={guidance:g} is not valid: the transformer embeds the distilled guidance × 1000 in "
+            f"{str(dtype).replace('torch.', '')}, where {where}; use guidance_scale {limit:.6g} or less (FLUX.1-dev's "
+            "default is 3.5)")
+
+
 def guidance_problem(guidance: float | None, gain: float = 1.0, argument: str = "guidance_scale") -> str | None:
     """Whether guidance w times the combiner's ``gain`` (its largest ``Σ|κ|``) exceeds :data:`MAX_GAIN`."""
     if guidance is None or not _number(guidance) or not math.isfinite(guidance) or guidance * gain <= MAX_GAIN:

@@ -37,7 +37,8 @@ TIME_GRIDS = ("scheduler", *GRIDS)
 class Option:
     """What a field of :class:`SamplerOptions` accepts: a ``kind`` (bool, int, float or str),
     ``choices`` or a range (``low``/``high``, open or closed), whether None is allowed (``none``:
-    what None means), and ``note``, appended to the error's "what works"."""
+    what None means), and ``note``, appended to the error's "what works". ``absent``: the value a
+    record written before the field (or before its default changed) ran with, where not the default."""
 
     help: str
     kind: type = str
@@ -48,6 +49,7 @@ class Option:
     high_open: bool = False
     none: str | None = None
     note: str = ""
+    absent: Any = None  # what a record (sidecar, manifest) without this field ran with; None: the default
 
     def works(self) -> str:
         """What values work, in words: "one of (...)", "an integer >= 1", "a number in (0, 1]"."""
@@ -96,16 +98,24 @@ def _option(default: Any, help: str, **spec: Any) -> Any:
     return field(default=default, metadata={"option": Option(help, **spec)})
 
 
+#: K for an expression that corrects (a product, NOT, soft-min, annealing) where ``particles`` is not given:
+#: the K of smallest mean error against exact targets at 25 and 50 steps, measured by ``bench/particles.py``
+#: (docs/benchmarks/particles.md).
+DEFAULT_CORRECTING_PARTICLES = 4
+
+
 @dataclass(frozen=True)
 class SamplerOptions:
     """The options of the sampler that every layer exposes (pipelines, CLI flags, sweep keys, the
     app, sidecars). Each field is checked when the object is built: ``ValueError`` names the field,
     the value given and what works."""
 
-    particles: int = _option(
-        1, "Weighted particles per image for an expression's Feynman–Kac corrections; each image is one drawn by "
-           "weight from its group of K, and costs K samples.",
-        kind=int, low=1, note=" (1: no weighted particles)",
+    particles: int | None = _option(
+        None, "Weighted particles per image for an expression's Feynman–Kac corrections; each image is one drawn by "
+              f"weight from its group of K, and costs K samples. Default: {DEFAULT_CORRECTING_PARTICLES} for an "
+              "expression that corrects, else 1.",
+        kind=int, low=1, none=f"{DEFAULT_CORRECTING_PARTICLES} for an expression that corrects, else 1",
+        note=" (1: no weighted particles)", absent=1,
     )
     resample_threshold: float = _option(
         0.5, "A group of particles resamples when its effective sample size falls below this × particles.",
@@ -156,6 +166,17 @@ class SamplerOptions:
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise TypeError(f"{key!r} is not a sampling option; {hint}the options are {', '.join(names)}")
         return cls(**kwargs)
+
+    def for_combiner(self, combiner: Any) -> "SamplerOptions":
+        """These options for one composition: ``particles=None`` becomes
+        :data:`DEFAULT_CORRECTING_PARTICLES` where the composition carries Feynman–Kac weights and 1
+        elsewhere; a K given is checked against it (:func:`check_particles_apply`). Every layer calls
+        this once the combiner is known, so sidecars record the K that ran."""
+        if self.particles is None:
+            corrects = getattr(combiner, "needs_scores", False)
+            return replace(self, particles=DEFAULT_CORRECTING_PARTICLES if corrects else 1)
+        check_particles_apply(self.particles, combiner)
+        return self
 
     def replace(self, **changes: Any) -> "SamplerOptions":
         """A copy with ``changes`` (checked as at construction)."""

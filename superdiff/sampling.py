@@ -729,7 +729,9 @@ def _with_options(options: SamplerOptions | None, **keywords: object) -> tuple:
         if value != _SDE_OPTION_DEFAULTS[name]:
             raise ValueError(f"{name}={value!r} is given beside options=SamplerOptions(...); pass it in the options "
                              f"(options.replace({name}=...)) or as a keyword without options, not both")
-    return tuple(getattr(options, name) for name in keywords)
+    # particles=None (the pipelines' "by composition") is 1 here: the caller gives the rows and their grouping.
+    return tuple(getattr(options, name) if (name, getattr(options, name)) != ("particles", None) else 1
+                 for name in keywords)
 
 
 @torch.no_grad()

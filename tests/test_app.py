@@ -367,3 +367,21 @@ def test_gradio_asks_the_login_before_the_page_s_config_answers():
         assert status("/config") == 200
     finally:
         blocks.close()
+
+
+def test_a_collapse_of_the_particles_weights_shows_in_the_status(tiny_model, tmp_path, monkeypatch):
+    """The app says what `generate` prints: the run is done, and its particles' weights collapsed. The bound
+    is moved so the tiny random model's weights surely count as collapsed (1: every ESS below K) or never (0)."""
+    import superdiff.particles
+    from superdiff_cli.app import Studio
+
+    studio = Studio.load(tiny_model, device="cpu", out_root=tmp_path)
+    statuses, expression = [], '"a red circle" * "a blue square"'
+    for fraction in (1.0, 0.0):
+        monkeypatch.setattr(superdiff.particles, "COLLAPSE_FRACTION", fraction)
+        updates = list(studio.run([], "and", 1, None, 5, 7.5, 1, 1, f"tab {fraction}", expression=expression,
+                                  options={"particles": 3}))
+        statuses.append(updates[-1]["status"])
+    collapsed, fine = statuses
+    assert collapsed.startswith("Done: 1 image") and "\nWarning: the particles' weights collapsed" in collapsed
+    assert fine.startswith("Done: 1 image") and "Warning" not in fine, fine

@@ -12,16 +12,6 @@ from click.testing import CliRunner
 from superdiff_cli.main import cli
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from superdiff.pipelines import SuperDiffPipeline
-    from superdiff.testing import tiny_sd_components
-
-    path = tmp_path_factory.mktemp("tiny-sd")
-    SuperDiffPipeline(**tiny_sd_components()).save_pretrained(path)
-    return str(path)
-
-
 def write_spec(tmp_path, model):
     spec = tmp_path / "spec.jsonl"
     spec.write_text(

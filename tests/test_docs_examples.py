@@ -9,7 +9,8 @@ source before it runs:
   here from :mod:`superdiff.testing`'s components and saved with ``save_pretrained`` (no download);
 * ``"cuda"`` by ``"cpu"`` and ``torch.float16`` by ``torch.float32`` on a machine without a GPU;
 * ``num_inference_steps=N`` by at most ``STEPS`` steps;
-* and FLUX pipelines sample at 32×32 pixels by default instead of FluxPipeline's 1024×1024.
+* and FLUX.1, Qwen-Image and Z-Image pipelines sample at 32×32 pixels by default instead of diffusers'
+  1024×1024.
 
 A block that cannot run here says so on the line before it with ``<!-- skip-example -->``.
 """
@@ -91,12 +92,31 @@ def _save_flux(folder: Path) -> None:
     FluxPipeline(**tiny_flux_components(folder.parent / "flux-tokenizer")).save_pretrained(folder)
 
 
+def _save_qwenimage(folder: Path) -> None:
+    from diffusers import QwenImagePipeline
+
+    from superdiff.testing import tiny_qwenimage_components
+
+    components = tiny_qwenimage_components(tokenizer_dir=folder.parent / "qwen-tokenizer")
+    QwenImagePipeline(**components).save_pretrained(folder)
+
+
+def _save_zimage(folder: Path) -> None:
+    from diffusers import ZImagePipeline
+
+    from superdiff.testing import tiny_zimage_components
+
+    ZImagePipeline(**tiny_zimage_components(tokenizer_dir=folder.parent / "z-tokenizer")).save_pretrained(folder)
+
+
 #: Hub ids the examples use, and how the test builds a tiny folder of the same family in their place.
 TINY_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": _save_sd,
     "stabilityai/stable-diffusion-xl-base-1.0": _save_sdxl,
     "stabilityai/stable-diffusion-3.5-medium": _save_sd3,
     "black-forest-labs/FLUX.1-dev": _save_flux,
+    "Qwen/Qwen-Image": _save_qwenimage,
+    "Tongyi-MAI/Z-Image-Turbo": _save_zimage,
 }
 
 
@@ -126,6 +146,7 @@ def substitute(source: str, tiny_models) -> str:
 
 @pytest.fixture
 def small_flux(monkeypatch):
+    from superdiff.pipelines import SuperDiffQwenImagePipeline, SuperDiffZImagePipeline
     from superdiff.pipelines.flux import SuperDiffFluxPipeline
 
     init = SuperDiffFluxPipeline.__init__
@@ -136,6 +157,8 @@ def small_flux(monkeypatch):
         self.default_sample_size = 32 // self.vae_scale_factor
 
     monkeypatch.setattr(SuperDiffFluxPipeline, "__init__", small)
+    for family in (SuperDiffQwenImagePipeline, SuperDiffZImagePipeline):  # 1024² pixels by default, like FLUX.1
+        monkeypatch.setattr(family, "default_sample_size", property(lambda self: 32 // self.vae_scale_factor))
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))

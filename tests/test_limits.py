@@ -181,3 +181,16 @@ def test_a_deep_tree_built_in_python_is_refused_by_compile():
         node = Not(node, Leaf(1))
     with pytest.raises(ValueError, match=f"more than {MAX_DEPTH} nodes deep"):
         compile_expression(node)
+
+
+@pytest.mark.parametrize("dtype, largest", [(torch.float16, 65.504), (torch.bfloat16, MAX_GAIN),
+                                            (torch.float32, MAX_GAIN)])
+def test_a_distilled_guidance_must_embed_in_the_transformers_dtype(dtype, largest):
+    """FLUX embeds guidance × 1000 in the transformer's dtype: float16 overflows above 65.504 (to inf, then
+    NaN in the sinusoids); beyond 2**23 the float32 embedding's phase is noise."""
+    from superdiff.limits import distilled_guidance_problem
+
+    assert distilled_guidance_problem(largest, dtype) is None
+    problem = distilled_guidance_problem(largest * 1.01, dtype)
+    assert problem.startswith(f"guidance_scale={largest * 1.01:g} is not valid")
+    assert f"{largest:.6g} or less" in problem

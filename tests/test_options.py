@@ -57,7 +57,8 @@ def test_the_old_names_are_the_declared_ones():
     assert DEFAULT_DENSITY_VARIANCE == field.default
     assert set(VARIANCES) | {"tweedie"} == set(field.metadata["option"].choices)
     assert TIME_GRIDS == ("scheduler", *GRIDS)
-    with pytest.raises(ValueError, match=r"^particles=0 is not valid; use an integer >= 1 \(1: no weighted"):
+    with pytest.raises(ValueError, match=r"^particles=0 is not valid; use an integer >= 1 or None \(4 for an "
+                                         r"expression that corrects, else 1\) \(1: no weighted"):
         check_particles(0, 0.5)
 
 

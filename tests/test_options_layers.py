@@ -76,6 +76,14 @@ def cli_words(name: str, value) -> list[str]:
     return [flag(name), str(value)]
 
 
+def resolved_defaults(cls) -> dict:
+    """Every field at its default as a run on CORRECTED records it (particles: the composition's K)."""
+    from superdiff.expression_syntax import parse_expression
+    from superdiff.expressions import compile_expression
+
+    return cls().for_combiner(compile_expression(parse_expression(CORRECTED), ["red", "circle"])).record()
+
+
 def fields_of(cls) -> list:
     return [(f.name, other_value(spec, f.default)) for f, spec in option_fields(cls)]
 
@@ -93,7 +101,7 @@ def check_generate(monkeypatch, tmp_path: Path, cls=SamplerOptions) -> None:
         (call,) = recorder.calls
         assert call[name] == value, name
         assert saved[0][name] == value and json.loads(json.dumps(saved[0]))[name] == value, name
-        others = {k: v for k, v in cls().record().items() if k != name}  # the rest at their defaults
+        others = {k: v for k, v in resolved_defaults(cls).items() if k != name}  # the rest at their defaults
         assert {k: call[k] for k in others} == others and {k: saved[0][k] for k in others} == others
 
 
@@ -121,7 +129,7 @@ def check_sweep(monkeypatch, tmp_path: Path, cls=SamplerOptions) -> None:
         r = CliRunner().invoke(cli, ["sweep", str(spec), "--steps", "2", "--num-images", "1", "--quiet",
                                      "--out", str(out), *cli_words(name, value)])
         assert r.exit_code == 0, (name, r.output)
-        assert recorder.calls[-1][name] == default, name
+        assert recorder.calls[-1][name] == (default if default is not None else resolved_defaults(cls)[name]), name
 
 
 class FakeGradio:
@@ -262,3 +270,33 @@ def test_worked_example_a_new_field_appears_in_every_layer(tmp_path):
                        env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "churn: a flag of generate and sweep" in r.stdout
+
+
+def test_without_particles_an_expression_that_corrects_gets_the_measured_k_everywhere(monkeypatch, tmp_path):
+    """Issue 28 item 15: particles not given means DEFAULT_CORRECTING_PARTICLES for an expression that corrects
+    and 1 for anything else, in generate, sweep lines and the app; the K that ran is recorded."""
+    import superdiff_cli.generate as generate
+    import superdiff_cli.sweep as sweep
+    from superdiff.options import DEFAULT_CORRECTING_PARTICLES as K
+    from superdiff_cli.app import check_run_request, composition_from_expression, composition_from_rows
+    from superdiff_cli.main import cli
+
+    assert K > 1
+    for n, (words, k) in enumerate(((["--expr", CORRECTED], K), (["--expr", '"red" & "circle"'], 1),
+                                    (["--and", "red", "--and", "circle"], 1))):
+        recorder, saved = fake_model(monkeypatch, generate), capture_sidecars(monkeypatch, generate)
+        r = CliRunner().invoke(cli, ["generate", *words, "--steps", "2", "--quiet", "--out", str(tmp_path / f"g{n}")])
+        assert r.exit_code == 0, r.output
+        assert recorder.calls[0]["particles"] == k and saved[0]["particles"] == k, words
+    recorder, saved = fake_model(monkeypatch, sweep), capture_sidecars(monkeypatch, sweep)
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text(json.dumps({"expression": CORRECTED}) + "\n" + json.dumps({"prompts": ["red", "circle"]}) + "\n")
+    r = CliRunner().invoke(cli, ["sweep", str(spec), "--steps", "2", "--modes", "and", "--quiet",
+                                 "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert sorted(c["particles"] for c in recorder.calls) == [1, K]
+    assert sorted(s["particles"] for s in saved) == [1, K]
+    corrected = composition_from_expression("embedded-shapes", CORRECTED)
+    plain = composition_from_rows("embedded-shapes", ["red", "circle"], "and", 1.0, "")
+    assert check_run_request("embedded-shapes", corrected, 2, 5.0, 0, 1, {}).options.particles == K
+    assert check_run_request("embedded-shapes", plain, 2, 5.0, 0, 1, {}).options.particles == 1

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from superdiff.limits import MAX_NETWORK_ROWS, NonFiniteError
+from superdiff.options import DEFAULT_CORRECTING_PARTICLES as K
 from superdiff.pipelines import SuperDiffPipeline, SuperDiffUnconditionalPipeline
 from superdiff.testing import tiny_sd_components, tiny_unconditional_components
 
@@ -49,8 +50,8 @@ def test_sd_refuses_guidance_and_rows_beyond_the_caps_before_any_network_call(sd
 def test_unconditional_stack_rows_name_its_batch_argument():
     pipe = SuperDiffUnconditionalPipeline(**tiny_unconditional_components(num_models=2))
     calls = [count_calls(u) for u in pipe.unets]
-    with pytest.raises(ValueError, match="lower batch_size to 8192 or fewer"):
-        pipe(batch_size=MAX_NETWORK_ROWS, expression="0 * 1", **KW)
+    with pytest.raises(ValueError, match=f"lower batch_size to {MAX_NETWORK_ROWS // (2 * K)} or fewer"):
+        pipe(batch_size=MAX_NETWORK_ROWS, expression="0 * 1", **KW)  # a product: K particles of 2 rows each
     assert all(c == [] for c in calls)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from superdiff import And, Average, Fixed, Or, Sum, sample_sde
-from superdiff.options import SamplerOptions, option_spec
+from superdiff.options import DEFAULT_CORRECTING_PARTICLES, SamplerOptions, option_spec
 from superdiff.pipelines import (
     SuperDiffFlowPipeline,
     SuperDiffPipeline,
@@ -168,7 +168,7 @@ def other_values(spec, default) -> list:
     if spec.kind is bool:
         return [not default]
     if spec.kind is int:
-        return [default + 1]
+        return [(spec.low if default is None else default) + 1]  # None: the composition's K (particles)
     return [(default + spec.high) / 2 if spec.high is not None else default + 1.0]
 
 
@@ -235,6 +235,16 @@ def test_every_sampling_option_given_to_every_pipeline_reaches_sample_sde(every_
     default, keyword, whole = sampler_calls
     assert reached(keyword, default, name, value), f"{name}={value!r} as a keyword argument"
     assert reached(whole, default, name, value), f"{name}={value!r} in options="
+
+
+def test_an_expression_that_corrects_runs_the_default_particles_unless_given(every_family, sampler_calls):
+    """Issue 28 item 15: no particles= means DEFAULT_CORRECTING_PARTICLES per image for a composition that
+    corrects (each family's PRODUCT-like expression here), particles=1 its uncorrected tree."""
+    pipe, args = every_family
+    run(pipe, args)
+    run(pipe, args, particles=1)
+    default, one = sampler_calls
+    assert (default["particles"], one["particles"]) == (DEFAULT_CORRECTING_PARTICLES, 1)
 
 
 def test_options_whole_with_keywords_over_it_and_unknown_or_bad_options_refused(every_family, sampler_calls):

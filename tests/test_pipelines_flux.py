@@ -204,6 +204,7 @@ def test_sizes_and_packed_latents_as_diffusers_takes_them(tmp_path):
     (dict(true_cfg_scale=float("nan"), negative_prompt="a cat"), "true_cfg_scale"),
     (dict(guidance_scale=None), "guidance_scale"),  # the distilled transformer needs its guidance input
     (dict(guidance_scale=-2.0), "guidance_scale"),
+    (dict(guidance_scale=1e300), "guidance_scale"),  # the embedding of guidance × 1000 loses its phase, then overflows
     # unguided weights that do not sum to 1 at σ = 1: named by the composition, not by the default true_cfg_scale
     (dict(mode="sum"), r"the combiner's weights \(1.0, 1.0\) sum to 2: without guidance"),
     (dict(max_sequence_length=513), "max_sequence_length"),
@@ -288,7 +289,7 @@ def test_generate_composes_on_a_flux_folder(tmp_path):
     assert guided["kappa_trace"] != side["kappa_trace"]  # the guided path differs
     r = CliRunner().invoke(cli, ["generate", "--model", "embedded-shapes", "--and", "red", "--and", "circle",
                                  "--true-cfg-scale", "4", "--out", str(tmp_path / "no")])
-    assert r.exit_code == 2 and "--true-cfg-scale applies to FLUX.1 models" in r.output, r.output
+    assert r.exit_code == 2 and "--true-cfg-scale applies to FLUX.1 and Qwen-Image models" in r.output, r.output
     assert len(side["kappa_trace"]) == 2 and (out / "image_000.png").exists() and (out / "grid.png").exists()
 
 

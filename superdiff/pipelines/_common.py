@@ -170,6 +170,9 @@ class SamplingOptions:
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
     sampler: SamplerOptions = field(default_factory=SamplerOptions)
 
+    def __post_init__(self) -> None:  # particles=None becomes the composition's K (SamplerOptions.for_combiner)
+        object.__setattr__(self, "sampler", self.sampler.for_combiner(self.combiner))
+
     @property
     def particles(self) -> int:
         return self.sampler.particles
@@ -213,7 +216,6 @@ def check_options(options: SamplingOptions, batch_argument: str = "num_images_pe
         _fail(batch_argument, batch, "use a positive integer")
     if options.output_type not in OUTPUT_TYPES:
         _fail("output_type", options.output_type, f"use one of {OUTPUT_TYPES}")
-    check_particles_apply(options.particles, options.combiner)  # each field was checked in SamplerOptions
     if options.particles > 1 and options.latents is not None:
         _fail("latents", "<a tensor>", f"latents give one starting point per image, and particles={options.particles} "
               "draws that many per image; pass latents=None (the generator draws them) or particles=1")

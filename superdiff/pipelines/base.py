@@ -179,13 +179,19 @@ class SuperDiffLoop:
     #: How the ``latents=`` argument is laid out, for its error message.
     latents_layout: ClassVar[str] = ""
 
-    def _run(self, call: PipelineCall) -> SuperDiffPipelineOutput | tuple:
+    def _checked_shape(self, call: PipelineCall) -> tuple[int, ...]:
+        """Steps 1–2 of a call: every check before any network call, then the shape of the latents
+        (a Modular Diffusers pipeline runs them before its text encoders: :mod:`.modular`)."""
         # 1. Check inputs (the combiner checked itself): everything before any network call
         self.check_inputs(call)
         check_rows(call.options, self.num_models(call), call.batch_argument)
         # 2. Define call parameters: the image size and the shape of the latents
         shape = self.latents_shape(call)
         check_latents(call.options.latents, shape, self.latents_layout)
+        return shape
+
+    def _run(self, call: PipelineCall) -> SuperDiffPipelineOutput | tuple:
+        shape = self._checked_shape(call)
         # 3. Encode prompts: the M prompts and the unconditional (negative) one, rows of one batched call
         conditions = self.encode(call)
         # 4. Prepare timesteps

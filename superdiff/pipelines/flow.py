@@ -41,15 +41,15 @@ def _calculate_shift(image_seq_len: int, config: Any) -> float:
     return image_seq_len * m + base_shift - m * base_len
 
 
-def check_flow_inputs(call: PipelineCall, guidance_fix: str, lengths: str) -> None:
+def check_flow_inputs(call: PipelineCall, guidance_fix: str, lengths: str, longest: int = 512) -> None:
     """What flow sampling adds to the checks: unguided weights that sum to 1 (``guidance_fix``: how to
-    guide instead; the sampler refuses them too, but only after the prompts are encoded), and T5's
-    ``max_sequence_length`` (``lengths``: the family's usual ones)."""
+    guide instead; the sampler refuses them too, but only after the prompts are encoded), and the text
+    encoder's ``max_sequence_length``, 1 to ``longest`` (``lengths``: the family's usual ones)."""
     if call.options.guidance is None and (problem := unguided_flow_problem(call.options.combiner, guidance_fix)):
         raise ValueError(problem)
     n = call.max_sequence_length
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 512:
-        _fail("max_sequence_length", n, f"use an integer in 1..512 ({lengths})")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= longest:
+        _fail("max_sequence_length", n, f"use an integer in 1..{longest} ({lengths})")
 
 
 class SuperDiffFlowPipeline(SuperDiffBasePipeline):

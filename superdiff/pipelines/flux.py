@@ -46,7 +46,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ..limits import check_guidance
+from ..limits import check_guidance, distilled_guidance_problem
 from ..sampling import randn
 from ._common import SamplingOptions, _fail
 from .base import PipelineCall, SuperDiffBasePipeline, tokenize
@@ -132,6 +132,8 @@ class SuperDiffFluxPipeline(SuperDiffBasePipeline):
         if guidance is not None and (not _is_number(guidance) or guidance < 0):
             _fail("guidance_scale", guidance, "use a finite number >= 0: the distilled guidance embedding, "
                   "e.g. 3.5 (true classifier-free guidance is true_cfg_scale)")
+        if self.guidance_distilled and (problem := distilled_guidance_problem(guidance, self.transformer.dtype)):
+            raise ValueError(problem)
         if call.options.guidance is not None and negative is None:
             _fail("true_cfg_scale", true_cfg, "true classifier-free guidance steers from a negative prompt's "
                   "velocity, and none was given (diffusers' FluxPipeline then skips it); pass negative_prompt=... "

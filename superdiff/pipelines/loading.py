@@ -48,6 +48,8 @@ PIPELINE_CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "SuperDiffXLPipeline": ("SuperDiffXLPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
     "SuperDiffFlowPipeline": ("SuperDiffFlowPipeline", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
     "SuperDiffFluxPipeline": ("SuperDiffFluxPipeline", "FluxPipeline", "FluxImg2ImgPipeline"),
+    "SuperDiffQwenImagePipeline": ("SuperDiffQwenImagePipeline", "QwenImagePipeline", "QwenImageImg2ImgPipeline"),
+    "SuperDiffZImagePipeline": ("SuperDiffZImagePipeline", "ZImagePipeline", "ZImageImg2ImgPipeline"),
 }
 SUPPORTED = "; ".join(
     f"{', '.join(names[1:])} or {names[0]} ({target})" for target, names in PIPELINE_CLASS_NAMES.items()
@@ -284,7 +286,8 @@ def pipeline_class_for(pretrained_model_name_or_path: str | os.PathLike, **confi
     A folder or hub id with ``model_index.json`` is read by its ``_class_name``, matched exactly
     (:data:`PIPELINE_CLASS_NAMES`): Stable Diffusion 1.x/2.x → :class:`SuperDiffPipeline`, SDXL →
     :class:`SuperDiffXLPipeline`, SD3 / SD3.5 → :class:`SuperDiffFlowPipeline`, FLUX.1 →
-    :class:`SuperDiffFluxPipeline` (their Img2Img variants and superdiff's own saved pipelines
+    :class:`SuperDiffFluxPipeline`, Qwen-Image → :class:`SuperDiffQwenImagePipeline`, Z-Image →
+    :class:`SuperDiffZImagePipeline` (their Img2Img variants and superdiff's own saved pipelines
     too). A local folder without one is a :class:`SuperDiffUnconditionalPipeline` stack
     (``superdiff_unconditional.json``) or Stable Diffusion component subfolders. ``config_kwargs``
     (``local_files_only``, ``revision``, ``cache_dir``, ``token``, ...) go to diffusers' ``load_config``

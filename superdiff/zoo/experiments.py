@@ -312,8 +312,7 @@ def shapes_calculus(
             bar.set_description(f"calculus shapes: {name}")
             compose = (dict(expression=method.expression) if method.expression is not None
                        else dict(prompts=list(method.prompts), mode=method.mode))
-            if method.particles > 1:
-                compose["particles"] = method.particles
+            compose["particles"] = method.particles  # K = 1 too: an expression that corrects would otherwise get 4
             start = time.perf_counter()
             out = _guided_samples(pipe, compose, guidance_scale, steps, num_samples, chunk_size, seed, on_step)
             seconds = time.perf_counter() - start

@@ -41,7 +41,7 @@ class SceneMethod:
         quoted = {k: f'"{v}"' for k, v in names.items()}
         out = (dict(expression=self.expression.format(**quoted)) if self.expression is not None
                else dict(prompts=[p.format(**names) for p in self.prompts], mode=self.mode))
-        return out | ({"particles": self.particles} if self.particles > 1 else {})
+        return out | {"particles": self.particles}  # K = 1 too: an expression that corrects would otherwise get 4
 
 
 def scene_methods(particles: int = 4, tasks: tuple[str, ...] = ("and", "not", "or")) -> dict[str, SceneMethod]:

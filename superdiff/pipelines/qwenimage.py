@@ -1,0 +1,126 @@
+"""Compose prompts on Qwen-Image (``QwenImageTransformer2DModel``, a Qwen2.5-VL text encoder, packed 2×2
+latents, ``FlowMatchEulerDiscreteScheduler`` with a resolution-dependent shift).
+
+The transformer predicts the velocity ``u = ε − x₀`` at σ, so x̂₀ = x − σu, finite at σ = 1 where sampling
+starts (as on FLUX.1). diffusers' ``QwenImagePipeline`` packs latents, draws its noise and shifts its σ
+grid with the helpers it copies from ``FluxPipeline``, so this adapter inherits those from
+:class:`~superdiff.pipelines.SuperDiffFluxPipeline` and supplies the rest: Qwen-Image's own text encoding
+(``encode_prompt``: the prompt template, its first 34 tokens dropped, rows of different lengths padded
+with an attention mask), the image shapes the rotary embedding reads, the guidance rule and the 3-D VAE.
+
+Which densities are tracked: each prompt's velocity u_i(x, t) = u(x, t, c_i) is one model, and κ and the
+Itô log-densities are those of these M models. **True classifier-free guidance** runs, as in diffusers,
+when ``true_cfg_scale`` > 1 and a ``negative_prompt`` is given: the negative prompt's velocity is the
+unconditional row and the drift uses x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − x̂₀ᵘ) with w = ``true_cfg_scale``; the unconditional
+row only steers, it is not a model being composed. ``QwenImagePipeline`` also rescales the guided velocity
+to each token's conditional norm; that rescale is not applied here: AND solves κ from a step that is
+affine in κ, which the rescaled one is not. All rows of a step go through ONE transformer call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.modular_pipelines.qwenimage.encoders import get_qwen_prompt_embeds
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
+from torch import Tensor
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from ..limits import check_guidance
+from ._common import _fail
+from .base import PipelineCall, SuperDiffBasePipeline
+from .denoisers import WithSharedInputs
+from .flow import check_flow_inputs
+from .flux import SuperDiffFluxPipeline, _is_number
+
+__all__ = ["SuperDiffQwenImagePipeline"]
+
+
+class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
+    """Superposition of M prompts on Qwen-Image. Components are named as in diffusers'
+    ``QwenImagePipeline`` (so ``from_pipe(qwen_pipe)`` shares them). Which densities are tracked, with and
+    without true classifier-free guidance: see the module docstring."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components: list[str] = []
+    uses_shift_factor = False
+    call_defaults = {"guidance_scale": None, "num_inference_steps": 50, "true_cfg_scale": 4.0,
+                     "max_sequence_length": 512}
+    call_doc = """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
+        ``QwenImagePipeline``'s arguments and defaults (50 steps, 1024² pixels, text length 512 at most 1024).
+        ``true_cfg_scale`` (4.0) with a ``negative_prompt`` (e.g. ``" "``): true classifier-free guidance, one
+        unconditional row more per step; without a negative prompt the prompts are sampled unguided, as in
+        diffusers. ``guidance_scale`` is ignored, as there (the transformer takes no distilled guidance).
+        ``latents``: diffusers' packed starting noise (B, (height/2f)·(width/2f), transformer ``in_channels``)."""
+    latents_layout = ("(num_images_per_prompt, (height / 2f)·(width / 2f), 4 · latent channels): diffusers' packed "
+                      "Qwen-Image latents, f the VAE factor (QwenImagePipeline._pack_latents packs them)")
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLQwenImage,
+        text_encoder: Qwen2_5_VLForConditionalGeneration,
+        tokenizer: Qwen2Tokenizer,
+        transformer: QwenImageTransformer2DModel,
+    ) -> None:
+        SuperDiffBasePipeline.__init__(self)
+        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)
+        self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+
+    @property
+    def true_cfg_scale(self) -> float | None:
+        """The true classifier-free guidance weight the current (or last) call applies (None: unguided)."""
+        return getattr(self, "_guidance_scale", None)
+
+    def check_inputs(self, call: PipelineCall) -> None:
+        """Guidance as ``QwenImagePipeline`` applies it (true CFG needs a negative prompt), then the shared checks."""
+        true_cfg, negative, ignored = call.true_cfg_scale, call.negative_prompt, call.guidance_scale
+        if not _is_number(true_cfg) or true_cfg < 0:
+            _fail("true_cfg_scale", true_cfg, "use a finite number >= 0 (4.0, QwenImagePipeline's default, guides "
+                  "with a negative_prompt; 1 or less samples without true classifier-free guidance)")
+        if ignored is not None and (not _is_number(ignored) or ignored < 0):
+            _fail("guidance_scale", ignored, "use None or a finite number >= 0; it is ignored, as in diffusers: "
+                  "Qwen-Image's transformer takes no distilled guidance (guide with true_cfg_scale and a "
+                  "negative_prompt)")
+        if negative is not None and true_cfg <= 1:
+            _fail("negative_prompt", negative, f"it is the unconditional branch of true classifier-free guidance, "
+                  f"which true_cfg_scale={true_cfg!r} turns off; pass true_cfg_scale above 1 (e.g. 4.0) or no "
+                  "negative_prompt")
+        if negative is None:  # diffusers' rule: true CFG runs only with a negative prompt
+            call.options = dataclasses.replace(call.options, guidance_scale=None)
+        check_guidance(call.options.guidance, call.options.combiner, "true_cfg_scale")
+        SuperDiffBasePipeline.check_inputs(self, call)
+        fix = "guide it: pass a negative_prompt (e.g. ' ') with true_cfg_scale above 1 (e.g. 4.0)"
+        check_flow_inputs(call, fix, "QwenImagePipeline takes up to 1024", longest=1024)
+
+    def encode(self, call: PipelineCall) -> dict[str, Any]:
+        """The M prompts and the negative one in one text-encoder call, padded to the longest with a mask."""
+        texts = list(call.prompts) + [call.negative_text or ""]
+        embeds, mask = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, texts, device=self._execution_device)
+        n = call.max_sequence_length  # as QwenImagePipeline.encode_prompt truncates them, and drops a mask of ones
+        conditions = {"encoder_hidden_states": embeds[:, :n].to(self.transformer.dtype)}
+        return conditions if bool(mask[:, :n].all()) else conditions | {"encoder_hidden_states_mask": mask[:, :n]}
+
+    def network_inputs(self, call: PipelineCall, schedule: Any) -> tuple[Any, Any]:
+        """The transformer with the image shape its rotary embedding reads; σ as its timestep."""
+        f = self.vae_scale_factor
+        img_shapes = [[(1, call.height // f // 2, call.width // f // 2)]]
+        return WithSharedInputs(self.transformer, {"img_shapes": img_shapes}), lambda sigma: sigma
+
+    def decode(self, call: PipelineCall, samples: Tensor) -> Any:
+        """The packed latents (``output_type="latent"``), or unpacked, de-normalised and decoded as one frame."""
+        if call.options.output_type == "latent":
+            return samples
+        latents = QwenImagePipeline._unpack_latents(samples, call.height, call.width, self.vae_scale_factor)
+        config, vae = self.vae.config, self.vae
+        view = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(view).to(latents)
+        std = torch.tensor(config.latents_std).view(view).to(latents)
+        images = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]
+        return self.image_processor.postprocess(images.float().detach().cpu(), output_type=call.options.output_type)

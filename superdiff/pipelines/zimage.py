@@ -1,0 +1,141 @@
+"""Compose prompts on Z-Image (``ZImageTransformer2DModel``, a Qwen3 text encoder, ``AutoencoderKL``,
+``FlowMatchEulerDiscreteScheduler``; Z-Image-Turbo samples in a few steps without guidance).
+
+The transformer takes a list of latents (C, 1, h, w) and a list of caption features of each row's own
+length (it pads and masks them itself), the timestep 1 − σ, and predicts x₀ − ε: the negative of the
+velocity u = ε − x₀, so x̂₀ = x − σu = x + σ·output, finite at σ = 1 where sampling starts. The text is
+encoded by diffusers' own Z-Image helper (the chat template, the second-to-last hidden states, each
+caption cut to its tokens), the σ grid is ``ZImagePipeline``'s (``linspace(1, 1/N, N)``, with μ from the
+image's sequence length where the scheduler shifts dynamically).
+
+Which densities are tracked: each prompt's velocity u_i(x, t) = u(x, t, c_i) is one model, and κ and the
+Itô log-densities are those of these M models. ``guidance_scale`` g > 0 is ``ZImagePipeline``'s
+classifier-free guidance, pos + g(pos − neg), which is guidance with weight w = 1 + g on the κ-mixture,
+x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − x̂₀ᵘ), the negative prompt (``""`` by default) the unconditional row; it steers, it is
+not a model being composed. g = 0 (Z-Image-Turbo) samples the M models unguided. ``cfg_normalization`` and
+``cfg_truncation`` are not supported (AND solves κ from a step that is affine in κ; at their defaults
+diffusers applies neither). All rows of a step go through ONE transformer call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.modular_pipelines.z_image.encoders import get_qwen_prompt_embeds
+from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+from torch import Tensor
+from transformers import PreTrainedModel, Qwen2Tokenizer
+
+from ..limits import check_guidance
+from ._common import _fail
+from .base import PipelineCall, SuperDiffBasePipeline
+from .denoisers import Schedule, schedule_from_scheduler
+from .flow import check_flow_inputs
+
+__all__ = ["SuperDiffZImagePipeline"]
+
+
+@dataclasses.dataclass
+class ZImageNetwork:
+    """``ZImageTransformer2DModel`` on a batch: rows (k·B + b) of ``x`` get caption ``cap_feats[k]`` (the
+    conditions' row order), the list the transformer takes is built here and its output returned as the
+    velocity, stacked like ``x``."""
+
+    transformer: Any
+
+    def __call__(self, x: Tensor, timestep: Tensor, return_dict: bool = False, cap_feats: Any = ()) -> tuple[Tensor]:
+        rows = x.shape[0] // len(cap_feats)
+        captions = [c for c in cap_feats for _ in range(rows)]
+        out = self.transformer(list(x.unsqueeze(2).unbind(0)), timestep, captions, return_dict=False)[0]
+        return (-torch.stack(out).squeeze(2),)  # the transformer predicts x₀ − ε = −u
+
+
+class SuperDiffZImagePipeline(SuperDiffBasePipeline):
+    """Superposition of M prompts on Z-Image (and Z-Image-Turbo). Components are named as in diffusers'
+    ``ZImagePipeline`` (so ``from_pipe(z_pipe)`` shares them). Which densities are tracked, with and without
+    guidance: see the module docstring."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    network_name = "transformer"
+    uses_shift_factor = True
+    call_defaults = {"guidance_scale": 5.0, "num_inference_steps": 50, "max_sequence_length": 512}
+    call_doc = """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
+        ``ZImagePipeline``'s arguments and defaults (50 steps, 1024² pixels, text length 512). ``guidance_scale``
+        g: ``ZImagePipeline``'s classifier-free guidance, on for g > 0 (weight 1 + g, one unconditional row more
+        per step); Z-Image-Turbo samples with ``guidance_scale=0.0`` and ``num_inference_steps=8`` or so.
+        ``latents`` (B, C, height/f, width/f): the starting noise, used as given."""
+    latents_layout = "(num_images_per_prompt, transformer in_channels, height / vae factor, width / vae factor)"
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: PreTrainedModel,
+        tokenizer: Qwen2Tokenizer,
+        transformer: ZImageTransformer2DModel,
+    ) -> None:
+        super().__init__()
+        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # The transformer's 2×2 patches: images are multiples of twice the VAE factor (diffusers' rule)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """``ZImagePipeline``'s guidance scale g of the current (or last) call (the weight applied is 1 + g)."""
+        return getattr(self, "_z_guidance", None)
+
+    @property
+    def default_sample_size(self) -> int:
+        """1024 pixels, ``ZImagePipeline``'s default height and width, in latent pixels."""
+        return 1024 // self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """The VAE factor × 2 (the transformer's 2×2 patches), which ``ZImagePipeline`` also requires."""
+        return self.vae_scale_factor * 2
+
+    def check_inputs(self, call: PipelineCall) -> None:
+        """Z-Image's guidance g as the sampler's weight 1 + g (none for g = 0), then the shared checks."""
+        g, negative = call.guidance_scale, call.negative_prompt
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
+            _fail("guidance_scale", g, "use a finite number >= 0 (ZImagePipeline's default 5.0; 0.0 samples "
+                  "without guidance, as Z-Image-Turbo does)")
+        if negative is not None and g == 0:
+            _fail("negative_prompt", negative, "it is the unconditional branch of guidance, which guidance_scale=0 "
+                  "turns off; pass a guidance_scale above 0 (e.g. 5.0) or no negative_prompt")
+        self._z_guidance = g
+        call.options = dataclasses.replace(call.options, guidance_scale=1.0 + g if g > 0 else None)
+        check_guidance(call.options.guidance, call.options.combiner, "guidance_scale")
+        super().check_inputs(call)
+        fix = f"guide it: guidance_scale above 0 (e.g. 5.0; it is {g!r})"
+        longest = self.text_encoder.config.max_position_embeddings
+        check_flow_inputs(call, fix, "ZImagePipeline uses 512", longest=longest)
+
+    def encode(self, call: PipelineCall) -> dict[str, Any]:
+        """The M prompts and the negative one (``""`` by default) in one text-encoder call: a list of
+        caption features, each of its own length (the transformer pads and masks them)."""
+        texts = list(call.prompts) + [call.negative_text or ""]
+        captions = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, texts, self._execution_device,
+                                          call.max_sequence_length)
+        return {"cap_feats": [c.to(self.transformer.dtype) for c in captions]}
+
+    def time_grid(self, call: PipelineCall) -> Schedule:
+        """``ZImagePipeline``'s σ grid, with μ from the image's sequence length (used where the scheduler shifts
+        dynamically; Z-Image-Turbo's shifts statically)."""
+        steps, config, f = call.options.num_inference_steps, self.scheduler.config, self.vae_scale_factor
+        mu = calculate_shift((call.height // f // 2) * (call.width // f // 2), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        return schedule_from_scheduler(self.scheduler, steps, sigmas=get_default_z_image_sigmas(steps), mu=mu)
+
+    def network_inputs(self, call: PipelineCall, schedule: Schedule) -> tuple[Any, Any]:
+        """The transformer on lists, its output the velocity; 1 − σ as its timestep."""
+        return ZImageNetwork(self.transformer), lambda sigma: 1.0 - sigma
