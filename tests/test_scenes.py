@@ -158,9 +158,10 @@ def test_scene_methods_compose_the_pair_and_the_scores_follow_the_tasks():
 
     a, b = ("red", "circle"), ("yellow", "square")
     methods = scene_methods(4)
-    assert methods["and: superdiff AND"].compose(a, b) == {"expression": '"a red circle" & "a yellow square"'}
+    assert methods["and: superdiff AND"].compose(a, b) == {"expression": '"a red circle" & "a yellow square"',
+                                                           "particles": 1}
     assert methods["and: joint prompt"].compose(a, b) == {"prompts": ["a red circle and a yellow square"],
-                                                          "mode": "average"}
+                                                          "mode": "average", "particles": 1}
     assert methods["and: product, corrected, K=4"].compose(a, b)["particles"] == 4
     read = [[("red", "circle"), ("yellow", "square")], [("blue", "circle"), ("green", "square")], None,
             [("red", "circle")]]
