@@ -5,8 +5,9 @@ DIR/items/*/; grids and trace plots have neither and are ignored. A sidecar (or 
 there but does not describe a generation (not an object, prompts that are not a list of strings, an
 expression that does not parse, ...) is bad input naming the file and the reason, before any
 scoring: dropping its image would change the groups' counts without a word. Prompt compositions get the CLIP
-score (with ``--clip``), embedded-shapes images the attribute checker, embedded-digits images the
-digit classifier; the metrics themselves live in :mod:`superdiff.metrics`.
+score (with ``--clip``), embedded-shapes images the attribute checker, embedded-scenes images the
+scene checker (GenEval-style), embedded-digits images the digit classifier; the metrics themselves
+live in :mod:`superdiff.metrics` and :mod:`superdiff.zoo.scenes`.
 """
 
 from __future__ import annotations
@@ -289,6 +290,24 @@ def score_shapes(gens: list[Generated], notes: list[str]) -> dict[Path, dict]:
     return out
 
 
+def score_scenes(gens: list[Generated], notes: list[str]) -> dict[Path, dict]:
+    """Per embedded-scenes image: the objects the scene checker reads (None: no scene) and which of
+    the objects its prompts name it holds (:func:`superdiff.zoo.scenes.scene_presence`)."""
+    from superdiff.metrics import pil_to_pixels
+    from superdiff.zoo.scenes import SIZE, named_objects, read_objects, scene_presence
+
+    images = [(g, _open(g.path, "RGB")) for g in gens]
+    wrong = [g for g, im in images if im.size != (SIZE, SIZE)]
+    if wrong:
+        notes.append(f"scene metrics skipped for {len(wrong)} embedded-scenes image(s) that are not {SIZE}x{SIZE}")
+    images = [(g, im) for g, im in images if im.size == (SIZE, SIZE)]
+    if not images:
+        return {}
+    read = read_objects(pil_to_pixels([im for _, im in images]))
+    return {g.path: {"objects": None if objs is None else [list(o) for o in objs]}
+            | scene_presence(objs, named_objects(g.prompts)) for (g, _), objs in zip(images, read)}
+
+
 def score_digits(gens: list[Generated], device: str, notes: list[str]) -> dict[Path, dict]:
     """Per embedded-digits image: the classifier's digit and its confidence."""
     from superdiff.metrics import classify_digits, pil_to_pixels
@@ -311,6 +330,7 @@ def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
     from superdiff.expression_syntax import parse_expression
     from superdiff.expressions import conjunctive
     from superdiff.metrics import attribute_rates, digit_summary, mean_std, prompt_attributes
+    from superdiff.zoo.scenes import named_objects, scene_rates
 
     groups: dict[tuple, list[dict]] = {}
     expressions = {g.expression for g in gens if g.expression}
@@ -330,6 +350,12 @@ def summarise(gens: list[Generated], records: dict[Path, dict]) -> list[dict]:
             entry["attributes"] = {"named": prompt_attributes(prompts)[0], **attribute_rates(attrs)}
             if mode in expressions and not conjunctive(parse_expression(mode)):  # OR, NOT: not "all named"
                 entry["attributes"] |= {"both_rate": None, "neither_rate": None}
+        scenes = [r["scene"] for r in recs if "scene" in r]
+        if scenes:
+            entry["scenes"] = {"named": [" ".join(w for w in o if w) for o in named_objects(prompts)],
+                               **scene_rates(scenes)}
+            if mode == "or" or mode in expressions and not conjunctive(parse_expression(mode)):
+                entry["scenes"] |= {"all_rate": None, "all_shapes_rate": None, "none_rate": None}
         digits = [r["digit"] for r in recs if "digit" in r]
         if digits:
             entry["digits"] = digit_summary([d["label"] for d in digits], [d["confidence"] for d in digits])
@@ -374,6 +400,16 @@ def format_tables(groups: list[dict], clip_model: str | None) -> str:
             "Attribute checker (embedded-shapes): fraction of images showing every / none of the named attributes\n"
             + _table(["model", "mode", "prompts", "n", "both", "neither", "per attribute"], rows)
         )
+    rows = [head(g) + [rate(g["scenes"]["all_rate"]), rate(g["scenes"]["all_shapes_rate"]),
+                       rate(g["scenes"]["none_rate"]), rate(g["scenes"]["unreadable_rate"]),
+                       ", ".join(f"{a} {r:.3f}" for a, r in g["scenes"]["rates"].items())]
+            for g in groups if "scenes" in g]
+    if rows:
+        parts.append(
+            "Scene checker (embedded-scenes, GenEval-style): fraction of images holding every named object with "
+            "its colour / every named shape / no named object / no scene at all\n"
+            + _table(["model", "mode", "prompts", "n", "all", "all shapes", "none", "no scene", "per object"], rows)
+        )
     rows = [head(g) + [f"{g['digits']['class_entropy']:.3f}", f"{g['digits']['confidence']:.3f}",
                        " ".join(f"{f:.2f}" for f in g["digits"]["class_fractions"])]
             for g in groups if "digits" in g]
@@ -406,6 +442,8 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
     Prompt compositions: CLIP score (max(100·cos, 0) of CLIP image and text embeddings) of each image
     against each of its prompts, reported per image as min and mean over the prompts (needs --clip).
     embedded-shapes: the attribute checker (both / neither rate of the named colour and shape).
+    embedded-scenes: the scene checker, GenEval-style (every named object with its colour, every
+    named shape, none of them, no scene).
     embedded-digits: the digit classifier (class fractions, class entropy, confidence). Groups are
     (model, mode, prompts) and every sampling option (particles, density variance, ...); the table
     shows mean ± std, and DIR/eval.json has every number.
@@ -435,9 +473,10 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
             f"pass the --out folder of superdiff generate or superdiff sweep"
         )
     shapes = [g for g in gens if g.model == "embedded-shapes"]
+    scenes = [g for g in gens if g.model == "embedded-scenes"]
     digits = [g for g in gens if g.model == "embedded-digits"]
     prompted = [g for g in gens if g.model not in EMBEDDED]
-    if clip_model is None and not shapes and not digits:
+    if clip_model is None and not shapes and not scenes and not digits:
         models = ", ".join(sorted({g.model for g in prompted}))
         raise BadInput(
             f"the images in {str(directory)!r} come from {models}, which only the CLIP score can evaluate; pass "
@@ -462,13 +501,16 @@ def evaluate(directory: Path, clip_model: str | None, json_path: Path | None, ba
             f"CLIP score does not apply to the {len(digits)} embedded-digits image(s): they compose models, not "
             "prompts"
         )
-    if clip_model is not None and prompted + shapes:
+    if clip_model is not None and prompted + shapes + scenes:
         scorer = load_clip(clip_model, dev, allow_pickle)
-        for path, rec in score_clip(prompted + shapes, scorer, batch_size, progress=not quiet).items():
+        for path, rec in score_clip(prompted + shapes + scenes, scorer, batch_size, progress=not quiet).items():
             records[path]["clip"] = rec
     if shapes:
         for path, rec in score_shapes(shapes, notes).items():
             records[path]["attributes"] = rec
+    if scenes:
+        for path, rec in score_scenes(scenes, notes).items():
+            records[path]["scene"] = rec
     if digits:
         for path, rec in score_digits(digits, dev, notes).items():
             records[path]["digit"] = rec

@@ -13,36 +13,41 @@ AND_METHODS = {"superdiff", "average", "sum", "joint", "single:red", "single:cir
 OR_METHODS = {"superdiff", "average", "model_a", "model_b", "joint_model"}
 CALCULUS_METHODS = {"superdiff AND", "score sum (product, uncorrected)", "NOT, negative weight (uncorrected)",
                     "OR of ANDs", "product, corrected, K=2", "NOT, corrected, K=2"}
+SCENES_METHODS = {"joint prompt", "single A", "single B", "average", "score sum", "superdiff AND",
+                  "product, corrected, K=2", "soft-min"}
 
 
 def assert_one_bar_per_experiment(stderr: str, steps: int) -> None:
-    """The demo's stderr holds three tqdm bars, OR digits, AND shapes, then the calculus, each ending at
-    its total of methods × steps, whose descriptions named every method on the way; no other bar (the
-    pipelines' own)."""
+    """The demo's stderr holds four tqdm bars, OR digits, AND shapes, the calculus, then AND scenes,
+    each ending at its total of methods × steps, whose descriptions named every method on the way; no
+    other bar (the pipelines' own)."""
     lines = stderr.split(
         "\n"
     )  # tqdm redraws a bar after "\r" and ends it with "\n" (not splitlines: it splits at "\r")
     finished = [line.split("\r")[-1] for line in lines if "|" in line]
-    assert [line.split(":")[0] for line in finished] == ["OR digits", "AND shapes", "calculus shapes"], stderr[-2000:]
+    bars = ["OR digits", "AND shapes", "calculus shapes", "AND scenes"]
+    assert [line.split(":")[0] for line in finished] == bars, stderr[-2000:]
     assert f"{5 * steps}/{5 * steps}" in finished[0] and f"{12 * steps}/{12 * steps}" in finished[1]
-    assert f"{6 * steps}/{6 * steps}" in finished[2]
+    assert f"{6 * steps}/{6 * steps}" in finished[2] and f"{8 * steps}/{8 * steps}" in finished[3]
     states = [state for line in lines for state in line.split("\r") if "|" in state]
-    assert all(state.startswith(("OR digits", "AND shapes", "calculus shapes")) for state in states)
+    assert all(state.startswith(tuple(bars)) for state in states)
     descriptions = {state.split("%")[0].rsplit(":", 1)[0].strip() for state in states}
     assert {f"OR digits: {m}" for m in OR_METHODS} <= descriptions
     assert {f"AND shapes {p}: {m}" for p in ("red+circle", "blue+triangle") for m in AND_METHODS
             if not m.startswith("single:") or m.split(":")[1] in p.split("+")} <= descriptions
     assert {f"calculus shapes: {m}" for m in CALCULUS_METHODS} <= descriptions
+    assert {f"AND scenes red circle+green square: {m}" for m in SCENES_METHODS} <= descriptions
 
 
 def test_demo_writes_pictures_and_metrics_and_the_models_behave(tmp_path):
     out = tmp_path / "demo"
     # Not --quiet, so the same run also shows the console output: one progress bar per experiment.
     r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--steps", "12", "--digits-samples", "48",
-                                 "--shapes-samples", "4", "--calculus-samples", "4", "--particles", "2"])
+                                 "--shapes-samples", "4", "--calculus-samples", "4", "--scenes-samples", "2",
+                                 "--particles", "2"])
     assert r.exit_code == 0, r.output
     assert_one_bar_per_experiment(r.stderr, steps=12)
-    for name in ("or.png", "and.png", "calculus.png", "traces.png"):
+    for name in ("or.png", "and.png", "calculus.png", "scenes.png", "traces.png"):
         assert Image.open(out / name).size[0] > 100
     metrics = json.loads((out / "metrics.json").read_text())
 
@@ -57,6 +62,13 @@ def test_demo_writes_pictures_and_metrics_and_the_models_behave(tmp_path):
         assert m["n"] == 4 and 0 <= m["hit_rate"] <= 1 and m["seconds_per_image"] > 0
     assert calculus["NOT, corrected, K=2"] == calculus["NOT, corrected, K=2"] | {
         "expression": '"red" * not("circle")', "particles": 2, "target": "red-circle"}
+
+    scenes = {m["method"][len("and: "):]: m for m in metrics["scenes"]}
+    assert set(scenes) == SCENES_METHODS
+    for m in scenes.values():
+        assert m["pair"] == ["a red circle", "a green square"] and m["n"] == 2 and m["seconds_per_image"] > 0
+        assert 0 <= m["colour_attribution"] <= m["two_objects"] <= 1
+    assert "AND of two objects on embedded-scenes" in r.output and "superdiff AND" in r.output
 
     rows = {m["method"]: m for m in metrics["or"]}
     assert set(rows) == OR_METHODS

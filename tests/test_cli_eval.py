@@ -201,6 +201,38 @@ def test_attribute_rates_on_a_sweep_folder_of_known_shapes(tmp_path):
     assert r.output.startswith("Attribute checker") and "0.500" in r.output and "wrote" not in r.output
 
 
+def test_scene_rates_on_a_folder_of_known_scenes(tmp_path):
+    """embedded-scenes images drawn with known objects (and one of noise): eval reads each image's
+    objects and gives GenEval's colour attribution (every named object with its colour) and two
+    objects (every named shape) as the counts over the drawn contents."""
+    from superdiff.zoo.scenes import OBJECTS, render_scenes
+
+    drawn = [[("red", "circle"), ("yellow", "square")], [("red", "circle"), ("green", "triangle")],
+             [("yellow", "circle"), ("red", "square")], [("yellow", "square")], [("green", "triangle")]]
+    index = torch.tensor([[OBJECTS.index(o) for o in objs] + [-1] * (2 - len(objs)) for objs in drawn])
+    centres = torch.tensor([[9.0, 9.0], [22.0, 21.0]]).expand(len(drawn), 2, 2)
+    images = render_scenes(index, centres, torch.full((len(drawn), 2), 5.0))
+    folder = tmp_path / "gen"
+    meta = dict(model="embedded-scenes", prompts=["a red circle", "a yellow square"], mode="and")
+    for i, image in enumerate(images):
+        write_image(folder, i, to_pil(image), **meta)
+    noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    write_image(folder, len(drawn), to_pil(noise), **meta)
+    r = invoke("eval", folder, "--quiet")
+    assert r.exit_code == 0, r.output
+    out = report(folder / "eval.json")
+    read = [None if im["scene"]["objects"] is None else sorted(map(tuple, im["scene"]["objects"]))
+            for im in out["images"]]
+    assert read == [sorted(objs) for objs in drawn] + [None]
+    (group,) = out["groups"]
+    assert group["n"] == 6 and group["scenes"]["named"] == ["red circle", "yellow square"]
+    assert group["scenes"]["all_rate"] == 1 / 6  # only the first image holds both, each with its colour
+    assert group["scenes"]["all_shapes_rate"] == 2 / 6  # a circle and a square, whatever their colours
+    assert group["scenes"]["none_rate"] == 3 / 6 and group["scenes"]["unreadable_rate"] == 1 / 6
+    assert group["scenes"]["rates"] == {"red circle": 2 / 6, "yellow square": 2 / 6}
+    assert r.output.startswith("Scene checker") and "0.167" in r.output
+
+
 def test_digit_metrics_match_the_classifier_on_real_digits(tmp_path):
     from superdiff.metrics import pil_to_pixels
     from superdiff.zoo.digits import load_digits_split

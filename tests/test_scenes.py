@@ -168,3 +168,29 @@ def test_scene_methods_compose_the_pair_and_the_scores_follow_the_tasks():
     assert scene_scores(read, pair_metadata(a, b, "and")) == {"two_objects": 0.5, "colour_attribution": 0.25}
     assert scene_scores(read, pair_metadata(a, b, "not")) == {"not": 0.25}
     assert scene_scores(read, pair_metadata(a, b, "or")) == {"or": 0.5, "both": 0.25}
+
+
+def test_the_vae_loss_weights_the_objects_and_a_band_around_their_outlines():
+    """``reconstruction_loss`` against a loop over pixels: an error on one background pixel next to a
+    square counts in the plain mean and in the outline band (pixels within one step, 8-neighbours,
+    of both an object pixel and a background pixel), an error far from it in the plain mean only."""
+    from superdiff.zoo.train_scenes import reconstruction_loss
+
+    index = torch.tensor([[OBJECTS.index(("red", "square")), -1]])
+    image = render_scenes(index, torch.tensor([[[15.5, 15.5], [0.0, 0.0]]]), torch.tensor([[5.0, 0.0]]))
+    fg = (image[0] > -1).any(0)
+    rows, cols = fg.nonzero().T
+    near = lambda y, x, want: any(  # noqa: E731
+        0 <= y + dy < SIZE and 0 <= x + dx < SIZE and bool(fg[y + dy, x + dx]) == want
+        for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    band = sum(near(y, x, True) and near(y, x, False) for y in range(SIZE) for x in range(SIZE))
+    for (y, x), on_band in (((int(rows.min()) - 1, int(cols.min())), True), ((1, 1), False)):
+        decoded = image.clone()
+        decoded[0, :, y, x] += 0.5
+        plain = 3 * 0.5 / (3 * SIZE * SIZE)
+        expected = plain + (4.0 * 3 * 0.5 / (3 * band) if on_band else 0.0)
+        torch.testing.assert_close(reconstruction_loss(decoded, image, 0.7, 4.0), torch.tensor(expected))
+    decoded = image.clone()
+    decoded[0, :, 15, 15] -= 0.5  # inside the square: the plain mean and the foreground mean
+    torch.testing.assert_close(reconstruction_loss(decoded, image, 0.7, 4.0),
+                               torch.tensor(1.5 / (3 * SIZE * SIZE) + 0.7 * 1.5 / (3 * int(fg.sum()))))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..plotting import LinePanel, LineSeries, image_grid, line_panels, tensor_to_pil
 from .experiments import Sampled, calculus_methods, digits_or, shapes_and, shapes_calculus
+from .scenes import HELD_OUT_PAIRS
 
 __all__ = ["DemoConfig", "run_demo", "demo_traces", "format_demo_table"]
 
@@ -29,6 +30,8 @@ class DemoConfig:
     shown: int = 12
     calculus_samples: int = 16  # 0: no calculus experiment
     particles: int = 4
+    scenes_samples: int = 12  # 0: no scenes experiment
+    scenes_pair: tuple[tuple[str, str], tuple[str, str]] = HELD_OUT_PAIRS[0]  # never together in training
 
 
 def _rows(results: list[Sampled], shown: int, label) -> list:
@@ -73,10 +76,12 @@ def demo_traces(digits: list[Sampled], shapes: list[Sampled], shown: int = 8) ->
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = False) -> dict:
-    """Run OR on the digit models, AND on the shapes model and (``calculus_samples`` > 0) the
+    """Run OR on the digit models, AND on the shapes model, (``calculus_samples`` > 0) the
     composition calculus on the pair: the corrected product and NOT with ``particles`` per image
-    beside their uncorrected forms, and an OR of ANDs; write or.png, and.png, calculus.png,
-    traces.png and metrics.json into ``out_dir``; return the metrics."""
+    beside their uncorrected forms, and an OR of ANDs, and (``scenes_samples`` > 0) AND of a
+    held-out pair of objects on the latent scene model with every method, scored GenEval-style;
+    write or.png, and.png, calculus.png, scenes.png, traces.png and metrics.json into ``out_dir``;
+    return the metrics."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -90,6 +95,14 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
         calculus = shapes_calculus(methods, cfg.calculus_samples, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.device,
                                    progress)
         image_grid(_rows(calculus, cfg.shown, lambda r: r.method), cell=40, label_width=260).save(out / "calculus.png")
+    scenes = []
+    if cfg.scenes_samples > 0:
+        from .scene_experiments import scene_methods, scenes_composition
+
+        scenes = scenes_composition([tuple(cfg.scenes_pair)], scene_methods(cfg.particles, ("and",)),
+                                    cfg.scenes_samples, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.device, progress)
+        image_grid(_rows(scenes, cfg.shown, lambda r: r.method.split(": ", 1)[1]), cell=40,
+                   label_width=200).save(out / "scenes.png")
     image_grid(_rows(digits, cfg.shown, lambda r: r.method), cell=40, label_width=110).save(out / "or.png")
     image_grid(
         _rows(shapes, cfg.shown, lambda r: f"{'+'.join(r.metrics['prompts'])}: {r.method}"), cell=40, label_width=170
@@ -99,7 +112,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
         "and": [r.metrics for r in shapes],
         "or": [r.metrics for r in digits],
         "calculus": [r.metrics for r in calculus],
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "scenes": [r.metrics for r in scenes],
+        "config": {k: (json.loads(json.dumps(v)) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         "seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
@@ -128,5 +142,13 @@ def format_demo_table(metrics: dict) -> str:
         lines.append(f"  {'method':<36} {'hit rate':>8} {'s/image':>8}")
         for m in metrics["calculus"]:
             lines.append(f"  {m['method']:<36} {m['hit_rate']:>8.3f} {m['seconds_per_image']:>8.3f}")
+    if metrics.get("scenes"):
+        pair = " + ".join(metrics["scenes"][0]["pair"])
+        lines.append(f"AND of two objects on embedded-scenes ({pair}, never together in training), GenEval-style "
+                     "(two objects: both shapes; colour: both with their colours):")
+        lines.append(f"  {'method':<28} {'two objects':>11} {'colour':>7} {'s/image':>8}")
+        for m in metrics["scenes"]:
+            lines.append(f"  {m['method'].split(': ', 1)[1]:<28} {m['two_objects']:>11.3f} "
+                         f"{m['colour_attribution']:>7.3f} {m['seconds_per_image']:>8.3f}")
     lines.append(f"({metrics['seconds']} s)")
     return "\n".join(lines)

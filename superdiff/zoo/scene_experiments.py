@@ -127,9 +127,11 @@ def scenes_composition(
         for name, method in methods.items():
             compose = method.compose(a, b)
             runs.setdefault((a, b, repr(sorted(compose.items()))), (compose, []))[1].append((name, method))
-    with experiment_bar("scenes", len(runs), num_samples, chunk_size, steps, progress) as bar:
+    with experiment_bar("AND scenes", len(runs), num_samples, chunk_size, steps, progress) as bar:
         on_step = step_ticker(bar)
         for (a, b, _), (compose, named) in runs.items():
+            bar.set_description(f"AND scenes {object_name(a)[2:]}+{object_name(b)[2:]}: "
+                                + ", ".join(name.split(": ", 1)[-1] for name, _ in named))
             start = time.perf_counter()
             out = _guided_samples(pipe, compose, guidance_scale, steps, num_samples, chunk_size, seed, on_step)
             seconds = time.perf_counter() - start
@@ -146,4 +148,5 @@ def scenes_composition(
                     out.log_density_trace,
                     [object_name(a), object_name(b)],
                 ))
+        bar.set_description("AND scenes")
     return results

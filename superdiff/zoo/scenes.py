@@ -39,6 +39,9 @@ __all__ = [
     "SceneCheckerConfig",
     "read_objects",
     "geneval_correct",
+    "named_objects",
+    "scene_presence",
+    "scene_rates",
 ]
 
 SIZE = 32
@@ -314,3 +317,46 @@ def geneval_correct(objects: SceneObjects | None, metadata: dict) -> bool:
     found = [_count(objects, req) >= req.get("count", 1) for req in metadata.get("include", [])]
     hit = any(found) if metadata.get("tag") == "or" else all(found)
     return hit and all(_count(objects, req) < req.get("count", 1) for req in metadata.get("exclude", []))
+
+
+def named_objects(prompts: list[str] | tuple[str, ...]) -> list[tuple[str | None, str]]:
+    """The objects ``prompts`` name, in order, without repeats: each shape word with the colour word
+    just before it (None where there is none). ``["a red circle and a blue square"]`` and
+    ``["a red circle", "a blue square"]`` both name ``[("red", "circle"), ("blue", "square")]``."""
+    named: list[tuple[str | None, str]] = []
+    for prompt in prompts:
+        words = prompt.lower().split()
+        for i, word in enumerate(words):
+            if word in SHAPES:
+                obj = (words[i - 1] if i and words[i - 1] in COLOURS else None, word)
+                if obj not in named:
+                    named.append(obj)
+    return named
+
+
+def scene_presence(objects: SceneObjects | None, named: list[tuple[str | None, str]]) -> dict:
+    """Which ``named`` objects one image's ``objects`` (from :func:`read_objects`) hold: per object
+    (keyed "red circle") with its colour, and per shape (keyed "circle") in any colour, as GenEval
+    scores colour attribution and two objects. An unreadable image (None) holds nothing."""
+    key = lambda obj: " ".join(w for w in obj if w)  # noqa: E731
+    present = {key(o): geneval_correct(objects, {"include": [{"class": o[1]} | ({"color": o[0]} if o[0] else {})]})
+               for o in named}
+    shapes = {o[1]: geneval_correct(objects, {"include": [{"class": o[1]}]}) for o in named}
+    return {"present": present, "shape_present": shapes}
+
+
+def scene_rates(records: list[dict]) -> dict:
+    """Group rates of :func:`scene_presence` records (each with ``objects`` added, None where the
+    image is no scene): ``all_rate`` (every named object with its colour: GenEval's colour
+    attribution), ``all_shapes_rate`` (every named shape: GenEval's two objects for a pair),
+    ``none_rate`` (no named object), the rate of each named object, and ``unreadable_rate``; the
+    all/none rates are None when nothing is named."""
+    n = len(records)
+    names = list(records[0]["present"]) if n else []
+    rates: dict = {"rates": {a: sum(r["present"][a] for r in records) / n for a in names},
+                   "unreadable_rate": sum(r["objects"] is None for r in records) / n if n else None, "n": n}
+    if not names:
+        return {"all_rate": None, "all_shapes_rate": None, "none_rate": None} | rates
+    return {"all_rate": sum(all(r["present"].values()) for r in records) / n,
+            "all_shapes_rate": sum(all(r["shape_present"].values()) for r in records) / n,
+            "none_rate": sum(not any(r["present"].values()) for r in records) / n} | rates

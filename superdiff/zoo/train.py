@@ -5,7 +5,7 @@
     python -m superdiff.zoo.train shapes --out superdiff/zoo/weights
     python -m superdiff.zoo.train scenes --out superdiff/zoo/weights   # see superdiff.zoo.train_scenes
 
-The defaults (3000 digit steps, 2500 shapes steps) are those of the shipped weights. The digits
+The defaults (3000 digit steps, 2500 shapes steps, 5000 scenes UNet steps) are those of the shipped weights. The digits
 a and b weights were written by an earlier, uncommitted revision of this script (their logs lack
 the ``checkpoint_every`` setting), so retraining them with this one is not guaranteed to give
 identical weights.
@@ -303,9 +303,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--models", default="a,b,all", help="digits: which of a, b, all")
-    p.add_argument("--stage", choices=["all", "vae", "vae-refine", "decoder", "diffusion"], default="all",
-                   help="scenes: train the VAE (vae-refine: its phase 2 on the saved phase 1; decoder: phase 3, "
-                        "the decoder alone), the text encoder and UNet on a saved VAE, or all")
+    p.add_argument("--stage", choices=["all", "vae", "decoder", "diffusion"], default="all",
+                   help="scenes: train the VAE (decoder: its phase 2, the decoder alone, on the saved VAE), "
+                        "the text encoder and UNet on a saved VAE, or all")
+    p.add_argument("--vae-steps", type=int, default=None, help="scenes: VAE phase-1 steps")
+    p.add_argument("--decoder-steps", type=int, default=None, help="scenes: VAE phase-2 (decoder) steps")
+    p.add_argument("--encoded-scenes", type=int, default=None, help="scenes: scenes encoded for the UNet")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -320,11 +323,15 @@ def main(argv: list[str] | None = None) -> None:
             train_digit_model(name, args.out, cfg, args.device)
             print(f"digits-{name} done", flush=True)
     elif args.what == "scenes":
+        from dataclasses import replace
+
         from .train_scenes import ScenesConfig, train_scenes
 
-        cfg = TrainConfig(steps=args.steps or 1200, batch_size=args.batch_size or 64, lr=args.lr or 1e-3,
+        cfg = TrainConfig(steps=args.steps or 5000, batch_size=args.batch_size or 64, lr=args.lr or 1e-3,
                           ema_decay=0.995, log_every=50, checkpoint_every=200)
-        train_scenes(args.out, cfg, ScenesConfig(), args.device, args.stage)
+        sizes = {k: v for k, v in (("vae_steps", args.vae_steps), ("decoder_steps", args.decoder_steps),
+                                   ("encoded_scenes", args.encoded_scenes)) if v is not None}
+        train_scenes(args.out, cfg, replace(ScenesConfig(), **sizes), args.device, args.stage)
         print(f"scenes ({args.stage}) done", flush=True)
     else:
         cfg = TrainConfig(

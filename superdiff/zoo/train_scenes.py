@@ -1,20 +1,24 @@
 """Train the embedded latent scene model (``embedded-scenes``) with fixed seeds, CPU or CUDA.
 
-    python -m superdiff.zoo.train scenes --out superdiff/zoo/weights              # every stage
-    python -m superdiff.zoo.train scenes --stage vae|vae-refine|decoder|diffusion  # one stage
+    python -m superdiff.zoo.train scenes --out superdiff/zoo/weights               # every stage
+    python -m superdiff.zoo.train scenes --stage vae|decoder|diffusion            # one stage
 
-Stages, each logged to ``scenes/training_log.json``:
+Stages, each logged to ``scenes/training_log.json`` (a stage reads what the one before saved, so
+running them one by one gives the weights of one run of all):
 
-1. an ``AutoencoderKL`` (32×32×3 ↔ 8×8×4) on fresh procedural scenes, as Stable Diffusion's VAE
-   (L1 + a small KL term): phase 1 plain L1, phase 2 with the objects' pixels weighted up (the
-   black background otherwise outweighs them), phase 3 the decoder alone (the encoder, hence the
-   latents and the ``scaling_factor`` = 1 / std of the latents, stay fixed, so phase 3 may run
-   beside stage 2);
-2. a fixed set of scenes encoded once to latents (posterior means), then a small ``CLIPTextModel``
-   and a cross-attention ``UNet2DConditionModel`` on those latents, trained jointly (as the shapes
-   model) on incomplete captions, redrawn at every step, with 10% empty ones for classifier-free
-   guidance.
+1. ``vae``: an ``AutoencoderKL`` (32×32×3 ↔ 8×8×4) on fresh procedural scenes, as Stable
+   Diffusion's VAE (L1 + a small KL term), with the objects' pixels and a band around their
+   outlines weighted up (:func:`reconstruction_loss`): the black background otherwise outweighs
+   the objects, and a blurred outline fattens the shapes and rounds the corners that tell squares
+   from circles; the ``scaling_factor`` is 1 / std of the latents;
+2. ``decoder``: the decoder alone, outlines weighted up further (the encoder, hence the latents
+   and the scaling factor, stay fixed);
+3. ``diffusion``: a fixed set of scenes encoded once to latents (posterior means), then a small
+   ``CLIPTextModel`` and a cross-attention ``UNet2DConditionModel`` on those latents, trained
+   jointly (as the shapes model) on incomplete captions, redrawn at every step, with 10% empty
+   ones for classifier-free guidance.
 
+Each VAE stage logs how the scene checker reads held-out round trips (:func:`reconstruction_read_rate`).
 The result is a standard diffusers ``StableDiffusionPipeline`` folder (float16 safetensors, an
 ``EulerDiscreteScheduler``), loadable by ``diffusers.StableDiffusionPipeline.from_pretrained`` and
 by ``SuperDiffPipeline.from_pretrained``.
@@ -39,27 +43,30 @@ __all__ = ["ScenesConfig", "vae_config", "scenes_unet_config", "train_vae", "enc
 
 @dataclass(frozen=True)
 class ScenesConfig:
-    """The stages' sizes: VAE steps and batch, scenes encoded for the diffusion stage, text width."""
+    """The stages' sizes: VAE width, steps, batch and loss weights, scenes encoded for the diffusion
+    stage, text width."""
 
-    vae_steps: int = 1000
+    vae_width: int = 32
+    vae_steps: int = 1200
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
-    vae_refine_steps: int = 500
-    vae_refine_lr: float = 5e-4
     foreground_weight: float = 1.0
-    decoder_steps: int = 600
+    edge_weight: float = 2.0
+    decoder_steps: int = 400
     decoder_lr: float = 5e-4
     decoder_foreground_weight: float = 2.0
+    decoder_edge_weight: float = 4.0
     kl_weight: float = 1e-6
-    encoded_scenes: int = 30_000
+    encoded_scenes: int = 20_000
     text_hidden: int = 64
 
 
-def vae_config() -> dict:
-    """``AutoencoderKL`` arguments: 32×32×3 images, two downsamplings to 8×8×4 latents."""
+def vae_config(width: int = 32) -> dict:
+    """``AutoencoderKL`` arguments: 32×32×3 images, two downsamplings to 8×8×4 latents, channels
+    ``width``, 2·``width``, 2·``width``."""
     return dict(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
-        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+        block_out_channels=(width, 2 * width, 2 * width), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
     )
 
@@ -74,11 +81,25 @@ def scenes_unet_config(cross_attention_dim: int) -> dict:
     )
 
 
-def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, foreground_weight: float, seed: int, device: str,
+def reconstruction_loss(decoded: torch.Tensor, images: torch.Tensor, foreground_weight: float,
+                        edge_weight: float) -> torch.Tensor:
+    """L1 over the image, plus ``foreground_weight`` × the L1 over the objects' pixels (which the
+    black background otherwise outweighs) and ``edge_weight`` × the L1 over a band one pixel
+    either side of the objects' outlines (where a blurred decoder fattens the shapes and rounds
+    the corners that tell squares from circles). ``decoded``, ``images``: (B, 3, H, W) in [-1, 1]."""
+    error = (decoded - images).abs()
+    foreground = (images > -1).any(1, keepdim=True).float()
+    edge = (torch.nn.functional.max_pool2d(foreground, 3, stride=1, padding=1)
+            + torch.nn.functional.max_pool2d(-foreground, 3, stride=1, padding=1))  # dilated − eroded
+    weighted = lambda mask: (error * mask).sum() / (3 * mask.sum()).clamp_min(1)  # noqa: E731
+    return error.mean() + foreground_weight * weighted(foreground) + edge_weight * weighted(edge)
+
+
+def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, weights: tuple[float, float], seed: int, device: str,
                phase: int, decoder_only: bool = False) -> list:
-    """Optimise ``vae`` for ``steps`` on fresh scenes: L1 (plus ``foreground_weight`` × the L1 over
-    the objects' pixels, which the black background otherwise outweighs) + a small KL term.
-    ``decoder_only`` keeps the encoder (so the latents, and a UNet trained on them) unchanged."""
+    """Optimise ``vae`` for ``steps`` on fresh scenes: :func:`reconstruction_loss` with ``weights``
+    (foreground, edge) + a small KL term. ``decoder_only`` keeps the encoder (so the latents, and
+    a UNet trained on them) unchanged."""
     trained = (list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()) if decoder_only
                else list(vae.parameters()))
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
@@ -92,10 +113,7 @@ def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, foreground_weight:
         with torch.set_grad_enabled(not decoder_only):
             posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
-        error = (vae.decode(z).sample - x).abs()
-        foreground = (x > -1).any(1, keepdim=True).float()
-        loss = (error.mean() + foreground_weight * (error * foreground).sum() / (3 * foreground.sum()).clamp_min(1)
-                + cfg.kl_weight * posterior.kl().mean())
+        loss = reconstruction_loss(vae.decode(z).sample, x, *weights) + cfg.kl_weight * posterior.kl().mean()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, schedule)
         opt.zero_grad(set_to_none=True)
@@ -109,50 +127,61 @@ def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, foreground_weight:
     return losses
 
 
-def train_vae(cfg: ScenesConfig, seed: int, device: str, log: dict, vae=None):
-    """Train the autoencoder on fresh scenes: phase 1 (``cfg.vae_steps``, plain L1), phase 2
-    (``cfg.vae_refine_steps``, objects' pixels weighted up). With ``vae`` given (the saved phase-1
-    model) only phase 2 runs. Returns it in eval mode with its scaling factor set."""
+def reconstruction_read_rate(vae, n: int = 512, seed: int = 999, device: str = "cpu") -> dict:
+    """How the scene checker reads ``n`` held-out scenes' round trips (posterior means): the
+    fraction read exactly as drawn, with the right colours, with the right count, and the mean and
+    max absolute pixel error."""
+    from .scenes import OBJECTS, read_objects
+
+    scenes = sample_scenes(n, seed=seed)
+    with torch.no_grad():
+        images = scenes.images.to(device)
+        decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    error = (decoded - images).abs()
+    truth = [sorted(OBJECTS[k] for k in row if k >= 0) for row in scenes.objects.tolist()]
+    read = [sorted(r, key=str) if r is not None else None for r in read_objects(decoded.cpu())]
+    colours = lambda objs: None if objs is None else sorted((c for c, _ in objs), key=str)  # noqa: E731
+    return {"read_exactly": round(sum(r == t for r, t in zip(read, truth)) / n, 4),
+            "colours_read": round(sum(colours(r) == colours(t) for r, t in zip(read, truth)) / n, 4),
+            "count_read": round(sum(r is not None and len(r) == len(t) for r, t in zip(read, truth)) / n, 4),
+            "mean_abs_error": round(float(error.mean()), 5), "max_abs_error": round(float(error.max()), 4)}
+
+
+def train_vae(cfg: ScenesConfig, seed: int, device: str, log: dict):
+    """Phase 1: the autoencoder on fresh scenes (``cfg.vae_steps``). Returns it in eval mode with
+    its scaling factor (1 / std of held-out latents) set."""
     from diffusers import AutoencoderKL
 
     start = time.perf_counter()
-    if vae is None:
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**vae_config()).to(device)
-        log["vae"] = {"steps": cfg.vae_steps, "batch_size": cfg.vae_batch_size, "lr": cfg.vae_lr,
-                      "kl_weight": cfg.kl_weight, "parameters": sum(p.numel() for p in vae.parameters()),
-                      "loss_curve": _vae_phase(vae, cfg, cfg.vae_steps, cfg.vae_lr, 0.0, seed, device, 1)}
-    log["vae"] |= {"refine_steps": cfg.vae_refine_steps, "refine_lr": cfg.vae_refine_lr,
-                   "refine_foreground_weight": cfg.foreground_weight,
-                   "refine_loss_curve": _vae_phase(vae, cfg, cfg.vae_refine_steps, cfg.vae_refine_lr,
-                                                   cfg.foreground_weight, seed, device, 2)}
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_config(cfg.vae_width)).to(device)
+    log["vae"] = {"steps": cfg.vae_steps, "batch_size": cfg.vae_batch_size, "lr": cfg.vae_lr,
+                  "kl_weight": cfg.kl_weight, "parameters": sum(p.numel() for p in vae.parameters()),
+                  "foreground_weight": cfg.foreground_weight, "edge_weight": cfg.edge_weight,
+                  "loss_curve": _vae_phase(vae, cfg, cfg.vae_steps, cfg.vae_lr,
+                                           (cfg.foreground_weight, cfg.edge_weight), seed, device, 1)}
     vae.eval()
     with torch.no_grad():
-        held = sample_scenes(512, seed=999).images.to(device)
-        latents = vae.encode(held).latent_dist.mean
-        error = (vae.decode(latents).sample.clamp(-1, 1) - held).abs()
+        latents = vae.encode(sample_scenes(512, seed=999).images.to(device)).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    log["vae"] |= {"seconds": round(log["vae"].get("seconds", 0.0) + time.perf_counter() - start, 1),
-                   "scaling_factor": vae.config.scaling_factor,
-                   "held_out_mean_abs_error": round(float(error.mean()), 5),
-                   "held_out_max_abs_error": round(float(error.max()), 4)}
+    log["vae"] |= {"seconds": round(time.perf_counter() - start, 1), "scaling_factor": vae.config.scaling_factor,
+                   "held_out": reconstruction_read_rate(vae, device=device)}
     return vae
 
 
 def refine_decoder(vae, cfg: ScenesConfig, seed: int, device: str, log: dict):
-    """Phase 3: the decoder alone (the encoder, its latents and the scaling factor stay as they are)."""
+    """Phase 2: the decoder alone (the encoder, its latents and the scaling factor stay as they
+    are), with the objects and their outlines weighted up further."""
     start = time.perf_counter()
     log["vae"] |= {"decoder_steps": cfg.decoder_steps, "decoder_lr": cfg.decoder_lr,
                    "decoder_foreground_weight": cfg.decoder_foreground_weight,
+                   "decoder_edge_weight": cfg.decoder_edge_weight,
                    "decoder_loss_curve": _vae_phase(vae, cfg, cfg.decoder_steps, cfg.decoder_lr,
-                                                    cfg.decoder_foreground_weight, seed, device, 3, True)}
+                                                    (cfg.decoder_foreground_weight, cfg.decoder_edge_weight),
+                                                    seed, device, 2, True)}
     vae.eval()
-    with torch.no_grad():
-        held = sample_scenes(512, seed=999).images.to(device)
-        error = (vae.decode(vae.encode(held).latent_dist.mean).sample.clamp(-1, 1) - held).abs()
     log["vae"] |= {"decoder_seconds": round(time.perf_counter() - start, 1),
-                   "held_out_mean_abs_error": round(float(error.mean()), 5),
-                   "held_out_max_abs_error": round(float(error.max()), 4)}
+                   "held_out_after_decoder": reconstruction_read_rate(vae, device=device)}
     return vae
 
 
@@ -167,29 +196,26 @@ def encode_scenes(vae, n: int, seed: int, device: str, chunk: int = 500) -> tupl
 
 
 def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: str, stage: str = "all") -> None:
-    """The stages into ``out/scenes``: "vae" (stage 1, saved to ``out/scenes/vae``), "diffusion"
-    (stages 2 and 3 on that saved VAE) or "all"; checkpoints every ``cfg.checkpoint_every`` UNet steps.
-    The VAE is stored in float16 and reloaded before encoding, so both routes encode alike."""
+    """The stages into ``out/scenes``: "vae" (stage 1, saved to ``out/scenes/vae``), "decoder"
+    (stage 2 on that saved VAE), "diffusion" (stage 3 on the saved VAE) or "all"; checkpoints every
+    ``cfg.checkpoint_every`` UNet steps. The VAE is stored in float16 and reloaded by the next
+    stage, so one run of "all" and the three stages run one by one give the same weights."""
     from diffusers import AutoencoderKL
 
     folder = out / "scenes"
     folder.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()
-    if stage in ("all", "vae", "vae-refine"):
+    if stage in ("all", "vae"):
         log: dict = {"model": "scenes", "machine": _machine(device),
                      "held_out_binding": " ".join(HELD_OUT_BINDING),
                      "held_out_pairs": [f"{' '.join(a)} + {' '.join(b)}" for a, b in HELD_OUT_PAIRS],
                      "caption_dropout": 0.1, "both_named": 0.5}
-        phase1 = None
-        if stage == "vae-refine":  # phase 2 on the saved phase-1 VAE (float16-rounded)
-            log = json.loads((folder / "training_log.json").read_text()) | {"vae_refined_from_saved_phase_1": True}
-            phase1 = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device)
-        vae = train_vae(scenes_cfg, cfg.seed, device, log, phase1)
+        vae = train_vae(scenes_cfg, cfg.seed, device, log)
         copy.deepcopy(vae).to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
         _log(folder / "training_log.json", log | {"stages": asdict(scenes_cfg)})
         if stage != "all":
             return
-    if stage in ("all", "decoder"):  # the encoder is frozen: this phase may run before or beside "diffusion"
+    if stage in ("all", "decoder"):
         log = json.loads((folder / "training_log.json").read_text())
         vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device)
         vae = refine_decoder(vae, scenes_cfg, cfg.seed, device, log)
