@@ -47,6 +47,17 @@ def unguided_flow_problem(combiner: Any, guidance_fix: str) -> str | None:
             f"to 1), or {guidance_fix}")
 
 
+def check_flow_inputs(call: Any, guidance_fix: str, lengths: str, longest: int = 512) -> None:
+    """What flow sampling adds to the checks of a call (:class:`~.base.PipelineCall`): unguided weights that
+    sum to 1 (``guidance_fix``: how to guide instead; the sampler refuses them too, but only after the prompts
+    are encoded), and the text encoder's ``max_sequence_length``, 1 to ``longest`` (``lengths``: the usual ones)."""
+    if call.options.guidance is None and (problem := unguided_flow_problem(call.options.combiner, guidance_fix)):
+        raise ValueError(problem)
+    n = call.max_sequence_length
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= longest:
+        _fail("max_sequence_length", n, f"use an integer in 1..{longest} ({lengths})")
+
+
 def is_number(value: Any) -> bool:
     """A finite real number that is not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -12,6 +12,8 @@ on those rows, its output converted to x̂₀ by :class:`~.denoisers.DiffusersDe
 ``from_pretrained`` / ``from_pipe`` / ``save_pretrained``, and one ``__call__`` whose signature each
 family derives from the template below with its own defaults (``call_defaults``) and arguments, so
 the diffusers-named arguments are spelled once and stay explicit in every family's signature.
+:class:`FlowFamily` adds what the flow-matching transformers share (the σ = 1 check, the text length, the
+shifted σ grid), and :class:`PackedLatents` FLUX.1's packed 2×2 latents.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
 from ..combine import Combiner
@@ -34,6 +37,7 @@ from ._common import (
     CALLBACK_TENSOR_INPUTS,
     SamplingOptions,
     callback_tensor_names,
+    check_flow_inputs,
     check_latents,
     check_options,
     check_rows,
@@ -50,7 +54,10 @@ from .denoisers import DiffusersDenoiser, Schedule, schedule_from_scheduler
 from .loading import PIPELINE_CLASS_NAMES, check_loading_class, diffusers_dtype, pop_dtype, pop_loading_dtype
 from .output import SuperDiffPipelineOutput
 
-__all__ = ["PackedLatents", "PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop", "compose", "superdiff_class_of"]
+__all__ = [
+    "FlowFamily", "PackedLatents", "PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop", "compose",
+    "superdiff_class_of",
+]
 
 
 @dataclass
@@ -75,6 +82,11 @@ class PipelineCall:
     def negative_text(self) -> str | None:
         """The one negative prompt (checked: a string, or a one-element list of it), or None."""
         return negative_text(self.negative_prompt)
+
+    @property
+    def texts(self) -> list[str]:
+        """The rows' texts: the M prompts, then the unconditional one (the negative prompt, or ``""``)."""
+        return [*self.prompts, self.negative_text or ""]
 
 
 class SuperDiffLoop:
@@ -389,6 +401,25 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
     cfg_argument: ClassVar[str] = "guidance_scale"
     #: Template arguments only some families take (each lists them in ``call_defaults``).
     FAMILY_ARGUMENTS: ClassVar[tuple[str, ...]] = ("true_cfg_scale", "max_sequence_length")
+    #: The latent pixels per side of one network token where the family packs or patchifies latents 2×2
+    #: (FLUX.1, FLUX.2, Qwen-Image, Z-Image): its image processor's factor and :attr:`size_multiple` include it.
+    patch: ClassVar[int] = 1
+    #: The image processor the family's diffusers pipeline uses.
+    image_processor_class: ClassVar[type] = VaeImageProcessor
+
+    def __init__(self, **modules: Any) -> None:
+        """Register the family's ``modules`` as diffusers does (each family's ``__init__`` names them, which
+        diffusers reads), then the VAE factor (1 without a VAE: pixel space) and the image processor."""
+        super().__init__()
+        self.register_modules(**modules)
+        vae = modules.get("vae")
+        self.vae_scale_factor = self.vae_factor(vae) if vae is not None else 1
+        self.image_processor = self.image_processor_class(vae_scale_factor=self.vae_scale_factor * self.patch)
+
+    @staticmethod
+    def vae_factor(vae: Any) -> int:
+        """Image pixels per latent pixel: 2 per downsampling block of the VAE, as diffusers computes it."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def network(self) -> Any:
@@ -402,8 +433,12 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this: the VAE factor, as in diffusers."""
-        return self.vae_scale_factor
+        """Height and width must be multiples of this: the VAE factor × :attr:`patch`, as in diffusers."""
+        return self.vae_scale_factor * self.patch
+
+    def token_grid(self, call: PipelineCall) -> tuple[int, int]:
+        """The image in network tokens (latent patches), (height, width) / :attr:`size_multiple`."""
+        return call.height // self.size_multiple, call.width // self.size_multiple
 
     def check_inputs(self, call: PipelineCall) -> None:
         """The options, the negative prompt and the image size (the combiner checked itself)."""
@@ -526,38 +561,68 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
                                       true_cfg_scale, max_sequence_length))
 
 
+class FlowFamily(SuperDiffBasePipeline):
+    """The base of the flow-matching transformer families (SD3, FLUX.1, FLUX.2, Qwen-Image, Z-Image): sampling
+    starts at σ = 1, so an unguided composition's weights must sum to 1, the text length is checked, and the σ
+    grid is diffusers' ``linspace(1, 1/N, N)`` shifted by μ from the image's token count."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    network_name = "transformer"
+    #: How to guide instead, in the refusal of an unguided composition whose weights do not sum to 1 (a
+    #: format string of ``call``).
+    guidance_fix: ClassVar[str] = ""
+    #: The family's usual ``max_sequence_length`` s (for the message) and the longest its text encoder takes.
+    sequence_lengths: ClassVar[str] = ""
+    longest_sequence: ClassVar[int] = 512
+    #: The largest shift of μ where the scheduler's config names none (diffusers' default of the family).
+    max_shift: ClassVar[float] = 1.15
+
+    def check_inputs(self, call: PipelineCall) -> None:
+        """The shared checks, then what flow sampling adds (:func:`~._common.check_flow_inputs`)."""
+        super().check_inputs(call)
+        check_flow_inputs(call, self.guidance_fix.format(call=call), self.sequence_lengths, self.longest_sequence)
+
+    def flow_sigmas(self, steps: int) -> Any:
+        """The σ grid before the shift: ``linspace(1, 1/N, N)``, or None where the scheduler makes its own."""
+        import numpy as np
+
+        return None if self.scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+
+    def shift_mu(self, call: PipelineCall) -> float | None:
+        """The grid's shift μ from the image's token count (diffusers' ``calculate_shift``, the scheduler's config)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        (h, w), config = self.token_grid(call), self.scheduler.config
+        return calculate_shift(h * w, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                               config.get("base_shift", 0.5), config.get("max_shift", self.max_shift))
+
+    def time_grid(self, call: PipelineCall) -> Schedule:
+        """The scheduler's grid of :meth:`flow_sigmas`, shifted by :meth:`shift_mu` (each passed unless None)."""
+        steps = call.options.num_inference_steps
+        given = {"sigmas": self.flow_sigmas(steps), "mu": self.shift_mu(call)}
+        return schedule_from_scheduler(self.scheduler, steps, **{k: v for k, v in given.items() if v is not None})
+
+    def distilled_guidance(self, call: PipelineCall, rows: int) -> torch.Tensor:
+        """A guidance-distilled transformer's ``guidance`` input: ``guidance_scale`` on each of ``rows`` rows
+        (float32, as diffusers makes it), recorded for the family's ``guidance_scale`` property."""
+        self._distilled_guidance = call.guidance_scale
+        return torch.full((rows,), float(call.guidance_scale), device=self._execution_device, dtype=torch.float32)
+
+
 class PackedLatents:
     """The hooks of a family whose latents are diffusers' packed 2×2 patches (FLUX.1 and its kin): a state of
     shape (B, (h/2)·(w/2), 4C), noise drawn unpacked and packed as ``FluxPipeline.prepare_latents`` draws it,
-    ``FluxPipeline``'s σ grid shifted by μ from the image's sequence length, and decoding after unpacking.
-    Put it before :class:`SuperDiffBasePipeline` among the bases."""
+    and decoding after unpacking (the σ grid is :class:`FlowFamily`'s). Put it before :class:`FlowFamily` among
+    the bases."""
 
-    @property
-    def size_multiple(self) -> int:
-        """The VAE factor × 2 (the 2×2 packing); ``FluxPipeline`` rounds other sizes down, here they are refused."""
-        return self.vae_scale_factor * 2
+    #: The 2×2 packing: images are multiples of twice the VAE factor (``FluxPipeline`` rounds other sizes down, here
+    #: they are refused).
+    patch = 2
 
     def latents_shape(self, call: PipelineCall) -> tuple[int, ...]:
         """The packed latents' shape (B, (h/2)·(w/2), 4C), h and w the latent size."""
         b, channels, h, w = super().latents_shape(call)
         return (b, (h // 2) * (w // 2), channels)
-
-    def image_seq_len(self, call: PipelineCall) -> int:
-        """The packed sequence length of one image, (h/2)·(w/2)."""
-        f = self.vae_scale_factor
-        return (call.height // f // 2) * (call.width // f // 2)
-
-    def time_grid(self, call: PipelineCall) -> Schedule:
-        """FluxPipeline's σ grid, shifted by μ from the image's sequence length."""
-        import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        steps, config = call.options.num_inference_steps, self.scheduler.config
-        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(self.image_seq_len(call), config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        return schedule_from_scheduler(self.scheduler, steps, sigmas=sigmas, mu=mu)
 
     def starting_noise(self, call: PipelineCall, shape: tuple[int, ...]) -> SamplingOptions:
         """The noise drawn as FluxPipeline draws it (unpacked, then packed); with K particles, K per image

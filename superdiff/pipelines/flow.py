@@ -23,36 +23,14 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ._common import _fail, unguided_flow_problem
-from .base import PipelineCall, SuperDiffBasePipeline, clip_states, tokenize
-from .denoisers import Schedule, schedule_from_scheduler
+from .base import FlowFamily, PipelineCall, clip_states, tokenize
 
 __all__ = ["SuperDiffFlowPipeline"]
 
 
-def _calculate_shift(image_seq_len: int, config: Any) -> float:
-    """SD3's resolution-dependent shift μ (used when ``use_dynamic_shifting``)."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
-    m = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * m + base_shift - m * base_len
-
-
-def check_flow_inputs(call: PipelineCall, guidance_fix: str, lengths: str, longest: int = 512) -> None:
-    """What flow sampling adds to the checks: unguided weights that sum to 1 (``guidance_fix``: how to
-    guide instead; the sampler refuses them too, but only after the prompts are encoded), and the text
-    encoder's ``max_sequence_length``, 1 to ``longest`` (``lengths``: the family's usual ones)."""
-    if call.options.guidance is None and (problem := unguided_flow_problem(call.options.combiner, guidance_fix)):
-        raise ValueError(problem)
-    n = call.max_sequence_length
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= longest:
-        _fail("max_sequence_length", n, f"use an integer in 1..{longest} ({lengths})")
-
-
-class SuperDiffFlowPipeline(SuperDiffBasePipeline):
+class SuperDiffFlowPipeline(FlowFamily):
     """Superposition of M prompts on an SD3-style flow transformer. Components are named as in
     diffusers' ``StableDiffusion3Pipeline`` (so ``from_pipe`` shares them); ``text_encoder_3`` (T5)
     is optional (zeros, as in diffusers) and ``vae=None`` runs in pixel space. SD3 and SD3.5 models
@@ -60,8 +38,10 @@ class SuperDiffFlowPipeline(SuperDiffBasePipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = ["vae", "text_encoder_3", "tokenizer_3"]
-    network_name = "transformer"
     uses_shift_factor = True
+    guidance_fix = "guide it: guidance_scale above 1 (e.g. 7.0; it is {call.guidance_scale!r})"
+    sequence_lengths = "SD3 uses 256"
+    max_shift = 1.16
     call_defaults = {"guidance_scale": 7.0, "num_inference_steps": 28, "max_sequence_length": 256}
     call_doc = """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with SD3's
         defaults (28 steps, guidance 7) and ``max_sequence_length`` for T5 (or its zeros). ``guidance_scale=None``
@@ -81,24 +61,16 @@ class SuperDiffFlowPipeline(SuperDiffBasePipeline):
         text_encoder_3: T5EncoderModel | None = None,
         tokenizer_3: T5TokenizerFast | None = None,
     ) -> None:
-        super().__init__()
-        self.register_modules(
+        super().__init__(
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this (VAE factor × patch size)."""
         return self.vae_scale_factor * self.transformer.config.patch_size
-
-    def check_inputs(self, call: PipelineCall) -> None:
-        super().check_inputs(call)
-        fix = f"guide it: guidance_scale above 1 (e.g. 7.0; it is {call.guidance_scale!r})"
-        check_flow_inputs(call, fix, "SD3 uses 256")
 
     @torch.no_grad()
     def encode_prompts(
@@ -127,11 +99,10 @@ class SuperDiffFlowPipeline(SuperDiffBasePipeline):
         embeddings, pooled = self.encode_prompts(call.prompts, call.negative_text, call.max_sequence_length)
         return {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
 
-    def time_grid(self, call: PipelineCall) -> Schedule:
-        """The scheduler's grid, shifted by the image's sequence length where the scheduler says so."""
-        kwargs = {}
-        if self.scheduler.config.get("use_dynamic_shifting", False):
-            f, patch = self.vae_scale_factor, self.transformer.config.patch_size
-            seq_len = (call.height // f // patch) * (call.width // f // patch)
-            kwargs["mu"] = _calculate_shift(seq_len, self.scheduler.config)
-        return schedule_from_scheduler(self.scheduler, call.options.num_inference_steps, **kwargs)
+    def flow_sigmas(self, steps: int) -> None:
+        """None: the scheduler's own grid, as ``StableDiffusion3Pipeline`` passes no σ."""
+        return None
+
+    def shift_mu(self, call: PipelineCall) -> float | None:
+        """SD3's μ from the image's sequence length, where the scheduler shifts dynamically (else None)."""
+        return super().shift_mu(call) if self.scheduler.config.get("use_dynamic_shifting", False) else None

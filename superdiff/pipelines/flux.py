@@ -12,34 +12,31 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..limits import distilled_guidance_problem
-from ._common import check_true_cfg, is_number
-from .base import PackedLatents, PipelineCall, SuperDiffBasePipeline, tokenize
+from ._common import check_true_cfg
+from .base import FlowFamily, PackedLatents, PipelineCall, tokenize
 from .denoisers import Schedule, WithSharedInputs
-from .flow import check_flow_inputs
 
 __all__ = ["SuperDiffFluxPipeline"]
 
 
-_is_number = is_number  # its name here before it moved to _common
-
-
-class SuperDiffFluxPipeline(PackedLatents, SuperDiffBasePipeline):
+class SuperDiffFluxPipeline(PackedLatents, FlowFamily):
     """Superposition of M prompts on FLUX.1. Components are named as in diffusers' ``FluxPipeline``
     (so ``from_pipe(flux_pipe)`` shares them); ``vae=None`` runs in pixel space. Which densities are
     tracked, with and without true classifier-free guidance: docs/guides/pipelines.md."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     _optional_components = ["vae"]
-    network_name = "transformer"
     uses_shift_factor = True
     default_sample_size = 128  # FluxPipeline's: 1024 pixels with the VAE's factor 8
     cfg_argument = "true_cfg_scale"
+    guidance_fix = ("guide it: true_cfg_scale above 1 (e.g. 4.0; it is {call.true_cfg_scale!r}) with a "
+                    "negative_prompt ('' for the empty prompt)")
+    sequence_lengths = "FLUX.1-dev uses 512, schnell 256"
     call_defaults = {"guidance_scale": 3.5, "num_inference_steps": 28, "true_cfg_scale": 1.0,
                      "max_sequence_length": 512}
     call_doc = """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
@@ -62,12 +59,8 @@ class SuperDiffFluxPipeline(PackedLatents, SuperDiffBasePipeline):
         tokenizer_2: T5TokenizerFast,
         transformer: FluxTransformer2DModel,
     ) -> None:
-        super().__init__()
-        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        # Latents are packed in 2×2 patches, so images are multiples of twice the VAE factor (diffusers' rule).
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
 
     @property
     def guidance_scale(self) -> float | None:
@@ -86,14 +79,12 @@ class SuperDiffFluxPipeline(PackedLatents, SuperDiffBasePipeline):
 
     def check_inputs(self, call: PipelineCall) -> None:
         """The distilled guidance and true CFG (the sampler's guidance) first, then the shared checks."""
-        true_cfg, guidance = call.true_cfg_scale, call.guidance_scale
-        check_true_cfg(true_cfg, guidance, call.negative_prompt, call.options, self.guidance_distilled)
-        if self.guidance_distilled and (problem := distilled_guidance_problem(guidance, self.transformer.dtype)):
+        check_true_cfg(call.true_cfg_scale, call.guidance_scale, call.negative_prompt, call.options,
+                       self.guidance_distilled)
+        if self.guidance_distilled and (problem := distilled_guidance_problem(call.guidance_scale,
+                                                                              self.transformer.dtype)):
             raise ValueError(problem)
         super().check_inputs(call)
-        fix = (f"guide it: true_cfg_scale above 1 (e.g. 4.0; it is {true_cfg!r}) with a negative_prompt ('' for the "
-               "empty prompt)")
-        check_flow_inputs(call, fix, "FLUX.1-dev uses 512, schnell 256")
 
     @torch.no_grad()
     def encode_prompts(self, texts: Sequence[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:
@@ -109,22 +100,17 @@ class SuperDiffFluxPipeline(PackedLatents, SuperDiffBasePipeline):
 
     def encode(self, call: PipelineCall) -> dict[str, Any]:
         """The M prompts and the negative one; the distilled guidance, one value per row."""
-        texts = list(call.prompts) + [call.negative_text or ""]
-        embeddings, pooled = self.encode_prompts(texts, call.max_sequence_length)
+        embeddings, pooled = self.encode_prompts(call.texts, call.max_sequence_length)
         conditions = {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
+        self._distilled_guidance = None
         if self.guidance_distilled:
-            device = self._execution_device
-            conditions["guidance"] = torch.full((len(texts),), float(call.guidance_scale), device=device,
-                                                dtype=torch.float32)
-        self._distilled_guidance = call.guidance_scale if self.guidance_distilled else None
+            conditions["guidance"] = self.distilled_guidance(call, len(call.texts))
         return conditions
 
     def network_inputs(self, call: PipelineCall, schedule: Schedule) -> tuple[Any, Any]:
         """The transformer with the text and image position ids every row shares; σ as its timestep."""
-        device, dtype, f = self._execution_device, self.transformer.dtype, self.vae_scale_factor
-        h, w = call.height // f, call.width // f
-        img_ids = FluxPipeline._prepare_latent_image_ids(call.options.num_images_per_prompt, h // 2, w // 2, device,
-                                                         dtype)
+        device, dtype, (h, w) = self._execution_device, self.transformer.dtype, self.token_grid(call)
+        img_ids = FluxPipeline._prepare_latent_image_ids(call.options.num_images_per_prompt, h, w, device, dtype)
         txt_ids = torch.zeros(call.max_sequence_length, 3, device=device, dtype=dtype)
         # The transformer's timestep input is σ itself (FluxPipeline passes timestep / 1000; it scales by 1000 inside)
         return WithSharedInputs(self.transformer, {"txt_ids": txt_ids, "img_ids": img_ids}), lambda sigma: sigma

@@ -24,18 +24,16 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.modular_pipelines.qwenimage.encoders import get_qwen_prompt_embeds
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
 from torch import Tensor
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from ..limits import check_guidance
-from ._common import _fail
-from .base import PipelineCall, SuperDiffBasePipeline
+from ._common import _fail, is_number
+from .base import FlowFamily, PipelineCall, SuperDiffBasePipeline
 from .denoisers import WithSharedInputs
-from .flow import check_flow_inputs
-from .flux import SuperDiffFluxPipeline, _is_number
+from .flux import SuperDiffFluxPipeline
 
 __all__ = ["SuperDiffQwenImagePipeline"]
 
@@ -48,6 +46,9 @@ class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components: list[str] = []
     uses_shift_factor = False
+    guidance_fix = "guide it: pass a negative_prompt (e.g. ' ') with true_cfg_scale above 1 (e.g. 4.0)"
+    sequence_lengths = "QwenImagePipeline takes up to 1024"
+    longest_sequence = 1024
     call_defaults = {"guidance_scale": None, "num_inference_steps": 50, "true_cfg_scale": 4.0,
                      "max_sequence_length": 512}
     call_doc = """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
@@ -67,24 +68,21 @@ class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
         tokenizer: Qwen2Tokenizer,
         transformer: QwenImageTransformer2DModel,
     ) -> None:
-        SuperDiffBasePipeline.__init__(self)
-        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer)
-        self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        SuperDiffBasePipeline.__init__(self, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                       tokenizer=tokenizer, transformer=transformer)
 
-    @property
-    def true_cfg_scale(self) -> float | None:
-        """The true classifier-free guidance weight the current (or last) call applies (None: unguided)."""
-        return getattr(self, "_guidance_scale", None)
+    @staticmethod
+    def vae_factor(vae: AutoencoderKLQwenImage) -> int:
+        """Image pixels per latent pixel: 2 per temporal-downsampling stage of the 3-D VAE (diffusers' rule)."""
+        return 2 ** len(vae.temperal_downsample)
 
     def check_inputs(self, call: PipelineCall) -> None:
         """Guidance as ``QwenImagePipeline`` applies it (true CFG needs a negative prompt), then the shared checks."""
         true_cfg, negative, ignored = call.true_cfg_scale, call.negative_prompt, call.guidance_scale
-        if not _is_number(true_cfg) or true_cfg < 0:
+        if not is_number(true_cfg) or true_cfg < 0:
             _fail("true_cfg_scale", true_cfg, "use a finite number >= 0 (4.0, QwenImagePipeline's default, guides "
                   "with a negative_prompt; 1 or less samples without true classifier-free guidance)")
-        if ignored is not None and (not _is_number(ignored) or ignored < 0):
+        if ignored is not None and (not is_number(ignored) or ignored < 0):
             _fail("guidance_scale", ignored, "use None or a finite number >= 0; it is ignored, as in diffusers: "
                   "Qwen-Image's transformer takes no distilled guidance (guide with true_cfg_scale and a "
                   "negative_prompt)")
@@ -95,22 +93,19 @@ class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
         if negative is None:  # diffusers' rule: true CFG runs only with a negative prompt
             call.options = dataclasses.replace(call.options, guidance_scale=None)
         check_guidance(call.options.guidance, call.options.combiner, "true_cfg_scale")
-        SuperDiffBasePipeline.check_inputs(self, call)
-        fix = "guide it: pass a negative_prompt (e.g. ' ') with true_cfg_scale above 1 (e.g. 4.0)"
-        check_flow_inputs(call, fix, "QwenImagePipeline takes up to 1024", longest=1024)
+        FlowFamily.check_inputs(self, call)  # not FLUX.1's distilled-guidance checks
 
     def encode(self, call: PipelineCall) -> dict[str, Any]:
         """The M prompts and the negative one in one text-encoder call, padded to the longest with a mask."""
-        texts = list(call.prompts) + [call.negative_text or ""]
-        embeds, mask = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, texts, device=self._execution_device)
+        embeds, mask = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, call.texts,
+                                              device=self._execution_device)
         n = call.max_sequence_length  # as QwenImagePipeline.encode_prompt truncates them, and drops a mask of ones
         conditions = {"encoder_hidden_states": embeds[:, :n].to(self.transformer.dtype)}
         return conditions if bool(mask[:, :n].all()) else conditions | {"encoder_hidden_states_mask": mask[:, :n]}
 
     def network_inputs(self, call: PipelineCall, schedule: Any) -> tuple[Any, Any]:
         """The transformer with the image shape its rotary embedding reads; σ as its timestep."""
-        f = self.vae_scale_factor
-        img_shapes = [[(1, call.height // f // 2, call.width // f // 2)]]
+        img_shapes = [[(1, *self.token_grid(call))]]
         return WithSharedInputs(self.transformer, {"img_shapes": img_shapes}), lambda sigma: sigma
 
     def decode(self, call: PipelineCall, samples: Tensor) -> Any:

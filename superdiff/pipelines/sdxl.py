@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-from diffusers.image_processor import VaeImageProcessor
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .base import PipelineCall, clip_states
+from .base import PipelineCall, SuperDiffBasePipeline, clip_states
 from .stable_diffusion import SuperDiffPipeline
 
 __all__ = ["SuperDiffXLPipeline"]
@@ -44,14 +43,11 @@ class SuperDiffXLPipeline(SuperDiffPipeline):
         scheduler: KarrasDiffusionSchedulers,
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
-        DiffusionPipeline.__init__(self)
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        SuperDiffBasePipeline.__init__(  # not SuperDiffPipeline's components
+            self, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @torch.no_grad()
     def encode_prompts(

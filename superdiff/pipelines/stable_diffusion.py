@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -51,10 +50,7 @@ class SuperDiffPipeline(SuperDiffBasePipeline):
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
     ) -> None:
-        super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
     @classmethod
     def _load_pretrained(cls, path: str, dtype: Any, kwargs: dict[str, Any]) -> "SuperDiffPipeline":

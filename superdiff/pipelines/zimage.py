@@ -20,23 +20,18 @@ diffusers applies neither). All rows of a step go through ONE transformer call.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.modular_pipelines.z_image.encoders import get_qwen_prompt_embeds
-from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch import Tensor
 from transformers import PreTrainedModel, Qwen2Tokenizer
 
 from ..limits import check_guidance
-from ._common import _fail
-from .base import PipelineCall, SuperDiffBasePipeline
-from .denoisers import Schedule, schedule_from_scheduler
-from .flow import check_flow_inputs
+from ._common import _fail, is_number
+from .base import FlowFamily, PipelineCall
 
 __all__ = ["SuperDiffZImagePipeline"]
 
@@ -56,14 +51,15 @@ class ZImageNetwork:
         return (-torch.stack(out).squeeze(2),)  # the transformer predicts x₀ − ε = −u
 
 
-class SuperDiffZImagePipeline(SuperDiffBasePipeline):
+class SuperDiffZImagePipeline(FlowFamily):
     """Superposition of M prompts on Z-Image (and Z-Image-Turbo). Components are named as in diffusers'
     ``ZImagePipeline`` (so ``from_pipe(z_pipe)`` shares them). Which densities are tracked, with and without
     guidance: see the module docstring."""
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
-    network_name = "transformer"
     uses_shift_factor = True
+    patch = 2  # the transformer's 2×2 patches, which ZImagePipeline also requires of the image size
+    guidance_fix = "guide it: guidance_scale above 0 (e.g. 5.0; it is {call.guidance_scale!r})"
+    sequence_lengths = "ZImagePipeline uses 512"
     call_defaults = {"guidance_scale": 5.0, "num_inference_steps": 50, "max_sequence_length": 512}
     call_doc = """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
         ``ZImagePipeline``'s arguments and defaults (50 steps, 1024² pixels, text length 512). ``guidance_scale``
@@ -80,12 +76,8 @@ class SuperDiffZImagePipeline(SuperDiffBasePipeline):
         tokenizer: Qwen2Tokenizer,
         transformer: ZImageTransformer2DModel,
     ) -> None:
-        super().__init__()
-        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        # The transformer's 2×2 patches: images are multiples of twice the VAE factor (diffusers' rule)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         transformer=transformer)
 
     @property
     def guidance_scale(self) -> float | None:
@@ -98,14 +90,14 @@ class SuperDiffZImagePipeline(SuperDiffBasePipeline):
         return 1024 // self.vae_scale_factor
 
     @property
-    def size_multiple(self) -> int:
-        """The VAE factor × 2 (the transformer's 2×2 patches), which ``ZImagePipeline`` also requires."""
-        return self.vae_scale_factor * 2
+    def longest_sequence(self) -> int:
+        """The longest text the Qwen3 encoder takes (its ``max_position_embeddings``)."""
+        return self.text_encoder.config.max_position_embeddings
 
     def check_inputs(self, call: PipelineCall) -> None:
         """Z-Image's guidance g as the sampler's weight 1 + g (none for g = 0), then the shared checks."""
         g, negative = call.guidance_scale, call.negative_prompt
-        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
+        if not is_number(g) or g < 0:
             _fail("guidance_scale", g, "use a finite number >= 0 (ZImagePipeline's default 5.0; 0.0 samples "
                   "without guidance, as Z-Image-Turbo does)")
         if negative is not None and g == 0:
@@ -115,27 +107,19 @@ class SuperDiffZImagePipeline(SuperDiffBasePipeline):
         call.options = dataclasses.replace(call.options, guidance_scale=1.0 + g if g > 0 else None)
         check_guidance(call.options.guidance, call.options.combiner, "guidance_scale")
         super().check_inputs(call)
-        fix = f"guide it: guidance_scale above 0 (e.g. 5.0; it is {g!r})"
-        longest = self.text_encoder.config.max_position_embeddings
-        check_flow_inputs(call, fix, "ZImagePipeline uses 512", longest=longest)
 
     def encode(self, call: PipelineCall) -> dict[str, Any]:
         """The M prompts and the negative one (``""`` by default) in one text-encoder call: a list of
         caption features, each of its own length (the transformer pads and masks them)."""
-        texts = list(call.prompts) + [call.negative_text or ""]
-        captions = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, texts, self._execution_device,
+        captions = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, call.texts, self._execution_device,
                                           call.max_sequence_length)
         return {"cap_feats": [c.to(self.transformer.dtype) for c in captions]}
 
-    def time_grid(self, call: PipelineCall) -> Schedule:
-        """``ZImagePipeline``'s σ grid, with μ from the image's sequence length (used where the scheduler shifts
-        dynamically; Z-Image-Turbo's shifts statically)."""
-        steps, config, f = call.options.num_inference_steps, self.scheduler.config, self.vae_scale_factor
-        mu = calculate_shift((call.height // f // 2) * (call.width // f // 2), config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        return schedule_from_scheduler(self.scheduler, steps, sigmas=get_default_z_image_sigmas(steps), mu=mu)
+    def flow_sigmas(self, steps: int) -> list[float]:
+        """``ZImagePipeline``'s σ grid before the shift (μ from the image's sequence length, used where the
+        scheduler shifts dynamically; Z-Image-Turbo's shifts statically)."""
+        return get_default_z_image_sigmas(steps)
 
-    def network_inputs(self, call: PipelineCall, schedule: Schedule) -> tuple[Any, Any]:
+    def network_inputs(self, call: PipelineCall, schedule: Any) -> tuple[Any, Any]:
         """The transformer on lists, its output the velocity; 1 − σ as its timestep."""
         return ZImageNetwork(self.transformer), lambda sigma: 1.0 - sigma
