@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,6 +44,52 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (each script's default otherwise)")
     add_markdown_option(p)
     return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser, sizes: Sequence[str], size_help: str, latent_help: str) -> None:
+    """The network's size and the run's shape, as every speed benchmark against diffusers spells them:
+    ``--size`` (one of ``sizes``), ``--batch``, ``--latent`` and ``--threads`` (CPU intra-op threads)."""
+    p.add_argument("--size", choices=tuple(sizes), default=None, help=size_help)
+    p.add_argument("--batch", type=int, default=None, help="images per call (default 1)")
+    p.add_argument("--latent", type=int, default=None, help=latent_help)
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1, see vs_diffusers.py)")
+
+
+def transformer_bench_parser(description: str, sizes: Sequence[str],
+                             text_tokens: tuple[int, int] | None = None) -> argparse.ArgumentParser:
+    """:func:`parser` with the arguments of the transformer speed benchmarks (``flux_speed.py``,
+    ``flux2_speed.py``, ``qwen_zimage_speed.py``): :func:`add_model_arguments`, and ``--text-tokens``
+    where the text length is a setting (``text_tokens``: its defaults on CUDA and on the CPU)."""
+    p = parser(description)
+    add_model_arguments(p, sizes, "transformer config (SIZES above): default small on CUDA, tiny on CPU",
+                        "latent side before the 2×2 packing (default 64 on CUDA: 1024 image tokens; 32 on CPU: 256; "
+                        "16 quick: 64)")
+    if text_tokens is not None:
+        p.add_argument("--text-tokens", type=int, default=None,
+                       help=f"max_sequence_length (default {text_tokens[0]} on CUDA, {text_tokens[1]} on CPU)")
+    return p
+
+
+def transformer_bench_args(description: str, sizes: Sequence[str], steps: int,
+                           text_tokens: tuple[int, int] | None = None) -> argparse.Namespace:
+    """The parsed command line of a transformer speed benchmark (:func:`transformer_bench_parser`) with
+    every default filled in for the device: ``size`` small on CUDA (tiny on the CPU or with ``--quick``),
+    ``steps`` (4 with ``--quick``), ``batch`` 1, ``latent`` 64 on CUDA (32 on the CPU, 16 with ``--quick``),
+    ``text_tokens``, ``repeats`` 5 (3 with ``--quick``) and ``dtype`` (bfloat16 on CUDA); on the CPU it sets
+    the intra-op threads (default 1)."""
+    args = transformer_bench_parser(description, sizes, text_tokens).parse_args()
+    cuda = args.device.startswith("cuda")
+    args.size = args.size or ("small" if cuda and not args.quick else "tiny")
+    args.steps = args.steps or (4 if args.quick else steps)
+    args.batch = args.batch or 1
+    args.latent = args.latent or (64 if cuda else 16 if args.quick else 32)
+    if text_tokens is not None:
+        args.text_tokens = args.text_tokens or text_tokens[0 if cuda else 1]
+    if not cuda:
+        torch.set_num_threads(args.threads or 1)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.dtype = torch.bfloat16 if cuda else torch.float32
+    return args
 
 
 #: The benchmark pages of the documentation site: ``--markdown`` writes into ``<script>.md`` here.

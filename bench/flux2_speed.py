@@ -22,7 +22,7 @@ import statistics
 
 import torch
 
-from common import emit, interleaved_times, machine, median_ratio, parser
+from common import emit, interleaved_times, machine, median_ratio, transformer_bench_args
 
 M = 2  # prompts composed with AND
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
@@ -71,34 +71,16 @@ def runners(pipe, ours, steps: int, batch: int, latent: int, text_tokens: int, d
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--size", choices=tuple(SIZES), default=None,
-                   help="transformer config (SIZES above): default small on CUDA, tiny on CPU")
-    p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--latent", type=int, default=None,
-                   help="VAE latent side (default 64 on CUDA: 1024 image tokens; 32 on CPU: 256; 16 quick)")
-    p.add_argument("--text-tokens", type=int, default=None,
-                   help="max_sequence_length (default 512 on CUDA, diffusers'; 64 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
-    args = p.parse_args()
-    cuda = args.device.startswith("cuda")
-    size = args.size or ("small" if cuda and not args.quick else "tiny")
-    steps = args.steps or (4 if args.quick else 28)
-    latent = args.latent or (64 if cuda else 16 if args.quick else 32)
-    text_tokens = args.text_tokens or (512 if cuda else 64)
-    if not cuda:
-        torch.set_num_threads(args.threads or 1)
-    repeats = args.repeats or (3 if args.quick else 5)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    result = {"benchmark": "flux2_speed", "machine": machine(), "device": args.device, "dtype": str(dtype),
-              "quick": args.quick, "size": size, "latent": latent, "image_tokens": (latent // 2) ** 2,
-              "text_tokens": text_tokens, "steps": steps, "batch": args.batch, "repeats": repeats, "prompts": M,
-              "guidance_scale": GUIDANCE}
+    args = transformer_bench_args(__doc__, SIZES, steps=28, text_tokens=(512, 64))  # 512: diffusers' text length
+    result = {"benchmark": "flux2_speed", "machine": machine(), "device": args.device, "dtype": str(args.dtype),
+              "quick": args.quick, "size": args.size, "latent": args.latent, "image_tokens": (args.latent // 2) ** 2,
+              "text_tokens": args.text_tokens, "steps": args.steps, "batch": args.batch, "repeats": args.repeats,
+              "prompts": M, "guidance_scale": GUIDANCE}
     for family, bound in (("dev", M), ("klein", (M + 1) / 2)):
-        pipe, ours = build(family, size, args.device, dtype)
-        fns = runners(pipe, ours, steps, args.batch, latent, text_tokens, args.device)
+        pipe, ours = build(family, args.size, args.device, args.dtype)
+        fns = runners(pipe, ours, args.steps, args.batch, args.latent, args.text_tokens, args.device)
         with torch.inference_mode():
-            rounds = interleaved_times(fns, repeats, args.device, warmup=1)
+            rounds = interleaved_times(fns, args.repeats, args.device, warmup=1)
         ratios = [ours / theirs for ours, theirs in zip(rounds["superdiff"], rounds["diffusers"])]
         result |= {
             f"params_{family}": sum(q.numel() for q in pipe.transformer.parameters()),

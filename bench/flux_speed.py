@@ -25,7 +25,7 @@ import statistics
 
 import torch
 
-from common import clock_mark, emit, interleaved_times, machine, median_ratio, parser
+from common import clock_mark, emit, interleaved_times, machine, median_ratio, transformer_bench_args
 
 M = 2  # prompts composed with AND
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
@@ -160,33 +160,14 @@ def clocked(fns: dict, clock: TransformerClock, spent: dict[str, list[float]]) -
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--size", choices=tuple(SIZES), default=None,
-                   help="transformer config (SIZES above): default small on CUDA, tiny on CPU")
-    p.add_argument("--batch", type=int, default=None, help="images per call (default 1)")
-    p.add_argument("--latent", type=int, default=None,
-                   help="unpacked latent side (default 64 on CUDA: 1024 image tokens; 32 on CPU: 256; 16 quick)")
-    p.add_argument("--text-tokens", type=int, default=None,
-                   help="T5 sequence length, max_sequence_length (default 256 on CUDA, 32 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
-    args = p.parse_args()
-    cuda = args.device.startswith("cuda")
-    args.size = args.size or ("small" if cuda and not args.quick else "tiny")
-    args.steps = args.steps or (4 if args.quick else 28)  # 28: FluxPipeline's default
-    args.batch = args.batch or 1
-    args.latent = args.latent or (64 if cuda else 16 if args.quick else 32)
-    args.text_tokens = args.text_tokens or (256 if cuda else 32)
-    if not cuda:
-        torch.set_num_threads(args.threads or 1)
-    repeats = args.repeats or (3 if args.quick else 5)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    args = transformer_bench_args(__doc__, SIZES, steps=28, text_tokens=(256, 32))  # 28: FluxPipeline's default
 
-    pipe = build_pipe(args.size, args.device, dtype)
+    pipe = build_pipe(args.size, args.device, args.dtype)
     params = sum(q.numel() for q in pipe.transformer.parameters())
     fns = runners(pipe, args.steps, args.batch, args.latent, args.text_tokens, args.device)
     clock, spent = TransformerClock(pipe.transformer, args.device), {name: [] for name in fns}
     with torch.inference_mode():
-        rounds = interleaved_times(clocked(fns, clock, spent), repeats, args.device, warmup=1)
+        rounds = interleaved_times(clocked(fns, clock, spent), args.repeats, args.device, warmup=1)
     clock.remove()
     per_image = {name: statistics.median(times) / args.batch for name, times in rounds.items()}
     in_net = {name: statistics.median(times[1:]) / args.batch for name, times in spent.items()}  # [0]: warm-up
@@ -194,7 +175,7 @@ def main() -> None:
         "benchmark": "flux_speed",
         "machine": machine(),
         "device": args.device,
-        "dtype": str(dtype),
+        "dtype": str(args.dtype),
         "quick": args.quick,
         "size": args.size,
         "params": params,
@@ -203,7 +184,7 @@ def main() -> None:
         "text_tokens": args.text_tokens,
         "steps": args.steps,
         "batch": args.batch,
-        "repeats": repeats,
+        "repeats": args.repeats,
         "prompts": M,
         "guidance_scale": GUIDANCE,
         "true_cfg_scale": TRUE_CFG,

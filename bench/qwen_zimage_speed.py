@@ -24,7 +24,7 @@ import statistics
 
 import torch
 
-from common import emit, interleaved_times, machine, median_ratio, parser
+from common import emit, interleaved_times, machine, median_ratio, transformer_bench_args
 from flux_speed import TransformerClock, clocked
 
 M = 2  # prompts composed with AND
@@ -125,34 +125,18 @@ def runners(family: str, pipe, steps: int, batch: int, latent: int, device: str)
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--size", choices=tuple(SIZES), default=None,
-                   help="transformer config (SIZES above): default small on CUDA, tiny on CPU")
-    p.add_argument("--batch", type=int, default=None, help="images per call (default 1)")
-    p.add_argument("--latent", type=int, default=None,
-                   help="latent side (default 64 on CUDA: 1024 image tokens; 32 on CPU: 256; 16 quick: 64)")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
-    args = p.parse_args()
-    cuda = args.device.startswith("cuda")
-    args.size = args.size or ("small" if cuda and not args.quick else "tiny")
-    args.steps = args.steps or (4 if args.quick else 20)
-    args.batch = args.batch or 1
-    args.latent = args.latent or (64 if cuda else 16 if args.quick else 32)
-    if not cuda:
-        torch.set_num_threads(args.threads or 1)
-    repeats = args.repeats or (3 if args.quick else 5)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    result = {"benchmark": "qwen_zimage_speed", "machine": machine(), "device": args.device, "dtype": str(dtype),
+    args = transformer_bench_args(__doc__, SIZES, steps=20)
+    result = {"benchmark": "qwen_zimage_speed", "machine": machine(), "device": args.device, "dtype": str(args.dtype),
               "quick": args.quick, "size": args.size, "latent": [16, args.latent, args.latent],
-              "image_tokens": (args.latent // 2) ** 2, "steps": args.steps, "batch": args.batch, "repeats": repeats,
-              "prompts": M}
+              "image_tokens": (args.latent // 2) ** 2, "steps": args.steps, "batch": args.batch,
+              "repeats": args.repeats, "prompts": M}
     for family, modes in MODES.items():
-        pipe = build(family, args.size, args.device, dtype)
+        pipe = build(family, args.size, args.device, args.dtype)
         result[f"params_{family}"] = sum(q.numel() for q in pipe.transformer.parameters())
         fns = runners(family, pipe, args.steps, args.batch, args.latent, args.device)
         clock, spent = TransformerClock(pipe.transformer, args.device), {name: [] for name in fns}
         with torch.inference_mode():
-            rounds = interleaved_times(clocked(fns, clock, spent), repeats, args.device, warmup=1)
+            rounds = interleaved_times(clocked(fns, clock, spent), args.repeats, args.device, warmup=1)
         clock.remove()
         for mode, _, bound, goal in modes:
             ours, theirs, key = f"superdiff_{mode}", f"diffusers_{mode}", f"{family}_{mode}"
@@ -170,7 +154,7 @@ def main() -> None:
     if not args.json:
         print(f"{args.size} transformers ({result['params_qwenimage'] / 1e6:.1f}M Qwen-Image, "
               f"{result['params_zimage'] / 1e6:.1f}M Z-Image parameters), {result['image_tokens']} image tokens, "
-              f"{args.steps} steps, batch {args.batch}, medians of {repeats} rounds, {args.device}\n")
+              f"{args.steps} steps, batch {args.batch}, medians of {args.repeats} rounds, {args.device}\n")
         print("| family | mode | diffusers s/image | superdiff s/image | ratio (median) | mean | range | transformer "
               "ratio | evaluation bound | goal |\n|---|---|---|---|---|---|---|---|---|---|")
         for family, modes in MODES.items():

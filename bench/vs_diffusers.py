@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from common import emit, interleaved_times, machine, median_ratio, parser, unet_config
+from common import add_model_arguments, emit, interleaved_times, machine, median_ratio, parser, unet_config
 
 M = 2  # prompts composed with AND
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
@@ -211,12 +211,8 @@ def cpu_memory_subprocess(method: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--size", choices=("tiny", "small", "sd"), default=None,
-                   help="UNet config (bench/common.py): default sd (~860M) on CUDA, tiny on CPU")
-    p.add_argument("--batch", type=int, default=None, help="images per call (default 1)")
-    p.add_argument("--latent", type=int, default=None, help="latent side (default 64 on CUDA, 32 on CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads (default 1, see above)")
+    add_model_arguments(p, ("tiny", "small", "sd"), "UNet config (bench/common.py): default sd (~860M) on CUDA, "
+                        "tiny on CPU", "latent side (default 64 on CUDA, 32 on CPU)")
     p.add_argument("--worker", choices=("cfg", "and2"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
