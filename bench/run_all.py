@@ -1,17 +1,25 @@
 """Run the performance benchmarks one after another and print the README's table.
 
-    python bench/run_all.py --quick              # CPU: tiny SD-shaped UNet, about 3 minutes on 2 cores
+    python bench/run_all.py --quick              # CPU: tiny SD-shaped UNet, under 2 minutes on 2 quiet cores
     python bench/run_all.py --out results.json   # full sizes (a random SD-shaped UNet on CUDA)
 
-Each benchmark runs in its own process (so peak-memory figures and thread settings do not leak
-between them) with ``--json``; its last output line is its result. Every ratio is measured inside
-one benchmark run, as a median over repeats.
+Each benchmark runs with ``--json``; its last output line is its result. At full size each runs in its
+own process (so peak-memory figures and thread settings do not leak between them); with ``--quick`` they
+run one after another in this process, which imports torch and diffusers once instead of once per script
+(the imports were about a quarter of a quick run), its thread count restored after each (CPU memory is
+measured in fresh worker processes either way). Every ratio is measured inside one benchmark run, as a
+median over repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import io
 import json
+import os
+import runpy
 import subprocess
 import sys
 import time
@@ -123,11 +131,34 @@ ROWS = [
 
 
 def run(script: str, extra: list[str]) -> dict:
+    """``script``'s result (the last line it prints with ``--json``), run in a process of its own."""
     cmd = [sys.executable, str(HERE / script), "--json", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     if proc.returncode != 0:
         raise SystemExit(f"{script} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_here(script: str, extra: list[str]) -> dict:
+    """``script``'s result, run as ``__main__`` in this process with its command line, its output captured
+    and, afterwards, this process's thread count restored and its garbage collected."""
+    import torch
+
+    argv, threads, cwd, printed = sys.argv, torch.get_num_threads(), os.getcwd(), io.StringIO()
+    sys.argv = [str(HERE / script), "--json", *extra]
+    try:
+        os.chdir(HERE)
+        with contextlib.redirect_stdout(printed):
+            runpy.run_path(str(HERE / script), run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise SystemExit(f"{script} failed ({exc.code})") from exc
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        gc.collect()
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -142,7 +173,7 @@ def main() -> None:
     extra = (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
     results, start = {}, time.perf_counter()
     for script in dict.fromkeys(row[0] for row in ROWS):
-        results[script] = run(script, extra)
+        results[script] = (run_here if args.quick else run)(script, extra)
         print(f"{script}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     machine = next(iter(results.values()))["machine"]
     print(f"Measured on {machine}; command: python bench/run_all.py{' --quick' if args.quick else ''}\n")

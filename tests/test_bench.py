@@ -7,6 +7,7 @@ One repeat of 3 steps at the tiny size: this guards the scripts against breaking
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,30 @@ def test_without_the_markdown_option_no_page_is_written(tmp_path, monkeypatch):
     with common.markdown_output("demo"):
         print("| a |\n|---|\n| 1 |")
     assert "| a |\n|---|\n| 1 |" in (tmp_path / "demo.md").read_text()
+
+
+def test_a_quick_run_all_runs_each_script_here_and_leaves_this_process_as_it_found_it(tmp_path, monkeypatch):
+    """``run_all.py --quick`` runs the scripts in its own process: each sees its own command line and
+    working folder, its last printed line is its result, and the thread count it sets, the command line
+    and the folder are restored after it; a script that fails stops the run, naming it."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_run_all", BENCH / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    (tmp_path / "ok.py").write_text(
+        "import json, os, sys, torch\nprint('a table')\ntorch.set_num_threads(1)\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(), 'threads': torch.get_num_threads()}))\n")
+    (tmp_path / "fails.py").write_text("import sys\nsys.exit(3)\n")
+    threads, argv, cwd = torch.get_num_threads(), list(sys.argv), os.getcwd()
+    torch.set_num_threads(2)
+    try:
+        result = run_all.run_here("ok.py", ["--quick"])
+        assert result == {"argv": ["--json", "--quick"], "cwd": str(tmp_path), "threads": 1}
+        assert torch.get_num_threads() == 2 and sys.argv == argv and os.getcwd() == cwd
+        with pytest.raises(SystemExit, match=r"^fails.py failed \(3\)$"):
+            run_all.run_here("fails.py", [])
+        assert torch.get_num_threads() == 2 and sys.argv == argv and os.getcwd() == cwd
+    finally:
+        torch.set_num_threads(threads)

@@ -118,3 +118,23 @@ def test_flow_finite_from_sigma_one_determinism_round_trip_and_from_pipe(tmp_pat
         with pytest.raises(ValueError, match=f"^{start}"):
             ours(**(dict(prompts=PROMPTS, progress=False) | bad))
     assert calls == []
+
+
+def test_a_dynamically_shifting_scheduler_gets_stable_diffusion_3s_time_grid(tmp_path):
+    """SD3.5's schedulers shift σ by μ from the image's token count (``use_dynamic_shifting``): the grid
+    sampled is the one diffusers' own ``StableDiffusion3Pipeline`` sets on the same scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ours, sd3 = sd3_pipes(tmp_path)
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.16,
+                                              base_image_seq_len=4, max_image_seq_len=64)
+    ours.scheduler = sd3.scheduler = dynamic
+    kw = dict(num_inference_steps=3, output_type="latent", max_sequence_length=8)
+    grids = {}
+    for height, width in ((16, 16), (16, 32)):  # 16 and 32 tokens: two shifts
+        sd3(prompt=PROMPTS[0], height=height, width=width, guidance_scale=1.0, **kw)
+        theirs = dynamic.timesteps.double().clone()
+        out = ours(PROMPTS, height=height, width=width, progress=False, **kw)
+        torch.testing.assert_close(out.timesteps.double(), theirs, rtol=1e-6, atol=0)
+        grids[width] = theirs
+    assert not torch.allclose(grids[16], grids[32])  # the shift follows the image's size
