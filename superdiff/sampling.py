@@ -355,11 +355,13 @@ def _quadratic_system_weights(
     ``κ(t) = κ₀ + t κ₁``, so ``t = φ(κ(t))`` is the scalar quadratic ``p₂ t² + (p₁ − 1) t + p₀ = 0``, whose
     root that tends to φ(κ₀) as the variances meet is taken (``t = 2 p₀ / ((1 − p₁) + √((1 − p₁)² −
     4 p₂ p₀))``). One call of the combiner, on the rows stacked three times, solves ``inputs``' own
-    (common-variance) system and the ones at t = 0 and t = 1; a second call at ``t = φ(κ(t))`` gives the
-    κ, Feynman–Kac term and node weights, and checks them: a sample is solved where that call
-    reproduced κ(t) to 1e-8 of its size (a combiner whose solve is not affine in b, such as an AND of
-    mixtures inside an expression, may not) and where the quadratic has a real root (it need not when
-    κ is large on ill-conditioned steps). Returns ((solved, common-variance) weights, solved mask).
+    (common-variance) system and the ones at t = 0 and t = 1. A combiner that declares its solve affine in
+    b (``affine_in_offset``: :attr:`~superdiff.expressions.CompiledExpression.affine_in_offset`) has answered
+    already: κ(t) and its node weights are read off those solves, and a sample is solved where the quadratic
+    has a finite real root (it need not when κ is large on ill-conditioned steps). Any other combiner (an AND
+    of mixtures inside an expression, three or more models, a user's own) is called again at
+    ``t = φ(κ(t))`` for the κ, Feynman–Kac term and node weights, and a sample is solved where that call
+    also reproduced κ(t) to 1e-8 of its size. Returns ((solved, common-variance) weights, solved mask).
     Nothing here waits for the device.
     """
     batch = system.row_weights.shape[0]
@@ -373,6 +375,9 @@ def _quadratic_system_weights(
     k1 = kappas[2 * batch:] - k0
     t, discriminant = _quadratic_root(system, k0, k1)
     kappa_t = k0 + t[:, None] * k1
+    if getattr(combiner, "affine_in_offset", False):  # its answer at t is κ(t): only the root can fail
+        nodes_t = tuple(n[batch:2 * batch] + t[:, None] * (n[2 * batch:] - n[batch:2 * batch]) for n in nodes)
+        return ((kappa_t, None, nodes_t), common), (discriminant >= 0) & torch.isfinite(t)
     phi_t = torch.nan_to_num(system.phi(kappa_t))
     result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
                                       increment_offset=b + phi_t[:, None] * system.row_weights))
@@ -388,8 +393,9 @@ def _quadratic_root(system: QuadraticIncrementSystem, k0: Tensor, k1: Tensor) ->
     p0 = system.phi(k0)
     p1 = 2 * (k0 * qk[..., 1]).sum(-1) + (system.phi_vector * k1).sum(-1)
     p2 = (k1 * qk[..., 1]).sum(-1)
-    discriminant = (1 - p1) ** 2 - 4 * p2 * p0
-    return 2 * p0 / ((1 - p1) + discriminant.clamp_min(0).sqrt()), discriminant
+    slope = 1 - p1
+    discriminant = slope**2 - 4 * p2 * p0
+    return 2 * p0 / (slope + discriminant.clamp_min(0).sqrt()), discriminant
 
 
 def _stacked_inputs(inputs: CombineInputs, matrices: Tensor, offsets: Tensor) -> CombineInputs:
