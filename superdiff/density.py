@@ -178,9 +178,10 @@ def _gaussian_log_pdf(residual: Tensor, var: float | Tensor, norm2: Tensor | Non
     """``log N(r; 0, var I)`` of residuals (..., d), in float64; ``var`` a number or one per residual;
     ``norm2`` ‖r‖², where the caller has it."""
     d = residual.shape[-1]
-    log_var = torch.log(var) if isinstance(var, Tensor) else math.log(var)
     norm2 = _bdot(residual, residual) if norm2 is None else norm2
-    return -0.5 * norm2 / var - 0.5 * d * (math.log(2 * math.pi) + log_var)
+    if isinstance(var, Tensor):  # the same sum as below, with its quotient in one fused operation
+        return torch.addcdiv(-0.5 * d * (math.log(2 * math.pi) + torch.log(var)), norm2, var, value=-0.5)
+    return -0.5 * norm2 / var - 0.5 * d * (math.log(2 * math.pi) + math.log(var))
 
 
 def model_residuals(denoised: Tensor, denoised_mix: Tensor, noise: Tensor, coef: TransitionCoefficients) -> Tensor:
@@ -207,7 +208,8 @@ def jacobian_rayleigh_quotient(residual: Tensor, denoised_before: Tensor, denois
     delta = (f64(denoised_after.reshape(denoised_after.shape[0], batch, -1))
              - f64(denoised_before.reshape(denoised_before.shape[0], batch, -1)))
     norm2 = _bdot(residual, residual) if residual_norm2 is None else residual_norm2
-    quotient = _bdot(residual, delta) / torch.where(norm2 > 0, norm2, 1.0)
+    # u = 0 (norm2 = 0) has ⟨u, δ⟩ = 0: any positive divisor gives λ̂ = 0.
+    quotient = _bdot(residual, delta) / norm2.clamp_min(torch.finfo(norm2.dtype).tiny)
     return quotient.clamp_min(0.0)
 
 
