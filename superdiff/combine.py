@@ -78,6 +78,9 @@ class Combiner(Protocol):
     needs_system: bool
     #: True if the weights always sum to 1 (a mixture of models, not a product).
     affine: bool
+    # Optional: ``affine_in_offset = True`` declares κ affine in ``increment_offset``, so that under one
+    # estimator variance per model the sampler reads κ off two solves rather than solving again to check it
+    # (:attr:`superdiff.expressions.CompiledExpression.affine_in_offset`); without it the sampler checks.
 
     def __call__(self, inputs: CombineInputs) -> Tensor: ...
 
