@@ -487,6 +487,7 @@ def test_and_exact_gap_on_an_asymmetric_pair_has_a_floor_that_feedback_removes()
 def _quadratic_and_system(m: int, batch: int = 64, seed: int = 0):
     """A step's quadratic AND system (one estimator variance per model and sample) on random predictions,
     and the combiner inputs of its common-variance system."""
+    from superdiff.combine import CombineInputs
     from superdiff.density import ito_quadratic_increment_system, step_moments, transition_coefficients
 
     g = torch.Generator().manual_seed(seed)
@@ -496,8 +497,6 @@ def _quadratic_and_system(m: int, batch: int = 64, seed: int = 0):
     var = coef.density_var * (0.5 + torch.rand(m, batch, generator=g, dtype=torch.float64))
     system = ito_quadratic_increment_system(step_moments(denoised, denoised.mean(0), noise), 1.0, coef, var)
     log_q = torch.randn(batch, m, generator=g, dtype=torch.float64)
-    from superdiff.combine import CombineInputs
-
     return system, CombineInputs(log_q, system.common_matrix, system.common_offset, 0.1)
 
 
@@ -523,8 +522,9 @@ def _expression(text: str):
 ])
 def test_an_expression_declared_affine_in_the_offset_is_affine_on_random_systems(text, declared, curved):
     """``affine_in_offset`` lets the sampler read AND's κ at ``b + t r`` off the solves at b and b + r: κ, the node
-    weights and the Feynman–Kac term of an expression that declares it are affine in b on random systems, and
-    the expressions that are not (an And over a mixture, a correction above an And) do not declare it."""
+    weights and the Feynman–Kac term of an expression that declares it are affine in b on random systems; those
+    that are not (an And over a mixture, a correction above an And) do not declare it, nor does an And over three
+    models, whose solve is affine only piecewise (an exact or a damped solution per sample)."""
     from dataclasses import replace
 
     from superdiff.combine import CombineInputs
