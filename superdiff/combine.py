@@ -78,6 +78,9 @@ class Combiner(Protocol):
     needs_system: bool
     #: True if the weights always sum to 1 (a mixture of models, not a product).
     affine: bool
+    # Optional: ``affine_in_offset = True`` declares κ affine in ``increment_offset``, so that under one
+    # estimator variance per model the sampler reads κ off two solves rather than solving again to check it
+    # (:attr:`superdiff.expressions.CompiledExpression.affine_in_offset`); without it the sampler checks.
 
     def __call__(self, inputs: CombineInputs) -> Tensor: ...
 
@@ -236,19 +239,18 @@ def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     """
     m = a.shape[-1]
     basis = _sum_zero_basis(m, a.dtype, a.device)  # (M, M−1)
-    centre = _constant(("centre", m), a.dtype, a.device)  # 1/M in every entry
+    centre = _centre(m, a.dtype, a.device)
     reduced = basis.mT @ a @ basis  # (B, M−1, M−1)
     target = ((rhs - a @ centre) @ basis)[..., None]  # (B, M−1, 1)
     exact, _ = torch.linalg.solve_ex(reduced, target)  # info unchecked: a failed LU gives non-finite values
     damped = _min_norm_solve(reduced, target, rtol)
-
-    def residual(y: Tensor) -> Tensor:
-        return (reduced @ y - target).abs().amax(dim=(-2, -1))
-
-    bound = torch.finfo(torch.float64).eps * (reduced.abs().amax(dim=(-2, -1)) * damped.abs().amax(dim=(-2, -1)) + 1.0)
-    exact_ok = torch.isfinite(exact).all(dim=(-2, -1))
-    damped_residual = residual(damped)
-    use_damped = (damped_residual <= 1e3 * bound) | ~exact_ok | (damped_residual <= residual(exact))
+    both = torch.cat([damped, exact], -1)  # (B, M−1, 2)
+    # One pass for each solution's largest residual and the damped one's largest entry (B, 4).
+    peaks = torch.cat([reduced @ both - target, both], -1).abs().amax(-2)
+    damped_residual, exact_residual, damped_size, _ = peaks.unbind(-1)
+    bound = torch.finfo(torch.float64).eps * (reduced.abs().amax(dim=(-2, -1)) * damped_size + 1.0)
+    # A non-finite exact solve has a NaN or ∞ residual: counted as ∞, the damped one is taken.
+    use_damped = (damped_residual <= 1e3 * bound) | (damped_residual <= exact_residual.nan_to_num(nan=math.inf))
     y = torch.where(use_damped[:, None, None], damped, exact)
     kappa = centre + (basis @ y)[..., 0]
     return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, 1.0 / m)
@@ -265,13 +267,10 @@ def _sum_zero_basis(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return helmert.to(dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=32)
-def _constant(key: tuple[str, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small constant of the solve, made once per (kind, size, dtype, device): ``("centre", M)`` the vector
-    1/M, ``("eye", n)`` the identity."""
-    kind, n = key
-    value = torch.full((n,), 1.0 / n, dtype=torch.float64) if kind == "centre" else torch.eye(n, dtype=torch.float64)
-    return value.to(dtype=dtype, device=device)
+@functools.lru_cache(maxsize=16)
+def _centre(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The vector 1/M (M,), made once per (M, dtype, device)."""
+    return torch.full((m,), 1.0 / m, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
 def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
@@ -289,8 +288,8 @@ def _min_norm_solve(system: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     kt = system.mT
     normal = kt @ system
     damping = rtol * normal.diagonal(dim1=-2, dim2=-1).sum(-1)  # rtol · ‖K‖²_F
-    eye = _constant(("eye", normal.shape[-1]), normal.dtype, normal.device)
-    factor, info = torch.linalg.cholesky_ex(normal + damping[..., None, None] * eye)
+    normal.diagonal(dim1=-2, dim2=-1).add_(damping[..., None])  # KᵀK + εI, in place: one operation
+    factor, info = torch.linalg.cholesky_ex(normal)
     z = torch.cholesky_solve(kt @ rhs, factor)
     for _ in range(2):  # refinements: each shrinks what the damping took by ε/(σ² + ε)
         z = z + torch.cholesky_solve(kt @ (rhs - system @ z), factor)

@@ -178,9 +178,10 @@ def _gaussian_log_pdf(residual: Tensor, var: float | Tensor, norm2: Tensor | Non
     """``log N(r; 0, var I)`` of residuals (..., d), in float64; ``var`` a number or one per residual;
     ``norm2`` ‖r‖², where the caller has it."""
     d = residual.shape[-1]
-    log_var = torch.log(var) if isinstance(var, Tensor) else math.log(var)
     norm2 = _bdot(residual, residual) if norm2 is None else norm2
-    return -0.5 * norm2 / var - 0.5 * d * (math.log(2 * math.pi) + log_var)
+    if isinstance(var, Tensor):  # the same sum as below, with its quotient in one fused operation
+        return torch.addcdiv(-0.5 * d * (math.log(2 * math.pi) + torch.log(var)), norm2, var, value=-0.5)
+    return -0.5 * norm2 / var - 0.5 * d * (math.log(2 * math.pi) + math.log(var))
 
 
 def model_residuals(denoised: Tensor, denoised_mix: Tensor, noise: Tensor, coef: TransitionCoefficients) -> Tensor:
@@ -207,7 +208,8 @@ def jacobian_rayleigh_quotient(residual: Tensor, denoised_before: Tensor, denois
     delta = (f64(denoised_after.reshape(denoised_after.shape[0], batch, -1))
              - f64(denoised_before.reshape(denoised_before.shape[0], batch, -1)))
     norm2 = _bdot(residual, residual) if residual_norm2 is None else residual_norm2
-    quotient = _bdot(residual, delta) / torch.where(norm2 > 0, norm2, 1.0)
+    # u = 0 (norm2 = 0) has ⟨u, δ⟩ = 0: any positive divisor gives λ̂ = 0.
+    quotient = _bdot(residual, delta) / norm2.clamp_min(torch.finfo(norm2.dtype).tiny)
     return quotient.clamp_min(0.0)
 
 
@@ -328,7 +330,15 @@ def _common_variance_system(
     if density_var is None:
         inverse = 1.0 / coef.density_var
         return (c0 * c0 * scale * inverse) * mo.gram, (c0 * inverse) * (mo.offset_noise - (0.5 * c0) * diagonal)
-    inverse = f64(density_var).reciprocal()[:, None]  # (B, 1); reciprocal() is 1.0 / V in one operation
+    return _per_sample_variance_system(mo, scale, coef, f64(density_var).reciprocal()[:, None])
+
+
+def _per_sample_variance_system(mo: StepMoments, scale: float, coef: TransitionCoefficients,
+                                inverse: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_common_variance_system` with one variance per sample, given as its inverse 1/V (B, 1)
+    (reciprocal() is 1.0 / V in one operation)."""
+    c0 = coef.c_0
+    diagonal = torch.diagonal(mo.gram, dim1=1, dim2=2)
     a_mat = (c0 * c0 * scale) * inverse[..., None] * mo.gram
     return a_mat, inverse * (c0 * mo.offset_noise - (0.5 * c0 * c0) * diagonal)
 
@@ -382,9 +392,10 @@ def ito_quadratic_increment_system(
     var = f64(density_var).transpose(0, 1)  # (B, M)
     inverse = var.reciprocal()  # 1/Vᵢ, formed once (as 1.0 / V would be, in one operation rather than two)
     mean_var = inverse.mean(-1).reciprocal()  # (B,) the harmonic mean V̄
-    common_matrix, common_offset = _common_variance_system(moments, scale, coef, mean_var)
+    mean_inverse = mean_var.reciprocal()[:, None]  # 1/V̄ (B, 1), rounded as 1/V̄, not as the mean of the 1/Vᵢ
+    common_matrix, common_offset = _per_sample_variance_system(moments, scale, coef, mean_inverse)
     gram, h, c0 = moments.gram, moments.offset_noise, coef.c_0
-    delta = inverse - mean_var.reciprocal()[:, None]  # (B, M)
+    delta = inverse - mean_inverse  # (B, M)
     a_mat = common_matrix + (c0**2 * scale * delta)[..., None] * gram
     constant = c0**2 * torch.diagonal(gram, dim1=1, dim2=2) - 2 * c0 * h + moments.noise_norm2[:, None]
     b_vec = common_offset - 0.5 * delta * constant - 0.5 * moments.dim * torch.log(var / mean_var[:, None])

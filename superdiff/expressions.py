@@ -674,6 +674,18 @@ class CompiledExpression:
         return any(isinstance(n, And) and len(n.children) > 1 and not all(isinstance(c, Leaf) for c in n.children)
                    for n in self.nodes)
 
+    @property
+    def affine_in_offset(self) -> bool:
+        """Whether :meth:`step`'s κ and node weights are affine in the system's offset b, with no Feynman–Kac
+        term: every And has two children, both leaves (the closed form of :func:`superdiff.combine.and_weights`,
+        affine in b up to rounding), and the other nodes weigh their children by what does not depend on b
+        (log q, constants). The sampler then reads the κ of ``(A, b + t r)`` off the solves at b and b + r
+        instead of solving again at t (:func:`superdiff.sampling._quadratic_system_weights`). The solve of
+        three or more children is not: it picks, per sample, an exact or a damped solution by their residuals."""
+        return not self.needs_scores and all(
+            len(n.children) == 2 and all(isinstance(c, Leaf) for c in n.children)
+            for n in self.nodes if isinstance(n, And) and len(n.children) > 1)
+
     def _potential(self, node: Node, log_q: Tensor) -> Tensor:
         """The node's potential φ (B,) at the leaves' log-densities ``log_q`` (B, M) (module table)."""
         if isinstance(node, Leaf):
@@ -851,6 +863,11 @@ class _CallableCombiner:
     @property
     def affine(self) -> bool:
         return bool(getattr(self.combiner, "affine", True))
+
+    @property
+    def affine_in_offset(self) -> bool:
+        """A user's combiner declares it (``affine_in_offset = True``); otherwise its κ is checked by solving again."""
+        return bool(getattr(self.combiner, "affine_in_offset", False))
 
     def __call__(self, inputs: CombineInputs) -> Tensor:
         return self.combiner(inputs)

@@ -165,10 +165,10 @@ def mix_denoised(
     ``denoised`` (M, B, *shape), ``kappa`` (B, M). Without guidance, weights that need not sum to
     one (``affine=False``, a product of experts) add ``(1 − Σκ) x/α``, the x̂₀ of a zero score.
     """
-    view = (kappa.shape[0], kappa.shape[1]) + (1,) * (denoised.dim() - 2)
-    k = kappa.to(denoised.dtype)
-    weighted = (k.transpose(0, 1).reshape(view[1], view[0], *view[2:]) * denoised).sum(0)
-    total = k.sum(-1).reshape(view[0], *view[2:])
+    k = kappa if kappa.dtype == denoised.dtype else kappa.to(denoised.dtype)
+    trailing = (None,) * (denoised.dim() - 2)  # κ as (M, B, 1, …): a view, never a copy
+    weighted = (k.mT[(..., *trailing)] * denoised).sum(0)
+    total = k.sum(-1)[(..., *trailing)]
     if guidance_scale is not None:
         assert unconditional is not None
         return unconditional + guidance_scale * (weighted - total * unconditional)
@@ -355,11 +355,13 @@ def _quadratic_system_weights(
     ``κ(t) = κ₀ + t κ₁``, so ``t = φ(κ(t))`` is the scalar quadratic ``p₂ t² + (p₁ − 1) t + p₀ = 0``, whose
     root that tends to φ(κ₀) as the variances meet is taken (``t = 2 p₀ / ((1 − p₁) + √((1 − p₁)² −
     4 p₂ p₀))``). One call of the combiner, on the rows stacked three times, solves ``inputs``' own
-    (common-variance) system and the ones at t = 0 and t = 1; a second call at ``t = φ(κ(t))`` gives the
-    κ, Feynman–Kac term and node weights, and checks them: a sample is solved where that call
-    reproduced κ(t) to 1e-8 of its size (a combiner whose solve is not affine in b, such as an AND of
-    mixtures inside an expression, may not) and where the quadratic has a real root (it need not when
-    κ is large on ill-conditioned steps). Returns ((solved, common-variance) weights, solved mask).
+    (common-variance) system and the ones at t = 0 and t = 1. A combiner that declares its solve affine in
+    b (``affine_in_offset``: :attr:`~superdiff.expressions.CompiledExpression.affine_in_offset`) has answered
+    already: κ(t) and its node weights are read off those solves, and a sample is solved where the quadratic
+    has a finite real root (it need not when κ is large on ill-conditioned steps). Any other combiner (an AND
+    of mixtures inside an expression, three or more models, a user's own) is called again at
+    ``t = φ(κ(t))`` for the κ, Feynman–Kac term and node weights, and a sample is solved where that call
+    also reproduced κ(t) to 1e-8 of its size. Returns ((solved, common-variance) weights, solved mask).
     Nothing here waits for the device.
     """
     batch = system.row_weights.shape[0]
@@ -373,6 +375,9 @@ def _quadratic_system_weights(
     k1 = kappas[2 * batch:] - k0
     t, discriminant = _quadratic_root(system, k0, k1)
     kappa_t = k0 + t[:, None] * k1
+    if getattr(combiner, "affine_in_offset", False):  # its answer at t is κ(t): only the root can fail
+        nodes_t = tuple(n[batch:2 * batch] + t[:, None] * (n[2 * batch:] - n[batch:2 * batch]) for n in nodes)
+        return ((kappa_t, None, nodes_t), common), (discriminant >= 0) & torch.isfinite(t)
     phi_t = torch.nan_to_num(system.phi(kappa_t))
     result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
                                       increment_offset=b + phi_t[:, None] * system.row_weights))
@@ -385,11 +390,12 @@ def _quadratic_root(system: QuadraticIncrementSystem, k0: Tensor, k1: Tensor) ->
     """The root t of ``t = φ(κ₀ + t κ₁)`` that tends to φ(κ₀) as the variances meet, and the discriminant
     of ``p₂ t² + (p₁ − 1) t + p₀ = 0`` (B,) (no real root where it is negative)."""
     qk = system.phi_matrix @ torch.stack([k0, k1], -1)  # (B, M, 2): Q κ₀, Q κ₁
-    p0 = system.phi(k0)
+    p0 = (k0 * qk[..., 0]).sum(-1) + (system.phi_vector * k0).sum(-1)  # φ(κ₀)
     p1 = 2 * (k0 * qk[..., 1]).sum(-1) + (system.phi_vector * k1).sum(-1)
     p2 = (k1 * qk[..., 1]).sum(-1)
-    discriminant = (1 - p1) ** 2 - 4 * p2 * p0
-    return 2 * p0 / ((1 - p1) + discriminant.clamp_min(0).sqrt()), discriminant
+    slope = 1 - p1
+    discriminant = slope**2 - 4 * p2 * p0
+    return 2 * p0 / (slope + discriminant.clamp_min(0).sqrt()), discriminant
 
 
 def _stacked_inputs(inputs: CombineInputs, matrices: Tensor, offsets: Tensor) -> CombineInputs:
@@ -398,7 +404,7 @@ def _stacked_inputs(inputs: CombineInputs, matrices: Tensor, offsets: Tensor) ->
     copies = offsets.shape[0] // inputs.log_q.shape[0]
 
     def tile(v: Tensor | None) -> Tensor | None:
-        return None if v is None else v.repeat(copies, *([1] * (v.dim() - 1)))
+        return None if v is None else torch.cat([v] * copies)  # as v.repeat(copies, 1, …), several times cheaper
 
     return replace(inputs, log_q=tile(inputs.log_q), increment_matrix=matrices, increment_offset=offsets,
                    score_gram=tile(inputs.score_gram))

@@ -11,6 +11,13 @@ from pipeline_traces import CASES, flat, load_fixture, pipeline, run_case, summa
 
 RECORDED = load_fixture()
 
+#: Cases held to a looser tolerance than 1e-12, with the largest difference measured against the recorded
+#: traces and why. Since the sampler reads AND's κ(t) = κ₀ + t κ₁ off the solves at b and b + r instead of
+#: solving once more at t (superdiff.expressions.CompiledExpression.affine_in_offset), κ differs from the
+#: recorded one by float64 rounding amplified by κ's conditioning: sd-latents' κ by up to 1.0e-12 (relative
+#: 1.6e-11), its images' projection by 4.6e-12 (relative 2.8e-12). Every other case stays within 1e-12.
+TOLERANCE = {"sd-latents": 1e-10}
+
 
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
@@ -34,4 +41,5 @@ def test_traces_equal_the_recorded_pipelines(name, pipes):
     got, expected = flat(summary(run_case(pipes(family), args))), RECORDED[name]
     # traces, timesteps, the projected samples and log-weights, and the samples' shape, in one vector
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=name)
+    tolerance = TOLERANCE.get(name, 1e-12)
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance, msg=name)

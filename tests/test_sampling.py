@@ -482,3 +482,114 @@ def test_and_exact_gap_on_an_asymmetric_pair_has_a_floor_that_feedback_removes()
     many, out = exact_gap(And(feedback=0.5), 1000)
     assert many < 0.6 * few and many < 0.6 * solved, (few, many, solved)
     assert float((out.log_densities[:, 0] - out.log_densities[:, 1]).abs().median()) < 0.1  # tracked: close
+
+
+def _quadratic_and_system(m: int, batch: int = 64, seed: int = 0):
+    """A step's quadratic AND system (one estimator variance per model and sample) on random predictions,
+    and the combiner inputs of its common-variance system."""
+    from superdiff.combine import CombineInputs
+    from superdiff.density import ito_quadratic_increment_system, step_moments, transition_coefficients
+
+    g = torch.Generator().manual_seed(seed)
+    denoised = torch.randn(m, batch, 6, generator=g, dtype=torch.float64)
+    coef = transition_coefficients(0.7, 0.7, 0.8, 0.6)
+    noise = coef.var**0.5 * torch.randn(batch, 6, generator=g, dtype=torch.float64)
+    var = coef.density_var * (0.5 + torch.rand(m, batch, generator=g, dtype=torch.float64))
+    system = ito_quadratic_increment_system(step_moments(denoised, denoised.mean(0), noise), 1.0, coef, var)
+    log_q = torch.randn(batch, m, generator=g, dtype=torch.float64)
+    return system, CombineInputs(log_q, system.common_matrix, system.common_offset, 0.1)
+
+
+def _expression(text: str):
+    from superdiff.expressions import And, Leaf, Or, Product, compile_expression
+
+    leaf0, leaf1, leaf2 = Leaf(0), Leaf(1), Leaf(2)
+    return {
+        "and": lambda: And().bind(2),
+        "and_lw": lambda: And(log_weights=(0.5, 0.0)).bind(2),
+        "or_of_and": lambda: compile_expression(Or((And((leaf0, leaf1)), leaf2))),
+        "and3": lambda: And().bind(3),
+        "and_of_or": lambda: compile_expression(And((Or((leaf0, leaf1)), leaf2))),
+        "product_of_and": lambda: compile_expression(Product((And((leaf0, leaf1)), leaf2), (2.0, 1.0))),
+    }[text]()
+
+
+@pytest.mark.parametrize("text, declared, curved", [
+    ("and", True, False), ("and_lw", True, False), ("or_of_and", True, False),
+    ("and3", False, False),  # affine on regular systems, but its solve picks exact or damped solutions per sample
+    ("and_of_or", False, True),  # Newton on the mixture child's nonlinear potential
+    ("product_of_and", False, True),  # the Feynman–Kac term of And^2 · 2 is quadratic in the And's κ
+])
+def test_an_expression_declared_affine_in_the_offset_is_affine_on_random_systems(text, declared, curved):
+    """``affine_in_offset`` lets the sampler read AND's κ at ``b + t r`` off the solves at b and b + r: κ, the node
+    weights and the Feynman–Kac term of an expression that declares it are affine in b on random systems; those
+    that are not (an And over a mixture, a correction above an And) do not declare it, nor does an And over three
+    models, whose solve is affine only piecewise (an exact or a damped solution per sample)."""
+    from dataclasses import replace
+
+    from superdiff.combine import CombineInputs
+
+    expression = _expression(text)
+    assert expression.affine_in_offset is declared
+    m = len(expression.leaves)
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(32, m, 5, generator=g, dtype=torch.float64)
+    gram = e @ e.mT
+    inputs = CombineInputs(torch.randn(32, m, generator=g, dtype=torch.float64), 2.0 * gram,
+                           torch.randn(32, m, generator=g, dtype=torch.float64), 0.1, gram, 0.05)
+    r = torch.randn(32, m, generator=g, dtype=torch.float64)
+    t = 3.0 * torch.randn(32, 1, generator=g, dtype=torch.float64)
+
+    def outputs(offset):
+        step = expression.step(replace(inputs, increment_offset=offset))
+        fk = () if step.log_weight_increment is None else (step.log_weight_increment[:, None],)
+        return torch.cat([step.kappa, *step.node_weights, *fk], -1)
+
+    at_0, at_1, at_t = outputs(inputs.increment_offset), outputs(inputs.increment_offset + r), \
+        outputs(inputs.increment_offset + t * r)
+    gap = float(((at_t - at_0 - t * (at_1 - at_0)).abs() / (1.0 + at_t.abs())).max())
+    assert gap < 1e-9 or not expression.affine_in_offset, gap
+    assert (gap > 1e-3) if curved else (gap < 1e-9), gap
+
+
+class _CurvedAnd:
+    """AND of ``b + b³/10``: a user's combiner whose κ is not affine in the offset b (and says nothing about it)."""
+
+    needs_system = True
+    affine = True
+
+    def __call__(self, inputs):
+        from superdiff.combine import and_weights
+
+        b = inputs.increment_offset
+        return and_weights(inputs.increment_matrix, b + b**3 / 10)
+
+
+def test_the_quadratic_and_solve_trusts_two_solves_only_where_the_combiner_is_affine_in_b():
+    """AND with one variance per model solves ``t = φ(κ(t))`` for the κ(t) of the linear system ``(A, b + t r)``. For
+    And() (affine in b) κ(t) is read off two solves and meets the quadratic equal-increment condition on every
+    sample with a root; a combiner that does not declare itself affine is solved once more at t, and a sample
+    is reported solved only where that solve reproduced κ(t): a fixed point of its own map."""
+    from dataclasses import replace
+
+    from superdiff.expressions import bind_combiner
+    from superdiff.sampling import _quadratic_system_weights
+
+    system, inputs = _quadratic_and_system(2)
+    (solved, _), ok = _quadratic_system_weights(bind_combiner(And(), 2), inputs, system)
+    kappa = solved[0]
+    increments = (system.increment_matrix @ kappa[..., None])[..., 0] + system.increment_offset \
+        + system.row_weights * system.phi(kappa)[:, None]
+    scale = system.increment_offset.abs().amax(-1) + (system.increment_matrix.abs().amax((-2, -1))
+                                                      * (1 + kappa.abs().amax(-1)))
+    spread = (increments[:, 0] - increments[:, 1]).abs() / scale
+    assert int(ok.sum()) >= 0.9 * ok.numel() and float(spread[ok].max()) < 1e-12, (int(ok.sum()), spread)
+
+    curved = _CurvedAnd()
+    (solved, _), ok = _quadratic_system_weights(bind_combiner(curved, 2), inputs, system)
+    kappa = solved[0]
+    again = curved(replace(inputs, increment_matrix=system.increment_matrix,
+                           increment_offset=system.increment_offset + system.phi(kappa)[:, None] * system.row_weights))
+    fixed = (again - kappa).norm(dim=-1) <= 1e-8 * (1 + kappa.norm(dim=-1))
+    assert bool((fixed | ~ok).all()) and 0 < int(ok.sum()) < ok.numel() and not bool(fixed.all()), \
+        (int(ok.sum()), int(fixed.sum()))
