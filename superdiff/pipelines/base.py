@@ -13,7 +13,8 @@ on those rows, its output converted to x̂₀ by :class:`~.denoisers.DiffusersDe
 family derives from the template below with its own defaults (``call_defaults``) and arguments, so
 the diffusers-named arguments are spelled once and stay explicit in every family's signature.
 :class:`FlowFamily` adds what the flow-matching transformers share (the σ = 1 check, the text length, the
-shifted σ grid), and :class:`PackedLatents` FLUX.1's packed 2×2 latents.
+shifted σ grid), :class:`PackedLatents` FLUX.1's packed 2×2 latents and :class:`DistilledGuidance` the guidance
+input of a guidance-distilled transformer.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from .loading import PIPELINE_CLASS_NAMES, check_loading_class, diffusers_dtype,
 from .output import SuperDiffPipelineOutput
 
 __all__ = [
-    "FlowFamily", "PackedLatents", "PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop", "compose",
-    "superdiff_class_of",
+    "DistilledGuidance", "FlowFamily", "PackedLatents", "PipelineCall", "SuperDiffBasePipeline", "SuperDiffLoop",
+    "compose", "superdiff_class_of",
 ]
 
 
@@ -602,9 +603,20 @@ class FlowFamily(SuperDiffBasePipeline):
         given = {"sigmas": self.flow_sigmas(steps), "mu": self.shift_mu(call)}
         return schedule_from_scheduler(self.scheduler, steps, **{k: v for k, v in given.items() if v is not None})
 
+
+class DistilledGuidance:
+    """The hooks of a family whose transformer takes the guidance as an input (FLUX.1-dev, FLUX.2 dev): that input
+    is ``guidance_scale``, not classifier-free guidance, and is what the pipeline reports, as diffusers' does. Put it
+    before :class:`FlowFamily` among the bases."""
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The distilled guidance embedding of the current (or last) call (None: the network took none)."""
+        return getattr(self, "_distilled_guidance", None)
+
     def distilled_guidance(self, call: PipelineCall, rows: int) -> torch.Tensor:
-        """A guidance-distilled transformer's ``guidance`` input: ``guidance_scale`` on each of ``rows`` rows
-        (float32, as diffusers makes it), recorded for the family's ``guidance_scale`` property."""
+        """The transformer's ``guidance`` input: ``guidance_scale`` on each of ``rows`` rows (float32, as diffusers
+        makes it), recorded for :attr:`guidance_scale`."""
         self._distilled_guidance = call.guidance_scale
         return torch.full((rows,), float(call.guidance_scale), device=self._execution_device, dtype=torch.float32)
 

@@ -18,13 +18,13 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from ..limits import distilled_guidance_problem
 from ._common import check_true_cfg
-from .base import FlowFamily, PackedLatents, PipelineCall, tokenize
+from .base import DistilledGuidance, FlowFamily, PackedLatents, PipelineCall, tokenize
 from .denoisers import Schedule, WithSharedInputs
 
 __all__ = ["SuperDiffFluxPipeline"]
 
 
-class SuperDiffFluxPipeline(PackedLatents, FlowFamily):
+class SuperDiffFluxPipeline(PackedLatents, DistilledGuidance, FlowFamily):
     """Superposition of M prompts on FLUX.1. Components are named as in diffusers' ``FluxPipeline``
     (so ``from_pipe(flux_pipe)`` shares them); ``vae=None`` runs in pixel space. Which densities are
     tracked, with and without true classifier-free guidance: docs/guides/pipelines.md."""
@@ -61,11 +61,6 @@ class SuperDiffFluxPipeline(PackedLatents, FlowFamily):
     ) -> None:
         super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
-
-    @property
-    def guidance_scale(self) -> float | None:
-        """The distilled guidance embedding of the current (or last) call, as in ``FluxPipeline``."""
-        return getattr(self, "_distilled_guidance", None)
 
     @property
     def true_cfg_scale(self) -> float | None:

@@ -28,7 +28,7 @@ from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from torch import Tensor
 
 from ._common import _fail, is_number
-from .base import FlowFamily, PipelineCall
+from .base import DistilledGuidance, FlowFamily, PipelineCall
 from .denoisers import WithSharedInputs
 
 __all__ = ["SuperDiffFlux2Pipeline", "SuperDiffFlux2KleinPipeline"]
@@ -117,7 +117,7 @@ class _Flux2Family(FlowFamily):
         return self.image_processor.postprocess(images.detach().cpu(), output_type=call.options.output_type)
 
 
-class SuperDiffFlux2Pipeline(_Flux2Family):
+class SuperDiffFlux2Pipeline(DistilledGuidance, _Flux2Family):
     """Superposition of M prompts on FLUX.2 dev (guidance-distilled; components named as in diffusers'
     ``Flux2Pipeline``, so ``from_pipe`` shares them). Densities tracked: the module docstring."""
 
@@ -128,11 +128,6 @@ class SuperDiffFlux2Pipeline(_Flux2Family):
     guidance_fix = "compose on a model with classifier-free guidance (FLUX.2 dev has none)"
     sequence_lengths = "Flux2Pipeline uses 512"
     cfg_argument = "true_cfg_scale"  # not in call_defaults: no classifier-free guidance, no such argument
-
-    @property
-    def guidance_scale(self) -> float | None:
-        """The distilled guidance embedding of the current (or last) call, as in ``Flux2Pipeline``."""
-        return getattr(self, "_distilled_guidance", None)
 
     def check_inputs(self, call: PipelineCall) -> None:
         """The distilled guidance (a number: the network's input), no negative prompt, then the shared checks."""
