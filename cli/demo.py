@@ -8,7 +8,7 @@ import click
 
 from superdiff.options import option_spec
 
-from .errors import BadInput, handle_errors
+from .errors import BadInput, handle_errors, surface_warnings
 from .models import resolve_device
 from .options import click_type, flag
 from .output import ensure_writable_dir
@@ -87,7 +87,8 @@ def demo(out_dir: Path, steps: int, digits_samples: int, shapes_samples: int, ca
         scenes_samples=scenes_samples,
         particles=particles,
     )
-    metrics = run_demo(out_dir, cfg, progress=not quiet)
+    with surface_warnings():  # a particle collapse is said once, as generate and sweep say it
+        metrics = run_demo(out_dir, cfg, progress=not quiet)
     if not quiet:
         click.echo(format_demo_table(metrics))
         written = ("or.png, and.png, " + ("calculus.png, " if calculus_samples else "")

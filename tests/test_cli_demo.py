@@ -113,3 +113,23 @@ def test_a_demo_pair_equal_to_the_held_out_pair_is_run_once():
 
     assert demo_pairs(DemoConfig(pair=("blue", "triangle"))) == (("blue", "triangle"),)
     assert demo_pairs(DemoConfig(pair=("red", "square"))) == (("red", "square"), ("blue", "triangle"))
+
+
+def test_a_collapse_warning_is_said_as_the_cli_says_warnings(tmp_path, monkeypatch):
+    """A WeightCollapseWarning raised inside the demo reaches stderr as generate's and sweep's
+    ``Warning: …`` line (not as Python's warning with a file and line), and the demo still succeeds."""
+    import warnings
+
+    import superdiff.zoo.demo as zoo_demo
+    from superdiff.particles import WeightCollapseWarning
+
+    def run_demo(out_dir, cfg, progress=True):
+        warnings.warn("the particles' weights collapsed at 3 of 4 steps", WeightCollapseWarning, stacklevel=2)
+        return {}
+
+    monkeypatch.setattr(zoo_demo, "run_demo", run_demo)
+    monkeypatch.setattr(zoo_demo, "format_demo_table", lambda metrics: "table")
+    r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert "Warning: the particles' weights collapsed at 3 of 4 steps" in r.stderr
+    assert "WeightCollapseWarning" not in r.stderr

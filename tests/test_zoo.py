@@ -242,3 +242,21 @@ def test_training_script_runs_and_logs(tmp_path):
         "training_log.json",
     }
     assert json.loads((folder / "training_log.json").read_text())["steps_done"] == 2
+
+
+def test_scenes_training_writes_a_folder_that_names_no_local_path(tmp_path):
+    """Every stage of a (tiny) scenes run, the VAE reloaded between them: no config in the saved
+    folder records the machine's path it was loaded from, and the folder loads as a diffusers pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from superdiff.zoo.train import main
+
+    main(["scenes", "--out", str(tmp_path), "--steps", "2", "--batch-size", "4", "--vae-steps", "2",
+          "--decoder-steps", "2", "--encoded-scenes", "8"])
+    folder = tmp_path / "scenes"
+    configs = list(folder.rglob("config.json"))
+    assert {c.parent.name for c in configs} >= {"vae", "unet", "text_encoder"}
+    for config in configs:
+        assert str(tmp_path) not in config.read_text(), config
+        assert "_name_or_path" not in json.loads(config.read_text()), config
+    StableDiffusionPipeline.from_pretrained(folder)

@@ -6,8 +6,10 @@ colour and in shape. A two-object scene is captioned with both objects ("a red c
 square") only part of the time, otherwise with one of them, as real captions are incomplete: each
 single-object prompt's distribution thus includes scenes that also hold another object.
 
-Held out of training: the binding blue triangle never appears, and the pairs in ``HELD_OUT_PAIRS``
-never appear together (each of their objects appears alone and with other partners).
+Held out of training: the binding blue triangle never appears anywhere. The text-to-image model
+sees two objects together only as neighbours on ``TRAINING_CYCLE`` (``TRAIN_PAIRS``); the other
+pairs (``HELD_OUT_PAIRS``) never appear together in its training, though each of their objects
+appears alone and with its two neighbours. The autoencoder, which reads no captions, sees every pair.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ __all__ = [
     "HELD_OUT_BINDING",
     "OBJECTS",
     "PAIRS",
-    "HELD_OUT_PAIRS",
+    "TRAINING_CYCLE",
     "TRAIN_PAIRS",
+    "HELD_OUT_PAIRS",
+    "BOTH_NAMED",
     "CAPTION_WORDS",
     "MAX_LENGTH",
     "Scenes",
@@ -55,19 +59,43 @@ PAIRS: tuple[tuple[int, int], ...] = tuple(
     (i, j) for i, j in itertools.combinations(range(len(OBJECTS)), 2)
     if OBJECTS[i][0] != OBJECTS[j][0] and OBJECTS[i][1] != OBJECTS[j][1]
 )
-#: Pairs never drawn together in training; every object keeps at least three training partners.
-HELD_OUT_PAIRS: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = (
-    (("red", "circle"), ("green", "square")),
-    (("red", "square"), ("yellow", "triangle")),
-    (("green", "circle"), ("blue", "square")),
-    (("green", "triangle"), ("yellow", "circle")),
-    (("blue", "circle"), ("red", "triangle")),
-    (("yellow", "square"), ("blue", "circle")),
-    (("red", "triangle"), ("green", "circle")),
-    (("yellow", "circle"), ("red", "square")),
+#: The text-to-image model's training pairs are the neighbours on this cycle of all 11 objects
+#: (each object has exactly two training partners, and neighbours differ in colour and shape).
+TRAINING_CYCLE: tuple[tuple[str, str], ...] = (
+    ("red", "circle"), ("yellow", "triangle"), ("green", "circle"), ("red", "triangle"),
+    ("blue", "square"), ("green", "triangle"), ("red", "square"), ("yellow", "circle"),
+    ("green", "square"), ("blue", "circle"), ("yellow", "square"),
 )
-_HELD = {frozenset((OBJECTS.index(a), OBJECTS.index(b))) for a, b in HELD_OUT_PAIRS}
-TRAIN_PAIRS: tuple[tuple[int, int], ...] = tuple(p for p in PAIRS if frozenset(p) not in _HELD)
+TRAIN_PAIRS: tuple[tuple[int, int], ...] = tuple(
+    tuple(sorted((OBJECTS.index(a), OBJECTS.index(b))))
+    for a, b in zip(TRAINING_CYCLE, TRAINING_CYCLE[1:] + TRAINING_CYCLE[:1])
+)
+_TRAIN = {frozenset(p) for p in TRAIN_PAIRS}
+
+
+def _spread(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``pairs`` reordered so that every prefix uses the objects as evenly as it can (greedy: next
+    the first pair whose objects have been used least), so the first few held-out pairs a
+    benchmark takes cover most objects instead of all holding red."""
+    used = [0] * len(OBJECTS)
+    left, out = list(pairs), []
+    while left:
+        best = min(left, key=lambda p: (used[p[0]] + used[p[1]], max(used[p[0]], used[p[1]])))
+        left.remove(best)
+        out.append(best)
+        used[best[0]] += 1
+        used[best[1]] += 1
+    return out
+
+
+#: Pairs never drawn together in the text-to-image model's training (19 of the 30): each object
+#: appears alone and with its two cycle neighbours only, so no joint caption ever names them.
+#: Ordered so that any first few cover the objects evenly (the first 8 hold 11 objects).
+HELD_OUT_PAIRS: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = tuple(
+    (OBJECTS[i], OBJECTS[j]) for i, j in _spread([p for p in PAIRS if frozenset(p) not in _TRAIN])
+)
+#: The fraction of two-object training scenes captioned with both objects (the rest name one).
+BOTH_NAMED = 0.25
 CAPTION_WORDS: tuple[str, ...] = ("a", "and", *COLOURS, *SHAPES)
 MAX_LENGTH = 10  # <|startoftext|> a red circle and a blue square <|endoftext|> <pad>
 
@@ -112,17 +140,18 @@ def _reach(radii: Tensor) -> Tensor:
     return 1.25 * radii
 
 
-def sample_scenes(n: int, seed: int, two_fraction: float = 0.6, gap: float = 2.0) -> Scenes:
-    """``n`` random scenes: with probability ``two_fraction`` two objects (a pair of TRAIN_PAIRS,
-    in random order), otherwise one object of OBJECTS; radii 3.5–6 px, anywhere inside the frame,
+def sample_scenes(n: int, seed: int, two_fraction: float = 0.6, gap: float = 2.0,
+                  pairs: tuple[tuple[int, int], ...] = TRAIN_PAIRS) -> Scenes:
+    """``n`` random scenes: with probability ``two_fraction`` two objects (one of ``pairs``, in
+    random order), otherwise one object of OBJECTS; radii 3.5–6 px, anywhere inside the frame,
     two objects at least ``gap`` pixels apart (so they are separate 8-connected components)."""
     g = torch.Generator().manual_seed(seed)
     two = torch.rand(n, generator=g) < two_fraction
-    pairs = torch.tensor(TRAIN_PAIRS)[torch.randint(len(TRAIN_PAIRS), (n,), generator=g)]
+    drawn = torch.tensor(pairs)[torch.randint(len(pairs), (n,), generator=g)]
     swap = torch.rand(n, generator=g) < 0.5
-    pairs = torch.where(swap[:, None], pairs.flip(1), pairs)
+    drawn = torch.where(swap[:, None], drawn.flip(1), drawn)
     single = torch.randint(len(OBJECTS), (n,), generator=g)
-    objects = torch.where(two[:, None], pairs, torch.stack([single, torch.full_like(single, -1)], 1))
+    objects = torch.where(two[:, None], drawn, torch.stack([single, torch.full_like(single, -1)], 1))
     radii = 3.5 + 2.5 * torch.rand(n, 2, generator=g)
     reach = _reach(radii)
     centres = reach[..., None] + 0.5 + (SIZE - 1 - 2 * reach[..., None]) * torch.rand(n, 2, 2, generator=g)
@@ -143,7 +172,7 @@ def sample_scenes(n: int, seed: int, two_fraction: float = 0.6, gap: float = 2.0
     return Scenes(render_scenes(objects, centres, radii), objects)
 
 
-def scene_captions(objects: Tensor, seed: int, both: float = 0.5, drop: float = 0.1) -> list[str]:
+def scene_captions(objects: Tensor, seed: int, both: float = BOTH_NAMED, drop: float = 0.1) -> list[str]:
     """One caption per scene of ``objects`` (N, 2) (as in :class:`Scenes`): a one-object scene
     names its object; a two-object scene names both (in drawing order) with probability ``both``,
     otherwise one of them at random; any caption is "" (for classifier-free guidance) with

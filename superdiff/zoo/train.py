@@ -5,7 +5,7 @@
     python -m superdiff.zoo.train shapes --out superdiff/zoo/weights
     python -m superdiff.zoo.train scenes --out superdiff/zoo/weights   # see superdiff.zoo.train_scenes
 
-The defaults (3000 digit steps, 2500 shapes steps, 5000 scenes UNet steps) are those of the shipped weights. The digits
+The defaults (3000 digit steps, 2500 shapes steps, 3000 scenes UNet steps) are those of the shipped weights. The digits
 a and b weights were written by an earlier, uncommitted revision of this script (their logs lack
 the ``checkpoint_every`` setting), so retraining them with this one is not guaranteed to give
 identical weights.
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from .train_scenes import ScenesConfig, train_scenes
 
-        cfg = TrainConfig(steps=args.steps or 5000, batch_size=args.batch_size or 64, lr=args.lr or 1e-3,
+        cfg = TrainConfig(steps=args.steps or 3000, batch_size=args.batch_size or 64, lr=args.lr or 1e-3,
                           ema_decay=0.995, log_every=50, checkpoint_every=200)
         sizes = {k: v for k, v in (("vae_steps", args.vae_steps), ("decoder_steps", args.decoder_steps),
                                    ("encoded_scenes", args.encoded_scenes)) if v is not None}

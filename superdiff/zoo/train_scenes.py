@@ -6,14 +6,16 @@
 Stages, each logged to ``scenes/training_log.json`` (a stage reads what the one before saved, so
 running them one by one gives the weights of one run of all):
 
-1. ``vae``: an ``AutoencoderKL`` (32×32×3 ↔ 8×8×4) on fresh procedural scenes, as Stable
+1. ``vae``: an ``AutoencoderKL`` (32×32×3 ↔ 8×8×4) on fresh procedural scenes of every pair (it
+   reads no captions, so nothing is held out of it but the blue triangle), as Stable
    Diffusion's VAE (L1 + a small KL term), with the objects' pixels and a band around their
    outlines weighted up (:func:`reconstruction_loss`): the black background otherwise outweighs
    the objects, and a blurred outline fattens the shapes and rounds the corners that tell squares
    from circles; the ``scaling_factor`` is 1 / std of the latents;
 2. ``decoder``: the decoder alone, outlines weighted up further (the encoder, hence the latents
    and the scaling factor, stay fixed);
-3. ``diffusion``: a fixed set of scenes encoded once to latents (posterior means), then a small
+3. ``diffusion``: a fixed set of scenes (two objects only as ``TRAIN_PAIRS``) encoded once to
+   latents (posterior means), then a small
    ``CLIPTextModel`` and a cross-attention ``UNet2DConditionModel`` on those latents, trained
    jointly (as the shapes model) on incomplete captions, redrawn at every step, with 10% empty
    ones for classifier-free guidance.
@@ -34,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-from .scenes import CAPTION_WORDS, HELD_OUT_BINDING, HELD_OUT_PAIRS, MAX_LENGTH, sample_scenes, scene_captions
+from .scenes import (
+    BOTH_NAMED, CAPTION_WORDS, HELD_OUT_BINDING, HELD_OUT_PAIRS, MAX_LENGTH, PAIRS, TRAINING_CYCLE, sample_scenes,
+    scene_captions,
+)
 from .tokenizer import build_tokenizer
 from .train import SD_BETAS, TextToImageTraining, TrainConfig, _log, _lr_at, _machine
 
@@ -108,7 +113,8 @@ def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, weights: tuple[flo
     losses, start = [], time.perf_counter()
     vae.train()
     for step in range(steps):
-        x = sample_scenes(cfg.vae_batch_size, seed=10_000_019 * (seed + 1) + 1_000_000 * phase + step).images
+        x = sample_scenes(cfg.vae_batch_size, seed=10_000_019 * (seed + 1) + 1_000_000 * phase + step,
+                          pairs=PAIRS).images
         x = x.to(device)
         with torch.set_grad_enabled(not decoder_only):
             posterior = vae.encode(x).latent_dist
@@ -128,12 +134,12 @@ def _vae_phase(vae, cfg: ScenesConfig, steps: int, lr: float, weights: tuple[flo
 
 
 def reconstruction_read_rate(vae, n: int = 512, seed: int = 999, device: str = "cpu") -> dict:
-    """How the scene checker reads ``n`` held-out scenes' round trips (posterior means): the
+    """How the scene checker reads ``n`` held-out scenes' (of every pair) round trips (posterior means): the
     fraction read exactly as drawn, with the right colours, with the right count, and the mean and
     max absolute pixel error."""
     from .scenes import OBJECTS, read_objects
 
-    scenes = sample_scenes(n, seed=seed)
+    scenes = sample_scenes(n, seed=seed, pairs=PAIRS)
     with torch.no_grad():
         images = scenes.images.to(device)
         decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
@@ -162,7 +168,7 @@ def train_vae(cfg: ScenesConfig, seed: int, device: str, log: dict):
                                            (cfg.foreground_weight, cfg.edge_weight), seed, device, 1)}
     vae.eval()
     with torch.no_grad():
-        latents = vae.encode(sample_scenes(512, seed=999).images.to(device)).latent_dist.mean
+        latents = vae.encode(sample_scenes(512, seed=999, pairs=PAIRS).images.to(device)).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     log["vae"] |= {"seconds": round(time.perf_counter() - start, 1), "scaling_factor": vae.config.scaling_factor,
                    "held_out": reconstruction_read_rate(vae, device=device)}
@@ -209,9 +215,10 @@ def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: 
         log: dict = {"model": "scenes", "machine": _machine(device),
                      "held_out_binding": " ".join(HELD_OUT_BINDING),
                      "held_out_pairs": [f"{' '.join(a)} + {' '.join(b)}" for a, b in HELD_OUT_PAIRS],
-                     "caption_dropout": 0.1, "both_named": 0.5}
+                     "training_cycle": [" ".join(obj) for obj in TRAINING_CYCLE],
+                     "caption_dropout": 0.1, "both_named": BOTH_NAMED}
         vae = train_vae(scenes_cfg, cfg.seed, device, log)
-        copy.deepcopy(vae).to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
+        _save_vae(vae, folder / "vae")
         _log(folder / "training_log.json", log | {"stages": asdict(scenes_cfg)})
         if stage != "all":
             return
@@ -219,7 +226,7 @@ def train_scenes(out: Path, cfg: TrainConfig, scenes_cfg: ScenesConfig, device: 
         log = json.loads((folder / "training_log.json").read_text())
         vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device)
         vae = refine_decoder(vae, scenes_cfg, cfg.seed, device, log)
-        copy.deepcopy(vae).to(torch.float16).save_pretrained(folder / "vae", safe_serialization=True)
+        _save_vae(vae, folder / "vae")
         _log(folder / "training_log.json", log | {"stages": asdict(scenes_cfg)})
         if stage != "all":
             return
@@ -267,4 +274,21 @@ def save_scenes(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    _without_local_path(folder)
+
+
+def _save_vae(vae, path: Path) -> None:
+    """The VAE in float16 safetensors, its config naming no local path."""
+    copy.deepcopy(vae).to(torch.float16).save_pretrained(path, safe_serialization=True)
+    _without_local_path(path)
+
+
+def _without_local_path(folder: Path) -> None:
+    """Drop ``_name_or_path`` from every ``config.json`` under ``folder``: a module loaded from
+    disk (the VAE, between stages) records the path it came from, which would ship the training
+    machine's folder layout inside the weights."""
+    for config in folder.rglob("config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
