@@ -37,7 +37,14 @@ from pathlib import Path
 import torch
 
 from .scenes import (
-    BOTH_NAMED, CAPTION_WORDS, HELD_OUT_BINDING, HELD_OUT_PAIRS, MAX_LENGTH, PAIRS, TRAINING_CYCLE, sample_scenes,
+    BOTH_NAMED,
+    CAPTION_WORDS,
+    HELD_OUT_BINDING,
+    HELD_OUT_PAIRS,
+    MAX_LENGTH,
+    PAIRS,
+    TRAINING_CYCLE,
+    sample_scenes,
     scene_captions,
 )
 from .tokenizer import build_tokenizer
