@@ -94,7 +94,7 @@ def checks(table: dict, steps: list[int]) -> dict:
         separated = []
         for group in ("seen", "held-out"):
             names = sorted(m for (st, g, m) in table if st == s and g == group and m.startswith("and: ")
-                           and "single" not in m)
+                           and m not in ("and: joint prompt", "and: single A", "and: single B"))  # composing two
             for i, m1 in enumerate(names):
                 for m2 in names[i + 1:]:
                     for metric in ("two_objects", "colour_attribution"):
