@@ -1,8 +1,8 @@
 """SuperDiff in Modular Diffusers pipelines (superdiff.pipelines.modular) on tiny seeded components (CPU,
-offline): with the same components and seeds, the modular SDXL, SD3 and FLUX.1 pipelines with the SuperDiff
-steps swapped in give the non-modular superdiff pipeline's latents and traces (the prompts encoded by the
-modular pipeline's own text blocks, the latents decoded by its own decode step); one network call per step;
-bad arguments refused before the text encoders run."""
+offline): with the same components and seeds, the modular SDXL, SD3, FLUX.1, Qwen-Image (unguided: its guided
+denoise step is refused) and Z-Image pipelines with the SuperDiff steps swapped in give the non-modular superdiff
+pipeline's latents and traces (the prompts encoded by the modular pipeline's own text blocks, the latents decoded by
+its own decode step); one network call per step; bad arguments refused before the text encoders run."""
 
 from __future__ import annotations
 
@@ -198,3 +198,107 @@ def test_the_steps_refuse_what_they_cannot_compose(tmp_path):
     pipe.update_components(**{k: v for k, v in ours.components.items() if k != "force_zeros_for_empty_prompt"})
     with pytest.raises(ValueError, match="needs SuperDiffInputStep"):
         pipe(prompt=PROMPTS, num_inference_steps=2, output_type="latent")
+
+
+def qwenimage(tmp_path):
+    """Qwen-Image's modular pipeline with its guider disabled (its guided denoise step is refused)."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from superdiff.pipelines import SuperDiffQwenImagePipeline
+    from superdiff.testing import tiny_qwenimage_components
+
+    ours = SuperDiffQwenImagePipeline(**tiny_qwenimage_components(tokenizer_dir=tmp_path)).to(torch.float64)
+    guider = ClassifierFreeGuidance(guidance_scale=4.0, enabled=False)
+    return ours, _modular("QwenImageAutoBlocks", {**ours.components, "guider": guider})
+
+
+def zimage(tmp_path, guidance: float | None):
+    """Z-Image's modular pipeline: its guider's weight w is ZImagePipeline's guidance_scale g = w − 1."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from superdiff.pipelines import SuperDiffZImagePipeline
+    from superdiff.testing import tiny_zimage_components
+
+    ours = SuperDiffZImagePipeline(**tiny_zimage_components(tokenizer_dir=tmp_path)).to(torch.float64)
+    guider = ClassifierFreeGuidance(guidance_scale=guidance or 5.0, enabled=guidance is not None)
+    return ours, _modular("ZImageAutoBlocks", {**ours.components, "guider": guider})
+
+
+QWEN_PROMPTS = ["a red circle", "a small blue square on the left"]  # rows of different lengths: padded, masked
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS[:2] + [dict(expression=EXPRESSION)], ids=str)
+def test_qwenimage_modular_equals_the_superdiff_pipeline(composition, tmp_path):
+    """The modular text blocks encode the M prompts padded to their longest (the superdiff pipeline's rows, with
+    the unconditional one, to theirs): the same rows to the transformer; its decode step decodes the unpacked latents
+    to the superdiff pipeline's images."""
+    ours, pipe = qwenimage(tmp_path)
+    prompts = {} if "expression" in composition else {"prompts": QWEN_PROMPTS}
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2, height=16, width=16, max_sequence_length=16,
+              progress=False)
+    out = ours(**prompts, **composition, true_cfg_scale=1.0, output_type="latent", generator=seeded(5), **kw)
+    calls, encoder_calls = count_calls(ours.transformer), count_calls(ours.text_encoder)
+    # the modular decode step takes no output_type="latent"; the superdiff output holds the latents
+    state = pipe(prompt=prompts.get("prompts"), **composition, output_type="pt", generator=seeded(5), **kw)
+    assert len(encoder_calls) == 1 and len(calls) == STEPS  # one text encoding, one transformer call per step
+    assert state.get("negative_prompt_embeds") is None
+    assert_same_run(out, state)
+    images = ours(**prompts, **composition, true_cfg_scale=1.0, output_type="pt", generator=seeded(5), **kw).images
+    torch.testing.assert_close(state.get("images").float(), images, rtol=0, atol=1e-6)  # float32 images, decoded
+    # from the unpacked latents
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS[:2] + [dict(expression=EXPRESSION)], ids=str)
+@pytest.mark.parametrize("guidance", [4.0, None])
+def test_zimage_modular_equals_the_superdiff_pipeline(composition, guidance, tmp_path):
+    """The modular text blocks encode a list of caption features of their own lengths (and the negative "" once
+    per prompt under guidance); the guider's w is ZImagePipeline's g = w − 1."""
+    ours, pipe = zimage(tmp_path, guidance)
+    prompts = {} if "expression" in composition else {"prompts": QWEN_PROMPTS}
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2, height=16, width=16, max_sequence_length=32,
+              output_type="latent", progress=False)
+    g = 0.0 if guidance is None else guidance - 1.0
+    out = ours(**prompts, **composition, guidance_scale=g, generator=seeded(7), **kw)
+    rows = []
+    ours.transformer.register_forward_pre_hook(lambda m, a, k: rows.append(len(a[0])), with_kwargs=True)
+    state = pipe(prompt=prompts.get("prompts"), **composition, generator=seeded(7), **kw)
+    assert rows == [2 * (2 + (guidance is not None))] * STEPS  # one transformer call per step on all rows
+    assert (state.get("negative_prompt_embeds") is None) == (guidance is None)
+    assert_same_run(out, state, out.images)
+    assert state.get("images") is not None
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "zimage"])
+@pytest.mark.parametrize("bad, argument", [
+    (dict(mode="xor"), "mode"),
+    (dict(height=18), "height"),  # not a multiple of 2 × the VAE factor (the 2×2 patches)
+    (dict(image=torch.zeros(1, 3, 16, 16)), "image"),
+    (dict(negative_prompt="a cat"), "negative_prompt"),  # the guider is disabled: no unconditional branch
+    (dict(guidance_scale=5.0), "guidance_scale"),  # the guider's
+    (dict(guider=dict(guidance_scale=4.0, stop=0.5)), "guider.stop"),
+])
+def test_qwenimage_zimage_bad_arguments_are_refused_before_the_text_encoders_run(family, bad, argument, tmp_path):
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    _, pipe = qwenimage(tmp_path) if family == "qwenimage" else zimage(tmp_path, None)
+    bad = dict(bad)  # shared by both families' runs
+    if "guider" in bad:
+        pipe.update_components(guider=ClassifierFreeGuidance(**bad.pop("guider")))
+    calls = [count_calls(network) for network in (pipe.text_encoder, pipe.transformer)]
+    kw = dict(prompt=PROMPTS, height=16, width=16, max_sequence_length=16, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=rf"^{argument}"):
+        pipe(**{**kw, **bad}, output_type="pt")
+    assert calls == [[], []]
+
+
+def test_qwenimage_guided_modular_denoise_is_refused(tmp_path):
+    """Qwen-Image's modular denoise step rescales the guided velocity to each token's conditional norm, which the
+    SuperDiff step (affine in κ) cannot express: an enabled guider is refused, naming the reason."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    _, pipe = qwenimage(tmp_path)
+    pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=4.0))
+    calls = [count_calls(network) for network in (pipe.text_encoder, pipe.transformer)]
+    with pytest.raises(ValueError, match=r"^guider=.*conditional norm.*enabled=False"):
+        pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=2, output_type="pt", progress=False)
+    assert calls == [[], []]

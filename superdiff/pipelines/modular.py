@@ -12,15 +12,19 @@ denoise step is replaced:
 * :class:`SuperDiffDenoiseStep`, in place of the pipeline's ``denoise`` step, reads those M rows (and the
   negative ones under guidance) from the state and runs the family's superdiff adapter
   (:class:`~superdiff.pipelines.SuperDiffXLPipeline`, :class:`~superdiff.pipelines.SuperDiffFlowPipeline`
-  for SD3, :class:`~superdiff.pipelines.SuperDiffFluxPipeline`) on the pipeline's own components: the
-  same time grid, starting noise, one batched network call per step and sampler as the non-modular
-  pipeline; only the text encoding is the modular pipeline's. It hands the latents to the pipeline's
-  ``decode`` step and the traces as ``superdiff_output``.
+  for SD3, :class:`~superdiff.pipelines.SuperDiffFluxPipeline`,
+  :class:`~superdiff.pipelines.SuperDiffQwenImagePipeline`, :class:`~superdiff.pipelines.SuperDiffZImagePipeline`)
+  on the pipeline's own components: the same time grid, starting noise, one batched network call per step
+  and sampler as the non-modular pipeline; only the text encoding is the modular pipeline's. It hands the
+  latents to the pipeline's ``decode`` step and the traces as ``superdiff_output``.
 
 :func:`superdiff_blocks` makes both swaps. Text-to-image only (no image, mask, control image or IP-adapter
 inputs). Classifier-free guidance (SDXL, SD3) is the pipeline's ``guider`` (a ``ClassifierFreeGuidance``), whose
 ``guidance_scale`` weighs the κ-mixture as the pipelines' ``guidance_scale`` does; FLUX.1's distilled
-guidance is the ``guidance_scale`` input, as in ``FluxPipeline``.
+guidance is the ``guidance_scale`` input, as in ``FluxPipeline``. Z-Image's guider weight w is
+``ZImagePipeline``'s ``guidance_scale`` g = w − 1. Qwen-Image composes unguided only: its modular denoise step
+rescales the guided velocity to each token's conditional norm, which the κ-affine step cannot express, so an
+enabled guider is refused.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ class ModularFamily:
     guidance comes from (the ``guider`` component, or a distilled ``guidance_scale`` input); the latents
     its decode step takes (``for_decode``). ``empty_negative``: the text encoder makes the unconditional
     row only from a negative prompt, so guidance without one passes ``""`` (the superdiff pipeline's
-    unconditional text)."""
+    unconditional text). ``cfg_value``: the adapter's guidance argument (its ``cfg_argument``) for the
+    guider's weight w on the κ-mixture (None: unguided). ``guidance_refused``: why the family's guided
+    denoise step cannot be composed (an enabled guider is then refused with it)."""
 
     adapter: str
     denoise_step: str
@@ -59,23 +65,34 @@ class ModularFamily:
     guider: bool = False
     empty_negative: bool = False
     for_decode: Callable[[Any, PipelineCall, torch.Tensor], torch.Tensor] = lambda adapter, call, latents: latents
+    cfg_value: Callable[[float | None], Any] = lambda w: w
+    guidance_refused: str = ""
 
     def state_names(self) -> list[str]:
         """The embeddings the denoise step reads from the pipeline state."""
         negatives = [f"negative_{name}" for name in self.embedding_names] if self.guider else []
         return [*self.embedding_names, *negatives]
 
-    def embeddings(self, state: Any, guided: bool) -> tuple[torch.Tensor, ...]:
-        """What the adapter's ``encode_prompts`` returns: each embedding's M prompt rows, then under
-        guidance the negative (or zero) row, which the text encoder repeated for each prompt, once."""
-        return tuple(torch.cat([state[name], state[f"negative_{name}"][:1]]) if guided else state[name]
-                     for name in self.embedding_names)
+    def embeddings(self, state: Any, guided: bool) -> Any:
+        """What the adapter's ``encode_prompts`` returns: each embedding's M prompt rows (a tensor, or a list
+        of rows of their own lengths), then under guidance the negative (or zero) row, which the text encoder
+        may have repeated for each prompt, once; one embedding alone, not in a tuple."""
+        def rows(name: str) -> Any:
+            positive = state[name]
+            if not guided:
+                return positive
+            negative = state[f"negative_{name}"]
+            return [*positive, negative[0]] if isinstance(positive, list) else torch.cat([positive, negative[:1]])
+
+        embeddings = tuple(rows(name) for name in self.embedding_names)
+        return embeddings if len(embeddings) > 1 else embeddings[0]
 
 
-def _flux_unpack(adapter: Any, call: PipelineCall, latents: torch.Tensor) -> torch.Tensor:
-    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-
-    return FluxPipeline._unpack_latents(latents, call.height, call.width, adapter.vae_scale_factor)
+def _unpacked(pipeline: str, adapter: Any, call: PipelineCall, latents: torch.Tensor) -> torch.Tensor:
+    """The packed latents unpacked for the decode step by ``diffusers.pipelines.<pipeline>._unpack_latents``."""
+    module, name = pipeline.rsplit(".", 1)
+    unpack = getattr(importlib.import_module(f"diffusers.pipelines.{module}"), name)._unpack_latents
+    return unpack(latents, call.height, call.width, adapter.vae_scale_factor)
 
 
 #: The modular families by their blocks' ``model_name``.
@@ -85,7 +102,20 @@ FAMILIES: dict[str, ModularFamily] = {
     "stable-diffusion-3": ModularFamily(
         "SuperDiffFlowPipeline", "stable_diffusion_3.denoise.StableDiffusion3DenoiseStep", guider=True,
         empty_negative=True),
-    "flux": ModularFamily("SuperDiffFluxPipeline", "flux.denoise.FluxDenoiseStep", for_decode=_flux_unpack),
+    "flux": ModularFamily("SuperDiffFluxPipeline", "flux.denoise.FluxDenoiseStep",
+                          for_decode=functools.partial(_unpacked, "flux.pipeline_flux.FluxPipeline")),
+    "qwenimage": ModularFamily(
+        "SuperDiffQwenImagePipeline", "qwenimage.denoise.QwenImageDenoiseStep",
+        ("prompt_embeds", "prompt_embeds_mask"), guider=True,
+        for_decode=functools.partial(_unpacked, "qwenimage.pipeline_qwenimage.QwenImagePipeline"),
+        cfg_value=lambda w: 1.0,  # true_cfg_scale 1: no true classifier-free guidance
+        guidance_refused="Qwen-Image's modular denoise step rescales the guided velocity to each token's "
+        "conditional norm, which SuperDiff's step (affine in κ, as AND solves it) cannot express; disable the "
+        "guider (ClassifierFreeGuidance(enabled=False)), or guide with SuperDiffQwenImagePipeline's "
+        "true_cfg_scale (without the rescale)"),
+    "z-image": ModularFamily(
+        "SuperDiffZImagePipeline", "z_image.denoise.ZImageDenoiseStep", ("prompt_embeds",), guider=True,
+        cfg_value=lambda w: 0.0 if w is None or w <= 1 else w - 1.0),  # ZImagePipeline's g weighs 1 + g
 }
 
 #: Inputs of other workflows (image-to-image, inpainting, ControlNet, IP-adapter), refused by name.
@@ -218,10 +248,15 @@ class SuperDiffInputStep(ModularPipelineBlocks):
             if block.guidance_scale is not None:  # diffusers would only warn that it is ignored
                 _fail("guidance_scale", block.guidance_scale, "a modular pipeline's guidance weight is its guider's; "
                       "set it with pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=...))")
-            guidance_scale = _guidance_of(getattr(components, "guider", None))
+            guidance = _guidance_of(getattr(components, "guider", None))
+            if guidance is not None and self.family.guidance_refused:
+                _fail("guider", f"ClassifierFreeGuidance(guidance_scale={guidance!r})", self.family.guidance_refused)
+            arguments = {"guidance_scale": None, "true_cfg_scale": None,
+                         adapter.cfg_argument: self.family.cfg_value(guidance)}
         else:
-            guidance_scale = block.guidance_scale
-        cfg = {"guidance_scale": guidance_scale, "true_cfg_scale": None}[adapter.cfg_argument]
+            arguments = {"guidance_scale": block.guidance_scale, "true_cfg_scale": None}
+        guidance_scale, true_cfg_scale = arguments["guidance_scale"], arguments["true_cfg_scale"]
+        cfg = arguments[adapter.cfg_argument]
         options = SamplingOptions(
             combiner=combiner, guidance_scale=cfg, num_inference_steps=block.num_inference_steps,
             num_images_per_prompt=block.num_images_per_prompt, generator=block.generator, latents=block.latents,
@@ -229,11 +264,11 @@ class SuperDiffInputStep(ModularPipelineBlocks):
         )
         negative, length = getattr(block, "negative_prompt", None), getattr(block, "max_sequence_length", None)
         call = PipelineCall(options, list(prompts), negative, block.height, block.width, guidance_scale,
-                            max_sequence_length=length)
+                            true_cfg_scale, max_sequence_length=length)
         adapter._checked_shape(call)
         if self.family.guider:  # the text encoder's negative prompt: one string (the checks allow ["text"])
             block.negative_prompt = call.negative_text
-            if self.family.empty_negative and call.negative_text is None and options.guidance is not None:
+            if self.family.empty_negative and call.negative_text is None and call.options.guidance is not None:
                 block.negative_prompt = ""  # the unconditional text the superdiff pipeline encodes
         block.prompt, block.superdiff_call = list(prompts), call
         self.set_block_state(state, block)
@@ -290,14 +325,15 @@ class SuperDiffDenoiseStep(ModularPipelineBlocks):
             raise ValueError("SuperDiffDenoiseStep needs SuperDiffInputStep before the text encoder (it resolves "
                              "the composition and checks the options first); build the blocks with "
                              "superdiff_blocks(blocks)")
-        encoded = block.prompt_embeds.shape[0]
+        encoded = len(block.prompt_embeds)  # a tensor's rows, or a list's
         if encoded != len(call.prompts):
             raise ValueError(f"the text encoder encoded {encoded} prompts but the composition has {len(call.prompts)} "
                              f"({call.prompts}); pass the prompts to compose as prompt=[...] (or an expression), one "
                              "image's worth: num_images_per_prompt sets the images")
         adapter = _adapter(self.family, components)
         adapter.set_progress_bar_config(**self._progress_bar_config)
-        call.max_sequence_length = block.prompt_embeds.shape[1]
+        if isinstance(block.prompt_embeds, torch.Tensor):  # the text length the text blocks encoded
+            call.max_sequence_length = block.prompt_embeds.shape[1]
         adapter.state_embeddings = self.family.embeddings(block, call.options.guidance is not None)
         out = adapter._run(call)
         block.latents = self.family.for_decode(adapter, call, out.images)

@@ -20,6 +20,7 @@ affine in κ, which the rescaled one is not. All rows of a step go through ONE t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -95,13 +96,20 @@ class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
         check_guidance(call.options.guidance, call.options.combiner, "true_cfg_scale")
         FlowFamily.check_inputs(self, call)  # not FLUX.1's distilled-guidance checks
 
-    def encode(self, call: PipelineCall) -> dict[str, Any]:
-        """The M prompts and the negative one in one text-encoder call, padded to the longest with a mask."""
-        embeds, mask = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, call.texts,
+    @torch.no_grad()
+    def encode_prompts(self, texts: Sequence[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:
+        """Qwen-Image's conditioning of each text in one text-encoder call, padded to the longest and cut at
+        ``max_sequence_length`` as ``QwenImagePipeline.encode_prompt`` cuts it: (embeddings (K, L, D), mask (K, L))."""
+        embeds, mask = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, list(texts),
                                               device=self._execution_device)
-        n = call.max_sequence_length  # as QwenImagePipeline.encode_prompt truncates them, and drops a mask of ones
-        conditions = {"encoder_hidden_states": embeds[:, :n].to(self.transformer.dtype)}
-        return conditions if bool(mask[:, :n].all()) else conditions | {"encoder_hidden_states_mask": mask[:, :n]}
+        n = max_sequence_length
+        return embeds[:, :n].to(self.transformer.dtype), mask[:, :n]
+
+    def encode(self, call: PipelineCall) -> dict[str, Any]:
+        """The M prompts and the negative one, padded to the longest with a mask (dropped where it is all ones)."""
+        embeds, mask = self.encode_prompts(call.texts, call.max_sequence_length)
+        conditions = {"encoder_hidden_states": embeds}
+        return conditions if bool(mask.all()) else conditions | {"encoder_hidden_states_mask": mask}
 
     def network_inputs(self, call: PipelineCall, schedule: Any) -> tuple[Any, Any]:
         """The transformer with the image shape its rotary embedding reads; σ as its timestep."""

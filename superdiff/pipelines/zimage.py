@@ -20,6 +20,7 @@ diffusers applies neither). All rows of a step go through ONE transformer call.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -108,12 +109,17 @@ class SuperDiffZImagePipeline(FlowFamily):
         check_guidance(call.options.guidance, call.options.combiner, "guidance_scale")
         super().check_inputs(call)
 
+    @torch.no_grad()
+    def encode_prompts(self, texts: Sequence[str], max_sequence_length: int = 512) -> list[Tensor]:
+        """Z-Image's caption features of each text in one text-encoder call: a list, each cut to its own
+        tokens (L_k, D) (the transformer pads and masks them)."""
+        captions = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, list(texts), self._execution_device,
+                                          max_sequence_length)
+        return [c.to(self.transformer.dtype) for c in captions]
+
     def encode(self, call: PipelineCall) -> dict[str, Any]:
-        """The M prompts and the negative one (``""`` by default) in one text-encoder call: a list of
-        caption features, each of its own length (the transformer pads and masks them)."""
-        captions = get_qwen_prompt_embeds(self.text_encoder, self.tokenizer, call.texts, self._execution_device,
-                                          call.max_sequence_length)
-        return {"cap_feats": [c.to(self.transformer.dtype) for c in captions]}
+        """The M prompts and the negative one (``""`` by default)."""
+        return {"cap_feats": self.encode_prompts(call.texts, call.max_sequence_length)}
 
     def flow_sigmas(self, steps: int) -> list[float]:
         """``ZImagePipeline``'s σ grid before the shift (μ from the image's sequence length, used where the
