@@ -1,8 +1,8 @@
 """SuperDiff in Modular Diffusers pipelines (superdiff.pipelines.modular) on tiny seeded components (CPU,
-offline): with the same components and seeds, the modular SDXL, SD3, FLUX.1, Qwen-Image (unguided: its guided
-denoise step is refused) and Z-Image pipelines with the SuperDiff steps swapped in give the non-modular superdiff
-pipeline's latents and traces (the prompts encoded by the modular pipeline's own text blocks, the latents decoded by
-its own decode step); one network call per step; bad arguments refused before the text encoders run."""
+offline): with the same components and seeds, the modular SDXL, SD3, FLUX.1, FLUX.2 dev, Qwen-Image (unguided: its
+guided denoise step is refused) and Z-Image pipelines with the SuperDiff steps swapped in give the non-modular
+superdiff pipeline's latents and traces (the prompts encoded by the modular pipeline's own text blocks, the latents
+decoded by its own decode step); one network call per step; bad arguments refused before the text encoders run."""
 
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ def flux(tmp_path):
 
     ours = SuperDiffFluxPipeline(**tiny_flux_components(tmp_path)).to(torch.float64)
     return ours, _modular("FluxAutoBlocks", dict(ours.components))
+
+
+def flux2(tmp_path=None):
+    """FLUX.2 dev (guidance-distilled). Its modular text step prompts Mistral-3 with another system message than
+    Flux2Pipeline's, so the superdiff pipeline is given that one: the same text encoding, then the same run."""
+    from diffusers.modular_pipelines.flux2.encoders import Flux2TextEncoderStep
+
+    from superdiff.pipelines import SuperDiffFlux2Pipeline
+    from superdiff.testing import tiny_flux2_components
+
+    ours = SuperDiffFlux2Pipeline(**tiny_flux2_components()).to(torch.float64)
+    ours.embed_options = {"system_message": Flux2TextEncoderStep.DEFAULT_SYSTEM_MESSAGE}
+    return ours, _modular("Flux2AutoBlocks", dict(ours.components))
 
 
 def assert_same_run(out, state, latents=None):
@@ -169,19 +182,21 @@ def test_bad_arguments_are_refused_before_the_text_encoders_run(bad, argument, t
     assert calls == [[], [], []]
 
 
+@pytest.mark.parametrize("family", [flux, flux2], ids=["flux", "flux2"])
 @pytest.mark.parametrize("bad, argument", [
     (dict(guidance_scale=-1.0), "guidance_scale"),  # the distilled guidance
     (dict(max_sequence_length=0), "max_sequence_length"),
     (dict(height=18), "height"),  # not a multiple of 2 × the VAE factor (the 2×2 packing)
     (dict(mode="sum"), "the combiner's weights"),  # no denoised form at σ = 1 without guidance
 ])
-def test_flux_bad_arguments_are_refused_before_the_text_encoders_run(bad, argument, tmp_path):
-    _, pipe = flux(tmp_path)
-    calls = [count_calls(network) for network in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer)]
+def test_flux_bad_arguments_are_refused_before_the_text_encoders_run(family, bad, argument, tmp_path):
+    _, pipe = family(tmp_path)
+    networks = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "transformer")]
+    calls = [count_calls(network) for network in networks if network is not None]
     kw = dict(prompt=PROMPTS, height=16, width=16, max_sequence_length=8, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match=rf"^{argument}"):
         pipe(**{**kw, **bad}, output_type="latent")
-    assert calls == [[], [], []]
+    assert calls == [[]] * len(calls)
 
 
 def test_the_steps_refuse_what_they_cannot_compose(tmp_path):
@@ -302,3 +317,23 @@ def test_qwenimage_guided_modular_denoise_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^guider=.*conditional norm.*enabled=False"):
         pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=2, output_type="pt", progress=False)
     assert calls == [[], []]
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS[:2] + [dict(expression=EXPRESSION)], ids=str)
+def test_flux2_modular_equals_the_superdiff_pipeline(composition):
+    """FLUX.2 dev: the distilled guidance is the guidance_scale input; the decode step gets the patchified latents
+    (the superdiff pipeline's packed tokens unpacked) and decodes them to its images."""
+    ours, pipe = flux2()
+    prompts = {} if "expression" in composition else {"prompts": PROMPTS}
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2, height=16, width=16, guidance_scale=2.5,
+              max_sequence_length=32, progress=False)
+    out = ours(**prompts, **composition, output_type="latent", generator=seeded(6), **kw)
+    rows = []
+    ours.transformer.register_forward_pre_hook(lambda m, a, k: rows.append(a[0].shape[0]),
+                                               with_kwargs=True)
+    state = pipe(prompt=prompts.get("prompts"), **composition, output_type="pt", generator=seeded(6), **kw)
+    assert rows == [2 * 2] * STEPS  # one transformer call per step on M·B rows
+    patchified = out.images.transpose(1, 2).reshape(2, 16, 4, 4)  # the inverse of Flux2Pipeline._pack_latents
+    assert_same_run(out, state, patchified)  # the decode step received the patchified latents
+    images = ours(**prompts, **composition, output_type="pt", generator=seeded(6), **kw).images
+    torch.testing.assert_close(state.get("images").float(), images, rtol=0, atol=1e-6)  # float32 images

@@ -16,6 +16,7 @@ step-distilled (``is_distilled``), when it samples the M prompt models unguided,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Callable, ClassVar
 
@@ -80,13 +81,18 @@ class _Flux2Family(FlowFamily):
         b, channels, h, w = super().latents_shape(call)
         return (b, channels, h // 2, w // 2)
 
-    def encode(self, call: PipelineCall) -> dict[str, Any]:
-        """The rows' text embeddings, diffusers' own (its templates and hidden-state layers)."""
-        texts = call.texts if self.unconditional_row else list(call.prompts)
-        embeddings = self.embed_texts(self.text_encoder, self.tokenizer, texts, device=self._execution_device,
-                                      max_sequence_length=call.max_sequence_length,
+    @torch.no_grad()
+    def encode_prompts(self, texts: Sequence[str], max_sequence_length: int = 512) -> Tensor:
+        """diffusers' text embedding of each text (its templates and hidden-state layers): (K, L, D)."""
+        embeddings = self.embed_texts(self.text_encoder, self.tokenizer, list(texts), device=self._execution_device,
+                                      max_sequence_length=max_sequence_length,
                                       hidden_states_layers=self.text_encoder_out_layers, **self.embed_options)
-        return {"encoder_hidden_states": embeddings.to(self._execution_device, self.transformer.dtype)}
+        return embeddings.to(self._execution_device, self.transformer.dtype)
+
+    def encode(self, call: PipelineCall) -> dict[str, Any]:
+        """The rows' text embeddings: the M prompts (and klein's unconditional text)."""
+        texts = call.texts if self.unconditional_row else list(call.prompts)
+        return {"encoder_hidden_states": self.encode_prompts(texts, call.max_sequence_length)}
 
     def shift_mu(self, call: PipelineCall) -> float:
         """diffusers' μ from the image's token count and the number of steps."""

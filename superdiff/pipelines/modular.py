@@ -12,7 +12,7 @@ denoise step is replaced:
 * :class:`SuperDiffDenoiseStep`, in place of the pipeline's ``denoise`` step, reads those M rows (and the
   negative ones under guidance) from the state and runs the family's superdiff adapter
   (:class:`~superdiff.pipelines.SuperDiffXLPipeline`, :class:`~superdiff.pipelines.SuperDiffFlowPipeline`
-  for SD3, :class:`~superdiff.pipelines.SuperDiffFluxPipeline`,
+  for SD3, :class:`~superdiff.pipelines.SuperDiffFluxPipeline`, :class:`~superdiff.pipelines.SuperDiffFlux2Pipeline`,
   :class:`~superdiff.pipelines.SuperDiffQwenImagePipeline`, :class:`~superdiff.pipelines.SuperDiffZImagePipeline`)
   on the pipeline's own components: the same time grid, starting noise, one batched network call per step
   and sampler as the non-modular pipeline; only the text encoding is the modular pipeline's. It hands the
@@ -21,7 +21,7 @@ denoise step is replaced:
 :func:`superdiff_blocks` makes both swaps. Text-to-image only (no image, mask, control image or IP-adapter
 inputs). Classifier-free guidance (SDXL, SD3) is the pipeline's ``guider`` (a ``ClassifierFreeGuidance``), whose
 ``guidance_scale`` weighs the κ-mixture as the pipelines' ``guidance_scale`` does; FLUX.1's distilled
-guidance is the ``guidance_scale`` input, as in ``FluxPipeline``. Z-Image's guider weight w is
+guidance is the ``guidance_scale`` input, as in ``FluxPipeline`` (FLUX.2 dev's too). Z-Image's guider weight w is
 ``ZImagePipeline``'s ``guidance_scale`` g = w − 1. Qwen-Image composes unguided only: its modular denoise step
 rescales the guided velocity to each token's conditional norm, which the κ-affine step cannot express, so an
 enabled guider is refused.
@@ -95,6 +95,11 @@ def _unpacked(pipeline: str, adapter: Any, call: PipelineCall, latents: torch.Te
     return unpack(latents, call.height, call.width, adapter.vae_scale_factor)
 
 
+def _from_tokens(adapter: Any, call: PipelineCall, tokens: torch.Tensor) -> torch.Tensor:
+    """Packed tokens (B, h·w, C) as the patchified latents (B, C, h, w) a decode step takes (FLUX.2's)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *adapter.token_grid(call))
+
+
 #: The modular families by their blocks' ``model_name``.
 FAMILIES: dict[str, ModularFamily] = {
     "stable-diffusion-xl": ModularFamily(
@@ -116,6 +121,8 @@ FAMILIES: dict[str, ModularFamily] = {
     "z-image": ModularFamily(
         "SuperDiffZImagePipeline", "z_image.denoise.ZImageDenoiseStep", ("prompt_embeds",), guider=True,
         cfg_value=lambda w: 0.0 if w is None or w <= 1 else w - 1.0),  # ZImagePipeline's g weighs 1 + g
+    "flux2": ModularFamily("SuperDiffFlux2Pipeline", "flux2.denoise.Flux2DenoiseStep", ("prompt_embeds",),
+                           for_decode=_from_tokens),
 }
 
 #: Inputs of other workflows (image-to-image, inpainting, ControlNet, IP-adapter), refused by name.
