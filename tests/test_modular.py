@@ -1,8 +1,9 @@
 """SuperDiff in Modular Diffusers pipelines (superdiff.pipelines.modular) on tiny seeded components (CPU,
-offline): with the same components and seeds, the modular SDXL, SD3, FLUX.1, FLUX.2 dev, Qwen-Image (unguided: its
-guided denoise step is refused) and Z-Image pipelines with the SuperDiff steps swapped in give the non-modular
-superdiff pipeline's latents and traces (the prompts encoded by the modular pipeline's own text blocks, the latents
-decoded by its own decode step); one network call per step; bad arguments refused before the text encoders run."""
+offline): with the same components and seeds, the modular SDXL, SD3, FLUX.1, FLUX.2 (dev, klein), Qwen-Image
+(unguided: its guided denoise step is refused) and Z-Image pipelines with the SuperDiff steps swapped in give the
+non-modular superdiff pipeline's latents and traces (the prompts encoded by the modular pipeline's own text blocks,
+the latents decoded by its own decode step); one network call per step; bad arguments refused before the text
+encoders run."""
 
 from __future__ import annotations
 
@@ -337,3 +338,57 @@ def test_flux2_modular_equals_the_superdiff_pipeline(composition):
     assert_same_run(out, state, patchified)  # the decode step received the patchified latents
     images = ours(**prompts, **composition, output_type="pt", generator=seeded(6), **kw).images
     torch.testing.assert_close(state.get("images").float(), images, rtol=0, atol=1e-6)  # float32 images
+
+
+def klein(blocks: str, guidance: float | None, distilled: bool):
+    """FLUX.2 klein: step-distilled (Flux2KleinAutoBlocks, no guider) or base (Flux2KleinBaseAutoBlocks, whose
+    guider guides with the empty prompt); the pipeline's is_distilled config reaches the superdiff adapter."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from superdiff.pipelines import SuperDiffFlux2KleinPipeline
+    from superdiff.testing import tiny_flux2_components
+
+    ours = SuperDiffFlux2KleinPipeline(**tiny_flux2_components(klein=True), is_distilled=distilled).to(torch.float64)
+    components = {name: ours.components[name] for name in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                             "transformer")}
+    if blocks == "Flux2KleinBaseAutoBlocks":
+        components["guider"] = ClassifierFreeGuidance(guidance_scale=guidance or 4.0, enabled=guidance is not None)
+    pipe = _modular(blocks, components)
+    pipe.register_to_config(is_distilled=distilled)
+    return ours, pipe
+
+
+@pytest.mark.parametrize("blocks, guidance, distilled", [
+    ("Flux2KleinAutoBlocks", None, True), ("Flux2KleinBaseAutoBlocks", 4.0, False),
+    ("Flux2KleinBaseAutoBlocks", None, False),
+    ("Flux2KleinBaseAutoBlocks", 4.0, True),  # step-distilled: unguided whatever the guider, as diffusers
+])
+@pytest.mark.parametrize("composition", [dict(mode="and"), dict(expression=EXPRESSION)], ids=str)
+def test_flux2_klein_modular_equals_the_superdiff_pipeline(composition, blocks, guidance, distilled):
+    """The decode step gets the superdiff pipeline's VAE latents patchified and normalized, and decodes them to
+    its images; under guidance the unconditional row is the empty prompt's, as the modular text step encodes it."""
+    ours, pipe = klein(blocks, guidance, distilled)
+    prompts = {} if "expression" in composition else {"prompts": PROMPTS}
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2, height=16, width=16, max_sequence_length=32,
+              progress=False)
+    out = ours(**prompts, **composition, guidance_scale=guidance, output_type="latent", generator=seeded(6), **kw)
+    rows = []
+    ours.transformer.register_forward_pre_hook(lambda m, a, k: rows.append(a[0].shape[0]), with_kwargs=True)
+    state = pipe(prompt=prompts.get("prompts"), **composition, output_type="pt", generator=seeded(6), **kw)
+    guided = guidance is not None and not distilled
+    assert rows == [2 * (2 + guided)] * STEPS  # one transformer call per step on all rows
+    assert (state.get("negative_prompt_embeds") is None) == (not guided)
+    assert_same_run(out, state)
+    images = ours(**prompts, **composition, guidance_scale=guidance, output_type="pt", generator=seeded(6), **kw)
+    torch.testing.assert_close(state.get("images").float(), images.images, rtol=0, atol=1e-6)  # float32 images
+
+
+def test_flux2_klein_modular_refuses_a_negative_prompt():
+    """klein base's modular text step encodes the empty prompt as the unconditional row and takes no negative
+    prompt: one given is refused, not silently dropped."""
+    _, pipe = klein("Flux2KleinBaseAutoBlocks", 4.0, False)
+    calls = [count_calls(network) for network in (pipe.text_encoder, pipe.transformer)]
+    with pytest.raises(ValueError, match=r"^negative_prompt='a cat'.*takes no negative prompt"):
+        pipe(prompt=PROMPTS, negative_prompt="a cat", height=16, width=16, num_inference_steps=2, output_type="pt",
+             progress=False)
+    assert calls == [[], []]

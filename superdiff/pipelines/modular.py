@@ -13,15 +13,17 @@ denoise step is replaced:
   negative ones under guidance) from the state and runs the family's superdiff adapter
   (:class:`~superdiff.pipelines.SuperDiffXLPipeline`, :class:`~superdiff.pipelines.SuperDiffFlowPipeline`
   for SD3, :class:`~superdiff.pipelines.SuperDiffFluxPipeline`, :class:`~superdiff.pipelines.SuperDiffFlux2Pipeline`,
-  :class:`~superdiff.pipelines.SuperDiffQwenImagePipeline`, :class:`~superdiff.pipelines.SuperDiffZImagePipeline`)
-  on the pipeline's own components: the same time grid, starting noise, one batched network call per step
-  and sampler as the non-modular pipeline; only the text encoding is the modular pipeline's. It hands the
-  latents to the pipeline's ``decode`` step and the traces as ``superdiff_output``.
+  :class:`~superdiff.pipelines.SuperDiffFlux2KleinPipeline`, :class:`~superdiff.pipelines.SuperDiffQwenImagePipeline`,
+  :class:`~superdiff.pipelines.SuperDiffZImagePipeline`) on the pipeline's own components: the same time
+  grid, starting noise, one batched network call per step and sampler as the non-modular pipeline; only the
+  text encoding is the modular pipeline's. It hands the latents to the pipeline's ``decode`` step and the
+  traces as ``superdiff_output``.
 
 :func:`superdiff_blocks` makes both swaps. Text-to-image only (no image, mask, control image or IP-adapter
 inputs). Classifier-free guidance (SDXL, SD3) is the pipeline's ``guider`` (a ``ClassifierFreeGuidance``), whose
 ``guidance_scale`` weighs the κ-mixture as the pipelines' ``guidance_scale`` does; FLUX.1's distilled
-guidance is the ``guidance_scale`` input, as in ``FluxPipeline`` (FLUX.2 dev's too). Z-Image's guider weight w is
+guidance is the ``guidance_scale`` input, as in ``FluxPipeline`` (FLUX.2 dev's too); FLUX.2 klein base's guider
+guides with the empty prompt (its text step takes no negative prompt). Z-Image's guider weight w is
 ``ZImagePipeline``'s ``guidance_scale`` g = w − 1. Qwen-Image composes unguided only: its modular denoise step
 rescales the guided velocity to each token's conditional norm, which the κ-affine step cannot express, so an
 enabled guider is refused.
@@ -57,7 +59,8 @@ class ModularFamily:
     row only from a negative prompt, so guidance without one passes ``""`` (the superdiff pipeline's
     unconditional text). ``cfg_value``: the adapter's guidance argument (its ``cfg_argument``) for the
     guider's weight w on the κ-mixture (None: unguided). ``guidance_refused``: why the family's guided
-    denoise step cannot be composed (an enabled guider is then refused with it)."""
+    denoise step cannot be composed (an enabled guider is then refused with it). ``takes_negative``: whether
+    the text encoder step encodes a ``negative_prompt`` (else its unconditional row is the empty prompt's)."""
 
     adapter: str
     denoise_step: str
@@ -67,6 +70,7 @@ class ModularFamily:
     for_decode: Callable[[Any, PipelineCall, torch.Tensor], torch.Tensor] = lambda adapter, call, latents: latents
     cfg_value: Callable[[float | None], Any] = lambda w: w
     guidance_refused: str = ""
+    takes_negative: bool = True
 
     def state_names(self) -> list[str]:
         """The embeddings the denoise step reads from the pipeline state."""
@@ -100,6 +104,18 @@ def _from_tokens(adapter: Any, call: PipelineCall, tokens: torch.Tensor) -> torc
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *adapter.token_grid(call))
 
 
+def _normalized_patches(adapter: Any, call: PipelineCall, latents: torch.Tensor) -> torch.Tensor:
+    """FLUX.2 klein's VAE latents (B, C, H, W), as its superdiff pipeline returns them, patchified 2×2 and
+    normalized by the VAE's batch-norm statistics: the latents its decode step de-normalizes."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    patches = Flux2Pipeline._patchify_latents(latents)
+    bn, eps = adapter.vae.bn, adapter.vae.config.batch_norm_eps
+    mean = bn.running_mean.view(1, -1, 1, 1).to(patches)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(patches)
+    return (patches - mean) / std
+
+
 #: The modular families by their blocks' ``model_name``.
 FAMILIES: dict[str, ModularFamily] = {
     "stable-diffusion-xl": ModularFamily(
@@ -123,6 +139,10 @@ FAMILIES: dict[str, ModularFamily] = {
         cfg_value=lambda w: 0.0 if w is None or w <= 1 else w - 1.0),  # ZImagePipeline's g weighs 1 + g
     "flux2": ModularFamily("SuperDiffFlux2Pipeline", "flux2.denoise.Flux2DenoiseStep", ("prompt_embeds",),
                            for_decode=_from_tokens),
+    # klein (step-distilled, no guider) and klein base (a guider; the empty prompt's unconditional row)
+    "flux2-klein": ModularFamily("SuperDiffFlux2KleinPipeline", "flux2.denoise.Flux2KleinDenoiseStep",
+                                 ("prompt_embeds",), guider=True, for_decode=_normalized_patches,
+                                 takes_negative=False),
 }
 
 #: Inputs of other workflows (image-to-image, inpainting, ControlNet, IP-adapter), refused by name.
@@ -156,6 +176,7 @@ def _adapter(family: ModularFamily, components: Any) -> Any:
     """The family's superdiff adapter on the modular pipeline's components (shared, not copied)."""
     cls = _adapter_class(family.adapter)
     loaded = components.components
+    loaded = {**getattr(components, "config", {}), **loaded}  # and the pipeline's configs (klein's is_distilled)
     parameters = inspect.signature(cls.__init__).parameters
     return cls(**{name: loaded.get(name) for name, p in list(parameters.items())[1:]
                   if name in loaded or p.default is inspect.Parameter.empty})
@@ -270,6 +291,9 @@ class SuperDiffInputStep(ModularPipelineBlocks):
             output_type="latent", progress=block.progress, sampler=sampler,
         )
         negative, length = getattr(block, "negative_prompt", None), getattr(block, "max_sequence_length", None)
+        if negative is not None and not self.family.takes_negative:
+            _fail("negative_prompt", negative, "this modular pipeline's text encoder step takes no negative prompt "
+                  "(its unconditional row is the empty prompt's); compose without one")
         call = PipelineCall(options, list(prompts), negative, block.height, block.width, guidance_scale,
                             true_cfg_scale, max_sequence_length=length)
         adapter._checked_shape(call)
