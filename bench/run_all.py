@@ -44,6 +44,12 @@ ROWS = [
         "authors' loop (one call per prompt + uncond.) / our batched step",
         "≥ 1.5",
     ),
+    (
+        "batching.py",
+        "network_speedup",
+        "the network calls alone, M + 1 single calls / one batched call: what batching can give at most here",
+        "—",
+    ),
     ("ito_vs_hutchinson.py", "speedup", "ODE + Hutchinson (jvp) / SDE + Itô, same steps", "paper: 5.2 on SD"),
     (
         "vs_diffusers.py",
@@ -114,7 +120,26 @@ ROWS = [
         "the same work timed without the network (cached output), worst of M = 2, 4, 8",
         "< 0.02",
     ),
+    ("scaling.py", "combiner_fraction_by_m", "the share between network calls by number of prompts M", "< 0.02"),
+    (
+        "scaling.py",
+        "combiner_fraction_forward_by_m",
+        "the same with density_variance=\"forward\", the least work an AND step does (its system stays linear)",
+        "—",
+    ),
+    (
+        "scaling.py",
+        "combiner_fraction_isolated_forward_by_m",
+        "the isolated share with density_variance=\"forward\", by M",
+        "—",
+    ),
     ("scaling.py", "time_per_step", "seconds per step by number of prompts M", "grows with M + 1"),
+    (
+        "scaling.py",
+        "combiner_time_per_step",
+        "SuperDiff's own work per step without the network, by M (the isolated share's numerator)",
+        "—",
+    ),
     (
         "scaling.py",
         "operations_per_step",
@@ -161,6 +186,13 @@ def run_here(script: str, extra: list[str]) -> dict:
     return json.loads(printed.getvalue().strip().splitlines()[-1])
 
 
+def _shown(key: str, value: float) -> str:
+    """One entry of a by-M result: times in milliseconds (two decimals under 10 ms), the rest as they are."""
+    if key.endswith("time_per_step"):
+        return f"{value * 1000:.{1 if value > 1e-2 else 2}f} ms"
+    return f"{value:g}"
+
+
 def main() -> None:
     from common import add_markdown_option
 
@@ -181,9 +213,7 @@ def main() -> None:
     for script, key, what, goal in ROWS:
         value = results[script].get(key)
         if isinstance(value, dict):
-            value = ", ".join(
-                f"M={m}: {v * 1000:.1f} ms" if key == "time_per_step" else f"M={m}: {v:g}" for m, v in value.items()
-            )
+            value = ", ".join(f"M={m}: {_shown(key, v)}" for m, v in value.items())
         print(f"| `{script}` `{key}` | {what} | {value} | {goal} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -10,6 +10,12 @@ measured twice:
 * ``combiner_fraction_isolated``: the identical sampler re-run with the network replaced by a
   cached output, timed in rounds interleaved with the real runs; the same work on a warm machine.
 
+Both shares are also measured for ``density_variance="forward"`` (``*_forward_by_m``), in the same
+rounds: the least work an AND step does, so a floor for the default's share on the same machine.
+
+``combiner_time_per_step`` is that work's own time per step (the network-free run's, per-run set-up
+included), the numerator of the isolated share, comparable across networks on one machine.
+
 ``operations_per_step`` counts the tensor operations (views excluded) that work issues per step:
 on a GPU each is a kernel launch, which costs about the same whatever the latent size; with the
 default ``density_variance="tweedie"`` AND solves a quadratic condition, and
@@ -37,6 +43,10 @@ from common import (
 )
 from superdiff import And
 
+#: The estimators timed: the default (one variance per model) and the common-variance ``"forward"``, the
+#: least work AND can do per step (its system stays linear), which bounds what any default can reach.
+ESTIMATORS = {"": {}, "_forward": {"density_variance": "forward"}}
+
 
 def main() -> None:
     args = parser(__doc__).parse_args()
@@ -45,26 +55,34 @@ def main() -> None:
     steps = args.steps or (10 if args.quick else 30)
     batch = 1 if args.quick else 2
     repeats = args.repeats or 5
-    per_step, in_place, isolated, operations, operations_forward = {}, {}, {}, {}, {}
+    per_step, own_per_step, operations, operations_forward = {}, {}, {}, {}
+    in_place: dict[str, dict[str, float]] = {suffix: {} for suffix in ESTIMATORS}
+    isolated: dict[str, dict[str, float]] = {suffix: {} for suffix in ESTIMATORS}
     for m in (2, 4, 8):
         denoiser, _, latent, params = sd_denoiser(size, m, args.device, dtype)
         times = denoiser.process.time_grid(steps)
         timer = NetworkCallTimer(denoiser, args.device)
-        run_timed = sampling_run(timer, And(), batch, latent, times, args.device)
-        fractions_in_place: list[float] = []
-
-        def full() -> None:
-            run_timed()
-            fractions_in_place.append(timer.outside_fraction())
-
+        fractions: dict[str, list[float]] = {suffix: [] for suffix in ESTIMATORS}
+        runs = {}
         with torch.inference_mode():
             cached = network_free(denoiser, batch, latent, times, args.device)
-            timed = interleaved_times({"full": full,
-                                       "combine_only": sampling_run(cached, And(), batch, latent, times, args.device,
-                                                                    NETWORK_FREE_RUNS)}, repeats, args.device)
+            for suffix, options in ESTIMATORS.items():
+                run_timed = sampling_run(timer, And(), batch, latent, times, args.device, **options)
+
+                def full(run_timed=run_timed, out=fractions[suffix]) -> None:
+                    run_timed()
+                    out.append(timer.outside_fraction())
+
+                runs["full" + suffix] = full
+                runs["combine_only" + suffix] = sampling_run(cached, And(), batch, latent, times, args.device,
+                                                             NETWORK_FREE_RUNS, **options)
+            timed = interleaved_times(runs, repeats, args.device)
         per_step[str(m)] = round(statistics.median(timed["full"]) / steps, 5)
-        in_place[str(m)] = round(statistics.median(fractions_in_place[1:]), 4)  # [0]: the warm-up run
-        isolated[str(m)] = round(median_ratio(timed["combine_only"], timed["full"]) / NETWORK_FREE_RUNS, 4)
+        own_per_step[str(m)] = round(statistics.median(timed["combine_only"]) / NETWORK_FREE_RUNS / steps, 6)
+        for suffix in ESTIMATORS:
+            in_place[suffix][str(m)] = round(statistics.median(fractions[suffix][1:]), 4)  # [0]: the warm-up run
+            isolated[suffix][str(m)] = round(median_ratio(timed["combine_only" + suffix], timed["full" + suffix])
+                                             / NETWORK_FREE_RUNS, 4)
         operations[str(m)] = operations_per_step(denoiser, And(), batch, latent, steps, args.device)
         operations_forward[str(m)] = operations_per_step(denoiser, And(), batch, latent, steps, args.device,
                                                          density_variance="forward")
@@ -77,10 +95,13 @@ def main() -> None:
             "steps": steps,
             "batch": batch,
             "time_per_step": per_step,
-            "combiner_fraction_by_m": in_place,
-            "combiner_fraction": max(in_place.values()),
-            "combiner_fraction_isolated_by_m": isolated,
-            "combiner_fraction_isolated": max(isolated.values()),
+            "combiner_time_per_step": own_per_step,
+            "combiner_fraction_by_m": in_place[""],
+            "combiner_fraction": max(in_place[""].values()),
+            "combiner_fraction_isolated_by_m": isolated[""],
+            "combiner_fraction_isolated": max(isolated[""].values()),
+            "combiner_fraction_forward_by_m": in_place["_forward"],
+            "combiner_fraction_isolated_forward_by_m": isolated["_forward"],
             "operations_per_step": operations,
             "operations_per_step_forward": operations_forward,
         },

@@ -244,15 +244,37 @@ def test_training_script_runs_and_logs(tmp_path):
     assert json.loads((folder / "training_log.json").read_text())["steps_done"] == 2
 
 
-def test_scenes_training_writes_a_folder_that_names_no_local_path(tmp_path):
+def test_scenes_training_writes_a_folder_that_names_no_local_path(tmp_path, monkeypatch):
     """Every stage of a (tiny) scenes run, the VAE reloaded between them: no config in the saved
-    folder records the machine's path it was loaded from, and the folder loads as a diffusers pipeline."""
+    folder records the machine's path it was loaded from, and the folder loads as a diffusers pipeline.
+    The VAE stages, which read no captions, draw scenes of held-out pairs too; the UNet's scenes hold
+    only training pairs (read from what each stage drew)."""
+    import inspect
+
     from diffusers import StableDiffusionPipeline
 
+    import superdiff.zoo.train_scenes as train_scenes
+    from superdiff.zoo.scenes import HELD_OUT_PAIRS, OBJECTS, TRAIN_PAIRS
     from superdiff.zoo.train import main
 
+    drawn: dict[str, set] = {}
+    real = train_scenes.sample_scenes
+
+    def recording(*args, **kwargs):
+        scenes = real(*args, **kwargs)
+        pairs = {tuple(sorted(p)) for p in scenes.objects.tolist() if -1 not in p}
+        drawn.setdefault(inspect.stack()[1].function, set()).update(pairs)
+        return scenes
+
+    monkeypatch.setattr(train_scenes, "sample_scenes", recording)
     main(["scenes", "--out", str(tmp_path), "--steps", "2", "--batch-size", "4", "--vae-steps", "2",
-          "--decoder-steps", "2", "--encoded-scenes", "8"])
+          "--decoder-steps", "2", "--encoded-scenes", "64"])
+    held_out = {tuple(sorted(OBJECTS.index(o) for o in pair)) for pair in HELD_OUT_PAIRS}
+    trained = set(TRAIN_PAIRS)
+    assert set(drawn) == {"_vae_phase", "train_vae", "reconstruction_read_rate", "encode_scenes"}, drawn
+    for stage in ("_vae_phase", "train_vae", "reconstruction_read_rate"):
+        assert drawn[stage] & held_out, stage
+    assert drawn["encode_scenes"] and drawn["encode_scenes"] <= trained
     folder = tmp_path / "scenes"
     configs = list(folder.rglob("config.json"))
     assert {c.parent.name for c in configs} >= {"vae", "unet", "text_encoder"}
