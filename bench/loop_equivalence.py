@@ -5,7 +5,8 @@ git history by ``bench/loop_reference.py``) and the library's sampler run the sa
 OR, AND (with and without log-weights), fixed weights, expressions with Feynman–Kac particles and
 resampling, guidance, the three density variances, ``variance="tweedie"``, a last step onto σ = 0,
 one generator per sample, a callback that edits the state, and an interruption. Every returned
-tensor must agree to ``--atol`` (1e-12 by default).
+tensor must agree to ``--atol`` (1e-12 by default), except where one ulp of starting noise alone moves
+the old sampler's traces by more (:func:`compare`: such a case is held to a few times that movement).
 
     python bench/loop_equivalence.py            # prints one line per case, exits 1 on a mismatch
     python bench/loop_equivalence.py --json     # the result as JSON on the last line
@@ -49,6 +50,15 @@ def _models(m: int, guided: bool = False, process=None) -> MixtureDenoiser:
     return MixtureDenoiser(tuple(mixtures), process or VPLinear(0.1, 20.0), unconditional=guided)
 
 
+def _models_8d(m: int) -> MixtureDenoiser:
+    """M two-component mixtures in 8 dimensions (seeded centres): an AND of three models is well posed
+    there, unlike in 2 dimensions, where three models' offsets span at most a plane and κ reaches
+    1e16, so that one ulp of starting noise moves the old sampler's own traces by as much."""
+    g = torch.Generator().manual_seed(4)
+    return MixtureDenoiser(tuple(GaussianMixture.create((torch.randn(2, 8, generator=g) * 1.5).tolist(), 0.5)
+                                 for _ in range(m)), VPLinear(0.1, 20.0))
+
+
 def _tree(lib, text: str):
     """A tree of ``lib``'s nodes (old or new) from a tiny prefix spec."""
     L = lib.Leaf
@@ -85,6 +95,9 @@ def cases():
             for m in (2, 3):
                 out.append((f"{kind}/M={m}/dv={dv}", _models(m), lambda c, e, k=kind, m=m: _flat(c, k, m), 12,
                             dict(density_variance=dv)))
+            if kind in ("and", "and_lw", "sum"):
+                out.append((f"{kind}/M=3/8d/dv={dv}", _models_8d(3), lambda c, e, k=kind: _flat(c, k, 3), 12,
+                            dict(density_variance=dv)))
     for var in ("forward", "euler", "tweedie"):
         out.append((f"and/variance={var}", _models(2), lambda c, e: c.And(), 10, dict(variance=var)))
         out.append((f"or/variance={var}", _models(3), lambda c, e: c.Or(), 10, dict(variance=var)))
@@ -102,6 +115,9 @@ def cases():
                             dict(particles=k, density_variance=dv)))
     out.append(("expr:product/K=4/threshold=1/variance=tweedie", _models(3), lambda c, e: _tree(e, "product"), 12,
                 dict(particles=4, resample_threshold=1.0, variance="tweedie")))
+    for dv in ("tweedie", "forward"):
+        out.append((f"expr:and3/K=4/8d/dv={dv}", _models_8d(3), lambda c, e: _tree(e, "and3"), 12,
+                    dict(particles=4, density_variance=dv)))
     for name in ("or_corrected", "product_of_and", "softmin"):
         out.append((f"expr:{name}/K=4/threshold=1", _models(3), lambda c, e, n=name: _tree(e, n), 12,
                     dict(particles=4, resample_threshold=1.0)))
@@ -112,10 +128,12 @@ def cases():
     return out
 
 
-def _run(sampler, models, combiner, steps, kw, seed, extra):
+def _run(sampler, models, combiner, steps, kw, seed, extra, nudge: float = 0.0):
+    """``sampler`` on the case; ``nudge`` scales the starting noise by 1 + nudge (2⁻⁵²: one ulp)."""
     g = torch.Generator().manual_seed(seed)
     batch = 16
     x = prior_sample(models, batch, models.sample_shape, generator=g, dtype=kw.pop("dtype", torch.float64))
+    x = x * (1.0 + nudge) if nudge else x
     gens = extra.get("generators")
     generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)] if gens else g
     return sampler(models, x, models.process.time_grid(steps), combiner, generator=generator, **kw,
@@ -137,9 +155,21 @@ def _gap(a, b) -> float:
     return float(d.max()) if d.numel() else 0.0
 
 
+#: A case is held to ``atol``, or where the old sampler's own traces move by more than ``atol / ULPS`` when its
+#: starting noise moves by one ulp, to ULPS times that movement: a change of arithmetic rounds a few operations
+#: differently, which moves the traces like a few ulps of input, and no sampler can be asked for less.
+ULPS = 4
+
+
 def compare(atol: float, only: tuple[str, ...] | None = None) -> dict:
-    """Run every case (or those whose name is in ``only``) with both samplers; the largest gap per case."""
-    results = {}
+    """Run every case (or those whose name is in ``only``) with both samplers; the largest gap per case.
+
+    Each case also runs the old sampler on its starting noise moved by one ulp (× (1 + 2⁻⁵²)): where that
+    alone moves the traces by more than ``atol / ULPS`` (``rounding_sensitive``), equality to ``atol`` would
+    pin the old sampler's rounding rather than its behaviour, and the case is held to ``ULPS`` times that
+    movement instead. In two dimensions an AND of three models is such a case at every estimator (κ
+    reaches 1e16–1e19): the ``8d`` cases hold three-model ANDs to ``atol``."""
+    results, sensitive, tolerance = {}, {}, {}
     extras = [{}, {"generators": True}]
     for name, models, build, steps, kw in cases():
         if only is not None and name not in only:
@@ -147,9 +177,14 @@ def compare(atol: float, only: tuple[str, ...] | None = None) -> dict:
         for extra_name, extra in (("", {}), ("/gens", extras[1])):
             old = _run(old_sample_sde, models, build(old_combine, old_expr), steps, dict(kw), 7, extra)
             new = _run(sample_sde, models, build(new_combine, new_expr), steps, dict(kw), 7, extra)
-            gaps = {f: _gap(getattr(old, f), getattr(new, f)) for f in FIELDS
-                    if not (f == "node_weight_trace" and getattr(old, f) is None)}
-            results[name + extra_name] = max(gaps.values())
+            nudged = _run(old_sample_sde, models, build(old_combine, old_expr), steps, dict(kw), 7, extra, 2.0**-52)
+            fields = [f for f in FIELDS if not (f == "node_weight_trace" and getattr(old, f) is None)]
+            key = name + extra_name
+            results[key] = max(_gap(getattr(old, f), getattr(new, f)) for f in fields)
+            self_gap = max(_gap(getattr(old, f), getattr(nudged, f)) for f in fields)
+            tolerance[key] = max(atol, ULPS * self_gap)
+            if self_gap > atol / ULPS:
+                sensitive[key] = self_gap
     # a callback that edits the state, and an interruption after 5 steps, in float32
     calls = {"n": 0}
 
@@ -167,11 +202,16 @@ def compare(atol: float, only: tuple[str, ...] | None = None) -> dict:
         new = _run(sample_sde, _models(2), new_combine.And(), 10, dict(dtype=torch.float32), 3, extra)
         results[f"and/{label}/float32"] = max(_gap(getattr(old, f), getattr(new, f)) for f in FIELDS
                                                if f != "node_weight_trace")
+        tolerance[f"and/{label}/float32"] = atol
     changed = {k: v for k, v in results.items() if k.split("/")[0] in CHANGED_SINCE_FREEZE}
     held = {k: v for k, v in results.items() if k not in changed}
     worst = max(held.values())
-    return {"cases": len(held), "worst_gap": worst, "atol": atol, "ok": worst <= atol,
-            "failures": {k: v for k, v in held.items() if v > atol}, "changed_since_freeze": changed}
+    failures = {k: v for k, v in held.items() if not v <= tolerance[k]}
+    worst_stable = max((v for k, v in held.items() if k not in sensitive), default=0.0)
+    return {"cases": len(held), "worst_gap": worst, "worst_gap_of_stable_cases": worst_stable, "atol": atol,
+            "ok": not failures, "failures": failures, "changed_since_freeze": changed,
+            "rounding_sensitive": {k: {"one_ulp_gap": v, "gap": results[k]} for k, v in sensitive.items()
+                                   if k not in changed}}
 
 
 def main() -> None:
@@ -184,8 +224,15 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['cases']} cases, worst gap {result['worst_gap']:.3g} (atol {args.atol:g}); "
+        relaxed = {k: v for k, v in result["rounding_sensitive"].items() if v["gap"] > args.atol}
+        print(f"{result['cases']} cases, worst gap {result['worst_gap_of_stable_cases']:.3g} of those held to atol "
+              f"{args.atol:g}; {len(result['rounding_sensitive'])} are rounding-sensitive (one ulp of starting noise "
+              f"moves the old sampler by more than atol/{ULPS}) and held to {ULPS}x that movement, "
+              f"{len(relaxed)} of them further than atol from the old sampler; "
               f"{len(result['changed_since_freeze'])} changed on purpose since the freeze ({CHANGED_SINCE_FREEZE})")
+        for k, v in sorted(relaxed.items(), key=lambda kv: kv[1]["one_ulp_gap"]):
+            print(f"  rounding-sensitive {k}: {v['gap']:.3g} from the old sampler, which one ulp of starting noise "
+                  f"moves by {v['one_ulp_gap']:.3g}")
         for k, v in result["failures"].items():
             print(f"  MISMATCH {k}: {v:.3g}")
     sys.exit(0 if result["ok"] else 1)

@@ -393,14 +393,17 @@ def ito_quadratic_increment_system(
     inverse = var.reciprocal()  # 1/Vᵢ, formed once (as 1.0 / V would be, in one operation rather than two)
     mean_var = inverse.mean(-1).reciprocal()  # (B,) the harmonic mean V̄
     mean_inverse = mean_var.reciprocal()[:, None]  # 1/V̄ (B, 1), rounded as 1/V̄, not as the mean of the 1/Vᵢ
-    common_matrix, common_offset = _per_sample_variance_system(moments, scale, coef, mean_inverse)
     gram, h, c0 = moments.gram, moments.offset_noise, coef.c_0
+    # A(V̄) + c_0² scale diag(δ) G is c_0² scale G with row i scaled by 1/Vᵢ, and b(V̄) − (δ/2)(c_0² diag G − 2 c_0 h)
+    # is 1/Vᵢ times the bracket c_0 h − (c_0²/2) diag G: each is formed once, then scaled per model.
+    scaled_gram = (c0 * c0 * scale) * gram
+    bracket = torch.add(c0 * h, torch.diagonal(gram, dim1=1, dim2=2), alpha=-0.5 * c0 * c0)
     delta = inverse - mean_inverse  # (B, M)
-    a_mat = common_matrix + (c0**2 * scale * delta)[..., None] * gram
-    constant = c0**2 * torch.diagonal(gram, dim1=1, dim2=2) - 2 * c0 * h + moments.noise_norm2[:, None]
-    b_vec = common_offset - 0.5 * delta * constant - 0.5 * moments.dim * torch.log(var / mean_var[:, None])
-    return QuadraticIncrementSystem(a_mat, b_vec, -0.5 * delta, c0**2 * scale**2 * gram, 2 * c0 * scale * h,
-                                    mean_var, common_matrix, common_offset)
+    b_vec = torch.addcmul(inverse * bracket, delta, moments.noise_norm2[:, None], value=-0.5)
+    b_vec = torch.add(b_vec, torch.log(var * mean_inverse), alpha=-0.5 * moments.dim)
+    return QuadraticIncrementSystem(inverse[..., None] * scaled_gram, b_vec, -0.5 * delta, scale * scaled_gram,
+                                    (2 * c0 * scale) * h, mean_var, mean_inverse[..., None] * scaled_gram,
+                                    mean_inverse * bracket)
 
 
 def ito_final_step_system(denoised: Tensor, base: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -389,12 +389,12 @@ def _quadratic_system_weights(
 def _quadratic_root(system: QuadraticIncrementSystem, k0: Tensor, k1: Tensor) -> tuple[Tensor, Tensor]:
     """The root t of ``t = φ(κ₀ + t κ₁)`` that tends to φ(κ₀) as the variances meet, and the discriminant
     of ``p₂ t² + (p₁ − 1) t + p₀ = 0`` (B,) (no real root where it is negative)."""
-    qk = system.phi_matrix @ torch.stack([k0, k1], -1)  # (B, M, 2): Q κ₀, Q κ₁
-    p0 = (k0 * qk[..., 0]).sum(-1) + (system.phi_vector * k0).sum(-1)  # φ(κ₀)
-    p1 = 2 * (k0 * qk[..., 1]).sum(-1) + (system.phi_vector * k1).sum(-1)
-    p2 = (k1 * qk[..., 1]).sum(-1)
-    slope = 1 - p1
-    discriminant = slope**2 - 4 * p2 * p0
+    kk = torch.stack([k0, k1], -1)  # (B, M, 2)
+    quad = kk.mT @ (system.phi_matrix @ kk)  # (B, 2, 2): κₐᵀ Q κ_b
+    lin = (system.phi_vector[:, None] @ kk)[:, 0]  # (B, 2): v·κ₀, v·κ₁
+    p0 = quad[:, 0, 0] + lin[:, 0]  # φ(κ₀)
+    slope = 1 - (quad[:, 0, 1] + quad[:, 1, 0] + lin[:, 1])  # 1 − p₁
+    discriminant = torch.addcmul(slope * slope, quad[:, 1, 1], p0, value=-4.0)
     return 2 * p0 / (slope + discriminant.clamp_min(0).sqrt()), discriminant
 
 

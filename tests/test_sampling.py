@@ -439,8 +439,10 @@ def test_sample_ode_takes_an_options_object_whose_fields_it_does_not_use_are_the
 
 def test_the_loop_gives_the_traces_of_the_sampler_before_its_rewrite():
     """A few of ``bench/loop_equivalence.py``'s cases (the pre-rewrite sampler from git history against this one,
-    same seeds): AND on the default estimator, guided AND, OR, and corrected expressions whose
-    particles resample every step; every returned tensor equal to 1e-12."""
+    same seeds): AND on the default estimator (two models, and three in 8 dimensions), guided AND, OR, and
+    corrected expressions whose particles resample every step; every returned tensor equal to 1e-12, or to
+    4 times what one ulp of starting noise moves the old sampler's own traces where that is more (these cases are
+    well posed: one ulp moves them by 1e-10 at most, so the check stays tight)."""
     import sys
     from pathlib import Path
 
@@ -451,10 +453,11 @@ def test_the_loop_gives_the_traces_of_the_sampler_before_its_rewrite():
         pytest.skip(f"commit {loop_reference.COMMIT} is not in this checkout's history (a shallow clone)")
     import loop_equivalence
 
-    only = ("and/M=2/dv=tweedie", "and_lw/M=3/dv=tweedie", "or_t/M=3/dv=forward", "and/guided",
+    only = ("and/M=2/dv=tweedie", "and_lw/M=3/8d/dv=tweedie", "or_t/M=3/dv=forward", "and/guided",
             "expr:product_of_and/K=4/threshold=1", "expr:softmin/K=4/threshold=1", "expr:not/K=4/dv=tweedie")
     result = loop_equivalence.compare(1e-12, only)
     assert result["cases"] == 2 * len(only) + 2 and result["ok"], result["failures"]
+    assert all(v["one_ulp_gap"] < 1e-10 for v in result["rounding_sensitive"].values()), result["rounding_sensitive"]
 
 
 def test_and_exact_gap_on_an_asymmetric_pair_has_a_floor_that_feedback_removes():
