@@ -20,6 +20,7 @@ import io
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -155,13 +156,22 @@ ROWS = [
 ]
 
 
-def run(script: str, extra: list[str]) -> dict:
-    """``script``'s result (the last line it prints with ``--json``), run in a process of its own."""
+def run(script: str, extra: list[str], limit: float | None = None) -> dict:
+    """``script``'s result (the last line it prints with ``--json``), run in a process of its own; past
+    ``limit`` seconds it is stopped, with every process it started (those would hold the GPU through the next
+    benchmark), and its result says so (the table then shows it as not measured)."""
     cmd = [sys.executable, str(HERE / script), "--json", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"stopped": f"after {limit:g} s (--script-limit)"}
     if proc.returncode != 0:
-        raise SystemExit(f"{script} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{script} failed ({proc.returncode}):\n{stderr[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run_here(script: str, extra: list[str]) -> dict:
@@ -200,23 +210,26 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="also write all results as one JSON file")
+    p.add_argument("--script-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop a benchmark that runs longer (full sizes only) and go on: its rows say so")
     add_markdown_option(p)
     args = p.parse_args()
     extra = (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
     results, start = {}, time.perf_counter()
     for script in dict.fromkeys(row[0] for row in ROWS):
-        results[script] = (run_here if args.quick else run)(script, extra)
+        results[script] = run_here(script, extra) if args.quick else run(script, extra, args.script_limit)
         print(f"{script}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    machine = next(iter(results.values()))["machine"]
-    print(f"Measured on {machine}; command: python bench/run_all.py{' --quick' if args.quick else ''}\n")
+        if args.out:  # after each script, so a run cut short keeps what it measured
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+    machine = next((r["machine"] for r in results.values() if "machine" in r), "(no benchmark finished)")
+    print(f"Measured on {machine}; command: python bench/run_all.py {' '.join(extra)}".rstrip() + "\n")
     print("| benchmark | measures | result | goal |\n|---|---|---|---|")
     for script, key, what, goal in ROWS:
-        value = results[script].get(key)
+        stopped = results[script].get("stopped")
+        value = f"not measured: stopped {stopped}" if stopped else results[script].get(key)
         if isinstance(value, dict):
             value = ", ".join(f"M={m}: {_shown(key, v)}" for m, v in value.items())
         print(f"| `{script}` `{key}` | {what} | {value} | {goal} |")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

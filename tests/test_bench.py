@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,32 @@ def test_a_quick_run_all_runs_each_script_here_and_leaves_this_process_as_it_fou
         assert torch.get_num_threads() == 2 and sys.argv == argv and os.getcwd() == cwd
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_benchmark_past_its_limit_is_stopped_with_the_processes_it_started(tmp_path, monkeypatch):
+    """``run_all.py --script-limit``: a script still running at the limit is stopped together with a child
+    process it started (which would otherwise hold the GPU through the next benchmark), and its result says
+    it was stopped; one that finishes in time gives its last printed line."""
+    spec = importlib.util.spec_from_file_location("bench_run_all_limit", BENCH / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    child_pid = tmp_path / "child.pid"
+    (tmp_path / "slow.py").write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n")
+    (tmp_path / "fast.py").write_text("import json\nprint(json.dumps({'done': 1}))\n")
+    assert run_all.run("fast.py", [], limit=30) == {"done": 1}
+    assert run_all.run("slow.py", [], limit=2) == {"stopped": "after 2 s (--script-limit)"}
+    pid = int(child_pid.read_text())
+    for _ in range(50):  # the killed child is reaped by init shortly after
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the benchmark's child process {pid} outlived the limit")
