@@ -12,7 +12,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from .models import EMBEDDED, PROMPTED_EMBEDDED, caption_words, looks_local
+from .models import EMBEDDED, PROMPTED_EMBEDDED, caption_words, looks_local, pipeline_family
 
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
 """``torch.Generator.manual_seed`` takes -2⁶³ … 2⁶⁴-1 and wraps negatives modulo 2⁶⁴ (-1 is the
@@ -188,14 +188,19 @@ def network_rows_problem(model: str, images: int, particles: int, leaves: int, g
                          true_cfg_scale: float | None = None,
                          options: tuple[str, str] = ("--num-images", "--particles")) -> str | None:
     """The library's cap on the rows of one network call (:func:`superdiff.limits.rows_problem`:
-    images × particles × (leaves + the unconditional row)), checked before loading. The unconditional
-    row is counted wherever guidance may add it: text models whose guidance is left at its default
-    (above 1) or set above 1, and FLUX's true CFG above 1."""
+    images × particles × (leaves + the unconditional row)), checked before loading. Whether the
+    unconditional row is evaluated is the model's family's rule (its pipeline's ``guides``: Z-Image guides
+    for guidance above 0, FLUX.1 and Qwen-Image for a true CFG scale above 1, FLUX.2 dev and unconditional
+    stacks never, the others for guidance above 1), read only where the rows would not fit with the row."""
     from superdiff.limits import rows_problem
 
-    unconditional = model != "embedded-digits" and (
-        guidance is None or guidance > 1 or (true_cfg_scale is not None and true_cfg_scale > 1)
-    )
+    if rows_problem(images, particles, leaves, True, names=options) is None:
+        return None  # it fits whatever guidance adds
+    family, config = pipeline_family(model)
+    if family is not None:
+        unconditional = family.guides(guidance, true_cfg_scale, config)
+    else:  # a family not known before loading: count the row wherever some family's guidance adds it
+        unconditional = guidance is None or guidance > 0 or (true_cfg_scale is not None and true_cfg_scale > 1)
     return rows_problem(images, particles, leaves, unconditional, names=options)
 
 

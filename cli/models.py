@@ -149,6 +149,28 @@ def pipeline_class_name(class_name: str | None) -> str | None:
     return "SuperDiffPipeline" if class_name is None else superdiff_class_name(class_name)
 
 
+def pipeline_family(spec: str) -> tuple[Any, dict]:
+    """The superdiff pipeline class ``spec`` loads as and its ``model_index.json`` (``{}`` without one), read
+    without loading or downloading anything; (None, {}) where that is not known here (a hub id not in the
+    cache, an unreadable index). Imports the pipelines (seconds): for the checks that need a family's rule."""
+    if spec in EMBEDDED:
+        name = "SuperDiffUnconditionalPipeline" if spec == "embedded-digits" else "SuperDiffPipeline"
+        index: dict | None = {}
+    else:
+        try:
+            index = model_index(spec)
+        except BadInput:
+            return None, {}
+        if index is None and not Path(spec).expanduser().is_dir():
+            return None, {}
+        name = pipeline_class_name(index.get("_class_name") if index else None)
+    if name is None:
+        return None, {}
+    import superdiff.pipelines
+
+    return getattr(superdiff.pipelines, name, None), index or {}
+
+
 def pickle_only_components(folder: Path, index: dict | None) -> list[str]:
     """The component subfolders of a local pipeline folder whose weights are all pickle files."""
     names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None] \

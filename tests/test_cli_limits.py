@@ -45,6 +45,31 @@ def test_generate_refuses_what_cannot_work_before_loading(tmp_path, monkeypatch,
     assert "Traceback" not in r.output and not out.exists()
 
 
+@pytest.mark.parametrize("index, guidance, true_cfg, refused", [
+    ({"_class_name": "StableDiffusionPipeline"}, None, None, True),  # guidance 7.5 by default: 16 x 64 x 17 rows
+    ({"_class_name": "StableDiffusionPipeline"}, 1.0, None, False),  # guidance 1: no unconditional row, 16384 fit
+    ({"_class_name": "Flux2Pipeline"}, None, None, False),  # guidance-distilled: never an unconditional row
+    ({"_class_name": "FluxPipeline"}, 3.5, None, False),  # distilled guidance; true CFG off
+    ({"_class_name": "FluxPipeline"}, 3.5, 4.0, True),  # true CFG: the negative prompt's row
+    ({"_class_name": "ZImagePipeline"}, 0.5, None, True),  # Z-Image guides for any guidance above 0
+    ({"_class_name": "ZImagePipeline"}, 0.0, None, False),  # Z-Image-Turbo
+    ({"_class_name": "Flux2KleinPipeline", "is_distilled": False}, 4.0, None, True),
+    ({"_class_name": "Flux2KleinPipeline", "is_distilled": True}, 4.0, None, False),  # step-distilled: unguided
+])
+def test_the_row_cap_counts_the_unconditional_row_as_the_models_family_guides(tmp_path, index, guidance, true_cfg,
+                                                                                refused):
+    """16 images x 64 particles x 16 models are exactly the cap of 16384 rows: the run fits unless the family's
+    guidance adds the unconditional row, read from the folder's model_index.json before loading."""
+    from superdiff_cli.limits import network_rows_problem
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(index))
+    problem = network_rows_problem(str(folder), 16, 64, 16, guidance, true_cfg)
+    assert (problem is not None) == refused, problem
+    assert problem is None or "(16 models + the unconditional row) = 17408 rows" in problem
+
+
 def _failing_sampler(*args, **kwargs):
     raise NonFiniteError("step 2 of 3 produced non-finite (NaN or infinite) samples (the log-densities of models "
                          "'red', 'circle'); nothing was returned")

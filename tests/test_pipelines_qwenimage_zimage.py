@@ -177,8 +177,22 @@ def test_one_batched_transformer_call_per_step_and_one_text_encoding(family, cfg
     out = ours(PROMPTS3[:2], num_inference_steps=STEPS, num_images_per_prompt=3, output_type="latent",
                generator=seeded(1), **family.kw(**guidance(family, cfg)))
     assert rows == [(2 + cfg) * 3] * STEPS  # all prompts (and the negative one) of a step in one call
+    given = guidance(family, cfg)  # the rule the command line counts rows by, before loading
+    assert type(ours).guides(given.get("guidance_scale"), given.get("true_cfg_scale"), ours.config) == cfg
     assert len(encodings) == 1  # every text of the call in one text-encoder call
     assert out.images.shape == family.latent_shape  # diffusers' latents (Qwen-Image's packed)
+
+
+def test_z_image_guides_for_any_guidance_above_zero(tmp_path):
+    """ZImagePipeline's guidance g > 0 adds the negative prompt's row even at g ≤ 1 (weight 1 + g), unlike the
+    families that guide above 1; its ``guides`` says so, and the command line counts rows by it."""
+    ours, _ = ZIMAGE.pipes(tmp_path)
+    rows = []
+    ours.transformer.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(rows_of(args, kwargs)),
+                                               with_kwargs=True)
+    ours(PROMPTS3[:2], num_inference_steps=STEPS, output_type="latent", generator=seeded(1),
+         **ZIMAGE.kw(guidance_scale=0.5))
+    assert rows == [3] * STEPS and type(ours).guides(0.5, None) and not type(ours).guides(0.0, None)
 
 
 @both

@@ -23,7 +23,7 @@ import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
@@ -45,6 +45,7 @@ from ._common import (
     check_text_inputs,
     decode,
     guided_conditions,
+    is_number,
     negative_text,
     prompts_argument,
     refuse_embeddings,
@@ -407,6 +408,20 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
     patch: ClassVar[int] = 1
     #: The image processor the family's diffusers pipeline uses.
     image_processor_class: ClassVar[type] = VaeImageProcessor
+
+    #: The value of :attr:`cfg_argument` above which the family guides (diffusers' ``guidance_scale > 1``).
+    guides_above: ClassVar[float] = 1.0
+
+    @classmethod
+    def guides(cls, guidance_scale: float | None, true_cfg_scale: float | None,
+               config: Mapping[str, Any] | None = None) -> bool:
+        """Whether a call with these arguments (None: the family's default) guides, that is, evaluates an
+        unconditional row each step: its :attr:`cfg_argument` above :attr:`guides_above`, as diffusers decides.
+        ``config``: the pipeline's config (``model_index.json``'s keys), so the command line can count a call's
+        rows before loading the model."""
+        given = {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale}[cls.cfg_argument]
+        value = cls.call_defaults.get(cls.cfg_argument) if given is None else given
+        return is_number(value) and value > cls.guides_above
 
     def __init__(self, **modules: Any) -> None:
         """Register the family's ``modules`` as diffusers does (each family's ``__init__`` names them, which

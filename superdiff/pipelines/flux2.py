@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
@@ -170,6 +170,13 @@ class SuperDiffFlux2KleinPipeline(_Flux2Family):
         """How to guide a klein (one that is not step-distilled), for the refusal of an unguided sum."""
         fix = "guide it: guidance_scale above 1 (e.g. 4.0; it is {call.guidance_scale!r})"
         return fix + (", on a klein that is not step-distilled" if self.config.is_distilled else "")
+
+    @classmethod
+    def guides(cls, guidance_scale: float | None, true_cfg_scale: float | None,
+               config: Mapping[str, Any] | None = None) -> bool:
+        """Above 1, as diffusers decides, unless the klein is step-distilled (``config["is_distilled"]``)."""
+        distilled = bool((config or {}).get("is_distilled", False))
+        return not distilled and super().guides(guidance_scale, true_cfg_scale, config)
 
     def check_inputs(self, call: PipelineCall) -> None:
         """A step-distilled klein samples unguided whatever ``guidance_scale`` says (diffusers' rule); the checks."""

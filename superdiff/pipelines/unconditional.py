@@ -90,6 +90,11 @@ class SuperDiffUnconditionalPipeline(UnconditionalStackIO, SuperDiffLoop):
         classifier-free guidance: ``prompts``, ``prompt``, ``negative_prompt`` and ``guidance_scale``
         are refused with a ``ValueError``."""
 
+    @classmethod
+    def guides(cls, guidance_scale: Any, true_cfg_scale: Any, config: Any = None) -> bool:
+        """Never: an unconditional stack has no classifier-free guidance (its rows are the models alone)."""
+        return False
+
     def _compose(self, batch_size: Any, mode: Any, temperature: Any, log_weights: Any, combiner: Any,
                  expression: Any, num_images_per_prompt: Any, options: Any, sampler_options: dict[str, Any],
                  **arguments: Any) -> SuperDiffPipelineOutput | tuple:

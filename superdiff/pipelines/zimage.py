@@ -62,6 +62,7 @@ class SuperDiffZImagePipeline(FlowFamily):
     guidance_fix = "guide it: guidance_scale above 0 (e.g. 5.0; it is {call.guidance_scale!r})"
     sequence_lengths = "ZImagePipeline uses 512"
     call_defaults = {"guidance_scale": 5.0, "num_inference_steps": 50, "max_sequence_length": 512}
+    guides_above = 0.0  # ZImagePipeline guides for any g > 0, with weight 1 + g
     call_doc = """As :meth:`SuperDiffPipeline.__call__ <superdiff.pipelines.SuperDiffPipeline.__call__>`, with
         ``ZImagePipeline``'s arguments and defaults (50 steps, 1024² pixels, text length 512). ``guidance_scale``
         g: ``ZImagePipeline``'s classifier-free guidance, on for g > 0 (weight 1 + g, one unconditional row more
@@ -105,7 +106,7 @@ class SuperDiffZImagePipeline(FlowFamily):
             _fail("negative_prompt", negative, "it is the unconditional branch of guidance, which guidance_scale=0 "
                   "turns off; pass a guidance_scale above 0 (e.g. 5.0) or no negative_prompt")
         self._z_guidance = g
-        call.options = dataclasses.replace(call.options, guidance_scale=1.0 + g if g > 0 else None)
+        call.options = dataclasses.replace(call.options, guidance_scale=1.0 + g if self.guides(g, None) else None)
         check_guidance(call.options.guidance, call.options.combiner, "guidance_scale")
         super().check_inputs(call)
 
