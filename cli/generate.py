@@ -297,7 +297,8 @@ def generate(
     # The library's ranges (superdiff.limits), before loading: guidance times the composition's gain, and rows.
     check_guidance(guidance, combiner, "--guidance")
     check_guidance(true_cfg_scale, combiner, "--true-cfg-scale")
-    problem = network_rows_problem(model, num_images, options.particles, len(items), guidance, true_cfg_scale)
+    problem = network_rows_problem(model, num_images, options.particles, len(items), guidance, true_cfg_scale,
+                                   negative_prompt=negative_prompt)
     if problem:
         raise BadInput(problem)
     if plot:

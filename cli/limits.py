@@ -186,19 +186,21 @@ def images_problem(num_images: int, height: int | None, width: int | None, spec:
 
 def network_rows_problem(model: str, images: int, particles: int, leaves: int, guidance: float | None,
                          true_cfg_scale: float | None = None,
-                         options: tuple[str, str] = ("--num-images", "--particles")) -> str | None:
+                         options: tuple[str, str] = ("--num-images", "--particles"),
+                         negative_prompt: str | None = None) -> str | None:
     """The library's cap on the rows of one network call (:func:`superdiff.limits.rows_problem`:
     images × particles × (leaves + the unconditional row)), checked before loading. Whether the
     unconditional row is evaluated is the model's family's rule (its pipeline's ``guides``: Z-Image guides
-    for guidance above 0, FLUX.1 and Qwen-Image for a true CFG scale above 1, FLUX.2 dev and unconditional
-    stacks never, the others for guidance above 1), read only where the rows would not fit with the row."""
+    for guidance above 0, FLUX.1 for a true CFG scale above 1, Qwen-Image for one with a negative prompt,
+    FLUX.2 dev and unconditional stacks never, the others for guidance above 1), read only where the rows
+    would not fit with the row."""
     from superdiff.limits import rows_problem
 
     if rows_problem(images, particles, leaves, True, names=options) is None:
         return None  # it fits whatever guidance adds
     family, config = pipeline_family(model)
     if family is not None:
-        unconditional = family.guides(guidance, true_cfg_scale, config)
+        unconditional = family.guides(guidance, true_cfg_scale, negative_prompt=negative_prompt, config=config)
     else:  # a family not known before loading: count the row wherever some family's guidance adds it
         unconditional = guidance is None or guidance > 0 or (true_cfg_scale is not None and true_cfg_scale > 1)
     return rows_problem(images, particles, leaves, unconditional, names=options)

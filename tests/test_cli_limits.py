@@ -55,6 +55,7 @@ def test_generate_refuses_what_cannot_work_before_loading(tmp_path, monkeypatch,
     ({"_class_name": "ZImagePipeline"}, 0.0, None, False),  # Z-Image-Turbo
     ({"_class_name": "Flux2KleinPipeline", "is_distilled": False}, 4.0, None, True),
     ({"_class_name": "Flux2KleinPipeline", "is_distilled": True}, 4.0, None, False),  # step-distilled: unguided
+    ({"_class_name": "QwenImagePipeline"}, None, 4.0, False),  # true CFG runs only with a negative prompt
 ])
 def test_the_row_cap_counts_the_unconditional_row_as_the_models_family_guides(tmp_path, index, guidance, true_cfg,
                                                                                 refused):
@@ -171,3 +172,14 @@ def test_flux_true_cfg_beyond_the_cap_is_refused_before_loading(tmp_path, monkey
     assert "--true-cfg-scale=1e+300 is not valid" in r.output
     assert "use --true-cfg-scale 8.38861e+06 or less" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen_image_counts_the_unconditional_row_with_a_negative_prompt(tmp_path):
+    """Qwen-Image guides (true CFG above 1, its default 4.0) only with a negative prompt, as diffusers does."""
+    from superdiff_cli.limits import network_rows_problem
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    assert network_rows_problem(str(folder), 16, 64, 16, None, None) is None
+    assert "the unconditional row" in network_rows_problem(str(folder), 16, 64, 16, None, None, negative_prompt=" ")

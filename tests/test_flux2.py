@@ -114,7 +114,7 @@ def test_one_batched_transformer_call_per_step(family, guidance, rows):
     out = ours(PROMPTS3[:2], num_inference_steps=STEPS, num_images_per_prompt=3, guidance_scale=guidance,
                output_type="latent", generator=seeded(1), **KW)
     assert [r for r, _ in seen] == [rows * 3] * STEPS
-    assert rows == 2 + type(ours).guides(guidance, None, ours.config)  # the rule the command line counts rows by
+    assert rows == 2 + type(ours).guides(guidance, None, config=ours.config)  # the command line counts rows by it
     for _, g in seen:
         assert g is None if family != "dev" else torch.equal(g, torch.full_like(g, guidance))
     assert out.images.shape == ((3, 16, 16) if family == "dev" else (3, 4, 8, 8))

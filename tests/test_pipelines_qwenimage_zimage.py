@@ -178,7 +178,8 @@ def test_one_batched_transformer_call_per_step_and_one_text_encoding(family, cfg
                generator=seeded(1), **family.kw(**guidance(family, cfg)))
     assert rows == [(2 + cfg) * 3] * STEPS  # all prompts (and the negative one) of a step in one call
     given = guidance(family, cfg)  # the rule the command line counts rows by, before loading
-    assert type(ours).guides(given.get("guidance_scale"), given.get("true_cfg_scale"), ours.config) == cfg
+    assert type(ours).guides(given.get("guidance_scale"), given.get("true_cfg_scale"),
+                             negative_prompt=given.get("negative_prompt"), config=ours.config) == cfg
     assert len(encodings) == 1  # every text of the call in one text-encoder call
     assert out.images.shape == family.latent_shape  # diffusers' latents (Qwen-Image's packed)
 

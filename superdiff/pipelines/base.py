@@ -413,7 +413,7 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
     guides_above: ClassVar[float] = 1.0
 
     @classmethod
-    def guides(cls, guidance_scale: float | None, true_cfg_scale: float | None,
+    def guides(cls, guidance_scale: float | None, true_cfg_scale: float | None, *, negative_prompt: Any = None,
                config: Mapping[str, Any] | None = None) -> bool:
         """Whether a call with these arguments (None: the family's default) guides, that is, evaluates an
         unconditional row each step: its :attr:`cfg_argument` above :attr:`guides_above`, as diffusers decides.

@@ -172,11 +172,11 @@ class SuperDiffFlux2KleinPipeline(_Flux2Family):
         return fix + (", on a klein that is not step-distilled" if self.config.is_distilled else "")
 
     @classmethod
-    def guides(cls, guidance_scale: float | None, true_cfg_scale: float | None,
+    def guides(cls, guidance_scale: float | None, true_cfg_scale: float | None, *, negative_prompt: Any = None,
                config: Mapping[str, Any] | None = None) -> bool:
         """Above 1, as diffusers decides, unless the klein is step-distilled (``config["is_distilled"]``)."""
         distilled = bool((config or {}).get("is_distilled", False))
-        return not distilled and super().guides(guidance_scale, true_cfg_scale, config)
+        return not distilled and super().guides(guidance_scale, true_cfg_scale, config=config)
 
     def check_inputs(self, call: PipelineCall) -> None:
         """A step-distilled klein samples unguided whatever ``guidance_scale`` says (diffusers' rule); the checks."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
@@ -91,10 +91,17 @@ class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
             _fail("negative_prompt", negative, f"it is the unconditional branch of true classifier-free guidance, "
                   f"which true_cfg_scale={true_cfg!r} turns off; pass true_cfg_scale above 1 (e.g. 4.0) or no "
                   "negative_prompt")
-        if negative is None:  # diffusers' rule: true CFG runs only with a negative prompt
+        if not self.guides(ignored, true_cfg, negative_prompt=negative):
             call.options = dataclasses.replace(call.options, guidance_scale=None)
         check_guidance(call.options.guidance, call.options.combiner, "true_cfg_scale")
         FlowFamily.check_inputs(self, call)  # not FLUX.1's distilled-guidance checks
+
+    @classmethod
+    def guides(cls, guidance_scale: float | None, true_cfg_scale: float | None, *, negative_prompt: Any = None,
+               config: Mapping[str, Any] | None = None) -> bool:
+        """``true_cfg_scale`` above 1 with a ``negative_prompt``: diffusers' QwenImagePipeline runs true
+        classifier-free guidance only with one."""
+        return negative_prompt is not None and super().guides(guidance_scale, true_cfg_scale, config=config)
 
     @torch.no_grad()
     def encode_prompts(self, texts: Sequence[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:

@@ -91,7 +91,8 @@ class SuperDiffUnconditionalPipeline(UnconditionalStackIO, SuperDiffLoop):
         are refused with a ``ValueError``."""
 
     @classmethod
-    def guides(cls, guidance_scale: Any, true_cfg_scale: Any, config: Any = None) -> bool:
+    def guides(cls, guidance_scale: Any, true_cfg_scale: Any, *, negative_prompt: Any = None,
+               config: Any = None) -> bool:
         """Never: an unconditional stack has no classifier-free guidance (its rows are the models alone)."""
         return False
 
