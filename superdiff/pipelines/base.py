@@ -417,8 +417,9 @@ class SuperDiffBasePipeline(DiffusionPipeline, SuperDiffLoop):
                config: Mapping[str, Any] | None = None) -> bool:
         """Whether a call with these arguments (None: the family's default) guides, that is, evaluates an
         unconditional row each step: its :attr:`cfg_argument` above :attr:`guides_above`, as diffusers decides.
-        ``config``: the pipeline's config (``model_index.json``'s keys), so the command line can count a call's
-        rows before loading the model."""
+        ``negative_prompt``: the call's, for a family that guides only with one (Qwen-Image). ``config``: the
+        pipeline's config (``model_index.json``'s keys), so the command line can count a call's rows before
+        loading the model."""
         given = {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale}[cls.cfg_argument]
         value = cls.call_defaults.get(cls.cfg_argument) if given is None else given
         return is_number(value) and value > cls.guides_above
