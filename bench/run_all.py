@@ -138,7 +138,7 @@ ROWS = [
     (
         "scaling.py",
         "combiner_time_per_step",
-        "SuperDiff's own work per step without the network, by M (the isolated share's numerator)",
+        "SuperDiff's own work per step without the network, by M (a run of 2N steps less one of N)",
         "—",
     ),
     (
