@@ -14,8 +14,8 @@ Both shares are also measured for ``density_variance="forward"`` (``*_forward_by
 rounds: the least work an AND step does, so a floor for the default's share on the same machine.
 
 ``combiner_time_per_step`` is that work's own time per step: a network-free run of 2N steps less one of
-N, timed in the same rounds, so the per-run set-up (planning, the output) cancels; comparable across
-networks on one machine.
+N, each the least of at least 5 rounds, so the per-run set-up (planning, the output) cancels and a busy
+machine's pauses do not enter; comparable across networks on one machine.
 
 ``operations_per_step`` counts the tensor operations (views excluded) that work issues per step:
 on a GPU each is a kernel launch, which costs about the same whatever the latent size; with the
@@ -77,13 +77,16 @@ def main() -> None:
                 runs["full" + suffix] = full
                 runs["combine_only" + suffix] = sampling_run(cached, And(), batch, latent, times, args.device,
                                                              NETWORK_FREE_RUNS, **options)
-            doubled = denoiser.process.time_grid(2 * steps)  # a run of 2N steps less one of N: set-up cancels
-            runs["combine_only_doubled"] = sampling_run(network_free(denoiser, batch, latent, doubled, args.device),
-                                                        And(), batch, latent, doubled, args.device, NETWORK_FREE_RUNS)
             timed = interleaved_times(runs, repeats, args.device)
+            # The own time per step: a run of 2N steps less one of N (set-up cancels), each the least of its
+            # rounds, which a busy machine's pauses do not reach.
+            doubled = denoiser.process.time_grid(2 * steps)
+            run_doubled = sampling_run(network_free(denoiser, batch, latent, doubled, args.device), And(), batch,
+                                       latent, doubled, args.device, NETWORK_FREE_RUNS)
+            own = interleaved_times({"single": runs["combine_only"], "doubled": run_doubled}, max(repeats, 5),
+                                    args.device)
         per_step[str(m)] = round(statistics.median(timed["full"]) / steps, 5)
-        added = statistics.median(d - n for d, n in zip(timed["combine_only_doubled"], timed["combine_only"]))
-        own_per_step[str(m)] = round(added / NETWORK_FREE_RUNS / steps, 6)
+        own_per_step[str(m)] = round((min(own["doubled"]) - min(own["single"])) / NETWORK_FREE_RUNS / steps, 6)
         for suffix in ESTIMATORS:
             in_place[suffix][str(m)] = round(statistics.median(fractions[suffix][1:]), 4)  # [0]: the warm-up run
             isolated[suffix][str(m)] = round(median_ratio(timed["combine_only" + suffix], timed["full" + suffix])
