@@ -108,14 +108,18 @@ class _Flux2Family(FlowFamily):
                .to(self._execution_device)}
         return PackedTransformer(self.transformer, ids), lambda sigma: sigma
 
+    def patch_statistics(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE's batch-norm mean and standard deviation of the patchified latents (1, C, 1, 1), as ``like``."""
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like)
+        return mean, torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like)
+
     def decode(self, call: PipelineCall, samples: Tensor) -> Any:
         """Packed tokens (dev's ``output_type="latent"``), or the VAE latents (de-normalised by the VAE's
         batch-norm statistics, unpatchified) decoded, as diffusers does."""
         if call.options.output_type == "latent" and self.packed_latent_output:
             return Flux2Pipeline._pack_latents(samples)
-        bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
-        mean = bn.running_mean.view(1, -1, 1, 1).to(samples)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(samples)
+        mean, std = self.patch_statistics(samples)
         latents = Flux2Pipeline._unpatchify_latents(samples * std + mean)
         if call.options.output_type == "latent":
             return latents

@@ -110,9 +110,7 @@ def _normalized_patches(adapter: Any, call: PipelineCall, latents: torch.Tensor)
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
     patches = Flux2Pipeline._patchify_latents(latents)
-    bn, eps = adapter.vae.bn, adapter.vae.config.batch_norm_eps
-    mean = bn.running_mean.view(1, -1, 1, 1).to(patches)
-    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(patches)
+    mean, std = adapter.patch_statistics(patches)
     return (patches - mean) / std
 
 
