@@ -488,3 +488,15 @@ class UnconditionalStackIO:
             unet.to(*args, **kwargs)
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """Where the stack lives (its first model's device, as ``.to`` moves them all)."""
+        return self.unets[0].device
+
+    _execution_device = device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stack's weights' dtype (its first model's)."""
+        return self.unets[0].dtype
+

@@ -1,20 +1,9 @@
 """Compose prompts on Qwen-Image (``QwenImageTransformer2DModel``, a Qwen2.5-VL text encoder, packed 2×2
-latents, ``FlowMatchEulerDiscreteScheduler`` with a resolution-dependent shift).
-
-The transformer predicts the velocity ``u = ε − x₀`` at σ, so x̂₀ = x − σu, finite at σ = 1 where sampling
-starts (as on FLUX.1). diffusers' ``QwenImagePipeline`` packs latents, draws its noise and shifts its σ
-grid with the helpers it copies from ``FluxPipeline``, so this adapter inherits those from
-:class:`~superdiff.pipelines.SuperDiffFluxPipeline` and supplies the rest: Qwen-Image's own text encoding
-(``encode_prompt``: the prompt template, its first 34 tokens dropped, rows of different lengths padded
-with an attention mask), the image shapes the rotary embedding reads, the guidance rule and the 3-D VAE.
-
-Which densities are tracked: each prompt's velocity u_i(x, t) = u(x, t, c_i) is one model, and κ and the
-Itô log-densities are those of these M models. **True classifier-free guidance** runs, as in diffusers,
-when ``true_cfg_scale`` > 1 and a ``negative_prompt`` is given: the negative prompt's velocity is the
-unconditional row and the drift uses x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − x̂₀ᵘ) with w = ``true_cfg_scale``; the unconditional
-row only steers, it is not a model being composed. ``QwenImagePipeline`` also rescales the guided velocity
-to each token's conditional norm; that rescale is not applied here: AND solves κ from a step that is
-affine in κ, which the rescaled one is not. All rows of a step go through ONE transformer call.
+latents, ``FlowMatchEulerDiscreteScheduler`` with a resolution-dependent shift). diffusers' ``QwenImagePipeline``
+packs latents, draws its noise and shifts its σ grid with FLUX.1's helpers, so this adapter inherits those from
+:class:`~superdiff.pipelines.SuperDiffFluxPipeline` and supplies Qwen-Image's text encoding, the image shapes its
+rotary embedding reads, its guidance rule and its 3-D VAE. All rows of a step go through ONE transformer call;
+which densities are tracked, and why true CFG's per-token rescale is left out, is in docs/guides/pipelines.md.
 """
 
 from __future__ import annotations
@@ -61,14 +50,9 @@ class SuperDiffQwenImagePipeline(SuperDiffFluxPipeline):
     latents_layout = ("(num_images_per_prompt, (height / 2f)·(width / 2f), 4 · latent channels): diffusers' packed "
                       "Qwen-Image latents, f the VAE factor (QwenImagePipeline._pack_latents packs them)")
 
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKLQwenImage,
-        text_encoder: Qwen2_5_VLForConditionalGeneration,
-        tokenizer: Qwen2Tokenizer,
-        transformer: QwenImageTransformer2DModel,
-    ) -> None:
+    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKLQwenImage,
+                 text_encoder: Qwen2_5_VLForConditionalGeneration, tokenizer: Qwen2Tokenizer,
+                 transformer: QwenImageTransformer2DModel) -> None:
         SuperDiffBasePipeline.__init__(self, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                                        tokenizer=tokenizer, transformer=transformer)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Sequence
 
-import torch
 from diffusers import UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 
@@ -57,20 +56,6 @@ class SuperDiffUnconditionalPipeline(UnconditionalStackIO, SuperDiffLoop):
     @property
     def network(self) -> UNet2DModel:
         return self.unets[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.unets[0].device
-
-    _execution_device = device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unets[0].dtype
-
-    # -------------------------------------------------------------------------------------------
-    # Sampling
-    # -------------------------------------------------------------------------------------------
 
     #: The generated ``__call__`` (:func:`~.base._family_call`): ``batch_size`` first, no image size or
     #: prompt embeddings; ``prompts``, ``prompt``, ``negative_prompt`` and ``guidance_scale`` stay, to be refused.

@@ -1,20 +1,9 @@
-"""Compose prompts on Z-Image (``ZImageTransformer2DModel``, a Qwen3 text encoder, ``AutoencoderKL``,
-``FlowMatchEulerDiscreteScheduler``; Z-Image-Turbo samples in a few steps without guidance).
-
-The transformer takes a list of latents (C, 1, h, w) and a list of caption features of each row's own
-length (it pads and masks them itself), the timestep 1 − σ, and predicts x₀ − ε: the negative of the
-velocity u = ε − x₀, so x̂₀ = x − σu = x + σ·output, finite at σ = 1 where sampling starts. The text is
-encoded by diffusers' own Z-Image helper (the chat template, the second-to-last hidden states, each
-caption cut to its tokens), the σ grid is ``ZImagePipeline``'s (``linspace(1, 1/N, N)``, with μ from the
-image's sequence length where the scheduler shifts dynamically).
-
-Which densities are tracked: each prompt's velocity u_i(x, t) = u(x, t, c_i) is one model, and κ and the
-Itô log-densities are those of these M models. ``guidance_scale`` g > 0 is ``ZImagePipeline``'s
-classifier-free guidance, pos + g(pos − neg), which is guidance with weight w = 1 + g on the κ-mixture,
-x̂₀ᵘ + w(Σⱼ κⱼ x̂₀ʲ − x̂₀ᵘ), the negative prompt (``""`` by default) the unconditional row; it steers, it is
-not a model being composed. g = 0 (Z-Image-Turbo) samples the M models unguided. ``cfg_normalization`` and
-``cfg_truncation`` are not supported (AND solves κ from a step that is affine in κ; at their defaults
-diffusers applies neither). All rows of a step go through ONE transformer call.
+"""Compose prompts on Z-Image and Z-Image-Turbo (``ZImageTransformer2DModel``, a Qwen3 text encoder,
+``AutoencoderKL``, ``FlowMatchEulerDiscreteScheduler``), through diffusers' Z-Image helpers: the text
+encoding, the σ grid ``linspace(1, 1/N, N)`` and its shift. The transformer takes a list of latents and of
+captions of each row's own length and predicts x₀ − ε = −u, so x̂₀ = x + σ·output. All rows of a step go
+through ONE transformer call; which densities are tracked, and how ``guidance_scale`` g guides the κ-mixture
+with weight 1 + g (Turbo: g = 0, unguided), is in docs/guides/pipelines.md.
 """
 
 from __future__ import annotations
@@ -70,14 +59,8 @@ class SuperDiffZImagePipeline(FlowFamily):
         ``latents`` (B, C, height/f, width/f): the starting noise, used as given."""
     latents_layout = "(num_images_per_prompt, transformer in_channels, height / vae factor, width / vae factor)"
 
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: PreTrainedModel,
-        tokenizer: Qwen2Tokenizer,
-        transformer: ZImageTransformer2DModel,
-    ) -> None:
+    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKL, text_encoder: PreTrainedModel,
+                 tokenizer: Qwen2Tokenizer, transformer: ZImageTransformer2DModel) -> None:
         super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          transformer=transformer)
 
