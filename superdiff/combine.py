@@ -80,7 +80,10 @@ class Combiner(Protocol):
     affine: bool
     # Optional: ``affine_in_offset = True`` declares κ affine in ``increment_offset``, so that under one
     # estimator variance per model the sampler reads κ off two solves rather than solving again to check it
-    # (:attr:`superdiff.expressions.CompiledExpression.affine_in_offset`); without it the sampler checks.
+    # (:attr:`superdiff.expressions.CompiledExpression.affine_in_offset`); ``solves_offset_columns = True``
+    # declares that it takes offsets (B, M, k) and answers κ (B, M, k) linear along them (NaN where it cannot),
+    # so the sampler solves b and b + r in one call (:attr:`~superdiff.expressions.CompiledExpression.
+    # solves_offset_columns`); without either the sampler checks.
 
     def __call__(self, inputs: CombineInputs) -> Tensor: ...
 
@@ -200,18 +203,27 @@ def and_weights(
     a slope at or below ``rtol·max|A|``, for M > 2 the damping ``rtol·‖K‖²_F`` of
     :func:`_min_norm_solve`. Nothing here waits for the device. κ is not constrained to [0, 1].
 
+    Several offsets for one matrix, ``increment_offset`` (B, M, k), are solved as k columns of one
+    system: for M > 2 each sample takes one kind of solution, exact or damped, for all its columns, so
+    κ is linear in the offset along them (a combination of columns solves the combined offset); a
+    sample whose columns would take different kinds gets NaN in every column.
+
     Args:
         increment_matrix: (B, M, M) A, this step's increments' dependence on κ (Eq. 77).
-        increment_offset: (B, M) b.
+        increment_offset: (B, M) b, or (B, M, k) k offsets.
         target_offsets: (B, M) prescribed differences (Eq. 18), or None for equal increments.
         rtol: what counts as singular, in (0, 1).
 
     Returns:
-        (B, M) float64 κ summing to 1 per sample.
+        (B, M) float64 κ summing to 1 per sample, or (B, M, k) one κ per offset.
     """
     a = f64(increment_matrix)
     b = f64(increment_offset)
     m = a.shape[-1]
+    if b.dim() == 3 and m == 2:  # the closed form is linear in b as it stands: column by column
+        return torch.stack([and_weights(a, b[..., j], target_offsets, rtol) for j in range(b.shape[-1])], -1)
+    if b.dim() == 3 and target_offsets is not None:
+        target_offsets = target_offsets[..., None]
     # Each sample's equations may be rescaled freely (λ absorbs it): the slope for M = 2 is compared
     # with the largest entry of A, and for M > 2 A is brought to unit size before the solve.
     scale = a.abs().amax(dim=(-2, -1))
@@ -222,11 +234,14 @@ def and_weights(
         return _and_weights_two(a, rhs_top[:, 0] - rhs_top[:, 1], rtol * scale)
     a, rhs_top, scale = torch.nan_to_num(a), torch.nan_to_num(rhs_top), torch.nan_to_num(scale)
     scale = scale.clamp_min(torch.finfo(torch.float64).tiny)
-    return _and_weights_reduced(a / scale[:, None, None], rhs_top / scale[:, None], rtol)
+    if rhs_top.dim() == 3:
+        return _and_weights_reduced(a / scale[:, None, None], rhs_top / scale[:, None, None], rtol)
+    return _and_weights_reduced(a / scale[:, None, None], rhs_top[..., None] / scale[:, None, None], rtol)[..., 0]
 
 
 def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
-    """κ for M > 2 from the reduced (M−1)×(M−1) system, solved exactly where it is regular.
+    """κ (B, M, k) for M > 2 from the reduced (M−1)×(M−1) system, solved exactly where it is regular;
+    ``rhs`` (B, M, k) holds k right-hand sides of the one matrix ``a`` (B, M, M).
 
     Writing ``κ = 1/M + U y`` with ``U`` an orthonormal basis of ``Σκ = 0`` and projecting the rows on
     ``U`` (which removes the common λ) gives ``Uᵀ A U y = Uᵀ (rhs − A 1/M)``. An LU solve of this small
@@ -235,25 +250,33 @@ def _and_weights_reduced(a: Tensor, rhs: Tensor, rtol: float) -> Tensor:
     number, as the normal equations of the full (M+1)×(M+1) system do, would not give. Where the system is
     truly singular (indistinguishable models) the minimum-norm solution of :func:`_min_norm_solve`
     solves it too, and is used, splitting the weight evenly; where it solves the system no better than
-    LU would (a regular, ill-conditioned system), LU's solution is used. Nothing here waits for the device.
+    LU would (a regular, ill-conditioned system), LU's solution is used. A sample takes the damped
+    solution only where every column does, the exact one only where every column does, and NaN where
+    its columns disagree. Nothing here waits for the device.
     """
-    m = a.shape[-1]
+    m, k = a.shape[-1], rhs.shape[-1]
     basis = _sum_zero_basis(m, a.dtype, a.device)  # (M, M−1)
     centre = _centre(m, a.dtype, a.device)
     reduced = basis.mT @ a @ basis  # (B, M−1, M−1)
-    target = ((rhs - a @ centre) @ basis)[..., None]  # (B, M−1, 1)
+    # (B·k, M) @ (M, M−1), one matrix product whatever k (a batched product rounds differently)
+    target = ((rhs - (a @ centre)[..., None]).mT.reshape(-1, m) @ basis).reshape(-1, k, m - 1).mT  # (B, M−1, k)
     exact, _ = torch.linalg.solve_ex(reduced, target)  # info unchecked: a failed LU gives non-finite values
     damped = _min_norm_solve(reduced, target, rtol)
-    both = torch.cat([damped, exact], -1)  # (B, M−1, 2)
-    # One pass for each solution's largest residual and the damped one's largest entry (B, 4).
-    peaks = torch.cat([reduced @ both - target, both], -1).abs().amax(-2)
-    damped_residual, exact_residual, damped_size, _ = peaks.unbind(-1)
-    bound = torch.finfo(torch.float64).eps * (reduced.abs().amax(dim=(-2, -1)) * damped_size + 1.0)
+    both = torch.cat([damped, exact], -1)  # (B, M−1, 2k)
+    # One pass for each solution's largest residual and the damped one's largest entry (B, 4k).
+    residuals = ((reduced @ both).unflatten(-1, (2, k)) - target[:, :, None]).flatten(-2)
+    peaks = torch.cat([residuals, both], -1).abs().amax(-2)
+    damped_residual, exact_residual, damped_size = peaks[:, :k], peaks[:, k : 2 * k], peaks[:, 2 * k : 3 * k]
+    bound = torch.finfo(torch.float64).eps * (reduced.abs().amax(dim=(-2, -1))[:, None] * damped_size + 1.0)
     # A non-finite exact solve has a NaN or ∞ residual: counted as ∞, the damped one is taken.
     use_damped = (damped_residual <= 1e3 * bound) | (damped_residual <= exact_residual.nan_to_num(nan=math.inf))
-    y = torch.where(use_damped[:, None, None], damped, exact)
-    kappa = centre + (basis @ y)[..., 0]
-    return torch.where(torch.isfinite(kappa).all(-1, keepdim=True), kappa, 1.0 / m)
+    y = torch.where(use_damped[:, None, :], damped, exact)
+    kappa = centre[:, None] + basis @ y
+    kappa = torch.where(torch.isfinite(kappa).all(-2, keepdim=True), kappa, 1.0 / m)
+    if k == 1:
+        return kappa
+    mixed = use_damped.any(-1) & ~use_damped.all(-1)  # (B,): the columns took different kinds of solution
+    return torch.where(mixed[:, None, None], torch.nan, kappa)
 
 
 @functools.lru_cache(maxsize=16)

@@ -681,10 +681,20 @@ class CompiledExpression:
         affine in b up to rounding), and the other nodes weigh their children by what does not depend on b
         (log q, constants). The sampler then reads the κ of ``(A, b + t r)`` off the solves at b and b + r
         instead of solving again at t (:func:`superdiff.sampling._quadratic_system_weights`). The solve of
-        three or more children is not: it picks, per sample, an exact or a damped solution by their residuals."""
+        three or more children is not: it picks, per sample, an exact or a damped solution by their residuals
+        (over all the leaves it takes b and b + r as columns instead: :attr:`solves_offset_columns`)."""
         return not self.needs_scores and all(
             len(n.children) == 2 and all(isinstance(c, Leaf) for c in n.children)
             for n in self.nodes if isinstance(n, And) and len(n.children) > 1)
+
+    @property
+    def solves_offset_columns(self) -> bool:
+        """Whether :meth:`step` takes several offsets for one system, ``increment_offset`` (B, M, k), and
+        answers κ (B, M, k) linear along them: an And over all the leaves in order, with no Feynman–Kac
+        term (:func:`superdiff.combine.and_weights` solves the columns with one kind of solution per sample,
+        NaN where they would differ). The sampler then reads κ at ``b + t r`` off one solve of b and b + r."""
+        root = self.expression
+        return not self.needs_scores and isinstance(root, And) and id(root) in self.over_leaves
 
     def _potential(self, node: Node, log_q: Tensor) -> Tensor:
         """The node's potential φ (B,) at the leaves' log-densities ``log_q`` (B, M) (module table)."""

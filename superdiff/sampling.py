@@ -358,14 +358,18 @@ def _quadratic_system_weights(
     (common-variance) system and the ones at t = 0 and t = 1. A combiner that declares its solve affine in
     b (``affine_in_offset``: :attr:`~superdiff.expressions.CompiledExpression.affine_in_offset`) has answered
     already: κ(t) and its node weights are read off those solves, and a sample is solved where the quadratic
-    has a finite real root (it need not when κ is large on ill-conditioned steps). Any other combiner (an AND
-    of mixtures inside an expression, three or more models, a user's own) is called again at
+    has a finite real root (it need not when κ is large on ill-conditioned steps). A combiner that solves
+    offsets as columns of one system (``solves_offset_columns``: an And over three or more models) answers
+    b and b + r in one call instead (:func:`_offset_column_weights`). Any other combiner (an AND of mixtures
+    inside an expression, a user's own) is called again at
     ``t = φ(κ(t))`` for the κ, Feynman–Kac term and node weights, and a sample is solved where that call
     also reproduced κ(t) to 1e-8 of its size. Returns ((solved, common-variance) weights, solved mask).
     Nothing here waits for the device.
     """
     batch = system.row_weights.shape[0]
     b = system.increment_offset
+    if not getattr(combiner, "affine_in_offset", False) and getattr(combiner, "solves_offset_columns", False):
+        return _offset_column_weights(combiner, inputs, system)
     stacked = _stacked_inputs(inputs, torch.cat([inputs.increment_matrix, system.increment_matrix,
                                                  system.increment_matrix]),
                               torch.cat([inputs.increment_offset, b, b + system.row_weights]))
@@ -384,6 +388,27 @@ def _quadratic_system_weights(
     move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
     solved = (discriminant >= 0) & (move <= 1e-8)  # a non-finite κ moves by NaN or ∞: never solved
     return (result, common), solved
+
+
+def _offset_column_weights(combiner: CompiledExpression, inputs: CombineInputs,
+                           system: QuadraticIncrementSystem) -> tuple[tuple[_Weights, _Weights], Tensor]:
+    """:func:`_quadratic_system_weights` for a combiner that solves offsets as columns of one system
+    (:attr:`~superdiff.expressions.CompiledExpression.solves_offset_columns`): one call on the common-variance
+    rows and the quadratic system's, with b and b + r as two columns, gives κ₀ and κ₁ of κ(t) = κ₀ + t κ₁ from
+    one factorisation each; a sample is solved where the quadratic has a finite real root (the combiner answers
+    NaN where its columns would take different kinds of solution, which leaves no root)."""
+    batch = system.row_weights.shape[0]
+    b = system.increment_offset
+    offsets = torch.cat([torch.stack([inputs.increment_offset] * 2, -1), torch.stack([b, b + system.row_weights], -1)])
+    stacked = _stacked_inputs(inputs, torch.cat([inputs.increment_matrix, system.increment_matrix]), offsets)
+    kappas, _, nodes = _weigh(combiner, stacked)  # (2B, M, 2); no Feynman–Kac term
+    common = (kappas[:batch, :, 0], None, tuple(n[:batch, :, 0] for n in nodes))
+    k0 = kappas[batch:, :, 0]
+    k1 = kappas[batch:, :, 1] - k0
+    t, discriminant = _quadratic_root(system, k0, k1)
+    kappa_t = k0 + t[:, None] * k1
+    nodes_t = tuple(n[batch:, :, 0] + t[:, None] * (n[batch:, :, 1] - n[batch:, :, 0]) for n in nodes)
+    return ((kappa_t, None, nodes_t), common), (discriminant >= 0) & torch.isfinite(t)  # NaN κ: NaN discriminant
 
 
 def _quadratic_root(system: QuadraticIncrementSystem, k0: Tensor, k1: Tensor) -> tuple[Tensor, Tensor]:

@@ -84,6 +84,46 @@ def test_and_with_identical_models_splits_evenly_and_never_nans():
     assert bool(torch.isfinite(and_weights(torch.full((2, 2, 2), float("nan")), torch.zeros(2, 2))).all())
 
 
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_and_weights_of_offset_columns_are_linear_along_them(m):
+    """Offsets given as columns of one system: each column is that offset's κ, and a combination of the
+    columns is the κ of the combined offset (what the sampler reads κ(t) = κ₀ + t κ₁ from), for regular
+    systems and for two indistinguishable models alike; a sample whose columns would take different
+    kinds of solution (exact for one, damped for the other) is NaN in every column, never a mixture."""
+    g = torch.Generator().manual_seed(30 + m)
+    e = torch.randn(8, m, 9, generator=g, dtype=torch.float64)
+    e[:3, 1] = e[:3, 0]  # three samples with two indistinguishable models
+    a = e @ e.transpose(1, 2) + 0.1 * torch.randn(8, m, m, generator=g, dtype=torch.float64)
+    a[:3, 1], a[:3, :, 1] = a[:3, 0], a[:3, :, 0]
+    b, r = torch.randn(8, m, generator=g, dtype=torch.float64), torch.randn(8, m, generator=g, dtype=torch.float64)
+    b[:3, 1], r[:3, 1] = b[:3, 0], r[:3, 0]
+    target = torch.randn(8, m, generator=g, dtype=torch.float64)
+    columns = and_weights(a, torch.stack([b, b + r], -1), target)
+    assert columns.shape == (8, m, 2)
+    for j, offset in enumerate((b, b + r)):
+        torch.testing.assert_close(columns[..., j], and_weights(a, offset, target), rtol=1e-9, atol=1e-9)
+    for t in (-0.7, 0.4, 2.5):
+        along = columns[..., 0] + t * (columns[..., 1] - columns[..., 0])
+        torch.testing.assert_close(along, and_weights(a, b + t * r, target), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(columns[:3, 0], columns[:3, 1])  # the pair shares its weight in every column
+    if m == 2:
+        return
+    # Nearly indistinguishable models (1e-13 apart): an offset they agree on is solved damped (the pair splits its
+    # weight evenly), one they disagree on only exactly (κ of order 1e12).
+    e = torch.randn(2, m, 9, generator=g, dtype=torch.float64)
+    e[:, 1] = e[:, 0] + 1e-13 * torch.randn(2, 9, generator=g, dtype=torch.float64)
+    a = e @ e.transpose(1, 2)
+    agreed = torch.randn(2, m, generator=g, dtype=torch.float64)
+    agreed[:, 1] = agreed[:, 0]
+    apart = agreed.clone()
+    apart[:, 1] += 1.0
+    damped, exact = and_weights(a, agreed), and_weights(a, apart)
+    assert float((damped[:, 0] - damped[:, 1]).abs().max()) < 1e-6 and float(damped.abs().max()) < 1e3
+    assert bool(torch.isfinite(exact).all()) and float(exact[:, :2].abs().amin()) > 1e6
+    assert bool(torch.isnan(and_weights(a, torch.stack([agreed, apart], -1))).all())
+    assert bool(torch.isfinite(and_weights(a, torch.stack([apart, 2 * apart], -1))).all())
+
+
 def test_and_combiner_spreads_offsets_over_steps():
     a = torch.tensor([[[2.0, 0.5], [0.5, 1.0]]], dtype=torch.float64)
     b = torch.tensor([[0.3, -0.2]], dtype=torch.float64)

@@ -164,6 +164,55 @@ def test_and_of_three_models_and_prescribed_offsets():
     assert abs(float((exact2[:, 0] - exact2[:, 1]).median()) - 2.0) < 0.3
 
 
+def test_and_of_three_models_under_one_variance_per_model_solves_once_per_step(monkeypatch):
+    """The default estimator makes AND's condition quadratic in κ; for three models the sampler reads κ(t) off
+    one solve of b and b + r as two columns (25 steps, 200 samples, 25 combiner calls, not 49), and that κ
+    meets the condition: every model's tracked increment equal where the step solved it (nearly everywhere),
+    and the common-variance κ's where it did not."""
+    from superdiff.expressions import CompiledExpression
+
+    calls = []
+    step = CompiledExpression.step
+    monkeypatch.setattr(CompiledExpression, "step", lambda self, inputs: calls.append(1) or step(self, inputs))
+    a = GaussianMixture.create([[-2.0, 0.0]], 0.6)
+    b = GaussianMixture.create([[2.0, 0.0]], 0.6)
+    c = GaussianMixture.create([[0.0, 2.0]], 0.6)
+    out, _ = run(MixtureDenoiser((a, b, c), VPLinear()), And(), 25, n=200)
+    assert len(calls) == 25
+    increments = out.log_density_trace.diff(dim=0)  # (steps, B, M)
+    assert float((increments - increments[..., :1]).abs().max()) < 1e-8
+    assert float(out.and_converged.double().mean()) > 0.99
+
+
+def test_the_quadratic_and_condition_is_met_off_one_solve_or_left_to_the_common_variance():
+    """κ for Δᵢ(κ) = (Aκ)ᵢ + bᵢ + rᵢ φ(κ), φ(κ) = κᵀQκ + vᵀκ, read off one solve of b and b + r: where it is
+    solved every model's increment is equal (to 1e-9); a sample whose two columns take different kinds of solution
+    (nearly indistinguishable models, b that they agree on, r that they do not) is not solved, so it keeps the
+    common-variance κ, rather than a mixture of an exact and a damped solution."""
+    from superdiff.combine import CombineInputs
+    from superdiff.density import QuadraticIncrementSystem
+    from superdiff.expressions import compile_expression
+    from superdiff.sampling import _offset_column_weights
+
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
+    e[0, 1] = e[0, 0] + 1e-13 * torch.randn(6, generator=g, dtype=torch.float64)
+    a, b, r = e @ e.mT, torch.randn(4, 3, generator=g, dtype=torch.float64), 0.1 * torch.randn(4, 3, generator=g,
+                                                                                                 dtype=torch.float64)
+    b[0, 1], r[0, 1] = b[0, 0], r[0, 0] + 1.0
+    q, v = 0.01 * (e @ e.mT), 0.1 * torch.randn(4, 3, generator=g, dtype=torch.float64)
+    system = QuadraticIncrementSystem(a, b, r, q, v, torch.ones(4, dtype=torch.float64), a, b)
+    combiner = compile_expression(And(), leaves=range(3))
+    assert combiner.solves_offset_columns and not combiner.affine_in_offset
+    inputs = CombineInputs(torch.zeros(4, 3, dtype=torch.float64), a, b)
+    ((solved, common), ok) = _offset_column_weights(combiner, inputs, system)
+    assert ok.tolist() == [False, True, True, True]
+    kappa = solved[0][1:]
+    increments = (a[1:] @ kappa[..., None])[..., 0] + b[1:] + r[1:] * system.phi(solved[0])[1:, None]
+    assert float((increments - increments[:, :1]).abs().max()) < 1e-9
+    torch.testing.assert_close(common[0], combiner(inputs))
+
+
 def test_and_of_identical_models_is_each_model():
     models = MixtureDenoiser((UP, UP), VPLinear())
     out, exact = run(models, And(), 200, n=300)
