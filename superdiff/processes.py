@@ -162,19 +162,23 @@ class VPCosine(Process):
         return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
 
 
-@dataclass(frozen=True)
-class VarianceExploding(Process):
-    """Variance-exploding process (Song et al.): ``α_t = 1``, ``σ_t = σ_min (σ_max/σ_min)^t``."""
-
-    sigma_min: float = 0.01
-    sigma_max: float = 50.0
-    t_min: float = 0.0
+class _UnitAlpha(Process):
+    """A σ-only process, ``α_t = 1`` (variance exploding, EDM): subclasses define σ and its derivative."""
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return torch.ones_like(_as_time(t))
 
     def d_alpha(self, t: Tensor | float) -> Tensor:
         return torch.zeros_like(_as_time(t))
+
+
+@dataclass(frozen=True)
+class VarianceExploding(_UnitAlpha):
+    """Variance-exploding process (Song et al.): ``α_t = 1``, ``σ_t = σ_min (σ_max/σ_min)^t``."""
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    t_min: float = 0.0
 
     def sigma(self, t: Tensor | float) -> Tensor:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** _as_time(t)
@@ -187,7 +191,7 @@ class VarianceExploding(Process):
 
 
 @dataclass(frozen=True)
-class EDM(Process):
+class EDM(_UnitAlpha):
     """The EDM (Karras et al.) σ schedule as a process: ``α = 1``,
     ``σ_t = (σ_min^{1/ρ} + t (σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ``, so ``t = 1`` is σ_max."""
 
@@ -195,12 +199,6 @@ class EDM(Process):
     sigma_max: float = 80.0
     rho: float = 7.0
     t_min: float = 0.0
-
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return torch.ones_like(_as_time(t))
-
-    def d_alpha(self, t: Tensor | float) -> Tensor:
-        return torch.zeros_like(_as_time(t))
 
     def _base(self, t: Tensor) -> Tensor:
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
