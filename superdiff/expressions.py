@@ -879,6 +879,12 @@ class _CallableCombiner:
         """A user's combiner declares it (``affine_in_offset = True``); otherwise its κ is checked by solving again."""
         return bool(getattr(self.combiner, "affine_in_offset", False))
 
+    @property
+    def solves_offset_columns(self) -> bool:
+        """A user's combiner declares it (``solves_offset_columns = True``): it takes offsets (B, M, k) and
+        answers κ (B, M, k) linear along them (:attr:`CompiledExpression.solves_offset_columns`)."""
+        return bool(getattr(self.combiner, "solves_offset_columns", False))
+
     def __call__(self, inputs: CombineInputs) -> Tensor:
         return self.combiner(inputs)
 

@@ -169,6 +169,7 @@ def test_and_of_three_models_under_one_variance_per_model_solves_once_per_step(m
     one solve of b and b + r as two columns (25 steps, 200 samples, 25 combiner calls, not 49), and that κ
     meets the condition: every model's tracked increment equal where the step solved it (nearly everywhere),
     and the common-variance κ's where it did not."""
+    from superdiff.combine import and_weights
     from superdiff.expressions import CompiledExpression
 
     calls = []
@@ -177,11 +178,24 @@ def test_and_of_three_models_under_one_variance_per_model_solves_once_per_step(m
     a = GaussianMixture.create([[-2.0, 0.0]], 0.6)
     b = GaussianMixture.create([[2.0, 0.0]], 0.6)
     c = GaussianMixture.create([[0.0, 2.0]], 0.6)
-    out, _ = run(MixtureDenoiser((a, b, c), VPLinear()), And(), 25, n=200)
+    models = MixtureDenoiser((a, b, c), VPLinear())
+    out, _ = run(models, And(), 25, n=200)
     assert len(calls) == 25
     increments = out.log_density_trace.diff(dim=0)  # (steps, B, M)
     assert float((increments - increments[..., :1]).abs().max()) < 1e-8
     assert float(out.and_converged.double().mean()) > 0.99
+
+    class OwnAnd:  # a user's combiner that declares it solves offset columns: the same single call per step
+        needs_system, affine, solves_offset_columns = True, True, True
+
+        def __call__(self, inputs):
+            calls.append(inputs.increment_offset.shape)
+            return and_weights(inputs.increment_matrix, inputs.increment_offset)
+
+    calls.clear()
+    own, _ = run(models, OwnAnd(), 25, n=200)
+    assert calls == [(200, 3)] + [(400, 3, 2)] * 24  # the first step has no model variances yet: linear
+    torch.testing.assert_close(own.kappa_trace, out.kappa_trace, rtol=0, atol=0)
 
 
 def test_the_quadratic_and_condition_is_met_off_one_solve_or_left_to_the_common_variance():
