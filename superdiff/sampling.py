@@ -360,55 +360,50 @@ def _quadratic_system_weights(
     already: κ(t) and its node weights are read off those solves, and a sample is solved where the quadratic
     has a finite real root (it need not when κ is large on ill-conditioned steps). A combiner that solves
     offsets as columns of one system (``solves_offset_columns``: an And over three or more models) answers
-    b and b + r in one call instead (:func:`_offset_column_weights`). Any other combiner (an AND of mixtures
+    b and b + r as two columns of one call instead, and is read the same way. Any other combiner (an AND of mixtures
     inside an expression, a user's own) is called again at
     ``t = φ(κ(t))`` for the κ, Feynman–Kac term and node weights, and a sample is solved where that call
     also reproduced κ(t) to 1e-8 of its size. Returns ((solved, common-variance) weights, solved mask).
     Nothing here waits for the device.
     """
-    batch = system.row_weights.shape[0]
-    b = system.increment_offset
-    if not getattr(combiner, "affine_in_offset", False) and getattr(combiner, "solves_offset_columns", False):
-        return _offset_column_weights(combiner, inputs, system)
-    stacked = _stacked_inputs(inputs, torch.cat([inputs.increment_matrix, system.increment_matrix,
-                                                 system.increment_matrix]),
-                              torch.cat([inputs.increment_offset, b, b + system.row_weights]))
-    kappas, fks, nodes = _weigh(combiner, stacked)
-    common = (kappas[:batch], None if fks is None else fks[:batch], tuple(n[:batch] for n in nodes))
-    k0 = kappas[batch:2 * batch]
-    k1 = kappas[2 * batch:] - k0
+    affine = getattr(combiner, "affine_in_offset", False)
+    columns = not affine and getattr(combiner, "solves_offset_columns", False)
+    common, at_b, at_b_r = _weights_at_b_and_b_plus_r(combiner, inputs, system, columns)
+    k0 = at_b[0]
+    k1 = at_b_r[0] - k0
     t, discriminant = _quadratic_root(system, k0, k1)
     kappa_t = k0 + t[:, None] * k1
-    if getattr(combiner, "affine_in_offset", False):  # its answer at t is κ(t): only the root can fail
-        nodes_t = tuple(n[batch:2 * batch] + t[:, None] * (n[2 * batch:] - n[batch:2 * batch]) for n in nodes)
+    if affine or columns:  # its answer at t is κ(t): only the root can fail (NaN columns leave no root)
+        nodes_t = tuple(n0 + t[:, None] * (n1 - n0) for n0, n1 in zip(at_b[2], at_b_r[2]))
         return ((kappa_t, None, nodes_t), common), (discriminant >= 0) & torch.isfinite(t)
     phi_t = torch.nan_to_num(system.phi(kappa_t))
     result = _weigh(combiner, replace(inputs, increment_matrix=system.increment_matrix,
-                                      increment_offset=b + phi_t[:, None] * system.row_weights))
+                                      increment_offset=system.increment_offset + phi_t[:, None] * system.row_weights))
     move = (result[0] - kappa_t).norm(dim=-1) / (1.0 + kappa_t.norm(dim=-1))
     solved = (discriminant >= 0) & (move <= 1e-8)  # a non-finite κ moves by NaN or ∞: never solved
     return (result, common), solved
 
 
-def _offset_column_weights(combiner: CompiledExpression, inputs: CombineInputs,
-                           system: QuadraticIncrementSystem) -> tuple[tuple[_Weights, _Weights], Tensor]:
-    """:func:`_quadratic_system_weights` for a combiner that solves offsets as columns of one system
-    (:attr:`~superdiff.expressions.CompiledExpression.solves_offset_columns`): one call on the common-variance
-    rows and the quadratic system's, with b and b + r as two columns, gives κ₀ and κ₁ of κ(t) = κ₀ + t κ₁ from
-    one factorisation each; a sample is solved where the quadratic has a finite real root (the combiner answers
-    NaN where its columns would take different kinds of solution, which leaves no root)."""
-    batch = system.row_weights.shape[0]
-    b = system.increment_offset
-    offsets = torch.cat([torch.stack([inputs.increment_offset] * 2, -1), torch.stack([b, b + system.row_weights], -1)])
-    stacked = _stacked_inputs(inputs, torch.cat([inputs.increment_matrix, system.increment_matrix]), offsets)
-    kappas, _, nodes = _weigh(combiner, stacked)  # (2B, M, 2); no Feynman–Kac term
-    common = (kappas[:batch, :, 0], None, tuple(n[:batch, :, 0] for n in nodes))
-    k0 = kappas[batch:, :, 0]
-    k1 = kappas[batch:, :, 1] - k0
-    t, discriminant = _quadratic_root(system, k0, k1)
-    kappa_t = k0 + t[:, None] * k1
-    nodes_t = tuple(n[batch:, :, 0] + t[:, None] * (n[batch:, :, 1] - n[batch:, :, 0]) for n in nodes)
-    return ((kappa_t, None, nodes_t), common), (discriminant >= 0) & torch.isfinite(t)  # NaN κ: NaN discriminant
+def _weights_at_b_and_b_plus_r(combiner: CompiledExpression, inputs: CombineInputs, system: QuadraticIncrementSystem,
+                               columns: bool) -> tuple[_Weights, _Weights, _Weights]:
+    """One combiner call for the weights of ``inputs``' own (common-variance) system and of the quadratic system's
+    linear ones at t = 0 and t = 1: the rows stacked three times, or, for a combiner that solves offsets as
+    columns (:attr:`~superdiff.expressions.CompiledExpression.solves_offset_columns`), twice, with b and b + r
+    as two columns of one system (one factorisation each; the common rows' two columns are equal)."""
+    batch, b = system.row_weights.shape[0], system.increment_offset
+    if columns:
+        offsets = torch.cat([torch.stack([inputs.increment_offset] * 2, -1),
+                             torch.stack([b, b + system.row_weights], -1)])
+        stacked = _stacked_inputs(inputs, torch.cat([inputs.increment_matrix, system.increment_matrix]), offsets)
+        kappas, _, nodes = _weigh(combiner, stacked)  # (2B, M, 2); no Feynman–Kac term
+        return tuple((kappas[rows, :, j], None, tuple(n[rows, :, j] for n in nodes))
+                     for rows, j in ((slice(None, batch), 0), (slice(batch, None), 0), (slice(batch, None), 1)))
+    stacked = _stacked_inputs(inputs, torch.cat([inputs.increment_matrix, system.increment_matrix,
+                                                 system.increment_matrix]),
+                              torch.cat([inputs.increment_offset, b, b + system.row_weights]))
+    kappas, fks, nodes = _weigh(combiner, stacked)
+    return tuple((kappas[rows], None if fks is None else fks[rows], tuple(n[rows] for n in nodes))
+                 for rows in (slice(None, batch), slice(batch, 2 * batch), slice(2 * batch, None)))
 
 
 def _quadratic_root(system: QuadraticIncrementSystem, k0: Tensor, k1: Tensor) -> tuple[Tensor, Tensor]:

@@ -206,7 +206,7 @@ def test_the_quadratic_and_condition_is_met_off_one_solve_or_left_to_the_common_
     from superdiff.combine import CombineInputs
     from superdiff.density import QuadraticIncrementSystem
     from superdiff.expressions import compile_expression
-    from superdiff.sampling import _offset_column_weights
+    from superdiff.sampling import _quadratic_system_weights
 
     g = torch.Generator().manual_seed(3)
     e = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
@@ -219,7 +219,7 @@ def test_the_quadratic_and_condition_is_met_off_one_solve_or_left_to_the_common_
     combiner = compile_expression(And(), leaves=range(3))
     assert combiner.solves_offset_columns and not combiner.affine_in_offset
     inputs = CombineInputs(torch.zeros(4, 3, dtype=torch.float64), a, b)
-    ((solved, common), ok) = _offset_column_weights(combiner, inputs, system)
+    ((solved, common), ok) = _quadratic_system_weights(combiner, inputs, system)  # the two-column path
     assert ok.tolist() == [False, True, True, True]
     kappa = solved[0][1:]
     increments = (a[1:] @ kappa[..., None])[..., 0] + b[1:] + r[1:] * system.phi(solved[0])[1:, None]
