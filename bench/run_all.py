@@ -134,6 +134,13 @@ ROWS = [
         "the isolated share with density_variance=\"forward\", by M",
         "—",
     ),
+    (
+        "scaling.py",
+        "bare_loop_fraction_by_m",
+        "the share between network calls of a loop that only guides and takes a DDIM step (no density), same "
+        "network and timer: what the measurement costs any sampler here",
+        "—",
+    ),
     ("scaling.py", "time_per_step", "seconds per step by number of prompts M", "grows with M + 1"),
     (
         "scaling.py",
@@ -151,6 +158,12 @@ ROWS = [
         "scaling.py",
         "operations_per_step_forward",
         "the same with density_variance=\"forward\" (one variance for all models: AND's system stays linear)",
+        "—",
+    ),
+    (
+        "scaling.py",
+        "operations_per_step_bare_loop",
+        "the same for the guide-and-DDIM loop",
         "—",
     ),
 ]

@@ -12,6 +12,8 @@ measured twice:
 
 Both shares are also measured for ``density_variance="forward"`` (``*_forward_by_m``), in the same
 rounds: the least work an AND step does, so a floor for the default's share on the same machine.
+``bare_loop_fraction_by_m`` is the in-place share of a loop that only guides and takes a DDIM step (10
+operations, no density), with the same network and timer: what any sampler pays per operation here.
 
 ``combiner_time_per_step`` is that work's own time per step: a network-free run of 2N steps less one of
 N, each the least of at least 5 rounds, so the per-run set-up (planning, the output) cancels and a busy
@@ -33,6 +35,7 @@ from common import (
     NETWORK_FREE_RUNS,
     NetworkCallTimer,
     emit,
+    guided_ddim_run,
     interleaved_times,
     machine,
     median_ratio,
@@ -59,11 +62,12 @@ def main() -> None:
     per_step, own_per_step, operations, operations_forward = {}, {}, {}, {}
     in_place: dict[str, dict[str, float]] = {suffix: {} for suffix in ESTIMATORS}
     isolated: dict[str, dict[str, float]] = {suffix: {} for suffix in ESTIMATORS}
+    bare_loop, operations_bare = {}, {}
     for m in (2, 4, 8):
         denoiser, _, latent, params = sd_denoiser(size, m, args.device, dtype)
         times = denoiser.process.time_grid(steps)
         timer = NetworkCallTimer(denoiser, args.device)
-        fractions: dict[str, list[float]] = {suffix: [] for suffix in ESTIMATORS}
+        fractions: dict[str, list[float]] = {suffix: [] for suffix in [*ESTIMATORS, "_bare_loop"]}
         runs = {}
         with torch.inference_mode():
             cached = network_free(denoiser, batch, latent, times, args.device)
@@ -77,6 +81,13 @@ def main() -> None:
                 runs["full" + suffix] = full
                 runs["combine_only" + suffix] = sampling_run(cached, And(), batch, latent, times, args.device,
                                                              NETWORK_FREE_RUNS, **options)
+            run_bare = guided_ddim_run(timer, batch, latent, times, args.device)
+
+            def bare(out=fractions["_bare_loop"]) -> None:
+                run_bare()
+                out.append(timer.outside_fraction())
+
+            runs["bare_loop"] = bare
             timed = interleaved_times(runs, repeats, args.device)
             # The own time per step: a run of 2N steps less one of N (set-up cancels), each the least of its
             # rounds, which a busy machine's pauses do not reach.
@@ -91,6 +102,8 @@ def main() -> None:
             in_place[suffix][str(m)] = round(statistics.median(fractions[suffix][1:]), 4)  # [0]: the warm-up run
             isolated[suffix][str(m)] = round(median_ratio(timed["combine_only" + suffix], timed["full" + suffix])
                                              / NETWORK_FREE_RUNS, 4)
+        bare_loop[str(m)] = round(statistics.median(fractions["_bare_loop"][1:]), 4)
+        operations_bare[str(m)] = operations_per_step(denoiser, None, batch, latent, steps, args.device)
         operations[str(m)] = operations_per_step(denoiser, And(), batch, latent, steps, args.device)
         operations_forward[str(m)] = operations_per_step(denoiser, And(), batch, latent, steps, args.device,
                                                          density_variance="forward")
@@ -110,8 +123,10 @@ def main() -> None:
             "combiner_fraction_isolated": max(isolated[""].values()),
             "combiner_fraction_forward_by_m": in_place["_forward"],
             "combiner_fraction_isolated_forward_by_m": isolated["_forward"],
+            "bare_loop_fraction_by_m": bare_loop,
             "operations_per_step": operations,
             "operations_per_step_forward": operations_forward,
+            "operations_per_step_bare_loop": operations_bare,
         },
         args.json,
     )
