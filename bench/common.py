@@ -330,8 +330,7 @@ def guided_ddim_run(denoiser, batch: int, latent: tuple, times: torch.Tensor, de
     towards the prompts' mean x̂₀, then one deterministic DDIM step (η = 0): 10 tensor operations a step,
     no density. Timed in place, its share of a step is what the measurement itself costs here."""
     process = denoiser.process
-    alphas, sigmas = process.alpha(times).tolist(), process.sigma(times).tolist()
-    sigmas[-1] = max(sigmas[-1], 1e-12)
+    alphas, sigmas = process.alpha(times).tolist(), process.sigma(times).tolist()  # σ > 0 before the last time
 
     def run() -> None:
         x = prior_sample(denoiser, batch, latent, torch.Generator().manual_seed(0), device)
