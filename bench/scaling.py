@@ -69,25 +69,25 @@ def main() -> None:
         timer = NetworkCallTimer(denoiser, args.device)
         fractions: dict[str, list[float]] = {suffix: [] for suffix in [*ESTIMATORS, "_bare_loop"]}
         runs = {}
+
+        def recording_share(run, out: list[float]):
+            """``run``, then the share of it spent between network calls appended to ``out``."""
+
+            def timed_run() -> None:
+                run()
+                out.append(timer.outside_fraction())
+
+            return timed_run
+
         with torch.inference_mode():
             cached = network_free(denoiser, batch, latent, times, args.device)
             for suffix, options in ESTIMATORS.items():
-                run_timed = sampling_run(timer, And(), batch, latent, times, args.device, **options)
-
-                def full(run_timed=run_timed, out=fractions[suffix]) -> None:
-                    run_timed()
-                    out.append(timer.outside_fraction())
-
-                runs["full" + suffix] = full
+                runs["full" + suffix] = recording_share(
+                    sampling_run(timer, And(), batch, latent, times, args.device, **options), fractions[suffix])
                 runs["combine_only" + suffix] = sampling_run(cached, And(), batch, latent, times, args.device,
                                                              NETWORK_FREE_RUNS, **options)
-            run_bare = guided_ddim_run(timer, batch, latent, times, args.device)
-
-            def bare(out=fractions["_bare_loop"]) -> None:
-                run_bare()
-                out.append(timer.outside_fraction())
-
-            runs["bare_loop"] = bare
+            runs["bare_loop"] = recording_share(guided_ddim_run(timer, batch, latent, times, args.device),
+                                                fractions["_bare_loop"])
             timed = interleaved_times(runs, repeats, args.device)
             # The own time per step: a run of 2N steps less one of N (set-up cancels), each the least of its
             # rounds, which a busy machine's pauses do not reach.
